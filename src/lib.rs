@@ -1,0 +1,29 @@
+//! lockwarden: a lock manager for libvirt.
+//!
+//! One crate, three faces:
+//! - the plugin (`plugin`), built as the cdylib `lockwarden.so` that libvirtd dlopens;
+//! - the daemon (`daemon`), `lockwardend`, which owns the OFD locks so libvirtd can restart
+//!   without dropping any;
+//! - the admin CLI `lockwarden`.
+//!
+//! They share the wire `protocol`, the libvirt-syntax `config` parser and the `paths` of the
+//! sockets. `abi` holds the bindgen output of `include/lockwarden/lock_driver.h`.
+
+// The lint wall: library code never unwraps, panics or indexes unchecked. Tests may.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod abi;
+pub mod config;
+pub mod daemon;
+pub mod paths;
+pub mod plugin;
+pub mod protocol;

@@ -1,0 +1,1 @@
+//! Plugin (placeholder until the plugin lands).
