@@ -14,7 +14,6 @@ fn main() {
         .header(header)
         .allowlist_type("_?vir.*")
         .allowlist_var("VIR_.*")
-        .rustified_enum("virDomainLockFailureAction")
         .default_enum_style(bindgen::EnumVariation::Consts)
         .derive_default(true)
         .layout_tests(true)
