@@ -1,0 +1,178 @@
+//! Requests to responses: who may ask what, and which module answers.
+//!
+//! Rules (design §3, lockd's dispatch rules): a restricted connection may do nothing more;
+//! the admin socket serves only Status and List; Register from the owner's own pid makes the
+//! connection the owner's lifetime handle; Acquire/Release/Inquire act for the owner named in
+//! the request (libvirtd acting for QEMU), not for the peer.
+
+use super::Failure;
+use super::acquire;
+use super::owner::ConnId;
+use super::release;
+use super::state::State;
+use super::text::esc;
+use crate::protocol::{ErrorKind, ErrorReply, Owner, Request, Response};
+use log::{debug, info};
+use nix::errno::Errno;
+
+/// What the daemon knows about one connection, apart from its buffers.
+#[derive(Debug)]
+pub struct Session {
+    pub id: ConnId,
+    /// Accepted on the admin socket.
+    pub admin: bool,
+    /// SO_PEERCRED pid at accept time (its uid was checked then).
+    pub peer_pid: i32,
+    /// Every further request is refused.
+    pub restricted: bool,
+    /// This connection is the lifetime handle of the owner with this pid.
+    pub handle_of: Option<u32>,
+}
+
+fn op_name(req: &Request) -> &'static str {
+    match req {
+        Request::Register { .. } => "register",
+        Request::Acquire { .. } => "acquire",
+        Request::Release { .. } => "release",
+        Request::Inquire { .. } => "inquire",
+        Request::Status => "status",
+        Request::List => "list",
+    }
+}
+
+/// Answer one request.
+pub fn handle(state: &mut State, s: &mut Session, req: Request, clients: usize) -> Response {
+    if s.restricted {
+        let vm = s
+            .handle_of
+            .and_then(|pid| state.owners.get(pid))
+            .map(|e| format!(" (lifetime handle of VM '{}')", esc(&e.owner.name)))
+            .unwrap_or_default();
+        return Response::error(
+            ErrorKind::Denied,
+            format!(
+                "lock manager connection has been restricted{vm}: it accepts no further requests \
+                 ('{}' refused); open a new connection",
+                op_name(&req)
+            ),
+        );
+    }
+    match req {
+        Request::Status => Response::Status(state.status(clients)),
+        Request::List => Response::Ok {
+            leases: state.all_infos(),
+        },
+        req if s.admin => Response::error(
+            ErrorKind::Denied,
+            format!(
+                "'{}' requests are not accepted on the admin socket; lock requests go to the \
+                 main socket",
+                op_name(&req)
+            ),
+        ),
+        Request::Register { owner, restrict } => register(state, s, &owner, restrict),
+        Request::Acquire {
+            owner,
+            leases,
+            action,
+            restrict,
+        } => {
+            if let Err(e) = check_owner(&owner) {
+                return Response::Error(*e);
+            }
+            match acquire::acquire(state, &owner, &leases, action) {
+                Ok(()) => {
+                    s.restricted |= restrict;
+                    Response::Ok {
+                        leases: state.infos_of(owner.pid),
+                    }
+                }
+                Err(e) => Response::Error(*e),
+            }
+        }
+        Request::Release { owner, leases } => {
+            if let Err(e) = check_owner(&owner) {
+                return Response::Error(*e);
+            }
+            match release::release(state, &owner, &leases) {
+                Ok(()) => Response::Ok {
+                    leases: state.infos_of(owner.pid),
+                },
+                Err(e) => Response::Error(*e),
+            }
+        }
+        Request::Inquire { owner } => match check_owner(&owner) {
+            Ok(()) => Response::Ok {
+                leases: state.infos_of(owner.pid),
+            },
+            Err(e) => Response::Error(*e),
+        },
+    }
+}
+
+/// The owner description must be usable: every message names the VM and the pid is the key.
+fn check_owner(owner: &Owner) -> Result<(), Failure> {
+    let problem = if owner.pid == 0 || i32::try_from(owner.pid).is_err() {
+        format!("owner pid {} is not a valid process id", owner.pid)
+    } else if owner.name.is_empty() {
+        "the owner has an empty VM name".to_string()
+    } else if owner.uuid.is_empty() {
+        format!("VM '{}' has an empty uuid", esc(&owner.name))
+    } else {
+        return Ok(());
+    };
+    Err(Box::new(ErrorReply {
+        kind: ErrorKind::Invalid,
+        message: format!("{problem}; this is a bug in the client"),
+        resource: None,
+        holder: None,
+    }))
+}
+
+fn register(state: &mut State, s: &mut Session, owner: &Owner, restrict: bool) -> Response {
+    if let Err(e) = check_owner(owner) {
+        return Response::Error(*e);
+    }
+    let handle = u32::try_from(s.peer_pid).ok() == Some(owner.pid);
+    match state.owners.ensure(owner) {
+        Ok(entry) => {
+            if handle && s.handle_of.is_none() {
+                entry.handles.push(s.id);
+                s.handle_of = Some(owner.pid);
+                info!(
+                    "VM {:?} (uuid {}, pid {}) registered; connection {} is its lifetime handle",
+                    owner.name, owner.uuid, owner.pid, s.id
+                );
+            } else {
+                debug!(
+                    "VM {:?} (uuid {}, pid {}) registered by pid {}",
+                    owner.name, owner.uuid, owner.pid, s.peer_pid
+                );
+            }
+        }
+        Err(Errno::ESRCH) => {
+            return Response::error(
+                ErrorKind::Invalid,
+                format!(
+                    "VM '{}' (pid {}) is not running; it cannot be registered",
+                    esc(&owner.name),
+                    owner.pid
+                ),
+            );
+        }
+        Err(e) => {
+            return Response::error(
+                ErrorKind::Internal,
+                format!(
+                    "cannot watch the process of VM '{}' (pid {}): {}",
+                    esc(&owner.name),
+                    owner.pid,
+                    e.desc()
+                ),
+            );
+        }
+    }
+    state.owners.prune(owner.pid);
+    s.restricted |= restrict;
+    Response::Ok { leases: Vec::new() }
+}

@@ -1,0 +1,249 @@
+//! The listening sockets: bound by us, or handed over by systemd (`LISTEN_FDS`).
+//!
+//! Why the care: the main socket is the only door to every disk lock on the host, so it is
+//! created 0600 (umask set around `bind`, no window with looser permissions), its directory
+//! is created when missing, and an existing socket file is removed only when nothing answers on
+//! it — a second daemon must never steal a live daemon's socket. Sockets systemd passed belong
+//! to systemd and are never unlinked by us.
+
+use super::settings::Settings;
+use log::{info, warn};
+use nix::sys::socket::{SockType, UnixAddr, getsockname, getsockopt, sockopt};
+use nix::sys::stat::{Mode, umask};
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// First descriptor systemd passes (SD_LISTEN_FDS_START).
+const LISTEN_FDS_START: RawFd = 3;
+/// `FileDescriptorName=` of the main and admin socket units (their default names).
+pub const MAIN_FD_NAME: &str = "lockwardend.socket";
+pub const ADMIN_FD_NAME: &str = "lockwardend-admin.socket";
+
+/// Which door a socket is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Lock requests from the plugin (and admin requests).
+    Main,
+    /// Status and List only, for the CLI.
+    Admin,
+}
+
+impl Role {
+    fn word(self) -> &'static str {
+        match self {
+            Role::Main => "main",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub socket: UnixListener,
+    pub role: Role,
+    pub path: PathBuf,
+    /// We created the socket file: remove it at exit, if it is still ours (dev, ino).
+    pub bound: Option<(u64, u64)>,
+}
+
+/// All listening sockets: those systemd passed, plus any role it did not pass, bound by us.
+pub fn open(settings: &Settings) -> Result<Vec<Listener>, String> {
+    let mut out = activated()?;
+    for (role, path) in [
+        (Role::Main, &settings.socket),
+        (Role::Admin, &settings.admin_socket),
+    ] {
+        if out.iter().any(|l| l.role == role) {
+            continue;
+        }
+        match bind(path, role) {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                remove_bound(&out);
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Remove the socket files we created, if they still are the sockets we bound.
+pub fn remove_bound(listeners: &[Listener]) {
+    for l in listeners {
+        let Some(id) = l.bound else { continue };
+        match fs::symlink_metadata(&l.path) {
+            Ok(m) if (m.dev(), m.ino()) == id => {
+                if let Err(e) = fs::remove_file(&l.path) {
+                    warn!("cannot remove socket {:?}: {e}", l.path);
+                }
+            }
+            _ => warn!(
+                "socket {:?} was replaced by someone else; leaving it alone",
+                l.path
+            ),
+        }
+    }
+}
+
+fn bind(path: &Path, role: Role) -> Result<Listener, String> {
+    let what = role.word();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            let mode = if nix::unistd::geteuid().is_root() {
+                0o755
+            } else {
+                0o700
+            };
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(parent)
+                .map_err(|e| {
+                    format!("cannot create the directory {parent:?} for the {what} socket: {e}")
+                })?;
+        }
+    }
+    remove_stale(path, what)?;
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(old);
+    let socket = bound.map_err(|e| {
+        format!("cannot bind the {what} socket {path:?}: {e}; choose another path with --socket or --admin-socket")
+    })?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot set mode 0600 on {path:?}: {e}"))?;
+    let meta = fs::symlink_metadata(path).map_err(|e| format!("cannot stat {path:?}: {e}"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot make {path:?} non-blocking: {e}"))?;
+    info!("listening on {what} socket {path:?}");
+    Ok(Listener {
+        socket,
+        role,
+        path: path.to_path_buf(),
+        bound: Some((meta.dev(), meta.ino())),
+    })
+}
+
+/// An existing socket file is removed only when connecting to it is refused (its daemon died).
+fn remove_stale(path: &Path, what: &str) -> Result<(), String> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(format!(
+                "cannot inspect the {what} socket path {path:?}: {e}"
+            ));
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(format!(
+            "{path:?} exists and is not a socket; remove it or choose another path for the {what} \
+             socket"
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(format!(
+            "another daemon is already serving the {what} socket {path:?}; stop it first, or give \
+             this daemon its own --socket, --admin-socket and --pid-file"
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            fs::remove_file(path)
+                .map_err(|e| format!("cannot remove the stale socket {path:?}: {e}"))?;
+            info!("removed stale {what} socket {path:?} (nothing was listening)");
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "cannot tell whether a daemon still serves {path:?}: {e}; remove the file if none does"
+        )),
+    }
+}
+
+/// Sockets passed by systemd socket activation, if the variables are meant for this process.
+fn activated() -> Result<Vec<Listener>, String> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    if pid.and_then(|p| p.trim().parse::<u32>().ok()) != Some(std::process::id()) {
+        return Ok(Vec::new());
+    }
+    let count: RawFd = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .filter(|n| (0..=64).contains(n))
+        .ok_or("LISTEN_FDS is missing or not a small number; check the socket units")?;
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|s| s.split(':').map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut out: Vec<Listener> = Vec::new();
+    for i in 0..count {
+        let fd = LISTEN_FDS_START + i;
+        // SAFETY: F_GETFD only queries flags of a descriptor number; it touches no memory.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!(
+                "LISTEN_FDS says fd {fd} was passed, but it is not open"
+            ));
+        }
+        // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are passed to this process (LISTEN_PID
+        // matched) for it to own; nothing else in the process uses them, and fd is open.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        let name = names.get(i as usize).map(String::as_str).unwrap_or("");
+        let role = match (name, i) {
+            (MAIN_FD_NAME, _) | ("", 0) => Role::Main,
+            (ADMIN_FD_NAME, _) | ("", 1) => Role::Admin,
+            _ => {
+                warn!(
+                    "ignoring passed socket fd {fd} named {name:?}; expected {MAIN_FD_NAME} or {ADMIN_FD_NAME}"
+                );
+                continue;
+            }
+        };
+        if out.iter().any(|l| l.role == role) {
+            return Err(format!(
+                "systemd passed two {} sockets; check FileDescriptorName= in the socket units",
+                role.word()
+            ));
+        }
+        out.push(adopt(owned, role, fd)?);
+    }
+    Ok(out)
+}
+
+fn adopt(owned: OwnedFd, role: Role, fd: RawFd) -> Result<Listener, String> {
+    let stream = getsockopt(&owned, sockopt::SockType).ok() == Some(SockType::Stream);
+    let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
+    let unix = getsockname::<UnixAddr>(owned.as_raw_fd()).is_ok();
+    if !(stream && listening && unix) {
+        return Err(format!(
+            "passed fd {fd} for the {} socket is not a listening Unix stream socket; check the \
+             socket unit (ListenStream=)",
+            role.word()
+        ));
+    };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("cannot set close-on-exec on fd {fd}: {}", e.desc()))?;
+    let socket = UnixListener::from(owned);
+    let path = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("(unnamed)"));
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| format!("cannot make fd {fd} non-blocking: {e}"))?;
+    info!(
+        "using {} socket {path:?} passed by systemd (fd {fd})",
+        role.word()
+    );
+    Ok(Listener {
+        socket,
+        role,
+        path,
+        bound: None,
+    })
+}

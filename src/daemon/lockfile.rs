@@ -1,0 +1,360 @@
+//! Opening the file a lease locks, without ever blocking, creating images or following a
+//! planted symlink.
+//!
+//! Direct mode (`LockTarget::File`) opens the image itself: stat first, so a directory, FIFO,
+//! character device or socket is refused before any `open` (opening a FIFO or a tty can block
+//! or have side effects); read-write for an exclusive lease (F_WRLCK needs it), read-only for a
+//! shared one; never `O_CREAT`, never `O_TRUNC`, and the daemon never writes a byte.
+//!
+//! Lockspace mode (`LockTarget::Lockspace`) opens a lock file inside a directory through a
+//! directory descriptor with `O_NOFOLLOW`, creating it 0600 when missing (lockd's naming, so a
+//! virtlockd host and a lockwarden host lock the same file). The directory descriptor is kept
+//! with the lease so that "does the name still point at the inode we locked" and "unlink it" act
+//! on the same directory even if a path component is renamed meanwhile.
+
+use super::lease::LeaseKey;
+use super::text::{esc, subject, what};
+use crate::protocol::{LeaseMode, LeaseSpec, LockTarget};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, open, openat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, lstat, stat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::DirBuilderExt;
+
+/// Longest path the kernel accepts, without its terminating NUL.
+const PATH_MAX: usize = libc::PATH_MAX as usize - 1;
+/// Longest file name in a directory.
+const NAME_MAX: usize = 255;
+/// How often a lock file is recreated under our feet before we give up.
+const CREATE_RETRIES: usize = 16;
+
+/// A lockspace directory held open, and the lock file's name in it.
+#[derive(Debug)]
+pub struct LockDir {
+    pub fd: OwnedFd,
+    pub file: String,
+}
+
+/// A freshly opened lock target.
+#[derive(Debug)]
+pub struct Opened {
+    pub fd: OwnedFd,
+    pub key: LeaseKey,
+    /// The file actually locked, for messages and `LeaseInfo::lock_path`.
+    pub lock_path: String,
+    pub dir: Option<LockDir>,
+    /// This open created the lock file.
+    pub created: bool,
+}
+
+/// Why a target could not be opened; the text names the disk and says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenError {
+    /// The request names something that cannot be locked (libvirt: configuration problem).
+    Invalid(String),
+    /// The file system refused.
+    Io(String),
+}
+
+/// Reject malformed names and paths before any file system access.
+pub fn validate(spec: &LeaseSpec) -> Result<(), String> {
+    let w = what(spec.kind);
+    if spec.name.is_empty() {
+        return Err(format!(
+            "a {w} has an empty name; this is a bug in the client"
+        ));
+    }
+    if spec.name.contains('\0') || spec.name.len() > PATH_MAX {
+        return Err(format!(
+            "{w} name {:?} contains a NUL byte or is longer than {PATH_MAX} bytes",
+            esc(prefix(&spec.name))
+        ));
+    }
+    let n = esc(&spec.name);
+    match &spec.target {
+        LockTarget::File { path } => check_abs(path).map_err(|why| format!("{w} {n}: {why}")),
+        LockTarget::Lockspace { dir, file, .. } => {
+            check_abs(dir).map_err(|why| format!("{w} {n}: lockspace directory {why}"))?;
+            if file.is_empty()
+                || file == "."
+                || file == ".."
+                || file.contains('/')
+                || file.contains('\0')
+                || file.len() > NAME_MAX
+            {
+                return Err(format!(
+                    "{w} {n}: lock file name {:?} must be a plain file name (no '/', not '.' or \
+                     '..', at most {NAME_MAX} bytes)",
+                    esc(prefix(file))
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn prefix(s: &str) -> &str {
+    let mut end = s.len().min(80);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+fn check_abs(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("path is empty".into());
+    }
+    if path.contains('\0') {
+        return Err(format!("path {:?} contains a NUL byte", esc(prefix(path))));
+    }
+    if path.len() > PATH_MAX {
+        return Err(format!(
+            "path {:?}... is longer than {PATH_MAX} bytes",
+            esc(prefix(path))
+        ));
+    }
+    if !path.starts_with('/') {
+        return Err(format!("path {} is not absolute", esc(path)));
+    }
+    Ok(())
+}
+
+/// The file a target locks, as text.
+pub fn target_path(target: &LockTarget) -> String {
+    match target {
+        LockTarget::File { path } => path.clone(),
+        LockTarget::Lockspace { dir, file, .. } => join(dir, file),
+    }
+}
+
+fn join(dir: &str, file: &str) -> String {
+    format!("{}/{file}", dir.trim_end_matches('/'))
+}
+
+pub fn key_of(st: &FileStat) -> LeaseKey {
+    LeaseKey {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    }
+}
+
+/// Open what `spec` locks (validate it first).
+pub fn open_target(spec: &LeaseSpec) -> Result<Opened, OpenError> {
+    match &spec.target {
+        LockTarget::File { path } => open_direct(spec, path),
+        LockTarget::Lockspace {
+            dir,
+            file,
+            create_dir,
+        } => open_lockspace(spec, dir, file, *create_dir),
+    }
+}
+
+/// Why a file of this type cannot carry a lease, or None for regular files and block devices.
+fn bad_type(mode: libc::mode_t) -> Option<&'static str> {
+    match SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFREG | SFlag::S_IFBLK => None,
+        SFlag::S_IFDIR => Some("a directory"),
+        SFlag::S_IFCHR => Some("a character device"),
+        SFlag::S_IFIFO => Some("a FIFO"),
+        SFlag::S_IFSOCK => Some("a socket"),
+        SFlag::S_IFLNK => Some("a symbolic link"),
+        _ => Some("not a regular file or block device"),
+    }
+}
+
+fn open_direct(spec: &LeaseSpec, path: &str) -> Result<Opened, OpenError> {
+    let who = subject(spec.kind, &spec.name, path);
+    let check = |st: &FileStat| match bad_type(st.st_mode) {
+        None => Ok(()),
+        Some(kind) => Err(OpenError::Invalid(format!(
+            "{who} is {kind}; only regular files and block devices can be locked, check the {}'s \
+             source",
+            what(spec.kind)
+        ))),
+    };
+    let st = stat(path).map_err(|e| stat_error(&who, e))?;
+    check(&st)?;
+    let access = match spec.mode {
+        LeaseMode::Exclusive => OFlag::O_RDWR,
+        LeaseMode::Shared => OFlag::O_RDONLY,
+    };
+    let flags = access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
+    let fd = open(path, flags, Mode::empty()).map_err(|e| open_error(&who, spec, e))?;
+    // The path may have been replaced between stat and open: judge what we actually opened.
+    let st = fstat(&fd).map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
+    check(&st)?;
+    Ok(Opened {
+        fd,
+        key: key_of(&st),
+        lock_path: path.to_string(),
+        dir: None,
+        created: false,
+    })
+}
+
+fn stat_error(who: &str, e: Errno) -> OpenError {
+    match e {
+        Errno::ENOENT | Errno::ENOTDIR => OpenError::Invalid(format!(
+            "{who} does not exist; check the path, or create the image before starting the VM"
+        )),
+        Errno::ELOOP => OpenError::Invalid(format!("{who} is a symbolic link loop; fix the link")),
+        e => OpenError::Io(format!(
+            "{who}: cannot look it up: {}; check the storage and its permissions",
+            e.desc()
+        )),
+    }
+}
+
+fn open_error(who: &str, spec: &LeaseSpec, e: Errno) -> OpenError {
+    let how = match spec.mode {
+        LeaseMode::Exclusive => "read-write",
+        LeaseMode::Shared => "read-only",
+    };
+    let advice = match e {
+        Errno::EACCES | Errno::EPERM => {
+            "give lockwardend access to the image (root-squashed NFS refuses root), or set \
+             file_lockspace_dir so a separate lock file is locked instead"
+        }
+        Errno::EROFS => {
+            "the file system is read-only: attach the disk read-only, or set file_lockspace_dir"
+        }
+        Errno::ENOENT => "the image vanished while being opened; check the path",
+        _ => "check the storage",
+    };
+    let msg = format!(
+        "{who}: cannot open it {how} to lock it: {}; {advice}",
+        e.desc()
+    );
+    if e == Errno::ENOENT {
+        OpenError::Invalid(msg)
+    } else {
+        OpenError::Io(msg)
+    }
+}
+
+fn open_lockspace(
+    spec: &LeaseSpec,
+    dir: &str,
+    file: &str,
+    create_dir: bool,
+) -> Result<Opened, OpenError> {
+    let lock_path = join(dir, file);
+    let who = subject(spec.kind, &spec.name, &lock_path);
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dirfd = match open(dir, dflags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) if create_dir => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    OpenError::Io(format!(
+                        "{who}: cannot create the lockspace directory {}: {e}",
+                        esc(dir)
+                    ))
+                })?;
+            open(dir, dflags, Mode::empty()).map_err(|e| dir_error(&who, dir, e))?
+        }
+        Err(e) => return Err(dir_error(&who, dir, e)),
+    };
+    let base =
+        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    for _ in 0..CREATE_RETRIES {
+        let (fd, created) = match openat(&dirfd, file, base, Mode::empty()) {
+            Ok(fd) => (fd, false),
+            Err(Errno::ENOENT) => {
+                let create = base | OFlag::O_CREAT | OFlag::O_EXCL;
+                match openat(&dirfd, file, create, Mode::from_bits_truncate(0o600)) {
+                    Ok(fd) => (fd, true),
+                    // Someone created it between our two calls: open theirs.
+                    Err(Errno::EEXIST) => continue,
+                    Err(e) => return Err(lock_file_error(&who, e)),
+                }
+            }
+            Err(e) => return Err(lock_file_error(&who, e)),
+        };
+        let st =
+            fstat(&fd).map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+            return Err(OpenError::Invalid(format!(
+                "{who}: the lock file is not a regular file; remove it so lockwardend can create \
+                 the lock file"
+            )));
+        }
+        return Ok(Opened {
+            fd,
+            key: key_of(&st),
+            lock_path,
+            dir: Some(LockDir {
+                fd: dirfd,
+                file: file.to_string(),
+            }),
+            created,
+        });
+    }
+    Err(OpenError::Io(format!(
+        "{who}: the lock file kept appearing and vanishing; another program is racing on {}",
+        esc(&lock_path)
+    )))
+}
+
+fn dir_error(who: &str, dir: &str, e: Errno) -> OpenError {
+    match e {
+        Errno::ENOENT => OpenError::Invalid(format!(
+            "{who}: the lockspace directory {} does not exist; create it or fix the path",
+            esc(dir)
+        )),
+        Errno::ENOTDIR => OpenError::Invalid(format!(
+            "{who}: {} is not a directory; fix the lockspace path",
+            esc(dir)
+        )),
+        e => OpenError::Io(format!(
+            "{who}: cannot open the lockspace directory {}: {}",
+            esc(dir),
+            e.desc()
+        )),
+    }
+}
+
+fn lock_file_error(who: &str, e: Errno) -> OpenError {
+    match e {
+        Errno::ELOOP => OpenError::Invalid(format!(
+            "{who}: the lock file is a symbolic link, which lockwardend never follows in a \
+             lockspace; remove the link"
+        )),
+        e => OpenError::Io(format!(
+            "{who}: cannot open or create the lock file: {}; check the directory's permissions \
+             and free space",
+            e.desc()
+        )),
+    }
+}
+
+/// Does the lock file's name still point at the inode `key` (not replaced, not deleted)?
+pub fn still_named(dir: &LockDir, key: LeaseKey) -> bool {
+    fstatat(&dir.fd, dir.file.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .map(|st| key_of(&st) == key)
+        .unwrap_or(false)
+}
+
+/// Unlink the lock file if its name still points at `key`. Call only under an exclusive lock.
+pub fn unlink_if_named(dir: &LockDir, key: LeaseKey) -> Result<bool, Errno> {
+    if !still_named(dir, key) {
+        return Ok(false);
+    }
+    unlinkat(&dir.fd, dir.file.as_str(), UnlinkatFlags::NoRemoveDir).map(|()| true)
+}
+
+/// The key a target names now, without opening it (for Release).
+pub fn peek_key(target: &LockTarget) -> Option<LeaseKey> {
+    match target {
+        LockTarget::File { path } => stat(path.as_str()).ok().map(|st| key_of(&st)),
+        LockTarget::Lockspace { dir, file, .. } => {
+            lstat(join(dir, file).as_str()).ok().map(|st| key_of(&st))
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Owners: the VMs leases are held for, keyed by pid.
+//!
+//! Why by pid: libvirtd acts for a QEMU process (the owner pid in every request), while the
+//! QEMU process itself only holds the lifetime handle. The pid is what ties the two together,
+//! and a pidfd per owner tells us when that QEMU is gone, whichever connection registered it.
+
+use super::lease::LeaseKey;
+use super::pidfd::Proc;
+use crate::protocol::{FailureAction, Owner};
+use nix::errno::Errno;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
+
+/// Identifies a client connection inside the server.
+pub type ConnId = u64;
+
+/// One known owner.
+#[derive(Debug)]
+pub struct OwnerEntry {
+    /// The latest description libvirt sent (a second Register overwrites names).
+    pub owner: Owner,
+    /// The domain's `<on_lockfailure>` policy from its last Acquire.
+    pub action: FailureAction,
+    pub leases: BTreeSet<LeaseKey>,
+    /// Connections that are this owner's lifetime handle (registered from the owner's pid).
+    pub handles: Vec<ConnId>,
+    /// The owner process, watched for exit.
+    pub proc: Proc,
+}
+
+impl OwnerEntry {
+    /// Can this entry be forgotten? Only when nothing refers to it and we could not notice the
+    /// owner's death anyway (no pidfd); with a pidfd the entry lives until the process exits.
+    pub fn idle(&self) -> bool {
+        self.leases.is_empty() && self.handles.is_empty() && self.proc.poll_fd().is_none()
+    }
+}
+
+/// The owner table.
+#[derive(Debug, Default)]
+pub struct Owners {
+    map: HashMap<u32, OwnerEntry>,
+}
+
+impl Owners {
+    /// The entry for `owner.pid`, created (with a pidfd) when new, names refreshed otherwise.
+    /// `Err(ESRCH)`: no such process.
+    pub fn ensure(&mut self, owner: &Owner) -> Result<&mut OwnerEntry, Errno> {
+        match self.map.entry(owner.pid) {
+            Entry::Occupied(e) => {
+                let e = e.into_mut();
+                if e.owner != *owner {
+                    e.owner.clone_from(owner);
+                }
+                Ok(e)
+            }
+            Entry::Vacant(v) => {
+                let proc = Proc::open(owner.pid)?;
+                if proc.exited() {
+                    // A zombie: it would be forgotten again on the next loop round.
+                    return Err(Errno::ESRCH);
+                }
+                Ok(v.insert(OwnerEntry {
+                    owner: owner.clone(),
+                    action: FailureAction::Default,
+                    leases: BTreeSet::new(),
+                    handles: Vec::new(),
+                    proc,
+                }))
+            }
+        }
+    }
+
+    pub fn get(&self, pid: u32) -> Option<&OwnerEntry> {
+        self.map.get(&pid)
+    }
+
+    pub fn get_mut(&mut self, pid: u32) -> Option<&mut OwnerEntry> {
+        self.map.get_mut(&pid)
+    }
+
+    pub fn remove(&mut self, pid: u32) -> Option<OwnerEntry> {
+        self.map.remove(&pid)
+    }
+
+    /// Forget `pid` if its entry is idle.
+    pub fn prune(&mut self, pid: u32) {
+        if self.map.get(&pid).is_some_and(OwnerEntry::idle) {
+            self.map.remove(&pid);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u32, &OwnerEntry)> {
+        self.map.iter()
+    }
+}

@@ -1,0 +1,440 @@
+//! The event loop: one thread, one poll(2) over listeners, clients, owner pidfds, the
+//! signalfd, and timers.
+//!
+//! Why single-threaded: every decision about a lease depends on the whole table, and a single
+//! thread makes each request atomic without a lock in sight. Nothing in the loop waits for a
+//! client: sockets are non-blocking, partial frames wait in buffers, and owner termination is a
+//! sequence of deadlines. (File system calls on a hung mount still block; see the protocol
+//! documentation's limits.)
+
+use super::conn::{Conn, Fill, Next};
+use super::dispatch::{self, Session};
+use super::listen::{Listener, Role};
+use super::owner::ConnId;
+use super::signals::Signals;
+use super::state::State;
+use crate::protocol::{self, ErrorKind, FrameError, PROTOCOL_VERSION, Request, Response};
+use log::{debug, error, info, warn};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::sys::socket::{getsockopt, sockopt};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// A refused client gets this long to send its first frame and read why it was refused.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections accepted per listener wake-up, so one busy socket cannot starve the others.
+const ACCEPT_BATCH: usize = 64;
+/// Beyond `max_clients`, this many more are accepted only to be told why they are refused.
+const REFUSAL_SLACK: usize = 64;
+/// Pause accepting this long when the process is out of descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// Size of the shared read buffer.
+const SCRATCH: usize = 64 * 1024;
+
+/// What a poll entry stands for.
+#[derive(Clone, Copy, Debug)]
+enum Token {
+    Signal,
+    Listener(usize),
+    Conn(ConnId),
+    Owner(u32),
+}
+
+/// Why the loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    Signal(Signal),
+}
+
+pub struct Server {
+    pub state: State,
+    pub listeners: Vec<Listener>,
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
+    signals: Signals,
+    max_clients: usize,
+    euid: u32,
+    config_file: String,
+    accept_paused_until: Option<Instant>,
+    pfds: Vec<libc::pollfd>,
+    tokens: Vec<Token>,
+    scratch: Vec<u8>,
+    exit: Option<Exit>,
+}
+
+impl Server {
+    pub fn new(
+        state: State,
+        listeners: Vec<Listener>,
+        signals: Signals,
+        max_clients: usize,
+        config_file: String,
+    ) -> Server {
+        Server {
+            state,
+            listeners,
+            conns: HashMap::new(),
+            next_id: 1,
+            signals,
+            max_clients,
+            euid: nix::unistd::geteuid().as_raw(),
+            config_file,
+            accept_paused_until: None,
+            pfds: Vec::new(),
+            tokens: Vec::new(),
+            scratch: vec![0u8; SCRATCH],
+            exit: None,
+        }
+    }
+
+    /// Serve until SIGTERM or SIGINT.
+    pub fn run(&mut self) -> Result<Exit, String> {
+        loop {
+            if let Some(exit) = self.exit {
+                return Ok(exit);
+            }
+            let now = Instant::now();
+            self.build(now);
+            let timeout = self.timeout_ms(now);
+            match poll(&mut self.pfds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(format!("poll failed: {}", e.desc())),
+            }
+            let now = Instant::now();
+            for i in 0..self.pfds.len() {
+                let (Some(p), Some(token)) = (self.pfds.get(i), self.tokens.get(i)) else {
+                    break;
+                };
+                let (revents, token) = (p.revents, *token);
+                if revents == 0 {
+                    continue;
+                }
+                match token {
+                    Token::Signal => self.on_signal(),
+                    Token::Listener(n) => self.on_accept(n, now),
+                    Token::Conn(id) => self.on_conn(id, revents, now),
+                    Token::Owner(pid) => self.owner_gone(pid),
+                }
+            }
+            self.timers(Instant::now());
+        }
+    }
+
+    /// Fill the poll set for this round.
+    fn build(&mut self, now: Instant) {
+        self.pfds.clear();
+        self.tokens.clear();
+        let mut push = |fd: RawFd, events: libc::c_short, t: Token| {
+            self.pfds.push(libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            });
+            self.tokens.push(t);
+        };
+        push(self.signals.raw_fd(), libc::POLLIN, Token::Signal);
+        if self.accept_paused_until.is_some_and(|t| t <= now) {
+            self.accept_paused_until = None;
+        }
+        let accepting = self.accept_paused_until.is_none()
+            && self.conns.len() < self.max_clients.saturating_add(REFUSAL_SLACK);
+        if accepting {
+            for (i, l) in self.listeners.iter().enumerate() {
+                push(l.socket.as_raw_fd(), libc::POLLIN, Token::Listener(i));
+            }
+        }
+        for (id, c) in &self.conns {
+            let events = if c.wants_write() {
+                libc::POLLOUT
+            } else {
+                libc::POLLIN
+            };
+            push(c.stream.as_raw_fd(), events, Token::Conn(*id));
+        }
+        for (pid, e) in self.state.owners.iter() {
+            if let Some(fd) = e.proc.poll_fd() {
+                push(fd, libc::POLLIN, Token::Owner(*pid));
+            }
+        }
+    }
+
+    /// Milliseconds until the next deadline (rounded up), or -1 for none.
+    fn timeout_ms(&self, now: Instant) -> libc::c_int {
+        let conn_deadlines = self.conns.values().filter_map(|c| c.deadline);
+        let next = self
+            .state
+            .next_deadline()
+            .into_iter()
+            .chain(conn_deadlines)
+            .chain(self.accept_paused_until)
+            .min();
+        match next {
+            None => -1,
+            Some(t) => {
+                let d = t.saturating_duration_since(now);
+                let ms = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 != 0);
+                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+            }
+        }
+    }
+
+    /// An owner process exited: its leases go, its handles (if any) stop being handles.
+    fn owner_gone(&mut self, pid: u32) {
+        for id in self.state.owner_exited(pid) {
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.session.handle_of = None;
+            }
+        }
+    }
+
+    fn timers(&mut self, now: Instant) {
+        for pid in self.state.run_timers(now) {
+            self.owner_gone(pid);
+        }
+        if self
+            .conns
+            .values()
+            .any(|c| c.deadline.is_some_and(|d| d <= now))
+        {
+            let expired: Vec<ConnId> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                debug!("closing refused connection {id}: it sent nothing in time");
+                self.close(id, now);
+            }
+        }
+    }
+
+    fn on_signal(&mut self) {
+        while let Some(sig) = self.signals.pending() {
+            match sig {
+                Signal::SIGTERM | Signal::SIGINT => {
+                    info!("received {sig}; shutting down");
+                    self.exit = Some(Exit::Signal(sig));
+                }
+                Signal::SIGHUP | Signal::SIGUSR1 => warn!(
+                    "received {sig}: live re-exec is not implemented yet; lockwardend keeps \
+                     running with every lock and connection"
+                ),
+                other => debug!("ignoring {other}"),
+            }
+        }
+    }
+
+    fn on_accept(&mut self, n: usize, now: Instant) {
+        for _ in 0..ACCEPT_BATCH {
+            let Some(l) = self.listeners.get(n) else {
+                return;
+            };
+            let admin = l.role == Role::Admin;
+            match l.socket.accept() {
+                Ok((stream, _)) => self.admit(stream, admin, now),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if fds {
+                        error!(
+                            "cannot accept a client: {e}; raise the descriptor limit \
+                             (LimitNOFILE=) or lower max_clients"
+                        );
+                    } else {
+                        warn!("cannot accept a client: {e}");
+                    }
+                    self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Take a new client: check its uid and the client limit.
+    fn admit(&mut self, stream: UnixStream, admin: bool, now: Instant) {
+        if let Err(e) = stream.set_nonblocking(true) {
+            warn!("dropping a client: cannot make its socket non-blocking: {e}");
+            return;
+        }
+        let cred = match getsockopt(&stream, sockopt::PeerCredentials) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("dropping a client: SO_PEERCRED failed: {}", e.desc());
+                return;
+            }
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let session = Session {
+            id,
+            admin,
+            peer_pid: cred.pid(),
+            restricted: false,
+            handle_of: None,
+        };
+        let mut conn = Conn::new(stream, session);
+        if cred.uid() != self.euid {
+            warn!(
+                "refusing client pid {} with uid {}: only uid {} may talk to this lockwardend",
+                cred.pid(),
+                cred.uid(),
+                self.euid
+            );
+            conn.refusal = Some(Response::error(
+                ErrorKind::Denied,
+                format!(
+                    "lockwardend accepts only clients running as uid {} (its own user); this \
+                     client (pid {}) runs as uid {}; run it as uid {}",
+                    self.euid,
+                    cred.pid(),
+                    cred.uid(),
+                    self.euid
+                ),
+            ));
+            conn.deadline = Some(now + REFUSAL_TIMEOUT);
+        } else if self.conns.len() >= self.max_clients {
+            warn!(
+                "refusing client pid {}: {} clients connected (max_clients)",
+                cred.pid(),
+                self.conns.len()
+            );
+            conn.refusal = Some(Response::error(
+                ErrorKind::Internal,
+                format!(
+                    "lockwardend already serves its maximum of {} clients; raise max_clients in \
+                     {} (each running VM keeps one connection)",
+                    self.max_clients, self.config_file
+                ),
+            ));
+            conn.deadline = Some(now + REFUSAL_TIMEOUT);
+        } else {
+            debug!(
+                "client {id} connected: pid {} uid {}{}",
+                cred.pid(),
+                cred.uid(),
+                if admin { " (admin socket)" } else { "" }
+            );
+        }
+        self.conns.insert(id, conn);
+    }
+
+    fn on_conn(&mut self, id: ConnId, revents: libc::c_short, now: Instant) {
+        let clients = self.conns.len();
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let readable = revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        let mut close = false;
+        if readable && !conn.closing && !conn.wants_write() {
+            match conn.fill(&mut self.scratch) {
+                Ok(fill) => {
+                    serve(&mut self.state, conn, clients);
+                    if fill == Fill::Eof {
+                        conn.closing = true;
+                    }
+                }
+                Err(e) => {
+                    debug!("client {id}: read failed: {e}");
+                    close = true;
+                }
+            }
+        }
+        if !close {
+            match conn.flush() {
+                Ok(true) => close = conn.closing,
+                Ok(false) => {}
+                Err(e) => {
+                    debug!("client {id}: write failed: {e}");
+                    close = true;
+                }
+            }
+        }
+        if close {
+            self.close(id, now);
+        }
+    }
+
+    fn close(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        debug!("client {id} disconnected");
+        if let Some(pid) = conn.session.handle_of {
+            self.state.handle_closed(pid, id, now);
+        }
+    }
+
+    /// How many leases and owners are held, for the shutdown message.
+    pub fn held(&self) -> (usize, usize) {
+        (self.state.leases.len(), self.state.owners.len())
+    }
+}
+
+/// Answer every complete frame in the read buffer.
+fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
+    while !conn.closing {
+        let next = conn.next();
+        if matches!(next, Next::Incomplete) {
+            return;
+        }
+        if let Some(refusal) = conn.refusal.take() {
+            conn.queue(&refusal);
+            conn.closing = true;
+            return;
+        }
+        let (version, len) = match next {
+            Next::Incomplete => return,
+            Next::Bad(e) => {
+                debug!("client {}: {e}", conn.session.id);
+                conn.queue(&Response::error(
+                    ErrorKind::Invalid,
+                    format!("{e}; closing the connection"),
+                ));
+                conn.closing = true;
+                return;
+            }
+            Next::Header { version, len } => (version, len),
+        };
+        if version != PROTOCOL_VERSION {
+            warn!(
+                "client {} (pid {}) speaks protocol version {version}; closing it",
+                conn.session.id, conn.session.peer_pid
+            );
+            conn.queue(&Response::error(
+                ErrorKind::Version,
+                FrameError::Version(version).to_string(),
+            ));
+            conn.closing = true;
+            return;
+        }
+        let Some(body) = conn.body(len) else {
+            return;
+        };
+        let parsed = protocol::decode::<Request>(body);
+        conn.consume(len);
+        let resp = match parsed {
+            Ok(req) => dispatch::handle(state, &mut conn.session, req, clients),
+            Err(e) => Response::error(
+                ErrorKind::Invalid,
+                format!(
+                    "{e}; the request was ignored (is the client the same lockwarden version?)"
+                ),
+            ),
+        };
+        conn.queue(&resp);
+    }
+}
+
+/// poll(2) over raw descriptors (the set is rebuilt every round and reused).
+fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) -> Result<usize, Errno> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs, which
+    // is all poll(2) reads and writes.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    Errno::result(n).map(|n| n as usize)
+}

@@ -1,0 +1,184 @@
+//! The daemon's state: owners, leases and owners being terminated.
+//!
+//! Why a plain struct of tables: everything the daemon knows lives here and nowhere else (no
+//! closures, no hidden per-connection copies), so a later live re-exec can write it out with
+//! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
+//! leases by key, leases to owners by pid.
+
+use super::kill::{Kill, Step};
+use super::lease::{Lease, LeaseKey, Leases};
+use super::owner::{ConnId, Owners};
+use super::release;
+use crate::protocol::{LeaseInfo, PROTOCOL_VERSION, StatusInfo};
+use log::{debug, info};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct State {
+    pub owners: Owners,
+    pub leases: Leases,
+    pub kills: Vec<Kill>,
+    /// This host's name, reported as the holder's host.
+    pub hostname: String,
+    /// Start time, seconds since the epoch.
+    pub started: u64,
+    pub kill_grace: Duration,
+}
+
+impl State {
+    pub fn new(hostname: String, started: u64, kill_grace: Duration) -> State {
+        State {
+            owners: Owners::default(),
+            leases: Leases::default(),
+            kills: Vec::new(),
+            hostname,
+            started,
+            kill_grace,
+        }
+    }
+
+    fn info(&self, lease: &Lease) -> LeaseInfo {
+        LeaseInfo {
+            name: lease.name.clone(),
+            kind: lease.kind,
+            mode: lease.mode,
+            lock_path: lease.lock_path.clone(),
+            owners: lease
+                .owners
+                .keys()
+                .filter_map(|pid| self.owners.get(*pid).map(|e| e.owner.clone()))
+                .collect(),
+            since: lease.since,
+        }
+    }
+
+    /// The leases `pid` holds.
+    pub fn infos_of(&self, pid: u32) -> Vec<LeaseInfo> {
+        let Some(entry) = self.owners.get(pid) else {
+            return Vec::new();
+        };
+        entry
+            .leases
+            .iter()
+            .filter_map(|k| self.leases.get(k))
+            .map(|l| self.info(l))
+            .collect()
+    }
+
+    /// Every lease, sorted by the locked path.
+    pub fn all_infos(&self) -> Vec<LeaseInfo> {
+        let mut all: Vec<LeaseInfo> = self.leases.iter().map(|(_, l)| self.info(l)).collect();
+        all.sort_by(|a, b| a.lock_path.cmp(&b.lock_path));
+        all
+    }
+
+    pub fn status(&self, clients: usize) -> StatusInfo {
+        StatusInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            owners: self.owners.len(),
+            leases: self.leases.len(),
+            clients,
+            started: self.started,
+        }
+    }
+
+    /// Release every lease of `pid`; returns how many it held.
+    fn release_all(&mut self, pid: u32, why: &str) -> usize {
+        let keys: Vec<LeaseKey> = match self.owners.get(pid) {
+            Some(e) => e.leases.iter().copied().collect(),
+            None => return 0,
+        };
+        for key in &keys {
+            release::leave(self, *key, pid, false, why);
+        }
+        keys.len()
+    }
+
+    /// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
+    /// owner that is gone (or held nothing) loses its leases at once; one that still runs while
+    /// holding leases is terminated and keeps them until it is gone.
+    pub fn handle_closed(&mut self, pid: u32, conn: ConnId, now: Instant) {
+        let Some(entry) = self.owners.get_mut(pid) else {
+            return;
+        };
+        entry.handles.retain(|c| *c != conn);
+        if !entry.handles.is_empty() {
+            return;
+        }
+        let vm = entry.owner.name.clone();
+        let held = entry.leases.len();
+        if held == 0 {
+            info!("lifetime handle of VM {vm:?} (pid {pid}) closed; it held no leases");
+            self.owners.prune(pid);
+            return;
+        }
+        if entry.proc.exited() {
+            let released = self.release_all(pid, "lifetime handle closed");
+            self.owners.remove(pid);
+            info!("lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)");
+            return;
+        }
+        if !self.kills.iter().any(|k| k.pid == pid) {
+            info!("lifetime handle of VM {vm:?} (pid {pid}) closed while it holds {held} lease(s)");
+            self.kills.push(Kill::start(pid, vm, held, now));
+        }
+    }
+
+    /// The owner process `pid` exited: free its leases and forget it. Returns the connections
+    /// that were its lifetime handles, which must no longer point at this pid.
+    pub fn owner_exited(&mut self, pid: u32) -> Vec<ConnId> {
+        let ending = match self.kills.iter().position(|k| k.pid == pid) {
+            Some(i) => self.kills.swap_remove(i).ending(),
+            None => "exited",
+        };
+        let held = self.release_all(pid, "VM exited");
+        let Some(entry) = self.owners.remove(pid) else {
+            return Vec::new();
+        };
+        if held > 0 {
+            info!(
+                "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
+                entry.owner.name
+            );
+        } else {
+            debug!("VM {:?} (pid {pid}) {ending}", entry.owner.name);
+        }
+        entry.handles
+    }
+
+    /// Is `pid` being terminated?
+    pub fn terminating(&self, pid: u32) -> bool {
+        self.kills.iter().any(|k| k.pid == pid)
+    }
+
+    /// Advance the termination sequences whose deadline passed. Returns the owners found gone,
+    /// for the caller to pass to `owner_exited`.
+    pub fn run_timers(&mut self, now: Instant) -> Vec<u32> {
+        let mut gone = Vec::new();
+        let grace = self.kill_grace;
+        let owners = &self.owners;
+        self.kills.retain_mut(|k| {
+            if k.deadline > now {
+                return true;
+            }
+            let Some(entry) = owners.get(k.pid) else {
+                return false;
+            };
+            match k.step(&entry.proc, now, grace) {
+                Step::Continue => true,
+                Step::Exited => {
+                    gone.push(k.pid);
+                    true
+                }
+                Step::GaveUp => false,
+            }
+        });
+        gone
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.kills.iter().map(|k| k.deadline).min()
+    }
+}

@@ -1,0 +1,1530 @@
+//! lockwardend, driven over its socket with the real binary and real owner processes.
+//!
+//! Every test starts its own daemon(s) in a temporary directory and speaks the wire protocol
+//! directly through `lockwarden::protocol`. Owners are real processes (`sleep`, or `sh` that
+//! registered itself the way libvirt's forked child does). Drop guards kill every process a
+//! test started, whatever happens.
+
+use lockwarden::protocol::{
+    self, ErrorKind, ErrorReply, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec,
+    LockTarget, MAX_BODY, Owner, PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
+};
+use std::ffi::{CString, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+/// Generous bound for anything asynchronous (process exit, pidfd, signals) on a busy machine.
+const BOUND: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Processes and daemons
+
+/// A child process killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Wait for the exit (bounded); None if it is still running after `limit`.
+    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(st) = self.0.try_wait().unwrap() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sleeper() -> Proc {
+    Proc(
+        Command::new("sleep")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning sleep"),
+    )
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+fn owner_for(pid: u32, name: &str) -> Owner {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    Owner {
+        uuid: format!(
+            "c7a5fdbd-cdaf-9455-926a-{:012x}",
+            (u64::from(pid) << 16) | u64::from(n)
+        ),
+        name: name.to_string(),
+        id: n,
+        pid,
+    }
+}
+
+/// A running owner process and how the daemon knows it.
+struct Vm {
+    owner: Owner,
+    proc: Proc,
+}
+
+fn vm(name: &str) -> Vm {
+    let proc = sleeper();
+    Vm {
+        owner: owner_for(proc.pid(), name),
+        proc,
+    }
+}
+
+/// A lockwardend in its own directory, killed on drop.
+struct Daemon {
+    proc: Proc,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    admin: PathBuf,
+    pid_file: PathBuf,
+    log: PathBuf,
+}
+
+#[derive(Default)]
+struct Opts<'a> {
+    config: &'a str,
+    env: Vec<(&'a str, OsString)>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        Daemon::start_with(Opts::default())
+    }
+
+    fn start_with(opts: Opts<'_>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("run/lockwardend.sock");
+        let admin = dir.path().join("run/lockwardend-admin.sock");
+        let pid_file = dir.path().join("run/lockwardend.pid");
+        let config = dir.path().join("lockwardend.conf");
+        fs::write(&config, opts.config).unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new(DAEMON);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--verbose")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("INVOCATION_ID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        let mut d = Daemon {
+            proc,
+            dir,
+            socket,
+            admin,
+            pid_file,
+            log,
+        };
+        d.wait_serving();
+        d
+    }
+
+    fn wait_serving(&mut self) {
+        let start = Instant::now();
+        loop {
+            if UnixStream::connect(&self.socket).is_ok() && UnixStream::connect(&self.admin).is_ok()
+            {
+                return;
+            }
+            if let Some(st) = self.proc.0.try_wait().unwrap() {
+                panic!("lockwardend exited during start ({st}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < BOUND,
+                "lockwardend did not serve in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    fn admin_client(&self) -> Client {
+        Client::connect(&self.admin)
+    }
+
+    fn list(&self) -> Vec<LeaseInfo> {
+        match self.admin_client().call(&Request::List) {
+            Response::Ok { leases } => leases,
+            other => panic!("list failed: {other:?}"),
+        }
+    }
+
+    fn status(&self) -> StatusInfo {
+        match self.admin_client().call(&Request::Status) {
+            Response::Status(s) => s,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
+        self.client().call(&Request::Acquire {
+            owner: owner.clone(),
+            leases,
+            action: FailureAction::Default,
+            restrict: false,
+        })
+    }
+
+    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
+        self.client().call(&Request::Release {
+            owner: owner.clone(),
+            leases,
+        })
+    }
+
+    fn sigterm(&mut self) -> ExitStatus {
+        signal(self.proc.pid(), libc::SIGTERM);
+        self.proc
+            .wait_for(BOUND)
+            .unwrap_or_else(|| panic!("lockwardend ignored SIGTERM:\n{}", self.log()))
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
+}
+
+/// One connection speaking the protocol.
+struct Client(UnixStream);
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {path:?}: {e}"));
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        s.set_write_timeout(Some(BOUND)).unwrap();
+        Client(s)
+    }
+
+    fn call(&mut self, req: &Request) -> Response {
+        protocol::write_message(&mut self.0, req).unwrap();
+        protocol::read_message(&mut self.0).unwrap()
+    }
+
+    /// After the daemon decided to close: the next read sees end of file.
+    fn assert_closed(&mut self) {
+        let mut b = [0u8; 1];
+        match self.0.read(&mut b) {
+            Ok(0) => {}
+            Ok(_) => panic!("unexpected data after the final response"),
+            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
+            Err(e) => panic!("expected the daemon to close the connection, got {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and checks
+
+fn disk(path: &Path, mode: LeaseMode) -> LeaseSpec {
+    let p = path.to_str().unwrap().to_string();
+    LeaseSpec {
+        name: p.clone(),
+        kind: ResourceKind::Disk,
+        mode,
+        target: LockTarget::File { path: p },
+    }
+}
+
+fn excl(path: &Path) -> LeaseSpec {
+    disk(path, LeaseMode::Exclusive)
+}
+
+fn shared(path: &Path) -> LeaseSpec {
+    disk(path, LeaseMode::Shared)
+}
+
+fn ok(resp: Response) -> Vec<LeaseInfo> {
+    match resp {
+        Response::Ok { leases } => leases,
+        other => panic!("expected Ok, got {other:?}"),
+    }
+}
+
+fn err(resp: Response, kind: ErrorKind) -> ErrorReply {
+    match resp {
+        Response::Error(e) if e.kind == kind => e,
+        other => panic!("expected an error of kind {kind:?}, got {other:?}"),
+    }
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, vec![0u8; 4096]).unwrap();
+    p
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// What `F_OFD_GETLK` sees on `[start, start+len)` of `path`: the blocking lock type and pid.
+fn probe(path: &Path, start: i64, len: i64, l_type: libc::c_int) -> (libc::c_int, i32) {
+    let f = File::open(path).unwrap();
+    let mut fl = libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK with a valid descriptor and a pointer to a live flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK failed");
+    (i32::from(fl.l_type), fl.l_pid)
+}
+
+/// The lock type currently held on byte 0 by others (F_UNLCK when free).
+fn byte0(path: &Path) -> libc::c_int {
+    probe(path, 0, 1, libc::F_WRLCK).0
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < BOUND, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw syscalls for forked children (only async-signal-safe calls after fork, no allocation)
+
+fn sockaddr(path: &Path) -> libc::sockaddr_un {
+    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    addr
+}
+
+/// In a forked child: connect to `addr`, send `frame`, copy the whole response frame to
+/// stdout, and return the connected descriptor.
+///
+/// # Safety
+/// Call only between fork and exec; uses raw syscalls only.
+unsafe fn child_roundtrip(
+    addr: &libc::sockaddr_un,
+    frame: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<libc::c_int> {
+    let last = std::io::Error::last_os_error;
+    // SAFETY (whole block): plain syscalls on descriptors this child owns and on buffers that
+    // outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(last());
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
+            return Err(last());
+        }
+        let mut off = 0;
+        while off < frame.len() {
+            let n = libc::write(fd, frame[off..].as_ptr().cast(), frame.len() - off);
+            if n <= 0 {
+                return Err(last());
+            }
+            off += n as usize;
+        }
+        // Read the 12-byte header, then the body it announces.
+        let mut got = 0;
+        let mut want = HEADER_LEN;
+        while got < want {
+            let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), want - got);
+            if n <= 0 {
+                return Err(last());
+            }
+            got += n as usize;
+            if got == HEADER_LEN && want == HEADER_LEN {
+                let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+                want = (HEADER_LEN + len).min(buf.len());
+            }
+        }
+        libc::write(1, buf.as_ptr().cast(), got);
+        Ok(fd)
+    }
+}
+
+/// `sh -c SCRIPT` that, before exec, registers itself with the daemon as owner `name`
+/// (Register with restrict, from its own pid: its lifetime handle) and keeps the connection
+/// as fd 9 — exactly what libvirt's forked child does before it becomes QEMU.
+/// The script reads commands from stdin.
+fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner, Response) {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let uuid = format!("0ddba11e-0000-4000-8000-{n:012x}");
+    const SLOT: &str = "PPPPPPPPPP";
+    let body = format!(
+        r#"{{"op":"register","owner":{{"uuid":"{uuid}","name":"{name}","id":{n},"pid":{SLOT}}},"restrict":true}}"#
+    );
+    let slot_end = HEADER_LEN + body.find(SLOT).unwrap() + SLOT.len();
+    let mut frame = protocol::header(body.len()).unwrap().to_vec();
+    frame.extend_from_slice(body.as_bytes());
+    let addr = sockaddr(socket);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    // SAFETY: the closure only formats digits into a pre-allocated buffer and makes raw
+    // syscalls (getpid, socket, connect, read, write, dup2, close): async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut pid = libc::getpid() as u32;
+            let mut i = slot_end;
+            for _ in 0..SLOT.len() {
+                i -= 1;
+                frame[i] = if pid > 0 || i == slot_end - 1 {
+                    let d = b'0' + (pid % 10) as u8;
+                    pid /= 10;
+                    d
+                } else {
+                    b' '
+                };
+            }
+            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
+            if fd != 9 {
+                if libc::dup2(fd, 9) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawning a registering owner");
+    let pid = child.id();
+    let resp: Response = protocol::read_message(child.stdout.as_mut().unwrap()).unwrap();
+    let owner = Owner {
+        uuid,
+        name: name.to_string(),
+        id: n,
+        pid,
+    };
+    (Proc(child), owner, resp)
+}
+
+fn tell(p: &mut Proc, line: &str) {
+    let stdin = p.0.stdin.as_mut().unwrap();
+    stdin.write_all(line.as_bytes()).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    stdin.flush().unwrap();
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (it runs a client as uid 65534); run the suite as root"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn register_acquire_inquire_release() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "web1.qcow2");
+    let web1 = vm("web1");
+
+    // Register from a connection that is not the owner: no lifetime handle, just the names.
+    ok(d.client().call(&Request::Register {
+        owner: web1.owner.clone(),
+        restrict: false,
+    }));
+    let held = ok(d.acquire(&web1.owner, vec![excl(&img)]));
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].lock_path, img.to_str().unwrap());
+    assert_eq!(held[0].mode, LeaseMode::Exclusive);
+    assert_eq!(held[0].owners, vec![web1.owner.clone()]);
+    assert_eq!(byte0(&img), libc::F_WRLCK, "byte 0 must carry a write lock");
+    // QEMU's own byte ranges stay untouched.
+    assert_eq!(probe(&img, 100, 5, libc::F_WRLCK).0, libc::F_UNLCK);
+    assert_eq!(probe(&img, 200, 5, libc::F_WRLCK).0, libc::F_UNLCK);
+
+    // Idempotent acquire; inquire; admin views.
+    assert_eq!(ok(d.acquire(&web1.owner, vec![excl(&img)])).len(), 1);
+    let inq = ok(d.client().call(&Request::Inquire {
+        owner: web1.owner.clone(),
+    }));
+    assert_eq!(inq.len(), 1);
+    assert_eq!(d.list().len(), 1);
+    let st = d.status();
+    assert_eq!(
+        (st.leases, st.owners, st.protocol),
+        (1, 1, PROTOCOL_VERSION)
+    );
+    assert_eq!(st.pid, d.proc.pid());
+
+    // Release, twice: the second is a no-op.
+    assert!(ok(d.release(&web1.owner, vec![excl(&img)])).is_empty());
+    assert!(ok(d.release(&web1.owner, vec![excl(&img)])).is_empty());
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    assert!(d.list().is_empty());
+    // The daemon never writes to an image.
+    assert_eq!(fs::read(&img).unwrap(), vec![0u8; 4096]);
+    assert!(d.log().contains("web1"), "lease log lines name the VM");
+}
+
+#[test]
+fn busy_between_two_owners_of_one_daemon() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "web1.qcow2");
+    let (a, b) = (vm("web1"), vm("web2"));
+    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    let e = err(d.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
+    let p = img.to_str().unwrap();
+    assert_eq!(e.resource.as_deref(), Some(p));
+    for needle in [
+        p,
+        "VM 'web1'",
+        a.owner.uuid.as_str(),
+        hostname().as_str(),
+        " UTC",
+        "(exclusive)",
+    ] {
+        assert!(
+            e.message.contains(needle),
+            "{needle:?} missing in {:?}",
+            e.message
+        );
+    }
+    let h = e.holder.expect("holder");
+    assert_eq!(h.vm_name.as_deref(), Some("web1"));
+    assert_eq!(h.vm_uuid.as_deref(), Some(a.owner.uuid.as_str()));
+    assert_eq!(h.host, Some(hostname()));
+    assert_eq!(h.pid, Some(a.proc.pid() as i32));
+    assert_eq!(h.mode, Some(LeaseMode::Exclusive));
+    assert!(h.since.is_some());
+    // A shared request against an exclusive holder is just as busy.
+    err(d.acquire(&b.owner, vec![shared(&img)]), ErrorKind::Busy);
+    // The refusal changed nothing for the holder.
+    assert_eq!(d.list()[0].owners, vec![a.owner.clone()]);
+}
+
+#[test]
+fn busy_between_two_daemons_sharing_an_image_dir() {
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "db.raw");
+    let (a, b) = (vm("db-host1"), vm("db-host2"));
+    ok(d1.acquire(&a.owner, vec![excl(&img)]));
+    let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
+    assert!(e.message.contains(img.to_str().unwrap()), "{}", e.message);
+    assert!(
+        e.message.contains("another process or host"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("stop it there first"), "{}", e.message);
+    assert!(d2.list().is_empty(), "the refused daemon holds nothing");
+    ok(d1.release(&a.owner, vec![excl(&img)]));
+    ok(d2.acquire(&b.owner, vec![excl(&img)]));
+    err(d1.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
+}
+
+#[test]
+fn shared_with_shared_is_allowed_shared_with_exclusive_is_not() {
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let images = tempfile::tempdir().unwrap();
+    let iso = image(images.path(), "install.iso");
+    let (a, b, c, x) = (vm("a"), vm("b"), vm("c"), vm("x"));
+    ok(d1.acquire(&a.owner, vec![shared(&iso)]));
+    ok(d1.acquire(&b.owner, vec![shared(&iso)]));
+    let l = d1.list();
+    assert_eq!(l.len(), 1, "one file, one lease");
+    assert_eq!(l[0].owners.len(), 2);
+    // Another host may share it too, but nobody may write.
+    ok(d2.acquire(&x.owner, vec![shared(&iso)]));
+    let e = err(d1.acquire(&c.owner, vec![excl(&iso)]), ErrorKind::Busy);
+    assert!(e.message.contains("(shared)"), "{}", e.message);
+    err(d2.acquire(&c.owner, vec![excl(&iso)]), ErrorKind::Busy);
+    // An owner holding it shared cannot silently turn writable while others share it.
+    err(d1.acquire(&a.owner, vec![excl(&iso)]), ErrorKind::Busy);
+    // One shared owner leaving keeps the lock for the other.
+    ok(d1.release(&a.owner, vec![shared(&iso)]));
+    assert_eq!(byte0(&iso), libc::F_RDLCK);
+    assert_eq!(d1.list()[0].owners, vec![b.owner.clone()]);
+    ok(d1.release(&b.owner, vec![shared(&iso)]));
+    ok(d2.release(&x.owner, vec![shared(&iso)]));
+    assert_eq!(byte0(&iso), libc::F_UNLCK);
+    // Same image once writable and once read-only in one request: one exclusive lease.
+    let l = ok(d1.acquire(&c.owner, vec![shared(&iso), excl(&iso)]));
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0].mode, LeaseMode::Exclusive);
+}
+
+#[test]
+fn sixteen_disks_all_or_nothing() {
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let images = tempfile::tempdir().unwrap();
+    let disks: Vec<PathBuf> = (1..=16)
+        .map(|i| image(images.path(), &format!("disk{i:02}.img")))
+        .collect();
+    let other = image(images.path(), "already-mine.img");
+    let (big, blocker) = (vm("big"), vm("blocker"));
+    // The big VM already holds one unrelated disk: it must survive the failed request.
+    ok(d1.acquire(&big.owner, vec![excl(&other)]));
+    ok(d2.acquire(&blocker.owner, vec![excl(&disks[8])]));
+    let specs: Vec<LeaseSpec> = disks.iter().map(|p| excl(p)).collect();
+    let e = err(d1.acquire(&big.owner, specs.clone()), ErrorKind::Busy);
+    assert_eq!(e.resource.as_deref(), disks[8].to_str(), "{}", e.message);
+    let still = d1.list();
+    assert_eq!(
+        still.len(),
+        1,
+        "only the previously held disk stays: {still:?}"
+    );
+    assert_eq!(still[0].lock_path, other.to_str().unwrap());
+    for (i, p) in disks.iter().enumerate() {
+        let want = if i == 8 { libc::F_WRLCK } else { libc::F_UNLCK };
+        assert_eq!(byte0(p), want, "disk {}", i + 1);
+    }
+    // Checked from the other daemon: all sixteen can be taken there now.
+    let l = ok(d2.acquire(&blocker.owner, specs));
+    assert_eq!(l.len(), 16);
+}
+
+#[test]
+fn lifetime_handle_closing_with_the_owner_releases_its_leases() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "h.img");
+    let (mut p, owner, resp) = spawn_registered(&d.socket, "handle-exit", "read cmd; exit 0");
+    ok(resp);
+    ok(d.acquire(&owner, vec![excl(&img)]));
+    assert_eq!(d.status().owners, 1);
+    tell(&mut p, "exit");
+    let st = p.wait_for(BOUND).expect("owner exits");
+    assert!(st.success(), "{st}");
+    let took = eventually("the lease is released", || d.list().is_empty());
+    eprintln!("handle close -> lease released in {took:?}");
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    eventually("the owner is forgotten", || d.status().owners == 0);
+}
+
+#[test]
+fn sigkilled_owner_frees_its_leases() {
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "k.img");
+    let mut victim = vm("victim");
+    let other = vm("other");
+    // No lifetime handle at all (like an owner acquired for after a daemon restart): the
+    // pidfd alone must notice the death.
+    ok(d1.acquire(&victim.owner, vec![excl(&img)]));
+    err(d2.acquire(&other.owner, vec![excl(&img)]), ErrorKind::Busy);
+    let t0 = Instant::now();
+    signal(victim.proc.pid(), libc::SIGKILL);
+    let took = eventually("the other daemon can take the disk", || {
+        matches!(
+            d2.acquire(&other.owner, vec![excl(&img)]),
+            Response::Ok { .. }
+        )
+    });
+    eprintln!(
+        "SIGKILL -> disk free for another daemon after {:?} (poll loop {took:?})",
+        t0.elapsed()
+    );
+    assert!(victim.proc.wait_for(BOUND).is_some());
+    assert!(d1.list().is_empty());
+}
+
+#[test]
+fn owner_closing_its_handle_while_holding_is_terminated() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "t.img");
+    let (mut p, owner, resp) =
+        spawn_registered(&d.socket, "rogue", "read cmd; exec 9>&-; exec sleep 1000");
+    ok(resp);
+    ok(d.acquire(&owner, vec![excl(&img)]));
+    tell(&mut p, "close");
+    let st = p
+        .wait_for(BOUND)
+        .unwrap_or_else(|| panic!("owner not terminated:\n{}", d.log()));
+    assert_eq!(st.signal(), Some(libc::SIGTERM), "{st}");
+    eventually("the dead owner's lease is released", || d.list().is_empty());
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    assert!(d.log().contains("sending SIGTERM"), "{}", d.log());
+}
+
+#[test]
+fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let d = Daemon::start_with(Opts {
+        config: "kill_grace_ms = 300\n",
+        ..Opts::default()
+    });
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "t.img");
+    let (mut p, owner, resp) = spawn_registered(
+        &d.socket,
+        "stubborn",
+        "trap '' TERM; read cmd; exec 9>&-; exec sleep 1000",
+    );
+    ok(resp);
+    ok(d.acquire(&owner, vec![excl(&img)]));
+    let t0 = Instant::now();
+    tell(&mut p, "close");
+    // Design §3: a VM never runs on a disk it no longer holds, so while the owner survives
+    // SIGTERM its lease stays held (another host must not start the VM meanwhile).
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        p.0.try_wait().unwrap().is_none(),
+        "SIGTERM is ignored by this owner"
+    );
+    assert_eq!(
+        byte0(&img),
+        libc::F_WRLCK,
+        "lease kept while the owner runs"
+    );
+    assert_eq!(d.list().len(), 1);
+    let fresh = image(images.path(), "new.img");
+    err(d.acquire(&owner, vec![excl(&fresh)]), ErrorKind::Invalid);
+    let st = p
+        .wait_for(BOUND)
+        .unwrap_or_else(|| panic!("owner not killed:\n{}", d.log()));
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "grace period honoured"
+    );
+    eventually("the killed owner's lease is released", || {
+        d.list().is_empty()
+    });
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    // A handle whose owner held nothing closes quietly: nobody is killed.
+    let (mut q, _owner, resp) =
+        spawn_registered(&d.socket, "idle", "read cmd; exec 9>&-; exec sleep 1000");
+    ok(resp);
+    tell(&mut q, "close");
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        q.0.try_wait().unwrap().is_none(),
+        "an owner without leases is left alone"
+    );
+}
+
+#[test]
+fn restricted_connections_refuse_everything() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "r.img");
+    let a = vm("restricted");
+    let mut c = d.client();
+    ok(c.call(&Request::Register {
+        owner: a.owner.clone(),
+        restrict: true,
+    }));
+    for req in [
+        Request::Status,
+        Request::List,
+        Request::Inquire {
+            owner: a.owner.clone(),
+        },
+        Request::Acquire {
+            owner: a.owner.clone(),
+            leases: vec![excl(&img)],
+            action: FailureAction::Default,
+            restrict: false,
+        },
+    ] {
+        let e = err(c.call(&req), ErrorKind::Denied);
+        assert!(
+            e.message
+                .contains("lock manager connection has been restricted"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(byte0(&img), libc::F_UNLCK, "nothing was locked");
+    // Acquire with restrict: succeeds, then the connection is closed for business.
+    let mut c = d.client();
+    ok(c.call(&Request::Acquire {
+        owner: a.owner.clone(),
+        leases: vec![excl(&img)],
+        action: FailureAction::Poweroff,
+        restrict: true,
+    }));
+    err(c.call(&Request::Status), ErrorKind::Denied);
+    // The admin socket serves status and list only.
+    let e = err(
+        d.admin_client().call(&Request::Release {
+            owner: a.owner.clone(),
+            leases: vec![excl(&img)],
+        }),
+        ErrorKind::Denied,
+    );
+    assert!(e.message.contains("admin socket"), "{}", e.message);
+    assert_eq!(d.list().len(), 1);
+}
+
+#[test]
+fn non_root_peer_is_refused() {
+    require_root();
+    let d = Daemon::start();
+    // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
+    for p in [d.dir.path(), &d.dir.path().join("run")] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let frame = protocol::encode(&Request::Status).unwrap();
+    let addr = sockaddr(&d.socket);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cmd = Command::new("true");
+    cmd.stdout(Stdio::piped());
+    // SAFETY: raw, async-signal-safe syscalls only (setgroups, setgid, setuid, socket, ...).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut child = Proc(cmd.spawn().expect("spawning the uid 65534 client"));
+    let resp: Response = protocol::read_message(child.0.stdout.as_mut().unwrap()).unwrap();
+    let e = err(resp, ErrorKind::Denied);
+    assert!(e.message.contains("uid 65534"), "{}", e.message);
+    assert!(child.wait_for(BOUND).unwrap().success());
+    // Root clients are still served.
+    assert_eq!(d.status().leases, 0);
+    assert!(d.log().contains("refusing client"), "{}", d.log());
+}
+
+#[test]
+fn protocol_version_mismatch_is_an_error_not_a_hang() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let mut frame = protocol::encode(&Request::Status).unwrap();
+    frame[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+    c.0.write_all(&frame).unwrap();
+    let e = err(
+        protocol::read_message(&mut c.0).unwrap(),
+        ErrorKind::Version,
+    );
+    assert!(
+        e.message
+            .contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+        "{}",
+        e.message
+    );
+    c.assert_closed();
+    assert_eq!(d.status().leases, 0, "the daemon still serves");
+}
+
+#[test]
+fn oversized_or_garbage_frames_close_only_that_connection() {
+    let d = Daemon::start();
+    // A client stuck mid-frame must not hold up anybody.
+    let mut slow = d.client();
+    slow.0.write_all(&protocol::MAGIC).unwrap();
+    let mut big = d.client();
+    let mut h = protocol::header(0).unwrap();
+    h[8..12].copy_from_slice(&((MAX_BODY as u32) + 1).to_be_bytes());
+    big.0.write_all(&h).unwrap();
+    let e = err(
+        protocol::read_message(&mut big.0).unwrap(),
+        ErrorKind::Invalid,
+    );
+    assert!(e.message.contains("exceeds"), "{}", e.message);
+    big.assert_closed();
+    let mut junk = d.client();
+    junk.0.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    err(
+        protocol::read_message(&mut junk.0).unwrap(),
+        ErrorKind::Invalid,
+    );
+    junk.assert_closed();
+    // Malformed JSON in a well-formed frame: an error, and the connection stays usable.
+    let mut bad = d.client();
+    let body = br#"{"op":"acquire","owner":42}"#;
+    bad.0
+        .write_all(&protocol::header(body.len()).unwrap())
+        .unwrap();
+    bad.0.write_all(body).unwrap();
+    err(
+        protocol::read_message(&mut bad.0).unwrap(),
+        ErrorKind::Invalid,
+    );
+    assert!(matches!(bad.call(&Request::Status), Response::Status(_)));
+    // A full-size frame is read completely and answered.
+    let mut max = d.client();
+    let filler = "x".repeat(MAX_BODY - 64);
+    let body = format!(r#"{{"op":"status","pad":"{filler}"}}"#);
+    max.0
+        .write_all(&protocol::header(body.len()).unwrap())
+        .unwrap();
+    max.0.write_all(body.as_bytes()).unwrap();
+    assert!(matches!(
+        protocol::read_message::<_, Response>(&mut max.0).unwrap(),
+        Response::Status(_)
+    ));
+    assert_eq!(
+        d.status().clients,
+        4,
+        "slow, bad, max and this status client remain"
+    );
+    drop(slow);
+}
+
+#[test]
+fn two_paths_to_one_image_are_one_lease() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "real.qcow2");
+    let sym = images.path().join("alias.qcow2");
+    std::os::unix::fs::symlink(&img, &sym).unwrap();
+    let hard = images.path().join("hard.qcow2");
+    fs::hard_link(&img, &hard).unwrap();
+    let (a, b) = (vm("first"), vm("second"));
+    let l = ok(d.acquire(&a.owner, vec![excl(&img), excl(&sym)]));
+    assert_eq!(l.len(), 1, "{l:?}");
+    assert_eq!(ok(d.acquire(&a.owner, vec![excl(&hard)])).len(), 1);
+    let e = err(d.acquire(&b.owner, vec![excl(&hard)]), ErrorKind::Busy);
+    assert_eq!(
+        e.holder.and_then(|h| h.vm_name).as_deref(),
+        Some("first"),
+        "the holder is known by name, not a kernel conflict: {}",
+        e.message
+    );
+    assert!(e.message.contains(hard.to_str().unwrap()));
+    // Releasing through another path releases the one lease.
+    ok(d.release(&a.owner, vec![excl(&sym)]));
+    assert!(d.list().is_empty());
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    // Release works even after the image was deleted.
+    ok(d.acquire(&b.owner, vec![excl(&hard)]));
+    fs::remove_file(&hard).unwrap();
+    ok(d.release(&b.owner, vec![excl(&hard)]));
+    assert!(d.list().is_empty());
+}
+
+fn lockspace(
+    name: &str,
+    dir: &Path,
+    file: &str,
+    kind: ResourceKind,
+    create_dir: bool,
+) -> LeaseSpec {
+    LeaseSpec {
+        name: name.to_string(),
+        kind,
+        mode: LeaseMode::Exclusive,
+        target: LockTarget::Lockspace {
+            dir: dir.to_str().unwrap().to_string(),
+            file: file.to_string(),
+            create_dir,
+        },
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn lockspace_files_are_created_0600_and_links_never_followed() {
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let base = tempfile::tempdir().unwrap();
+    let locks = base.path().join("lockd/files");
+    let disk_path = "/var/lib/libvirt/images/web1.qcow2";
+    let hash = sha256_hex(disk_path);
+    let spec = lockspace(disk_path, &locks, &hash, ResourceKind::Disk, true);
+    let (a, b) = (vm("ls-a"), vm("ls-b"));
+    let l = ok(d1.acquire(&a.owner, vec![spec.clone()]));
+    let lock_file = locks.join(&hash);
+    assert_eq!(l[0].lock_path, lock_file.to_str().unwrap());
+    assert_eq!(l[0].name, disk_path);
+    assert_eq!(mode_of(&lock_file), 0o600);
+    assert_eq!(mode_of(&locks), 0o700);
+    assert_eq!(byte0(&lock_file), libc::F_WRLCK);
+    let e = err(d2.acquire(&b.owner, vec![spec.clone()]), ErrorKind::Busy);
+    assert!(
+        e.message.contains(disk_path) && e.message.contains(&hash),
+        "{}",
+        e.message
+    );
+    // Releasing the last owner deletes lockd's disk lock file, as virtlockd does.
+    ok(d1.release(&a.owner, vec![spec.clone()]));
+    assert!(!lock_file.exists(), "disk lock file removed on release");
+    ok(d2.acquire(&b.owner, vec![spec.clone()]));
+    assert!(lock_file.exists());
+    ok(d2.release(&b.owner, vec![spec]));
+
+    // A symlink planted at the lock file's name is not followed, whether it dangles or not.
+    let victim = base.path().join("victim");
+    let planted = sha256_hex("/images/planted.img");
+    std::os::unix::fs::symlink(&victim, locks.join(&planted)).unwrap();
+    let spec = lockspace(
+        "/images/planted.img",
+        &locks,
+        &planted,
+        ResourceKind::Disk,
+        true,
+    );
+    let e = err(d1.acquire(&a.owner, vec![spec.clone()]), ErrorKind::Invalid);
+    assert!(e.message.contains("symbolic link"), "{}", e.message);
+    assert!(!victim.exists(), "the link target must not be created");
+    fs::write(&victim, b"precious").unwrap();
+    err(d1.acquire(&a.owner, vec![spec]), ErrorKind::Invalid);
+    assert_eq!(byte0(&victim), libc::F_UNLCK);
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+    // <lease> keys: the directory must exist; the key file is created and kept.
+    let missing = base.path().join("no-such-lockspace");
+    let e = err(
+        d1.acquire(
+            &a.owner,
+            vec![lockspace(
+                "mykey",
+                &missing,
+                "mykey",
+                ResourceKind::Lease,
+                false,
+            )],
+        ),
+        ErrorKind::Invalid,
+    );
+    assert!(
+        e.message.contains(missing.to_str().unwrap()),
+        "{}",
+        e.message
+    );
+    assert!(!missing.exists());
+    let key = lockspace("mykey", base.path(), "mykey", ResourceKind::Lease, false);
+    ok(d1.acquire(&a.owner, vec![key.clone()]));
+    assert_eq!(mode_of(&base.path().join("mykey")), 0o600);
+    ok(d1.release(&a.owner, vec![key]));
+    assert!(
+        base.path().join("mykey").exists(),
+        "lease key files are never deleted"
+    );
+    // Bad lock file names are refused before touching anything.
+    for bad in ["..", "a/b", ""] {
+        err(
+            d1.acquire(
+                &a.owner,
+                vec![lockspace("k", base.path(), bad, ResourceKind::Lease, false)],
+            ),
+            ErrorKind::Invalid,
+        );
+    }
+}
+
+#[test]
+fn posix_lock_holders_and_lockwarden_exclude_each_other() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "interop.img");
+    let a = vm("interop");
+    // A process holding a classic POSIX F_WRLCK on byte 0, as virtlockd does.
+    let cpath = CString::new(img.as_os_str().as_bytes()).unwrap();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("1000");
+    // SAFETY: open and fcntl only, on a pre-built C string: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDWR);
+            let fl = libc::flock {
+                l_type: libc::F_WRLCK as libc::c_short,
+                l_whence: libc::SEEK_SET as libc::c_short,
+                l_start: 0,
+                l_len: 1,
+                l_pid: 0,
+            };
+            if fd < 0 || libc::fcntl(fd, libc::F_SETLK, &fl) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let holder = Proc(cmd.spawn().expect("spawning the POSIX lock holder"));
+    eventually("the POSIX lock is visible", || {
+        probe(&img, 0, 1, libc::F_WRLCK).1 == holder.pid() as i32
+    });
+    let e = err(d.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
+    let want = format!("local process {} (sleep)", holder.pid());
+    assert!(e.message.contains(&want), "{want:?} not in {:?}", e.message);
+    assert_eq!(e.holder.unwrap().pid, Some(holder.pid() as i32));
+    drop(holder);
+    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    // And our lease makes a POSIX F_SETLK (what virtlockd does) fail.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    for l_type in [libc::F_WRLCK, libc::F_RDLCK] {
+        let fl = libc::flock {
+            l_type: l_type as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: 0,
+            l_len: 1,
+            l_pid: 0,
+        };
+        // SAFETY: F_SETLK with a valid descriptor and a live flock struct.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        assert_eq!(r, -1, "POSIX lock type {l_type} must be refused");
+        assert!(
+            matches!(errno, Some(libc::EAGAIN | libc::EACCES)),
+            "{errno:?}"
+        );
+    }
+}
+
+#[test]
+fn unlockable_targets_are_refused_at_once() {
+    let d = Daemon::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo");
+    let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let a = vm("bad-input");
+    let long = format!("/{}", "x".repeat(5000));
+    let cases: Vec<(String, &str)> = vec![
+        (tmp.path().to_str().unwrap().to_string(), "directory"),
+        (fifo.to_str().unwrap().to_string(), "FIFO"),
+        ("/dev/null".to_string(), "character device"),
+        ("images/relative.img".to_string(), "not absolute"),
+        (
+            tmp.path().join("missing.img").to_str().unwrap().to_string(),
+            "does not exist",
+        ),
+        (String::new(), "empty"),
+        ("/images/nul\0byte".to_string(), "NUL"),
+        (long, "longer than"),
+    ];
+    let t0 = Instant::now();
+    for (path, why) in &cases {
+        let spec = LeaseSpec {
+            name: if path.is_empty() {
+                "empty".into()
+            } else {
+                path.clone()
+            },
+            kind: ResourceKind::Disk,
+            mode: LeaseMode::Exclusive,
+            target: LockTarget::File { path: path.clone() },
+        };
+        let e = err(d.acquire(&a.owner, vec![spec]), ErrorKind::Invalid);
+        assert!(e.message.contains(why), "{why:?} not in {:?}", e.message);
+        if !path.is_empty() && path.len() < 200 && !path.contains('\0') {
+            assert!(
+                e.message.contains(path.as_str()),
+                "{:?} names the disk",
+                e.message
+            );
+        }
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "refusals never block"
+    );
+    assert!(d.list().is_empty());
+    // A dead or bogus owner pid cannot hold leases (nothing would ever release them).
+    let dead = {
+        let mut p = sleeper();
+        let pid = p.pid();
+        p.0.kill().unwrap();
+        p.0.wait().unwrap();
+        pid
+    };
+    let img = image(tmp.path(), "ok.img");
+    let e = err(
+        d.acquire(&owner_for(dead, "ghost"), vec![excl(&img)]),
+        ErrorKind::Invalid,
+    );
+    assert!(e.message.contains("not running"), "{}", e.message);
+    err(
+        d.acquire(&owner_for(0, "zero"), vec![excl(&img)]),
+        ErrorKind::Invalid,
+    );
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+}
+
+#[test]
+fn sigterm_exits_zero_and_removes_its_sockets() {
+    let mut d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "s.img");
+    let a = vm("term");
+    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    assert_eq!(
+        fs::read_to_string(&d.pid_file).unwrap().trim(),
+        d.proc.pid().to_string()
+    );
+    assert_eq!(mode_of(&d.socket), 0o600);
+    assert_eq!(mode_of(&d.admin), 0o600);
+    let st = d.sigterm();
+    assert_eq!(st.code(), Some(0), "{st}\n{}", d.log());
+    assert!(!d.socket.exists() && !d.admin.exists(), "sockets removed");
+    assert!(!d.pid_file.exists(), "pid file removed");
+    assert!(d.log().contains("SIGTERM"));
+    assert_eq!(byte0(&img), libc::F_UNLCK, "the kernel dropped the lock");
+}
+
+#[test]
+fn sighup_and_sigusr1_keep_it_running_with_its_locks() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "u.img");
+    let a = vm("upgrade");
+    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    signal(d.proc.pid(), libc::SIGHUP);
+    signal(d.proc.pid(), libc::SIGUSR1);
+    eventually("both signals are logged", || {
+        d.log().matches("re-exec is not implemented").count() == 2
+    });
+    assert_eq!(d.list().len(), 1);
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+}
+
+#[test]
+fn bad_configuration_stops_the_start_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("lockwardend.conf");
+    fs::write(&conf, "max_clients = 10\nsokcet = \"/x\"\n").unwrap();
+    let out = Command::new(DAEMON)
+        .arg("--config")
+        .arg(&conf)
+        .arg("--socket")
+        .arg(dir.path().join("s"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("a"))
+        .arg("--pid-file")
+        .arg(dir.path().join("p"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{}:2: key 'sokcet'", conf.display());
+    assert!(stderr.contains(&want), "{want:?} not in {stderr:?}");
+    assert!(!dir.path().join("s").exists(), "nothing was bound");
+    // Usage errors and --help / --version.
+    let out = Command::new(DAEMON).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--bogus'"));
+    let out = Command::new(DAEMON).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--pid-file"));
+    let out = Command::new(DAEMON).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("lockwardend "));
+}
+
+#[test]
+fn second_daemon_on_the_same_pid_file_or_socket_refuses() {
+    let d = Daemon::start();
+    let other = tempfile::tempdir().unwrap();
+    let run = |socket: &Path, pid_file: &Path| {
+        Command::new(DAEMON)
+            .arg("--config")
+            .arg(other.path().join("none.conf"))
+            .arg("--socket")
+            .arg(socket)
+            .arg("--admin-socket")
+            .arg(other.path().join("admin.sock"))
+            .arg("--pid-file")
+            .arg(pid_file)
+            .output()
+            .unwrap()
+    };
+    let out = run(&other.path().join("main.sock"), &d.pid_file);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("another lockwardend (pid {})", d.proc.pid())),
+        "{stderr}"
+    );
+    assert!(!other.path().join("main.sock").exists());
+    let out = run(&d.socket, &other.path().join("p.pid"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already serving"), "{stderr}");
+    // The first daemon is unharmed.
+    assert!(d.socket.exists());
+    assert_eq!(d.status().pid, d.proc.pid());
+}
+
+#[test]
+fn stale_socket_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("stale.sock");
+    drop(UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let mut cmd = Command::new(DAEMON);
+    cmd.arg("--config")
+        .arg(dir.path().join("none.conf"))
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--admin-socket")
+        .arg(dir.path().join("admin.sock"))
+        .arg("--pid-file")
+        .arg(dir.path().join("p.pid"))
+        .stderr(Stdio::null());
+    let mut p = Proc(cmd.spawn().unwrap());
+    eventually("the daemon serves on the formerly stale socket", || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    let mut c = Client::connect(&sock);
+    assert!(matches!(c.call(&Request::Status), Response::Status(_)));
+    assert!(p.0.try_wait().unwrap().is_none());
+}
+
+#[test]
+fn notify_socket_gets_ready_and_stopping() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A path socket and an abstract one ("@name").
+    let path = tmp.path().join("notify");
+    let by_path = UnixDatagram::bind(&path).unwrap();
+    let abstract_name = format!(
+        "lockwarden-test-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let by_name = {
+        use std::os::linux::net::SocketAddrExt;
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes()).unwrap();
+        UnixDatagram::bind_addr(&addr).unwrap()
+    };
+    for (sock, target) in [
+        (&by_path, path.as_os_str().to_os_string()),
+        (&by_name, OsString::from(format!("@{abstract_name}"))),
+    ] {
+        sock.set_read_timeout(Some(BOUND)).unwrap();
+        let mut d = Daemon::start_with(Opts {
+            env: vec![("NOTIFY_SOCKET", target)],
+            ..Opts::default()
+        });
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        assert_eq!(d.sigterm().code(), Some(0));
+        let n = sock.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1");
+    }
+}
+
+#[test]
+fn systemd_socket_activation_is_used_and_its_sockets_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let main_path = dir.path().join("act.sock");
+    let admin_path = dir.path().join("act-admin.sock");
+    let main = UnixListener::bind(&main_path).unwrap();
+    let admin = UnixListener::bind(&admin_path).unwrap();
+    let (mfd, afd) = (main.as_raw_fd(), admin.as_raw_fd());
+    let mut cmd = Command::new("sh");
+    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(DAEMON)
+        .arg("--config")
+        .arg(dir.path().join("none.conf"))
+        .arg("--socket")
+        .arg(dir.path().join("unused.sock"))
+        .arg("--admin-socket")
+        .arg(dir.path().join("unused-admin.sock"))
+        .arg("--pid-file")
+        .arg(dir.path().join("p.pid"))
+        .env("LISTEN_FDS", "2")
+        .env(
+            "LISTEN_FDNAMES",
+            "lockwardend-admin.socket:lockwardend.socket",
+        )
+        .stderr(File::create(dir.path().join("log")).unwrap());
+    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
+    // close-on-exec on those copies.
+    unsafe {
+        cmd.pre_exec(move || {
+            let m = libc::fcntl(mfd, libc::F_DUPFD_CLOEXEC, 100);
+            let a = libc::fcntl(afd, libc::F_DUPFD_CLOEXEC, 100);
+            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut p = Proc(cmd.spawn().unwrap());
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "act.img");
+    let a = vm("activated");
+    let mut c = Client::connect(&main_path);
+    ok(c.call(&Request::Acquire {
+        owner: a.owner.clone(),
+        leases: vec![excl(&img)],
+        action: FailureAction::Default,
+        restrict: false,
+    }));
+    // The fd named lockwardend-admin.socket really is the admin socket.
+    let mut adm = Client::connect(&admin_path);
+    err(
+        adm.call(&Request::Inquire {
+            owner: a.owner.clone(),
+        }),
+        ErrorKind::Denied,
+    );
+    match adm.call(&Request::List) {
+        Response::Ok { leases } => assert_eq!(leases.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        !dir.path().join("unused.sock").exists(),
+        "nothing bound by the daemon"
+    );
+    signal(p.pid(), libc::SIGTERM);
+    assert_eq!(p.wait_for(BOUND).unwrap().code(), Some(0));
+    assert!(
+        main_path.exists() && admin_path.exists(),
+        "sockets owned by systemd are not removed"
+    );
+    drop((main, admin));
+}
+
+#[test]
+fn lock_cycle_latency_one_and_sixteen_disks() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().unwrap();
+    let disks: Vec<PathBuf> = (0..16)
+        .map(|i| image(images.path(), &format!("lat{i}.img")))
+        .collect();
+    let a = vm("latency");
+    let mut c = d.client();
+    let mut cycle = |specs: &[LeaseSpec]| {
+        let t = Instant::now();
+        ok(c.call(&Request::Acquire {
+            owner: a.owner.clone(),
+            leases: specs.to_vec(),
+            action: FailureAction::Default,
+            restrict: false,
+        }));
+        ok(c.call(&Request::Release {
+            owner: a.owner.clone(),
+            leases: specs.to_vec(),
+        }));
+        t.elapsed()
+    };
+    let one = vec![excl(&disks[0])];
+    let all: Vec<LeaseSpec> = disks.iter().map(|p| excl(p)).collect();
+    let rounds = 200u32;
+    let t1: Duration = (0..rounds).map(|_| cycle(&one)).sum::<Duration>() / rounds;
+    let t16: Duration = (0..rounds).map(|_| cycle(&all)).sum::<Duration>() / rounds;
+    eprintln!("lock cycle (acquire+release over one connection): 1 disk {t1:?}, 16 disks {t16:?}");
+    assert!(t1 < Duration::from_millis(50), "1-disk cycle took {t1:?}");
+    assert!(
+        t16 < Duration::from_millis(200),
+        "16-disk cycle took {t16:?}"
+    );
+    assert!(d.list().is_empty());
+}
+
+#[test]
+fn protocol_doc_examples_parse() {
+    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md"))
+        .expect("docs/protocol.md");
+    let (mut requests, mut responses) = (0, 0);
+    let mut lines = doc.lines();
+    while let Some(line) = lines.next() {
+        let kind = match line.trim() {
+            "```json request" => "request",
+            "```json response" => "response",
+            _ => continue,
+        };
+        let block: String = lines
+            .by_ref()
+            .take_while(|l| l.trim() != "```")
+            .collect::<Vec<_>>()
+            .join("\n");
+        if kind == "request" {
+            serde_json::from_str::<Request>(&block)
+                .unwrap_or_else(|e| panic!("request example does not parse ({e}):\n{block}"));
+            requests += 1;
+        } else {
+            serde_json::from_str::<Response>(&block)
+                .unwrap_or_else(|e| panic!("response example does not parse ({e}):\n{block}"));
+            responses += 1;
+        }
+    }
+    assert!(
+        requests >= 6 && responses >= 4,
+        "{requests} requests, {responses} responses"
+    );
+}
