@@ -1,0 +1,1522 @@
+//! The plugin at its ABI: the real `target/debug/liblockwarden.so`, loaded by the C test host
+//! (`tests/c/host.c`) exactly as libvirt's loader loads it, talking to a real `lockwardend`.
+//!
+//! What is checked here is the plugin's side of the contract: the exported symbol and layout,
+//! every bad input refused with a libvirt error (code, domain 42, message) and without side
+//! effects, the panic boundary, configuration handling, the connection to the daemon (missing
+//! daemon, silent daemon, other protocol version, daemon errors passed verbatim) and the
+//! call sequences libvirt really makes. Lock semantics across hosts are `tests/scenarios.rs`'s.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+use lockwarden::protocol::{self, ErrorKind, Request, Response};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const HOST: &str = env!("LOCKWARDEN_TEST_HOST");
+const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---- locating the plugin ------------------------------------------------------------------
+
+/// The plugin built by this very cargo invocation.
+///
+/// The test executable lives in `target/<profile>/deps`. `cargo test` compiles the lib target
+/// with all its crate types into that directory (`deps/liblockwarden.so`) but copies ("uplifts")
+/// it to `target/<profile>/liblockwarden.so` only on `cargo build`, so the copy one level up
+/// can be stale; prefer the one in `deps`.
+fn plugin_so() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test executable has no directory");
+    let candidates = [
+        deps.join("liblockwarden.so"),
+        deps.parent()
+            .map(|p| p.join("liblockwarden.so"))
+            .unwrap_or_default(),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "liblockwarden.so not found at {candidates:?}; the lib target (crate-type \
+                 cdylib) builds it"
+            )
+        })
+}
+
+// ---- escaping for the host's command language ---------------------------------------------
+
+/// %-escape every byte the host would split on or decode (space, newline, '%', ':').
+fn esc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b <= b' ' || b == b'%' || b == b':' || b >= 0x7f {
+            out.push_str(&format!("%{b:02X}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+fn disk(p: &Path) -> String {
+    format!("disk:{}", esc(p.to_str().expect("utf-8 path")))
+}
+
+// ---- the C host ---------------------------------------------------------------------------
+
+struct Host {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<String>,
+    stderr: PathBuf,
+    /// The first line: "READY" or "ERR ...".
+    ready: String,
+    /// Children of `start` (stand-ins for QEMU), killed on drop.
+    started: Vec<i32>,
+}
+
+impl Host {
+    /// A host with the plugin config at `conf` (need not exist); panics unless READY.
+    fn new(conf: &Path) -> Host {
+        let h = Host::spawn(conf.as_os_str(), &[], false);
+        assert_eq!(
+            h.ready,
+            "READY",
+            "host did not come up; stderr: {}",
+            h.stderr_text()
+        );
+        h
+    }
+
+    fn spawn(conf: &OsStr, env: &[(&str, &str)], no_init: bool) -> Host {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let stderr = std::env::temp_dir().join(format!(
+            "lockwarden-host-{}-{}.stderr",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut cmd = Command::new(HOST);
+        cmd.arg(plugin_so()).arg(conf);
+        if no_init {
+            cmd.arg("--no-init");
+        }
+        cmd.env_remove("LOCKWARDEN_TEST_PANIC");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&stderr).expect("host stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run the C test host {HOST}: {e}"));
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut h = Host {
+            child,
+            stdin,
+            rx,
+            stderr,
+            ready: String::new(),
+            started: Vec::new(),
+        };
+        h.ready = h.read_line("the first line (READY)");
+        h
+    }
+
+    fn stderr_text(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn read_line(&mut self, what: &str) -> String {
+        match self.rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(l) => l,
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "host gave no reply to {what} within {REPLY_TIMEOUT:?}; stderr: {}",
+                self.stderr_text()
+            ),
+            Err(RecvTimeoutError::Disconnected) => panic!(
+                "host died before answering {what}; status {:?}; stderr: {}",
+                self.child.try_wait(),
+                self.stderr_text()
+            ),
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        let stdin = self.stdin.as_mut().expect("host stdin");
+        writeln!(stdin, "{line}").expect("write to host");
+        stdin.flush().expect("flush host stdin");
+        let shown: String = line.chars().take(200).collect();
+        self.read_line(&shown)
+    }
+
+    /// Run `line`, expect `OK`, return what follows it.
+    fn ok(&mut self, line: &str) -> String {
+        let r = self.cmd(line);
+        match r.strip_prefix("OK") {
+            Some(rest) => rest.trim_start().to_string(),
+            None => panic!(
+                "`{}` failed: {r}",
+                line.chars().take(200).collect::<String>()
+            ),
+        }
+    }
+
+    /// Run `line`, expect `ERR`, return (code, domain, message).
+    fn err(&mut self, line: &str) -> LvError {
+        let r = self.cmd(line);
+        parse_err(&r).unwrap_or_else(|| {
+            panic!(
+                "`{}` should have failed: {r}",
+                line.chars().take(200).collect::<String>()
+            )
+        })
+    }
+
+    /// Domain start: register `vm` from a forked child that stays alive as its "QEMU".
+    fn start(&mut self, vm: &Vm, res: &[String]) -> i32 {
+        let pid = self.ok(format!("start {} {}", vm.head(), res.join(" ")).trim_end());
+        let pid: i32 = pid.parse().expect("start replies OK <pid>");
+        self.started.push(pid);
+        pid
+    }
+
+    fn acquire(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
+        self.cmd(format!("acquire {} {pid} {}", vm.head(), res.join(" ")).trim_end())
+    }
+
+    fn release(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
+        self.cmd(format!("release {} {pid} {}", vm.head(), res.join(" ")).trim_end())
+    }
+
+    /// The host still answers (it did not abort).
+    fn assert_alive(&mut self) {
+        assert_eq!(self.ok("layout"), "size=72 version=1000000 flags=0 fns=8");
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        for pid in &self.started {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.stderr);
+    }
+}
+
+/// A libvirt error as the host reports it.
+#[derive(Debug)]
+struct LvError {
+    code: i32,
+    domain: i32,
+    msg: String,
+}
+
+fn parse_err(reply: &str) -> Option<LvError> {
+    let rest = reply.strip_prefix("ERR ")?;
+    let mut it = rest.splitn(3, ' ');
+    Some(LvError {
+        code: it.next()?.parse().ok()?,
+        domain: it.next()?.parse().ok()?,
+        msg: it.next().unwrap_or_default().to_string(),
+    })
+}
+
+impl LvError {
+    /// A lockwarden error: domain VIR_FROM_LOCKING and the given code.
+    #[track_caller]
+    fn expect(&self, code: i32, needles: &[&str]) {
+        assert_eq!(
+            (self.code, self.domain),
+            (code, 42),
+            "wrong libvirt code/domain: {self:?}"
+        );
+        for n in needles {
+            assert!(self.msg.contains(n), "{n:?} not in {:?}", self.msg);
+        }
+    }
+}
+
+// ---- VMs ----------------------------------------------------------------------------------
+
+struct Vm {
+    name: String,
+    uuid: String,
+    id: u32,
+}
+
+fn vm(name: &str) -> Vm {
+    static N: AtomicU32 = AtomicU32::new(1);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    Vm {
+        name: name.to_string(),
+        uuid: format!(
+            "{:08x}-{:04x}-4000-8000-{:012x}",
+            std::process::id(),
+            n,
+            0x1234_5678_9abc_u64 + u64::from(n)
+        ),
+        id: n,
+    }
+}
+
+impl Vm {
+    /// "NAME UUID ID" for the host.
+    fn head(&self) -> String {
+        format!("{} {} {}", esc(&self.name), self.uuid, self.id)
+    }
+}
+
+// ---- a real daemon ------------------------------------------------------------------------
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, name: &str) -> Daemon {
+        let socket = dir.join(format!("{name}.sock"));
+        let admin = dir.join(format!("{name}-admin.sock"));
+        let pid_file = dir.join(format!("{name}.pid"));
+        let conf = dir.join(format!("{name}.conf"));
+        let log = dir.join(format!("{name}.log"));
+        fs::write(&conf, "").expect("daemon config");
+        let child = Command::new(DAEMON)
+            .arg("--config")
+            .arg(&conf)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .arg("--verbose")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {DAEMON}: {e}"));
+        let mut d = Daemon { child, socket, log };
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if UnixStream::connect(&d.socket).is_ok() {
+                return d;
+            }
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!(
+                    "lockwardend exited ({st}) before serving on {}; log:\n{}",
+                    d.socket.display(),
+                    d.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < until,
+                "lockwardend did not serve on {} within 20 s; log:\n{}",
+                d.socket.display(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Plugin config text pointing at this daemon, plus `extra` lines.
+    fn plugin_conf(&self, dir: &Path, extra: &str) -> PathBuf {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = dir.join(format!(
+            "qemu-lockwarden-{}.conf",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(
+            &p,
+            format!("daemon_socket = \"{}\"\n{extra}", self.socket.display()),
+        )
+        .expect("plugin config");
+        p
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lw-abi")
+        .tempdir()
+        .expect("tempdir")
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, vec![0u8; 4096]).expect("image");
+    p
+}
+
+/// Another owner can take `disk` and give it back: proof that nothing stayed locked.
+#[track_caller]
+fn assert_free(h: &mut Host, res: &str) {
+    let other = vm("bystander");
+    let pid = h.start(&other, &[]);
+    let r = h.acquire(&other, pid, &[res.to_string()]);
+    assert_eq!(r, "OK", "{res} should be free for another owner: {r}");
+    let r = h.release(&other, pid, &[res.to_string()]);
+    assert_eq!(r, "OK", "release by the bystander: {r}");
+}
+
+// ---- the shared object --------------------------------------------------------------------
+
+#[test]
+fn exports_only_the_driver_table() {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(plugin_so())
+        .output()
+        .expect("nm (binutils) is needed for this test");
+    assert!(out.status.success(), "nm failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let symbols: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(symbols.len(), 1, "exported symbols: {symbols:#?}");
+    let fields: Vec<&str> = symbols[0].split_whitespace().collect();
+    assert_eq!(&fields[1..], ["D", "virLockDriverImpl"], "{symbols:?}");
+}
+
+#[test]
+fn linked_nodelete() {
+    let out = Command::new("readelf")
+        .arg("-d")
+        .arg(plugin_so())
+        .output()
+        .expect("readelf (binutils) is needed for this test");
+    assert!(out.status.success(), "readelf failed: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let flags = text
+        .lines()
+        .find(|l| l.contains("FLAGS_1"))
+        .unwrap_or_else(|| panic!("no FLAGS_1 entry:\n{text}"));
+    assert!(flags.contains("NODELETE"), "{flags}");
+}
+
+#[test]
+fn driver_table_layout_seen_by_the_loader() {
+    let dir = tempdir();
+    let mut h = Host::new(&dir.path().join("absent.conf"));
+    // st_size of the exported object, version, flags, and all eight function pointers set.
+    assert_eq!(h.ok("layout"), "size=72 version=1000000 flags=0 fns=8");
+    assert_eq!(h.ok("deinit"), "0");
+}
+
+// ---- configuration ------------------------------------------------------------------------
+
+#[test]
+fn bad_config_makes_init_fail_naming_file_line_and_key() {
+    let dir = tempdir();
+    for (text, line, key, needle) in [
+        (
+            "auto_disk_leases = 1\n\nbogus_key = 1\n",
+            3,
+            "bogus_key",
+            "unknown key",
+        ),
+        (
+            "request_timeout_ms = 0\n",
+            1,
+            "request_timeout_ms",
+            "out of range",
+        ),
+        (
+            "# c\nreadonly_disks = \"sometimes\"\n",
+            2,
+            "readonly_disks",
+            "\"sometimes\"",
+        ),
+        (
+            "file_lockspace_dir = \"relative\"\n",
+            1,
+            "file_lockspace_dir",
+            "absolute",
+        ),
+        (
+            "auto_disk_leases = 1\nauto_disk_leases = 0\n",
+            2,
+            "auto_disk_leases",
+            "set twice",
+        ),
+    ] {
+        let conf = dir.path().join("qemu-lockwarden.conf");
+        fs::write(&conf, text).unwrap();
+        let mut h = Host::spawn(conf.as_os_str(), &[], false);
+        let e = parse_err(&h.ready)
+            .unwrap_or_else(|| panic!("Init should fail for {text:?}, got {}", h.ready));
+        e.expect(
+            67,
+            &[&format!("{}:{line}: key '{key}'", conf.display()), needle],
+        );
+        let st = h.child.wait().unwrap();
+        assert_eq!(st.code(), Some(1), "the host exits 1 after a failed Init");
+    }
+}
+
+#[test]
+fn missing_or_null_config_means_defaults() {
+    let dir = tempdir();
+    let default_socket = lockwarden::paths::default_socket();
+    let absent = dir.path().join("absent.conf");
+    for conf in [absent.as_os_str(), OsStr::new("@null")] {
+        let mut h = Host::spawn(conf, &[], false);
+        assert_eq!(
+            h.ready,
+            "READY",
+            "defaults for {conf:?}: {}",
+            h.stderr_text()
+        );
+        let a = vm("defaults");
+        let img = dir.path().join("nonexistent.img");
+        let r = h.acquire(&a, std::process::id() as i32, &[disk(&img)]);
+        if default_socket.exists() {
+            // A daemon runs at the default socket on this machine: the request reached it.
+            assert!(!r.contains("cannot connect"), "{r}");
+        } else {
+            parse_err(&r)
+                .expect("acquire without a daemon fails")
+                .expect(
+                    1,
+                    &[&format!(
+                        "cannot connect to lockwardend at {:?}",
+                        default_socket
+                    )],
+                );
+        }
+    }
+}
+
+#[test]
+fn second_init_keeps_the_first_config() {
+    let dir = tempdir();
+    let first = dir.path().join("first.conf");
+    let second = dir.path().join("second.conf");
+    let bad = dir.path().join("bad.conf");
+    fs::write(&first, "daemon_socket = \"/nonexistent/first.sock\"\n").unwrap();
+    fs::write(&second, "daemon_socket = \"/nonexistent/second.sock\"\n").unwrap();
+    fs::write(&bad, "no_such_key = 1\n").unwrap();
+    let mut h = Host::new(&first);
+    // libvirt calls drvInit once per driver (qemu, libxl); lockd keeps the first config.
+    h.ok(&format!(
+        "raw-init 1000000 0 {}",
+        esc(second.to_str().unwrap())
+    ));
+    h.ok(&format!(
+        "raw-init 1000000 0 {}",
+        esc(bad.to_str().unwrap())
+    ));
+    h.ok("raw-init 1000000 0 @null");
+    let a = vm("twice");
+    let e = h.err(&format!("acquire {} 1 disk:/img/a", a.head()));
+    e.expect(1, &["/nonexistent/first.sock"]);
+    // Flags and version are still checked on every call.
+    h.err("raw-init 1000000 1 @null")
+        .expect(55, &["drvInit: unsupported flags 0x1"]);
+    h.err("raw-init 2000000 0 @null")
+        .expect(55, &["version 2000000"]);
+}
+
+#[test]
+fn failed_first_init_leaves_nothing_and_a_later_init_works() {
+    let dir = tempdir();
+    let bad = dir.path().join("bad.conf");
+    let good = dir.path().join("good.conf");
+    fs::write(&bad, "daemon_socket = 42\n").unwrap();
+    fs::write(&good, "daemon_socket = \"/nonexistent/good.sock\"\n").unwrap();
+    let mut h = Host::spawn(OsStr::new("@null"), &[], true);
+    assert_eq!(h.ready, "READY");
+    // Entry points before a successful Init fail cleanly. virReportErrorHelper is looked up
+    // in drvInit, so this is also the path where it is unknown: the error goes to fd 2 as one
+    // line, and the host sees -1 without a libvirt error.
+    let r = h.cmd("raw-new 0 0 uuid:uuid:11111111-2222-3333-4444-555555555555 name:string:x");
+    assert_eq!(
+        r,
+        "ERR 0 0 host: drvNew returned -1 without raising a libvirt error"
+    );
+    assert!(
+        h.stderr_text().contains(
+            "lockwarden: drvNew error 1: the lockwarden plugin was used before drvInit succeeded"
+        ),
+        "fallback line on fd 2: {:?}",
+        h.stderr_text()
+    );
+    h.err(&format!(
+        "raw-init 1000000 0 {}",
+        esc(bad.to_str().unwrap())
+    ))
+    .expect(67, &[&format!("{}:1: key 'daemon_socket'", bad.display())]);
+    h.ok(&format!(
+        "raw-init 1000000 0 {}",
+        esc(good.to_str().unwrap())
+    ));
+    let a = vm("late");
+    h.err(&format!("acquire {} 1 disk:/img/a", a.head()))
+        .expect(1, &["/nonexistent/good.sock"]);
+}
+
+// ---- bad input at the ABI (no daemon needed: all refused before any round trip) ----------
+
+const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
+
+#[test]
+fn bad_input_is_refused_with_a_libvirt_error() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    // A real image and a real owner: an input that slipped through would reach the daemon
+    // and succeed (or lock the image), which the checks below would notice.
+    let img = image(dir.path(), "a.qcow2");
+    let img_tok = esc(img.to_str().unwrap());
+    let web1 = vm("web1");
+    let pid = h.start(&web1, &[]);
+    let good = format!(
+        "uuid:uuid:{} name:string:web1 id:uint:{} pid:uint:{pid}",
+        web1.uuid, web1.id
+    );
+    let long = format!("/{}", "x".repeat(5000));
+
+    // drvNew
+    for (cmd, code, needles) in [
+        (
+            "raw-new 0 0 name:string:web1 id:uint:1".to_string(),
+            55,
+            vec!["'uuid' is missing"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} id:uint:1"),
+            55,
+            vec!["'name' is missing"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:@null"),
+            55,
+            vec!["'name' is a NULL string"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:"),
+            55,
+            vec!["'name' is empty"],
+        ),
+        (
+            "raw-new 0 0 uuid:uuid:00000000-0000-0000-0000-000000000000 name:string:web1".into(),
+            55,
+            vec!["all bytes are equal"],
+        ),
+        (
+            "raw-new 0 0 uuid:string:x name:string:web1".into(),
+            55,
+            vec!["'uuid' has type STRING, expected UUID"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:uint:3"),
+            55,
+            vec!["'name' has type UINT"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:web1 id:string:one"),
+            55,
+            vec!["VM 'web1'", "'id' has type STRING"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:web1 pid:int:-5"),
+            55,
+            vec!["'pid' is -5"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:web1 pid:99:"),
+            55,
+            vec!["'pid' has type unknown type 99"],
+        ),
+        (
+            format!("raw-new 0 0 uuid:uuid:{UUID} name:string:web1 uri:uint:1"),
+            55,
+            vec!["'uri' has type UINT"],
+        ),
+        (
+            format!("raw-new 0 0 {good} name:string:again"),
+            55,
+            vec!["'name' is given more than once"],
+        ),
+        (
+            format!("raw-new 0 0 {good} @null:uint:1"),
+            55,
+            vec!["parameter #4 has a NULL key"],
+        ),
+        (
+            "raw-new 0 0 @nullparams:5".into(),
+            55,
+            vec!["5 parameter(s) announced but the parameter array is NULL"],
+        ),
+        (
+            format!("raw-new 1 0 {good}"),
+            55,
+            vec!["unknown lock manager object type 1"],
+        ),
+        (
+            format!("raw-new 0 2 {good}"),
+            55,
+            vec!["drvNew: unsupported flags 0x2"],
+        ),
+        (
+            "raw-null-man new".into(),
+            55,
+            vec!["drvNew: the lock manager pointer is NULL"],
+        ),
+    ] {
+        h.err(&cmd).expect(code, &needles);
+    }
+    // Unknown keys (any type) are ignored for forward compatibility; a NULL uri is fine.
+    h.ok(&format!(
+        "raw-new 0 1 {good} uri:cstring:@null future:string:x weird:99: d:double:1.5"
+    ));
+
+    // drvAddResource, on a good manager; every failure leaves it as it was.
+    let bad_adds = [
+        (
+            "raw-add 0 0 @null".to_string(),
+            55,
+            vec!["disk path is a NULL pointer"],
+        ),
+        // %00 ends the C string right away: an empty name.
+        ("raw-add 0 0 %00".to_string(), 67, vec!["the path is empty"]),
+        (
+            "raw-add 0 0 images/vm.qcow2".into(),
+            67,
+            vec!["'images/vm.qcow2'", "VM 'web1'", "relative"],
+        ),
+        (
+            format!("raw-add 0 0 {long}"),
+            67,
+            vec!["5001 bytes long", "PATH_MAX"],
+        ),
+        (
+            format!("raw-add 0 4 {img_tok}"),
+            55,
+            vec!["unsupported flags 0x4 for a disk"],
+        ),
+        (
+            format!("raw-add 2 0 {img_tok}"),
+            55,
+            vec!["unknown resource type 2"],
+        ),
+        (
+            format!("raw-add 0 0 {img_tok} @nullparams:2"),
+            55,
+            vec!["2 parameter(s) announced but the parameter array is NULL"],
+        ),
+        (
+            "raw-add 1 0 key path:uint:1 offset:ulong:0".into(),
+            55,
+            vec!["lease 'key'", "'path' has type UINT"],
+        ),
+        (
+            "raw-add 1 0 key path:string:/l offset:int:0".into(),
+            55,
+            vec!["'offset' has type INT, expected ULONG"],
+        ),
+        (
+            "raw-add 1 0 key path:string:/l offset:ulong:4096".into(),
+            67,
+            vec!["offset 4096 is not supported"],
+        ),
+        (
+            "raw-add 1 0 key offset:ulong:0".into(),
+            67,
+            vec!["lease 'key'", "no target path"],
+        ),
+        (
+            "raw-add 1 0 a/b path:string:/l".into(),
+            67,
+            vec!["plain file name"],
+        ),
+        (
+            "raw-add 1 0 key path:string:/l lockspace:string:..".into(),
+            67,
+            vec!["lockspace '..'"],
+        ),
+        (
+            "raw-add 1 0 @null path:string:/l".into(),
+            55,
+            vec!["lease key is a NULL pointer"],
+        ),
+        (
+            "raw-null-man add".into(),
+            55,
+            vec!["drvAddResource: the lock manager pointer is NULL"],
+        ),
+    ];
+    for (cmd, code, needles) in &bad_adds {
+        h.err(cmd).expect(*code, needles);
+    }
+    // drvAcquire / drvRelease / drvInquire flags and pointers.
+    h.err("raw-acquire 4 0 @null fd")
+        .expect(55, &["drvAcquire for VM 'web1'", "unsupported flags 0x4"]);
+    h.err("raw-acquire 0 5 @null nofd")
+        .expect(55, &["unknown on_lockfailure action 5"]);
+    h.err("raw-release 1 state")
+        .expect(55, &["drvRelease for VM 'web1'", "unsupported flags 0x1"]);
+    h.err("raw-inquire 2 state")
+        .expect(55, &["drvInquire for VM 'web1'", "unsupported flags 0x2"]);
+    h.err("raw-inquire 0 nostate")
+        .expect(55, &["the state pointer is NULL"]);
+    // The failed AddResource calls recorded nothing: Inquire works, and drvFree after them is
+    // fine.
+    h.ok("raw-inquire 0 state");
+    h.ok("raw-free");
+    // No manager context at all (drvNew never called) and NULL managers.
+    h.err("raw-acquire 0 0 @null nofd")
+        .expect(55, &["no lockwarden context"]);
+    h.err("raw-release 0 nostate")
+        .expect(55, &["no lockwarden context"]);
+    h.err(&format!("raw-add 0 0 {img_tok}"))
+        .expect(55, &["no lockwarden context"]);
+    for op in ["acquire", "release", "inquire"] {
+        h.err(&format!("raw-null-man {op}"))
+            .expect(55, &["the lock manager pointer is NULL"]);
+    }
+    h.ok("raw-null-man free");
+    h.ok("raw-free");
+    // The high-level sequences (drvFree after a failed AddResource, as libvirt does).
+    let a = &web1;
+    h.err(&format!(
+        "acquire {} {pid} {} disk:relative.qcow2",
+        a.head(),
+        disk(&img)
+    ))
+    .expect(67, &["'relative.qcow2'", "VM 'web1'"]);
+    h.err(&format!("start {} disk-null", a.head()))
+        .expect(55, &["NULL pointer"]);
+    h.err(&format!("release {} 1 res:9:0:/x", a.head()))
+        .expect(55, &["unknown resource type 9"]);
+    // Nothing of all this locked anything: another owner can take the image ...
+    assert_free(&mut h, &disk(&img));
+    // ... which this test can see: a good sequence on the same manager API does lock it.
+    h.ok(&format!("raw-new 0 0 {good}"));
+    h.ok(&format!("raw-add 0 0 {img_tok}"));
+    h.ok("raw-acquire 0 0 @null nofd");
+    let other = vm("other");
+    let po = h.start(&other, &[]);
+    parse_err(&h.acquire(&other, po, &[disk(&img)]))
+        .expect("the image is held by web1")
+        .expect(87, &["a.qcow2"]);
+    h.ok("raw-release 0 state");
+    h.ok("raw-free");
+    assert_free(&mut h, &disk(&img));
+    h.assert_alive();
+}
+
+#[test]
+fn acquire_failure_closes_the_connection_and_leaves_fd_minus_one() {
+    let dir = tempdir();
+    let conf = dir.path().join("plugin.conf");
+    fs::write(
+        &conf,
+        format!(
+            "daemon_socket = \"{}\"\n",
+            dir.path().join("none.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut h = Host::new(&conf);
+    let before = h.ok("fdcount");
+    h.ok(&format!(
+        "raw-new 0 1 uuid:uuid:{UUID} name:string:web1 id:uint:1 pid:uint:1"
+    ));
+    // The host checks *fd == -1 after the failure (it replies "host: ... left *fd" otherwise).
+    for _ in 0..5 {
+        h.err("raw-acquire 3 0 @null fd").expect(
+            1,
+            &[
+                "cannot register VM 'web1'",
+                "cannot connect to lockwardend at",
+                "none.sock",
+                "systemctl start lockwardend.socket",
+            ],
+        );
+    }
+    h.ok("raw-free");
+    assert_eq!(
+        h.ok("fdcount"),
+        before,
+        "descriptors leaked by failed Acquire calls"
+    );
+}
+
+#[test]
+fn missing_daemon_gives_the_connect_error_naming_the_socket() {
+    let dir = tempdir();
+    let sock = dir.path().join("lockwardend.sock");
+    let conf = dir.path().join("plugin.conf");
+    fs::write(&conf, format!("daemon_socket = \"{}\"\n", sock.display())).unwrap();
+    let mut h = Host::new(&conf);
+    let a = vm("nodaemon");
+    let img = image(dir.path(), "a.img");
+    let want = format!(
+        "cannot connect to lockwardend at {:?}: No such file or directory; start it with \
+         `systemctl start lockwardend.socket`",
+        sock
+    );
+    // Domain start (forked child) and CPU start / hot-plug.
+    h.err(&format!("start {} {}", a.head(), disk(&img)))
+        .expect(1, &["cannot register VM 'nodaemon'", &want]);
+    h.err(&format!("acquire {} 1 {}", a.head(), disk(&img)))
+        .expect(
+            1,
+            &[
+                "cannot acquire the 1 lease(s) of VM 'nodaemon'",
+                "a.img",
+                &want,
+            ],
+        );
+    h.err(&format!("release {} 1 {}", a.head(), disk(&img)))
+        .expect(1, &["cannot release", &want]);
+    // A socket file nobody listens on: connection refused.
+    let l = UnixListener::bind(&sock).unwrap();
+    drop(l);
+    h.err(&format!("acquire {} 1 {}", a.head(), disk(&img)))
+        .expect(
+            1,
+            &["Connection refused", "systemctl start lockwardend.socket"],
+        );
+    // Inquire needs no daemon.
+    h.ok(&format!("inquire {} 1 {}", a.head(), disk(&img)));
+}
+
+// ---- talking to something that is not a good daemon --------------------------------------
+
+/// The raw bytes a fake daemon sends back for a request.
+type Answer = Box<dyn FnOnce(Request) -> Vec<u8> + Send>;
+
+/// A fake daemon: for each answer, accepts one connection, reads one request and sends the
+/// answer's bytes. Returns the requests it saw.
+fn fake_daemon(sock: &Path, answers: Vec<Answer>) -> std::thread::JoinHandle<Vec<Request>> {
+    let l = UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for answer in answers {
+            let (mut s, _) = l.accept().unwrap();
+            let req: Request = protocol::read_message(&mut s).unwrap();
+            seen.push(req.clone());
+            s.write_all(&answer(req)).unwrap();
+        }
+        seen
+    })
+}
+
+#[test]
+fn silent_daemon_times_out_after_request_timeout_ms() {
+    let dir = tempdir();
+    let sock = dir.path().join("silent.sock");
+    let _l = UnixListener::bind(&sock).unwrap(); // accepts into the backlog, never answers
+    let conf = dir.path().join("plugin.conf");
+    fs::write(
+        &conf,
+        format!(
+            "daemon_socket = \"{}\"\nrequest_timeout_ms = 400\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut h = Host::new(&conf);
+    let a = vm("slow");
+    for cmd in [
+        format!("acquire {} 1 disk:/img/a", a.head()),
+        format!("start {} disk:/img/a", a.head()),
+        format!("release {} 1 disk:/img/a", a.head()),
+    ] {
+        let t = Instant::now();
+        h.err(&cmd).expect(
+            1,
+            &[
+                &format!("lockwardend at {:?} did not answer within 400 ms", sock),
+                "VM 'slow'",
+            ],
+        );
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(390) && took < Duration::from_secs(5),
+            "{cmd}: took {took:?}"
+        );
+    }
+}
+
+#[test]
+fn daemon_errors_pass_verbatim_and_version_mismatch_is_clear() {
+    let dir = tempdir();
+    let sock = dir.path().join("fake.sock");
+    let conf = dir.path().join("plugin.conf");
+    fs::write(&conf, format!("daemon_socket = \"{}\"\n", sock.display())).unwrap();
+    let reply = |kind: ErrorKind, msg: &'static str| -> Answer {
+        Box::new(move |_| protocol::encode(&Response::error(kind, msg)).unwrap())
+    };
+    let server = fake_daemon(
+        &sock,
+        vec![
+            reply(ErrorKind::Busy, "disk '/img/a' is held by VM 'other'"),
+            reply(ErrorKind::Denied, "restricted connection"),
+            reply(ErrorKind::Invalid, "'/img/a' is a directory"),
+            reply(ErrorKind::Timeout, "storage of '/img/a' hung"),
+            Box::new(|_| {
+                let mut f = protocol::encode(&Response::Ok { leases: vec![] }).unwrap();
+                f[4..6].copy_from_slice(&99u16.to_be_bytes());
+                f
+            }),
+            Box::new(|_| b"HTTP/1.0 400 Bad Request\r\n\r\n".to_vec()),
+            Box::new(|_| Vec::new()), // closes without an answer
+            Box::new(|_| {
+                protocol::encode(&Response::Status(protocol::StatusInfo {
+                    version: "x".into(),
+                    protocol: 1,
+                    pid: 1,
+                    owners: 0,
+                    leases: 0,
+                    clients: 0,
+                    started: 0,
+                }))
+                .unwrap()
+            }),
+            Box::new(|_| protocol::encode(&Response::Ok { leases: vec![] }).unwrap()),
+        ],
+    );
+    let mut h = Host::new(&conf);
+    let a = vm("verbatim");
+    let acq = format!("acquire-action pause {} 77 disk-shared:/img/a", a.head());
+    h.err(&acq)
+        .expect(87, &["disk '/img/a' is held by VM 'other'"]);
+    assert_eq!(h.err(&acq).msg, "restricted connection");
+    h.err(&acq).expect(55, &["'/img/a' is a directory"]);
+    h.err(&acq).expect(1, &["storage of '/img/a' hung"]);
+    h.err(&acq).expect(
+        1,
+        &[
+            "speaks lockwarden protocol version 99",
+            "this plugin speaks version 1",
+        ],
+    );
+    h.err(&acq).expect(1, &["is not a lockwardend socket"]);
+    h.err(&acq)
+        .expect(1, &["closed the connection without answering"]);
+    h.err(&acq)
+        .expect(1, &["an answer that does not fit the request"]);
+    h.ok(&acq);
+    let seen = server.join().unwrap();
+    // One request per call, carrying what libvirt passed.
+    assert_eq!(seen.len(), 9);
+    match &seen[8] {
+        Request::Acquire {
+            owner,
+            leases,
+            action,
+            restrict,
+        } => {
+            assert_eq!(owner.name, "verbatim");
+            assert_eq!(owner.uuid, a.uuid);
+            assert_eq!(owner.id, a.id);
+            assert_eq!(owner.pid, 77);
+            assert_eq!(*action, protocol::FailureAction::Pause);
+            assert!(!restrict);
+            assert_eq!(leases.len(), 1);
+            assert_eq!(leases[0].name, "/img/a");
+            assert_eq!(leases[0].mode, protocol::LeaseMode::Shared);
+        }
+        other => panic!("expected Acquire, got {other:?}"),
+    }
+}
+
+#[test]
+fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
+    let dir = tempdir();
+    let sock = dir.path().join("fake.sock");
+    let conf = dir.path().join("plugin.conf");
+    fs::write(&conf, format!("daemon_socket = \"{}\"\n", sock.display())).unwrap();
+    let (tx, rx) = channel();
+    let l = UnixListener::bind(&sock).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let cred =
+            nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).unwrap();
+        let req: Request = protocol::read_message(&mut s).unwrap();
+        protocol::write_message(&mut s, &Response::Ok { leases: vec![] }).unwrap();
+        tx.send((req, cred.pid())).unwrap();
+        // The handle stays open as long as the "QEMU" lives: EOF only after it is killed.
+        let mut buf = [0u8; 1];
+        std::io::Read::read(&mut s, &mut buf).unwrap_or(0)
+    });
+    let mut h = Host::new(&conf);
+    let a = vm("handle");
+    let pid = h.start(&a, &["disk:/img/a".into(), "disk-ro:/img/b".into()]);
+    let (req, peer_pid) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    match req {
+        Request::Register { owner, restrict } => {
+            assert!(restrict);
+            assert_eq!(owner.pid, pid as u32, "owner pid is the child's getpid()");
+            assert_eq!(owner.name, "handle");
+        }
+        other => panic!("start must only register: {other:?}"),
+    }
+    assert_eq!(peer_pid, pid, "the child itself connected");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !server.is_finished(),
+        "lifetime handle closed while the child lives"
+    );
+    assert_eq!(h.ok(&format!("alive {pid}")), "1");
+    h.ok(&format!("kill {pid} KILL"));
+    assert_eq!(h.ok(&format!("wait {pid}")), "9");
+    assert_eq!(server.join().unwrap(), 0, "EOF once the child is gone");
+}
+
+// ---- panics -------------------------------------------------------------------------------
+
+#[test]
+fn a_panic_in_any_entry_point_becomes_an_error() {
+    let dir = tempdir();
+    let conf = dir.path().join("plugin.conf");
+    fs::write(
+        &conf,
+        format!(
+            "daemon_socket = \"{}\"\n",
+            dir.path().join("none.sock").display()
+        ),
+    )
+    .unwrap();
+    let a = vm("panicky");
+    let head = a.head();
+    for (point, func, cmd) in [
+        ("new", "drvNew", format!("acquire {head} 1 disk:/img/a")),
+        (
+            "add_resource",
+            "drvAddResource",
+            format!("acquire {head} 1 disk:/img/a"),
+        ),
+        (
+            "acquire",
+            "drvAcquire",
+            format!("acquire {head} 1 disk:/img/a"),
+        ),
+        ("acquire", "drvAcquire", format!("start {head} disk:/img/a")),
+        (
+            "release",
+            "drvRelease",
+            format!("release {head} 1 disk:/img/a"),
+        ),
+        (
+            "inquire",
+            "drvInquire",
+            format!("inquire {head} 1 disk:/img/a"),
+        ),
+        ("free", "drvFree", format!("inquire {head} 1 disk:/img/a")),
+        ("deinit", "drvDeinit", "deinit".to_string()),
+    ] {
+        let mut h = Host::spawn(conf.as_os_str(), &[("LOCKWARDEN_TEST_PANIC", point)], false);
+        assert_eq!(h.ready, "READY", "{point}: {}", h.stderr_text());
+        let r = h.cmd(&cmd);
+        if point == "deinit" {
+            // drvDeinit's return value is the error signal; the host prints the raised error.
+            parse_err(&r)
+                .unwrap_or_else(|| panic!("deinit should report the panic: {r}"))
+                .expect(1, &["panic", func]);
+        } else {
+            parse_err(&r)
+                .unwrap_or_else(|| panic!("{point}: `{cmd}` should fail: {r}"))
+                .expect(
+                    1,
+                    &[
+                        &format!("internal error in lockwarden {func}: panic: deliberate panic"),
+                        "bug in lockwarden",
+                    ],
+                );
+        }
+        h.assert_alive();
+        assert!(
+            h.stderr_text()
+                .contains("lockwarden: internal error: panic at"),
+            "the panic hook writes one line to fd 2: {}",
+            h.stderr_text()
+        );
+    }
+    // In drvInit itself: the host prints the error and exits normally (no abort).
+    let mut h = Host::spawn(
+        conf.as_os_str(),
+        &[("LOCKWARDEN_TEST_PANIC", "init")],
+        false,
+    );
+    parse_err(&h.ready)
+        .unwrap_or_else(|| panic!("init panic: {}", h.ready))
+        .expect(1, &["drvInit: panic"]);
+    assert_eq!(h.child.wait().unwrap().code(), Some(1));
+    // A misspelt hook name is refused, not ignored.
+    let mut h = Host::spawn(
+        conf.as_os_str(),
+        &[("LOCKWARDEN_TEST_PANIC", "acquier")],
+        false,
+    );
+    parse_err(&h.ready)
+        .unwrap_or_else(|| panic!("bad hook name: {}", h.ready))
+        .expect(55, &["names no entry point"]);
+    assert_eq!(h.child.wait().unwrap().code(), Some(1));
+}
+
+// ---- with a real daemon -------------------------------------------------------------------
+
+#[test]
+fn a_vm_without_disks_acquires_and_releases() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let a = vm("diskless");
+    let pid = h.start(&a, &[]);
+    assert_eq!(h.acquire(&a, pid, &[]), "OK", "log:\n{}", d.log_text());
+    assert_eq!(h.release(&a, pid, &[]), "OK");
+    assert_eq!(h.ok(&format!("inquire {} {pid}", a.head())), "");
+    assert_eq!(h.ok(&format!("release-nostate {} {pid}", a.head())), "");
+}
+
+#[test]
+fn release_twice_and_acquire_twice_are_fine() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let img = image(dir.path(), "a.img");
+    let a = vm("twice");
+    let pid = h.start(&a, &[disk(&img)]);
+    assert_eq!(
+        h.acquire(&a, pid, &[disk(&img)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        h.acquire(&a, pid, &[disk(&img)]),
+        "OK",
+        "acquire again (resume after hot-plug)"
+    );
+    assert_eq!(h.release(&a, pid, &[disk(&img)]), "OK");
+    assert_eq!(
+        h.release(&a, pid, &[disk(&img)]),
+        "OK",
+        "second release is a no-op"
+    );
+    assert_free(&mut h, &disk(&img));
+}
+
+#[test]
+fn bad_resources_refused_by_the_daemon_change_nothing() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let conf = d.plugin_conf(dir.path(), "request_timeout_ms = 20000\n");
+    let mut h = Host::new(&conf);
+    let good = image(dir.path(), "good.img");
+    let fifo = dir.path().join("a fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let subdir = dir.path().join("a dir");
+    fs::create_dir(&subdir).unwrap();
+    let missing = dir.path().join("missing.img");
+    let a = vm("badres");
+    let pid = h.start(&a, &[]);
+    for bad in [&fifo, &subdir, &missing, Path::new("/dev/null")] {
+        let t = Instant::now();
+        let r = h.acquire(&a, pid, &[disk(&good), disk(bad)]);
+        let took = t.elapsed();
+        let e = parse_err(&r).unwrap_or_else(|| panic!("{bad:?} must be refused: {r}"));
+        assert_eq!(e.domain, 42, "{e:?}");
+        assert_ne!(e.code, 0, "{e:?}");
+        assert!(
+            !e.msg.contains("did not answer"),
+            "{bad:?} blocked the daemon: {e:?}"
+        );
+        let file_name = bad.file_name().unwrap().to_str().unwrap();
+        assert!(e.msg.contains(file_name), "{file_name} not named in {e:?}");
+        assert!(took < Duration::from_secs(5), "{bad:?} took {took:?}");
+        // All or nothing: the good disk of the same request is not held.
+        assert_free(&mut h, &disk(&good));
+    }
+    // Errors that never reach the daemon change nothing either.
+    let long = format!("disk:/{}", "y".repeat(4200));
+    for (res, code) in [
+        ("disk-null".to_string(), 55),
+        ("disk:".to_string(), 67),
+        ("disk:relative.img".to_string(), 67),
+        (long, 67),
+        ("res:5:0:/x".to_string(), 55),
+        ("res:0:16:/x".to_string(), 55),
+        ("lease:k:/l:512".to_string(), 67),
+    ] {
+        let e = parse_err(&h.acquire(&a, pid, &[disk(&good), res.clone()]))
+            .unwrap_or_else(|| panic!("{res} must be refused"));
+        assert_eq!((e.code, e.domain), (code, 42), "{res}: {e:?}");
+        assert_free(&mut h, &disk(&good));
+    }
+    // And the owner itself is still fine.
+    assert_eq!(h.acquire(&a, pid, &[disk(&good)]), "OK");
+}
+
+#[test]
+fn paths_with_spaces_and_newlines_work() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let img = image(dir.path(), "my disk\nimage %1:x.img");
+    let a = vm("spaces");
+    let b = vm("other vm");
+    let pa = h.start(&a, &[disk(&img)]);
+    let pb = h.start(&b, &[disk(&img)]);
+    assert_eq!(
+        h.acquire(&a, pa, &[disk(&img)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    let e = parse_err(&h.acquire(&b, pb, &[disk(&img)])).expect("second owner refused");
+    e.expect(87, &["my disk"]);
+    assert_eq!(h.release(&a, pa, &[disk(&img)]), "OK");
+    assert_eq!(h.acquire(&b, pb, &[disk(&img)]), "OK");
+    // No log line of the daemon contains the raw newline of the path.
+    assert!(
+        !d.log_text().contains("my disk\nimage"),
+        "raw newline in the daemon log"
+    );
+}
+
+#[test]
+fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d1 = image(dir.path(), "d1.img");
+    let d2 = image(dir.path(), "d2.img");
+    let d3 = image(dir.path(), "d3.img");
+    let a = vm("hotplug");
+    let pid = h.start(&a, &[disk(&d1), disk(&d2)]);
+    assert_eq!(
+        h.acquire(&a, pid, &[disk(&d1), disk(&d2)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    // virDomainLockImageAttach: a fresh manager with only the new disk.
+    assert_eq!(h.acquire(&a, pid, &[disk(&d3)]), "OK");
+    let b = vm("intruder");
+    let pb = h.start(&b, &[]);
+    for img in [&d1, &d2, &d3] {
+        parse_err(&h.acquire(&b, pb, &[disk(img)]))
+            .unwrap_or_else(|| panic!("{img:?} must be held by hotplug"))
+            .expect(87, &[img.file_name().unwrap().to_str().unwrap()]);
+    }
+    // Unplug (virDomainLockImageDetach: Release with a NULL state pointer) frees only d3.
+    assert_eq!(
+        h.ok(&format!("release-nostate {} {pid} {}", a.head(), disk(&d3))),
+        ""
+    );
+    assert_eq!(h.acquire(&b, pb, &[disk(&d3)]), "OK");
+    parse_err(&h.acquire(&b, pb, &[disk(&d1)]))
+        .expect("d1 still held")
+        .expect(87, &["d1.img"]);
+}
+
+#[test]
+fn lifetime_handle_from_start_releases_on_exit() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let img = image(dir.path(), "life.img");
+    let a = vm("life");
+    let pid = h.start(&a, &[disk(&img)]);
+    assert_eq!(
+        h.acquire(&a, pid, &[disk(&img)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    let b = vm("waiting");
+    let pb = h.start(&b, &[]);
+    parse_err(&h.acquire(&b, pb, &[disk(&img)]))
+        .expect("held while the owner lives")
+        .expect(87, &["life.img"]);
+    h.ok(&format!("kill {pid} KILL"));
+    h.ok(&format!("wait {pid}"));
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if h.acquire(&b, pb, &[disk(&img)]) == "OK" {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "lease not freed 10 s after the owner died; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn raw_acquire_with_fd_returns_an_inheritable_handle() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let before = h.ok("fdcount");
+    let a = vm("rawfd");
+    let pid = h.start(&a, &[]);
+    let r = h.ok(&format!(
+        "raw-new 0 0 uuid:uuid:{} name:string:rawfd id:uint:{} pid:uint:{pid}",
+        a.uuid, a.id
+    ));
+    assert_eq!(r, "");
+    let r = h.ok("raw-acquire 0 0 @null fd");
+    let fd: i32 = r
+        .strip_prefix("fd=")
+        .and_then(|s| s.strip_suffix(" cloexec=0"))
+        .unwrap_or_else(|| panic!("expected `fd=N cloexec=0`, got {r}"))
+        .parse()
+        .unwrap();
+    assert!(fd > 2);
+    h.ok(&format!("close {fd}"));
+    h.ok("raw-free");
+    assert_eq!(h.ok("fdcount"), before);
+}
+
+#[test]
+fn leases_and_lockspace_directories() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let lockspace = dir.path().join("lockspace");
+    let conf = d.plugin_conf(
+        dir.path(),
+        &format!("file_lockspace_dir = \"{}\"\n", lockspace.display()),
+    );
+    let mut h = Host::new(&conf);
+    let leases = dir.path().join("leases");
+    fs::create_dir_all(leases.join("ls1")).unwrap();
+    let img = image(dir.path(), "ls.img");
+    let a = vm("leaser");
+    let pa = h.start(&a, &[]);
+    let lease = format!("lease:key1:{}:0:ls1", esc(leases.to_str().unwrap()));
+    let plain = format!("lease:key2:{}:0", esc(leases.to_str().unwrap()));
+    assert_eq!(
+        h.acquire(&a, pa, &[lease.clone(), plain.clone(), disk(&img)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    assert!(
+        leases.join("ls1/key1").exists(),
+        "lease file <path>/<lockspace>/<key>"
+    );
+    assert!(leases.join("key2").exists(), "lease file <path>/<key>");
+    let sha = lockwarden::plugin::resources::sha256_hex(img.to_str().unwrap());
+    assert!(
+        lockspace.join(&sha).exists(),
+        "lock file named by the SHA-256 of the path in file_lockspace_dir"
+    );
+    let b = vm("leaser2");
+    let pb = h.start(&b, &[]);
+    for res in [&lease, &plain, &disk(&img)] {
+        let e = parse_err(&h.acquire(&b, pb, std::slice::from_ref(res)))
+            .unwrap_or_else(|| panic!("{res} must be held"));
+        assert_eq!((e.code, e.domain), (87, 42), "{res}: {e:?}");
+    }
+    // A lease whose directory does not exist: a clear error naming it.
+    let nodir = dir.path().join("no such dir");
+    let e = parse_err(&h.acquire(
+        &b,
+        pb,
+        &[format!("lease:k:{}:0", esc(nodir.to_str().unwrap()))],
+    ))
+    .expect("missing lease directory refused");
+    assert_eq!(e.domain, 42);
+    assert!(e.msg.contains("no such dir"), "{e:?}");
+}
+
+#[test]
+fn require_lease_for_disks_without_auto_leases() {
+    let dir = tempdir();
+    let d = Daemon::start(dir.path(), "d");
+    let conf = d.plugin_conf(dir.path(), "auto_disk_leases = 0\n");
+    let mut h = Host::new(&conf);
+    let img = image(dir.path(), "rw.img");
+    let a = vm("strict");
+    // Start only registers.
+    let pid = h.start(&a, &[disk(&img)]);
+    h.err(&format!("acquire {} {pid} {}", a.head(), disk(&img)))
+        .expect(
+            67,
+            &[
+                "Read/write, exclusive access, disks were present, but no leases specified",
+                "VM 'strict'",
+                "require_lease_for_disks",
+            ],
+        );
+    // Read-only and shared disks do not count; with no r/w disk the acquire goes through.
+    assert_eq!(
+        h.acquire(
+            &a,
+            pid,
+            &["disk-ro:/img/cd.iso".into(), "disk-shared:/img/s".into()]
+        ),
+        "OK"
+    );
+    // A lease satisfies the requirement; the disk itself is not locked.
+    fs::create_dir_all(dir.path().join("leases")).unwrap();
+    let lease = format!(
+        "lease:vmkey:{}:0",
+        esc(dir.path().join("leases").to_str().unwrap())
+    );
+    assert_eq!(
+        h.acquire(&a, pid, &[lease, disk(&img)]),
+        "OK",
+        "log:\n{}",
+        d.log_text()
+    );
+    // The disk itself was not locked: a host with automatic disk leases can take it.
+    let mut auto = Host::new(&d.plugin_conf(dir.path(), ""));
+    assert_free(&mut auto, &disk(&img));
+}
