@@ -22,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod abi;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod paths;

@@ -1,0 +1,258 @@
+//! The admin CLI `lockwarden`: who holds what, here and across the shared lockspace.
+//!
+//! Thin `main` (src/bin/lockwarden.rs) calls [`run`]; each subcommand is a module. Exit codes
+//! are part of the interface (documented in lockwarden(1)):
+//! 0 success, 1 a check failed or the disk is held by someone else, 2 usage error,
+//! 3 the daemon cannot be reached or answered with an error.
+
+mod doctor;
+mod table;
+
+use crate::protocol::{self, LeaseInfo, Request, Response, StatusInfo};
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Exit code: all good.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a check failed / something is held.
+pub const EXIT_PROBLEM: u8 = 1;
+/// Exit code: bad command line.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: daemon unreachable or failing.
+pub const EXIT_DAEMON: u8 = 3;
+
+const USAGE: &str = "\
+usage: lockwarden [--admin-socket PATH] [--timeout-ms N] COMMAND [--json]
+
+commands:
+  status            is lockwardend up; version, owners, leases, clients
+  list              every lease this host's lockwardend holds
+  doctor            checks that catch real outages (daemon, libvirt config, lockspaces, NFS)
+  version           print the version of this tool
+
+options:
+  --admin-socket PATH   lockwardend's admin socket (default /run/lockwarden/lockwardend-admin.sock
+                        for root, $XDG_RUNTIME_DIR/lockwarden/lockwardend-admin.sock otherwise)
+  --config PATH         the plugin config doctor checks (default /etc/libvirt/qemu-lockwarden.conf)
+  --qemu-conf PATH      libvirt's qemu.conf doctor checks (default /etc/libvirt/qemu.conf)
+  --timeout-ms N        how long to wait for the daemon (default 5000)
+  --json                machine-readable output (stable field names)
+";
+
+/// Parsed command line.
+#[derive(Debug)]
+struct Cli {
+    admin_socket: PathBuf,
+    plugin_conf: PathBuf,
+    qemu_conf: PathBuf,
+    timeout: Duration,
+    json: bool,
+    command: String,
+}
+
+fn parse(args: &[String]) -> Result<Option<Cli>, String> {
+    let mut cli = Cli {
+        admin_socket: crate::paths::default_admin_socket(),
+        plugin_conf: PathBuf::from("/etc/libvirt/qemu-lockwarden.conf"),
+        qemu_conf: PathBuf::from("/etc/libvirt/qemu.conf"),
+        timeout: Duration::from_millis(5000),
+        json: false,
+        command: String::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match arg.as_str() {
+            "-h" | "--help" | "help" => return Ok(None),
+            "--json" => cli.json = true,
+            "--admin-socket" => cli.admin_socket = PathBuf::from(value(arg)?),
+            "--config" => cli.plugin_conf = PathBuf::from(value(arg)?),
+            "--qemu-conf" => cli.qemu_conf = PathBuf::from(value(arg)?),
+            "--timeout-ms" => {
+                let v = value(arg)?;
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|_| format!("--timeout-ms: '{v}' is not a number of milliseconds"))?;
+                cli.timeout = Duration::from_millis(ms.max(1));
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option '{s}'")),
+            s if cli.command.is_empty() => cli.command = s.to_string(),
+            s => return Err(format!("unexpected argument '{s}'")),
+        }
+    }
+    if cli.command.is_empty() {
+        return Err("no command given".into());
+    }
+    Ok(Some(cli))
+}
+
+/// Run the CLI with `args` (without the program name); returns the exit code.
+pub fn run(args: &[String]) -> u8 {
+    let cli = match parse(args) {
+        Ok(Some(cli)) => cli,
+        Ok(None) => {
+            print!("{USAGE}");
+            return EXIT_OK;
+        }
+        Err(e) => {
+            eprintln!("lockwarden: {e}\n\n{USAGE}");
+            return EXIT_USAGE;
+        }
+    };
+    match cli.command.as_str() {
+        "status" => status(&cli),
+        "list" => list(&cli),
+        "doctor" => doctor::run(&cli),
+        "version" => {
+            println!("lockwarden {}", env!("CARGO_PKG_VERSION"));
+            EXIT_OK
+        }
+        other => {
+            eprintln!("lockwarden: unknown command '{other}'\n\n{USAGE}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// One request/response round trip on the admin socket.
+fn ask(cli: &Cli, req: &Request) -> Result<Response, String> {
+    let sock = cli.admin_socket.display();
+    let mut stream = UnixStream::connect(&cli.admin_socket).map_err(|e| {
+        format!(
+            "cannot connect to lockwardend's admin socket {sock}: {e}; is lockwardend running \
+             (systemctl status lockwardend) and are you root?"
+        )
+    })?;
+    let _ = stream.set_read_timeout(Some(cli.timeout));
+    let _ = stream.set_write_timeout(Some(cli.timeout));
+    protocol::write_message(&mut stream, req)
+        .map_err(|e| format!("sending to lockwardend at {sock}: {e}"))?;
+    protocol::read_message(&mut stream).map_err(|e| match e {
+        protocol::FrameError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "lockwardend at {sock} did not answer within {} ms",
+                cli.timeout.as_millis()
+            )
+        }
+        other => format!("reading from lockwardend at {sock}: {other}"),
+    })
+}
+
+fn fetch_status(cli: &Cli) -> Result<StatusInfo, String> {
+    match ask(cli, &Request::Status)? {
+        Response::Status(s) => Ok(s),
+        Response::Error(e) => Err(e.message),
+        other => Err(format!("unexpected answer to status: {other:?}")),
+    }
+}
+
+fn fetch_leases(cli: &Cli) -> Result<Vec<LeaseInfo>, String> {
+    match ask(cli, &Request::List)? {
+        Response::Ok { leases } => Ok(leases),
+        Response::Error(e) => Err(e.message),
+        other => Err(format!("unexpected answer to list: {other:?}")),
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, value);
+    let _ = writeln!(out);
+}
+
+fn status(cli: &Cli) -> u8 {
+    match fetch_status(cli) {
+        Ok(s) => {
+            if cli.json {
+                print_json(&serde_json::json!({ "running": true, "status": s }));
+            } else {
+                let rows = vec![
+                    vec!["daemon".into(), "running".into()],
+                    vec!["version".into(), s.version.clone()],
+                    vec!["protocol".into(), s.protocol.to_string()],
+                    vec!["pid".into(), s.pid.to_string()],
+                    vec!["started".into(), table::utc(s.started)],
+                    vec!["owners".into(), s.owners.to_string()],
+                    vec!["leases".into(), s.leases.to_string()],
+                    vec!["clients".into(), s.clients.to_string()],
+                ];
+                print!("{}", table::render(&[], &rows));
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            if cli.json {
+                print_json(&serde_json::json!({ "running": false, "error": e }));
+            } else {
+                eprintln!("lockwarden: {e}");
+            }
+            EXIT_DAEMON
+        }
+    }
+}
+
+fn list(cli: &Cli) -> u8 {
+    match fetch_leases(cli) {
+        Ok(leases) => {
+            if cli.json {
+                print_json(&serde_json::json!({ "leases": leases }));
+            } else {
+                let rows: Vec<Vec<String>> = leases.iter().flat_map(table::lease_rows).collect();
+                print!(
+                    "{}",
+                    table::render(&["DISK", "MODE", "VM", "UUID", "PID", "SINCE"], &rows)
+                );
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("lockwarden: {e}");
+            EXIT_DAEMON
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn parses_options_anywhere() {
+        let cli = parse(&args("list --json --admin-socket /tmp/a.sock"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cli.command, "list");
+        assert!(cli.json);
+        assert_eq!(cli.admin_socket, PathBuf::from("/tmp/a.sock"));
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert!(parse(&args("")).is_err());
+        assert!(parse(&args("list --bogus")).is_err());
+        assert!(parse(&args("list extra")).is_err());
+        assert!(parse(&args("list --timeout-ms soon")).is_err());
+        assert!(parse(&args("--help")).unwrap().is_none());
+    }
+
+    #[test]
+    fn unreachable_daemon_is_exit_3() {
+        let code = run(&args("status --admin-socket /nonexistent/lw.sock"));
+        assert_eq!(code, EXIT_DAEMON);
+    }
+}

@@ -1,0 +1,105 @@
+//! Aligned text tables and UTC timestamps for the CLI's human output.
+
+use crate::protocol::{LeaseInfo, LeaseMode};
+
+/// Render rows under an optional header, columns padded to the widest cell.
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(cell.chars().count()),
+                None => widths.push(cell.chars().count()),
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut parts = Vec::new();
+        for (i, cell) in cells.enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            parts.push(format!("{cell:<w$}"));
+        }
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
+    };
+    if !header.is_empty() {
+        line(&mut header.iter().copied());
+    }
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// One table row per owner of a lease.
+pub fn lease_rows(lease: &LeaseInfo) -> Vec<Vec<String>> {
+    let mode = match lease.mode {
+        LeaseMode::Exclusive => "exclusive",
+        LeaseMode::Shared => "shared",
+    };
+    let disk = lease.name.escape_debug().to_string();
+    if lease.owners.is_empty() {
+        return vec![vec![
+            disk,
+            mode.into(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            utc(lease.since),
+        ]];
+    }
+    lease
+        .owners
+        .iter()
+        .map(|o| {
+            vec![
+                disk.clone(),
+                mode.into(),
+                o.name.escape_debug().to_string(),
+                o.uuid.clone(),
+                o.pid.to_string(),
+                utc(lease.since),
+            ]
+        })
+        .collect()
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, no time crate).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_known_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(1_795_687_445), "2026-11-26 10:04:05 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn columns_align() {
+        let t = render(&["A", "LONGER"], &[vec!["xyz".into(), "1".into()]]);
+        assert_eq!(t, "A    LONGER\nxyz  1\n");
+    }
+}
