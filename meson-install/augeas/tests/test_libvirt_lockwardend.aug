@@ -1,0 +1,32 @@
+(* Tests for the Libvirt_lockwardend lens (lockwardend.conf) *)
+module Test_libvirt_lockwardend =
+
+   let conf = "# lockwardend settings
+socket = \"/run/lockwarden/lockwardend.sock\"
+admin_socket = \"/run/lockwarden/lockwardend-admin.sock\"
+pid_file = \"/run/lockwarden/lockwardend.pid\"
+
+max_clients = 4096
+  kill_grace_ms=3000
+log_level = \"debug\"   # while investigating
+"
+
+   test Libvirt_lockwardend.lns get conf =
+      { "#comment" = "lockwardend settings" }
+      { "socket" = "/run/lockwarden/lockwardend.sock" }
+      { "admin_socket" = "/run/lockwarden/lockwardend-admin.sock" }
+      { "pid_file" = "/run/lockwarden/lockwardend.pid" }
+      { }
+      { "max_clients" = "4096" }
+      { "kill_grace_ms" = "3000" }
+      { "log_level" = "debug"
+        { "#comment" = "while investigating" } }
+
+   test Libvirt_lockwardend.lns put "max_clients = 4096\n" after
+      set "max_clients" "8192";
+      set "log_level" "warn"
+   = "max_clients = 8192\nlog_level = \"warn\"\n"
+
+   test Libvirt_lockwardend.lns get "log_level = \"verbose\"\n" = *
+   test Libvirt_lockwardend.lns get "max_clients = \"many\"\n" = *
+   test Libvirt_lockwardend.lns get "auto_disk_leases = 1\n" = *
