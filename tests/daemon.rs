@@ -1234,12 +1234,28 @@ fn sigterm_exits_zero_and_removes_its_sockets() {
     );
     assert_eq!(mode_of(&d.socket), 0o600);
     assert_eq!(mode_of(&d.admin), 0o600);
+    let keeper_sock = d.socket.with_file_name("lockwardend-keeper.sock");
+    assert_eq!(mode_of(&keeper_sock), 0o600);
     let st = d.sigterm();
     assert_eq!(st.code(), Some(0), "{st}\n{}", d.log());
     assert!(!d.socket.exists() && !d.admin.exists(), "sockets removed");
     assert!(!d.pid_file.exists(), "pid file removed");
     assert!(d.log().contains("SIGTERM"));
-    assert_eq!(byte0(&img), libc::F_UNLCK, "the kernel dropped the lock");
+    // The VM still runs: its lease stays held (by the keeper) after the daemon stopped...
+    assert!(d.log().contains("keeps holding 1 lease(s)"), "{}", d.log());
+    assert_eq!(
+        byte0(&img),
+        libc::F_WRLCK,
+        "a stop must not unprotect a running VM"
+    );
+    // ...until the VM exits; then the keeper lets go and exits too.
+    drop(a);
+    eventually("the keeper drops the dead VM's lock", || {
+        byte0(&img) == libc::F_UNLCK
+    });
+    eventually("the keeper exits and removes its socket", || {
+        !keeper_sock.exists()
+    });
 }
 
 #[test]
@@ -1248,14 +1264,32 @@ fn sighup_and_sigusr1_keep_it_running_with_its_locks() {
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "u.img");
     let a = vm("upgrade");
-    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    let mut c = d.client();
+    ok(c.call(&Request::Acquire {
+        owner: a.owner.clone(),
+        leases: vec![excl(&img)],
+        action: FailureAction::Default,
+        restrict: false,
+    }));
     signal(d.proc.pid(), libc::SIGHUP);
-    signal(d.proc.pid(), libc::SIGUSR1);
-    eventually("both signals are logged", || {
-        d.log().matches("re-exec is not implemented").count() == 2
+    eventually("the first re-exec completes", || {
+        d.log().contains("live re-exec #1 complete")
     });
+    signal(d.proc.pid(), libc::SIGUSR1);
+    eventually("the second re-exec completes", || {
+        d.log().contains("live re-exec #2 complete")
+    });
+    assert_eq!(d.status().pid, d.proc.pid(), "same process");
     assert_eq!(d.list().len(), 1);
     assert_eq!(byte0(&img), libc::F_WRLCK);
+    // The connection opened before both re-execs still works.
+    assert_eq!(
+        ok(c.call(&Request::Inquire {
+            owner: a.owner.clone()
+        }))
+        .len(),
+        1
+    );
 }
 
 #[test]

@@ -19,7 +19,7 @@ use super::text::{esc, mode_word, now_secs, subject, utc, what};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
 };
-use log::{debug, info};
+use log::{debug, error, info};
 use nix::errno::Errno;
 use nix::sys::statfs::{NFS_SUPER_MAGIC, fstatfs};
 use std::collections::BTreeMap;
@@ -91,6 +91,32 @@ pub fn acquire(
             state.owners.prune(owner.pid);
             return Err(e);
         }
+    }
+    // Only once the keeper holds the new leases may the client hear they are taken: a crash
+    // before this point drops them with our descriptors, and nobody was told they were held.
+    let keys: Vec<LeaseKey> = undo
+        .iter()
+        .map(|u| match u {
+            Undo::Joined(k) | Undo::Created { key: k, .. } => *k,
+        })
+        .collect();
+    if let Err(e) = state.protect(&keys) {
+        error!(
+            "cannot hand the leases of VM {:?} (pid {}) to the keeper: {e}",
+            owner.name, owner.pid
+        );
+        rollback(state, owner.pid, undo);
+        state.owners.prune(owner.pid);
+        return Err(Box::new(ErrorReply {
+            kind: ErrorKind::Internal,
+            message: format!(
+                "lockwardend cannot protect the leases of VM '{}' against its own crash ({});                  nothing was locked; check lockwardend's log (descriptor limit? /run full?) and                  retry",
+                esc(&owner.name),
+                esc(&e)
+            ),
+            resource: None,
+            holder: None,
+        }));
     }
     Ok(())
 }

@@ -62,6 +62,28 @@ impl Conn {
         }
     }
 
+    /// A connection carried over a live re-exec, with the bytes it had not yet processed and
+    /// not yet sent.
+    pub fn restored(
+        stream: UnixStream,
+        session: Session,
+        rbuf: Vec<u8>,
+        wbuf: Vec<u8>,
+        closing: bool,
+    ) -> Conn {
+        Conn {
+            rbuf,
+            wbuf,
+            closing,
+            ..Conn::new(stream, session)
+        }
+    }
+
+    /// Unprocessed input and unsent output, for a live re-exec.
+    pub fn pending(&self) -> (&[u8], &[u8]) {
+        (&self.rbuf, self.wbuf.get(self.wpos..).unwrap_or_default())
+    }
+
     /// Read what the socket has, into `scratch` and then the read buffer. Stops early once a
     /// maximal frame is buffered, so a flood cannot make us buffer more than one frame.
     pub fn fill(&mut self, scratch: &mut [u8]) -> io::Result<Fill> {

@@ -22,7 +22,8 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// How long to watch for the exit after SIGKILL before reporting failure.
 const AFTER_KILL: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Phase {
     Settle,
     Termed,

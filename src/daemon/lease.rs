@@ -83,7 +83,7 @@ pub enum Disposal {
 
 /// Drop a lease whose last owner left: delete its lock file when `delete` (only under an
 /// exclusive lock and only if the name still points at our inode, as virtlockd does), then
-/// close the descriptor, which drops the lock.
+/// unlock and close the descriptor.
 pub fn dispose(key: LeaseKey, lease: Lease, delete: bool) -> Disposal {
     let mut outcome = Disposal::Closed;
     if let (true, Some(dir)) = (delete, &lease.dir) {
@@ -95,6 +95,9 @@ pub fn dispose(key: LeaseKey, lease: Lease, delete: bool) -> Disposal {
             outcome = Disposal::Deleted;
         }
     }
+    // Unlock explicitly: closing our descriptor alone would not drop the lock if the keeper
+    // still held a duplicate of this open file description.
+    let _ = lock::unlock(lease.fd.as_fd());
     drop(lease);
     outcome
 }

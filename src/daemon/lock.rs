@@ -41,6 +41,12 @@ pub fn try_lock(fd: BorrowedFd<'_>, mode: LeaseMode) -> Result<(), Errno> {
     fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(lock_type(mode), 0, 1))).map(drop)
 }
 
+/// Drop our lock on byte 0. Needed before closing a lease's descriptor: the keeper may still
+/// hold a duplicate of the same open file description, which would keep the lock alive.
+pub fn unlock(fd: BorrowedFd<'_>) -> Result<(), Errno> {
+    fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(libc::F_UNLCK, 0, 1))).map(drop)
+}
+
 /// Whether `try_lock` failed because somebody else holds a conflicting lock.
 pub fn is_conflict(e: Errno) -> bool {
     matches!(e, Errno::EAGAIN | Errno::EACCES)

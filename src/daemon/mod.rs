@@ -12,12 +12,17 @@
 //! - the loop: [`server`] (poll), [`conn`] (buffers and frames), [`dispatch`] (who may ask what);
 //! - the tables: [`state`], [`owner`], [`lease`], and their operations [`acquire`],
 //!   [`release`], [`kill`] (terminating an owner that lost its handle);
-//! - the system: [`lock`] (raw OFD calls), [`lockfile`] (opening targets), [`pidfd`].
+//! - the system: [`lock`] (raw OFD calls), [`lockfile`] (opening targets), [`pidfd`];
+//! - never unprotected (docs/reliability.md): [`keeper`] (a process holding a duplicate of
+//!   every lease's descriptor, so a crash or stop drops no lock), [`recover`] and [`record`]
+//!   (rebuilding the tables), [`reexec`] (live upgrade on SIGHUP/SIGUSR1).
 
 mod acquire;
 mod args;
 mod conn;
 mod dispatch;
+pub mod holder;
+mod keeper;
 mod kill;
 mod lease;
 mod listen;
@@ -28,6 +33,9 @@ mod notify;
 mod owner;
 mod pidfd;
 mod pidfile;
+mod record;
+mod recover;
+mod reexec;
 mod release;
 mod server;
 mod settings;
@@ -83,12 +91,70 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Start, serve until told to stop, clean up.
+/// Start (fresh, after a crash, or as the new image of a live re-exec), serve until told to
+/// stop, clean up.
 fn serve(settings: &settings::Settings) -> Result<(), String> {
     raise_fd_limit();
-    let pid_file = pidfile::PidFile::create(&settings.pid_file)?;
     let signals = signals::Signals::install()
         .map_err(|e| format!("cannot set up signal handling: {}", e.desc()))?;
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let detached = keeper::Keeper::detached(std::path::PathBuf::new());
+    let state = state::State::new(hostname, text::now_secs(), settings.kill_grace, detached);
+    let mut server = server::Server::new(
+        state,
+        Vec::new(),
+        signals,
+        settings.max_clients,
+        settings.config_file.display().to_string(),
+        exe_path(),
+    );
+    match reexec::take()? {
+        Some(doc) => reexec::restore(doc, &mut server)?,
+        None => start(settings, &mut server)?,
+    }
+    if let Err(e) = notify::notify("READY=1") {
+        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    }
+    info!(
+        "lockwardend {} serving (pid {}, config {:?}, keeper pid {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        settings.config_file,
+        server.state.keeper.pid
+    );
+    let result = server.run();
+    if let Err(e) = notify::notify("STOPPING=1") {
+        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    }
+    let (leases, owners) = server.held();
+    let keeper_pid = server.state.keeper.pid;
+    match server.state.keeper.quit() {
+        Ok(0) if leases == 0 => info!("the keeper (pid {keeper_pid}) stopped too"),
+        Ok(held) => warn!(
+            "stopping while {owners} VM(s) hold {leases} lease(s): the keeper (pid {keeper_pid}) \
+             keeps holding {held} lease(s), so no other host can take these disks; a restarted \
+             lockwardend (same --socket) takes them back, and the keeper drops a lease by itself \
+             once its VM exits"
+        ),
+        Err(e) if leases > 0 => error!(
+            "stopping while {owners} VM(s) hold {leases} lease(s), and the keeper is gone ({e}): \
+             the kernel drops these locks as lockwardend exits, so those VMs are unprotected"
+        ),
+        Err(e) => warn!("could not stop the keeper: {e}"),
+    }
+    listen::remove_bound(&server.listeners);
+    if let Some(p) = server.pid_file.take() {
+        p.remove();
+    }
+    result.map(|_| info!("lockwardend stopped"))
+}
+
+/// A fresh start: pid file, sockets, then the keeper (whose leases, if a previous lockwardend
+/// left any, are taken back before the first request is read).
+fn start(settings: &settings::Settings, server: &mut server::Server) -> Result<(), String> {
+    let pid_file = pidfile::PidFile::create(&settings.pid_file)?;
     let listeners = match listen::open(settings) {
         Ok(l) => l,
         Err(e) => {
@@ -96,41 +162,41 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
             return Err(e);
         }
     };
-    let hostname = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    let state = state::State::new(hostname, text::now_secs(), settings.kill_grace);
-    let mut server = server::Server::new(
-        state,
-        listeners,
-        signals,
-        settings.max_clients,
-        settings.config_file.display().to_string(),
-    );
-    if let Err(e) = notify::notify("READY=1") {
-        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
+    let main_socket = listeners
+        .iter()
+        .find(|l| l.role == listen::Role::Main && l.path.is_absolute())
+        .map_or_else(|| settings.socket.clone(), |l| l.path.clone());
+    let (keeper, entries) = match keeper::Keeper::attach(&keeper::path_for(&main_socket)) {
+        Ok(k) => k,
+        Err(e) => {
+            listen::remove_bound(&listeners);
+            pid_file.remove();
+            return Err(format!(
+                "cannot start or reach the keeper process: {e}; lockwardend will not serve \
+                 without it, because its leases would not survive a crash"
+            ));
+        }
+    };
+    server.listeners = listeners;
+    server.pid_file = Some(pid_file);
+    server.state.keeper = keeper;
+    recover::adopt(&mut server.state, entries);
+    Ok(())
+}
+
+/// This binary's path, to exec again on a live upgrade (an upgraded file at the same path is
+/// what runs next).
+fn exe_path() -> std::path::PathBuf {
+    match std::env::current_exe() {
+        Ok(p) => {
+            let s = p.to_string_lossy();
+            match s.strip_suffix(" (deleted)") {
+                Some(stripped) => std::path::PathBuf::from(stripped),
+                None => p,
+            }
+        }
+        Err(_) => std::path::PathBuf::from("/proc/self/exe"),
     }
-    info!(
-        "lockwardend {} serving (pid {}, config {:?})",
-        env!("CARGO_PKG_VERSION"),
-        std::process::id(),
-        settings.config_file
-    );
-    let result = server.run();
-    if let Err(e) = notify::notify("STOPPING=1") {
-        warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
-    }
-    let (leases, owners) = server.held();
-    if leases > 0 {
-        warn!(
-            "stopping while {owners} VM(s) hold {leases} lease(s): the kernel drops these locks \
-             as lockwardend exits, so those VMs are unprotected until their disks are locked \
-             again"
-        );
-    }
-    listen::remove_bound(&server.listeners);
-    pid_file.remove();
-    result.map(|_| info!("lockwardend stopped"))
 }
 
 /// Each running VM keeps a connection and each lease a descriptor: use the whole hard limit.

@@ -71,6 +71,11 @@ impl Owners {
         }
     }
 
+    /// Add an entry rebuilt after a restart or a live re-exec.
+    pub fn insert(&mut self, entry: OwnerEntry) {
+        self.map.insert(entry.owner.pid, entry);
+    }
+
     pub fn get(&self, pid: u32) -> Option<&OwnerEntry> {
         self.map.get(&pid)
     }

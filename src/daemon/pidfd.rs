@@ -16,6 +16,9 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 pub struct Proc {
     pid: i32,
     fd: Option<OwnedFd>,
+    /// Start time of the process (field 22 of `/proc/PID/stat`, clock ticks since boot), so a
+    /// pid reused by another process is never mistaken for the owner after a restart.
+    pub start: Option<u64>,
 }
 
 impl Proc {
@@ -31,15 +34,49 @@ impl Proc {
         if ret >= 0 {
             // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
-            return Ok(Proc { pid, fd: Some(fd) });
+            let start = start_time(pid as u32);
+            return Ok(Proc {
+                pid,
+                fd: Some(fd),
+                start,
+            });
         }
         match Errno::last() {
             Errno::ENOSYS | Errno::EPERM => {
                 kill(Pid::from_raw(pid), None)?;
-                Ok(Proc { pid, fd: None })
+                let start = start_time(pid as u32);
+                Ok(Proc {
+                    pid,
+                    fd: None,
+                    start,
+                })
             }
             e => Err(e),
         }
+    }
+
+    /// A process handle carried over a live re-exec (its pidfd kept open across `exec`).
+    pub fn from_parts(pid: u32, fd: Option<OwnedFd>, start: Option<u64>) -> Proc {
+        Proc {
+            pid: i32::try_from(pid).unwrap_or(i32::MAX),
+            fd,
+            start,
+        }
+    }
+
+    /// Watch `pid` only if it still is the process that started at `start` (when known).
+    /// `Err(ESRCH)`: gone, or the pid now names another process.
+    pub fn reopen(pid: u32, start: Option<u64>) -> Result<Proc, Errno> {
+        let p = Proc::open(pid)?;
+        if p.exited() || (start.is_some() && p.start != start) {
+            return Err(Errno::ESRCH);
+        }
+        Ok(p)
+    }
+
+    /// The pidfd itself, when the kernel gave us one.
+    pub fn into_fd(self) -> Option<OwnedFd> {
+        self.fd
     }
 
     /// The descriptor to poll for exit, when the kernel gave us one.
@@ -80,6 +117,15 @@ impl Proc {
     }
 }
 
+/// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything: skip past its end.
+    let rest = s.get(s.rfind(')')? + 1..)?;
+    // Fields from 3 (state) on; starttime is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// `/proc/PID/comm` of a local process, for messages that name a lock holder.
 pub fn comm(pid: i32) -> Option<String> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
@@ -103,5 +149,8 @@ mod tests {
         assert!(p.exited());
         assert_eq!(Proc::open(0).unwrap_err(), Errno::ESRCH);
         assert!(comm(std::process::id() as i32).is_some());
+        let me = start_time(std::process::id()).unwrap();
+        assert_eq!(Proc::open(std::process::id()).unwrap().start, Some(me));
+        assert!(Proc::reopen(std::process::id(), Some(me + 1)).is_err());
     }
 }

@@ -70,6 +70,20 @@ impl PidFile {
         })
     }
 
+    /// The pid file a previous image of this process (live re-exec) kept open and locked.
+    pub fn adopt(path: PathBuf, file: File) -> PidFile {
+        PidFile { path, file }
+    }
+
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.file.as_raw_fd()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Remove the file (while still holding its lock) if the path is still ours.
     pub fn remove(self) {
         let ours = match (std::fs::symlink_metadata(&self.path), self.file.metadata()) {

@@ -11,7 +11,7 @@ use super::lockfile;
 use super::state::State;
 use super::text::what;
 use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner};
-use log::{debug, info};
+use log::{debug, info, warn};
 use std::collections::BTreeSet;
 
 /// Release `specs` for `owner`. Only malformed input is an error.
@@ -87,6 +87,12 @@ pub fn leave(state: &mut State, key: LeaseKey, pid: u32, created_now: bool, why:
         format!(" ({why})")
     };
     if !l.owners.is_empty() {
+        if let Err(e) = state.protect(&[key]) {
+            warn!("{e}; the keeper may list a VM that left this shared lease");
+        }
+        let Some(l) = state.leases.get(&key) else {
+            return;
+        };
         info!(
             "{} {:?} released by VM {vm:?} (pid {pid}){why}; {} other VM(s) still share it",
             what(l.kind),
@@ -95,6 +101,8 @@ pub fn leave(state: &mut State, key: LeaseKey, pid: u32, created_now: bool, why:
         );
         return;
     }
+    // The keeper lets go first: a crash after this point drops the lock with our descriptor.
+    state.unprotect(key);
     let Some(l) = state.leases.take(&key) else {
         return;
     };

@@ -11,6 +11,7 @@ use super::conn::{Conn, Fill, Next};
 use super::dispatch::{self, Session};
 use super::listen::{Listener, Role};
 use super::owner::ConnId;
+use super::pidfile::PidFile;
 use super::signals::Signals;
 use super::state::State;
 use crate::protocol::{self, ErrorKind, FrameError, PROTOCOL_VERSION, Request, Response};
@@ -21,6 +22,7 @@ use nix::sys::socket::{getsockopt, sockopt};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A refused client gets this long to send its first frame and read why it was refused.
@@ -41,6 +43,7 @@ enum Token {
     Listener(usize),
     Conn(ConnId),
     Owner(u32),
+    Keeper,
 }
 
 /// Why the loop ended.
@@ -52,8 +55,15 @@ pub enum Exit {
 pub struct Server {
     pub state: State,
     pub listeners: Vec<Listener>,
-    conns: HashMap<ConnId, Conn>,
-    next_id: ConnId,
+    pub(super) conns: HashMap<ConnId, Conn>,
+    pub(super) next_id: ConnId,
+    /// The locked pid file (kept open across a live re-exec).
+    pub pid_file: Option<PidFile>,
+    /// The binary to exec on SIGHUP/SIGUSR1: this binary's path as found at start.
+    pub exe: PathBuf,
+    /// How many live re-execs this process went through.
+    pub generation: u64,
+    reexec_pending: bool,
     signals: Signals,
     max_clients: usize,
     euid: u32,
@@ -72,12 +82,17 @@ impl Server {
         signals: Signals,
         max_clients: usize,
         config_file: String,
+        exe: PathBuf,
     ) -> Server {
         Server {
             state,
             listeners,
             conns: HashMap::new(),
             next_id: 1,
+            pid_file: None,
+            exe,
+            generation: 0,
+            reexec_pending: false,
             signals,
             max_clients,
             euid: nix::unistd::geteuid().as_raw(),
@@ -95,6 +110,10 @@ impl Server {
         loop {
             if let Some(exit) = self.exit {
                 return Ok(exit);
+            }
+            if std::mem::take(&mut self.reexec_pending) {
+                // Between requests: nothing is half-done. Returns only if the exec failed.
+                super::reexec::reexec(self);
             }
             let now = Instant::now();
             self.build(now);
@@ -118,6 +137,7 @@ impl Server {
                     Token::Listener(n) => self.on_accept(n, now),
                     Token::Conn(id) => self.on_conn(id, revents, now),
                     Token::Owner(pid) => self.owner_gone(pid),
+                    Token::Keeper => self.keeper_lost(),
                 }
             }
             self.timers(Instant::now());
@@ -159,6 +179,21 @@ impl Server {
             if let Some(fd) = e.proc.poll_fd() {
                 push(fd, libc::POLLIN, Token::Owner(*pid));
             }
+        }
+        // The keeper never speaks unasked: anything readable here means it hung up.
+        if let Some(fd) = self.state.keeper.raw_fd() {
+            push(fd, libc::POLLIN, Token::Keeper);
+        }
+    }
+
+    /// The keeper died (or was killed): our own descriptors still hold every lock, so start a
+    /// new keeper and hand it everything before a crash of ours could matter.
+    fn keeper_lost(&mut self) {
+        self.state.keeper.disconnect();
+        if let Err(e) = self.state.protect(&[]) {
+            error!(
+                "{e}; lockwardend holds its leases itself but a crash of it would drop them;                  retrying at the next request"
+            );
         }
     }
 
@@ -220,10 +255,10 @@ impl Server {
                     info!("received {sig}; shutting down");
                     self.exit = Some(Exit::Signal(sig));
                 }
-                Signal::SIGHUP | Signal::SIGUSR1 => warn!(
-                    "received {sig}: live re-exec is not implemented yet; lockwardend keeps \
-                     running with every lock and connection"
-                ),
+                Signal::SIGHUP | Signal::SIGUSR1 => {
+                    info!("received {sig}; re-executing {:?} (live upgrade)", self.exe);
+                    self.reexec_pending = true;
+                }
                 other => debug!("ignoring {other}"),
             }
         }

@@ -5,12 +5,15 @@
 //! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
 //! leases by key, leases to owners by pid.
 
+use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
 use super::lease::{Lease, LeaseKey, Leases};
 use super::owner::{ConnId, Owners};
+use super::record::LeaseRecord;
 use super::release;
 use crate::protocol::{LeaseInfo, PROTOCOL_VERSION, StatusInfo};
-use log::{debug, info};
+use log::{debug, info, warn};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -23,10 +26,12 @@ pub struct State {
     /// Start time, seconds since the epoch.
     pub started: u64,
     pub kill_grace: Duration,
+    /// The process holding a duplicate of every lease's descriptor (crash safety).
+    pub keeper: Keeper,
 }
 
 impl State {
-    pub fn new(hostname: String, started: u64, kill_grace: Duration) -> State {
+    pub fn new(hostname: String, started: u64, kill_grace: Duration, keeper: Keeper) -> State {
         State {
             owners: Owners::default(),
             leases: Leases::default(),
@@ -34,6 +39,67 @@ impl State {
             hostname,
             started,
             kill_grace,
+            keeper,
+        }
+    }
+
+    /// Make the keeper hold `keys` as the tables describe them now, and wait until it does.
+    /// When the link broke, reconnect (or start a new keeper) and tell it everything again.
+    pub fn protect(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
+        let fresh = self.keeper.ensure()?;
+        if !fresh {
+            match self.send_holds(keys) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    warn!("{e}; reconnecting and handing every lease over again");
+                    self.keeper.ensure()?;
+                }
+            }
+        }
+        self.keeper.reset()?;
+        let all: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
+        self.send_holds(&all)?;
+        info!(
+            "the keeper (pid {}) holds all {} lease(s) again",
+            self.keeper.pid,
+            all.len()
+        );
+        Ok(())
+    }
+
+    fn send_holds(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
+        let holds: Vec<Hold<'_>> = keys
+            .iter()
+            .filter_map(|k| {
+                let lease = self.leases.get(k)?;
+                let record = LeaseRecord::of(&self.owners, lease);
+                let pids = record
+                    .owners
+                    .iter()
+                    .map(|o| Watch {
+                        pid: o.owner.pid,
+                        start: o.start,
+                    })
+                    .collect();
+                let mut fds = vec![lease.fd.as_fd()];
+                if let Some(d) = &lease.dir {
+                    fds.push(d.fd.as_fd());
+                }
+                Some(Hold {
+                    key: *k,
+                    pids,
+                    meta: serde_json::to_value(&record).unwrap_or_default(),
+                    fds,
+                })
+            })
+            .collect();
+        self.keeper.hold(&holds)
+    }
+
+    /// The keeper closes its copy of `key` (before we unlock and close ours).
+    pub fn unprotect(&mut self, key: LeaseKey) {
+        if let Err(e) = self.keeper.release(key) {
+            warn!("{e}; the next lock request reconnects and re-sends every lease");
         }
     }
 

@@ -1,0 +1,911 @@
+//! Holder records: who holds a lease, readable by every host that shares the storage.
+//!
+//! Why: the kernel only says *that* byte 0 is locked, and on NFS not even by whom. lockwardend
+//! therefore publishes, next to each lock, a small JSON record naming the host (and its boot
+//! id), the VM (name, UUID, QEMU pid), the lease mode, since when, a generation number and the
+//! lockwarden version. A refused acquire and `lockwarden who` read these records from the
+//! shared storage, so host B can say "in use by VM 'web1' on host node-a since ...".
+//!
+//! Where (the full rules, with the reasons, are in docs/holders.md):
+//! - an **exclusive disk lease in lockspace-dir mode**: inside the lock file itself, from byte
+//!   0 of its *content* (the lock is a byte-range lock on byte 0 and is independent of the
+//!   content; virtlockd ignores content). The publisher also holds an OFD lock on byte 1 of the
+//!   lock file: the record's *liveness lock*.
+//! - everything else (shared leases, which several hosts hold at once; direct mode, which must
+//!   never write into a disk image; `<lease>` key files, which belong to the user): a per-host
+//!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600,
+//!   written to a temporary name and renamed into place). The publisher keeps it open and
+//!   holds an OFD write lock on its byte 0: the side file's liveness lock.
+//! - block devices get no record (their locks are host-local anyway).
+//!
+//! When a record is believed: only while (1) its liveness lock is held, so a crashed or
+//! stopped daemon's records die with its descriptors, (2) byte 0 of the locked file carries a
+//! lock of the mode the record states, and (3) the record names the inode that is locked now.
+//! Anything else is ignored (and reported as ignored, with the reason).
+//!
+//! Failure to publish never fails an acquire: callers log and continue.
+
+use super::lock::{self, Conflict};
+use super::pidfd::comm;
+use super::text::{esc, mode_word, subject, utc, what};
+use crate::protocol::{Holder, LeaseMode, Owner, ResourceKind};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, openat, readlink, renameat};
+use nix::sys::stat::{Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::sys::statfs::{NFS_SUPER_MAGIC, fstatfs};
+use nix::sys::uio::{pread, pwrite};
+use nix::unistd::{UnlinkatFlags, fdatasync, ftruncate, unlinkat};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Value of the `lockwarden_holder` field: the record format version.
+pub const FORMAT: u32 = 1;
+/// The hidden directory holding side files, next to the locked file.
+pub const RECORD_DIR: &str = ".lockwarden";
+/// Records larger than this are not lockwarden records.
+const MAX_RECORD: usize = 64 * 1024;
+/// Byte of an in-file record's lock file that carries the publisher's liveness lock.
+const LIVENESS_BYTE: libc::off_t = 1;
+/// File names longer than this (the image's base name) are replaced by their SHA-256 in side
+/// file names, so `<name>@<host>.json` always fits NAME_MAX (host names are at most 64 bytes).
+const MAX_STEM: usize = 128;
+/// Tries to read a record that is being rewritten at that moment.
+const READ_TRIES: usize = 3;
+
+/// One VM holding the lease on the publishing host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub name: String,
+    pub uuid: String,
+    /// QEMU's pid, on the publishing host.
+    pub pid: u32,
+    /// When this VM joined the lease (seconds since the epoch).
+    pub since: u64,
+}
+
+impl Vm {
+    pub fn of(owner: &Owner, since: u64) -> Vm {
+        Vm {
+            name: owner.name.clone(),
+            uuid: owner.uuid.clone(),
+            pid: owner.pid,
+            since,
+        }
+    }
+}
+
+/// What one host publishes about one lease (schema in docs/holders.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Record format version, [`FORMAT`].
+    pub lockwarden_holder: u32,
+    pub host: String,
+    /// `/proc/sys/kernel/random/boot_id` of the publishing host.
+    pub boot_id: String,
+    pub daemon_pid: u32,
+    /// lockwarden version of the publisher.
+    pub version: String,
+    /// Grows with every write by any publisher on the host (microseconds-based).
+    pub generation: u64,
+    /// What libvirt called the resource (disk path or lease key).
+    pub name: String,
+    pub kind: ResourceKind,
+    pub mode: LeaseMode,
+    /// The file actually locked, as the publisher named it.
+    pub lock_path: String,
+    /// Its inode number: a record naming another inode describes another file.
+    pub lock_ino: u64,
+    /// When the lease was taken on this host.
+    pub since: u64,
+    /// The VMs of this host holding it (one for an exclusive lease).
+    pub vms: Vec<Vm>,
+}
+
+impl Record {
+    /// A record for this process (boot id, pid and version filled in); `publish` fills in
+    /// `lock_ino` and `generation`.
+    pub fn new(
+        host: &str,
+        kind: ResourceKind,
+        name: &str,
+        mode: LeaseMode,
+        lock_path: &str,
+        since: u64,
+        vms: Vec<Vm>,
+    ) -> Record {
+        Record {
+            lockwarden_holder: FORMAT,
+            host: host.to_string(),
+            boot_id: boot_id(),
+            daemon_pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            generation: 0,
+            name: name.to_string(),
+            kind,
+            mode,
+            lock_path: lock_path.to_string(),
+            lock_ino: 0,
+            since,
+            vms,
+        }
+    }
+}
+
+/// The locked file a record is about: its open descriptor and how it was named.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    /// An open descriptor of the locked file (the lease's own descriptor when publishing).
+    pub fd: BorrowedFd<'a>,
+    pub kind: ResourceKind,
+    /// The locked file's path (image, or lock file in a lockspace).
+    pub lock_path: &'a str,
+    /// True for a lock file in a lockspace directory (`LockTarget::Lockspace`).
+    pub lockspace: bool,
+}
+
+impl Target<'_> {
+    /// Exclusive lockspace disk leases keep their record inside the lock file.
+    fn in_file(&self, mode: LeaseMode) -> bool {
+        self.in_file_possible() && mode == LeaseMode::Exclusive
+    }
+
+    fn in_file_possible(&self) -> bool {
+        self.lockspace && self.kind == ResourceKind::Disk
+    }
+}
+
+/// `/proc/sys/kernel/random/boot_id`, or "" when unreadable.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// A number larger than every earlier one from this process and, clocks permitting, from
+/// earlier processes on this host (it starts from the time in microseconds).
+pub fn next_generation() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut cur = GENERATION.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(cur.saturating_add(1));
+        match GENERATION.compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => cur = seen,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byte-range helpers (OFD)
+
+fn flock(l_type: libc::c_int, start: libc::off_t) -> libc::flock {
+    libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+fn ofd_set(fd: BorrowedFd<'_>, l_type: libc::c_int, start: libc::off_t) -> Result<(), Errno> {
+    fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(l_type, start))).map(drop)
+}
+
+/// Does anybody (other than this descriptor) hold a lock on byte `start`?
+fn ofd_held(fd: BorrowedFd<'_>, start: libc::off_t) -> bool {
+    let mut fl = flock(libc::F_WRLCK, start);
+    fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok() && i32::from(fl.l_type) != libc::F_UNLCK
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where side files live
+
+/// Where the side files of a locked file live: `dir` (the `.lockwarden` directory) and the
+/// stem `<name>` of `<name>@<host>.json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SideFiles {
+    pub dir: String,
+    pub stem: String,
+}
+
+/// The side-file place of the file open as `fd`: next to the file it really is (symlinks
+/// resolved through /proc/self/fd). None for block devices and deleted files.
+pub fn side_files(fd: BorrowedFd<'_>) -> Result<Option<SideFiles>, String> {
+    use std::os::fd::AsRawFd;
+    let st = fstat(fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Ok(None);
+    }
+    let real = readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str())
+        .map_err(|e| format!("cannot resolve the file's path: {}", e.desc()))?;
+    let real = real.to_string_lossy().into_owned();
+    if real.ends_with(" (deleted)") || !real.starts_with('/') {
+        return Ok(None);
+    }
+    let (parent, base) = match real.rsplit_once('/') {
+        Some((p, b)) if !b.is_empty() => (if p.is_empty() { "/" } else { p }, b),
+        _ => return Ok(None),
+    };
+    Ok(Some(SideFiles {
+        dir: format!("{}/{RECORD_DIR}", parent.trim_end_matches('/')),
+        stem: stem(base),
+    }))
+}
+
+/// `<name>` part of a side file for a locked file of base name `base`.
+pub fn stem(base: &str) -> String {
+    if base.len() <= MAX_STEM {
+        base.to_string()
+    } else {
+        format!("sha256-{}", crate::plugin::resources::sha256_hex(base))
+    }
+}
+
+/// A host name as it may appear in a file name: `[A-Za-z0-9._-]`, at most 64 bytes.
+pub fn host_label(host: &str) -> String {
+    let label: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if label.is_empty() || label == "." || label == ".." {
+        "unknown".into()
+    } else {
+        label
+    }
+}
+
+/// The host part of side file `file_name` when it is a side file of `stem`.
+fn side_file_host<'n>(file_name: &'n str, stem: &str) -> Option<&'n str> {
+    let rest = file_name.strip_suffix(".json")?;
+    let (s, host) = rest.rsplit_once('@')?;
+    (s == stem && !host.is_empty()).then_some(host)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing
+
+/// A published record; keep it as long as the lease, hand it to [`withdraw`] when the lease
+/// goes. Dropping it (daemon exit) closes the side file, which drops its liveness lock, which
+/// makes the record stale everywhere at once.
+#[derive(Debug)]
+pub struct Published {
+    place: PublishedPlace,
+    pub generation: u64,
+}
+
+#[derive(Debug)]
+enum PublishedPlace {
+    InFile,
+    Side {
+        dir: OwnedFd,
+        name: String,
+        file: File,
+    },
+    /// Nothing written (block device): nothing to withdraw.
+    Nowhere,
+}
+
+impl Published {
+    /// Where the record is, for log lines.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            PublishedPlace::InFile => "inside the lock file".into(),
+            PublishedPlace::Side { name, .. } => format!("side file {name:?}"),
+            PublishedPlace::Nowhere => "nowhere (block device)".into(),
+        }
+    }
+}
+
+/// Publish `record` for the lease open as `target.fd` (which must hold the lease's lock on byte
+/// 0). A side file replaces the host's earlier one atomically (rename); drop the earlier
+/// `Published` only after this one succeeded (dropping it first would make the record stale).
+pub fn publish(target: Target<'_>, mut record: Record) -> Result<Published, String> {
+    let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+    record.lock_ino = st.st_ino;
+    record.generation = next_generation();
+    let mut bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
+    bytes.push(b'\n');
+    if target.in_file(record.mode) {
+        publish_in_file(target.fd, &bytes)?;
+        return Ok(Published {
+            place: PublishedPlace::InFile,
+            generation: record.generation,
+        });
+    }
+    let Some(side) = side_files(target.fd)? else {
+        return Ok(Published {
+            place: PublishedPlace::Nowhere,
+            generation: record.generation,
+        });
+    };
+    let place = publish_side(&side, &record.host, record.generation, &bytes)?;
+    Ok(Published {
+        place,
+        generation: record.generation,
+    })
+}
+
+fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
+    ofd_set(fd, libc::F_WRLCK, LIVENESS_BYTE).map_err(|e| {
+        format!(
+            "cannot take the record's liveness lock on byte {LIVENESS_BYTE}: {}",
+            e.desc()
+        )
+    })?;
+    let mut done = 0;
+    while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+        let off = libc::off_t::try_from(done).unwrap_or(0);
+        match pwrite(fd, rest, off) {
+            Ok(0) => return Err("the lock file accepted no bytes".into()),
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("writing the lock file failed: {}", e.desc())),
+        }
+    }
+    let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
+    ftruncate(fd, len).map_err(|e| format!("truncating the lock file failed: {}", e.desc()))?;
+    // NFS: make the record visible to other clients now, not at close.
+    fdatasync(fd).map_err(|e| format!("flushing the lock file failed: {}", e.desc()))
+}
+
+fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match nix::fcntl::open(dir, flags, Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ENOENT) if create => {
+            let (parent, name) = dir.rsplit_once('/').unwrap_or(("/", dir));
+            let parent = if parent.is_empty() { "/" } else { parent };
+            let pfd = nix::fcntl::open(
+                parent,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            match mkdirat(&pfd, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat(&pfd, name, flags, Mode::empty()).map(Some)
+        }
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn publish_side(
+    side: &SideFiles,
+    host: &str,
+    generation: u64,
+    bytes: &[u8],
+) -> Result<PublishedPlace, String> {
+    let dir = open_record_dir(&side.dir, true)
+        .map_err(|e| format!("cannot open or create {:?}: {}", side.dir, e.desc()))?
+        .ok_or_else(|| format!("{:?} vanished", side.dir))?;
+    let name = format!("{}@{}.json", side.stem, host_label(host));
+    let tmp = format!("{name}.tmp{}.{generation}", std::process::id());
+    let flags = OFlag::O_RDWR
+        | OFlag::O_CREAT
+        | OFlag::O_EXCL
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_CLOEXEC
+        | OFlag::O_NONBLOCK;
+    let fd = openat(&dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
+        .map_err(|e| format!("cannot create {:?} in {:?}: {}", tmp, side.dir, e.desc()))?;
+    let mut file = File::from(fd);
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| format!("writing {tmp:?} in {:?} failed: {e}", side.dir))
+        .and_then(|()| {
+            ofd_set(file.as_fd(), libc::F_WRLCK, 0)
+                .map_err(|e| format!("cannot lock {tmp:?}: {}", e.desc()))
+        })
+        .and_then(|()| {
+            renameat(&dir, tmp.as_str(), &dir, name.as_str()).map_err(|e| {
+                format!(
+                    "cannot rename {tmp:?} to {name:?} in {:?}: {}",
+                    side.dir,
+                    e.desc()
+                )
+            })
+        });
+    if let Err(e) = written {
+        let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        return Err(e);
+    }
+    Ok(PublishedPlace::Side { dir, name, file })
+}
+
+/// Take the record back (before the lease's lock is dropped): empty the lock file's content and
+/// release the liveness byte, or delete the side file (only if it is still ours).
+pub fn withdraw(fd: BorrowedFd<'_>, published: Published) -> Result<(), String> {
+    match published.place {
+        PublishedPlace::InFile => {
+            let r = ftruncate(fd, 0)
+                .map_err(|e| format!("emptying the lock file failed: {}", e.desc()));
+            let _ = ofd_set(fd, libc::F_UNLCK, LIVENESS_BYTE);
+            r
+        }
+        PublishedPlace::Side { dir, name, file } => {
+            let ours = fstat(file.as_fd()).map(|s| s.st_ino).ok();
+            let named = fstatat(&dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .map(|s| s.st_ino)
+                .ok();
+            let r = if ours.is_some() && ours == named {
+                unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir)
+                    .map_err(|e| format!("cannot delete side file {name:?}: {}", e.desc()))
+            } else {
+                Ok(())
+            };
+            drop(file);
+            r
+        }
+        PublishedPlace::Nowhere => Ok(()),
+    }
+}
+
+/// Published records of one daemon, by lease identity (st_dev, st_ino). A convenience for the
+/// daemon's hooks: failures are logged, never returned.
+#[derive(Debug, Default)]
+pub struct Records {
+    map: HashMap<(u64, u64), Published>,
+}
+
+impl Records {
+    /// Publish (or republish) the record of lease `id`. Logs and continues on failure.
+    pub fn publish(&mut self, id: (u64, u64), target: Target<'_>, record: Record) {
+        let name = record.name.clone();
+        match publish(target, record) {
+            Ok(p) => {
+                log::debug!("holder record for {name:?} published {}", p.describe());
+                // Replacing drops the earlier record's descriptor only now, after the rename.
+                self.map.insert(id, p);
+            }
+            Err(e) => log::warn!(
+                "cannot publish the holder record for {name:?} (the lease itself is held; \
+                 other hosts will only see that it is locked): {e}"
+            ),
+        }
+    }
+
+    /// Withdraw the record of lease `id`, whose descriptor is `fd`. Logs on failure.
+    pub fn withdraw(&mut self, id: (u64, u64), fd: BorrowedFd<'_>) {
+        if let Some(p) = self.map.remove(&id) {
+            if let Err(e) = withdraw(fd, p) {
+                log::warn!("cannot withdraw a holder record: {e}");
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+/// What holds byte 0 of the locked file, as the kernel reports it to this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KernelLock {
+    pub mode: LeaseMode,
+    /// Pid of a POSIX lock holder (OFD holders, like lockwardend, report none). On NFS this
+    /// may be a process of another client.
+    pub pid: Option<i32>,
+    /// `/proc/<pid>/comm` of that pid, when it is a local process.
+    pub comm: Option<String>,
+    /// The file is on NFS (a pid may then belong to another host).
+    pub nfs: bool,
+}
+
+/// A record that was read and believed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub record: Record,
+    /// Where it was read: the side file's path, or the lock file's path for in-file records.
+    pub source: String,
+}
+
+/// A record that was read and not believed, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ignored {
+    pub source: String,
+    pub host: Option<String>,
+    pub reason: String,
+}
+
+/// Everything known about who holds a locked file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The lock on byte 0, if any.
+    pub lock: Option<KernelLock>,
+    pub believed: Vec<Seen>,
+    pub ignored: Vec<Ignored>,
+}
+
+impl Found {
+    pub fn records(&self) -> Vec<Record> {
+        self.believed.iter().map(|s| s.record.clone()).collect()
+    }
+}
+
+/// What the kernel says holds byte 0 of `fd` (which must not hold a lock itself).
+pub fn kernel_lock(fd: BorrowedFd<'_>) -> Option<KernelLock> {
+    let Conflict { pid, mode } = lock::conflict(fd, LeaseMode::Exclusive)?;
+    let nfs = fstatfs(fd)
+        .map(|s| s.filesystem_type() == NFS_SUPER_MAGIC)
+        .unwrap_or(false);
+    Some(KernelLock {
+        mode,
+        pid,
+        comm: pid.filter(|_| !nfs).and_then(comm),
+        nfs,
+    })
+}
+
+/// Read and judge every record about the file open as `target.fd`. Never writes or deletes.
+pub fn read(target: Target<'_>) -> Found {
+    let lock = kernel_lock(target.fd);
+    let ino = fstat(target.fd).map(|s| s.st_ino).ok();
+    let mut found = Found {
+        lock,
+        ..Found::default()
+    };
+    let mut candidates: Vec<(String, Result<Record, String>, bool)> = Vec::new();
+    if target.in_file_possible() {
+        if let Some(r) = read_in_file(target.fd) {
+            let live = ofd_held(target.fd, LIVENESS_BYTE);
+            candidates.push((target.lock_path.to_string(), r, live));
+        }
+    }
+    match side_files(target.fd) {
+        Ok(Some(side)) => read_side(&side, &mut candidates, &mut found.ignored),
+        Ok(None) => {}
+        Err(e) => found.ignored.push(Ignored {
+            source: target.lock_path.to_string(),
+            host: None,
+            reason: e,
+        }),
+    }
+    for (source, parsed, live) in candidates {
+        let record = match parsed {
+            Ok(r) => r,
+            Err(reason) => {
+                found.ignored.push(Ignored {
+                    source,
+                    host: None,
+                    reason,
+                });
+                continue;
+            }
+        };
+        match judge(&record, live, ino, found.lock.as_ref()) {
+            Ok(()) => found.believed.push(Seen { record, source }),
+            Err(reason) => found.ignored.push(Ignored {
+                source,
+                host: Some(record.host),
+                reason,
+            }),
+        }
+    }
+    found
+        .believed
+        .sort_by(|a, b| (a.record.since, &a.record.host).cmp(&(b.record.since, &b.record.host)));
+    found
+}
+
+fn judge(
+    record: &Record,
+    live: bool,
+    ino: Option<u64>,
+    lock: Option<&KernelLock>,
+) -> Result<(), String> {
+    if record.lockwarden_holder != FORMAT {
+        return Err(format!(
+            "unknown record format {} (this lockwarden reads {FORMAT})",
+            record.lockwarden_holder
+        ));
+    }
+    if !live {
+        return Err(
+            "stale: its publisher no longer holds the record (lease released, or lockwardend \
+             stopped or crashed)"
+                .into(),
+        );
+    }
+    if let Some(ino) = ino {
+        if record.lock_ino != ino {
+            return Err(format!(
+                "stale: it describes inode {}, the file is now inode {ino}",
+                record.lock_ino
+            ));
+        }
+    }
+    match lock {
+        None => Err("stale: nothing holds byte 0".into()),
+        Some(l) if l.mode != record.mode => Err(format!(
+            "stale: byte 0 is held {}, the record says {}",
+            mode_word(l.mode),
+            mode_word(record.mode)
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn parse(bytes: &[u8]) -> Result<Record, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+    serde_json::from_str(text.trim_end_matches(['\n', '\0', ' ']))
+        .map_err(|e| format!("not a lockwarden holder record: {e}"))
+}
+
+/// The record inside a lock file; None when the file is empty (no record).
+fn read_in_file(fd: BorrowedFd<'_>) -> Option<Result<Record, String>> {
+    let mut last = None;
+    for attempt in 0..READ_TRIES {
+        let mut buf = vec![0u8; MAX_RECORD];
+        let n = match pread(fd, &mut buf, 0) {
+            Ok(n) => n,
+            Err(e) => return Some(Err(format!("cannot read the lock file: {}", e.desc()))),
+        };
+        buf.truncate(n);
+        if buf.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
+            return None;
+        }
+        match parse(&buf) {
+            Ok(r) => return Some(Ok(r)),
+            Err(e) => last = Some(Err(e)),
+        }
+        // Perhaps caught mid-rewrite: look again shortly.
+        if attempt + 1 < READ_TRIES {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    last
+}
+
+fn read_side(
+    side: &SideFiles,
+    out: &mut Vec<(String, Result<Record, String>, bool)>,
+    ignored: &mut Vec<Ignored>,
+) {
+    let dir = match open_record_dir(&side.dir, false) {
+        Ok(Some(d)) => d,
+        Ok(None) => return,
+        Err(e) => {
+            ignored.push(Ignored {
+                source: side.dir.clone(),
+                host: None,
+                reason: format!("cannot open the record directory: {}", e.desc()),
+            });
+            return;
+        }
+    };
+    let entries = match std::fs::read_dir(&side.dir) {
+        Ok(e) => e,
+        Err(e) => {
+            ignored.push(Ignored {
+                source: side.dir.clone(),
+                host: None,
+                reason: format!("cannot list the record directory: {e}"),
+            });
+            return;
+        }
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| side_file_host(n, &side.stem).is_some())
+        .collect();
+    names.sort();
+    for name in names {
+        let source = format!("{}/{name}", side.dir);
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+        let fd = match openat(&dir, name.as_str(), flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // Withdrawn between listing and opening.
+            Err(Errno::ENOENT) => continue,
+            Err(e) => {
+                out.push((source, Err(format!("cannot open: {}", e.desc())), false));
+                continue;
+            }
+        };
+        let mut buf = vec![0u8; MAX_RECORD];
+        let parsed = match pread(&fd, &mut buf, 0) {
+            Ok(n) => {
+                buf.truncate(n);
+                parse(&buf)
+            }
+            Err(e) => Err(format!("cannot read: {}", e.desc())),
+        };
+        let live = ofd_held(fd.as_fd(), 0);
+        out.push((source, parsed, live));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals
+
+/// The busy message and holder for a refused acquire of `name`, whose lock target is open as
+/// `target.fd` (not locked by this descriptor): reads the records and the kernel's view.
+pub struct Refusal {
+    pub message: String,
+    pub holder: Holder,
+    pub found: Found,
+}
+
+/// Call when `F_OFD_SETLK` on `target.fd` failed with EAGAIN/EACCES.
+pub fn read_for_refusal(target: Target<'_>, name: &str) -> Refusal {
+    let found = read(target);
+    let records = found.records();
+    let message = describe_refusal(
+        target.kind,
+        name,
+        Some(target.lock_path),
+        &records,
+        found.lock.as_ref(),
+    );
+    let holder = holder_of(&records, found.lock.as_ref());
+    Refusal {
+        message,
+        holder,
+        found,
+    }
+}
+
+/// The protocol `Holder` for the first believed record (or the kernel's lock alone).
+pub fn holder_of(records: &[Record], lock: Option<&KernelLock>) -> Holder {
+    let here = boot_id();
+    let first = records.iter().find_map(|r| r.vms.first().map(|v| (r, v)));
+    match first {
+        Some((r, v)) => Holder {
+            vm_name: Some(v.name.clone()),
+            vm_uuid: Some(v.uuid.clone()),
+            host: Some(r.host.clone()),
+            pid: (!here.is_empty() && r.boot_id == here)
+                .then(|| i32::try_from(v.pid).ok())
+                .flatten(),
+            since: Some(v.since),
+            mode: Some(r.mode),
+        },
+        None => Holder {
+            vm_name: None,
+            vm_uuid: None,
+            host: None,
+            pid: lock.and_then(|l| l.pid),
+            since: None,
+            mode: lock.map(|l| l.mode),
+        },
+    }
+}
+
+/// How many holders a refusal names before "and N more".
+const NAMED: usize = 4;
+
+/// The sentence a refused acquire carries: who holds `name` according to the believed
+/// `records`, or, when none, what the kernel says (`lock`). `lock_path`: the locked file, named
+/// as "(lock file ...)" when it is not the disk itself (lockspace mode).
+pub fn describe_refusal(
+    kind: ResourceKind,
+    name: &str,
+    lock_path: Option<&str>,
+    records: &[Record],
+    lock: Option<&KernelLock>,
+) -> String {
+    let w = what(kind);
+    let subject = subject(kind, name, lock_path.unwrap_or(name));
+    let holders: Vec<(&Record, &Vm)> = records
+        .iter()
+        .flat_map(|r| r.vms.iter().map(move |v| (r, v)))
+        .collect();
+    if !holders.is_empty() {
+        let mut parts: Vec<String> = holders
+            .iter()
+            .take(NAMED)
+            .map(|(r, v)| {
+                format!(
+                    "VM '{}' (uuid {}) on host {} since {} ({})",
+                    esc(&v.name),
+                    esc(&v.uuid),
+                    esc(&r.host),
+                    utc(v.since),
+                    mode_word(r.mode)
+                )
+            })
+            .collect();
+        if holders.len() > NAMED {
+            parts.push(format!("{} more", holders.len() - NAMED));
+        }
+        let (them, it) = if holders.len() == 1 {
+            ("that VM", "it")
+        } else {
+            ("those VMs", "them")
+        };
+        return format!(
+            "{subject} is in use by {}; shut {them} down or detach the {w} from {it} first",
+            parts.join(", and by ")
+        );
+    }
+    let foreign = "a process that is not lockwarden (virtlockd or another tool)";
+    match lock {
+        Some(KernelLock {
+            pid: Some(p),
+            nfs: false,
+            comm,
+            mode,
+        }) => format!(
+            "{subject} is locked ({}) by {foreign}: local process {p} ({}); stop that process \
+             or make it release the {w} first",
+            mode_word(*mode),
+            esc(comm.as_deref().unwrap_or("exited"))
+        ),
+        Some(KernelLock {
+            pid: Some(p),
+            nfs: true,
+            mode,
+            ..
+        }) => format!(
+            "{subject} is locked ({}) by {foreign}: process {p} on this host or another NFS \
+             client; if a VM or lock manager there uses it, stop it there first",
+            mode_word(*mode)
+        ),
+        Some(KernelLock { mode, .. }) => format!(
+            "{subject} is locked ({}) by another process or host and no lockwarden holder \
+             record describes it: {foreign}, or a lockwarden host that published no record; if \
+             a VM on another host uses it, stop it there first",
+            mode_word(*mode)
+        ),
+        None => format!(
+            "{subject} was locked by another process or host a moment ago and is free now; \
+             retry"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_file_names() {
+        assert_eq!(
+            side_file_host("a.qcow2@node-b.json", "a.qcow2"),
+            Some("node-b")
+        );
+        assert_eq!(side_file_host("a@b@node.json", "a@b"), Some("node"));
+        assert_eq!(side_file_host("a@b@node.json", "a"), None);
+        assert_eq!(side_file_host("a.qcow2@node.json.tmp1.2", "a.qcow2"), None);
+        assert_eq!(host_label("node b/../x@y"), "node_b_.._x_y");
+        assert_eq!(host_label(""), "unknown");
+        let long = "x".repeat(200);
+        assert!(stem(&long).starts_with("sha256-"));
+        assert_eq!(stem("web1.qcow2"), "web1.qcow2");
+    }
+
+    #[test]
+    fn generations_grow() {
+        let a = next_generation();
+        let b = next_generation();
+        assert!(b > a);
+    }
+}

@@ -1,0 +1,152 @@
+//! Rebuilding the tables from lease records: after a crash or stop (records and descriptors
+//! from the keeper) and after a live re-exec (from the state document).
+//!
+//! Why re-lock: the record says the lease is held, but the lock is what protects the disk. Each
+//! descriptor is locked again in its lease's mode — a no-op on a description that still holds
+//! it — so a table entry never claims a lock the kernel does not have. Owners are watched by
+//! pidfd again, checked against their recorded start time; leases of owners that exited while
+//! lockwardend was down are released at once.
+
+use super::keeper::Entry;
+use super::lease::{Lease, LeaseKey};
+use super::lock;
+use super::lockfile::LockDir;
+use super::owner::OwnerEntry;
+use super::pidfd::Proc;
+use super::record::LeaseRecord;
+use super::release;
+use super::state::State;
+use log::{error, info};
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd, OwnedFd};
+
+/// Put one lease back into the tables. Owners not yet known are looked up by pid; those that
+/// are gone are added to `dead`. Returns false when the lease could not be kept.
+pub fn insert_lease(
+    state: &mut State,
+    key: LeaseKey,
+    record: LeaseRecord,
+    fd: OwnedFd,
+    dir_fd: Option<OwnedFd>,
+    dead: &mut BTreeMap<u32, String>,
+) -> bool {
+    if let Err(e) = lock::try_lock(fd.as_fd(), record.mode) {
+        error!(
+            "lease {:?} ({:?}) came back without its lock and cannot be locked again ({}); \
+             dropping it: check who holds {:?} now",
+            record.name,
+            record.lock_path,
+            e.desc(),
+            record.lock_path
+        );
+        return false;
+    }
+    let mut owners = BTreeMap::new();
+    for o in &record.owners {
+        let pid = o.owner.pid;
+        owners.insert(pid, o.since);
+        if state.owners.get(pid).is_some() || dead.contains_key(&pid) {
+            continue;
+        }
+        match Proc::reopen(pid, o.start) {
+            Ok(proc) => state.owners.insert(OwnerEntry {
+                owner: o.owner.clone(),
+                action: o.action,
+                leases: BTreeSet::new(),
+                handles: Vec::new(),
+                proc,
+            }),
+            Err(_) => {
+                dead.insert(pid, o.owner.name.clone());
+            }
+        }
+    }
+    for pid in owners.keys() {
+        if let Some(e) = state.owners.get_mut(*pid) {
+            e.leases.insert(key);
+        }
+    }
+    let dir = match (dir_fd, record.dir_file) {
+        (Some(fd), Some(file)) => Some(LockDir { fd, file }),
+        _ => None,
+    };
+    state.leases.insert(
+        key,
+        Lease {
+            name: record.name,
+            kind: record.kind,
+            mode: record.mode,
+            lock_path: record.lock_path,
+            fd,
+            dir,
+            delete_when_free: record.delete_when_free,
+            owners,
+            since: record.since,
+        },
+    );
+    true
+}
+
+/// Release every lease of owners that exited while lockwardend was not watching.
+pub fn release_dead(state: &mut State, dead: BTreeMap<u32, String>) {
+    for (pid, name) in dead {
+        let keys: Vec<LeaseKey> = state
+            .leases
+            .iter()
+            .filter(|(_, l)| l.owners.contains_key(&pid))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &keys {
+            release::leave(
+                state,
+                *key,
+                pid,
+                false,
+                "VM exited while lockwardend was down",
+            );
+        }
+        info!(
+            "VM {name:?} (pid {pid}) exited while lockwardend was not watching; released its {} \
+             lease(s)",
+            keys.len()
+        );
+    }
+}
+
+/// Take back what the keeper held for a previous lockwardend.
+pub fn adopt(state: &mut State, entries: Vec<Entry>) {
+    if entries.is_empty() {
+        return;
+    }
+    let total = entries.len();
+    let mut dead = BTreeMap::new();
+    let mut kept = 0;
+    for e in entries {
+        let record: LeaseRecord = match serde_json::from_value(e.meta) {
+            Ok(r) => r,
+            Err(err) => {
+                error!(
+                    "the keeper holds a lease (dev {} ino {}) whose record cannot be read \
+                     ({err}); dropping it",
+                    e.key.dev, e.key.ino
+                );
+                state.unprotect(e.key);
+                continue;
+            }
+        };
+        let mut fds = e.fds.into_iter();
+        let Some(fd) = fds.next() else {
+            continue;
+        };
+        if insert_lease(state, e.key, record, fd, fds.next(), &mut dead) {
+            kept += 1;
+        } else {
+            state.unprotect(e.key);
+        }
+    }
+    info!(
+        "took back {kept} of {total} lease(s) from the keeper; {} VM(s) hold leases",
+        state.owners.len()
+    );
+    release_dead(state, dead);
+}
