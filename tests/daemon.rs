@@ -580,17 +580,37 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
     let (a, b) = (vm("db-host1"), vm("db-host2"));
     ok(d1.acquire(&a.owner, vec![excl(&img)]));
     let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
-    assert!(e.message.contains(img.to_str().unwrap()), "{}", e.message);
+    // Host 1 published who holds it (holder record beside the image): host 2 names the VM.
+    for needle in [
+        img.to_str().unwrap(),
+        "is in use by VM 'db-host1'",
+        a.owner.uuid.as_str(),
+        hostname().as_str(),
+        "(exclusive)",
+    ] {
+        assert!(
+            e.message.contains(needle),
+            "{needle:?} missing: {}",
+            e.message
+        );
+    }
+    let h = e.holder.expect("holder");
+    assert_eq!(h.vm_name.as_deref(), Some("db-host1"));
+    assert_eq!(h.mode, Some(LeaseMode::Exclusive));
+    let side = images
+        .path()
+        .join(format!(".lockwarden/db.raw@{}.json", hostname()));
+    assert!(side.is_file(), "holder record {side:?}");
+    assert!(d2.list().is_empty(), "the refused daemon holds nothing");
+    ok(d1.release(&a.owner, vec![excl(&img)]));
+    assert!(!side.exists(), "release withdraws the holder record");
+    ok(d2.acquire(&b.owner, vec![excl(&img)]));
+    let e = err(d1.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
     assert!(
-        e.message.contains("another process or host"),
+        e.message.contains("is in use by VM 'db-host2'"),
         "{}",
         e.message
     );
-    assert!(e.message.contains("stop it there first"), "{}", e.message);
-    assert!(d2.list().is_empty(), "the refused daemon holds nothing");
-    ok(d1.release(&a.owner, vec![excl(&img)]));
-    ok(d2.acquire(&b.owner, vec![excl(&img)]));
-    err(d1.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
 }
 
 #[test]

@@ -138,11 +138,22 @@ struct Daemon {
     keepers: Vec<u32>,
 }
 
+/// Put the daemon binary at `dst` without ever holding it open for writing: a copy's write
+/// descriptor, inherited by a child another test thread forks at that moment, makes the
+/// daemon's later exec of `dst` fail with ETXTBSY. A hard link has no such window.
+fn install_binary(dst: &Path) {
+    if fs::hard_link(DAEMON, dst).is_err() {
+        let tmp = dst.with_extension("tmp");
+        fs::copy(DAEMON, &tmp).unwrap();
+        fs::rename(&tmp, dst).unwrap();
+    }
+}
+
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
         let bin = dir.join("bin/lockwardend");
         fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        fs::copy(DAEMON, &bin).unwrap();
+        install_binary(&bin);
         let mut d = Daemon {
             dir: dir.to_path_buf(),
             socket: dir.join("run/lockwardend.sock"),
@@ -924,7 +935,7 @@ fn failed_exec_keeps_the_old_daemon_serving() {
     ));
     // A good binary back at the path: the next signal upgrades.
     fs::remove_file(&d.bin).unwrap();
-    fs::copy(DAEMON, &d.bin).unwrap();
+    install_binary(&d.bin);
     signal(d.pid(), libc::SIGHUP);
     let mut seen = (0, 0);
     wait_log(&d, "complete: restored 4 lease(s)", 1, &mut seen);

@@ -3,11 +3,18 @@
 //! Each check yields a line `OK|WARN|FAIL  name  detail`; any FAIL makes the exit code 1.
 //! The checks: the daemon answers; libvirt's qemu.conf selects lockwarden; the plugin config
 //! parses; each configured lockspace directory exists and is a directory; NFS mounts with
-//! `nolock` or `local_lock=` (which silently turn cross-host locks into host-local ones).
+//! `nolock` or `local_lock=` (which silently turn cross-host locks into host-local ones); the
+//! plugin config differing from the one other hosts published in a shared lockspace.
+//!
+//! Cross-host config comparison: doctor writes this host's lock-relevant plugin settings to
+//! `<lockspace>/.lockwarden/config/<host>.json` (unless `--no-publish`) and compares them with
+//! every other host's file there (format in docs/holders.md). The mount table is read through
+//! [`mount_table`] only, so a test can point it at a file (`--mounts`, `LOCKWARDEN_MOUNTS_FILE`).
 
 use super::{Cli, EXIT_OK, EXIT_PROBLEM, fetch_status, print_json, table};
 use crate::config::ConfFile;
-use serde::Serialize;
+use crate::plugin::settings::{ReadonlyDisks, Settings};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Outcome of one check.
@@ -38,8 +45,11 @@ fn check(name: &str, verdict: Verdict, detail: impl Into<String>) -> Check {
 /// Run every check and print the report.
 pub fn run(cli: &Cli) -> u8 {
     let mut checks = vec![daemon(cli), libvirt(&cli.qemu_conf)];
-    let dirs = match lockspace_dirs(&cli.plugin_conf) {
-        Ok(dirs) => {
+    let mut settings = None;
+    let dirs = match load_settings(&cli.plugin_conf) {
+        Ok(s) => {
+            let dirs = lockspace_dirs(&s);
+            settings = Some(s);
             let detail = if cli.plugin_conf.exists() {
                 format!("{} parses", cli.plugin_conf.display())
             } else {
@@ -58,9 +68,15 @@ pub fn run(cli: &Cli) -> u8 {
     };
     for (key, dir) in &dirs {
         checks.push(lockspace(key, dir));
+        if let (Some(s), true) = (&settings, dir.is_dir()) {
+            let mine = PublishedConfig::of(s, key, dir);
+            checks.push(cluster_config(&mine, dir, !cli.no_publish));
+        }
     }
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    checks.extend(nfs_mounts(&mounts));
+    match mount_table(cli) {
+        Ok(mounts) => checks.extend(nfs_mounts(&mounts)),
+        Err(e) => checks.push(check("nfs", Verdict::Warn, e)),
+    }
 
     let failed = checks.iter().any(|c| c.verdict == Verdict::Fail);
     if cli.json {
@@ -143,19 +159,263 @@ pub fn libvirt(qemu_conf: &Path) -> Check {
     }
 }
 
+fn load_settings(conf: &Path) -> Result<Settings, String> {
+    Settings::load(Some(conf), crate::paths::default_socket()).map_err(|e| e.to_string())
+}
+
 /// The lockspace directories the plugin config names, as (key, dir).
-fn lockspace_dirs(conf: &Path) -> Result<Vec<(String, PathBuf)>, String> {
-    let s = crate::plugin::settings::Settings::load(Some(conf), crate::paths::default_socket())
-        .map_err(|e| e.to_string())?;
+fn lockspace_dirs(s: &Settings) -> Vec<(String, PathBuf)> {
     let dirs = [
-        ("file_lockspace_dir", s.file_lockspace_dir),
-        ("lvm_lockspace_dir", s.lvm_lockspace_dir),
-        ("scsi_lockspace_dir", s.scsi_lockspace_dir),
+        ("file_lockspace_dir", &s.file_lockspace_dir),
+        ("lvm_lockspace_dir", &s.lvm_lockspace_dir),
+        ("scsi_lockspace_dir", &s.scsi_lockspace_dir),
     ];
-    Ok(dirs
-        .into_iter()
-        .filter_map(|(k, d)| d.map(|d| (k.to_string(), PathBuf::from(d))))
-        .collect())
+    dirs.into_iter()
+        .filter_map(|(k, d)| d.as_ref().map(|d| (k.to_string(), PathBuf::from(d))))
+        .collect()
+}
+
+/// The mount table doctor checks: `--mounts FILE`, else `$LOCKWARDEN_MOUNTS_FILE`, else
+/// `/proc/self/mounts`. The one place the mount table is read.
+pub fn mount_table(cli: &Cli) -> Result<String, String> {
+    let path = cli
+        .mounts
+        .clone()
+        .or_else(|| std::env::var_os("LOCKWARDEN_MOUNTS_FILE").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/proc/self/mounts"));
+    std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the mount table {}: {e}", path.display()))
+}
+
+/// The lock-relevant plugin settings one host published in a lockspace directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedConfig {
+    /// Format version, 1.
+    pub lockwarden_config: u32,
+    pub host: String,
+    /// Seconds since the epoch.
+    pub published: u64,
+    pub version: String,
+    /// Which key names this directory on that host (`file_lockspace_dir`, ...).
+    pub key: String,
+    /// The directory's path on that host (may differ between hosts; informational).
+    pub dir: String,
+    /// File-system type of the directory on that host.
+    pub fs_type: String,
+    pub auto_disk_leases: bool,
+    pub require_lease_for_disks: bool,
+    pub readonly_disks: String,
+    pub file_lockspace: bool,
+    pub lvm_lockspace: bool,
+    pub scsi_lockspace: bool,
+}
+
+impl PublishedConfig {
+    pub fn of(s: &Settings, key: &str, dir: &Path) -> PublishedConfig {
+        PublishedConfig {
+            lockwarden_config: 1,
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "localhost".into()),
+            published: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            key: key.to_string(),
+            dir: dir.display().to_string(),
+            fs_type: fs_type(dir).unwrap_or_else(|| "unknown".into()),
+            auto_disk_leases: s.auto_disk_leases,
+            require_lease_for_disks: s.require_lease_for_disks,
+            readonly_disks: match s.readonly_disks {
+                ReadonlyDisks::Shared => "shared".into(),
+                ReadonlyDisks::Ignore => "ignore".into(),
+            },
+            file_lockspace: s.file_lockspace_dir.is_some(),
+            lvm_lockspace: s.lvm_lockspace_dir.is_some(),
+            scsi_lockspace: s.scsi_lockspace_dir.is_some(),
+        }
+    }
+
+    /// The settings that differ, as "key: here X, there Y".
+    pub fn differences(&self, other: &PublishedConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cmp = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: here {a}, there {b}"));
+            }
+        };
+        cmp("lockspace key", self.key.clone(), other.key.clone());
+        cmp(
+            "auto_disk_leases",
+            self.auto_disk_leases.to_string(),
+            other.auto_disk_leases.to_string(),
+        );
+        cmp(
+            "require_lease_for_disks",
+            self.require_lease_for_disks.to_string(),
+            other.require_lease_for_disks.to_string(),
+        );
+        cmp(
+            "readonly_disks",
+            self.readonly_disks.clone(),
+            other.readonly_disks.clone(),
+        );
+        cmp(
+            "file_lockspace_dir set",
+            self.file_lockspace.to_string(),
+            other.file_lockspace.to_string(),
+        );
+        cmp(
+            "lvm_lockspace_dir set",
+            self.lvm_lockspace.to_string(),
+            other.lvm_lockspace.to_string(),
+        );
+        cmp(
+            "scsi_lockspace_dir set",
+            self.scsi_lockspace.to_string(),
+            other.scsi_lockspace.to_string(),
+        );
+        cmp(
+            "file system type",
+            self.fs_type.clone(),
+            other.fs_type.clone(),
+        );
+        out
+    }
+}
+
+/// `<dir>/.lockwarden/config`: one `<host>.json` per host (a directory of its own, so no
+/// name can collide with a holder side file `<name>@<host>.json`).
+fn config_dir(dir: &Path) -> PathBuf {
+    dir.join(crate::daemon::holder::RECORD_DIR).join("config")
+}
+
+/// Publish `mine` as `<dir>/.lockwarden/config/<host>.json` (temp + rename, 0644).
+fn publish_config(mine: &PublishedConfig, dir: &Path) -> Result<PathBuf, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let rdir = config_dir(dir);
+    for d in [dir.join(crate::daemon::holder::RECORD_DIR), rdir.clone()] {
+        match std::fs::symlink_metadata(&d) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{} is not a directory", d.display())),
+            Err(_) => std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?,
+        }
+    }
+    let name = format!("{}.json", crate::daemon::holder::host_label(&mine.host));
+    let path = rdir.join(&name);
+    let tmp = rdir.join(format!("{name}.tmp{}", std::process::id()));
+    let body = serde_json::to_vec_pretty(mine).map_err(|e| e.to_string())?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&body).and_then(|()| f.sync_data()))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {e}", path.display()));
+    }
+    Ok(path)
+}
+
+/// Every other host's published config in `<dir>/.lockwarden/config/`, with its file.
+fn published_configs(dir: &Path, me: &str) -> Vec<(PathBuf, Result<PublishedConfig, String>)> {
+    let rdir = config_dir(dir);
+    let mine = format!("{}.json", crate::daemon::holder::host_label(me));
+    let Ok(entries) = std::fs::read_dir(&rdir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(PathBuf, Result<PublishedConfig, String>)> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".json") && *n != mine)
+        .map(|n| {
+            let p = rdir.join(&n);
+            let parsed = std::fs::read(&p)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            (p, parsed)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Compare this host's lock-relevant settings with those other hosts published in `dir`.
+pub fn cluster_config(mine: &PublishedConfig, dir: &Path, publish: bool) -> Check {
+    let name = format!("cluster-config:{}", mine.key);
+    let mut notes = Vec::new();
+    if publish {
+        if let Err(e) = publish_config(mine, dir) {
+            notes.push(format!("could not publish this host's config: {e}"));
+        }
+    }
+    let others = published_configs(dir, &mine.host);
+    let mut problems = Vec::new();
+    let mut same = Vec::new();
+    for (path, parsed) in &others {
+        match parsed {
+            Ok(other) => {
+                let diff = mine.differences(other);
+                if diff.is_empty() {
+                    same.push(other.host.clone());
+                } else {
+                    problems.push(format!(
+                        "plugin config differs from the one published by host {} ({},                          published {}): {}",
+                        other.host,
+                        path.display(),
+                        table::utc(other.published),
+                        diff.join("; ")
+                    ));
+                }
+            }
+            Err(e) => notes.push(format!("unreadable {}: {e}", path.display())),
+        }
+    }
+    if !problems.is_empty() {
+        return check(
+            &name,
+            Verdict::Fail,
+            format!(
+                "{}; make qemu-lockwarden.conf agree on every host sharing {} (delete the file of                  a host that is gone){}",
+                problems.join("; "),
+                dir.display(),
+                notes.iter().map(|n| format!("; {n}")).collect::<String>()
+            ),
+        );
+    }
+    let head = if same.is_empty() {
+        format!(
+            "no other host has published its plugin config in {} yet (run lockwarden doctor on              each host)",
+            dir.display()
+        )
+    } else {
+        format!(
+            "plugin config matches {} other host(s): {}",
+            same.len(),
+            same.join(", ")
+        )
+    };
+    let verdict = if notes.is_empty() {
+        Verdict::Ok
+    } else {
+        Verdict::Warn
+    };
+    check(
+        &name,
+        verdict,
+        format!(
+            "{head}{}",
+            notes.iter().map(|n| format!("; {n}")).collect::<String>()
+        ),
+    )
 }
 
 fn lockspace(key: &str, dir: &Path) -> Check {

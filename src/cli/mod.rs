@@ -1,12 +1,14 @@
 //! The admin CLI `lockwarden`: who holds what, here and across the shared lockspace.
 //!
 //! Thin `main` (src/bin/lockwarden.rs) calls [`run`]; each subcommand is a module. Exit codes
-//! are part of the interface (documented in lockwarden(1)):
-//! 0 success, 1 a check failed or the disk is held by someone else, 2 usage error,
-//! 3 the daemon cannot be reached or answered with an error.
+//! are part of the interface (documented in lockwarden(1) and docs/holders.md):
+//! 0 success (`who`: it named holders), 1 a check failed (`who`: the disk is free),
+//! 2 usage error, 3 the daemon cannot be reached or answered with an error (`who`: the disk
+//! could not be examined).
 
 mod doctor;
 mod table;
+mod who;
 
 use crate::protocol::{self, LeaseInfo, Request, Response, StatusInfo};
 use std::io::Write;
@@ -24,18 +26,25 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_DAEMON: u8 = 3;
 
 const USAGE: &str = "\
-usage: lockwarden [--admin-socket PATH] [--timeout-ms N] COMMAND [--json]
+usage: lockwarden [--admin-socket PATH] [--timeout-ms N] COMMAND [ARG] [--json]
 
 commands:
   status            is lockwardend up; version, owners, leases, clients
   list              every lease this host's lockwardend holds
-  doctor            checks that catch real outages (daemon, libvirt config, lockspaces, NFS)
+  who PATH          who holds the disk PATH, on any host sharing the storage (reads the
+                    holder records on the storage; works without lockwardend)
+  doctor            checks that catch real outages (daemon, libvirt config, lockspaces, NFS,
+                    plugin config differing between hosts)
   version           print the version of this tool
 
 options:
   --admin-socket PATH   lockwardend's admin socket (default /run/lockwarden/lockwardend-admin.sock
                         for root, $XDG_RUNTIME_DIR/lockwarden/lockwardend-admin.sock otherwise)
-  --config PATH         the plugin config doctor checks (default /etc/libvirt/qemu-lockwarden.conf)
+  --config PATH         the plugin config doctor checks and who uses to find a disk's lock
+                        (default /etc/libvirt/qemu-lockwarden.conf)
+  --mounts PATH         mount table doctor reads (default $LOCKWARDEN_MOUNTS_FILE, else
+                        /proc/self/mounts)
+  --no-publish          doctor: do not record this host's plugin config in the lockspaces
   --qemu-conf PATH      libvirt's qemu.conf doctor checks (default /etc/libvirt/qemu.conf)
   --timeout-ms N        how long to wait for the daemon (default 5000)
   --json                machine-readable output (stable field names)
@@ -49,7 +58,21 @@ struct Cli {
     qemu_conf: PathBuf,
     timeout: Duration,
     json: bool,
+    /// `--mounts`: the mount table doctor reads instead of /proc/self/mounts.
+    mounts: Option<PathBuf>,
+    /// `--no-publish`: doctor only reads other hosts' published configs.
+    no_publish: bool,
     command: String,
+    /// Positional arguments after the command (`who PATH`).
+    operands: Vec<String>,
+}
+
+/// How many positional arguments each command takes.
+fn operand_count(command: &str) -> usize {
+    match command {
+        "who" => 1,
+        _ => 0,
+    }
 }
 
 fn parse(args: &[String]) -> Result<Option<Cli>, String> {
@@ -59,7 +82,10 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
         qemu_conf: PathBuf::from("/etc/libvirt/qemu.conf"),
         timeout: Duration::from_millis(5000),
         json: false,
+        mounts: None,
+        no_publish: false,
         command: String::new(),
+        operands: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -74,6 +100,8 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
             "--admin-socket" => cli.admin_socket = PathBuf::from(value(arg)?),
             "--config" => cli.plugin_conf = PathBuf::from(value(arg)?),
             "--qemu-conf" => cli.qemu_conf = PathBuf::from(value(arg)?),
+            "--mounts" => cli.mounts = Some(PathBuf::from(value(arg)?)),
+            "--no-publish" => cli.no_publish = true,
             "--timeout-ms" => {
                 let v = value(arg)?;
                 let ms: u64 = v
@@ -83,11 +111,17 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
             }
             s if s.starts_with('-') => return Err(format!("unknown option '{s}'")),
             s if cli.command.is_empty() => cli.command = s.to_string(),
+            s if cli.operands.len() < operand_count(&cli.command) => {
+                cli.operands.push(s.to_string())
+            }
             s => return Err(format!("unexpected argument '{s}'")),
         }
     }
     if cli.command.is_empty() {
         return Err("no command given".into());
+    }
+    if cli.operands.len() < operand_count(&cli.command) {
+        return Err(format!("'{}' needs a disk path", cli.command));
     }
     Ok(Some(cli))
 }
@@ -109,6 +143,7 @@ pub fn run(args: &[String]) -> u8 {
         "status" => status(&cli),
         "list" => list(&cli),
         "doctor" => doctor::run(&cli),
+        "who" => who::run(&cli),
         "version" => {
             println!("lockwarden {}", env!("CARGO_PKG_VERSION"));
             EXIT_OK
@@ -242,11 +277,28 @@ mod tests {
     }
 
     #[test]
+    fn who_takes_one_path() {
+        let cli = parse(&args("who /img/a.qcow2 --json --config /tmp/q.conf"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cli.command, "who");
+        assert_eq!(cli.operands, vec!["/img/a.qcow2".to_string()]);
+        assert_eq!(cli.plugin_conf, PathBuf::from("/tmp/q.conf"));
+        let cli = parse(&args("doctor --mounts /tmp/m --no-publish"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(cli.mounts, Some(PathBuf::from("/tmp/m")));
+        assert!(cli.no_publish);
+    }
+
+    #[test]
     fn usage_errors() {
         assert!(parse(&args("")).is_err());
         assert!(parse(&args("list --bogus")).is_err());
         assert!(parse(&args("list extra")).is_err());
         assert!(parse(&args("list --timeout-ms soon")).is_err());
+        assert!(parse(&args("who")).is_err());
+        assert!(parse(&args("who /a /b")).is_err());
         assert!(parse(&args("--help")).unwrap().is_none());
     }
 

@@ -9,6 +9,7 @@ use super::lockfile::{self, LockDir};
 use crate::protocol::{LeaseMode, ResourceKind};
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 /// Identity of a locked file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -26,8 +27,9 @@ pub struct Lease {
     pub mode: LeaseMode,
     /// The file actually locked.
     pub lock_path: String,
-    /// The open file description carrying the lock; closing it drops the lock.
-    pub fd: OwnedFd,
+    /// The open file description carrying the lock; closing it drops the lock. Shared with a
+    /// lost-lock probe running on a storage thread (docs/storage.md).
+    pub fd: Arc<OwnedFd>,
     /// Lockspace leases: the directory and file name, to verify and delete the lock file.
     pub dir: Option<LockDir>,
     /// Delete the lock file when the last owner goes (lockd's AUTOCREATE disk lock files).
@@ -36,6 +38,8 @@ pub struct Lease {
     pub owners: BTreeMap<u32, u64>,
     /// When the lease was taken.
     pub since: u64,
+    /// A probe found the lock lost (docs/storage.md); the owner's failure action was taken.
+    pub lost: bool,
 }
 
 /// All leases of this daemon.

@@ -77,11 +77,12 @@ pub fn insert_lease(
             kind: record.kind,
             mode: record.mode,
             lock_path: record.lock_path,
-            fd,
+            fd: std::sync::Arc::new(fd),
             dir,
             delete_when_free: record.delete_when_free,
             owners,
             since: record.since,
+            lost: false,
         },
     );
     true
@@ -149,4 +150,5 @@ pub fn adopt(state: &mut State, entries: Vec<Entry>) {
         state.owners.len()
     );
     release_dead(state, dead);
+    state.publish_all_holders();
 }

@@ -460,6 +460,7 @@ pub fn restore(doc: Doc, server: &mut Server) -> Result<(), String> {
     server.next_id = doc.next_conn_id.max(1);
     server.generation = doc.generation;
     recover::release_dead(&mut server.state, dead);
+    server.state.publish_all_holders();
     info!(
         "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
         server.generation,

@@ -13,6 +13,7 @@ use super::text::what;
 use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner};
 use log::{debug, info, warn};
 use std::collections::BTreeSet;
+use std::os::fd::AsFd;
 
 /// Release `specs` for `owner`. Only malformed input is an error.
 pub fn release(state: &mut State, owner: &Owner, specs: &[LeaseSpec]) -> Result<(), Failure> {
@@ -90,6 +91,7 @@ pub fn leave(state: &mut State, key: LeaseKey, pid: u32, created_now: bool, why:
         if let Err(e) = state.protect(&[key]) {
             warn!("{e}; the keeper may list a VM that left this shared lease");
         }
+        state.publish_holder(key);
         let Some(l) = state.leases.get(&key) else {
             return;
         };
@@ -108,6 +110,7 @@ pub fn leave(state: &mut State, key: LeaseKey, pid: u32, created_now: bool, why:
     };
     let (kind, name, lock_path) = (l.kind, l.name.clone(), l.lock_path.clone());
     let delete = l.delete_when_free || created_now;
+    state.records.withdraw((key.dev, key.ino), l.fd.as_fd());
     match lease::dispose(key, l, delete) {
         Disposal::Closed => info!(
             "{} {name:?} released by VM {vm:?} (pid {pid}){why}",

@@ -5,6 +5,7 @@
 //! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
 //! leases by key, leases to owners by pid.
 
+use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
 use super::lease::{Lease, LeaseKey, Leases};
@@ -28,6 +29,8 @@ pub struct State {
     pub kill_grace: Duration,
     /// The process holding a duplicate of every lease's descriptor (crash safety).
     pub keeper: Keeper,
+    /// Holder records published for the leases (who holds what, for other hosts; holder.rs).
+    pub records: holder::Records,
 }
 
 impl State {
@@ -40,6 +43,49 @@ impl State {
             started,
             kill_grace,
             keeper,
+            records: holder::Records::default(),
+        }
+    }
+
+    /// (Re)publish who holds lease `key`: after it was taken, when its owners changed, after
+    /// recovery. Never fails: a record that cannot be written is logged, the lease stands.
+    pub fn publish_holder(&mut self, key: LeaseKey) {
+        let Some(l) = self.leases.get(&key) else {
+            return;
+        };
+        let vms = l
+            .owners
+            .iter()
+            .filter_map(|(pid, since)| {
+                self.owners
+                    .get(*pid)
+                    .map(|e| holder::Vm::of(&e.owner, *since))
+            })
+            .collect();
+        let record = holder::Record::new(
+            &self.hostname,
+            l.kind,
+            &l.name,
+            l.mode,
+            &l.lock_path,
+            l.since,
+            vms,
+        );
+        let target = holder::Target {
+            fd: l.fd.as_fd(),
+            kind: l.kind,
+            lock_path: &l.lock_path,
+            lockspace: l.dir.is_some(),
+        };
+        self.records.publish((key.dev, key.ino), target, record);
+    }
+
+    /// Publish every lease's record again (after adopting leases from the keeper or a re-exec:
+    /// side-file records died with the previous process's descriptors).
+    pub fn publish_all_holders(&mut self) {
+        let keys: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
+        for key in keys {
+            self.publish_holder(key);
         }
     }
 

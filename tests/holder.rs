@@ -1,0 +1,1207 @@
+//! Holder records and `lockwarden who` / `doctor` (issue 5), with real locks, real files, the
+//! real daemon binary and the real CLI binary.
+//!
+//! The daemon does not publish records yet (its hooks are wired separately), so where a test
+//! needs "host A's daemon holds the disk and published who holds it", the daemon takes the real
+//! lock and the test publishes the record through `holder::publish` exactly as the daemon will,
+//! holding the record's liveness lock itself. Every process started here is killed on drop.
+
+use lockwarden::daemon::holder::{self, Published, Record, Records, Target, Vm};
+use lockwarden::protocol::{
+    self, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
+    Response,
+};
+use serde_json::Value;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
+const BOUND: Duration = Duration::from_secs(20);
+/// 2026-11-26 10:04:05 UTC.
+const SINCE: u64 = 1_795_687_445;
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sleeper() -> Proc {
+    Proc(
+        Command::new("sleep")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning sleep"),
+    )
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+fn owner_for(pid: u32, name: &str) -> Owner {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    Owner {
+        uuid: format!(
+            "7d1c9a4e-0b5f-4c1e-9a3d-{:012x}",
+            (u64::from(pid) << 8) | u64::from(n)
+        ),
+        name: name.into(),
+        id: n,
+        pid,
+    }
+}
+
+/// A lockwardend standing for one host, in its own directory.
+struct Daemon {
+    proc: Proc,
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    admin: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("lockwardend.sock");
+        let admin = dir.path().join("lockwardend-admin.sock");
+        let config = dir.path().join("lockwardend.conf");
+        let log = dir.path().join("daemon.log");
+        fs::write(&config, "").unwrap();
+        let proc = Proc(
+            Command::new(DAEMON)
+                .arg("--config")
+                .arg(&config)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--admin-socket")
+                .arg(&admin)
+                .arg("--pid-file")
+                .arg(dir.path().join("lockwardend.pid"))
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_FDS")
+                .env_remove("LISTEN_PID")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).unwrap())
+                .spawn()
+                .expect("spawning lockwardend"),
+        );
+        let mut d = Daemon {
+            proc,
+            _dir: dir,
+            socket,
+            admin,
+            log,
+        };
+        let start = Instant::now();
+        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
+            if let Some(st) = d.proc.0.try_wait().unwrap() {
+                panic!("lockwardend exited ({st}):\n{}", d.log());
+            }
+            assert!(
+                start.elapsed() < BOUND,
+                "lockwardend did not serve:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn call(&self, sock: &Path, req: &Request) -> Response {
+        let mut s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        protocol::write_message(&mut s, req).unwrap();
+        protocol::read_message(&mut s).unwrap()
+    }
+
+    fn acquire(&self, owner: &Owner, lease: LeaseSpec) -> Response {
+        self.call(
+            &self.socket,
+            &Request::Acquire {
+                owner: owner.clone(),
+                leases: vec![lease],
+                action: FailureAction::Default,
+                restrict: false,
+            },
+        )
+    }
+
+    fn release(&self, owner: &Owner, lease: LeaseSpec) -> Response {
+        self.call(
+            &self.socket,
+            &Request::Release {
+                owner: owner.clone(),
+                leases: vec![lease],
+            },
+        )
+    }
+}
+
+fn ok(r: Response) -> Vec<LeaseInfo> {
+    match r {
+        Response::Ok { leases } => leases,
+        other => panic!("expected Ok, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files and locks
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, vec![0u8; 4096]).unwrap();
+    p
+}
+
+fn open_rw(p: &Path) -> File {
+    OpenOptions::new().read(true).write(true).open(p).unwrap()
+}
+
+/// Take an OFD lock on byte `start` (panics when refused).
+fn ofd_lock(f: &File, l_type: libc::c_int, start: i64) {
+    let fl = libc::flock {
+        l_type: l_type as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(
+        r,
+        0,
+        "F_OFD_SETLK failed: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The lock type others hold on byte `start` of `path` (F_UNLCK when none).
+fn probe(path: &Path, start: i64) -> libc::c_int {
+    let f = File::open(path).unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK with a valid descriptor and a live flock struct.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0);
+    i32::from(fl.l_type)
+}
+
+fn vm(name: &str, pid: u32) -> Vm {
+    Vm {
+        name: name.into(),
+        uuid: format!("c7a5fdbd-cdaf-9455-926a-{:012x}", pid),
+        pid,
+        since: SINCE,
+    }
+}
+
+fn record(host: &str, path: &str, mode: LeaseMode, vms: Vec<Vm>) -> Record {
+    Record::new(host, ResourceKind::Disk, path, mode, path, SINCE, vms)
+}
+
+fn target<'a>(f: &'a File, path: &'a str, lockspace: bool) -> Target<'a> {
+    Target {
+        fd: f.as_fd(),
+        kind: ResourceKind::Disk,
+        lock_path: path,
+        lockspace,
+    }
+}
+
+/// `holder::read` until `done` says the expected state is reached (bounded). Needed after
+/// dropping a descriptor: a process that another test forks at that moment inherits it and
+/// keeps its open file description (and so its OFD locks) alive until it execs.
+fn read_until(t: Target<'_>, done: impl Fn(&holder::Found) -> bool) -> holder::Found {
+    let start = Instant::now();
+    loop {
+        let found = holder::read(t);
+        if done(&found) || start.elapsed() > BOUND {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// A process (not lockwarden) holding a POSIX lock on byte 0, like virtlockd does.
+struct PosixHolder {
+    proc: Proc,
+    pid: i32,
+}
+
+fn posix_holder(path: &Path, exclusive: bool) -> PosixHolder {
+    let op = if exclusive { "LOCK_EX" } else { "LOCK_SH" };
+    let mode = if exclusive { "r+b" } else { "rb" };
+    let script = format!(
+        "import fcntl, os, sys, time\n\
+         f = open(sys.argv[1], '{mode}')\n\
+         fcntl.lockf(f, fcntl.{op} | fcntl.LOCK_NB, 1, 0)\n\
+         print(os.getpid(), flush=True)\n\
+         time.sleep(1000)\n"
+    );
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed to stand for virtlockd (a POSIX lock holder)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let pid: i32 = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("python3 did not take the lock: {line:?}"));
+    PosixHolder {
+        proc: Proc(child),
+        pid,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small JSON-schema checker for docs/holders.schema.json (type, enum, required, properties,
+// additionalProperties: false, items, minimum, $ref to #/definitions/...).
+
+fn schema() -> Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/holders.schema.json");
+    serde_json::from_str(&fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn type_ok(v: &Value, t: &str) -> bool {
+    match t {
+        "object" => v.is_object(),
+        "array" => v.is_array(),
+        "string" => v.is_string(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "boolean" => v.is_boolean(),
+        "null" => v.is_null(),
+        "number" => v.is_number(),
+        other => panic!("schema uses unknown type {other}"),
+    }
+}
+
+fn validate(root: &Value, s: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/definitions/").expect("local $ref");
+        let def = &root["definitions"][name];
+        assert!(!def.is_null(), "unknown definition {name}");
+        return validate(root, def, v, at, errs);
+    }
+    if let Some(t) = s.get("type") {
+        let types: Vec<&str> = match t {
+            Value::String(s) => vec![s.as_str()],
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap()).collect(),
+            _ => panic!("bad type in schema"),
+        };
+        if !types.iter().any(|t| type_ok(v, t)) {
+            errs.push(format!("{at}: {v} is not of type {types:?}"));
+            return;
+        }
+    }
+    if v.is_null() {
+        return;
+    }
+    if let Some(e) = s.get("enum").and_then(Value::as_array) {
+        if !e.contains(v) {
+            errs.push(format!("{at}: {v} not in {e:?}"));
+        }
+    }
+    if let (Some(m), Some(n)) = (s.get("minimum").and_then(Value::as_i64), v.as_i64()) {
+        if n < m {
+            errs.push(format!("{at}: {n} < minimum {m}"));
+        }
+    }
+    if let Some(obj) = v.as_object() {
+        for r in s
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let r = r.as_str().unwrap();
+            if !obj.contains_key(r) {
+                errs.push(format!("{at}: missing required field {r:?}"));
+            }
+        }
+        let props = s.get("properties").and_then(Value::as_object);
+        for (k, val) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => validate(root, ps, val, &format!("{at}.{k}"), errs),
+                None if s.get("additionalProperties") == Some(&Value::Bool(false)) => {
+                    errs.push(format!("{at}: field {k:?} is not in the schema"))
+                }
+                None => {}
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (s.get("items"), v.as_array()) {
+        for (i, x) in arr.iter().enumerate() {
+            validate(root, items, x, &format!("{at}[{i}]"), errs);
+        }
+    }
+}
+
+fn assert_schema(def: &str, v: &Value) {
+    let root = schema();
+    let mut errs = Vec::new();
+    validate(&root, &root["definitions"][def], v, def, &mut errs);
+    assert!(
+        errs.is_empty(),
+        "{def} output does not match docs/holders.schema.json: {errs:#?}\n{v:#}"
+    );
+}
+
+#[test]
+fn the_schema_checker_rejects_what_it_should() {
+    let root = schema();
+    let mut errs = Vec::new();
+    let bad = serde_json::json!({"leases": [{"name": 1, "kind": "disk", "mode": "weird",
+        "lock_path": "/x", "owners": [], "since": -1, "extra": true}]});
+    validate(&root, &root["definitions"]["list"], &bad, "list", &mut errs);
+    let text = errs.join("\n");
+    for needle in ["name", "weird", "minimum", "extra"] {
+        assert!(text.contains(needle), "{needle} not reported in {text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CLI
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(CLI)
+        .args(args)
+        .env_remove("LOCKWARDEN_MOUNTS_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running lockwarden")
+}
+
+fn json_of(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn who(disk: &Path, conf: &Path, admin: &Path, json: bool) -> Output {
+    let mut args = vec![
+        "who",
+        disk.to_str().unwrap(),
+        "--config",
+        conf.to_str().unwrap(),
+        "--admin-socket",
+        admin.to_str().unwrap(),
+    ];
+    if json {
+        args.push("--json");
+    }
+    cli(&args)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records
+
+#[test]
+fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "web1.qcow2");
+    let p = img.to_str().unwrap();
+    // "Host node-a" holds the disk: byte 0 write-locked and its record published.
+    let lease = open_rw(&img);
+    ofd_lock(&lease, libc::F_WRLCK, 0);
+    let published = holder::publish(
+        target(&lease, p, false),
+        record("node-a", p, LeaseMode::Exclusive, vec![vm("web1", 4242)]),
+    )
+    .unwrap();
+    let side = dir.path().join(".lockwarden/web1.qcow2@node-a.json");
+    assert!(side.is_file(), "side file {side:?} missing");
+    assert_eq!(mode_of(&side), 0o600);
+    assert_eq!(mode_of(&dir.path().join(".lockwarden")), 0o700);
+    assert_eq!(
+        fs::read(&img).unwrap(),
+        vec![0u8; 4096],
+        "never write into an image"
+    );
+    assert_eq!(probe(&img, 100), libc::F_UNLCK, "QEMU's bytes untouched");
+    assert_eq!(
+        probe(&side, 0),
+        libc::F_WRLCK,
+        "the side file carries its liveness lock"
+    );
+    let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
+    assert_schema("record", &on_disk);
+    assert_eq!(on_disk["generation"].as_u64(), Some(published.generation));
+
+    // Another host (another open file description) reads it.
+    let reader = File::open(&img).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    let r = &found.believed[0].record;
+    assert_eq!(
+        (r.host.as_str(), r.vms[0].name.as_str()),
+        ("node-a", "web1")
+    );
+    assert_eq!(
+        r.lock_ino,
+        fs::metadata(&img)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino()
+            })
+            .unwrap()
+    );
+    let lock = found.lock.as_ref().expect("byte 0 is locked");
+    assert_eq!((lock.mode, lock.pid), (LeaseMode::Exclusive, None));
+    let msg = holder::describe_refusal(
+        ResourceKind::Disk,
+        p,
+        None,
+        &found.records(),
+        found.lock.as_ref(),
+    );
+    assert_eq!(
+        msg,
+        format!(
+            "disk {p} is in use by VM 'web1' (uuid c7a5fdbd-cdaf-9455-926a-000000001092) on host \
+             node-a since 2026-11-26 10:04:05 UTC (exclusive); shut that VM down or detach the \
+             disk from it first"
+        )
+    );
+    let refusal = holder::read_for_refusal(target(&reader, p, false), p);
+    assert_eq!(refusal.message, msg);
+    assert_eq!(refusal.holder.vm_name.as_deref(), Some("web1"));
+    assert_eq!(refusal.holder.host.as_deref(), Some("node-a"));
+    assert_eq!(refusal.holder.mode, Some(LeaseMode::Exclusive));
+    assert_eq!(refusal.holder.since, Some(SINCE));
+
+    // The lock goes (daemon crash: lease descriptor closed) while the record file is still
+    // held open: nothing holds byte 0, so the record is stale.
+    drop(lease);
+    let found = read_until(target(&reader, p, false), |f| f.lock.is_none());
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(found.lock.is_none());
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.reason.contains("nothing holds byte 0")
+                && i.host.as_deref() == Some("node-a")),
+        "{found:?}"
+    );
+
+    // Somebody else locks byte 0 again, but the publisher is gone (its record file closed):
+    // the record is stale for that reason, and the refusal says who the kernel sees instead.
+    let other = open_rw(&img);
+    ofd_lock(&other, libc::F_WRLCK, 0);
+    drop(published);
+    assert!(side.exists(), "a crashed publisher leaves its file behind");
+    let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.reason.contains("no longer holds")),
+        "{found:?}"
+    );
+    let msg = holder::describe_refusal(
+        ResourceKind::Disk,
+        p,
+        None,
+        &found.records(),
+        found.lock.as_ref(),
+    );
+    assert!(msg.contains("not lockwarden"), "{msg}");
+    assert!(msg.contains("another process or host"), "{msg}");
+    assert!(msg.contains("stop it there first"), "{msg}");
+
+    // A fresh publish replaces the stale file; withdraw deletes it.
+    let p2 = holder::publish(
+        target(&other, p, false),
+        record("node-a", p, LeaseMode::Exclusive, vec![vm("web1b", 4343)]),
+    )
+    .unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.vms[0].name, "web1b");
+    holder::withdraw(other.as_fd(), p2).unwrap();
+    assert!(!side.exists(), "withdraw deletes the side file");
+    assert!(holder::read(target(&reader, p, false)).believed.is_empty());
+}
+
+#[test]
+fn lockspace_exclusive_record_lives_in_the_lock_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = "/images/web1.qcow2";
+    let lockfile = dir
+        .path()
+        .join(lockwarden::plugin::resources::sha256_hex(disk));
+    fs::write(&lockfile, b"").unwrap();
+    fs::set_permissions(&lockfile, fs::Permissions::from_mode(0o600)).unwrap();
+    let lp = lockfile.to_str().unwrap();
+    let lease = open_rw(&lockfile);
+    ofd_lock(&lease, libc::F_WRLCK, 0);
+    let rec = Record::new(
+        "node-b",
+        ResourceKind::Disk,
+        disk,
+        LeaseMode::Exclusive,
+        lp,
+        SINCE,
+        vec![vm("web1", 77)],
+    );
+    let published = holder::publish(target(&lease, lp, true), rec).unwrap();
+    assert!(
+        !dir.path().join(".lockwarden").exists(),
+        "an exclusive lockspace record needs no side file"
+    );
+    let content: Value = serde_json::from_slice(&fs::read(&lockfile).unwrap()).unwrap();
+    assert_schema("record", &content);
+    assert_eq!(content["host"], "node-b");
+    assert_eq!(
+        probe(&lockfile, 0),
+        libc::F_WRLCK,
+        "byte 0 is still the lock"
+    );
+    assert_eq!(
+        probe(&lockfile, 1),
+        libc::F_WRLCK,
+        "byte 1 is the record's liveness lock"
+    );
+
+    let reader = File::open(&lockfile).unwrap();
+    let r = holder::read_for_refusal(target(&reader, lp, true), disk);
+    assert_eq!(
+        r.message,
+        format!(
+            "disk /images/web1.qcow2 (lock file {lp}) is in use by VM 'web1' (uuid \
+             c7a5fdbd-cdaf-9455-926a-00000000004d) on host node-b since 2026-11-26 10:04:05 UTC \
+             (exclusive); shut that VM down or detach the disk from it first"
+        )
+    );
+    assert_eq!(r.found.believed[0].source, lp);
+
+    // Withdraw empties the file and frees byte 1; byte 0 stays locked until the lease goes.
+    holder::withdraw(lease.as_fd(), published).unwrap();
+    assert_eq!(fs::metadata(&lockfile).unwrap().len(), 0);
+    assert_eq!(probe(&lockfile, 1), libc::F_UNLCK);
+    assert_eq!(probe(&lockfile, 0), libc::F_WRLCK);
+    let found = holder::read(target(&reader, lp, true));
+    assert!(
+        found.believed.is_empty() && found.ignored.is_empty(),
+        "{found:?}"
+    );
+
+    // Crash with a record in the file: the content stays, the liveness lock does not, and a
+    // virtlockd-style POSIX holder that takes the file over is named by pid, not by the record.
+    let published = holder::publish(
+        target(&lease, lp, true),
+        Record::new(
+            "node-b",
+            ResourceKind::Disk,
+            disk,
+            LeaseMode::Exclusive,
+            lp,
+            SINCE,
+            vec![vm("web1", 77)],
+        ),
+    )
+    .unwrap();
+    // Unlock explicitly before closing: a child another test forks right now could inherit
+    // the descriptor and keep the locks alive for a moment.
+    ofd_lock(&lease, libc::F_UNLCK, 0);
+    ofd_lock(&lease, libc::F_UNLCK, 1);
+    drop(published);
+    drop(lease);
+    assert!(fs::metadata(&lockfile).unwrap().len() > 0);
+    let virtlockd = posix_holder(&lockfile, true);
+    let found = read_until(target(&reader, lp, true), |f| f.believed.is_empty());
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.reason.contains("no longer holds")),
+        "{found:?}"
+    );
+    let lock = found.lock.clone().expect("locked by the POSIX holder");
+    assert_eq!(lock.pid, Some(virtlockd.pid));
+    let comm = fs::read_to_string(format!("/proc/{}/comm", virtlockd.pid)).unwrap();
+    let msg = holder::describe_refusal(
+        ResourceKind::Disk,
+        disk,
+        Some(lp),
+        &found.records(),
+        Some(&lock),
+    );
+    assert_eq!(
+        msg,
+        format!(
+            "disk /images/web1.qcow2 (lock file {lp}) is locked (exclusive) by a process that is \
+             not lockwarden (virtlockd or another tool): local process {} ({}); stop that \
+             process or make it release the disk first",
+            virtlockd.pid,
+            comm.trim()
+        )
+    );
+    drop(virtlockd.proc);
+}
+
+#[test]
+fn shared_holders_on_two_hosts_are_all_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let iso = image(dir.path(), "install.iso");
+    let p = iso.to_str().unwrap();
+    let a_fd = File::open(&iso).unwrap();
+    let b_fd = File::open(&iso).unwrap();
+    ofd_lock(&a_fd, libc::F_RDLCK, 0);
+    ofd_lock(&b_fd, libc::F_RDLCK, 0);
+    let pa = holder::publish(
+        target(&a_fd, p, false),
+        record("node-a", p, LeaseMode::Shared, vec![vm("a1", 1)]),
+    )
+    .unwrap();
+    // node-b: two VMs share it; the daemon republishes as VMs join and leave.
+    let mut records_b = Records::default();
+    let id = (1, 2);
+    records_b.publish(
+        id,
+        target(&b_fd, p, false),
+        record("node-b", p, LeaseMode::Shared, vec![vm("b1", 2)]),
+    );
+    records_b.publish(
+        id,
+        target(&b_fd, p, false),
+        record(
+            "node-b",
+            p,
+            LeaseMode::Shared,
+            vec![vm("b1", 2), vm("b2", 3)],
+        ),
+    );
+    assert_eq!(records_b.len(), 1);
+    let side_b = dir.path().join(".lockwarden/install.iso@node-b.json");
+    assert_eq!(
+        probe(&side_b, 0),
+        libc::F_WRLCK,
+        "the republished file is locked"
+    );
+
+    let reader = File::open(&iso).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 2, "{found:?}");
+    let msg = holder::describe_refusal(
+        ResourceKind::Disk,
+        p,
+        None,
+        &found.records(),
+        found.lock.as_ref(),
+    );
+    for needle in [
+        format!("disk {p} is in use by VM 'a1'"),
+        "on host node-a since 2026-11-26 10:04:05 UTC (shared)".to_string(),
+        ", and by VM 'b1'".to_string(),
+        ", and by VM 'b2' (uuid c7a5fdbd-cdaf-9455-926a-000000000003) on host node-b".to_string(),
+        "shut those VMs down or detach the disk from them first".to_string(),
+    ] {
+        assert!(msg.contains(&needle), "{needle:?} missing in {msg}");
+    }
+    assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
+
+    // node-a crashes (lease and record descriptors close together): only node-b is named.
+    drop(pa);
+    drop(a_fd);
+    let found = read_until(target(&reader, p, false), |f| f.believed.len() == 1);
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.host, "node-b");
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.host.as_deref() == Some("node-a"))
+    );
+
+    // node-b leaves cleanly: its side file goes.
+    records_b.withdraw(id, b_fd.as_fd());
+    assert!(!side_b.exists());
+    assert!(records_b.is_empty());
+}
+
+#[test]
+fn a_non_lockwarden_posix_holder_is_named_by_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "db.raw");
+    let p = img.to_str().unwrap();
+    let h = posix_holder(&img, false);
+    let reader = File::open(&img).unwrap();
+    let r = holder::read_for_refusal(target(&reader, p, false), p);
+    let comm = fs::read_to_string(format!("/proc/{}/comm", h.pid)).unwrap();
+    assert!(r.found.believed.is_empty());
+    assert_eq!(r.holder.pid, Some(h.pid));
+    assert_eq!(r.holder.mode, Some(LeaseMode::Shared));
+    assert!(r.holder.vm_name.is_none());
+    for needle in [
+        format!("disk {p} is locked (shared) by a process that is not lockwarden"),
+        format!("local process {} ({})", h.pid, comm.trim()),
+    ] {
+        assert!(
+            r.message.contains(&needle),
+            "{needle:?} missing in {}",
+            r.message
+        );
+    }
+    // `who` says the same, and exits 0 (the disk is held).
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    fs::write(&conf, "").unwrap();
+    let out = who(&img, &conf, &dir.path().join("no-daemon.sock"), true);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = json_of(&out);
+    assert_schema("who", &v);
+    assert_eq!(v["held"], true);
+    assert_eq!(v["lock"]["pid"], h.pid);
+    assert_eq!(v["holders"].as_array().map(Vec::len), Some(0));
+    assert!(v["message"].as_str().unwrap().contains("not lockwarden"));
+    let out = who(&img, &conf, &dir.path().join("no-daemon.sock"), false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("DISK"), "{text}");
+    assert!(
+        text.contains(&format!("(not lockwarden: {})", comm.trim())),
+        "{text}"
+    );
+    assert!(text.contains(&h.pid.to_string()), "{text}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// `lockwarden who` against real daemons standing for two hosts
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    img: PathBuf,
+    conf: PathBuf,
+    /// The lease as the plugin would request it.
+    spec: LeaseSpec,
+    lockspace: Option<PathBuf>,
+}
+
+fn setup(lockspace: bool) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    fs::create_dir(&images).unwrap();
+    let img = image(&images, "web1.qcow2");
+    let p = img.to_str().unwrap().to_string();
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    let (target, ls) = if lockspace {
+        let ls = dir.path().join("lockspace");
+        fs::create_dir(&ls).unwrap();
+        fs::write(
+            &conf,
+            format!("file_lockspace_dir = \"{}\"\n", ls.display()),
+        )
+        .unwrap();
+        (
+            LockTarget::Lockspace {
+                dir: ls.to_str().unwrap().into(),
+                file: lockwarden::plugin::resources::sha256_hex(&p),
+                create_dir: true,
+            },
+            Some(ls),
+        )
+    } else {
+        fs::write(&conf, "# direct mode\n").unwrap();
+        (LockTarget::File { path: p.clone() }, None)
+    };
+    Setup {
+        spec: LeaseSpec {
+            name: p,
+            kind: ResourceKind::Disk,
+            mode: LeaseMode::Exclusive,
+            target,
+        },
+        _dir: dir,
+        img,
+        conf,
+        lockspace: ls,
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The record of the lease a daemon holds on `s`, for host `host`: when the daemon already
+/// published one (its holder hooks are wired) that one is used and its host (this machine's
+/// name) returned; otherwise the test publishes it exactly as the daemon will, holding the
+/// record's liveness lock itself.
+fn ensure_record(s: &Setup, host: &str, owner: &Owner) -> (String, Option<(File, Published)>) {
+    let (path, lockspace) = match &s.spec.target {
+        LockTarget::File { path } => (PathBuf::from(path), false),
+        LockTarget::Lockspace { dir, file, .. } => (Path::new(dir).join(file), true),
+    };
+    let lp = path.to_str().unwrap().to_string();
+    let probe = File::open(&path).unwrap();
+    let found = holder::read(target(&probe, &lp, lockspace));
+    if let Some(seen) = found.believed.first() {
+        assert_eq!(seen.record.vms[0].uuid, owner.uuid, "{found:?}");
+        assert_eq!(seen.record.host, hostname());
+        return (hostname(), None);
+    }
+    let f = open_rw(&path);
+    let rec = Record::new(
+        host,
+        ResourceKind::Disk,
+        &s.spec.name,
+        LeaseMode::Exclusive,
+        &lp,
+        SINCE,
+        vec![Vm::of(owner, SINCE)],
+    );
+    let p = holder::publish(target(&f, &lp, lockspace), rec).unwrap();
+    (host.to_string(), Some((f, p)))
+}
+
+fn who_across_two_daemons(lockspace: bool) {
+    let s = setup(lockspace);
+    let (a, b) = (Daemon::start(), Daemon::start());
+    let (qa, qb) = (sleeper(), sleeper());
+    let (web1, web2) = (owner_for(qa.pid(), "web1"), owner_for(qb.pid(), "web2"));
+    ok(a.acquire(&web1, s.spec.clone()));
+    let (host_a, published) = ensure_record(&s, "node-a", &web1);
+
+    // Host B's daemon is refused by the kernel (B does not know A's VM).
+    match b.acquire(&web2, s.spec.clone()) {
+        Response::Error(e) => assert_eq!(e.kind, protocol::ErrorKind::Busy, "{e:?}"),
+        other => panic!("host B must be refused, got {other:?}"),
+    }
+
+    // `lockwarden who` on host B names host A's VM, from the shared storage alone.
+    let out = who(&s.img, &s.conf, &b.admin, true);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = json_of(&out);
+    assert_schema("who", &v);
+    assert_eq!(v["held"], true);
+    assert_eq!(
+        v["lock_target"],
+        if lockspace { "lockspace" } else { "file" }
+    );
+    assert_eq!(v["lock"]["mode"], "exclusive");
+    let holders = v["holders"].as_array().unwrap();
+    assert_eq!(holders.len(), 1, "{v:#}");
+    assert_eq!(holders[0]["host"], host_a.as_str());
+    assert_eq!(holders[0]["vm_name"], "web1");
+    assert_eq!(holders[0]["vm_uuid"], web1.uuid.as_str());
+    assert_eq!(holders[0]["pid"], web1.pid);
+    assert_eq!(holders[0]["source"], "record");
+    assert!(
+        holders[0]["since_utc"].as_str().unwrap().ends_with(" UTC"),
+        "{v:#}"
+    );
+    assert!(
+        v["message"].as_str().unwrap().starts_with(&format!(
+            "disk {} is in use by VM 'web1' (uuid {}) on host {host_a} since ",
+            s.img.display(),
+            web1.uuid
+        )) && v["message"].as_str().unwrap().contains(" UTC (exclusive)"),
+        "{v:#}"
+    );
+    // Human output: an aligned table.
+    let out = who(&s.img, &s.conf, &b.admin, false);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("DISK"), "{text}");
+    let at = |name: &str| lines[0].find(name).unwrap();
+    assert!(
+        lines[1][at("HOST")..].starts_with(&format!("{host_a} ")),
+        "{text}"
+    );
+    assert!(lines[1][at(" VM ") + 1..].starts_with("web1 "), "{text}");
+    assert!(lines[1][at("UUID")..].starts_with(&web1.uuid), "{text}");
+    assert!(
+        lines[1].contains(&web1.uuid) && lines[1].contains("exclusive"),
+        "{text}"
+    );
+
+    // Asking on host A merges A's daemon's own view: still one holder (same VM).
+    let v = json_of(&who(&s.img, &s.conf, &a.admin, true));
+    assert_schema("who", &v);
+    assert_eq!(v["holders"].as_array().unwrap().len(), 1, "{v:#}");
+
+    // `list --json` on host A, validated against the schema.
+    let out = cli(&[
+        "list",
+        "--json",
+        "--admin-socket",
+        a.admin.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let list = json_of(&out);
+    assert_schema("list", &list);
+    assert_eq!(list["leases"][0]["owners"][0]["name"], "web1");
+
+    if lockspace {
+        // A releases: the lock file goes (lockd semantics), so the disk is free.
+        ok(a.release(&web1, s.spec.clone()));
+        let LockTarget::Lockspace { file, .. } = &s.spec.target else {
+            unreachable!()
+        };
+        assert!(
+            !s.lockspace.as_ref().unwrap().join(file).exists(),
+            "the lock file is deleted on release"
+        );
+    } else {
+        // VM web1 dies: host A's lockwardend (or its keeper) frees the disk. The record this
+        // test published (still open here) is then stale; a daemon-published one is withdrawn.
+        drop(qa);
+    }
+    let start = Instant::now();
+    while who(&s.img, &s.conf, &b.admin, true).status.code() != Some(1) {
+        assert!(
+            start.elapsed() < BOUND,
+            "the disk never became free:\n{}",
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = who(&s.img, &s.conf, &b.admin, true);
+    assert_eq!(out.status.code(), Some(1), "free disk exits 1: {out:?}");
+    let v = json_of(&out);
+    assert_schema("who", &v);
+    assert_eq!(v["held"], false);
+    assert!(v["lock"].is_null());
+    assert_eq!(v["holders"].as_array().unwrap().len(), 0);
+    if !lockspace && published.is_some() {
+        assert!(
+            v["ignored"][0]["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("stale: "),
+            "{v:#}"
+        );
+    }
+    assert_eq!(v["message"], format!("disk {} is free", s.img.display()));
+    // ... and host B can take it now.
+    ok(b.acquire(&web2, s.spec.clone()));
+}
+
+#[test]
+fn who_on_host_b_names_host_a_vm_direct_mode() {
+    who_across_two_daemons(false);
+}
+
+#[test]
+fn who_on_host_b_names_host_a_vm_lockspace_mode() {
+    who_across_two_daemons(true);
+}
+
+#[test]
+fn who_errors_exit_3_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("q.conf");
+    fs::write(&conf, "").unwrap();
+    let missing = dir.path().join("missing.qcow2");
+    let out = who(&missing, &conf, &dir.path().join("x.sock"), true);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v = json_of(&out);
+    assert_schema("who_error", &v);
+    assert!(
+        v["error"].as_str().unwrap().contains("missing.qcow2"),
+        "{v}"
+    );
+    fs::write(&conf, "bogus_key = 1\n").unwrap();
+    let out = who(&missing, &conf, &dir.path().join("x.sock"), false);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bogus_key"),
+        "{out:?}"
+    );
+    let out = cli(&["who"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// doctor
+
+fn doctor(conf: &Path, extra: &[&str]) -> (i32, Value) {
+    let dir = conf.parent().unwrap();
+    let qemu = dir.join("qemu.conf");
+    fs::write(&qemu, "lock_manager = \"lockwarden\"\n").unwrap();
+    let mut args = vec![
+        "doctor",
+        "--json",
+        "--config",
+        conf.to_str().unwrap(),
+        "--qemu-conf",
+        qemu.to_str().unwrap(),
+        "--admin-socket",
+        "/nonexistent/lockwarden-admin.sock",
+        "--timeout-ms",
+        "200",
+    ];
+    args.extend_from_slice(extra);
+    let out = cli(&args);
+    (out.status.code().unwrap(), json_of(&out))
+}
+
+fn find_check<'a>(v: &'a Value, name: &str, detail: &str) -> Option<&'a Value> {
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name && c["detail"].as_str().is_some_and(|d| d.contains(detail)))
+}
+
+#[test]
+fn doctor_finds_a_nolock_nfs_mount_in_a_fake_mount_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    fs::write(&conf, "").unwrap();
+    let mounts = dir.path().join("mounts");
+    fs::write(
+        &mounts,
+        "/dev/vda1 / ext4 rw,relatime 0 0\n\
+         filer:/vm /var/lib/libvirt/images nfs rw,vers=3,nolock,addr=10.0.0.5 0 0\n\
+         filer:/ls /var/lib/libvirt/lockd nfs4 rw,vers=4.2,local_lock=none 0 0\n",
+    )
+    .unwrap();
+    let (code, v) = doctor(
+        &conf,
+        &["--mounts", mounts.to_str().unwrap(), "--no-publish"],
+    );
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["ok"], false);
+    let bad = find_check(&v, "nfs", "/var/lib/libvirt/images").expect("nolock mount reported");
+    assert_eq!(bad["verdict"], "fail");
+    assert!(bad["detail"].as_str().unwrap().contains("nolock"));
+    let good = find_check(&v, "nfs", "/var/lib/libvirt/lockd").unwrap();
+    assert_eq!(good["verdict"], "ok");
+
+    // The same through the environment variable.
+    let qemu = dir.path().join("qemu.conf");
+    let out = Command::new(CLI)
+        .args(["doctor", "--json", "--no-publish", "--timeout-ms", "200"])
+        .arg("--config")
+        .arg(&conf)
+        .arg("--qemu-conf")
+        .arg(&qemu)
+        .args(["--admin-socket", "/nonexistent/a.sock"])
+        .env("LOCKWARDEN_MOUNTS_FILE", &mounts)
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    assert_eq!(find_check(&v, "nfs", "nolock").unwrap()["verdict"], "fail");
+}
+
+#[test]
+fn doctor_compares_the_plugin_config_other_hosts_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let ls = dir.path().join("lockspace");
+    fs::create_dir(&ls).unwrap();
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    fs::write(
+        &conf,
+        format!("file_lockspace_dir = \"{}\"\n", ls.display()),
+    )
+    .unwrap();
+    let mounts = dir.path().join("mounts");
+    fs::write(&mounts, "").unwrap();
+    let m = ["--mounts", mounts.to_str().unwrap()];
+
+    // First run publishes this host's config; nobody else has published yet.
+    let (_, v) = doctor(&conf, &m);
+    let c = find_check(&v, "cluster-config:file_lockspace_dir", "no other host")
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(c["verdict"], "ok");
+    let cdir = ls.join(".lockwarden/config");
+    let mine: Vec<PathBuf> = fs::read_dir(&cdir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let mut other: Value = serde_json::from_slice(&fs::read(&mine[0]).unwrap()).unwrap();
+
+    // Host node-b published a config that ignores read-only disks: FAIL, naming the difference.
+    other["host"] = "node-b".into();
+    other["readonly_disks"] = "ignore".into();
+    fs::write(
+        cdir.join("node-b.json"),
+        serde_json::to_vec(&other).unwrap(),
+    )
+    .unwrap();
+    let (code, v) = doctor(&conf, &m);
+    assert_eq!(code, 1);
+    let c = find_check(&v, "cluster-config:file_lockspace_dir", "node-b")
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(c["verdict"], "fail");
+    let d = c["detail"].as_str().unwrap();
+    assert!(
+        d.contains("plugin config differs from the one published by host node-b"),
+        "{d}"
+    );
+    assert!(
+        d.contains("readonly_disks: here shared, there ignore"),
+        "{d}"
+    );
+
+    // Once node-b agrees, the check passes and names it.
+    other["readonly_disks"] = "shared".into();
+    fs::write(
+        cdir.join("node-b.json"),
+        serde_json::to_vec(&other).unwrap(),
+    )
+    .unwrap();
+    let (_, v) = doctor(&conf, &m);
+    let c = find_check(
+        &v,
+        "cluster-config:file_lockspace_dir",
+        "matches 1 other host(s): node-b",
+    )
+    .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(c["verdict"], "ok");
+}
