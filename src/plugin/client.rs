@@ -22,28 +22,34 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// An open connection to the daemon.
-pub struct Client {
+pub struct Client<'a> {
     fd: OwnedFd,
     socket: PathBuf,
     timeout_ms: u32,
     deadline: Instant,
     /// What the call is for ("cannot acquire the leases of VM 'web1' (uuid)"), prefixed to
-    /// every transport error. Daemon errors are passed through verbatim.
-    context: String,
+    /// every transport error. Daemon errors are passed through verbatim. Built only when an
+    /// error is reported: formatting it on every call cost more than the syscalls.
+    context: &'a dyn Fn() -> String,
 }
 
 fn connect_hint() -> &'static str {
     "start it with `systemctl start lockwardend.socket`"
 }
 
-impl Client {
+impl<'a> Client<'a> {
     /// Connect to the daemon at `socket`; the whole exchange must finish within `timeout_ms`.
     /// `context` says what the call is for; it starts every transport error message.
-    pub fn connect(socket: &Path, timeout_ms: u32, context: &str) -> Result<Client, PluginError> {
+    pub fn connect(
+        socket: &Path,
+        timeout_ms: u32,
+        context: &'a dyn Fn() -> String,
+    ) -> Result<Client<'a>, PluginError> {
         let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
         let cannot = |e: Errno| {
             PluginError::internal(format!(
-                "{context}: cannot connect to lockwardend at {:?}: {}; {}",
+                "{}: cannot connect to lockwardend at {:?}: {}; {}",
+                context(),
                 socket,
                 e.desc(),
                 connect_hint()
@@ -62,7 +68,7 @@ impl Client {
             socket: socket.to_path_buf(),
             timeout_ms,
             deadline,
-            context: context.to_string(),
+            context,
         };
         client.arm(true).map_err(|e| client.io_error(e))?;
         loop {
@@ -101,7 +107,9 @@ impl Client {
             "{}: lockwardend at {:?} did not answer within {} ms (request_timeout_ms); check \
              `systemctl status lockwardend` and the storage holding the disks (a hung NFS mount \
              stalls the leases on it)",
-            self.context, self.socket, self.timeout_ms
+            (self.context)(),
+            self.socket,
+            self.timeout_ms
         ))
     }
 
@@ -111,7 +119,8 @@ impl Client {
             _ => PluginError::internal(format!(
                 "{}: talking to lockwardend at {:?} failed: {e}; check `systemctl status \
                  lockwardend`",
-                self.context, self.socket
+                (self.context)(),
+                self.socket
             )),
         }
     }
@@ -122,24 +131,27 @@ impl Client {
             FrameError::Eof => PluginError::internal(format!(
                 "{}: lockwardend at {:?} closed the connection without answering; check \
                  `journalctl -u lockwardend` for the reason",
-                self.context, self.socket
+                (self.context)(),
+                self.socket
             )),
             FrameError::Version(v) => PluginError::internal(format!(
                 "{}: lockwardend at {:?} speaks lockwarden protocol version {v}, this plugin \
                  speaks version {}; install matching versions of lockwarden.so and lockwardend \
                  and restart both",
-                self.context,
+                (self.context)(),
                 self.socket,
                 protocol::PROTOCOL_VERSION
             )),
             FrameError::BadMagic(_) => PluginError::internal(format!(
                 "{}: {:?} is not a lockwardend socket (the answer is not a lockwarden frame); \
                  fix daemon_socket in the plugin configuration",
-                self.context, self.socket
+                (self.context)(),
+                self.socket
             )),
             other => PluginError::internal(format!(
                 "{}: bad answer from lockwardend at {:?}: {other}",
-                self.context, self.socket
+                (self.context)(),
+                self.socket
             )),
         }
     }
@@ -150,7 +162,7 @@ impl Client {
         let frame = protocol::encode(req).map_err(|e| {
             PluginError::internal(format!(
                 "{}: cannot encode the request for lockwardend: {e}",
-                self.context
+                (self.context)()
             ))
         })?;
         self.send_all(&frame).map_err(|e| self.io_error(e))?;
@@ -165,7 +177,8 @@ impl Client {
             other => Err(PluginError::internal(format!(
                 "{}: lockwardend at {:?} gave an answer that does not fit the request \
                  ({other:?}); install matching versions of lockwarden.so and lockwardend",
-                self.context, self.socket
+                (self.context)(),
+                self.socket
             ))),
         }
     }
@@ -189,7 +202,7 @@ impl Client {
         fcntl(&self.fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| {
             PluginError::internal(format!(
                 "{}: cannot make the lockwardend connection inheritable: {}",
-                self.context,
+                (self.context)(),
                 e.desc()
             ))
         })?;
@@ -198,11 +211,11 @@ impl Client {
 }
 
 /// `Read` over the client's socket, each `recv` bounded by the time left.
-struct DeadlineReader<'a> {
-    client: &'a Client,
+struct DeadlineReader<'a, 'c> {
+    client: &'a Client<'c>,
 }
 
-impl io::Read for DeadlineReader<'_> {
+impl io::Read for DeadlineReader<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             self.client.arm(false)?;
@@ -232,9 +245,11 @@ mod tests {
 
     #[test]
     fn missing_socket_names_path_and_fix() {
-        let e = Client::connect(Path::new("/nonexistent/lockwardend.sock"), 1000, "ctx")
-            .err()
-            .unwrap();
+        let e = Client::connect(Path::new("/nonexistent/lockwardend.sock"), 1000, &|| {
+            "ctx".to_string()
+        })
+        .err()
+        .unwrap();
         assert!(e.message.contains(
             "ctx: cannot connect to lockwardend at \"/nonexistent/lockwardend.sock\": No such file"
         ));
@@ -247,7 +262,7 @@ mod tests {
         let sock = dir.path().join("s");
         let _l = UnixListener::bind(&sock).unwrap();
         let start = Instant::now();
-        let mut c = Client::connect(&sock, 300, "ctx").unwrap();
+        let mut c = Client::connect(&sock, 300, &|| "ctx".to_string()).unwrap();
         let e = c
             .call(&Request::Register {
                 owner: owner(),
@@ -279,13 +294,13 @@ mod tests {
             io::Write::write_all(&mut s, &frame).unwrap();
         });
         let req = Request::Inquire { owner: owner() };
-        let e = Client::connect(&sock, 2000, "ctx")
+        let e = Client::connect(&sock, 2000, &|| "ctx".to_string())
             .unwrap()
             .call(&req)
             .unwrap_err();
         assert_eq!(e.code, Code::Busy);
         assert_eq!(e.message, "disk '/x' is held by VM 'other'");
-        let e = Client::connect(&sock, 2000, "ctx")
+        let e = Client::connect(&sock, 2000, &|| "ctx".to_string())
             .unwrap()
             .call(&req)
             .unwrap_err();

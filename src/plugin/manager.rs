@@ -26,14 +26,18 @@ pub struct Manager {
     pub leases: Vec<LeaseSpec>,
     /// Read/write exclusive disks seen (recorded or not), for `require_lease_for_disks`.
     pub rw_disks: usize,
+    /// "'name' (uuid)", escaped once here rather than on every AddResource.
+    label: String,
 }
 
 impl Manager {
     pub fn new(owner: Owner) -> Manager {
+        let label = format!("{} ({})", show(owner.name.as_bytes()), owner.uuid);
         Manager {
             owner,
             leases: Vec::new(),
             rw_disks: 0,
+            label,
         }
     }
 
@@ -60,7 +64,7 @@ impl Manager {
 
     /// "'name' (uuid)" for messages, escaped.
     pub fn vm_label(&self) -> String {
-        format!("{} ({})", show(self.owner.name.as_bytes()), self.owner.uuid)
+        self.label.clone()
     }
 
     /// `drvAcquire`. `want_fd`: keep the connection open and inheritable and return it (the
@@ -111,14 +115,16 @@ impl Manager {
                 restrict,
             }
         };
-        let context = if register {
-            format!("cannot register VM {vm} with lockwardend")
-        } else {
-            format!(
-                "cannot acquire the {} lease(s) of VM {vm}{}",
-                self.leases.len(),
-                first_names(&self.leases)
-            )
+        let context = || {
+            if register {
+                format!("cannot register VM {vm} with lockwardend")
+            } else {
+                format!(
+                    "cannot acquire the {} lease(s) of VM {vm}{}",
+                    self.leases.len(),
+                    first_names(&self.leases)
+                )
+            }
         };
         let mut client = Client::connect(
             &settings.daemon_socket,
@@ -142,12 +148,14 @@ impl Manager {
                 self.vm_label()
             )));
         }
-        let context = format!(
-            "cannot release the {} lease(s) of VM {}{}",
-            self.leases.len(),
-            self.vm_label(),
-            first_names(&self.leases)
-        );
+        let context = || {
+            format!(
+                "cannot release the {} lease(s) of VM {}{}",
+                self.leases.len(),
+                self.vm_label(),
+                first_names(&self.leases)
+            )
+        };
         let mut client = Client::connect(
             &settings.daemon_socket,
             settings.request_timeout_ms,
