@@ -123,6 +123,11 @@ pub enum Request {
     Status,
     /// Admin: every lease this daemon holds.
     List,
+    /// Admin: the leases this daemon found lost since it started (docs/storage.md), oldest
+    /// first, at most 256; each entry's `since` is the time of the detection and `owners` the
+    /// VMs that held it. Answered with `Response::Ok`. Added after version 1 shipped: an older
+    /// daemon answers it with an `invalid` error.
+    Lost,
 }
 
 /// Error classes; the plugin maps each to a libvirt error code.

@@ -1513,17 +1513,18 @@ fn systemd_socket_activation_is_used_and_its_sockets_kept() {
     drop((main, admin));
 }
 
+/// Many acquire/release cycles of 1 and 16 disks over one connection leave nothing behind.
+/// (How fast they are is measured by `cargo bench --bench lockcycle`, not asserted here.)
 #[test]
-fn lock_cycle_latency_one_and_sixteen_disks() {
+fn repeated_lock_cycles_leave_nothing_behind() {
     let d = Daemon::start();
     let images = tempfile::tempdir().unwrap();
     let disks: Vec<PathBuf> = (0..16)
         .map(|i| image(images.path(), &format!("lat{i}.img")))
         .collect();
-    let a = vm("latency");
+    let a = vm("cycles");
     let mut c = d.client();
     let mut cycle = |specs: &[LeaseSpec]| {
-        let t = Instant::now();
         ok(c.call(&Request::Acquire {
             owner: a.owner.clone(),
             leases: specs.to_vec(),
@@ -1534,20 +1535,35 @@ fn lock_cycle_latency_one_and_sixteen_disks() {
             owner: a.owner.clone(),
             leases: specs.to_vec(),
         }));
-        t.elapsed()
     };
     let one = vec![excl(&disks[0])];
     let all: Vec<LeaseSpec> = disks.iter().map(|p| excl(p)).collect();
-    let rounds = 200u32;
-    let t1: Duration = (0..rounds).map(|_| cycle(&one)).sum::<Duration>() / rounds;
-    let t16: Duration = (0..rounds).map(|_| cycle(&all)).sum::<Duration>() / rounds;
-    eprintln!("lock cycle (acquire+release over one connection): 1 disk {t1:?}, 16 disks {t16:?}");
-    assert!(t1 < Duration::from_millis(50), "1-disk cycle took {t1:?}");
-    assert!(
-        t16 < Duration::from_millis(200),
-        "16-disk cycle took {t16:?}"
-    );
+    for _ in 0..200 {
+        cycle(&one);
+        cycle(&all);
+    }
     assert!(d.list().is_empty());
+    for disk in &disks {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(disk)
+            .unwrap();
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_len = 1;
+        // SAFETY: F_OFD_GETLK on a valid fd with a properly initialised flock.
+        assert_eq!(
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) },
+            0
+        );
+        assert_eq!(
+            fl.l_type,
+            libc::F_UNLCK as i16,
+            "{} still locked",
+            disk.display()
+        );
+    }
 }
 
 #[test]

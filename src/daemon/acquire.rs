@@ -11,18 +11,23 @@
 use super::Failure;
 use super::holder;
 use super::lease::{Lease, LeaseKey};
-use super::lock;
-use super::lockfile::{self, OpenError, Opened};
+use super::lockfile::{self, Opened};
+use super::owner::ConnId;
 use super::release;
-use super::state::State;
+use super::state::{JobFor, OpId, State};
+use super::storage::{JobId, Mounts, Taken, Work};
 use super::text::{esc, mode_word, now_secs, subject, utc, what};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
+    Response,
 };
 use log::{debug, error, info};
 use nix::errno::Errno;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
 
 /// How often one disk's job is started again because the table changed under it.
 const RESUBMITS: usize = 8;
@@ -45,7 +50,382 @@ fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Hold
     })
 }
 
-@@ACQ@@
+/// One Acquire in progress: its files are being opened and locked on storage threads
+/// (docs/storage.md). All or nothing still holds: whatever a phase took is rolled back when any
+/// file fails, and the client hears "taken" only after the keeper holds every new lease.
+#[derive(Debug)]
+pub struct AcquireOp {
+    pub conn: ConnId,
+    owner: Owner,
+    pub restrict: bool,
+    /// Phases still to run: exclusive leases first, then shared ones.
+    phases: VecDeque<Vec<LeaseSpec>>,
+    /// Jobs of the running phase: the spec, its mount and how often it was started again.
+    inflight: HashMap<JobId, (LeaseSpec, PathBuf, usize)>,
+    /// Conflicts of the running phase, judged once every job of the phase is back (another disk
+    /// of the same request may be the holder).
+    conflicts: Vec<(LeaseSpec, LeaseKey, Failure)>,
+    undo: Vec<Undo>,
+    failure: Option<Failure>,
+    pub deadline: Instant,
+    started: Instant,
+}
+
+/// An answer for a client whose request waited on storage.
+#[derive(Debug)]
+pub struct Finished {
+    pub conn: ConnId,
+    pub response: Response,
+    /// Restrict the connection (an Acquire with `restrict` that succeeded).
+    pub restrict: bool,
+}
+
+/// Start taking every lease in `specs` for `owner`, or none of the new ones. The answer comes
+/// later through `state.finished`.
+pub fn start(
+    state: &mut State,
+    conn: ConnId,
+    owner: &Owner,
+    specs: &[LeaseSpec],
+    action: FailureAction,
+    restrict: bool,
+) -> Result<(), Failure> {
+    for spec in specs {
+        lockfile::validate(spec).map_err(|m| reply(ErrorKind::Invalid, spec, m, None))?;
+    }
+    if state.terminating(owner.pid) {
+        return Err(Box::new(ErrorReply {
+            kind: ErrorKind::Invalid,
+            message: format!(
+                "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
+                 it held leases; it cannot take new ones",
+                esc(&owner.name),
+                owner.pid
+            ),
+            resource: None,
+            holder: None,
+        }));
+    }
+    let entry = state
+        .owners
+        .ensure(owner)
+        .map_err(|e| not_running(owner, e))?;
+    entry.action = action;
+    let exclusive: Vec<LeaseSpec> = specs
+        .iter()
+        .filter(|s| s.mode == LeaseMode::Exclusive)
+        .cloned()
+        .collect();
+    let shared: Vec<LeaseSpec> = specs
+        .iter()
+        .filter(|s| s.mode == LeaseMode::Shared)
+        .cloned()
+        .collect();
+    let now = Instant::now();
+    let op = AcquireOp {
+        conn,
+        owner: owner.clone(),
+        restrict,
+        phases: VecDeque::from([exclusive, shared]),
+        inflight: HashMap::new(),
+        conflicts: Vec::new(),
+        undo: Vec::new(),
+        failure: None,
+        deadline: now + state.storage_timeout,
+        started: now,
+    };
+    let id = state.next_op_id();
+    advance(state, id, op);
+    Ok(())
+}
+
+/// Queue the jobs of one file.
+fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, tries: usize) {
+    let mount = state.mounts.of(&lockfile::target_path(&spec.target));
+    let held = Arc::new(state.leases.iter().map(|(k, _)| *k).collect());
+    let job = state.storage.submit(
+        &mount,
+        Work::Take {
+            spec: spec.clone(),
+            held,
+        },
+    );
+    state.jobs.insert(job, JobFor::Take(id));
+    op.inflight.insert(job, (spec, mount, tries));
+}
+
+/// Move `op` on: judge a finished phase, start the next, or answer.
+fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
+    loop {
+        if !op.inflight.is_empty() {
+            state.acquires.insert(id, op);
+            return;
+        }
+        for (spec, key, busy) in std::mem::take(&mut op.conflicts) {
+            if op.failure.is_some() {
+                break;
+            }
+            if state.leases.get(&key).is_some() {
+                if let Err(e) = join(state, &op.owner, &spec, key, &mut op.undo) {
+                    op.failure = Some(e);
+                }
+            } else {
+                op.failure = Some(busy);
+            }
+        }
+        if let Some(f) = op.failure.take() {
+            fail(state, op, *f);
+            return;
+        }
+        match op.phases.pop_front() {
+            Some(specs) => {
+                state.mounts = Mounts::load();
+                for spec in specs {
+                    submit(state, id, &mut op, spec, 0);
+                }
+            }
+            None => {
+                succeed(state, op);
+                return;
+            }
+        }
+    }
+}
+
+/// A Take job of `id` came back.
+pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Failure>) {
+    let Some(mut op) = state.acquires.remove(&id) else {
+        orphan(state, job, result);
+        return;
+    };
+    let Some((spec, mount, tries)) = op.inflight.remove(&job) else {
+        state.acquires.insert(id, op);
+        orphan(state, job, result);
+        return;
+    };
+    match result {
+        Err(f) => {
+            op.failure.get_or_insert(f);
+        }
+        Ok(Taken::Conflict { key, busy }) => op.conflicts.push((spec, key, busy)),
+        Ok(Taken::Held(opened)) => {
+            let key = opened.key;
+            close(state, &mount, opened);
+            if op.failure.is_none() {
+                if state.leases.get(&key).is_some() {
+                    if let Err(e) = join(state, &op.owner, &spec, key, &mut op.undo) {
+                        op.failure = Some(e);
+                    }
+                } else if tries < RESUBMITS {
+                    // Released meanwhile: take it afresh.
+                    submit(state, id, &mut op, spec, tries + 1);
+                } else {
+                    op.failure = Some(reply(
+                        ErrorKind::Internal,
+                        &spec,
+                        "its lease kept changing while being taken; retry".into(),
+                        None,
+                    ));
+                }
+            }
+        }
+        Ok(Taken::Locked(opened)) => {
+            if op.failure.is_some() {
+                close(state, &mount, opened);
+            } else if let Err(e) = commit(state, &mut op, &spec, opened, &mount) {
+                op.failure = Some(e);
+            }
+        }
+    }
+    advance(state, id, op);
+}
+
+/// A job whose request is gone (timed out, client left): drop whatever it took.
+pub fn orphan(state: &mut State, job: JobId, result: Result<Taken, Failure>) {
+    if let Ok(Taken::Locked(opened) | Taken::Held(opened)) = result {
+        let mount = state.mounts.of(&opened.lock_path);
+        info!(
+            "storage answered late (job {job}): dropping the lock on {:?} that nobody waits for \
+             any more",
+            opened.lock_path
+        );
+        close(state, &mount, opened);
+    }
+}
+
+/// Close an opened file on its mount's threads (closing can block on dead storage too).
+fn close(state: &mut State, mount: &std::path::Path, opened: Opened) {
+    let mut fds = vec![opened.fd];
+    if let Some(d) = opened.dir {
+        fds.push(d.fd);
+    }
+    let job = state.storage.submit(mount, Work::Close(fds));
+    state.jobs.insert(job, JobFor::Other);
+}
+
+/// Requests whose storage did not answer in time get a Timeout answer; what they took is rolled
+/// back and what is still running is cleaned up when it comes back.
+pub fn expire(state: &mut State, now: Instant) {
+    let late: Vec<OpId> = state
+        .acquires
+        .iter()
+        .filter(|(_, op)| op.deadline <= now)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in late {
+        let Some(mut op) = state.acquires.remove(&id) else {
+            continue;
+        };
+        let waiting = op.inflight.len();
+        let mut stuck: Vec<(LeaseSpec, PathBuf)> = Vec::new();
+        for (job, (spec, mount, _)) in op.inflight.drain() {
+            state.jobs.insert(job, JobFor::Orphan);
+            stuck.push((spec, mount));
+        }
+        stuck.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        let Some((spec, mount)) = stuck.first() else {
+            // Nothing outstanding: the deadline passed between two steps; finish normally.
+            advance(state, id, op);
+            continue;
+        };
+        let ms = now.saturating_duration_since(op.started).as_millis();
+        let message = format!(
+            "storage holding {} {} (mount {}) is not answering: no reply within {ms} ms ({waiting} \
+             file(s) of this request still waiting); nothing was locked for VM '{}'; check the \
+             storage (NFS server, network) behind {} and retry; lockwardend keeps serving other \
+             storage",
+            what(spec.kind),
+            esc(&spec.name),
+            esc(&mount.to_string_lossy()),
+            esc(&op.owner.name),
+            esc(&mount.to_string_lossy()),
+        );
+        error!(
+            "acquire for VM {:?} (pid {}) timed out: {} {:?} on mount {:?} is not answering after \
+             {ms} ms",
+            op.owner.name,
+            op.owner.pid,
+            what(spec.kind),
+            spec.name,
+            mount
+        );
+        let failure = reply(ErrorKind::Timeout, spec, message, None);
+        fail(state, op, *failure);
+    }
+}
+
+/// A live re-exec cannot wait any longer: fail every waiting request (rolled back, answered).
+pub fn interrupt_all(state: &mut State) {
+    let ids: Vec<OpId> = state.acquires.keys().copied().collect();
+    for id in ids {
+        let Some(mut op) = state.acquires.remove(&id) else {
+            continue;
+        };
+        for (job, _) in op.inflight.drain() {
+            state.jobs.insert(job, JobFor::Orphan);
+        }
+        let f = Box::new(ErrorReply {
+            kind: ErrorKind::Timeout,
+            message: format!(
+                "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
+                 answered; nothing was locked; retry",
+                esc(&op.owner.name)
+            ),
+            resource: None,
+            holder: None,
+        });
+        fail(state, op, *f);
+    }
+}
+
+/// The client of these requests went away: roll them back without an answer.
+pub fn cancel_conn(state: &mut State, conn: ConnId) {
+    let gone: Vec<OpId> = state
+        .acquires
+        .iter()
+        .filter(|(_, op)| op.conn == conn)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in gone {
+        let Some(mut op) = state.acquires.remove(&id) else {
+            continue;
+        };
+        for (job, _) in op.inflight.drain() {
+            state.jobs.insert(job, JobFor::Orphan);
+        }
+        info!(
+            "client of the acquire for VM {:?} (pid {}) went away before storage answered; \
+             rolling it back",
+            op.owner.name, op.owner.pid
+        );
+        let pid = op.owner.pid;
+        rollback(state, pid, std::mem::take(&mut op.undo));
+        state.owners.prune(pid);
+    }
+}
+
+fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
+    info!(
+        "refused acquire for VM {:?} (pid {}): {}",
+        op.owner.name, op.owner.pid, e.message
+    );
+    let pid = op.owner.pid;
+    rollback(state, pid, std::mem::take(&mut op.undo));
+    state.owners.prune(pid);
+    state.finished.push(Finished {
+        conn: op.conn,
+        response: Response::Error(e),
+        restrict: false,
+    });
+}
+
+fn succeed(state: &mut State, mut op: AcquireOp) {
+    // Only once the keeper holds the new leases may the client hear they are taken: a crash
+    // before this point drops them with our descriptors, and nobody was told they were held.
+    let keys: Vec<LeaseKey> = op
+        .undo
+        .iter()
+        .map(|u| match u {
+            Undo::Joined(k) | Undo::Created { key: k, .. } => *k,
+        })
+        .collect();
+    let owner = op.owner.clone();
+    if let Err(e) = state.protect(&keys) {
+        error!(
+            "cannot hand the leases of VM {:?} (pid {}) to the keeper: {e}",
+            owner.name, owner.pid
+        );
+        let f = Box::new(ErrorReply {
+            kind: ErrorKind::Internal,
+            message: format!(
+                "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
+                 nothing was locked; check lockwardend's log (descriptor limit? /run full?) and \
+                 retry",
+                esc(&owner.name),
+                esc(&e)
+            ),
+            resource: None,
+            holder: None,
+        });
+        op.failure = None;
+        fail(state, op, *f);
+        return;
+    }
+    debug!(
+        "acquire for VM {:?} (pid {}) done in {} ms",
+        owner.name,
+        owner.pid,
+        op.started.elapsed().as_millis()
+    );
+    state.finished.push(Finished {
+        conn: op.conn,
+        response: Response::Ok {
+            leases: state.infos_of(owner.pid),
+        },
+        restrict: op.restrict,
+    });
+}
+
 /// An Acquire for a pid that does not exist cannot be honoured: nothing would ever release it.
 fn not_running(owner: &Owner, e: Errno) -> Failure {
     let (kind, message) = match e {
@@ -86,7 +466,77 @@ fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) {
     }
 }
 
-@@COMMIT@@
+/// Put a freshly locked file into the tables for `op`'s owner.
+fn commit(
+    state: &mut State,
+    op: &mut AcquireOp,
+    spec: &LeaseSpec,
+    opened: Opened,
+    mount: &std::path::Path,
+) -> Result<(), Failure> {
+    let owner = op.owner.clone();
+    let key = opened.key;
+    if state.owners.get(owner.pid).is_none() {
+        close(state, mount, opened);
+        return Err(Box::new(ErrorReply {
+            kind: ErrorKind::Invalid,
+            message: format!(
+                "VM '{}' (pid {}) exited while its disks were being locked",
+                esc(&owner.name),
+                owner.pid
+            ),
+            resource: Some(spec.name.clone()),
+            holder: None,
+        }));
+    }
+    if state.leases.get(&key).is_some() {
+        // Taken shared by another request meanwhile: our second description goes.
+        close(state, mount, opened);
+        return join(state, &owner, spec, key, &mut op.undo);
+    }
+    let now = now_secs();
+    let Opened {
+        fd,
+        lock_path,
+        dir,
+        created,
+        ..
+    } = opened;
+    let delete_when_free = spec.kind == ResourceKind::Disk && dir.is_some();
+    state.leases.insert(
+        key,
+        Lease {
+            name: spec.name.clone(),
+            kind: spec.kind,
+            mode: spec.mode,
+            lock_path,
+            fd: Arc::new(fd),
+            dir,
+            delete_when_free,
+            owners: BTreeMap::from([(owner.pid, now)]),
+            since: now,
+            lost: false,
+        },
+    );
+    if let Some(e) = state.owners.get_mut(owner.pid) {
+        e.leases.insert(key);
+    }
+    state.publish_holder(key);
+    op.undo.push(Undo::Created {
+        key,
+        created_file: created,
+    });
+    info!(
+        "{} {:?} locked ({}) for VM {:?} (pid {})",
+        what(spec.kind),
+        spec.name,
+        mode_word(spec.mode),
+        owner.name,
+        owner.pid
+    );
+    Ok(())
+}
+
 /// The inode is already a lease of this daemon: same owner again, another shared owner, or busy.
 fn join(
     state: &mut State,

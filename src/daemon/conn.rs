@@ -46,6 +46,8 @@ pub struct Conn {
     pub closing: bool,
     /// Close at this time whatever happens (refused connections only).
     pub deadline: Option<Instant>,
+    /// A request of this connection waits on storage: read nothing more until it is answered.
+    pub waiting: bool,
 }
 
 impl Conn {
@@ -59,6 +61,7 @@ impl Conn {
             refusal: None,
             closing: false,
             deadline: None,
+            waiting: false,
         }
     }
 

@@ -37,11 +37,37 @@ fn op_name(req: &Request) -> &'static str {
         Request::Inquire { .. } => "inquire",
         Request::Status => "status",
         Request::List => "list",
+        Request::Lost => "lost",
     }
 }
 
-/// Answer one request.
-pub fn handle(state: &mut State, s: &mut Session, req: Request, clients: usize) -> Response {
+/// Answer one request; `None`: the answer comes later (it waits on storage, `state.finished`).
+pub fn handle(
+    state: &mut State,
+    s: &mut Session,
+    req: Request,
+    clients: usize,
+) -> Option<Response> {
+    match req {
+        Request::Acquire {
+            owner,
+            leases,
+            action,
+            restrict,
+        } if !s.restricted && !s.admin => {
+            if let Err(e) = check_owner(&owner) {
+                return Some(Response::Error(*e));
+            }
+            match acquire::start(state, s.id, &owner, &leases, action, restrict) {
+                Ok(()) => None,
+                Err(e) => Some(Response::Error(*e)),
+            }
+        }
+        req => Some(answer(state, s, req, clients)),
+    }
+}
+
+fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> Response {
     if s.restricted {
         let vm = s
             .handle_of
@@ -59,6 +85,9 @@ pub fn handle(state: &mut State, s: &mut Session, req: Request, clients: usize) 
     }
     match req {
         Request::Status => Response::Status(state.status(clients)),
+        Request::Lost => Response::Ok {
+            leases: state.recent_lost.iter().cloned().collect(),
+        },
         Request::List => Response::Ok {
             leases: state.all_infos(),
         },
@@ -71,25 +100,11 @@ pub fn handle(state: &mut State, s: &mut Session, req: Request, clients: usize) 
             ),
         ),
         Request::Register { owner, restrict } => register(state, s, &owner, restrict),
-        Request::Acquire {
-            owner,
-            leases,
-            action,
-            restrict,
-        } => {
-            if let Err(e) = check_owner(&owner) {
-                return Response::Error(*e);
-            }
-            match acquire::acquire(state, &owner, &leases, action) {
-                Ok(()) => {
-                    s.restricted |= restrict;
-                    Response::Ok {
-                        leases: state.infos_of(owner.pid),
-                    }
-                }
-                Err(e) => Response::Error(*e),
-            }
-        }
+        // Handled by `handle` (it waits on storage).
+        Request::Acquire { .. } => Response::error(
+            ErrorKind::Internal,
+            "acquire reached the synchronous dispatcher; this is a bug in lockwardend",
+        ),
         Request::Release { owner, leases } => {
             if let Err(e) = check_owner(&owner) {
                 return Response::Error(*e);

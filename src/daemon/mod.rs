@@ -29,6 +29,7 @@ mod listen;
 mod lock;
 mod lockfile;
 mod logging;
+mod lost;
 mod notify;
 mod owner;
 mod pidfd;
@@ -41,6 +42,7 @@ mod server;
 mod settings;
 mod signals;
 mod state;
+mod storage;
 mod text;
 
 use args::Command;
@@ -101,7 +103,19 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "localhost".into());
     let detached = keeper::Keeper::detached(std::path::PathBuf::new());
-    let state = state::State::new(hostname, text::now_secs(), settings.kill_grace, detached);
+    let storage = storage::Storage::new()?;
+    let mut state = state::State::new(
+        hostname,
+        text::now_secs(),
+        settings.kill_grace,
+        detached,
+        storage,
+    );
+    state.storage_timeout = settings.storage_timeout;
+    state.check_interval = settings.lease_check_interval;
+    state.next_check = settings
+        .lease_check_interval
+        .map(|d| std::time::Instant::now() + d);
     let mut server = server::Server::new(
         state,
         Vec::new(),

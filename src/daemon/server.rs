@@ -33,6 +33,8 @@ const ACCEPT_BATCH: usize = 64;
 const REFUSAL_SLACK: usize = 64;
 /// Pause accepting this long when the process is out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
+/// A live re-exec waits this long for requests waiting on storage before failing them.
+const REEXEC_WAIT: Duration = Duration::from_secs(1);
 /// Size of the shared read buffer.
 const SCRATCH: usize = 64 * 1024;
 
@@ -44,6 +46,7 @@ enum Token {
     Conn(ConnId),
     Owner(u32),
     Keeper,
+    Storage,
 }
 
 /// Why the loop ended.
@@ -64,6 +67,7 @@ pub struct Server {
     /// How many live re-execs this process went through.
     pub generation: u64,
     reexec_pending: bool,
+    reexec_since: Option<Instant>,
     signals: Signals,
     max_clients: usize,
     euid: u32,
@@ -93,6 +97,7 @@ impl Server {
             exe,
             generation: 0,
             reexec_pending: false,
+            reexec_since: None,
             signals,
             max_clients,
             euid: nix::unistd::geteuid().as_raw(),
@@ -111,7 +116,23 @@ impl Server {
             if let Some(exit) = self.exit {
                 return Ok(exit);
             }
-            if std::mem::take(&mut self.reexec_pending) {
+            // Not while a client waits on storage (its answer would be lost with the threads);
+            // storage that does not answer within REEXEC_WAIT gets its requests failed first.
+            if self.reexec_pending && self.state.waiting() > 0 {
+                let since = *self.reexec_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REEXEC_WAIT {
+                    super::acquire::interrupt_all(&mut self.state);
+                    self.deliver();
+                    for id in self.conns.keys().copied().collect::<Vec<_>>() {
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            let _ = c.flush();
+                        }
+                    }
+                }
+            }
+            if self.reexec_pending && self.state.waiting() == 0 {
+                self.reexec_pending = false;
+                self.reexec_since = None;
                 // Between requests: nothing is half-done. Returns only if the exec failed.
                 super::reexec::reexec(self);
             }
@@ -138,9 +159,11 @@ impl Server {
                     Token::Conn(id) => self.on_conn(id, revents, now),
                     Token::Owner(pid) => self.owner_gone(pid),
                     Token::Keeper => self.keeper_lost(),
+                    Token::Storage => self.state.storage_results(),
                 }
             }
             self.timers(Instant::now());
+            self.deliver();
         }
     }
 
@@ -167,9 +190,14 @@ impl Server {
                 push(l.socket.as_raw_fd(), libc::POLLIN, Token::Listener(i));
             }
         }
+        push(self.state.storage.raw_fd(), libc::POLLIN, Token::Storage);
         for (id, c) in &self.conns {
             let events = if c.wants_write() {
                 libc::POLLOUT
+            } else if c.waiting || self.reexec_pending {
+                // Only hang-ups (reported anyway): the next request waits for this answer, or
+                // for the re-exec that waits for the requests in flight.
+                0
             } else {
                 libc::POLLIN
             };
@@ -200,10 +228,15 @@ impl Server {
     /// Milliseconds until the next deadline (rounded up), or -1 for none.
     fn timeout_ms(&self, now: Instant) -> libc::c_int {
         let conn_deadlines = self.conns.values().filter_map(|c| c.deadline);
+        let reexec = self
+            .reexec_since
+            .filter(|_| self.reexec_pending)
+            .map(|t| t + REEXEC_WAIT);
         let next = self
             .state
             .next_deadline()
             .into_iter()
+            .chain(reexec)
             .chain(conn_deadlines)
             .chain(self.accept_paused_until)
             .min();
@@ -226,7 +259,29 @@ impl Server {
         }
     }
 
+    /// Hand answers that waited on storage to their connections, and serve what those
+    /// connections sent meanwhile.
+    fn deliver(&mut self) {
+        let clients = self.conns.len();
+        for f in std::mem::take(&mut self.state.finished) {
+            let Some(conn) = self.conns.get_mut(&f.conn) else {
+                continue;
+            };
+            conn.waiting = false;
+            if f.restrict && matches!(f.response, Response::Ok { .. }) {
+                conn.session.restricted = true;
+            }
+            conn.queue(&f.response);
+            serve(&mut self.state, conn, clients);
+        }
+        if !self.state.finished.is_empty() {
+            self.deliver();
+        }
+    }
+
     fn timers(&mut self, now: Instant) {
+        super::acquire::expire(&mut self.state, now);
+        super::lost::tick(&mut self.state, now);
         for pid in self.state.run_timers(now) {
             self.owner_gone(pid);
         }
@@ -366,6 +421,13 @@ impl Server {
         };
         let readable = revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
         let mut close = false;
+        if conn.waiting {
+            if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+                debug!("client {id} hung up while its request waited on storage");
+                self.close(id, now);
+            }
+            return;
+        }
         if readable && !conn.closing && !conn.wants_write() {
             match conn.fill(&mut self.scratch) {
                 Ok(fill) => {
@@ -400,6 +462,9 @@ impl Server {
             return;
         };
         debug!("client {id} disconnected");
+        if conn.waiting {
+            super::acquire::cancel_conn(&mut self.state, id);
+        }
         if let Some(pid) = conn.session.handle_of {
             self.state.handle_closed(pid, id, now);
         }
@@ -413,7 +478,7 @@ impl Server {
 
 /// Answer every complete frame in the read buffer.
 fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
-    while !conn.closing {
+    while !conn.closing && !conn.waiting {
         let next = conn.next();
         if matches!(next, Next::Incomplete) {
             return;
@@ -454,7 +519,13 @@ fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
         let parsed = protocol::decode::<Request>(body);
         conn.consume(len);
         let resp = match parsed {
-            Ok(req) => dispatch::handle(state, &mut conn.session, req, clients),
+            Ok(req) => match dispatch::handle(state, &mut conn.session, req, clients) {
+                Some(r) => r,
+                None => {
+                    conn.waiting = true;
+                    return;
+                }
+            },
             Err(e) => Response::error(
                 ErrorKind::Invalid,
                 format!(

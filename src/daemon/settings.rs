@@ -16,6 +16,11 @@ use std::time::Duration;
 pub const DEFAULT_MAX_CLIENTS: usize = 4096;
 /// `kill_grace_ms` default: SIGTERM to SIGKILL for an owner that lost its handle.
 pub const DEFAULT_KILL_GRACE_MS: u64 = 3000;
+/// `storage_timeout_ms` default: a little below the plugin's 30 s `request_timeout_ms`, so the
+/// daemon's answer naming the stuck storage arrives before the plugin gives up.
+pub const DEFAULT_STORAGE_TIMEOUT_MS: u64 = 25_000;
+/// `lease_check_interval_ms` default (0 disables lost-lock checks).
+pub const DEFAULT_LEASE_CHECK_INTERVAL_MS: u64 = 10_000;
 /// Pid file name inside the runtime directory.
 pub const PID_FILE_NAME: &str = "lockwardend.pid";
 
@@ -29,6 +34,10 @@ pub struct Settings {
     pub max_clients: usize,
     pub kill_grace: Duration,
     pub log_level: LevelFilter,
+    /// How long a request may wait on storage before it is answered with a Timeout error.
+    pub storage_timeout: Duration,
+    /// How often held leases are probed for a lost lock (None: never).
+    pub lease_check_interval: Option<Duration>,
 }
 
 /// The environment the defaults depend on, read once so tests can supply their own.
@@ -86,6 +95,8 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
     let max_clients = conf.take_int("max_clients", 1, 1_000_000)?;
     let kill_grace_ms = conf.take_int("kill_grace_ms", 0, 600_000)?;
     let log_level = conf.take_choice("log_level", &["error", "warn", "info", "debug"])?;
+    let storage_timeout_ms = conf.take_int("storage_timeout_ms", 100, 3_600_000)?;
+    let check_ms = conf.take_int("lease_check_interval_ms", 0, 86_400_000)?;
     let config_file = conf.path().to_path_buf();
     conf.finish()?;
 
@@ -118,6 +129,13 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
             kill_grace_ms.map_or(DEFAULT_KILL_GRACE_MS, |n| n as u64),
         ),
         log_level,
+        storage_timeout: Duration::from_millis(
+            storage_timeout_ms.map_or(DEFAULT_STORAGE_TIMEOUT_MS, |n| n as u64),
+        ),
+        lease_check_interval: match check_ms.map_or(DEFAULT_LEASE_CHECK_INTERVAL_MS, |n| n as u64) {
+            0 => None,
+            n => Some(Duration::from_millis(n)),
+        },
     })
 }
 

@@ -5,15 +5,19 @@
 //! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
 //! leases by key, leases to owners by pid.
 
+use super::acquire::{self, AcquireOp, Finished};
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
 use super::lease::{Lease, LeaseKey, Leases};
+use super::lost;
 use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
 use super::release;
+use super::storage::{JobId, Mounts, Outcome, Storage};
 use crate::protocol::{LeaseInfo, PROTOCOL_VERSION, StatusInfo};
 use log::{debug, info, warn};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
@@ -31,10 +35,51 @@ pub struct State {
     pub keeper: Keeper,
     /// Holder records published for the leases (who holds what, for other hosts; holder.rs).
     pub records: holder::Records,
+    /// Per-mount storage threads (docs/storage.md) and what each job in flight is for.
+    pub storage: Storage,
+    pub jobs: HashMap<JobId, JobFor>,
+    /// The mount table as last read (for attributing paths to mounts).
+    pub mounts: Mounts,
+    /// Acquires waiting on storage, and answers ready for their clients.
+    pub acquires: HashMap<OpId, AcquireOp>,
+    pub finished: Vec<Finished>,
+    next_op: OpId,
+    /// `storage_timeout_ms`: how long a request may wait on storage.
+    pub storage_timeout: Duration,
+    /// `lease_check_interval_ms` (None: lost-lock checks disabled) and the next check.
+    pub check_interval: Option<Duration>,
+    pub next_check: Option<Instant>,
+    /// Leases whose probe is in flight (a stuck probe is not sent again).
+    pub probing: HashSet<LeaseKey>,
+    /// Lost leases found since start, and the latest ones.
+    pub lost_total: u64,
+    pub recent_lost: VecDeque<LeaseInfo>,
+}
+
+/// Identifies a request waiting on storage.
+pub type OpId = u64;
+
+/// What a storage job in flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobFor {
+    /// A file of a waiting Acquire.
+    Take(OpId),
+    /// A file of an Acquire that was already answered (timeout, client gone): undo on return.
+    Orphan,
+    /// A lost-lock probe.
+    Probe,
+    /// Closing or disposing: nobody waits for it.
+    Other,
 }
 
 impl State {
-    pub fn new(hostname: String, started: u64, kill_grace: Duration, keeper: Keeper) -> State {
+    pub fn new(
+        hostname: String,
+        started: u64,
+        kill_grace: Duration,
+        keeper: Keeper,
+        storage: Storage,
+    ) -> State {
         State {
             owners: Owners::default(),
             leases: Leases::default(),
@@ -44,6 +89,46 @@ impl State {
             kill_grace,
             keeper,
             records: holder::Records::default(),
+            storage,
+            jobs: HashMap::new(),
+            mounts: Mounts::load(),
+            acquires: HashMap::new(),
+            finished: Vec::new(),
+            next_op: 0,
+            storage_timeout: Duration::from_millis(super::settings::DEFAULT_STORAGE_TIMEOUT_MS),
+            check_interval: None,
+            next_check: None,
+            probing: HashSet::new(),
+            lost_total: 0,
+            recent_lost: VecDeque::new(),
+        }
+    }
+
+    /// A new id for a request that waits on storage.
+    pub fn next_op_id(&mut self) -> OpId {
+        self.next_op += 1;
+        self.next_op
+    }
+
+    /// Requests waiting on storage.
+    pub fn waiting(&self) -> usize {
+        self.acquires.len()
+    }
+
+    /// Handle every storage result that arrived.
+    pub fn storage_results(&mut self) {
+        for done in self.storage.collect() {
+            let Some(why) = self.jobs.remove(&done.id) else {
+                continue;
+            };
+            match (why, done.outcome) {
+                (JobFor::Take(op), Outcome::Take(r)) => acquire::on_take(self, op, done.id, r),
+                (JobFor::Orphan, Outcome::Take(r)) => acquire::orphan(self, done.id, r),
+                (JobFor::Probe, Outcome::Probe { key, fd, result }) => {
+                    lost::on_probe(self, key, &fd, result)
+                }
+                _ => {}
+            }
         }
     }
 
@@ -291,6 +376,11 @@ impl State {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.kills.iter().map(|k| k.deadline).min()
+        self.kills
+            .iter()
+            .map(|k| k.deadline)
+            .chain(self.acquires.values().map(|a| a.deadline))
+            .chain(self.next_check)
+            .min()
     }
 }

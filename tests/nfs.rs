@@ -1,0 +1,540 @@
+//! NFS failure modes, reproduced with the FUSE test file system (tests/fusefs/testfs.rs, built
+//! as the example `testfs`): hung mounts stay isolated, 16 disks lock concurrently, lost locks
+//! are detected and acted on (docs/storage.md). Needs root and /dev/fuse; fails loudly without.
+
+mod common;
+
+use common::Daemon;
+use lockwarden::protocol::{
+    self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
+    Response,
+};
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn prerequisites() {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "tests/nfs.rs mounts FUSE file systems and must run as root"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse) to run tests/nfs.rs"
+    );
+}
+
+fn testfs_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples/testfs");
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
+        p.display()
+    );
+    p
+}
+
+/// One mounted test file system; unmounted (and un-hung) on drop.
+struct Fs {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    ctl: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let m = mnt.to_string_lossy();
+    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
+}
+
+impl Fs {
+    fn mount() -> Fs {
+        let dir = tempfile::Builder::new()
+            .prefix("lw-nfs")
+            .tempdir()
+            .expect("tempdir");
+        let backing = dir.path().join("export");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        let ctl = dir.path().join("control");
+        let log = dir.path().join("events");
+        let child = Command::new(testfs_path())
+            .args([&backing, &mnt, &ctl, &log])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn testfs");
+        let mut f = Fs {
+            _dir: dir,
+            backing,
+            mnt,
+            ctl,
+            log,
+            child,
+        };
+        let t0 = Instant::now();
+        while !mounted(&f.mnt) {
+            if let Ok(Some(st)) = f.child.try_wait() {
+                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "testfs did not mount"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        f
+    }
+
+    fn set(&self, text: &str) {
+        let tmp = self.ctl.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &self.ctl).unwrap();
+    }
+
+    /// An image created through the backing directory, named through the mount.
+    fn image(&self, name: &str) -> PathBuf {
+        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
+        self.mnt.join(name)
+    }
+
+    fn events(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.set("");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// A process standing in for QEMU.
+struct Qemu(Child);
+
+impl Qemu {
+    fn spawn() -> Qemu {
+        Qemu(
+            Command::new("sleep")
+                .arg("1000")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn sleep"),
+        )
+    }
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+    fn state(&self) -> Option<char> {
+        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
+        s.rsplit_once(')')?.1.trim().chars().next()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn owner(name: &str, q: &Qemu) -> Owner {
+    Owner {
+        uuid: format!("00000000-0000-4000-8000-{:012x}", q.pid()),
+        name: name.into(),
+        id: 1,
+        pid: q.pid(),
+    }
+}
+
+fn disk(p: &Path) -> LeaseSpec {
+    let path = p.to_string_lossy().into_owned();
+    LeaseSpec {
+        name: path.clone(),
+        kind: ResourceKind::Disk,
+        mode: LeaseMode::Exclusive,
+        target: LockTarget::File { path },
+    }
+}
+
+fn call(sock: &Path, req: &Request) -> Response {
+    let mut s = UnixStream::connect(sock).expect("connect to lockwardend");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    protocol::write_message(&mut s, req).expect("send");
+    protocol::read_message(&mut s).expect("answer")
+}
+
+fn acquire(d: &Daemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> Response {
+    call(
+        &d.socket,
+        &Request::Acquire {
+            owner: o.clone(),
+            leases: disks.iter().map(|p| disk(p)).collect(),
+            action,
+            restrict: false,
+        },
+    )
+}
+
+fn release(d: &Daemon, o: &Owner, disks: &[PathBuf]) {
+    let r = call(
+        &d.socket,
+        &Request::Release {
+            owner: o.clone(),
+            leases: disks.iter().map(|p| disk(p)).collect(),
+        },
+    );
+    assert!(matches!(r, Response::Ok { .. }), "release: {r:?}");
+}
+
+/// The leases the daemon reports lost (`Request::Lost`).
+fn lost(d: &Daemon) -> Vec<lockwarden::protocol::LeaseInfo> {
+    match call(&d.admin_socket, &Request::Lost) {
+        Response::Ok { leases } => leases,
+        other => panic!("lost: {other:?}"),
+    }
+}
+
+/// Is byte 0 of the backing file locked by anybody (OFD GETLK from this process)?
+fn locked(backing_file: &Path) -> bool {
+    let f = fs::File::open(backing_file).unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK on an open descriptor with a valid flock.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK failed");
+    i32::from(fl.l_type) != libc::F_UNLCK
+}
+
+fn leases(d: &Daemon) -> Vec<String> {
+    match call(&d.admin_socket, &Request::List) {
+        Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
+        other => panic!("list: {other:?}"),
+    }
+}
+
+#[test]
+fn hung_mount_stalls_only_its_own_disks() {
+    prerequisites();
+    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let (good, bad) = (Fs::mount(), Fs::mount());
+    let a = good.image("a.img");
+    let b = bad.image("b.img");
+    let (qa, qb) = (Qemu::spawn(), Qemu::spawn());
+    let (oa, ob) = (owner("vm-good", &qa), owner("vm-hung", &qb));
+    bad.set("hang 1\n");
+    let sock = d.socket.clone();
+    let ob2 = ob.clone();
+    let b2 = b.clone();
+    let t0 = Instant::now();
+    let hung = std::thread::spawn(move || {
+        let r = call(
+            &sock,
+            &Request::Acquire {
+                owner: ob2,
+                leases: vec![disk(&b2)],
+                action: FailureAction::Default,
+                restrict: false,
+            },
+        );
+        (r, t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Meanwhile: the other mount, Status and Storage are served at once.
+    let t1 = Instant::now();
+    let r = acquire(&d, &oa, std::slice::from_ref(&a), FailureAction::Default);
+    let good_latency = t1.elapsed();
+    assert!(matches!(r, Response::Ok { .. }), "healthy mount: {r:?}");
+    assert!(
+        !hung.is_finished(),
+        "the hung acquire was answered before the healthy one ({good_latency:?})"
+    );
+    let st = call(&d.admin_socket, &Request::Status);
+    assert!(matches!(st, Response::Status(_)), "{st:?}");
+    assert!(lost(&d).is_empty());
+    assert!(!hung.is_finished(), "status came after the hung answer");
+    let (r, waited) = hung.join().unwrap();
+    eprintln!(
+        "healthy-mount acquire while another mount hangs: {good_latency:?}; hung one answered after {waited:?}"
+    );
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
+            assert!(e.message.contains("not answering"), "{}", e.message);
+            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
+            assert!(
+                e.message.contains(&*bad.mnt.to_string_lossy()),
+                "names the mount: {}",
+                e.message
+            );
+        }
+        other => panic!("hung mount: expected Timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "answered too early: {waited:?}"
+    );
+    // Storage comes back: the late lock is dropped again, nothing is left behind.
+    bad.set("");
+    let t2 = Instant::now();
+    while locked(&bad.backing.join("b.img")) {
+        assert!(
+            t2.elapsed() < Duration::from_secs(10),
+            "b.img stayed locked after the storage came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!locked(&bad.backing.join("b.img")));
+    let held = leases(&d);
+    assert_eq!(
+        held,
+        vec![a.to_string_lossy().into_owned()],
+        "only the healthy disk is held"
+    );
+    // And the disk can be taken now.
+    let r = acquire(&d, &ob, std::slice::from_ref(&b), FailureAction::Default);
+    assert!(matches!(r, Response::Ok { .. }), "after recovery: {r:?}");
+    assert!(locked(&good.backing.join("a.img")));
+}
+
+/// The largest number of lock calls in flight at one instant.
+fn max_overlap(intervals: &[(u128, u128)]) -> usize {
+    let mut ev: Vec<(u128, i32)> = Vec::new();
+    for (s, e) in intervals {
+        ev.push((*s, 1));
+        ev.push((*e, -1));
+    }
+    ev.sort();
+    let (mut cur, mut best) = (0i32, 0i32);
+    for (_, d) in ev {
+        cur += d;
+        best = best.max(cur);
+    }
+    best as usize
+}
+
+#[test]
+fn sixteen_disks_on_slow_storage_lock_concurrently() {
+    prerequisites();
+    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let f = Fs::mount();
+    let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
+    f.set("delay_ms 2\n");
+    let q = Qemu::spawn();
+    let o = owner("vm16", &q);
+    let rounds = 5;
+    let mut one = Duration::ZERO;
+    let mut all = Duration::ZERO;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let r = acquire(&d, &o, &disks[..1], FailureAction::Default);
+        one += t.elapsed();
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+        release(&d, &o, &disks[..1]);
+    }
+    fs::write(&f.log, "").unwrap();
+    for round in 0..rounds {
+        let t = Instant::now();
+        let r = acquire(&d, &o, &disks, FailureAction::Default);
+        all += t.elapsed();
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+        if round + 1 < rounds {
+            release(&d, &o, &disks);
+        }
+    }
+    eprintln!(
+        "2 ms-delayed mount: 1-disk acquire {:?}, 16-disk acquire {:?} (mean of {rounds})",
+        one / rounds,
+        all / rounds
+    );
+    // Overlap proof from the file system's own record of the last round's lock calls.
+    let events = f.events();
+    let mut per_round: Vec<Vec<(u128, u128)>> = vec![Vec::new()];
+    for line in events.lines() {
+        let w: Vec<&str> = line.split(' ').collect();
+        if w.len() == 6 && w[0] == "setlk" && w[2] == libc::F_WRLCK.to_string() && w[5] == "0" {
+            let cur = per_round.last_mut().unwrap();
+            cur.push((w[3].parse().unwrap(), w[4].parse().unwrap()));
+            if cur.len() == 16 {
+                per_round.push(Vec::new());
+            }
+        }
+    }
+    let best = per_round.iter().map(|r| max_overlap(r)).max().unwrap_or(0);
+    eprintln!("most lock calls in flight at once: {best} of 16");
+    assert_eq!(
+        best, 16,
+        "the 16 locks were not all in flight together: {events}"
+    );
+    for p in &disks {
+        let name = p.file_name().unwrap();
+        assert!(locked(&f.backing.join(name)), "{p:?} not locked");
+    }
+}
+
+#[test]
+fn all_or_nothing_across_mounts() {
+    prerequisites();
+    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let (m1, m2) = (Fs::mount(), Fs::mount());
+    let a = m1.image("a.img");
+    let b = m2.image("b.img");
+    // Somebody else (another host, say) holds b.
+    let other = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&b)
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
+    assert_eq!(
+        unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
+        0
+    );
+    let q = Qemu::spawn();
+    let r = acquire(
+        &d,
+        &owner("vm-aon", &q),
+        &[a.clone(), b.clone()],
+        FailureAction::Default,
+    );
+    match r {
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::Busy, "{e:?}"),
+        other => panic!("expected busy: {other:?}"),
+    }
+    assert!(
+        !locked(&m1.backing.join("a.img")),
+        "a.img stayed locked after a refused acquire"
+    );
+    assert!(leases(&d).is_empty());
+}
+
+fn lost_case(action: FailureAction, label: &str) {
+    let interval = 500u64;
+    let d = Daemon::start_with(&format!("lease_check_interval_ms = {interval}\n"));
+    let f = Fs::mount();
+    let img = f.image(&format!("{label}.img"));
+    let q = Qemu::spawn();
+    let o = owner(label, &q);
+    let r = acquire(&d, &o, std::slice::from_ref(&img), action);
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    // A couple of healthy checks find nothing.
+    std::thread::sleep(Duration::from_millis(interval * 2 + 100));
+    assert!(lost(&d).is_empty(), "healthy checks found a lost lock");
+    f.set(&format!("lost {label}.img\n"));
+    let t0 = Instant::now();
+    let bound = Duration::from_millis(interval * 2 + 1000);
+    let detected = loop {
+        if !lost(&d).is_empty() {
+            break t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < bound,
+            "lost lock not detected within {bound:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("{label}: lost lock detected after {detected:?} (interval {interval} ms)");
+    let info = lost(&d);
+    let l = info.last().unwrap();
+    assert_eq!(l.name, img.to_string_lossy());
+    assert_eq!(l.owners[0].name, label);
+    let log = fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("is LOST") && log.contains(label), "{log}");
+    let mut q = q;
+    match action {
+        FailureAction::Pause => {
+            let t = Instant::now();
+            while q.state() != Some('T') {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "not stopped: {:?}",
+                    q.state()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        FailureAction::Ignore => {
+            std::thread::sleep(Duration::from_millis(interval * 2));
+            assert_eq!(
+                q.0.try_wait().unwrap(),
+                None,
+                "ignore must leave the VM running"
+            );
+            assert_ne!(q.state(), Some('T'));
+            assert_eq!(lost(&d).len(), 1, "counted once");
+        }
+        _ => {
+            let t = Instant::now();
+            let st = loop {
+                if let Some(st) = q.0.try_wait().unwrap() {
+                    break st;
+                }
+                assert!(t.elapsed() < Duration::from_secs(5), "VM still runs");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
+            // Its lease goes with it.
+            let t = Instant::now();
+            while !leases(&d).is_empty() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "lease kept after poweroff"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+#[test]
+fn lost_lock_poweroff_kills_the_vm() {
+    prerequisites();
+    lost_case(FailureAction::Poweroff, "lost-poweroff");
+}
+
+#[test]
+fn lost_lock_default_kills_the_vm() {
+    prerequisites();
+    lost_case(FailureAction::Default, "lost-default");
+}
+
+#[test]
+fn lost_lock_pause_stops_the_vm() {
+    prerequisites();
+    lost_case(FailureAction::Pause, "lost-pause");
+}
+
+#[test]
+fn lost_lock_ignore_only_logs() {
+    prerequisites();
+    lost_case(FailureAction::Ignore, "lost-ignore");
+}
