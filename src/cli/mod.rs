@@ -206,34 +206,58 @@ fn print_json(value: &serde_json::Value) {
     let _ = writeln!(out);
 }
 
+fn fetch_lost(cli: &Cli) -> Result<Vec<LeaseInfo>, String> {
+    match ask(cli, &Request::Lost)? {
+        Response::Ok { leases } => Ok(leases),
+        Response::Error(e) => Err(e.message),
+        other => Err(format!("unexpected answer to lost: {other:?}")),
+    }
+}
+
+/// Exit 0 when the daemon runs and has lost no lease; 1 when it found leases lost (the storage
+/// dropped a lock under a VM: the operator must look); 3 when it cannot be reached.
 fn status(cli: &Cli) -> u8 {
-    match fetch_status(cli) {
-        Ok(s) => {
-            if cli.json {
-                print_json(&serde_json::json!({ "running": true, "status": s }));
-            } else {
-                let rows = vec![
-                    vec!["daemon".into(), "running".into()],
-                    vec!["version".into(), s.version.clone()],
-                    vec!["protocol".into(), s.protocol.to_string()],
-                    vec!["pid".into(), s.pid.to_string()],
-                    vec!["started".into(), table::utc(s.started)],
-                    vec!["owners".into(), s.owners.to_string()],
-                    vec!["leases".into(), s.leases.to_string()],
-                    vec!["clients".into(), s.clients.to_string()],
-                ];
-                print!("{}", table::render(&[], &rows));
-            }
-            EXIT_OK
-        }
+    let s = match fetch_status(cli) {
+        Ok(s) => s,
         Err(e) => {
             if cli.json {
                 print_json(&serde_json::json!({ "running": false, "error": e }));
             } else {
                 eprintln!("lockwarden: {e}");
             }
-            EXIT_DAEMON
+            return EXIT_DAEMON;
         }
+    };
+    // A daemon older than the `lost` request answers it with an error: report none known.
+    let lost = fetch_lost(cli).unwrap_or_default();
+    if cli.json {
+        print_json(&serde_json::json!({ "running": true, "status": s, "lost": lost }));
+    } else {
+        let rows = vec![
+            vec!["daemon".into(), "running".into()],
+            vec!["version".into(), s.version.clone()],
+            vec!["protocol".into(), s.protocol.to_string()],
+            vec!["pid".into(), s.pid.to_string()],
+            vec!["started".into(), table::utc(s.started)],
+            vec!["owners".into(), s.owners.to_string()],
+            vec!["leases".into(), s.leases.to_string()],
+            vec!["clients".into(), s.clients.to_string()],
+            vec!["lost leases".into(), lost.len().to_string()],
+        ];
+        print!("{}", table::render(&[], &rows));
+        if !lost.is_empty() {
+            println!("\nleases found lost (the storage dropped the lock; see docs/storage.md):");
+            let rows: Vec<Vec<String>> = lost.iter().flat_map(table::lease_rows).collect();
+            print!(
+                "{}",
+                table::render(&["DISK", "MODE", "VM", "UUID", "PID", "DETECTED"], &rows)
+            );
+        }
+    }
+    if lost.is_empty() {
+        EXIT_OK
+    } else {
+        EXIT_PROBLEM
     }
 }
 
