@@ -35,15 +35,20 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 /// Generous bound for anything we poll for (a lease being freed, a process dying).
 pub const POLL_BOUND: Duration = Duration::from_secs(30);
 
-/// The plugin under test: `target/debug/liblockwarden.so`, next to the `deps` directory that
-/// holds this test binary.
+/// The plugin under test: `deps/liblockwarden.so` beside this test binary (`cargo test`
+/// refreshes it there but copies it up to `target/debug/` only on `cargo build`), else the
+/// copy in `target/debug/`.
 pub fn plugin_path() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("test binary has a parent directory");
-    let so = deps
-        .parent()
-        .expect("deps has a parent directory")
-        .join("liblockwarden.so");
+    let fresh = deps.join("liblockwarden.so");
+    let so = if fresh.exists() {
+        fresh
+    } else {
+        deps.parent()
+            .expect("deps has a parent directory")
+            .join("liblockwarden.so")
+    };
     assert!(
         so.exists(),
         "plugin {} does not exist; build the cdylib (cargo build) before running the scenarios",

@@ -18,6 +18,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$E2E_DIR/../.." && pwd)
 LW_SO=$ROOT/target/debug/liblockwarden.so
 LW_DAEMON=$ROOT/target/debug/lockwardend
+LW_CLI_SRC=$ROOT/target/debug/lockwarden
 MODE=lockwarden
 ONLY=''
 KEEP=0
@@ -26,6 +27,7 @@ while [ $# -gt 0 ]; do
   case $1 in
   --plugin) LW_SO=$2 && shift ;;
   --daemon) LW_DAEMON=$2 && shift ;;
+  --cli) LW_CLI_SRC=$2 && shift ;;
   --baseline-lockd) MODE=lockd ;;
   --only) ONLY=$2 && shift ;;
   --keep) KEEP=1 ;;
@@ -75,6 +77,10 @@ if [ "$MODE" = lockwarden ]; then
     echo "e2e: daemon $LW_DAEMON not found (run cargo build)" >&2
     exit 1
   }
+  [ -x "$LW_CLI_SRC" ] || {
+    echo "e2e: admin CLI $LW_CLI_SRC not found (run cargo build)" >&2
+    exit 1
+  }
 fi
 
 # --- run under a child subreaper (prompt reaping of QEMU; nothing outlives the suite) ------
@@ -121,7 +127,9 @@ if [ "$MODE" = lockwarden ]; then
   # Copies, so a rebuild during the run cannot change what is being tested.
   cp "$LW_SO" "$W/plugins/lockwarden.so"
   cp "$LW_DAEMON" "$W/bin/lockwardend"
+  cp "$LW_CLI_SRC" "$W/bin/lockwarden"
 fi
+LW_CLI=$W/bin/lockwarden
 
 echo "# e2e: mode $MODE, work dir $W, $(libvirtd --version | head -1), $(qemu-system-x86_64 --version | head -1)"
 ensure_mountpoints

@@ -1,0 +1,833 @@
+//! Hostile clients against the real lockwardend (issue 9).
+//!
+//! The daemon's trust model, which these tests pin down:
+//! - The door is the uid: the main socket is 0600 and every peer's SO_PEERCRED uid must be the
+//!   daemon's own. A peer of another uid is refused everything.
+//! - A peer of the daemon's uid is libvirtd (or acts with libvirtd's powers: it could open the
+//!   images itself). Requests act for the owner they *name* — libvirtd asks for QEMU's pid on
+//!   a fresh connection at CPU start and hot-plug — so a connection need not Register before it
+//!   acquires. What a request can never do is touch the leases of an owner it does not name:
+//!   Release and Inquire are scoped to the named owner, and another owner's lease is Busy.
+//! - Leases are tied to the owner *process* (pidfd), not to the connection that asked: an
+//!   Acquire for a pid that is not running is refused, and a connection that is not the owner's
+//!   own (peer pid ≠ owner pid) never becomes its lifetime handle.
+//! - A restricted connection is refused everything afterwards.
+//! - The event loop never waits for one client: idle, stalled (half a frame) and flooding
+//!   clients cannot delay a legitimate acquire beyond a bounded share of the loop. The acquire
+//!   latencies are printed (`--nocapture`), never asserted: timing belongs to benchmarks.
+
+use lockwarden::protocol::{
+    self, ErrorKind, ErrorReply, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec,
+    LockTarget, MAX_BODY, Owner, Request, ResourceKind, Response,
+};
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+/// Bound for anything asynchronous on a busy machine (not a performance assertion).
+const BOUND: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// Processes and the daemon
+
+/// A child process killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A process that stands for a QEMU: the owner pid of requests.
+fn qemu() -> Proc {
+    Proc(
+        Command::new("sleep")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawning sleep"),
+    )
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(1);
+
+fn owner_of(p: &Proc, name: &str) -> Owner {
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    Owner {
+        uuid: format!(
+            "bad0c0de-0000-4000-8000-{:04x}{n:08x}",
+            std::process::id() & 0xffff
+        ),
+        name: format!("{name}-{n}"),
+        id: n,
+        pid: p.pid(),
+    }
+}
+
+struct Daemon {
+    proc: Proc,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    admin: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        Daemon::start_with("")
+    }
+
+    fn start_with(config: &str) -> Daemon {
+        raise_fd_limit();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("run/lockwardend.sock");
+        let admin = dir.path().join("run/lockwardend-admin.sock");
+        let conf = dir.path().join("lockwardend.conf");
+        fs::write(&conf, config).expect("write lockwardend.conf");
+        let log = dir.path().join("daemon.log");
+        let proc = Proc(
+            Command::new(DAEMON)
+                .arg("--config")
+                .arg(&conf)
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--admin-socket")
+                .arg(&admin)
+                .arg("--pid-file")
+                .arg(dir.path().join("run/lockwardend.pid"))
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("LISTEN_PID")
+                .env_remove("LISTEN_FDS")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("daemon log"))
+                .spawn()
+                .expect("spawning lockwardend"),
+        );
+        let mut d = Daemon {
+            proc,
+            dir,
+            socket,
+            admin,
+            log,
+        };
+        let t0 = Instant::now();
+        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
+            if let Ok(Some(st)) = d.proc.0.try_wait() {
+                panic!("lockwardend exited during start ({st}):\n{}", d.log());
+            }
+            assert!(
+                t0.elapsed() < BOUND,
+                "lockwardend did not serve:\n{}",
+                d.log()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket)
+    }
+
+    fn list(&self) -> Vec<LeaseInfo> {
+        ok(Client::connect(&self.admin).call(&Request::List))
+    }
+
+    fn clients(&self) -> usize {
+        match Client::connect(&self.admin).call(&Request::Status) {
+            Response::Status(s) => s.clients,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    /// Assert the daemon is still running (a hostile client must never take it down).
+    fn assert_alive(&mut self) {
+        if let Ok(Some(st)) = self.proc.0.try_wait() {
+            panic!("lockwardend died ({st}):\n{}", self.log());
+        }
+    }
+}
+
+/// The descriptor soft limit up to the hard limit, for this process and the daemons it starts
+/// (they inherit it): the 1,000-connection tests need more than the usual 1,024.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn fd_limit() -> u64 {
+    // SAFETY: as above.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0);
+        r.rlim_cur
+    }
+}
+
+/// One connection speaking the protocol.
+struct Client(UnixStream);
+
+impl Client {
+    fn connect(path: &Path) -> Client {
+        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {path:?}: {e}"));
+        s.set_read_timeout(Some(BOUND)).expect("read timeout");
+        s.set_write_timeout(Some(BOUND)).expect("write timeout");
+        Client(s)
+    }
+
+    fn call(&mut self, req: &Request) -> Response {
+        protocol::write_message(&mut self.0, req).expect("sending a request");
+        protocol::read_message(&mut self.0).expect("reading the response")
+    }
+}
+
+fn disk(path: &Path) -> LeaseSpec {
+    let p = path.to_str().expect("utf-8 path").to_string();
+    LeaseSpec {
+        name: p.clone(),
+        kind: ResourceKind::Disk,
+        mode: LeaseMode::Exclusive,
+        target: LockTarget::File { path: p },
+    }
+}
+
+fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
+    Request::Acquire {
+        owner: owner.clone(),
+        leases,
+        action: FailureAction::Default,
+        restrict: false,
+    }
+}
+
+fn release(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
+    Request::Release {
+        owner: owner.clone(),
+        leases,
+    }
+}
+
+fn ok(resp: Response) -> Vec<LeaseInfo> {
+    match resp {
+        Response::Ok { leases } => leases,
+        other => panic!("expected Ok, got {other:?}"),
+    }
+}
+
+fn err(resp: Response, kind: ErrorKind) -> ErrorReply {
+    match resp {
+        Response::Error(e) if e.kind == kind => e,
+        other => panic!("expected an error of kind {kind:?}, got {other:?}"),
+    }
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, vec![0u8; 4096]).expect("create image");
+    p
+}
+
+/// The lock type others hold on byte 0 of `path` (F_UNLCK when free), via F_OFD_GETLK.
+fn byte0(path: &Path) -> libc::c_int {
+    let f = File::open(path).expect("open for probing");
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK with a valid descriptor and a pointer to a live flock.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    assert_eq!(r, 0, "F_OFD_GETLK failed");
+    i32::from(fl.l_type)
+}
+
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < BOUND, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Who holds `path` according to the daemon's List.
+fn holders(d: &Daemon, path: &Path) -> Vec<u32> {
+    let p = path.to_str().expect("utf-8 path");
+    d.list()
+        .into_iter()
+        .filter(|l| l.name == p)
+        .flat_map(|l| l.owners.into_iter().map(|o| o.pid))
+        .collect()
+}
+
+/// Latency summary of `samples` for the report: median, 95th percentile, max (ms).
+fn summary(samples: &mut [Duration]) -> String {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "n={} median={:.2}ms p95={:.2}ms max={:.2}ms",
+        samples.len(),
+        ms(at(0.5)),
+        ms(at(0.95)),
+        ms(at(1.0))
+    )
+}
+
+/// `rounds` acquire/release cycles of one disk for `owner`, each on a fresh connection (as the
+/// plugin does); returns the acquire latencies.
+fn acquire_cycles(d: &Daemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<Duration> {
+    let mut lat = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        let held = ok(d.client().call(&acquire(owner, vec![disk(img)])));
+        lat.push(t0.elapsed());
+        assert_eq!(held.len(), 1, "the acquire did not take the disk");
+        assert_eq!(byte0(img), libc::F_WRLCK);
+        ok(d.client().call(&release(owner, vec![disk(img)])));
+    }
+    lat
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who may do what
+
+#[test]
+fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "unregistered.img");
+
+    // Not a running process: refused, nothing locked (nothing could ever release it).
+    let ghost = {
+        let p = qemu();
+        let o = owner_of(&p, "ghost");
+        drop(p);
+        o
+    };
+    let e = err(
+        d.client().call(&acquire(&ghost, vec![disk(&img)])),
+        ErrorKind::Invalid,
+    );
+    assert!(e.message.contains("not running"), "{}", e.message);
+    // Unusable owner descriptions: refused.
+    let q = qemu();
+    let good = owner_of(&q, "vm");
+    for bad in [
+        Owner {
+            pid: 0,
+            ..good.clone()
+        },
+        Owner {
+            pid: u32::MAX,
+            ..good.clone()
+        },
+        Owner {
+            name: String::new(),
+            ..good.clone()
+        },
+        Owner {
+            uuid: String::new(),
+            ..good.clone()
+        },
+    ] {
+        err(
+            d.client().call(&acquire(&bad, vec![disk(&img)])),
+            ErrorKind::Invalid,
+        );
+    }
+    assert_eq!(
+        byte0(&img),
+        libc::F_UNLCK,
+        "a refused acquire locked something"
+    );
+
+    // libvirtd's CPU-start pattern: a fresh, unregistered connection acquires for QEMU's pid.
+    let mut c = d.client();
+    let held = ok(c.call(&acquire(&good, vec![disk(&img)])));
+    assert_eq!(held.len(), 1);
+    assert_eq!(held[0].owners, vec![good.clone()]);
+    // That connection is not the owner's lifetime handle: closing it keeps the lease...
+    drop(c);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(byte0(&img), libc::F_WRLCK, "closing a non-handle released");
+    assert_eq!(holders(&d, &img), vec![good.pid]);
+    // ...and so is a Register sent from a pid that is not the owner's.
+    let mut c = d.client();
+    ok(c.call(&Request::Register {
+        owner: good.clone(),
+        restrict: false,
+    }));
+    drop(c);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(holders(&d, &img), vec![good.pid]);
+    // The lease belongs to the owner process: it goes when that process goes.
+    drop(q);
+    eventually("the dead owner's lease is dropped", || {
+        byte0(&img) == libc::F_UNLCK
+    });
+    assert!(d.list().is_empty());
+}
+
+#[test]
+fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let (img_a, img_b) = (image(images.path(), "a.img"), image(images.path(), "b.img"));
+    let (qa, qb) = (qemu(), qemu());
+    let (a, b) = (owner_of(&qa, "a"), owner_of(&qb, "b"));
+    ok(d.client().call(&acquire(&a, vec![disk(&img_a)])));
+    ok(d.client().call(&acquire(&b, vec![disk(&img_b)])));
+
+    // A names B's disk in a Release: not A's lease, so nothing happens (and no error: libvirt
+    // releases leases it does not hold).
+    let left = ok(d.client().call(&release(&a, vec![disk(&img_b)])));
+    assert_eq!(left.len(), 1, "A's own lease is untouched");
+    assert_eq!(left[0].name, img_a.to_str().expect("utf-8"));
+    assert_eq!(holders(&d, &img_b), vec![b.pid], "B's lease survived");
+    assert_eq!(byte0(&img_b), libc::F_WRLCK);
+
+    // Inquire answers for the named owner only.
+    let seen = ok(d.client().call(&Request::Inquire { owner: a.clone() }));
+    assert_eq!(seen.len(), 1);
+    assert!(seen.iter().all(|l| l.owners.iter().all(|o| o.pid == a.pid)));
+
+    // Taking B's disk is Busy and names B.
+    let e = err(
+        d.client().call(&acquire(&a, vec![disk(&img_b)])),
+        ErrorKind::Busy,
+    );
+    let h = e.holder.expect("a busy error names the holder");
+    assert_eq!(h.vm_uuid.as_deref(), Some(b.uuid.as_str()));
+    assert_eq!(holders(&d, &img_b), vec![b.pid]);
+
+    // A request naming an owner that holds nothing leaves everything alone.
+    let (qc, lease_count) = (qemu(), d.list().len());
+    let c = owner_of(&qc, "c");
+    ok(d.client()
+        .call(&release(&c, vec![disk(&img_a), disk(&img_b)])));
+    assert!(ok(d.client().call(&Request::Inquire { owner: c })).is_empty());
+    assert_eq!(d.list().len(), lease_count);
+    assert_eq!(
+        (byte0(&img_a), byte0(&img_b)),
+        (libc::F_WRLCK, libc::F_WRLCK)
+    );
+}
+
+#[test]
+fn a_restricted_connection_is_refused_everything() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let (img, other) = (image(images.path(), "r.img"), image(images.path(), "o.img"));
+    let q = qemu();
+    let o = owner_of(&q, "restricted");
+    ok(d.client().call(&acquire(&o, vec![disk(&img)])));
+
+    // Restricted by Register, and by an Acquire with restrict set.
+    let mut by_register = d.client();
+    ok(by_register.call(&Request::Register {
+        owner: o.clone(),
+        restrict: true,
+    }));
+    let mut by_acquire = d.client();
+    ok(by_acquire.call(&Request::Acquire {
+        owner: o.clone(),
+        leases: vec![],
+        action: FailureAction::Default,
+        restrict: true,
+    }));
+    for c in [&mut by_register, &mut by_acquire] {
+        for req in [
+            release(&o, vec![disk(&img)]),
+            acquire(&o, vec![disk(&other)]),
+            Request::Inquire { owner: o.clone() },
+            Request::Register {
+                owner: o.clone(),
+                restrict: false,
+            },
+            Request::Status,
+            Request::List,
+        ] {
+            let e = err(c.call(&req), ErrorKind::Denied);
+            assert!(e.message.contains("restricted"), "{}", e.message);
+        }
+        // Garbage on a restricted connection is not a way around it either.
+        protocol::write_message(&mut c.0, &Request::Status).expect("write");
+        let e = err(
+            protocol::read_message(&mut c.0).expect("read"),
+            ErrorKind::Denied,
+        );
+        assert!(e.message.contains("restricted"), "{}", e.message);
+    }
+    assert_eq!(byte0(&img), libc::F_WRLCK, "the refused release released");
+    assert_eq!(byte0(&other), libc::F_UNLCK, "the refused acquire locked");
+    assert_eq!(holders(&d, &img), vec![o.pid]);
+}
+
+/// Raw syscalls for a forked child: connect to `addr`, send `frame`, copy the response frame to
+/// stdout.
+///
+/// # Safety
+/// Only between fork and exec (async-signal-safe calls, no allocation).
+unsafe fn child_roundtrip(addr: &libc::sockaddr_un, frame: &[u8], buf: &mut [u8]) -> i32 {
+    // SAFETY (whole block): plain syscalls on descriptors this child owns and on buffers that
+    // outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if fd < 0 || libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
+            return -1;
+        }
+        let mut off = 0;
+        while off < frame.len() {
+            let n = libc::write(fd, frame[off..].as_ptr().cast(), frame.len() - off);
+            if n <= 0 {
+                return -1;
+            }
+            off += n as usize;
+        }
+        let (mut got, mut want) = (0, HEADER_LEN);
+        while got < want {
+            let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), want - got);
+            if n <= 0 {
+                return -1;
+            }
+            got += n as usize;
+            if got == HEADER_LEN {
+                let l = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
+                want = (HEADER_LEN + l).min(buf.len());
+            }
+        }
+        libc::write(1, buf.as_ptr().cast(), got);
+        libc::close(fd);
+        0
+    }
+}
+
+#[test]
+fn a_peer_of_another_uid_is_refused_everything() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test runs a client as uid 65534: run the suite as root"
+    );
+    let d = Daemon::start();
+    // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
+    for p in [d.dir.path(), &d.dir.path().join("run")] {
+        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    }
+    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "victim.img");
+    let q = qemu();
+    let victim = owner_of(&q, "victim");
+    ok(d.client().call(&acquire(&victim, vec![disk(&img)])));
+    let theirs = image(images.path(), "theirs.img");
+
+    // SAFETY: sockaddr_un is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (dst, src) in addr
+        .sun_path
+        .iter_mut()
+        .zip(d.socket.as_os_str().as_bytes())
+    {
+        *dst = *src as libc::c_char;
+    }
+    for req in [
+        release(&victim, vec![disk(&img)]),
+        acquire(&victim, vec![disk(&theirs)]),
+        Request::Inquire {
+            owner: victim.clone(),
+        },
+        Request::Register {
+            owner: victim.clone(),
+            restrict: false,
+        },
+        Request::Status,
+    ] {
+        let frame = protocol::encode(&req).expect("encode");
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut cmd = Command::new("true");
+        cmd.stdout(Stdio::piped());
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                    || child_roundtrip(&addr, &frame, &mut buf) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = Proc(cmd.spawn().expect("spawning the uid 65534 client"));
+        let resp: Response =
+            protocol::read_message(child.0.stdout.as_mut().expect("stdout")).expect("response");
+        let e = err(resp, ErrorKind::Denied);
+        assert!(e.message.contains("uid 65534"), "{}", e.message);
+    }
+    assert_eq!(byte0(&img), libc::F_WRLCK, "a foreign uid released a lease");
+    assert_eq!(byte0(&theirs), libc::F_UNLCK, "a foreign uid took a lease");
+    assert_eq!(holders(&d, &img), vec![victim.pid]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nobody is held up
+
+#[test]
+fn a_thousand_idle_and_stalled_connections_do_not_block_a_legitimate_acquire() {
+    const IDLE: usize = 1000;
+    assert!(
+        fd_limit() > (IDLE as u64) + 200,
+        "RLIMIT_NOFILE {} is too low for {IDLE} connections; raise it (ulimit -n)",
+        fd_limit()
+    );
+    let mut d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "busy-host.img");
+    let q = qemu();
+    let o = owner_of(&q, "legit");
+    let mut quiet = acquire_cycles(&d, &o, &img, 30);
+
+    // A third say nothing, a third stall inside a header, a third announce the largest body
+    // and stall inside it.
+    let big_header = protocol::header(MAX_BODY).expect("header");
+    let mut idle = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let mut s = UnixStream::connect(&d.socket).expect("idle connect");
+        match i % 3 {
+            0 => {}
+            1 => s.write_all(&big_header[..7]).expect("partial header"),
+            _ => {
+                s.write_all(&big_header).expect("header");
+                s.write_all(b"{\"op\":\"sta").expect("partial body");
+            }
+        }
+        idle.push(s);
+    }
+    eventually("the daemon accepted every idle connection", || {
+        d.clients() > IDLE
+    });
+    let rss = daemon_memory(&d);
+
+    let mut busy = acquire_cycles(&d, &o, &img, 30);
+    eprintln!(
+        "acquire latency, quiet daemon: {}\nacquire latency, {IDLE} idle/stalled connections: {}\n\
+         daemon memory with them: {rss}",
+        summary(&mut quiet),
+        summary(&mut busy)
+    );
+    d.assert_alive();
+    // The stalled clients are still served once they finish their frames.
+    // Connection 998 (998 % 3 == 2) stalled inside the body of a maximal Status frame.
+    let mut staller = idle.swap_remove(IDLE - 2);
+    let mut body = b"{\"op\":\"status\"}".to_vec();
+    body.resize(MAX_BODY, b' ');
+    staller.write_all(&body[10..]).expect("rest of the body");
+    staller.set_read_timeout(Some(BOUND)).expect("timeout");
+    let resp: Response = protocol::read_message(&mut staller).expect("a late frame is answered");
+    assert!(matches!(resp, Response::Status(_)), "{resp:?}");
+    drop(idle);
+    eventually("the idle connections are gone", || d.clients() <= 2);
+}
+
+/// VmRSS and VmSize of the daemon, for the report.
+fn daemon_memory(d: &Daemon) -> String {
+    let status = fs::read_to_string(format!("/proc/{}/status", d.proc.pid())).unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmSize"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Hammer the daemon with pipelined requests on one connection until `stop`; a reader thread
+/// drains the answers (`read_answers`), or nobody does (the flooder's socket fills up).
+fn flooder(
+    socket: PathBuf,
+    req: Request,
+    read_answers: bool,
+    stop: Arc<AtomicBool>,
+) -> (thread::JoinHandle<u64>, Arc<AtomicU64>) {
+    let answered = Arc::new(AtomicU64::new(0));
+    let frame = protocol::encode(&req).expect("encode");
+    let mut batch = Vec::new();
+    for _ in 0..64 {
+        batch.extend_from_slice(&frame);
+    }
+    let s = UnixStream::connect(&socket).expect("flooder connect");
+    s.set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    if read_answers {
+        let mut r = s.try_clone().expect("clone");
+        r.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        let (stop, answered) = (stop.clone(), answered.clone());
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match r.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        answered.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+    let writer = thread::spawn(move || {
+        let mut s = s;
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            match s.write(&batch) {
+                Ok(n) => sent += n as u64,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        sent
+    });
+    (writer, answered)
+}
+
+#[test]
+fn flooding_clients_do_not_starve_a_legitimate_acquire() {
+    let mut d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "flooded.img");
+    let q = qemu();
+    let o = owner_of(&q, "legit");
+    let flood_owner = {
+        let f = qemu();
+        (owner_of(&f, "flood"), f)
+    };
+    let mut quiet = acquire_cycles(&d, &o, &img, 30);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // One flooder that reads its answers (pipelined Inquire), one that never reads them
+    // (Status), one that sends garbage frames on fresh connections in a loop.
+    let (reader_flood, answered) = flooder(
+        d.socket.clone(),
+        Request::Inquire {
+            owner: flood_owner.0.clone(),
+        },
+        true,
+        stop.clone(),
+    );
+    let (deaf_flood, _) = flooder(d.socket.clone(), Request::Status, false, stop.clone());
+    let garbage = {
+        let (socket, stop) = (d.socket.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut s) = UnixStream::connect(&socket) {
+                    let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n");
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    let mut flooded = acquire_cycles(&d, &o, &img, 30);
+    stop.store(true, Ordering::Relaxed);
+    let sent_reader = reader_flood.join().expect("flooder");
+    let sent_deaf = deaf_flood.join().expect("flooder");
+    let garbage_conns = garbage.join().expect("garbage flooder");
+    eprintln!(
+        "acquire latency, quiet daemon: {}\nacquire latency under 3 flooders: {} \
+         (pipelined inquire: {sent_reader} bytes sent, {} bytes answered; deaf status flooder: \
+         {sent_deaf} bytes sent; {garbage_conns} garbage connections)",
+        summary(&mut quiet),
+        summary(&mut flooded),
+        answered.load(Ordering::Relaxed)
+    );
+    assert!(
+        answered.load(Ordering::Relaxed) > 0,
+        "the reading flooder was never answered"
+    );
+    d.assert_alive();
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    eventually("the flooders' connections are gone", || d.clients() <= 2);
+}
+
+#[test]
+fn half_a_frame_and_a_stall_hold_nothing_up() {
+    let mut d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "stall.img");
+    let q = qemu();
+    let o = owner_of(&q, "legit");
+    let frame = protocol::encode(&acquire(&o, vec![disk(&img)])).expect("encode");
+
+    // Every split point of a real request: header bytes only, header plus part of the body.
+    let mut stalled = Vec::new();
+    for cut in [
+        1,
+        4,
+        6,
+        HEADER_LEN - 1,
+        HEADER_LEN,
+        HEADER_LEN + 1,
+        frame.len() - 1,
+    ] {
+        let mut s = UnixStream::connect(&d.socket).expect("connect");
+        s.write_all(&frame[..cut]).expect("partial frame");
+        stalled.push((s, cut));
+    }
+    // Meanwhile, the same request from somebody else goes through at once.
+    let other = image(images.path(), "other.img");
+    let held = ok(d.client().call(&acquire(&o, vec![disk(&other)])));
+    assert_eq!(held.len(), 1);
+    assert_eq!(byte0(&img), libc::F_UNLCK, "a half request took the lease");
+    d.assert_alive();
+    // A stalled client that finishes its frame is answered normally.
+    for (s, cut) in &mut stalled {
+        s.write_all(&frame[*cut..]).expect("rest of the frame");
+        s.set_read_timeout(Some(BOUND)).expect("timeout");
+        let held = ok(protocol::read_message(s).expect("answer to the completed frame"));
+        assert_eq!(held.len(), 2, "split at {cut}");
+    }
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+}
