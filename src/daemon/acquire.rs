@@ -69,6 +69,8 @@ pub struct AcquireOp {
     failure: Option<Failure>,
     pub deadline: Instant,
     started: Instant,
+    /// How many leases the request named.
+    requested: usize,
 }
 
 /// An answer for a client whose request waited on storage.
@@ -133,6 +135,7 @@ pub fn start(
         failure: None,
         deadline: now + state.storage_timeout,
         started: now,
+        requested: specs.len(),
     };
     let id = state.next_op_id();
     advance(state, id, op);
@@ -142,7 +145,7 @@ pub fn start(
 /// Queue the jobs of one file.
 fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, tries: usize) {
     let mount = state.mounts.of(&lockfile::target_path(&spec.target));
-    let held = Arc::new(state.leases.iter().map(|(k, _)| *k).collect());
+    let held = state.leases.held_keys();
     let job = state.storage.submit(
         &mount,
         Work::Take {
@@ -411,11 +414,18 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
         fail(state, op, *f);
         return;
     }
-    debug!(
-        "acquire for VM {:?} (pid {}) done in {} ms",
+    let (new, joined) = op.undo.iter().fold((0, 0), |(n, j), u| match u {
+        Undo::Created { .. } => (n + 1, j),
+        Undo::Joined(_) => (n, j + 1),
+    });
+    info!(
+        "VM {:?} (pid {}) acquired {} lease(s) ({new} new, {joined} joined shared, {} already \
+         held) in {} us",
         owner.name,
         owner.pid,
-        op.started.elapsed().as_millis()
+        op.requested,
+        op.requested.saturating_sub(new + joined),
+        op.started.elapsed().as_micros()
     );
     state.finished.push(Finished {
         conn: op.conn,
@@ -456,14 +466,15 @@ fn not_running(owner: &Owner, e: Errno) -> Failure {
 }
 
 fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) {
-    for step in undo.into_iter().rev() {
-        match step {
-            Undo::Joined(key) => release::leave(state, key, pid, false, "rolled back"),
-            Undo::Created { key, created_file } => {
-                release::leave(state, key, pid, created_file, "rolled back")
-            }
-        }
-    }
+    let leases: Vec<(LeaseKey, bool)> = undo
+        .into_iter()
+        .rev()
+        .map(|step| match step {
+            Undo::Joined(key) => (key, false),
+            Undo::Created { key, created_file } => (key, created_file),
+        })
+        .collect();
+    release::leave_many(state, pid, &leases, "rolled back");
 }
 
 /// Put a freshly locked file into the tables for `op`'s owner.
@@ -526,7 +537,7 @@ fn commit(
         key,
         created_file: created,
     });
-    info!(
+    debug!(
         "{} {:?} locked ({}) for VM {:?} (pid {})",
         what(spec.kind),
         spec.name,
@@ -585,7 +596,7 @@ fn join(
         }
         state.publish_holder(key);
         undo.push(Undo::Joined(key));
-        info!(
+        debug!(
             "{} {:?} locked (shared) for VM {:?} (pid {pid}), shared with {others} other VM(s)",
             what(spec.kind),
             spec.name,

@@ -343,6 +343,28 @@ pub fn publish(target: Target<'_>, mut record: Record) -> Result<Published, Stri
     })
 }
 
+/// Is the file open as `fd` on a file system only this host can mount (ext2/3/4, XFS, Btrfs,
+/// F2FS, tmpfs, overlayfs)? There every reader sees the page cache, so a record needs no flush
+/// to be visible (a flush only serves other NFS clients; durability is not wanted: a record is
+/// only believed while its publisher's liveness lock is held). Unknown file systems are flushed.
+fn host_local(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::statfs::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC,
+        XFS_SUPER_MAGIC,
+    };
+    fstatfs(fd).is_ok_and(|s| {
+        [
+            EXT4_SUPER_MAGIC,
+            XFS_SUPER_MAGIC,
+            BTRFS_SUPER_MAGIC,
+            F2FS_SUPER_MAGIC,
+            TMPFS_MAGIC,
+            OVERLAYFS_SUPER_MAGIC,
+        ]
+        .contains(&s.filesystem_type())
+    })
+}
+
 fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     ofd_set(fd, libc::F_WRLCK, LIVENESS_BYTE).map_err(|e| {
         format!(
@@ -363,6 +385,9 @@ fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
     ftruncate(fd, len).map_err(|e| format!("truncating the lock file failed: {}", e.desc()))?;
     // NFS: make the record visible to other clients now, not at close.
+    if host_local(fd) {
+        return Ok(());
+    }
     fdatasync(fd).map_err(|e| format!("flushing the lock file failed: {}", e.desc()))
 }
 
@@ -409,9 +434,10 @@ fn publish_side(
     let fd = openat(&dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
         .map_err(|e| format!("cannot create {:?} in {:?}: {}", tmp, side.dir, e.desc()))?;
     let mut file = File::from(fd);
+    let flush = !host_local(file.as_fd());
     let written = file
         .write_all(bytes)
-        .and_then(|()| file.sync_data())
+        .and_then(|()| if flush { file.sync_data() } else { Ok(()) })
         .map_err(|e| format!("writing {tmp:?} in {:?} failed: {e}", side.dir))
         .and_then(|()| {
             ofd_set(file.as_fd(), libc::F_WRLCK, 0)

@@ -13,14 +13,20 @@
 //! unlocks and closes its own descriptor. So a crash at any point leaves either a lease the
 //! keeper holds (and the restarted daemon knows) or no lock at all, never an orphan.
 //!
+//! Batches (protocol version 2): all leases of one request travel in one `hold_batch` message
+//! (every descriptor by `SCM_RIGHTS`, split only past `SCM_MAX_FD` descriptors or ~192 KiB of
+//! records) and are acknowledged once; releases are one `drop_batch`. A daemon that finds an
+//! older keeper (version 1, still running after a live upgrade) falls back to one `hold` or
+//! `drop` per lease, which every keeper understands.
+//!
 //! The keeper watches the owners' pids itself (pidfds): when every owner of a lease has exited
 //! it closes the lease's descriptors, even while no daemon runs, so a VM that dies during an
 //! outage frees its disks. It exits when it holds nothing and no daemon is connected.
 //!
 //! Process: double-forked from the daemon (no exec), in its own session, every inherited
-//! descriptor closed except its socket and stderr, no threads. Its wire protocol is frozen at
-//! version 1 and only ever extended compatibly, because after a live upgrade of the daemon the
-//! old keeper keeps running.
+//! descriptor closed except its socket and stderr, no threads. Its wire protocol is only ever
+//! extended compatibly (new message types, announced by the version in `hello`'s answer),
+//! because after a live upgrade of the daemon the old keeper keeps running.
 
 use super::lease::LeaseKey;
 use super::record::{id_key, key_id};
@@ -40,12 +46,19 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Version of the daemon-keeper protocol.
-pub const KEEPER_PROTOCOL: u32 = 1;
-/// Largest message either side sends (a lease record with its owners).
+/// Version of the daemon-keeper protocol this binary speaks. 1: hello, hold, drop, reset,
+/// dump, quit. 2: adds hold_batch and drop_batch.
+pub const KEEPER_PROTOCOL: u32 = 2;
+/// First version that understands batches.
+const BATCH_VERSION: u32 = 2;
+/// Largest message either side sends or receives (version 1 keepers accept no more).
 const MAX_MSG: usize = 256 * 1024;
-/// Descriptors per message: the lock file and, for lockspace leases, its directory.
-const MAX_FDS: usize = 2;
+/// A batch is split before its records reach this size, leaving room for the envelope.
+const BATCH_BYTES: usize = 192 * 1024;
+/// Descriptors per message: the kernel's SCM_MAX_FD. (Version 1 messages carry 1-2.)
+const MAX_FDS: usize = 253;
+/// Lease ids per drop_batch message (~45 bytes each).
+const DROP_CHUNK: usize = 2048;
 /// A keeper that does not answer within this time is considered gone.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -57,20 +70,31 @@ pub struct Watch {
     pub start: Option<u64>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// A message to the keeper, as the daemon writes it (`op` tags the kind; the keeper reads
+/// it through the flat [`Incoming`] so that no intermediate tree is built).
+#[derive(Debug, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-enum ToKeeper {
+enum ToKeeper<'a> {
     Hello {
         version: u32,
     },
-    /// Hold (or replace) lease `id`: the message carries its descriptors.
+    /// Version 1: hold (or replace) lease `id`; the message carries its descriptors.
     Hold {
         id: [u64; 2],
-        pids: Vec<Watch>,
+        pids: &'a [Watch],
         meta: serde_json::Value,
     },
     Drop {
         id: [u64; 2],
+    },
+    /// Version 2: hold (or replace) every lease in `entries`; the message carries their
+    /// descriptors in order, `fds` of them per entry. One acknowledgement for all.
+    HoldBatch {
+        entries: Vec<BatchEntry<'a>>,
+    },
+    /// Version 2: drop every lease in `ids`; one acknowledgement.
+    DropBatch {
+        ids: &'a [[u64; 2]],
     },
     /// Drop every lease (the daemon re-sends what it holds).
     Reset,
@@ -78,6 +102,41 @@ enum ToKeeper {
     Dump,
     /// The daemon stops: exit if nothing is held.
     Quit,
+}
+
+/// One lease of a `hold_batch`: `meta` is the lease record as JSON text (kept verbatim).
+#[derive(Debug, Serialize)]
+struct BatchEntry<'a> {
+    id: [u64; 2],
+    pids: &'a [Watch],
+    meta: &'a str,
+    fds: u8,
+}
+
+/// What the keeper reads: every field of every message kind, flat (same wire format as the
+/// tagged `ToKeeper`, decoded without serde's buffering of internally tagged enums).
+#[derive(Debug, Default, Deserialize)]
+struct Incoming {
+    op: String,
+    #[serde(default)]
+    id: Option<[u64; 2]>,
+    #[serde(default)]
+    pids: Vec<Watch>,
+    #[serde(default)]
+    meta: Option<serde_json::Value>,
+    #[serde(default)]
+    entries: Vec<IncomingEntry>,
+    #[serde(default)]
+    ids: Vec<[u64; 2]>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IncomingEntry {
+    id: [u64; 2],
+    #[serde(default)]
+    pids: Vec<Watch>,
+    meta: String,
+    fds: u8,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -114,11 +173,11 @@ pub struct Entry {
     pub fds: Vec<OwnedFd>,
 }
 
-/// One lease to hand to the keeper.
+/// One lease to hand to the keeper; `meta` is its record as JSON text.
 pub struct Hold<'a> {
     pub key: LeaseKey,
     pub pids: Vec<Watch>,
-    pub meta: serde_json::Value,
+    pub meta: String,
     pub fds: Vec<BorrowedFd<'a>>,
 }
 
@@ -143,6 +202,9 @@ pub struct Keeper {
     conn: Option<OwnedFd>,
     /// The keeper's pid, for log lines.
     pub pid: u32,
+    /// The protocol version the keeper announced (1 for keepers that predate batches).
+    pub version: u32,
+    rx: Receiver,
 }
 
 impl Keeper {
@@ -157,25 +219,36 @@ impl Keeper {
             path: path.to_path_buf(),
             conn: Some(conn),
             pid: 0,
+            version: 1,
+            rx: Receiver::new(),
         };
-        let ack = k.call(&ToKeeper::Hello {
-            version: KEEPER_PROTOCOL,
-        })?;
-        k.pid = ack.pid;
-        let entries = if existing && ack.held > 0 {
+        let held = k.hello()?;
+        let entries = if existing && held > 0 {
             k.dump()?
         } else {
             Vec::new()
         };
         if existing {
             info!(
-                "reconnected to the keeper (pid {}) at {:?}; it holds {} lease(s)",
-                k.pid, k.path, ack.held
+                "reconnected to the keeper (pid {}, protocol {}) at {:?}; it holds {} lease(s)",
+                k.pid, k.version, k.path, held
             );
         } else {
             info!("started the keeper (pid {}) at {:?}", k.pid, k.path);
         }
         Ok((k, entries))
+    }
+
+    /// Say hello: learn the keeper's pid and protocol version. Returns how many leases it holds.
+    fn hello(&mut self) -> Result<usize, String> {
+        let ack = self.call(&ToKeeper::Hello {
+            version: KEEPER_PROTOCOL,
+        })?;
+        self.pid = ack.pid;
+        // Version 1 keepers answer with their version too; 0 would be a keeper that never
+        // said, which only version 1 could be.
+        self.version = ack.version.max(1);
+        Ok(ack.held)
     }
 
     /// No link yet (filled in by a live re-exec's state, or by `ensure`).
@@ -184,6 +257,8 @@ impl Keeper {
             path,
             conn: None,
             pid: 0,
+            version: 1,
+            rx: Receiver::new(),
         }
     }
 
@@ -197,13 +272,21 @@ impl Keeper {
         }
     }
 
-    /// A link carried over a live re-exec.
+    /// A link carried over a live re-exec. The keeper may be older than this binary (it is
+    /// not re-executed), so ask it again which protocol it speaks; a link that does not
+    /// answer is dropped and the next request reconnects.
     pub fn restored(path: PathBuf, fd: OwnedFd, pid: u32) -> Keeper {
-        Keeper {
+        let mut k = Keeper {
             path,
             conn: Some(fd),
             pid,
+            version: 1,
+            rx: Receiver::new(),
+        };
+        if let Err(e) = k.hello() {
+            warn!("{e}; the next lock request reconnects and re-sends every lease");
         }
+        k
     }
 
     pub fn path(&self) -> &Path {
@@ -225,13 +308,60 @@ impl Keeper {
         Ok(true)
     }
 
-    /// Hand leases to the keeper and wait until it holds all of them.
+    /// Hand leases to the keeper and wait until it holds all of them: one message and one
+    /// acknowledgement per batch (version 2), or one per lease for a version 1 keeper.
     pub fn hold(&mut self, holds: &[Hold<'_>]) -> Result<(), String> {
+        if holds.is_empty() {
+            return Ok(());
+        }
+        if self.version < BATCH_VERSION {
+            return self.hold_one_by_one(holds);
+        }
+        let mut sent = 0;
+        let mut rest = holds;
+        while !rest.is_empty() {
+            let (mut n, mut fds, mut bytes) = (0, 0, 0);
+            for h in rest {
+                let more_fds = fds + h.fds.len();
+                let more_bytes = bytes + h.meta.len() + 64 + 24 * h.pids.len();
+                if n > 0 && (more_fds > MAX_FDS || more_bytes > BATCH_BYTES) {
+                    break;
+                }
+                (n, fds, bytes) = (n + 1, more_fds, more_bytes);
+            }
+            let (chunk, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
+            let entries = chunk
+                .iter()
+                .map(|h| BatchEntry {
+                    id: key_id(h.key),
+                    pids: &h.pids,
+                    meta: &h.meta,
+                    fds: h.fds.len() as u8,
+                })
+                .collect();
+            let raw: Vec<RawFd> = chunk
+                .iter()
+                .flat_map(|h| h.fds.iter().map(AsRawFd::as_raw_fd))
+                .collect();
+            self.send(&ToKeeper::HoldBatch { entries }, &raw)?;
+            sent += 1;
+        }
+        // Pipelined: every chunk is acknowledged on its own, in order.
+        for _ in 0..sent {
+            self.ack_or_break()?;
+        }
+        Ok(())
+    }
+
+    fn hold_one_by_one(&mut self, holds: &[Hold<'_>]) -> Result<(), String> {
         for h in holds {
+            let meta = serde_json::from_str(&h.meta)
+                .map_err(|e| format!("cannot encode a lease record: {e}"))?;
             let msg = ToKeeper::Hold {
                 id: key_id(h.key),
-                pids: h.pids.clone(),
-                meta: h.meta.clone(),
+                pids: &h.pids,
+                meta,
             };
             let raw: Vec<RawFd> = h.fds.iter().map(AsRawFd::as_raw_fd).collect();
             self.send(&msg, &raw)?;
@@ -242,12 +372,30 @@ impl Keeper {
         Ok(())
     }
 
-    /// Tell the keeper to close its copy of lease `key`, and wait until it did.
-    pub fn release(&mut self, key: LeaseKey) -> Result<(), String> {
-        if self.conn.is_none() {
+    /// Tell the keeper to close its copies of `keys`, and wait until it did.
+    pub fn release(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
+        if self.conn.is_none() || keys.is_empty() {
             return Ok(());
         }
-        self.call(&ToKeeper::Drop { id: key_id(key) }).map(drop)
+        let ids: Vec<[u64; 2]> = keys.iter().map(|k| key_id(*k)).collect();
+        if self.version < BATCH_VERSION {
+            for id in &ids {
+                self.send(&ToKeeper::Drop { id: *id }, &[])?;
+            }
+            for _ in &ids {
+                self.ack()?;
+            }
+            return Ok(());
+        }
+        let mut sent = 0;
+        for chunk in ids.chunks(DROP_CHUNK) {
+            self.send(&ToKeeper::DropBatch { ids: chunk }, &[])?;
+            sent += 1;
+        }
+        for _ in 0..sent {
+            self.ack_or_break()?;
+        }
+        Ok(())
     }
 
     pub fn reset(&mut self) -> Result<(), String> {
@@ -287,7 +435,7 @@ impl Keeper {
         }
     }
 
-    fn call(&mut self, msg: &ToKeeper) -> Result<Ack, String> {
+    fn call(&mut self, msg: &ToKeeper<'_>) -> Result<Ack, String> {
         self.send(msg, &[])?;
         self.ack()
     }
@@ -304,7 +452,13 @@ impl Keeper {
         }
     }
 
-    fn send(&mut self, msg: &ToKeeper, fds: &[RawFd]) -> Result<(), String> {
+    /// A refused batch drops the link: the next request reconnects and re-sends everything,
+    /// so no later answer can be mistaken for this one's.
+    fn ack_or_break(&mut self) -> Result<Ack, String> {
+        self.ack().map_err(|e| self.broken(e))
+    }
+
+    fn send(&mut self, msg: &ToKeeper<'_>, fds: &[RawFd]) -> Result<(), String> {
         let Some(fd) = &self.conn else {
             return Err("no keeper is connected".into());
         };
@@ -313,12 +467,12 @@ impl Keeper {
     }
 
     fn recv(&mut self) -> Result<(Ack, Vec<OwnedFd>), String> {
-        let Some(fd) = &self.conn else {
+        let Some(fd) = self.conn.as_ref().map(AsRawFd::as_raw_fd) else {
             return Err("no keeper is connected".into());
         };
-        let r = match recv_msg(fd.as_raw_fd()) {
+        let r = match self.rx.recv(fd) {
             Ok(None) => Err("the keeper closed the connection".to_string()),
-            Ok(Some((bytes, fds))) => serde_json::from_slice::<Ack>(&bytes)
+            Ok(Some((bytes, fds))) => serde_json::from_slice::<Ack>(bytes)
                 .map(|a| (a, fds))
                 .map_err(|e| format!("the keeper sent a malformed answer: {e}")),
             Err(e) => Err(e),
@@ -379,41 +533,70 @@ fn send_msg<T: Serialize>(fd: RawFd, msg: &T, fds: &[RawFd]) -> Result<(), Strin
     }
 }
 
-/// One message's bytes and the descriptors that came with it.
-type Message = (Vec<u8>, Vec<OwnedFd>);
+/// One message's bytes (in the receiver's buffer) and the descriptors that came with it.
+type Message<'a> = (&'a [u8], Vec<OwnedFd>);
 
-/// One message; None at end of file.
-fn recv_msg(fd: RawFd) -> Result<Option<Message>, String> {
-    let mut buf = vec![0u8; MAX_MSG];
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
-    loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(m) => m,
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(format!("receive failed: {}", e.desc())),
-        };
-        let mut fds = Vec::new();
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(raw) = c {
-                    for r in raw {
-                        // SAFETY: the kernel just installed this descriptor for us (SCM_RIGHTS);
-                        // nobody else owns it.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+/// One receive buffer (and control buffer) per side, allocated once: a message is received
+/// into it and parsed from the bytes that arrived, so nothing is zero-filled per message and
+/// only the pages the largest message touched are ever resident.
+struct Receiver {
+    buf: Vec<u8>,
+    cmsg: Vec<u8>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receiver")
+    }
+}
+
+impl Receiver {
+    fn new() -> Receiver {
+        Receiver {
+            buf: Vec::new(),
+            cmsg: nix::cmsg_space!([RawFd; MAX_FDS]),
+        }
+    }
+
+    /// One message: its bytes and the descriptors that came with it; None at end of file.
+    fn recv(&mut self, fd: RawFd) -> Result<Option<Message<'_>>, String> {
+        if self.buf.len() < MAX_MSG {
+            // calloc'd once: untouched pages cost nothing.
+            self.buf = vec![0u8; MAX_MSG];
+        }
+        loop {
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            let msg = match recvmsg::<()>(
+                fd,
+                &mut iov,
+                Some(&mut self.cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(format!("receive failed: {}", e.desc())),
+            };
+            let mut fds = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for r in raw {
+                            // SAFETY: the kernel just installed this descriptor for us
+                            // (SCM_RIGHTS); nobody else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                        }
                     }
                 }
             }
+            let (n, flags) = (msg.bytes, msg.flags);
+            if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+                return Err("a message or its descriptors were truncated".into());
+            }
+            if n == 0 && fds.is_empty() {
+                return Ok(None);
+            }
+            return Ok(self.buf.get(..n).map(|b| (b, fds)));
         }
-        let (n, flags) = (msg.bytes, msg.flags);
-        if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
-            return Err("a message or its descriptors were truncated".into());
-        }
-        if n == 0 && fds.is_empty() {
-            return Ok(None);
-        }
-        buf.truncate(n);
-        return Ok(Some((buf, fds)));
     }
 }
 
@@ -482,14 +665,23 @@ fn remove_stale(path: &Path) -> Result<(), String> {
         Err(_) => Ok(()),
     }
 }
-
 // ---------------------------------------------------------------------------------------------
 // The keeper process
 
+/// One held lease, kept small (the keeper holds every lease of the host): the record is the
+/// JSON text the daemon sent, kept verbatim, and the descriptors are inline.
 struct Held {
-    pids: Vec<Watch>,
-    meta: serde_json::Value,
-    fds: Vec<OwnedFd>,
+    pids: Box<[Watch]>,
+    meta: Box<str>,
+    fd: OwnedFd,
+    dir: Option<OwnedFd>,
+}
+
+/// A watched owner pid: its pidfd (none on kernels without pidfds) and how many held leases
+/// name it, so that holding or dropping a lease costs nothing per other lease.
+struct Watched {
+    fd: Option<OwnedFd>,
+    refs: usize,
 }
 
 struct KeeperProc {
@@ -498,13 +690,15 @@ struct KeeperProc {
     ident: (u64, u64),
     conn: Option<OwnedFd>,
     held: BTreeMap<[u64; 2], Held>,
-    watched: HashMap<u32, OwnedFd>,
+    watched: HashMap<u32, Watched>,
+    /// Owners found gone while holding: their leases are dropped after the current message.
+    dead: Vec<u32>,
+    rx: Receiver,
     euid: u32,
     /// A daemon said hello at least once.
     greeted: bool,
 }
 
-/// Close every descriptor but stdin/stdout/stderr and `keep`.
 fn close_all_but(keep: &[RawFd]) {
     let mut keep: Vec<RawFd> = keep.to_vec();
     keep.sort_unstable();
@@ -520,6 +714,7 @@ fn close_all_but(keep: &[RawFd]) {
 }
 
 fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u64)) -> ! {
+    super::logging::forget_pid();
     close_all_but(&[listener.as_raw_fd(), ready.as_raw_fd()]);
     if let Ok(null) = fs::File::options().read(true).write(true).open("/dev/null") {
         // SAFETY: dup2 onto stdin and stdout; stderr stays for the log.
@@ -558,6 +753,8 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         conn: None,
         held: BTreeMap::new(),
         watched: HashMap::new(),
+        dead: Vec::new(),
+        rx: Receiver::new(),
         euid: nix::unistd::geteuid().as_raw(),
         greeted: false,
     };
@@ -579,6 +776,7 @@ impl KeeperProc {
     fn run(&mut self) -> ! {
         let mut pfds: Vec<libc::pollfd> = Vec::new();
         let mut toks: Vec<Tok> = Vec::new();
+        let mut ready: Vec<Tok> = Vec::new();
         // A new keeper waits (boundedly) for the daemon that started it to say hello; a
         // connection that never does (a probe) does not count.
         loop {
@@ -594,9 +792,11 @@ impl KeeperProc {
             };
             pfds.push(pollfd(fd));
             toks.push(tok);
-            for (pid, fd) in &self.watched {
-                pfds.push(pollfd(fd.as_raw_fd()));
-                toks.push(Tok::Pid(*pid));
+            for (pid, w) in &self.watched {
+                if let Some(fd) = &w.fd {
+                    pfds.push(pollfd(fd.as_raw_fd()));
+                    toks.push(Tok::Pid(*pid));
+                }
             }
             let timeout = if first {
                 IO_TIMEOUT.as_millis() as libc::c_int
@@ -611,14 +811,15 @@ impl KeeperProc {
             if n < 0 {
                 continue;
             }
-            let ready: Vec<Tok> = pfds
-                .iter()
-                .zip(toks.iter())
-                .filter(|(p, _)| p.revents != 0)
-                .map(|(_, t)| *t)
-                .collect();
-            for t in ready {
-                match t {
+            ready.clear();
+            ready.extend(
+                pfds.iter()
+                    .zip(toks.iter())
+                    .filter(|(p, _)| p.revents != 0)
+                    .map(|(_, t)| *t),
+            );
+            for t in &ready {
+                match *t {
                     Tok::Listener => self.accept(),
                     Tok::Conn => self.serve(),
                     Tok::Pid(pid) => self.owner_gone(pid),
@@ -657,8 +858,8 @@ impl KeeperProc {
         let Some(fd) = self.conn.as_ref().map(AsRawFd::as_raw_fd) else {
             return;
         };
-        let (bytes, fds) = match recv_msg(fd) {
-            Ok(Some(m)) => m,
+        let parsed = match self.rx.recv(fd) {
+            Ok(Some((bytes, fds))) => (serde_json::from_slice::<Incoming>(bytes), fds),
             Ok(None) | Err(_) => {
                 self.conn = None;
                 if !self.held.is_empty() {
@@ -673,15 +874,14 @@ impl KeeperProc {
                 return;
             }
         };
-        let reply = match serde_json::from_slice::<ToKeeper>(&bytes) {
-            Ok(msg) => self.handle(fd, msg, fds),
-            Err(e) => Ack {
-                error: Some(format!(
-                    "keeper protocol {KEEPER_PROTOCOL}: bad message: {e}"
-                )),
-                ..Ack::default()
-            },
+        let reply = match parsed {
+            (Ok(msg), fds) => self.handle(fd, msg, fds),
+            (Err(e), _) => self.refuse(format!("bad message: {e}")),
         };
+        // Owners found gone while taking this message's leases: drop what they held alone.
+        for pid in std::mem::take(&mut self.dead) {
+            self.owner_gone(pid);
+        }
         if send_msg(fd, &reply, &[]).is_err() {
             self.conn = None;
         }
@@ -697,45 +897,80 @@ impl KeeperProc {
         }
     }
 
-    fn handle(&mut self, fd: RawFd, msg: ToKeeper, fds: Vec<OwnedFd>) -> Ack {
-        match msg {
-            ToKeeper::Hello { .. } => {
+    fn refuse(&self, why: String) -> Ack {
+        Ack {
+            error: Some(format!("keeper protocol {KEEPER_PROTOCOL}: {why}")),
+            pid: self.me(),
+            version: KEEPER_PROTOCOL,
+            ..Ack::default()
+        }
+    }
+
+    fn handle(&mut self, fd: RawFd, msg: Incoming, fds: Vec<OwnedFd>) -> Ack {
+        match msg.op.as_str() {
+            "hello" => {
                 self.greeted = true;
                 self.ok()
             }
-            ToKeeper::Hold { id, pids, meta } => {
-                if fds.is_empty() {
-                    return Ack {
-                        error: Some("hold without a descriptor".into()),
-                        ..Ack::default()
-                    };
+            "hold" => {
+                let Some(id) = msg.id else {
+                    return self.refuse("hold without an id".into());
+                };
+                let mut fds = fds.into_iter();
+                let Some(lock) = fds.next() else {
+                    return self.refuse("hold without a descriptor".into());
+                };
+                let meta = msg.meta.map(|m| m.to_string()).unwrap_or_default();
+                self.put(id, msg.pids, meta, lock, fds.next());
+                self.ok()
+            }
+            "hold_batch" => {
+                let want: usize = msg.entries.iter().map(|e| usize::from(e.fds)).sum();
+                if want != fds.len() || msg.entries.iter().any(|e| e.fds == 0 || e.fds > 2) {
+                    return self.refuse(format!(
+                        "hold_batch names {want} descriptor(s) but {} arrived",
+                        fds.len()
+                    ));
                 }
-                self.held.insert(id, Held { pids, meta, fds });
-                self.watch();
+                let mut fds = fds.into_iter();
+                for e in msg.entries {
+                    let (Some(lock), dir) = (fds.next(), (e.fds == 2).then(|| fds.next())) else {
+                        break;
+                    };
+                    self.put(e.id, e.pids, e.meta, lock, dir.flatten());
+                }
                 self.ok()
             }
-            ToKeeper::Drop { id } => {
-                self.held.remove(&id);
-                self.watch();
+            "drop" => {
+                if let Some(id) = msg.id {
+                    self.take(&id);
+                }
                 self.ok()
             }
-            ToKeeper::Reset => {
+            "drop_batch" => {
+                for id in &msg.ids {
+                    self.take(id);
+                }
+                self.ok()
+            }
+            "reset" => {
                 self.held.clear();
-                self.watch();
+                self.watched.clear();
                 self.ok()
             }
-            ToKeeper::Dump => {
+            "dump" => {
                 for (id, h) in &self.held {
                     let ack = Ack {
                         ok: true,
                         entry: Some(DumpEntry {
                             id: *id,
-                            pids: h.pids.clone(),
-                            meta: h.meta.clone(),
+                            pids: h.pids.to_vec(),
+                            meta: serde_json::from_str(&h.meta).unwrap_or(serde_json::Value::Null),
                         }),
                         ..Ack::default()
                     };
-                    let raw: Vec<RawFd> = h.fds.iter().map(AsRawFd::as_raw_fd).collect();
+                    let mut raw = vec![h.fd.as_raw_fd()];
+                    raw.extend(h.dir.as_ref().map(AsRawFd::as_raw_fd));
                     if send_msg(fd, &ack, &raw).is_err() {
                         break;
                     }
@@ -745,7 +980,7 @@ impl KeeperProc {
                     ..self.ok()
                 }
             }
-            ToKeeper::Quit => {
+            "quit" => {
                 let ack = self.ok();
                 if self.held.is_empty() {
                     let _ = send_msg(fd, &ack, &[]);
@@ -758,6 +993,37 @@ impl KeeperProc {
                 );
                 ack
             }
+            other => self.refuse(format!("unknown message {other:?}")),
+        }
+    }
+
+    /// Hold (or replace) lease `id`; its owner pids are watched from now on.
+    fn put(
+        &mut self,
+        id: [u64; 2],
+        pids: Vec<Watch>,
+        meta: String,
+        fd: OwnedFd,
+        dir: Option<OwnedFd>,
+    ) {
+        for w in &pids {
+            self.watch(*w);
+        }
+        let held = Held {
+            pids: pids.into_boxed_slice(),
+            meta: meta.into_boxed_str(),
+            fd,
+            dir,
+        };
+        if let Some(old) = self.held.insert(id, held) {
+            self.unwatch(&old.pids);
+        }
+    }
+
+    /// Close the keeper's copies of lease `id`.
+    fn take(&mut self, id: &[u64; 2]) {
+        if let Some(old) = self.held.remove(id) {
+            self.unwatch(&old.pids);
         }
     }
 
@@ -768,31 +1034,37 @@ impl KeeperProc {
             .collect()
     }
 
-    /// Watch every owner pid of a held lease; forget pids no lease names any more.
-    fn watch(&mut self) {
-        let wanted: HashMap<u32, Option<u64>> = self
-            .held
-            .values()
-            .flat_map(|h| h.pids.iter().map(|w| (w.pid, w.start)))
-            .collect();
-        self.watched.retain(|pid, _| wanted.contains_key(pid));
-        let mut dead = Vec::new();
-        for (pid, start) in wanted {
-            if self.watched.contains_key(&pid) {
-                continue;
-            }
-            match super::pidfd::Proc::reopen(pid, start) {
-                // Without pidfds (old kernels) only a restarted daemon notices the death.
-                Ok(p) => {
-                    if let Some(fd) = p.into_fd() {
-                        self.watched.insert(pid, fd);
-                    }
-                }
-                Err(_) => dead.push(pid),
-            }
+    /// One more held lease names `w.pid`: watch it (a pidfd checked against its start time).
+    /// A pid that is already gone is noted in `dead`.
+    fn watch(&mut self, w: Watch) {
+        if let Some(e) = self.watched.get_mut(&w.pid) {
+            e.refs += 1;
+            return;
         }
-        for pid in dead {
-            self.owner_gone(pid);
+        match super::pidfd::Proc::reopen(w.pid, w.start) {
+            // Without pidfds (old kernels) only a restarted daemon notices the death.
+            Ok(p) => {
+                self.watched.insert(
+                    w.pid,
+                    Watched {
+                        fd: p.into_fd(),
+                        refs: 1,
+                    },
+                );
+            }
+            Err(_) => self.dead.push(w.pid),
+        }
+    }
+
+    /// A held lease naming these pids is gone: forget pids no lease names any more.
+    fn unwatch(&mut self, pids: &[Watch]) {
+        for w in pids {
+            if let Some(e) = self.watched.get_mut(&w.pid) {
+                e.refs = e.refs.saturating_sub(1);
+                if e.refs == 0 {
+                    self.watched.remove(&w.pid);
+                }
+            }
         }
     }
 
@@ -801,16 +1073,21 @@ impl KeeperProc {
         self.watched.remove(&pid);
         let me = self.me();
         self.held.retain(|_, h| {
-            h.pids.retain(|w| w.pid != pid);
+            if !h.pids.iter().any(|w| w.pid == pid) {
+                return true;
+            }
+            h.pids = h.pids.iter().filter(|w| w.pid != pid).copied().collect();
             if h.pids.is_empty() {
-                let name = h.meta.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+                let name = serde_json::from_str::<serde_json::Value>(&h.meta)
+                    .ok()
+                    .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
+                    .unwrap_or_else(|| "?".into());
                 info!("keeper (pid {me}): owner pid {pid} exited; dropped its lease {name:?}");
                 false
             } else {
                 true
             }
         });
-        self.watch();
     }
 
     fn exit(&mut self, why: &str) -> ! {
@@ -831,5 +1108,178 @@ fn pollfd(fd: RawFd) -> libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::socketpair;
+
+    /// A keeper serving one end of a socket pair on a thread (no fork, no listener in use);
+    /// returns how many messages it read and how many leases it held at the end.
+    fn serve_on_thread(conn: OwnedFd) -> std::thread::JoinHandle<(usize, usize)> {
+        std::thread::spawn(move || {
+            let mut k = KeeperProc {
+                listener: seqpacket().unwrap(),
+                path: PathBuf::from("/nonexistent/lockwarden-test-keeper.sock"),
+                ident: (0, 0),
+                conn: Some(conn),
+                held: BTreeMap::new(),
+                watched: HashMap::new(),
+                dead: Vec::new(),
+                rx: Receiver::new(),
+                euid: 0,
+                greeted: false,
+            };
+            let mut messages = 0;
+            while k.conn.is_some() {
+                k.serve();
+                messages += 1;
+            }
+            // The last read was the end of file.
+            (messages - 1, k.held.len())
+        })
+    }
+
+    fn link(version: u32) -> (Keeper, std::thread::JoinHandle<(usize, usize)>) {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let server = serve_on_thread(b);
+        let k = Keeper {
+            path: PathBuf::new(),
+            conn: Some(a),
+            pid: 0,
+            version,
+            rx: Receiver::new(),
+        };
+        (k, server)
+    }
+
+    fn held_now(k: &mut Keeper) -> usize {
+        k.call(&ToKeeper::Hello {
+            version: KEEPER_PROTOCOL,
+        })
+        .unwrap()
+        .held
+    }
+
+    fn holds<'a>(files: &'a [fs::File], dir: &'a fs::File) -> Vec<Hold<'a>> {
+        let pid = std::process::id();
+        files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let mut fds = vec![f.as_fd()];
+                if i % 2 == 1 {
+                    fds.push(dir.as_fd());
+                }
+                Hold {
+                    key: LeaseKey {
+                        dev: 1,
+                        ino: i as u64,
+                    },
+                    pids: vec![Watch { pid, start: None }],
+                    meta: format!("{{\"name\":\"disk{i}\",\"text\":\"a \\\"quoted\\\" name\"}}"),
+                    fds,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_request_is_one_batch_message_chunked_past_scm_max_fd() {
+        let files: Vec<fs::File> = (0..300).map(|_| tempfile::tempfile().unwrap()).collect();
+        let dir = fs::File::open("/").unwrap();
+        let (mut k, server) = link(KEEPER_PROTOCOL);
+        // 300 leases with 450 descriptors: two messages of at most 253 descriptors.
+        k.hold(&holds(&files, &dir)).unwrap();
+        assert_eq!(held_now(&mut k), 300);
+        let keys: Vec<LeaseKey> = (0..300).map(|i| LeaseKey { dev: 1, ino: i }).collect();
+        k.release(&keys).unwrap();
+        assert_eq!(held_now(&mut k), 0);
+        // The records come back verbatim.
+        k.hold(&holds(&files[..2], &dir)).unwrap();
+        let entries = k.dump().unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[1].fds.len(), 2);
+        assert_eq!(entries[1].meta["text"], "a \"quoted\" name");
+        drop(k);
+        let (messages, held) = server.join().unwrap();
+        // hold (2 chunks) + hello + drop_batch + hello + hold + dump
+        assert_eq!(messages, 7);
+        assert_eq!(held, 2);
+    }
+
+    #[test]
+    fn an_old_keeper_gets_one_message_per_lease() {
+        let files: Vec<fs::File> = (0..3).map(|_| tempfile::tempfile().unwrap()).collect();
+        let dir = fs::File::open("/").unwrap();
+        // A daemon that found a version 1 keeper (after a live upgrade) only sends what
+        // version 1 understands: hold and drop, one lease each.
+        let (mut k, server) = link(1);
+        k.hold(&holds(&files, &dir)).unwrap();
+        assert_eq!(held_now(&mut k), 3);
+        k.release(&[LeaseKey { dev: 1, ino: 0 }, LeaseKey { dev: 1, ino: 2 }])
+            .unwrap();
+        assert_eq!(held_now(&mut k), 1);
+        drop(k);
+        let (messages, held) = server.join().unwrap();
+        assert_eq!(messages, 3 + 1 + 2 + 1);
+        assert_eq!(held, 1);
+    }
+
+    #[test]
+    fn a_dead_owner_frees_its_leases_and_watches_are_counted() {
+        let files: Vec<fs::File> = (0..2).map(|_| tempfile::tempfile().unwrap()).collect();
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut k = KeeperProc {
+            listener: seqpacket().unwrap(),
+            path: PathBuf::from("/nonexistent/lockwarden-test-keeper.sock"),
+            ident: (0, 0),
+            conn: Some(b),
+            held: BTreeMap::new(),
+            watched: HashMap::new(),
+            dead: Vec::new(),
+            rx: Receiver::new(),
+            euid: 0,
+            greeted: false,
+        };
+        drop(a);
+        let me = Watch {
+            pid: std::process::id(),
+            start: None,
+        };
+        let fd = |i: usize| files[i].try_clone().unwrap().into();
+        k.put([1, 1], vec![me], "{}".into(), fd(0), None);
+        k.put([1, 2], vec![me], "{}".into(), fd(1), None);
+        assert_eq!(k.watched[&me.pid].refs, 2);
+        // Replacing a lease does not count its owner twice.
+        k.put([1, 2], vec![me], "{}".into(), fd(1), None);
+        assert_eq!(k.watched[&me.pid].refs, 2);
+        k.take(&[1, 1]);
+        assert_eq!(k.watched[&me.pid].refs, 1);
+        k.take(&[1, 2]);
+        assert!(k.watched.is_empty());
+        // An owner that is gone: its lease is dropped after the message.
+        let gone = Watch {
+            pid: u32::MAX - 1,
+            start: None,
+        };
+        k.put([1, 3], vec![gone], "{}".into(), fd(0), None);
+        assert_eq!(k.dead, vec![gone.pid]);
+        k.owner_gone(gone.pid);
+        assert!(k.held.is_empty());
     }
 }

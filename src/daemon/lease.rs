@@ -7,9 +7,9 @@
 use super::lock;
 use super::lockfile::{self, LockDir};
 use crate::protocol::{LeaseMode, ResourceKind};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// Identity of a locked file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,13 +42,35 @@ pub struct Lease {
     pub lost: bool,
 }
 
+/// The keys of every lease, shared with the storage threads: a worker that opens a file whose
+/// inode is already one of our leases must not lock it again through a second description
+/// (that would conflict with ourselves). Kept up to date with the table, so submitting a job
+/// costs nothing per lease held.
+pub type HeldKeys = Arc<RwLock<HashSet<LeaseKey>>>;
+
 /// All leases of this daemon.
 #[derive(Debug, Default)]
 pub struct Leases {
     map: HashMap<LeaseKey, Lease>,
+    keys: HeldKeys,
 }
 
 impl Leases {
+    /// The live set of lease keys, for the storage threads.
+    pub fn held_keys(&self) -> HeldKeys {
+        Arc::clone(&self.keys)
+    }
+
+    fn set_key(&self, key: LeaseKey, present: bool) {
+        if let Ok(mut k) = self.keys.write() {
+            if present {
+                k.insert(key);
+            } else {
+                k.remove(&key);
+            }
+        }
+    }
+
     pub fn get(&self, key: &LeaseKey) -> Option<&Lease> {
         self.map.get(key)
     }
@@ -59,10 +81,15 @@ impl Leases {
 
     pub fn insert(&mut self, key: LeaseKey, lease: Lease) {
         self.map.insert(key, lease);
+        self.set_key(key, true);
     }
 
     pub fn take(&mut self, key: &LeaseKey) -> Option<Lease> {
-        self.map.remove(key)
+        let l = self.map.remove(key);
+        if l.is_some() {
+            self.set_key(*key, false);
+        }
+        l
     }
 
     pub fn len(&self) -> usize {

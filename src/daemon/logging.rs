@@ -7,6 +7,27 @@
 
 use log::{Level, LevelFilter};
 use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// This process's pid for log lines, looked up once (getpid is a system call per line
+/// otherwise); 0 = not yet known.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+fn pid() -> u32 {
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let p = std::process::id();
+            PID.store(p, Ordering::Relaxed);
+            p
+        }
+        p => p,
+    }
+}
+
+/// A forked child (the keeper) must not log under its parent's pid.
+pub fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
+}
 
 /// True when stderr most likely ends in the journal (systemd sets these for its services).
 pub fn under_systemd() -> bool {
@@ -38,7 +59,7 @@ pub fn init(level: LevelFilter, journal: bool) {
                 buf,
                 "{} lockwardend[{}]: {}: {}",
                 buf.timestamp_seconds(),
-                std::process::id(),
+                pid(),
                 record.level(),
                 record.args()
             )

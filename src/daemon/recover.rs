@@ -97,15 +97,8 @@ pub fn release_dead(state: &mut State, dead: BTreeMap<u32, String>) {
             .filter(|(_, l)| l.owners.contains_key(&pid))
             .map(|(k, _)| *k)
             .collect();
-        for key in &keys {
-            release::leave(
-                state,
-                *key,
-                pid,
-                false,
-                "VM exited while lockwardend was down",
-            );
-        }
+        let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
+        release::leave_many(state, pid, &leases, "VM exited while lockwardend was down");
         info!(
             "VM {name:?} (pid {pid}) exited while lockwardend was not watching; released its {} \
              lease(s)",
@@ -131,7 +124,7 @@ pub fn adopt(state: &mut State, entries: Vec<Entry>) {
                      ({err}); dropping it",
                     e.key.dev, e.key.ino
                 );
-                state.unprotect(e.key);
+                state.unprotect(&[e.key]);
                 continue;
             }
         };
@@ -142,7 +135,7 @@ pub fn adopt(state: &mut State, entries: Vec<Entry>) {
         if insert_lease(state, e.key, record, fd, fds.next(), &mut dead) {
             kept += 1;
         } else {
-            state.unprotect(e.key);
+            state.unprotect(&[e.key]);
         }
     }
     info!(

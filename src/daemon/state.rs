@@ -219,7 +219,7 @@ impl State {
                 Some(Hold {
                     key: *k,
                     pids,
-                    meta: serde_json::to_value(&record).unwrap_or_default(),
+                    meta: serde_json::to_string(&record).unwrap_or_default(),
                     fds,
                 })
             })
@@ -227,9 +227,10 @@ impl State {
         self.keeper.hold(&holds)
     }
 
-    /// The keeper closes its copy of `key` (before we unlock and close ours).
-    pub fn unprotect(&mut self, key: LeaseKey) {
-        if let Err(e) = self.keeper.release(key) {
+    /// The keeper closes its copies of `keys` (before we unlock and close ours): one message
+    /// and one acknowledgement for all of them.
+    pub fn unprotect(&mut self, keys: &[LeaseKey]) {
+        if let Err(e) = self.keeper.release(keys) {
             warn!("{e}; the next lock request reconnects and re-sends every lease");
         }
     }
@@ -287,9 +288,8 @@ impl State {
             Some(e) => e.leases.iter().copied().collect(),
             None => return 0,
         };
-        for key in &keys {
-            release::leave(self, *key, pid, false, why);
-        }
+        let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
+        release::leave_many(self, pid, &leases, why);
         keys.len()
     }
 

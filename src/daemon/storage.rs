@@ -20,13 +20,13 @@
 //! cleaned up by the loop (a lock nobody waits for any more is dropped again).
 
 use super::Failure;
-use super::lease::LeaseKey;
+use super::lease::{HeldKeys, LeaseKey};
 use super::lock;
 use super::lockfile::{self, OpenError, Opened};
 use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec};
 use log::{debug, warn};
 use nix::errno::Errno;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,10 +44,7 @@ pub type JobId = u64;
 /// What a worker does.
 pub enum Work {
     /// Open `spec`'s file and lock it, unless its inode is in `held` (then only open it).
-    Take {
-        spec: LeaseSpec,
-        held: Arc<HashSet<LeaseKey>>,
-    },
+    Take { spec: LeaseSpec, held: HeldKeys },
     /// Is the lock on `fd` still ours? Re-issues the same OFD lock on byte 0.
     Probe {
         key: LeaseKey,
@@ -235,14 +232,14 @@ fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
 }
 
 /// Open and lock one target (on a worker thread).
-fn take(spec: &LeaseSpec, held: &HashSet<LeaseKey>) -> Result<Taken, Failure> {
+fn take(spec: &LeaseSpec, held: &HeldKeys) -> Result<Taken, Failure> {
     use super::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
             OpenError::Invalid(m) => reply(ErrorKind::Invalid, spec, m),
             OpenError::Io(m) => reply(ErrorKind::Io, spec, m),
         })?;
-        if held.contains(&opened.key) {
+        if held.read().is_ok_and(|h| h.contains(&opened.key)) {
             return Ok(Taken::Held(opened));
         }
         if let Err(e) = lock::try_lock(opened.fd.as_fd(), spec.mode) {
