@@ -43,7 +43,7 @@ mod settings;
 mod signals;
 mod state;
 mod storage;
-mod text;
+pub(crate) mod text;
 
 use args::Command;
 use log::{error, info, warn};
