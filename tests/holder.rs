@@ -557,7 +557,8 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     assert!(msg.contains("another process or host"), "{msg}");
     assert!(msg.contains("stop it there first"), "{msg}");
 
-    // A fresh publish replaces the stale file; withdraw deletes it.
+    // A fresh publish rewrites the stale file in place; withdraw empties it (the file stays
+    // for this host's next lease) and readers skip it silently.
     let p2 = holder::publish(
         target(&other, p, false),
         record("node-a", p, LeaseMode::Exclusive, vec![vm("web1b", 4343)]),
@@ -567,8 +568,17 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     assert_eq!(found.believed.len(), 1, "{found:?}");
     assert_eq!(found.believed[0].record.vms[0].name, "web1b");
     holder::withdraw(other.as_fd(), p2).unwrap();
-    assert!(!side.exists(), "withdraw deletes the side file");
-    assert!(holder::read(target(&reader, p, false)).believed.is_empty());
+    assert_eq!(
+        fs::read(&side).unwrap(),
+        b"",
+        "withdraw empties the side file"
+    );
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored.is_empty(),
+        "an empty side file is not listed: {found:?}"
+    );
 }
 
 #[test]
@@ -763,9 +773,10 @@ fn shared_holders_on_two_hosts_are_all_named() {
             .any(|i| i.host.as_deref() == Some("node-a"))
     );
 
-    // node-b leaves cleanly: its side file goes.
+    // node-b leaves cleanly: its side file is emptied and released.
     records_b.withdraw(id, b_fd.as_fd());
-    assert!(!side_b.exists());
+    assert_eq!(fs::read(&side_b).unwrap(), b"");
+    assert_eq!(probe(&side_b, 0), libc::F_UNLCK);
     assert!(records_b.is_empty());
 }
 
@@ -1204,4 +1215,97 @@ fn doctor_compares_the_plugin_config_other_hosts_published() {
     )
     .unwrap_or_else(|| panic!("{v:#}"));
     assert_eq!(c["verdict"], "ok");
+}
+
+#[test]
+fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "db.qcow2");
+    let p = img.to_str().unwrap();
+    let lease = File::open(&img).unwrap();
+    ofd_lock(&lease, libc::F_RDLCK, 0);
+    // Rewrites (VMs joining and leaving a shared lease) go into the same file, in place: same
+    // inode, liveness lock kept, a shorter record cuts the longer one's tail.
+    let mut records = Records::default();
+    let id = (7, 7);
+    let long = vec![vm("a-rather-long-vm-name", 1), vm("another-vm", 2)];
+    records.publish(
+        id,
+        target(&lease, p, false),
+        record("node-a", p, LeaseMode::Shared, long),
+    );
+    let side = dir.path().join(".lockwarden/db.qcow2@node-a.json");
+    let ino = fs::metadata(&side).unwrap().ino();
+    records.publish(
+        id,
+        target(&lease, p, false),
+        record("node-a", p, LeaseMode::Shared, vec![vm("b", 3)]),
+    );
+    assert_eq!(
+        fs::metadata(&side).unwrap().ino(),
+        ino,
+        "rewritten in place"
+    );
+    assert_eq!(probe(&side, 0), libc::F_WRLCK, "liveness lock kept");
+    let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
+    assert_schema("record", &on_disk);
+    assert_eq!(on_disk["vms"].as_array().unwrap().len(), 1);
+    assert_eq!(on_disk["vms"][0]["name"], "b");
+    let leftovers: Vec<String> = fs::read_dir(dir.path().join(".lockwarden"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, vec!["db.qcow2@node-a.json".to_string()]);
+
+    // Records caught empty or half-written by a reader (their publisher holds them) are
+    // ignored with the reason, never believed, and the reader does not hang on them.
+    let torn = dir.path().join(".lockwarden/db.qcow2@node-t.json");
+    fs::write(&torn, &fs::read(&side).unwrap()[..40]).unwrap();
+    let empty = dir.path().join(".lockwarden/db.qcow2@node-e.json");
+    fs::write(&empty, b"").unwrap();
+    let (torn_f, empty_f) = (open_rw(&torn), open_rw(&empty));
+    ofd_lock(&torn_f, libc::F_WRLCK, 0);
+    ofd_lock(&empty_f, libc::F_WRLCK, 0);
+    let reader = File::open(&img).unwrap();
+    let t0 = Instant::now();
+    let found = holder::read(target(&reader, p, false));
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.host, "node-a");
+    let reason = |name: &str| {
+        found
+            .ignored
+            .iter()
+            .find(|i| i.source.ends_with(name))
+            .map(|i| i.reason.clone())
+            .unwrap_or_else(|| panic!("{name} not listed as ignored: {found:?}"))
+    };
+    assert!(
+        reason("@node-t.json").contains("not a lockwarden holder record"),
+        "{found:?}"
+    );
+    assert!(reason("@node-e.json").contains("empty"), "{found:?}");
+
+    records.withdraw(id, lease.as_fd());
+    assert_eq!(
+        fs::read(&side).unwrap(),
+        b"",
+        "withdraw empties the side file"
+    );
+    assert_eq!(
+        probe(&side, 0),
+        libc::F_UNLCK,
+        "and drops its liveness lock"
+    );
+    // The next publish reuses the file (no create, same inode).
+    let again = File::open(&img).unwrap();
+    ofd_lock(&again, libc::F_RDLCK, 0);
+    let p2 = holder::publish(
+        target(&again, p, false),
+        record("node-a", p, LeaseMode::Shared, vec![vm("c", 4)]),
+    )
+    .unwrap();
+    assert_eq!(fs::metadata(&side).unwrap().ino(), ino, "reused");
+    holder::withdraw(again.as_fd(), p2).unwrap();
 }

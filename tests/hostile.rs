@@ -97,6 +97,11 @@ impl Daemon {
     }
 
     fn start_with(config: &str) -> Daemon {
+        Daemon::start_limited(config, None)
+    }
+
+    /// Start with `config`, and with RLIMIT_NOFILE (soft, hard) set for the daemon when given.
+    fn start_limited(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
         raise_fd_limit();
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("run/lockwardend.sock");
@@ -104,9 +109,24 @@ impl Daemon {
         let conf = dir.path().join("lockwardend.conf");
         fs::write(&conf, config).expect("write lockwardend.conf");
         let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new(DAEMON);
+        if let Some((soft, hard)) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
+            cmd.arg("--config")
                 .arg(&conf)
                 .arg("--socket")
                 .arg(&socket)
@@ -816,4 +836,556 @@ fn half_a_frame_and_a_stall_hold_nothing_up() {
         assert_eq!(held.len(), 2, "split at {cut}");
     }
     assert_eq!(byte0(&img), libc::F_WRLCK);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded resources (part B: docs/hardening.md)
+
+/// A connection storm: `threads` threads connecting, sending a Status, reading the answer (or
+/// not) and hanging up as fast as they can until `stop`. Returns the number of connects.
+fn connect_storm(
+    socket: PathBuf,
+    threads: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<thread::JoinHandle<u64>> {
+    let frame = protocol::encode(&Request::Status).expect("encode");
+    (0..threads)
+        .map(|t| {
+            let (socket, stop, frame) = (socket.clone(), stop.clone(), frame.clone());
+            thread::spawn(move || {
+                let mut n = 0u64;
+                let mut held = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = UnixStream::connect(&socket) else {
+                        continue;
+                    };
+                    n += 1;
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    match n % 4 {
+                        // Ask and read the answer.
+                        0 => {
+                            let _ = s.write_all(&frame);
+                            let mut buf = [0u8; 512];
+                            let _ = s.read(&mut buf);
+                        }
+                        // Ask and hang up without reading.
+                        1 => {
+                            let _ = s.write_all(&frame);
+                        }
+                        // Connect and hang up at once.
+                        2 => {}
+                        // Connect and stay (a few per thread), saying nothing.
+                        _ if t % 2 == 0 && held.len() < 50 => held.push(s),
+                        _ => {}
+                    }
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_pipelining_flooder_and_a_connect_storm_do_not_starve_a_legitimate_acquire() {
+    let mut d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "stormy.img");
+    let q = qemu();
+    let o = owner_of(&q, "legit");
+    let f = qemu();
+    let flood_owner = owner_of(&f, "flood");
+    let mut quiet = acquire_cycles(&d, &o, &img, 20);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flood, answered) = flooder(
+        d.socket.clone(),
+        Request::Inquire {
+            owner: flood_owner.clone(),
+        },
+        true,
+        stop.clone(),
+    );
+    let storm = connect_storm(d.socket.clone(), 4, stop.clone());
+    thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let mut stormy = acquire_cycles(&d, &o, &img, 20);
+    let during = t0.elapsed();
+    // The admin socket is served as well (a separate listener with its own accept budget).
+    let clients_then = d.clients();
+    stop.store(true, Ordering::Relaxed);
+    let sent = flood.join().expect("flooder");
+    let connects: u64 = storm.into_iter().map(|h| h.join().expect("storm")).sum();
+    eprintln!(
+        "acquire latency, quiet daemon: {}\nacquire latency under a pipelining flooder and a \
+         connect storm: {} (20 cycles in {:.0} ms; flooder sent {sent} bytes, got {} bytes of \
+         answers; {connects} storm connects; {clients_then} clients at the end)",
+        summary(&mut quiet),
+        summary(&mut stormy),
+        during.as_secs_f64() * 1000.0,
+        answered.load(Ordering::Relaxed)
+    );
+    assert!(
+        answered.load(Ordering::Relaxed) > 0,
+        "the flooder was never answered"
+    );
+    assert!(connects > 20, "the storm did not run ({connects} connects)");
+    d.assert_alive();
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+    eventually("the storm's connections are gone", || d.clients() <= 2);
+}
+
+/// Does the daemon still hold this connection open (no EOF, no error)?
+fn still_open(s: &UnixStream) -> bool {
+    s.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 64];
+    let open = match (&*s).read(&mut buf) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+    };
+    s.set_nonblocking(false).expect("blocking");
+    open
+}
+
+#[test]
+fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
+    const MAX: usize = 20;
+    let mut d = Daemon::start_with(&format!(
+        "max_clients = {MAX}\nrequest_read_timeout_ms = 1000\n"
+    ));
+    let images = tempfile::tempdir().expect("temp dir");
+    let img = image(images.path(), "slot.img");
+    let q = qemu();
+    let o = owner_of(&q, "legit");
+
+    // Every slot taken by a client that sent 3 bytes of a header and stalled.
+    let t0 = Instant::now();
+    let stallers: Vec<UnixStream> = (0..MAX)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.socket).expect("staller connect");
+            s.write_all(&protocol::MAGIC[..3]).expect("3 bytes");
+            s
+        })
+        .collect();
+    // They were accepted first (one listener, in order): a legitimate client is refused now,
+    // with the limit and the key named.
+    let e = err(
+        d.client().call(&acquire(&o, vec![disk(&img)])),
+        ErrorKind::Internal,
+    );
+    assert!(
+        e.message.contains("max_clients") && e.message.contains(&format!("{MAX} clients")),
+        "{}",
+        e.message
+    );
+    assert_eq!(byte0(&img), libc::F_UNLCK);
+
+    // After request_read_timeout_ms the stallers are closed and the acquire goes through.
+    let held = loop {
+        match d.client().call(&acquire(&o, vec![disk(&img)])) {
+            Response::Ok { leases } => break leases,
+            Response::Error(e) if e.message.contains("max_clients") => {
+                assert!(t0.elapsed() < BOUND, "the stallers were never closed");
+                thread::sleep(Duration::from_millis(50));
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    };
+    let waited = t0.elapsed();
+    eprintln!(
+        "{MAX} stalled clients (max_clients = {MAX}, request_read_timeout_ms = 1000): a \
+         legitimate acquire succeeded {:.0} ms after they connected",
+        waited.as_secs_f64() * 1000.0
+    );
+    assert_eq!(held.len(), 1);
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+    assert!(
+        waited >= Duration::from_millis(900),
+        "stallers closed before their timeout"
+    );
+    eventually("every staller is closed", || {
+        stallers.iter().all(|s| !still_open(s))
+    });
+    let log = d.log();
+    assert!(
+        log.contains("request_read_timeout_ms") && log.contains("sent 3 bytes of a request"),
+        "the closing is logged:\n{log}"
+    );
+    d.assert_alive();
+}
+
+#[test]
+fn idle_connections_are_closed_but_never_a_lifetime_handle() {
+    let d = Daemon::start_with("idle_timeout_ms = 300\nrequest_read_timeout_ms = 300\n");
+    // This test process is the owner: its own connection becomes the lifetime handle.
+    let me = Owner {
+        uuid: format!("1d1e0000-0000-4000-8000-{:012x}", std::process::id()),
+        name: "handle-holder".into(),
+        id: 1,
+        pid: std::process::id(),
+    };
+    let mut handle = d.client();
+    ok(handle.call(&Request::Register {
+        owner: me.clone(),
+        restrict: false,
+    }));
+    let idle = UnixStream::connect(&d.socket).expect("idle connect");
+    // A client that used its connection once and then went quiet.
+    let mut used = d.client();
+    ok(used.call(&Request::Inquire { owner: me.clone() }));
+    thread::sleep(Duration::from_millis(1200));
+    assert!(!still_open(&idle), "an idle connection was kept");
+    assert!(!still_open(&used.0), "a quiet connection was kept");
+    assert!(still_open(&handle.0), "a lifetime handle was closed");
+    // The handle still works, and is still the handle (the daemon counts it).
+    assert!(ok(handle.call(&Request::Inquire { owner: me })).is_empty());
+    assert!(d.clients() >= 2, "handle and this status call");
+    // idle_timeout_ms = 0 disables the idle clock.
+    let d0 = Daemon::start_with("idle_timeout_ms = 0\n");
+    let idle = UnixStream::connect(&d0.socket).expect("idle connect");
+    thread::sleep(Duration::from_millis(600));
+    assert!(still_open(&idle), "idle_timeout_ms = 0 closed a connection");
+}
+
+#[test]
+fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
+    let d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let (img, other) = (
+        image(images.path(), "id.img"),
+        image(images.path(), "id2.img"),
+    );
+    let q = qemu();
+    let a = owner_of(&q, "real");
+    ok(d.client().call(&acquire(&a, vec![disk(&img)])));
+    let impostor = Owner {
+        uuid: "0bad1d00-0000-4000-8000-000000000001".into(),
+        name: "impostor".into(),
+        ..a.clone()
+    };
+    for req in [
+        acquire(&impostor, vec![disk(&other)]),
+        release(&impostor, vec![disk(&img)]),
+        Request::Inquire {
+            owner: impostor.clone(),
+        },
+        Request::Register {
+            owner: impostor.clone(),
+            restrict: false,
+        },
+    ] {
+        let e = err(d.client().call(&req), ErrorKind::Invalid);
+        let want = format!(
+            "pid {} is registered for VM '{}' (uuid {}); this request names uuid {}",
+            a.pid, a.name, a.uuid, impostor.uuid
+        );
+        assert!(e.message.contains(&want), "{}", e.message);
+    }
+    assert_eq!(byte0(&img), libc::F_WRLCK, "the impostor released");
+    assert_eq!(byte0(&other), libc::F_UNLCK, "the impostor acquired");
+    let infos = d.list();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0].owners, vec![a.clone()]);
+
+    // Same uuid, new name: a renamed domain. Accepted, and the name is updated.
+    let renamed = Owner {
+        name: format!("{}-renamed", a.name),
+        ..a.clone()
+    };
+    ok(d.client().call(&Request::Register {
+        owner: renamed.clone(),
+        restrict: false,
+    }));
+    assert_eq!(d.list()[0].owners, vec![renamed.clone()]);
+    ok(d.client().call(&release(&renamed, vec![disk(&img)])));
+    eventually("the renamed owner's release dropped the lock", || {
+        byte0(&img) == libc::F_UNLCK
+    });
+}
+
+#[test]
+fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
+    let d = Daemon::start_with("max_owners = 2\nmax_leases_per_request = 3\n");
+    let images = tempfile::tempdir().expect("temp dir");
+    let imgs: Vec<PathBuf> = (0..6)
+        .map(|i| image(images.path(), &format!("l{i}.img")))
+        .collect();
+    let (qa, qb, qc) = (qemu(), qemu(), qemu());
+    let (a, b, c) = (owner_of(&qa, "a"), owner_of(&qb, "b"), owner_of(&qc, "c"));
+
+    // Four disks in one request: over max_leases_per_request, nothing taken.
+    let e = err(
+        d.client()
+            .call(&acquire(&a, imgs[..4].iter().map(|p| disk(p)).collect())),
+        ErrorKind::Invalid,
+    );
+    for needle in [
+        "4 leases",
+        "limit of 3",
+        "max_leases_per_request",
+        "lockwardend.conf",
+    ] {
+        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
+    }
+    assert!(imgs[..4].iter().all(|p| byte0(p) == libc::F_UNLCK));
+    let e = err(
+        d.client()
+            .call(&release(&a, imgs[..4].iter().map(|p| disk(p)).collect())),
+        ErrorKind::Invalid,
+    );
+    assert!(
+        e.message.contains("max_leases_per_request"),
+        "{}",
+        e.message
+    );
+    // Three is fine.
+    assert_eq!(
+        ok(d.client()
+            .call(&acquire(&a, imgs[..3].iter().map(|p| disk(p)).collect())))
+        .len(),
+        3
+    );
+
+    // Two owners fit, a third does not; a known owner still may act.
+    ok(d.client().call(&acquire(&b, vec![disk(&imgs[3])])));
+    let e = err(
+        d.client().call(&acquire(&c, vec![disk(&imgs[4])])),
+        ErrorKind::Internal,
+    );
+    for needle in [
+        "maximum of 2 VMs",
+        "max_owners",
+        "lockwardend.conf",
+        &c.name,
+    ] {
+        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
+    }
+    assert_eq!(byte0(&imgs[4]), libc::F_UNLCK);
+    ok(d.client().call(&acquire(&b, vec![disk(&imgs[5])])));
+    // When an owner goes, the third one fits.
+    drop(qb);
+    eventually("the exited owner is forgotten", || {
+        matches!(
+            d.client().call(&acquire(&c, vec![disk(&imgs[4])])),
+            Response::Ok { .. }
+        )
+    });
+    assert_eq!(holders(&d, &imgs[4]), vec![c.pid]);
+}
+
+fn proc_limits_nofile(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[test]
+fn the_descriptor_limit_is_raised_and_checked_at_start() {
+    // A soft limit below the hard one is raised; a hard limit too low for the maximums warns.
+    let d = Daemon::start_limited("max_clients = 4096\n", Some((256, 2048)));
+    assert_eq!(
+        proc_limits_nofile(d.proc.pid()),
+        "Max open files 2048 2048 files"
+    );
+    let log = d.log();
+    assert!(
+        log.contains("open-file limit (RLIMIT_NOFILE) is 2048, below the")
+            && log.contains("LimitNOFILE="),
+        "no warning:\n{log}"
+    );
+    // Enough for small maximums: no warning.
+    let d = Daemon::start_limited("max_clients = 10\nmax_owners = 10\n", Some((256, 2048)));
+    let log = d.log();
+    assert!(!log.contains("below the"), "spurious warning:\n{log}");
+    assert!(log.contains("open-file limit 2048"), "{log}");
+}
+
+fn vm_size_kib(d: &Daemon) -> u64 {
+    fs::read_to_string(format!("/proc/{}/status", d.proc.pid()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmSize")
+}
+
+#[test]
+fn a_header_announcing_a_maximal_body_reserves_no_memory() {
+    const N: usize = 200;
+    let d = Daemon::start();
+    // Warm up (first requests allocate the daemon's steady-state buffers).
+    assert!(d.list().is_empty());
+    let before = vm_size_kib(&d);
+    let header = protocol::header(MAX_BODY).expect("header");
+    let conns: Vec<UnixStream> = (0..N)
+        .map(|_| {
+            let mut s = UnixStream::connect(&d.socket).expect("connect");
+            s.write_all(&header).expect("header");
+            s.write_all(b"{\"op\"").expect("a few body bytes");
+            s
+        })
+        .collect();
+    eventually("every connection is accepted", || d.clients() > N);
+    thread::sleep(Duration::from_millis(100));
+    let after = vm_size_kib(&d);
+    eprintln!(
+        "{N} connections announcing {MAX_BODY}-byte bodies: daemon VmSize {before} KiB -> \
+         {after} KiB"
+    );
+    // Reserving the announced body would map N MiB.
+    assert!(
+        after.saturating_sub(before) < (N as u64) * 1024 / 4,
+        "VmSize grew from {before} KiB to {after} KiB for {N} bare headers"
+    );
+    drop(conns);
+}
+
+// ---------------------------------------------------------------------------------------------
+// File safety
+
+fn lockspace(dir: &Path, file: &str, create_dir: bool) -> LeaseSpec {
+    LeaseSpec {
+        name: format!("/images/{file}.qcow2"),
+        kind: ResourceKind::Disk,
+        mode: LeaseMode::Exclusive,
+        target: LockTarget::Lockspace {
+            dir: dir.to_str().expect("utf-8").to_string(),
+            file: file.to_string(),
+            create_dir,
+        },
+    }
+}
+
+#[test]
+fn unsafe_lockspace_directories_are_refused() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test chowns a directory: run the suite as root"
+    );
+    let d = Daemon::start();
+    let base = tempfile::tempdir().expect("temp dir");
+    let q = qemu();
+    let o = owner_of(&q, "ls");
+    let mk = |name: &str, mode: u32| {
+        let p = base.path().join(name);
+        fs::create_dir(&p).expect("mkdir");
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
+        p
+    };
+
+    // World-writable, not sticky.
+    let open = mk("open", 0o777);
+    let e = err(
+        d.client()
+            .call(&acquire(&o, vec![lockspace(&open, "a", false)])),
+        ErrorKind::Invalid,
+    );
+    for needle in [
+        open.to_str().expect("utf-8"),
+        "writable by every user",
+        "0777",
+        "chmod",
+    ] {
+        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
+    }
+    assert!(!open.join("a").exists(), "a lock file was created in it");
+
+    // Owned by another user.
+    let theirs = mk("theirs", 0o755);
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    let e = err(
+        d.client()
+            .call(&acquire(&o, vec![lockspace(&theirs, "b", false)])),
+        ErrorKind::Invalid,
+    );
+    for needle in [theirs.to_str().expect("utf-8"), "uid 65534", "chown"] {
+        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
+    }
+    assert!(!theirs.join("b").exists());
+
+    // Sticky world-writable (like /tmp) and private directories are fine; a created one is
+    // private; lock files are created 0600.
+    let sticky = mk("sticky", 0o1777);
+    let private = mk("private", 0o700);
+    let created = base.path().join("new/lockspace");
+    let held = ok(d.client().call(&acquire(
+        &o,
+        vec![
+            lockspace(&sticky, "c", false),
+            lockspace(&private, "d", false),
+            lockspace(&created, "e", true),
+        ],
+    )));
+    assert_eq!(held.len(), 3);
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&created), 0o700);
+    for f in [sticky.join("c"), private.join("d"), created.join("e")] {
+        assert_eq!(mode(&f), 0o600, "{f:?}");
+        assert_eq!(byte0(&f), libc::F_WRLCK, "{f:?}");
+    }
+
+    // A planted symlink as the lock file is never followed.
+    let target = image(base.path(), "victim");
+    std::os::unix::fs::symlink(&target, private.join("f")).expect("symlink");
+    let e = err(
+        d.client()
+            .call(&acquire(&o, vec![lockspace(&private, "f", false)])),
+        ErrorKind::Invalid,
+    );
+    assert!(e.message.contains("symbolic link"), "{}", e.message);
+    assert_eq!(byte0(&target), libc::F_UNLCK);
+    assert_eq!(fs::read(&target).expect("read"), vec![0u8; 4096]);
+}
+
+#[test]
+fn direct_mode_never_writes_an_image() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start();
+    let images = tempfile::tempdir().expect("temp dir");
+    let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
+    let (excl, shared) = (images.path().join("rw.img"), images.path().join("ro.img"));
+    for p in [&excl, &shared] {
+        fs::write(p, &content).expect("write image");
+        // An old mtime, so any write would show.
+        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        File::options()
+            .write(true)
+            .open(p)
+            .expect("open")
+            .set_modified(old)
+            .expect("set mtime");
+    }
+    let stamp = |p: &Path| {
+        let m = fs::metadata(p).expect("stat");
+        (
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.mode(),
+        )
+    };
+    let (before_x, before_s) = (stamp(&excl), stamp(&shared));
+    thread::sleep(Duration::from_millis(20));
+    let q = qemu();
+    let o = owner_of(&q, "direct");
+    let mut ro = disk(&shared);
+    ro.mode = LeaseMode::Shared;
+    let held = ok(d.client().call(&acquire(&o, vec![disk(&excl), ro.clone()])));
+    assert_eq!(held.len(), 2);
+    assert_eq!(byte0(&excl), libc::F_WRLCK);
+    ok(d.client().call(&release(&o, vec![disk(&excl), ro])));
+    eventually("the release dropped the lock", || {
+        byte0(&excl) == libc::F_UNLCK
+    });
+    for (p, before) in [(&excl, before_x), (&shared, before_s)] {
+        assert_eq!(fs::read(p).expect("read"), content, "{p:?} content changed");
+        assert_eq!(stamp(p), before, "{p:?} size/mtime/ctime/mode changed");
+    }
 }

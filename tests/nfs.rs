@@ -318,6 +318,110 @@ fn hung_mount_stalls_only_its_own_disks() {
     assert!(locked(&good.backing.join("a.img")));
 }
 
+/// A release and a VM exit whose disks live on a hung mount are disposed of on that mount's
+/// storage threads: the event loop keeps answering Status and acquires on other mounts, the
+/// release is answered with a Timeout naming the disk and the mount, and the locks go once the
+/// storage answers.
+#[test]
+fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
+    prerequisites();
+    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let (good, bad) = (Fs::mount(), Fs::mount());
+    let a = good.image("a.img");
+    let b = bad.image("b.img");
+    let c = bad.image("c.img");
+    let (qa, qb, qc) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
+    let (oa, ob, oc) = (
+        owner("vm-good", &qa),
+        owner("vm-release", &qb),
+        owner("vm-exit", &qc),
+    );
+    for (o, p) in [(&ob, &b), (&oc, &c)] {
+        let r = acquire(&d, o, std::slice::from_ref(p), FailureAction::Default);
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    }
+    bad.set("hang 1\n");
+    // A release of b and the exit of c's VM, both stuck on the hung mount.
+    let sock = d.socket.clone();
+    let (ob2, b2) = (ob.clone(), b.clone());
+    let t0 = Instant::now();
+    let releasing = std::thread::spawn(move || {
+        let r = call(
+            &sock,
+            &Request::Release {
+                owner: ob2,
+                leases: vec![disk(&b2)],
+            },
+        );
+        (r, t0.elapsed())
+    });
+    drop(qc);
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile everything else is answered.
+    let t1 = Instant::now();
+    let st = call(&d.admin_socket, &Request::Status);
+    assert!(matches!(st, Response::Status(_)), "{st:?}");
+    let r = acquire(&d, &oa, std::slice::from_ref(&a), FailureAction::Default);
+    let served = t1.elapsed();
+    assert!(matches!(r, Response::Ok { .. }), "healthy mount: {r:?}");
+    assert!(
+        !releasing.is_finished(),
+        "the release on the hung mount was answered before the others ({served:?})"
+    );
+    assert!(
+        served < Duration::from_millis(1500),
+        "status + healthy acquire took {served:?} while a release hung"
+    );
+    let held = leases(&d);
+    assert_eq!(
+        held,
+        vec![a.to_string_lossy().into_owned()],
+        "released and exited leases are out of the table at once"
+    );
+    let (r, waited) = releasing.join().unwrap();
+    eprintln!(
+        "status + healthy-mount acquire while a release and a VM exit hang: {served:?}; the \
+         release was answered after {waited:?}"
+    );
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
+            assert!(e.message.contains("not answering"), "{}", e.message);
+            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
+            assert!(
+                e.message.contains(&*bad.mnt.to_string_lossy()),
+                "names the mount: {}",
+                e.message
+            );
+        }
+        other => panic!("release on a hung mount: expected Timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "answered too early: {waited:?}"
+    );
+    assert!(
+        locked(&bad.backing.join("b.img")),
+        "still locked while hung"
+    );
+    // Storage comes back: both locks go, and the disks can be taken again.
+    bad.set("");
+    let t2 = Instant::now();
+    for name in ["b.img", "c.img"] {
+        while locked(&bad.backing.join(name)) {
+            assert!(
+                t2.elapsed() < Duration::from_secs(10),
+                "{name} stayed locked after the storage came back"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let r = acquire(&d, &oa, &[b.clone(), c.clone()], FailureAction::Default);
+    assert!(matches!(r, Response::Ok { .. }), "after recovery: {r:?}");
+    release(&d, &oa, &[a.clone(), b.clone(), c.clone()]);
+    assert!(leases(&d).is_empty());
+}
+
 /// The largest number of lock calls in flight at one instant.
 fn max_overlap(intervals: &[(u128, u128)]) -> usize {
     let mut ev: Vec<(u128, i32)> = Vec::new();

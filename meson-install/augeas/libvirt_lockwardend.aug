@@ -33,6 +33,12 @@ module Libvirt_lockwardend =
 
    let limit_entry = uint_entry "max_clients"
                    | uint_entry "kill_grace_ms"
+                   | uint_entry "storage_timeout_ms"
+                   | uint_entry "lease_check_interval_ms"
+                   | uint_entry "max_owners"
+                   | uint_entry "max_leases_per_request"
+                   | uint_entry "request_read_timeout_ms"
+                   | uint_entry "idle_timeout_ms"
 
    let logging_entry = choice_entry "log_level" /error|warn|info|debug/
 

@@ -14,8 +14,8 @@ use super::lease::{Lease, LeaseKey};
 use super::lockfile::{self, Opened};
 use super::owner::ConnId;
 use super::release;
-use super::state::{JobFor, OpId, State};
-use super::storage::{JobId, Mounts, Taken, Work};
+use super::state::{JobFor, OpId, Pending, State, Then};
+use super::storage::{Disposing, JobId, Taken, Work};
 use super::text::{esc, mode_word, now_secs, subject, utc, what};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
@@ -26,7 +26,7 @@ use nix::errno::Errno;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// How often one disk's job is started again because the table changed under it.
@@ -71,6 +71,10 @@ pub struct AcquireOp {
     started: Instant,
     /// How many leases the request named.
     requested: usize,
+    /// When the leases this request creates are taken (seconds since the epoch).
+    since: u64,
+    /// Storage jobs the answer also waits for (holder records of shared leases).
+    group: Option<OpId>,
 }
 
 /// An answer for a client whose request waited on storage.
@@ -136,6 +140,8 @@ pub fn start(
         deadline: now + state.storage_timeout,
         started: now,
         requested: specs.len(),
+        since: now_secs(),
+        group: None,
     };
     let id = state.next_op_id();
     advance(state, id, op);
@@ -144,13 +150,30 @@ pub fn start(
 
 /// Queue the jobs of one file.
 fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, tries: usize) {
-    let mount = state.mounts.of(&lockfile::target_path(&spec.target));
+    let lock_path = lockfile::target_path(&spec.target);
+    let mount = state.mounts.of(&lock_path);
     let held = state.leases.held_keys();
+    // An exclusive lease's record is written by the job that locks it (in parallel across
+    // files, before the answer). A shared one may be joined by another request meanwhile, so
+    // its record is written once it is in the table (`commit`).
+    let record = (spec.mode == LeaseMode::Exclusive).then(|| {
+        holder::Record::new(
+            &state.hostname,
+            spec.kind,
+            &spec.name,
+            spec.mode,
+            &lock_path,
+            op.since,
+            vec![holder::Vm::of(&op.owner, op.since)],
+        )
+    });
     let job = state.storage.submit(
         &mount,
+        state.mounts.threads(&mount),
         Work::Take {
             spec: spec.clone(),
             held,
+            record,
         },
     );
     state.jobs.insert(job, JobFor::Take(id));
@@ -169,7 +192,7 @@ fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
                 break;
             }
             if state.leases.get(&key).is_some() {
-                if let Err(e) = join(state, &op.owner, &spec, key, &mut op.undo) {
+                if let Err(e) = join(state, &mut op, &spec, key) {
                     op.failure = Some(e);
                 }
             } else {
@@ -182,7 +205,9 @@ fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
         }
         match op.phases.pop_front() {
             Some(specs) => {
-                state.mounts = Mounts::load();
+                if !specs.is_empty() {
+                    state.mounts.refresh();
+                }
                 for spec in specs {
                     submit(state, id, &mut op, spec, 0);
                 }
@@ -213,10 +238,10 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
         Ok(Taken::Conflict { key, busy }) => op.conflicts.push((spec, key, busy)),
         Ok(Taken::Held(opened)) => {
             let key = opened.key;
-            close(state, &mount, opened);
+            close(state, &mount, opened, None);
             if op.failure.is_none() {
                 if state.leases.get(&key).is_some() {
-                    if let Err(e) = join(state, &op.owner, &spec, key, &mut op.undo) {
+                    if let Err(e) = join(state, &mut op, &spec, key) {
                         op.failure = Some(e);
                     }
                 } else if tries < RESUBMITS {
@@ -232,10 +257,21 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                 }
             }
         }
-        Ok(Taken::Locked(opened)) => {
+        Ok(Taken::Locked(opened, published)) => {
+            let published = match published {
+                Some(Ok(p)) => Some(p),
+                Some(Err(e)) => {
+                    log::warn!(
+                        "cannot publish the holder record for {:?} (the lease itself is held;                          other hosts will only see that it is locked): {e}",
+                        spec.name
+                    );
+                    None
+                }
+                None => None,
+            };
             if op.failure.is_some() {
-                close(state, &mount, opened);
-            } else if let Err(e) = commit(state, &mut op, &spec, opened, &mount) {
+                close(state, &mount, opened, published);
+            } else if let Err(e) = commit(state, &mut op, &spec, opened, published, &mount) {
                 op.failure = Some(e);
             }
         }
@@ -245,25 +281,67 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
 
 /// A job whose request is gone (timed out, client left): drop whatever it took.
 pub fn orphan(state: &mut State, job: JobId, result: Result<Taken, Failure>) {
-    if let Ok(Taken::Locked(opened) | Taken::Held(opened)) = result {
-        let mount = state.mounts.of(&opened.lock_path);
-        info!(
-            "storage answered late (job {job}): dropping the lock on {:?} that nobody waits for \
-             any more",
-            opened.lock_path
-        );
-        close(state, &mount, opened);
-    }
+    let (opened, published) = match result {
+        Ok(Taken::Locked(opened, published)) => (opened, published.and_then(Result::ok)),
+        Ok(Taken::Held(opened)) => (opened, None),
+        _ => return,
+    };
+    let mount = state.mounts.of(&opened.lock_path);
+    info!(
+        "storage answered late (job {job}): dropping the lock on {:?} that nobody waits for any \
+         more",
+        opened.lock_path
+    );
+    close(state, &mount, opened, published);
 }
 
-/// Close an opened file on its mount's threads (closing can block on dead storage too).
-fn close(state: &mut State, mount: &std::path::Path, opened: Opened) {
-    let mut fds = vec![opened.fd];
-    if let Some(d) = opened.dir {
-        fds.push(d.fd);
-    }
-    let job = state.storage.submit(mount, Work::Close(fds));
+/// Close an opened file on its mount's threads (closing can block on dead storage too); with
+/// a record published for it, withdraw that and unlock first.
+fn close(
+    state: &mut State,
+    mount: &std::path::Path,
+    opened: Opened,
+    published: Option<holder::Published>,
+) {
+    let work = match published {
+        Some(p) => Work::Dispose(Box::new(Disposing {
+            key: opened.key,
+            fd: Arc::new(opened.fd),
+            dir: opened.dir,
+            mode: LeaseMode::Exclusive,
+            delete: false,
+            slot: Some(Arc::new(Mutex::new(p))),
+            held: None,
+            label: format!("unused lock on {:?}", opened.lock_path),
+        })),
+        None => {
+            let mut fds = vec![opened.fd];
+            if let Some(d) = opened.dir {
+                fds.push(d.fd);
+            }
+            Work::Close(fds)
+        }
+    };
+    let job = state
+        .storage
+        .submit(mount, state.mounts.threads(mount), work);
     state.jobs.insert(job, JobFor::Other);
+}
+
+/// The answer of `op` also waits for these jobs.
+fn track(state: &mut State, op: &mut AcquireOp, pending: Vec<Pending>) {
+    if pending.is_empty() {
+        return;
+    }
+    let group = match op.group {
+        Some(g) => g,
+        None => {
+            let g = state.new_group(op.conn);
+            op.group = Some(g);
+            g
+        }
+    };
+    state.track(group, pending);
 }
 
 /// Requests whose storage did not answer in time get a Timeout answer; what they took is rolled
@@ -339,6 +417,7 @@ pub fn interrupt_all(state: &mut State) {
         });
         fail(state, op, *f);
     }
+    state.interrupt_groups();
 }
 
 /// The client of these requests went away: roll them back without an answer.
@@ -365,6 +444,7 @@ pub fn cancel_conn(state: &mut State, conn: ConnId) {
         rollback(state, pid, std::mem::take(&mut op.undo));
         state.owners.prune(pid);
     }
+    state.cancel_groups(conn);
 }
 
 fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
@@ -373,13 +453,19 @@ fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
         op.owner.name, op.owner.pid, e.message
     );
     let pid = op.owner.pid;
-    rollback(state, pid, std::mem::take(&mut op.undo));
+    let jobs = rollback(state, pid, std::mem::take(&mut op.undo));
     state.owners.prune(pid);
-    state.finished.push(Finished {
-        conn: op.conn,
-        response: Response::Error(e),
-        restrict: false,
-    });
+    // The refusal waits for the roll-back (all or nothing: "refused" means nothing is locked),
+    // but never beyond the request's deadline.
+    track(state, &mut op, jobs);
+    match op.group {
+        Some(g) => state.settle(g, Then::Respond(Response::Error(e)), op.deadline),
+        None => state.finished.push(Finished {
+            conn: op.conn,
+            response: Response::Error(e),
+            restrict: false,
+        }),
+    }
 }
 
 fn succeed(state: &mut State, mut op: AcquireOp) {
@@ -427,13 +513,23 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
         op.requested.saturating_sub(new + joined),
         op.started.elapsed().as_micros()
     );
-    state.finished.push(Finished {
-        conn: op.conn,
-        response: Response::Ok {
-            leases: state.infos_of(owner.pid),
-        },
-        restrict: op.restrict,
-    });
+    match op.group {
+        Some(g) => state.settle(
+            g,
+            Then::Acquired {
+                pid: owner.pid,
+                restrict: op.restrict,
+            },
+            op.deadline,
+        ),
+        None => state.finished.push(Finished {
+            conn: op.conn,
+            response: Response::Ok {
+                leases: state.infos_of(owner.pid),
+            },
+            restrict: op.restrict,
+        }),
+    }
 }
 
 /// An Acquire for a pid that does not exist cannot be honoured: nothing would ever release it.
@@ -465,7 +561,7 @@ fn not_running(owner: &Owner, e: Errno) -> Failure {
     })
 }
 
-fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) {
+fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) -> Vec<Pending> {
     let leases: Vec<(LeaseKey, bool)> = undo
         .into_iter()
         .rev()
@@ -474,7 +570,7 @@ fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) {
             Undo::Created { key, created_file } => (key, created_file),
         })
         .collect();
-    release::leave_many(state, pid, &leases, "rolled back");
+    release::leave_many(state, pid, &leases, "rolled back").jobs
 }
 
 /// Put a freshly locked file into the tables for `op`'s owner.
@@ -483,12 +579,13 @@ fn commit(
     op: &mut AcquireOp,
     spec: &LeaseSpec,
     opened: Opened,
+    published: Option<holder::Published>,
     mount: &std::path::Path,
 ) -> Result<(), Failure> {
     let owner = op.owner.clone();
     let key = opened.key;
     if state.owners.get(owner.pid).is_none() {
-        close(state, mount, opened);
+        close(state, mount, opened, published);
         return Err(Box::new(ErrorReply {
             kind: ErrorKind::Invalid,
             message: format!(
@@ -502,10 +599,10 @@ fn commit(
     }
     if state.leases.get(&key).is_some() {
         // Taken shared by another request meanwhile: our second description goes.
-        close(state, mount, opened);
-        return join(state, &owner, spec, key, &mut op.undo);
+        close(state, mount, opened, published);
+        return join(state, op, spec, key);
     }
-    let now = now_secs();
+    let now = op.since;
     let Opened {
         fd,
         lock_path,
@@ -532,7 +629,14 @@ fn commit(
     if let Some(e) = state.owners.get_mut(owner.pid) {
         e.leases.insert(key);
     }
-    state.publish_holder(key);
+    if spec.mode == LeaseMode::Exclusive {
+        // Written (or failed, logged) by the job that locked it.
+        let p = published.unwrap_or_else(holder::Published::nowhere);
+        state.records.insert(key, Arc::new(Mutex::new(p)));
+    } else {
+        let job = state.publish_holder(key);
+        track(state, op, job.into_iter().collect());
+    }
     op.undo.push(Undo::Created {
         key,
         created_file: created,
@@ -551,11 +655,11 @@ fn commit(
 /// The inode is already a lease of this daemon: same owner again, another shared owner, or busy.
 fn join(
     state: &mut State,
-    owner: &Owner,
+    op: &mut AcquireOp,
     spec: &LeaseSpec,
     key: LeaseKey,
-    undo: &mut Vec<Undo>,
 ) -> Result<(), Failure> {
+    let owner = &op.owner;
     let pid = owner.pid;
     let Some(lease) = state.leases.get_mut(&key) else {
         return Err(reply(
@@ -594,14 +698,15 @@ fn join(
         if let Some(e) = state.owners.get_mut(pid) {
             e.leases.insert(key);
         }
-        state.publish_holder(key);
-        undo.push(Undo::Joined(key));
         debug!(
             "{} {:?} locked (shared) for VM {:?} (pid {pid}), shared with {others} other VM(s)",
             what(spec.kind),
             spec.name,
             owner.name
         );
+        op.undo.push(Undo::Joined(key));
+        let job = state.publish_holder(key);
+        track(state, op, job.into_iter().collect());
         return Ok(());
     }
     let Some((&other, &since)) = lease.owners.iter().next() else {

@@ -48,6 +48,14 @@ pub fn handle(
     req: Request,
     clients: usize,
 ) -> Option<Response> {
+    // Limits and owner identity (docs/hardening.md); restricted and admin connections are
+    // refused below whatever they ask.
+    if !s.restricted && !s.admin {
+        if let Err(e) = super::limits::admit(&state.owners, &req, super::limits::get()) {
+            debug!("client {}: {}", s.id, e.message);
+            return Some(Response::Error(*e));
+        }
+    }
     match req {
         Request::Acquire {
             owner,
@@ -60,6 +68,16 @@ pub fn handle(
             }
             match acquire::start(state, s.id, &owner, &leases, action, restrict) {
                 Ok(()) => None,
+                Err(e) => Some(Response::Error(*e)),
+            }
+        }
+        // Waits for the storage threads that drop the locks.
+        Request::Release { owner, leases } if !s.restricted && !s.admin => {
+            if let Err(e) = check_owner(&owner) {
+                return Some(Response::Error(*e));
+            }
+            match release::start(state, s.id, &owner, &leases) {
+                Ok(answer) => answer,
                 Err(e) => Some(Response::Error(*e)),
             }
         }
@@ -105,17 +123,11 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
             ErrorKind::Internal,
             "acquire reached the synchronous dispatcher; this is a bug in lockwardend",
         ),
-        Request::Release { owner, leases } => {
-            if let Err(e) = check_owner(&owner) {
-                return Response::Error(*e);
-            }
-            match release::release(state, &owner, &leases) {
-                Ok(()) => Response::Ok {
-                    leases: state.infos_of(owner.pid),
-                },
-                Err(e) => Response::Error(*e),
-            }
-        }
+        // Handled by `handle` (it waits on storage).
+        Request::Release { .. } => Response::error(
+            ErrorKind::Internal,
+            "release reached the synchronous dispatcher; this is a bug in lockwardend",
+        ),
         Request::Inquire { owner } => match check_owner(&owner) {
             Ok(()) => Response::Ok {
                 leases: state.infos_of(owner.pid),

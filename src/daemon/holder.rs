@@ -13,9 +13,10 @@
 //!   lock file: the record's *liveness lock*.
 //! - everything else (shared leases, which several hosts hold at once; direct mode, which must
 //!   never write into a disk image; `<lease>` key files, which belong to the user): a per-host
-//!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600,
-//!   written to a temporary name and renamed into place). The publisher keeps it open and
-//!   holds an OFD write lock on its byte 0: the side file's liveness lock.
+//!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600). The
+//!   publisher keeps it open for the lease's lifetime and holds an OFD write lock on its byte
+//!   0 (the side file's liveness lock); records are written in place (pwrite + ftruncate), and
+//!   readers retry a record caught half-written under a held liveness lock.
 //! - block devices get no record (their locks are host-local anyway).
 //!
 //! When a record is believed: only while (1) its liveness lock is held, so a crashed or
@@ -30,17 +31,17 @@ use super::pidfd::comm;
 use super::text::{esc, mode_word, subject, utc, what};
 use crate::protocol::{Holder, LeaseMode, Owner, ResourceKind};
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, openat, readlink, renameat};
-use nix::sys::stat::{Mode, SFlag, fstat, fstatat, mkdirat};
+use nix::fcntl::{FcntlArg, OFlag, fcntl, openat, readlink};
+use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
 use nix::sys::statfs::{NFS_SUPER_MAGIC, fstatfs};
 use nix::sys::uio::{pread, pwrite};
-use nix::unistd::{UnlinkatFlags, fdatasync, ftruncate, unlinkat};
+use nix::unistd::{fdatasync, ftruncate};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Value of the `lockwarden_holder` field: the record format version.
@@ -56,6 +57,8 @@ const LIVENESS_BYTE: libc::off_t = 1;
 const MAX_STEM: usize = 128;
 /// Tries to read a record that is being rewritten at that moment.
 const READ_TRIES: usize = 3;
+/// How an empty side file is described (a withdrawn record, or one being written).
+const EMPTY: &str = "empty";
 
 /// One VM holding the lease on the publishing host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,7 +125,7 @@ impl Record {
             lockwarden_holder: FORMAT,
             host: host.to_string(),
             boot_id: boot_id(),
-            daemon_pid: std::process::id(),
+            daemon_pid: own_pid(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             generation: 0,
             name: name.to_string(),
@@ -159,11 +162,21 @@ impl Target<'_> {
     }
 }
 
-/// `/proc/sys/kernel/random/boot_id`, or "" when unreadable.
+/// `/proc/sys/kernel/random/boot_id`, or "" when unreadable (read once per process: it only
+/// changes with a reboot, and reading it per record was a file read on the event loop).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    static BOOT_ID: LazyLock<String> = LazyLock::new(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    });
+    BOOT_ID.clone()
+}
+
+/// This process's pid (a live re-exec keeps it), without a system call per record.
+fn own_pid() -> u32 {
+    static PID: LazyLock<u32> = LazyLock::new(std::process::id);
+    *PID
 }
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -289,58 +302,170 @@ fn side_file_host<'n>(file_name: &'n str, stem: &str) -> Option<&'n str> {
 pub struct Published {
     place: PublishedPlace,
     pub generation: u64,
+    /// Withdrawn: later (older) rewrites that arrive from another storage thread are ignored.
+    withdrawn: bool,
+}
+
+/// A record being kept current by storage threads (the daemon's per-lease handle). Only
+/// storage threads lock it (they may block on the storage while holding it); the event loop
+/// only passes it around.
+pub type Slot = Arc<Mutex<Published>>;
+
+/// A `.lockwarden` directory held open while records in it are published, and whether records
+/// written there are flushed (NFS and unknown file systems).
+#[derive(Debug)]
+struct RecordDir {
+    fd: OwnedFd,
+    flush: bool,
 }
 
 #[derive(Debug)]
 enum PublishedPlace {
     InFile,
     Side {
-        dir: OwnedFd,
+        dir: Arc<RecordDir>,
         name: String,
+        /// The side file, open for the lease's lifetime: it carries the liveness lock and is
+        /// rewritten in place.
         file: File,
+        /// Length of the record written last (a shorter rewrite truncates the rest).
+        len: u64,
     },
-    /// Nothing written (block device): nothing to withdraw.
+    /// Nothing written (block device, or not published yet / publishing failed).
     Nowhere,
 }
 
 impl Published {
+    /// No record yet; [`republish`] writes one.
+    pub fn nowhere() -> Published {
+        Published {
+            place: PublishedPlace::Nowhere,
+            generation: 0,
+            withdrawn: false,
+        }
+    }
+
     /// Where the record is, for log lines.
     pub fn describe(&self) -> String {
         match &self.place {
             PublishedPlace::InFile => "inside the lock file".into(),
             PublishedPlace::Side { name, .. } => format!("side file {name:?}"),
-            PublishedPlace::Nowhere => "nowhere (block device)".into(),
+            PublishedPlace::Nowhere => "nowhere".into(),
         }
     }
 }
 
+/// Open `.lockwarden` directories by path, shared by every record published in them: the
+/// directory is opened (and created) once, not per record, and closed when its last record is
+/// withdrawn (so no idle mount is kept busy).
+static RECORD_DIRS: LazyLock<Mutex<HashMap<String, Weak<RecordDir>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn record_dir(path: &str) -> Result<Arc<RecordDir>, String> {
+    if let Ok(dirs) = RECORD_DIRS.lock() {
+        if let Some(d) = dirs.get(path).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+    }
+    let fd = open_record_dir(path, true)
+        .map_err(|e| format!("cannot open or create {path:?}: {}", e.desc()))?
+        .ok_or_else(|| format!("{path:?} vanished"))?;
+    let flush = !host_local(fd.as_fd());
+    let d = Arc::new(RecordDir { fd, flush });
+    if let Ok(mut dirs) = RECORD_DIRS.lock() {
+        if dirs.len() >= 256 {
+            dirs.retain(|_, w| w.strong_count() > 0);
+        }
+        dirs.insert(path.to_string(), Arc::downgrade(&d));
+    }
+    Ok(d)
+}
+
+fn forget_record_dir(path: &str) {
+    if let Ok(mut dirs) = RECORD_DIRS.lock() {
+        dirs.remove(path);
+    }
+}
+
 /// Publish `record` for the lease open as `target.fd` (which must hold the lease's lock on byte
-/// 0). A side file replaces the host's earlier one atomically (rename); drop the earlier
-/// `Published` only after this one succeeded (dropping it first would make the record stale).
+/// 0), opening (or reusing) the side file. To change a published record, use [`republish`] on
+/// it: a second publish of the same side file is refused while the first one holds it.
 pub fn publish(target: Target<'_>, mut record: Record) -> Result<Published, String> {
     let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
     record.lock_ino = st.st_ino;
-    record.generation = next_generation();
-    let mut bytes = serde_json::to_vec(&record).map_err(|e| e.to_string())?;
-    bytes.push(b'\n');
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    let bytes = encode(&record)?;
     if target.in_file(record.mode) {
         publish_in_file(target.fd, &bytes)?;
         return Ok(Published {
             place: PublishedPlace::InFile,
             generation: record.generation,
+            withdrawn: false,
         });
     }
     let Some(side) = side_files(target.fd)? else {
         return Ok(Published {
             place: PublishedPlace::Nowhere,
             generation: record.generation,
+            withdrawn: false,
         });
     };
-    let place = publish_side(&side, &record.host, record.generation, &bytes)?;
+    let place = publish_side(&side, &record.host, &bytes)?;
     Ok(Published {
         place,
         generation: record.generation,
+        withdrawn: false,
     })
+}
+
+/// Rewrite the record `p` in place (same side file, same liveness lock) with `record`, unless
+/// `p` was withdrawn or already carries a newer generation (rewrites of one lease may finish on
+/// different storage threads in any order). A `p` with no record yet is published afresh.
+/// `record.generation` 0 means "now".
+pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> Result<(), String> {
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    if p.withdrawn || record.generation <= p.generation {
+        return Ok(());
+    }
+    match &mut p.place {
+        PublishedPlace::Nowhere => {
+            *p = publish(target, record)?;
+            Ok(())
+        }
+        PublishedPlace::InFile => {
+            let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+            record.lock_ino = st.st_ino;
+            publish_in_file(target.fd, &encode(&record)?)?;
+            p.generation = record.generation;
+            Ok(())
+        }
+        PublishedPlace::Side {
+            dir,
+            name,
+            file,
+            len,
+            ..
+        } => {
+            let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+            record.lock_ino = st.st_ino;
+            let bytes = encode(&record)?;
+            write_record(file.as_fd(), &bytes, *len, dir.flush)
+                .map_err(|e| format!("rewriting side file {name:?} failed: {e}"))?;
+            *len = bytes.len() as u64;
+            p.generation = record.generation;
+            Ok(())
+        }
+    }
+}
+
+fn encode(record: &Record) -> Result<Vec<u8>, String> {
+    let mut bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// Is the file open as `fd` on a file system only this host can mount (ext2/3/4, XFS, Btrfs,
@@ -365,6 +490,29 @@ fn host_local(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
+/// Write `bytes` at offset 0 of `fd`, cut off what is left of a longer earlier record
+/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close).
+fn write_record(fd: BorrowedFd<'_>, bytes: &[u8], old_len: u64, flush: bool) -> Result<(), String> {
+    let mut done = 0;
+    while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+        let off = libc::off_t::try_from(done).unwrap_or(0);
+        match pwrite(fd, rest, off) {
+            Ok(0) => return Err("the file accepted no bytes".into()),
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("writing failed: {}", e.desc())),
+        }
+    }
+    if old_len > bytes.len() as u64 {
+        let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
+        ftruncate(fd, len).map_err(|e| format!("truncating failed: {}", e.desc()))?;
+    }
+    if flush {
+        fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
+    }
+    Ok(())
+}
+
 fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     ofd_set(fd, libc::F_WRLCK, LIVENESS_BYTE).map_err(|e| {
         format!(
@@ -372,23 +520,8 @@ fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
             e.desc()
         )
     })?;
-    let mut done = 0;
-    while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
-        let off = libc::off_t::try_from(done).unwrap_or(0);
-        match pwrite(fd, rest, off) {
-            Ok(0) => return Err("the lock file accepted no bytes".into()),
-            Ok(n) => done += n,
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(format!("writing the lock file failed: {}", e.desc())),
-        }
-    }
-    let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
-    ftruncate(fd, len).map_err(|e| format!("truncating the lock file failed: {}", e.desc()))?;
-    // NFS: make the record visible to other clients now, not at close.
-    if host_local(fd) {
-        return Ok(());
-    }
-    fdatasync(fd).map_err(|e| format!("flushing the lock file failed: {}", e.desc()))
+    // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
+    write_record(fd, bytes, u64::MAX, !host_local(fd)).map_err(|e| format!("the lock file: {e}"))
 }
 
 fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
@@ -414,96 +547,121 @@ fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
     }
 }
 
-fn publish_side(
-    side: &SideFiles,
-    host: &str,
-    generation: u64,
-    bytes: &[u8],
-) -> Result<PublishedPlace, String> {
-    let dir = open_record_dir(&side.dir, true)
-        .map_err(|e| format!("cannot open or create {:?}: {}", side.dir, e.desc()))?
-        .ok_or_else(|| format!("{:?} vanished", side.dir))?;
-    let name = format!("{}@{}.json", side.stem, host_label(host));
-    let tmp = format!("{name}.tmp{}.{generation}", std::process::id());
-    let flags = OFlag::O_RDWR
-        | OFlag::O_CREAT
-        | OFlag::O_EXCL
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_CLOEXEC
-        | OFlag::O_NONBLOCK;
-    let fd = openat(&dir, tmp.as_str(), flags, Mode::from_bits_truncate(0o600))
-        .map_err(|e| format!("cannot create {:?} in {:?}: {}", tmp, side.dir, e.desc()))?;
-    let mut file = File::from(fd);
-    let flush = !host_local(file.as_fd());
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| if flush { file.sync_data() } else { Ok(()) })
-        .map_err(|e| format!("writing {tmp:?} in {:?} failed: {e}", side.dir))
-        .and_then(|()| {
-            ofd_set(file.as_fd(), libc::F_WRLCK, 0)
-                .map_err(|e| format!("cannot lock {tmp:?}: {}", e.desc()))
-        })
-        .and_then(|()| {
-            renameat(&dir, tmp.as_str(), &dir, name.as_str()).map_err(|e| {
-                format!(
-                    "cannot rename {tmp:?} to {name:?} in {:?}: {}",
-                    side.dir,
-                    e.desc()
-                )
-            })
-        });
-    if let Err(e) = written {
-        let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-        return Err(e);
+/// Open this host's side file, creating it only when missing: withdrawn records leave their
+/// (empty) file behind, so the next lease of the same file reuses it without touching the
+/// directory (creating and deleting a file per lease serialises on the directory's lock and,
+/// on ext4, costs an inode allocation that scans for recently deleted inodes).
+fn open_side(dir: &RecordDir, name: &str) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    match openat(&dir.fd, name, flags, Mode::empty()) {
+        Err(Errno::ENOENT) => openat(
+            &dir.fd,
+            name,
+            flags | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o600),
+        ),
+        r => r,
     }
-    Ok(PublishedPlace::Side { dir, name, file })
+}
+
+/// Open (or create) this host's side file, take its liveness lock, write the record in place.
+/// No temporary name and no rename: a reader that catches the file empty or half-written sees
+/// invalid JSON under a held liveness lock and reads again (see `read_side`).
+fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedPlace, String> {
+    let name = format!("{}@{}.json", side.stem, host_label(host));
+    let mut dir = record_dir(&side.dir)?;
+    let fd = match open_side(&dir, &name) {
+        // The cached directory was removed (by hand): open or create it again.
+        Err(Errno::ENOENT) => {
+            forget_record_dir(&side.dir);
+            dir = record_dir(&side.dir)?;
+            open_side(&dir, &name)
+        }
+        r => r,
+    }
+    .map_err(|e| format!("cannot open {name:?} in {:?}: {}", side.dir, e.desc()))?;
+    let st = fstat(&fd).map_err(|e| format!("fstat of {name:?} failed: {}", e.desc()))?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(format!(
+            "{name:?} in {:?} is not a regular file; remove it",
+            side.dir
+        ));
+    }
+    ofd_set(fd.as_fd(), libc::F_WRLCK, 0).map_err(|e| {
+        if lock::is_conflict(e) {
+            format!(
+                "side file {name:?} in {:?} is held by another publisher on this host (two \
+                 lockwardend instances with one host name?)",
+                side.dir
+            )
+        } else {
+            format!("cannot lock {name:?} in {:?}: {}", side.dir, e.desc())
+        }
+    })?;
+    let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+    write_record(fd.as_fd(), bytes, old_len, dir.flush)
+        .map_err(|e| format!("writing {name:?} in {:?}: {e}", side.dir))?;
+    Ok(PublishedPlace::Side {
+        dir,
+        name,
+        file: File::from(fd),
+        len: bytes.len() as u64,
+    })
 }
 
 /// Take the record back (before the lease's lock is dropped): empty the lock file's content and
-/// release the liveness byte, or delete the side file (only if it is still ours).
-pub fn withdraw(fd: BorrowedFd<'_>, published: Published) -> Result<(), String> {
-    match published.place {
+/// release the liveness byte, or empty the side file and close it (which drops its liveness
+/// lock). The empty side file stays for the next lease of that file on this host; readers skip
+/// empty side files nobody holds.
+pub fn withdraw(fd: BorrowedFd<'_>, mut published: Published) -> Result<(), String> {
+    withdraw_in_place(fd, &mut published)
+}
+
+/// [`withdraw`] through a shared handle: the record stays withdrawn (later rewrites of it are
+/// ignored) and its side file is closed.
+pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Result<(), String> {
+    published.withdrawn = true;
+    match std::mem::replace(&mut published.place, PublishedPlace::Nowhere) {
         PublishedPlace::InFile => {
             let r = ftruncate(fd, 0)
                 .map_err(|e| format!("emptying the lock file failed: {}", e.desc()));
             let _ = ofd_set(fd, libc::F_UNLCK, LIVENESS_BYTE);
             r
         }
-        PublishedPlace::Side { dir, name, file } => {
-            let ours = fstat(file.as_fd()).map(|s| s.st_ino).ok();
-            let named = fstatat(&dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .map(|s| s.st_ino)
-                .ok();
-            let r = if ours.is_some() && ours == named {
-                unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir)
-                    .map_err(|e| format!("cannot delete side file {name:?}: {}", e.desc()))
-            } else {
-                Ok(())
-            };
+        PublishedPlace::Side {
+            dir, name, file, ..
+        } => {
+            // Empty it before closing (which drops the liveness lock): a reader then finds
+            // either our record, or an empty file, or a file whose publisher is gone.
+            let r = ftruncate(file.as_fd(), 0)
+                .map_err(|e| format!("cannot empty side file {name:?}: {}", e.desc()));
             drop(file);
+            drop(dir);
             r
         }
         PublishedPlace::Nowhere => Ok(()),
     }
 }
 
-/// Published records of one daemon, by lease identity (st_dev, st_ino). A convenience for the
-/// daemon's hooks: failures are logged, never returned.
+/// Published records of one daemon, by lease identity (st_dev, st_ino). A convenience for
+/// callers that publish synchronously: failures are logged, never returned.
 #[derive(Debug, Default)]
 pub struct Records {
     map: HashMap<(u64, u64), Published>,
 }
 
 impl Records {
-    /// Publish (or republish) the record of lease `id`. Logs and continues on failure.
+    /// Publish (or rewrite in place) the record of lease `id`. Logs and continues on failure.
     pub fn publish(&mut self, id: (u64, u64), target: Target<'_>, record: Record) {
         let name = record.name.clone();
-        match publish(target, record) {
-            Ok(p) => {
-                log::debug!("holder record for {name:?} published {}", p.describe());
-                // Replacing drops the earlier record's descriptor only now, after the rename.
+        let result = match self.map.get_mut(&id) {
+            Some(p) => republish(p, target, record),
+            None => publish(target, record).map(|p| {
                 self.map.insert(id, p);
-            }
+            }),
+        };
+        match result {
+            Ok(()) => log::debug!("holder record for {name:?} published"),
             Err(e) => log::warn!(
                 "cannot publish the holder record for {name:?} (the lease itself is held; \
                  other hosts will only see that it is locked): {e}"
@@ -528,7 +686,6 @@ impl Records {
         self.map.is_empty()
     }
 }
-
 // ---------------------------------------------------------------------------------------------
 // Reading
 
@@ -756,16 +913,40 @@ fn read_side(
                 continue;
             }
         };
-        let mut buf = vec![0u8; MAX_RECORD];
-        let parsed = match pread(&fd, &mut buf, 0) {
-            Ok(n) => {
-                buf.truncate(n);
-                parse(&buf)
-            }
-            Err(e) => Err(format!("cannot read: {}", e.desc())),
-        };
-        let live = ofd_held(fd.as_fd(), 0);
+        let (parsed, live) = read_side_file(fd.as_fd());
+        if parsed.as_ref().is_err_and(|e| e.starts_with(EMPTY)) && !live {
+            // A withdrawn record: its file stays for reuse.
+            continue;
+        }
         out.push((source, parsed, live));
+    }
+}
+
+/// One side file's record and whether its publisher holds it. Side files are rewritten in
+/// place, so a reader can catch one empty (just created) or torn (a rewrite in progress): when
+/// the content is not a record but the publisher holds the file, read again shortly; what is
+/// still not a record after that is ignored with the reason, never believed.
+fn read_side_file(fd: BorrowedFd<'_>) -> (Result<Record, String>, bool) {
+    let mut buf = vec![0u8; MAX_RECORD];
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let parsed = match pread(fd, &mut buf, 0) {
+            Ok(n) => {
+                let bytes = buf.get(..n).unwrap_or_default();
+                if bytes.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
+                    Err(format!("{EMPTY}: being written or withdrawn"))
+                } else {
+                    parse(bytes)
+                }
+            }
+            Err(e) => return (Err(format!("cannot read: {}", e.desc())), ofd_held(fd, 0)),
+        };
+        let live = ofd_held(fd, 0);
+        if parsed.is_ok() || !live || attempt >= READ_TRIES {
+            return (parsed, live);
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -697,6 +697,13 @@ struct KeeperProc {
     euid: u32,
     /// A daemon said hello at least once.
     greeted: bool,
+    /// Copies the daemon let go of during the current message: closed after the answer, on
+    /// the closer thread (a close can block on a hung mount — FUSE and NFS flush on close —
+    /// and must not stop the keeper from answering; the daemon's explicit unlock, not this
+    /// close, is what drops the lock).
+    /// Per device (`st_dev`), so one hung mount's closes never delay another's.
+    closing: Vec<(u64, Held)>,
+    closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Held>>>,
 }
 
 fn close_all_but(keep: &[RawFd]) {
@@ -757,6 +764,8 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         rx: Receiver::new(),
         euid: nix::unistd::geteuid().as_raw(),
         greeted: false,
+        closing: Vec::new(),
+        closers: HashMap::new(),
     };
     k.run()
 }
@@ -885,6 +894,39 @@ impl KeeperProc {
         if send_msg(fd, &reply, &[]).is_err() {
             self.conn = None;
         }
+        self.close_deferred();
+    }
+
+    /// Close what was let go of, off the keeper's own thread: one closer thread per device,
+    /// started on first use.
+    fn close_deferred(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let mut by_dev: HashMap<u64, Vec<Held>> = HashMap::new();
+        for (dev, h) in std::mem::take(&mut self.closing) {
+            by_dev.entry(dev).or_default().push(h);
+        }
+        for (dev, batch) in by_dev {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.closers.entry(dev) {
+                let (tx, rx) = std::sync::mpsc::channel::<Vec<Held>>();
+                let spawned = std::thread::Builder::new()
+                    .name("lockwardend-kpc".into())
+                    .spawn(move || rx.into_iter().for_each(drop));
+                if spawned.is_ok() {
+                    slot.insert(tx);
+                }
+            }
+            match self.closers.get(&dev) {
+                Some(tx) => {
+                    if let Err(back) = tx.send(batch) {
+                        self.closers.remove(&dev);
+                        drop(back.0);
+                    }
+                }
+                None => drop(batch),
+            }
+        }
     }
 
     fn ok(&self) -> Ack {
@@ -954,7 +996,9 @@ impl KeeperProc {
                 self.ok()
             }
             "reset" => {
-                self.held.clear();
+                let all = std::mem::take(&mut self.held);
+                self.closing
+                    .extend(all.into_iter().map(|(id, h)| (id[0], h)));
                 self.watched.clear();
                 self.ok()
             }
@@ -1017,6 +1061,7 @@ impl KeeperProc {
         };
         if let Some(old) = self.held.insert(id, held) {
             self.unwatch(&old.pids);
+            self.closing.push((id[0], old));
         }
     }
 
@@ -1024,6 +1069,7 @@ impl KeeperProc {
     fn take(&mut self, id: &[u64; 2]) {
         if let Some(old) = self.held.remove(id) {
             self.unwatch(&old.pids);
+            self.closing.push((id[0], old));
         }
     }
 
@@ -1072,22 +1118,29 @@ impl KeeperProc {
     fn owner_gone(&mut self, pid: u32) {
         self.watched.remove(&pid);
         let me = self.me();
-        self.held.retain(|_, h| {
-            if !h.pids.iter().any(|w| w.pid == pid) {
-                return true;
-            }
-            h.pids = h.pids.iter().filter(|w| w.pid != pid).copied().collect();
-            if h.pids.is_empty() {
-                let name = serde_json::from_str::<serde_json::Value>(&h.meta)
-                    .ok()
-                    .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
-                    .unwrap_or_else(|| "?".into());
-                info!("keeper (pid {me}): owner pid {pid} exited; dropped its lease {name:?}");
-                false
-            } else {
-                true
-            }
-        });
+        let gone: Vec<[u64; 2]> = self
+            .held
+            .iter_mut()
+            .filter(|(_, h)| h.pids.iter().any(|w| w.pid == pid))
+            .filter_map(|(id, h)| {
+                h.pids = h.pids.iter().filter(|w| w.pid != pid).copied().collect();
+                h.pids.is_empty().then_some(*id)
+            })
+            .collect();
+        for id in gone {
+            let Some(h) = self.held.remove(&id) else {
+                continue;
+            };
+            let name = serde_json::from_str::<serde_json::Value>(&h.meta)
+                .ok()
+                .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
+                .unwrap_or_else(|| "?".into());
+            info!("keeper (pid {me}): owner pid {pid} exited; dropped its lease {name:?}");
+            // Closing is what drops the lock here; it may block on a hung mount, so it too
+            // happens on that device's closer thread.
+            self.closing.push((id[0], h));
+        }
+        self.close_deferred();
     }
 
     fn exit(&mut self, why: &str) -> ! {
@@ -1131,6 +1184,8 @@ mod tests {
                 rx: Receiver::new(),
                 euid: 0,
                 greeted: false,
+                closing: Vec::new(),
+                closers: HashMap::new(),
             };
             let mut messages = 0;
             while k.conn.is_some() {
@@ -1255,6 +1310,8 @@ mod tests {
             rx: Receiver::new(),
             euid: 0,
             greeted: false,
+            closing: Vec::new(),
+            closers: HashMap::new(),
         };
         drop(a);
         let me = Watch {

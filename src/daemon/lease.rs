@@ -9,7 +9,8 @@ use super::lockfile::{self, LockDir};
 use crate::protocol::{LeaseMode, ResourceKind};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Identity of a locked file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,8 +46,67 @@ pub struct Lease {
 /// The keys of every lease, shared with the storage threads: a worker that opens a file whose
 /// inode is already one of our leases must not lock it again through a second description
 /// (that would conflict with ourselves). Kept up to date with the table, so submitting a job
-/// costs nothing per lease held.
-pub type HeldKeys = Arc<RwLock<HashSet<LeaseKey>>>;
+/// costs nothing per lease held. Also the leases being disposed of on a storage thread (out of
+/// the table, lock not yet dropped): a worker that opens one of those waits for the disposal
+/// instead of finding it "locked by another process".
+pub type HeldKeys = Arc<Held>;
+
+#[derive(Debug, Default)]
+pub struct Held {
+    sets: Mutex<HeldSets>,
+    disposed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct HeldSets {
+    held: HashSet<LeaseKey>,
+    disposing: HashMap<LeaseKey, usize>,
+}
+
+/// What a worker finds about an inode it opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// One of our leases: do not lock it again.
+    Held,
+    /// Not ours (or its disposal finished): lock it.
+    Free,
+}
+
+impl Held {
+    /// Is `key` one of our leases? Waits (at most `wait`) while it is being disposed of.
+    pub fn check(&self, key: &LeaseKey, wait: Duration) -> Seen {
+        let until = Instant::now() + wait;
+        let Ok(mut sets) = self.sets.lock() else {
+            return Seen::Free;
+        };
+        loop {
+            if sets.held.contains(key) {
+                return Seen::Held;
+            }
+            let now = Instant::now();
+            if !sets.disposing.contains_key(key) || now >= until {
+                return Seen::Free;
+            }
+            match self.disposed.wait_timeout(sets, until - now) {
+                Ok((s, _)) => sets = s,
+                Err(_) => return Seen::Free,
+            }
+        }
+    }
+
+    /// A disposal of `key` finished on a storage thread.
+    pub fn disposed(&self, key: LeaseKey) {
+        if let Ok(mut sets) = self.sets.lock() {
+            if let Some(n) = sets.disposing.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    sets.disposing.remove(&key);
+                }
+            }
+        }
+        self.disposed.notify_all();
+    }
+}
 
 /// All leases of this daemon.
 #[derive(Debug, Default)]
@@ -62,11 +122,11 @@ impl Leases {
     }
 
     fn set_key(&self, key: LeaseKey, present: bool) {
-        if let Ok(mut k) = self.keys.write() {
+        if let Ok(mut k) = self.keys.sets.lock() {
             if present {
-                k.insert(key);
+                k.held.insert(key);
             } else {
-                k.remove(&key);
+                k.held.remove(&key);
             }
         }
     }
@@ -84,12 +144,15 @@ impl Leases {
         self.set_key(key, true);
     }
 
-    pub fn take(&mut self, key: &LeaseKey) -> Option<Lease> {
-        let l = self.map.remove(key);
-        if l.is_some() {
-            self.set_key(*key, false);
+    /// Take a lease out of the table to dispose of it on a storage thread: from now until
+    /// [`Held::disposed`], workers opening its inode wait for the disposal.
+    pub fn take_for_disposal(&mut self, key: &LeaseKey) -> Option<Lease> {
+        let l = self.map.remove(key)?;
+        if let Ok(mut k) = self.keys.sets.lock() {
+            k.held.remove(key);
+            *k.disposing.entry(*key).or_insert(0) += 1;
         }
-        l
+        Some(l)
     }
 
     pub fn len(&self) -> usize {
@@ -114,12 +177,18 @@ pub enum Disposal {
 
 /// Drop a lease whose last owner left: delete its lock file when `delete` (only under an
 /// exclusive lock and only if the name still points at our inode, as virtlockd does), then
-/// unlock and close the descriptor.
-pub fn dispose(key: LeaseKey, lease: Lease, delete: bool) -> Disposal {
+/// unlock the descriptor (the caller closes it). Runs on the lease's mount's storage thread.
+pub fn dispose(
+    key: LeaseKey,
+    fd: &OwnedFd,
+    dir: Option<&LockDir>,
+    mode: LeaseMode,
+    delete: bool,
+) -> Disposal {
     let mut outcome = Disposal::Closed;
-    if let (true, Some(dir)) = (delete, &lease.dir) {
-        let exclusive = lease.mode == LeaseMode::Exclusive
-            || lock::try_lock(lease.fd.as_fd(), LeaseMode::Exclusive).is_ok();
+    if let (true, Some(dir)) = (delete, dir) {
+        let exclusive = mode == LeaseMode::Exclusive
+            || lock::try_lock(fd.as_fd(), LeaseMode::Exclusive).is_ok();
         if !exclusive {
             outcome = Disposal::KeptInUse;
         } else if let Ok(true) = lockfile::unlink_if_named(dir, key) {
@@ -127,8 +196,7 @@ pub fn dispose(key: LeaseKey, lease: Lease, delete: bool) -> Disposal {
         }
     }
     // Unlock explicitly: closing our descriptor alone would not drop the lock if the keeper
-    // still held a duplicate of this open file description.
-    let _ = lock::unlock(lease.fd.as_fd());
-    drop(lease);
+    // (or a lost-lock probe) still held a duplicate of this open file description.
+    let _ = lock::unlock(fd.as_fd());
     outcome
 }

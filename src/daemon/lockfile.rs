@@ -11,6 +11,12 @@
 //! virtlockd host and a lockwarden host lock the same file). The directory descriptor is kept
 //! with the lease so that "does the name still point at the inode we locked" and "unlink it" act
 //! on the same directory even if a path component is renamed meanwhile.
+//!
+//! A lockspace directory must be safe to create lock files in (docs/hardening.md): owned by
+//! lockwardend's user or root, and not writable by everybody unless sticky (`/tmp`-style, where
+//! nobody can remove or replace another user's file). Otherwise anybody could swap a lock file
+//! for their own between two hosts' opens and make two hosts "hold" the same disk. The check is
+//! made on the opened directory descriptor, so it judges the directory actually used.
 
 use super::lease::LeaseKey;
 use super::text::{esc, subject, what};
@@ -261,6 +267,7 @@ fn open_lockspace(
         }
         Err(e) => return Err(dir_error(&who, dir, e)),
     };
+    check_dir(&who, dir, &dirfd, nix::unistd::geteuid().as_raw())?;
     let base =
         OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
     for _ in 0..CREATE_RETRIES {
@@ -300,6 +307,41 @@ fn open_lockspace(
         "{who}: the lock file kept appearing and vanishing; another program is racing on {}",
         esc(&lock_path)
     )))
+}
+
+/// Refuse a lockspace directory that others could tamper with: world-writable without the
+/// sticky bit, or owned by a user other than `euid` and root.
+fn check_dir(who: &str, dir: &str, dirfd: &OwnedFd, euid: u32) -> Result<(), OpenError> {
+    let st = fstat(dirfd).map_err(|e| {
+        OpenError::Io(format!(
+            "{who}: cannot examine the lockspace directory {}: {}",
+            esc(dir),
+            e.desc()
+        ))
+    })?;
+    dir_problem(st.st_mode, st.st_uid, euid)
+        .map(|fix| OpenError::Invalid(format!("{who}: the lockspace directory {} {fix}", esc(dir))))
+        .map_or(Ok(()), Err)
+}
+
+/// What is wrong with a lockspace directory of this mode and owner, and how to fix it.
+fn dir_problem(mode: libc::mode_t, uid: u32, euid: u32) -> Option<String> {
+    let world_writable = mode & libc::S_IWOTH != 0;
+    let sticky = mode & libc::S_ISVTX != 0;
+    if world_writable && !sticky {
+        return Some(format!(
+            "is writable by every user (mode {:04o}), so anybody could replace its lock files; \
+             make it private (chmod 0700, or 0755) or at least sticky (chmod +t)",
+            mode & 0o7777
+        ));
+    }
+    if uid != euid && uid != 0 {
+        return Some(format!(
+            "is owned by uid {uid}, not by lockwardend's user (uid {euid}) or root, so that user \
+             could replace its lock files; chown it to uid {euid} (or root)"
+        ));
+    }
+    None
 }
 
 fn dir_error(who: &str, dir: &str, e: Errno) -> OpenError {
@@ -356,5 +398,29 @@ pub fn peek_key(target: &LockTarget) -> Option<LeaseKey> {
         LockTarget::Lockspace { dir, file, .. } => {
             lstat(join(dir, file).as_str()).ok().map(|st| key_of(&st))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_directories_are_named() {
+        let d = libc::S_IFDIR;
+        assert_eq!(dir_problem(d | 0o700, 0, 0), None);
+        assert_eq!(dir_problem(d | 0o755, 1000, 1000), None);
+        // Root-owned directories are fine for any daemon user; sticky world-writable too.
+        assert_eq!(dir_problem(d | 0o755, 0, 1000), None);
+        assert_eq!(dir_problem(d | 0o1777, 0, 0), None);
+        let ww = dir_problem(d | 0o777, 0, 0).unwrap();
+        assert!(ww.contains("0777") && ww.contains("chmod"), "{ww}");
+        let other = dir_problem(d | 0o700, 1000, 0).unwrap();
+        assert!(
+            other.contains("uid 1000") && other.contains("chown"),
+            "{other}"
+        );
+        // Another user's sticky directory is still another user's.
+        assert!(dir_problem(d | 0o1777, 1000, 0).is_some());
     }
 }

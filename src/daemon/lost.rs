@@ -18,7 +18,7 @@
 
 use super::lease::LeaseKey;
 use super::state::{JobFor, State};
-use super::storage::{Mounts, Work};
+use super::storage::Work;
 use super::text::now_secs;
 use crate::protocol::{FailureAction, LeaseInfo, LeaseMode, Owner};
 use log::{error, warn};
@@ -40,7 +40,7 @@ pub fn tick(state: &mut State, now: Instant) {
         Some(t) if t > now => return,
         _ => state.next_check = Some(now + interval),
     }
-    state.mounts = Mounts::load();
+    state.mounts.refresh();
     let todo: Vec<(LeaseKey, Arc<OwnedFd>, LeaseMode, String)> = state
         .leases
         .iter()
@@ -49,7 +49,11 @@ pub fn tick(state: &mut State, now: Instant) {
         .collect();
     for (key, fd, mode, path) in todo {
         let mount = state.mounts.of(&path);
-        let job = state.storage.submit(&mount, Work::Probe { key, fd, mode });
+        let job = state.storage.submit(
+            &mount,
+            state.mounts.threads(&mount),
+            Work::Probe { key, fd, mode },
+        );
         state.jobs.insert(job, JobFor::Probe);
         state.probing.insert(key);
     }

@@ -25,6 +25,7 @@ pub mod holder;
 mod keeper;
 mod kill;
 mod lease;
+mod limits;
 mod listen;
 mod lock;
 mod lockfile;
@@ -96,7 +97,8 @@ pub fn main() -> ExitCode {
 /// Start (fresh, after a crash, or as the new image of a live re-exec), serve until told to
 /// stop, clean up.
 fn serve(settings: &settings::Settings) -> Result<(), String> {
-    raise_fd_limit();
+    limits::install(settings.limits.clone());
+    limits::check_fd_limit(settings.max_clients, settings.limits.max_owners);
     let signals = signals::Signals::install()
         .map_err(|e| format!("cannot set up signal handling: {}", e.desc()))?;
     let hostname = nix::unistd::gethostname()
@@ -210,17 +212,5 @@ fn exe_path() -> std::path::PathBuf {
             }
         }
         Err(_) => std::path::PathBuf::from("/proc/self/exe"),
-    }
-}
-
-/// Each running VM keeps a connection and each lease a descriptor: use the whole hard limit.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                warn!("cannot raise the open-file limit to {hard}: {}", e.desc());
-            }
-        }
     }
 }

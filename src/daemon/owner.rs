@@ -6,6 +6,7 @@
 
 use super::lease::LeaseKey;
 use super::pidfd::Proc;
+use super::text::esc;
 use crate::protocol::{FailureAction, Owner};
 use nix::errno::Errno;
 use std::collections::hash_map::Entry;
@@ -69,6 +70,39 @@ impl Owners {
                 }))
             }
         }
+    }
+
+    /// Is `owner` the owner registered for its pid (if any)? The UUID is the identity; the
+    /// name may change (a domain can be renamed, and [`Owners::ensure`] then updates it).
+    /// A request naming a registered pid with another UUID is either a confused client or one
+    /// trying to act on somebody else's leases.
+    pub fn check_identity(&self, owner: &Owner) -> Result<(), String> {
+        match self.map.get(&owner.pid) {
+            // An empty uuid: rebuilt from a record that lacked it; the request fills it in.
+            Some(e) if !e.owner.uuid.is_empty() && e.owner.uuid != owner.uuid => Err(format!(
+                "pid {} is registered for VM '{}' (uuid {}); this request names uuid {} (VM \
+                 '{}'); a process can be the owner of one VM only",
+                owner.pid,
+                esc(&e.owner.name),
+                esc(&e.owner.uuid),
+                esc(&owner.uuid),
+                esc(&owner.name)
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Is there room for `owner` (already known, or fewer than `max` owners)?
+    pub fn check_room(&self, owner: &Owner, max: usize, config_file: &str) -> Result<(), String> {
+        if self.map.contains_key(&owner.pid) || self.map.len() < max {
+            return Ok(());
+        }
+        Err(format!(
+            "lockwardend already tracks its maximum of {max} VMs (max_owners); VM '{}' (pid {}) \
+             cannot be added; raise max_owners in {config_file}",
+            esc(&owner.name),
+            owner.pid
+        ))
     }
 
     /// Add an entry rebuilt after a restart or a live re-exec.

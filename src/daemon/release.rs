@@ -7,17 +7,52 @@
 //! replaced image can still be released.
 
 use super::Failure;
-use super::lease::{self, Disposal, LeaseKey};
+use super::lease::LeaseKey;
 use super::lockfile;
-use super::state::State;
+use super::owner::ConnId;
+use super::state::{Pending, State, Then};
 use super::text::what;
-use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner};
+use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner, Response};
 use log::{debug, info, warn};
 use std::collections::BTreeSet;
-use std::os::fd::AsFd;
+use std::time::Instant;
 
-/// Release `specs` for `owner`. Only malformed input is an error.
-pub fn release(state: &mut State, owner: &Owner, specs: &[LeaseSpec]) -> Result<(), Failure> {
+/// Release `specs` for `owner` (connection `conn`). Only malformed input is an error. The
+/// locks are dropped on the storage threads of their mounts; the answer is returned at once
+/// when there is nothing to wait for, else it comes through `state.finished` when every lock is
+/// dropped (or a Timeout error after `storage_timeout_ms`, naming the disk and its mount).
+pub fn start(
+    state: &mut State,
+    conn: ConnId,
+    owner: &Owner,
+    specs: &[LeaseSpec],
+) -> Result<Option<Response>, Failure> {
+    let jobs = release(state, owner, specs)?;
+    if jobs.is_empty() {
+        return Ok(Some(Response::Ok {
+            leases: state.infos_of(owner.pid),
+        }));
+    }
+    let group = state.new_group(conn);
+    state.track(group, jobs);
+    let deadline = Instant::now() + state.storage_timeout;
+    state.settle(
+        group,
+        Then::Released {
+            pid: owner.pid,
+            vm: owner.name.clone(),
+        },
+        deadline,
+    );
+    Ok(None)
+}
+
+/// Release `specs` for `owner`; returns the storage jobs dropping the locks.
+pub fn release(
+    state: &mut State,
+    owner: &Owner,
+    specs: &[LeaseSpec],
+) -> Result<Vec<Pending>, Failure> {
     for spec in specs {
         lockfile::validate(spec).map_err(|message| {
             Box::new(ErrorReply {
@@ -34,7 +69,7 @@ pub fn release(state: &mut State, owner: &Owner, specs: &[LeaseSpec]) -> Result<
             "release for VM {:?} (pid {pid}), which holds nothing here: nothing to do",
             owner.name
         );
-        return Ok(());
+        return Ok(Vec::new());
     };
     let mut keys = BTreeSet::new();
     for spec in specs {
@@ -75,24 +110,35 @@ pub fn release(state: &mut State, owner: &Owner, specs: &[LeaseSpec]) -> Result<
         }
     }
     let leases: Vec<(LeaseKey, bool)> = keys.into_iter().map(|k| (k, false)).collect();
-    let n = leave_many(state, pid, &leases, "");
-    if n > 0 {
+    let left = leave_many(state, pid, &leases, "");
+    if left.count > 0 {
         info!(
-            "VM {:?} (pid {pid}) released {n} of {} lease(s) named",
+            "VM {:?} (pid {pid}) released {} of {} lease(s) named",
             owner.name,
+            left.count,
             specs.len()
         );
     }
     state.owners.prune(pid);
-    Ok(())
+    Ok(left.jobs)
+}
+
+/// What `leave_many` did.
+#[derive(Debug, Default)]
+pub struct Left {
+    /// How many leases the owner left.
+    pub count: usize,
+    /// The storage jobs rewriting records of shared leases and dropping freed ones.
+    pub jobs: Vec<Pending>,
 }
 
 /// Owner `pid` leaves every lease in `leases` (key, and whether this request created its
 /// lock file). Leases other VMs still share are handed to the keeper again with their new
-/// owners; the keeper lets go of the others in one batch (acknowledged) before their locks
-/// are dropped here (and a lockd-style disk lock file, or one created by this request,
-/// deleted). `why` is appended to the log lines. Returns how many leases the owner left.
-pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why: &str) -> usize {
+/// owners (and their records rewritten); the keeper lets go of the others in one batch
+/// (acknowledged) before their locks are dropped — on the storage threads of their mounts,
+/// which withdraw the record, delete a lockd-style disk lock file (or one created by this
+/// request), unlock and close. `why` is appended to the log lines.
+pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why: &str) -> Left {
     let mut vm = String::new();
     if let Some(e) = state.owners.get_mut(pid) {
         for (key, _) in leases {
@@ -118,12 +164,16 @@ pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why:
     } else {
         format!(" ({why})")
     };
+    let mut left = Left {
+        count: shared.len() + freed.len(),
+        jobs: Vec::new(),
+    };
     if !shared.is_empty() {
         if let Err(e) = state.protect(&shared) {
             warn!("{e}; the keeper may list a VM that left a shared lease");
         }
         for key in &shared {
-            state.publish_holder(*key);
+            left.jobs.extend(state.publish_holder(*key));
             if let Some(l) = state.leases.get(key) {
                 debug!(
                     "{} {:?} released by VM {vm:?} (pid {pid}){why}; {} other VM(s) still share it",
@@ -135,34 +185,14 @@ pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why:
         }
     }
     if freed.is_empty() {
-        return shared.len();
+        return left;
     }
     // The keeper lets go first: a crash after this point drops the locks with our descriptors.
     let keys: Vec<LeaseKey> = freed.iter().map(|(k, _)| *k).collect();
     state.unprotect(&keys);
+    let why = format!(" by VM {vm:?} (pid {pid}){why}");
     for (key, created_now) in &freed {
-        let Some(l) = state.leases.take(key) else {
-            continue;
-        };
-        let (kind, name, lock_path) = (l.kind, l.name.clone(), l.lock_path.clone());
-        let delete = l.delete_when_free || *created_now;
-        state.records.withdraw((key.dev, key.ino), l.fd.as_fd());
-        match lease::dispose(*key, l, delete) {
-            Disposal::Closed => debug!(
-                "{} {name:?} released by VM {vm:?} (pid {pid}){why}",
-                what(kind)
-            ),
-            Disposal::Deleted => debug!(
-                "{} {name:?} released by VM {vm:?} (pid {pid}){why}; lock file {lock_path:?} \
-                 deleted",
-                what(kind)
-            ),
-            Disposal::KeptInUse => info!(
-                "{} {name:?} released by VM {vm:?} (pid {pid}){why}; lock file {lock_path:?} \
-                 kept, another host still holds a shared lock on it",
-                what(kind)
-            ),
-        }
+        left.jobs.extend(state.dispose(*key, *created_now, &why));
     }
-    shared.len() + freed.len()
+    left
 }

@@ -27,8 +27,6 @@ use std::time::{Duration, Instant};
 
 /// A refused client gets this long to send its first frame and read why it was refused.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections accepted per listener wake-up, so one busy socket cannot starve the others.
-const ACCEPT_BATCH: usize = 64;
 /// Beyond `max_clients`, this many more are accepted only to be told why they are refused.
 const REFUSAL_SLACK: usize = 64;
 /// Pause accepting this long when the process is out of descriptors.
@@ -77,6 +75,8 @@ pub struct Server {
     tokens: Vec<Token>,
     scratch: Vec<u8>,
     exit: Option<Exit>,
+    /// Poll rounds so far (each connection gets one budget per round, limits.rs).
+    round: u64,
 }
 
 impl Server {
@@ -107,6 +107,7 @@ impl Server {
             tokens: Vec::new(),
             scratch: vec![0u8; SCRATCH],
             exit: None,
+            round: 0,
         }
     }
 
@@ -130,7 +131,14 @@ impl Server {
                     }
                 }
             }
-            if self.reexec_pending && self.state.waiting() == 0 {
+            // Disposals and record writes nobody waits for (a VM exit's) get the same grace:
+            // cut off by the exec, their lock still drops (close-on-exec) but a side file or a
+            // lockd-style lock file would stay behind.
+            let settling = self.reexec_pending
+                && self.state.waiting() == 0
+                && self.state.background_jobs() > 0
+                && self.reexec_since.get_or_insert_with(Instant::now).elapsed() < REEXEC_WAIT;
+            if self.reexec_pending && self.state.waiting() == 0 && !settling {
                 self.reexec_pending = false;
                 self.reexec_since = None;
                 // Between requests: nothing is half-done. Returns only if the exec failed.
@@ -138,13 +146,22 @@ impl Server {
             }
             let now = Instant::now();
             self.build(now);
-            let timeout = self.timeout_ms(now);
+            // Connections with buffered frames left over from the budget of the last round are
+            // served this round whether or not poll reports them (limits.rs).
+            self.round += 1;
+            let ready = self.ready();
+            let timeout = if ready.is_empty() {
+                self.timeout_ms(now)
+            } else {
+                0
+            };
             match poll(&mut self.pfds, timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(format!("poll failed: {}", e.desc())),
             }
             let now = Instant::now();
+            let accepts = self.accept_budget(!ready.is_empty());
             for i in 0..self.pfds.len() {
                 let (Some(p), Some(token)) = (self.pfds.get(i), self.tokens.get(i)) else {
                     break;
@@ -155,11 +172,16 @@ impl Server {
                 }
                 match token {
                     Token::Signal => self.on_signal(),
-                    Token::Listener(n) => self.on_accept(n, now),
+                    Token::Listener(n) => self.on_accept(n, now, accepts),
                     Token::Conn(id) => self.on_conn(id, revents, now),
                     Token::Owner(pid) => self.owner_gone(pid),
                     Token::Keeper => self.keeper_lost(),
                     Token::Storage => self.state.storage_results(),
+                }
+            }
+            for id in ready {
+                if self.conns.get(&id).is_some_and(|c| c.served != self.round) {
+                    self.on_conn(id, 0, now);
                 }
             }
             self.timers(Instant::now());
@@ -194,9 +216,10 @@ impl Server {
         for (id, c) in &self.conns {
             let events = if c.wants_write() {
                 libc::POLLOUT
-            } else if c.waiting || self.reexec_pending {
+            } else if c.waiting || self.reexec_pending || c.eof || c.actionable() {
                 // Only hang-ups (reported anyway): the next request waits for this answer, or
-                // for the re-exec that waits for the requests in flight.
+                // for the re-exec that waits for the requests in flight; or nothing more is
+                // read before the buffered frames are answered (or after end-of-file).
                 0
             } else {
                 libc::POLLIN
@@ -227,7 +250,8 @@ impl Server {
 
     /// Milliseconds until the next deadline (rounded up), or -1 for none.
     fn timeout_ms(&self, now: Instant) -> libc::c_int {
-        let conn_deadlines = self.conns.values().filter_map(|c| c.deadline);
+        let limits = super::limits::get();
+        let conn_deadlines = self.conns.values().filter_map(|c| c.next_deadline(limits));
         let reexec = self
             .reexec_since
             .filter(|_| self.reexec_pending)
@@ -281,25 +305,51 @@ impl Server {
 
     fn timers(&mut self, now: Instant) {
         super::acquire::expire(&mut self.state, now);
+        self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);
         for pid in self.state.run_timers(now) {
             self.owner_gone(pid);
         }
-        if self
-            .conns
-            .values()
-            .any(|c| c.deadline.is_some_and(|d| d <= now))
-        {
-            let expired: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                debug!("closing refused connection {id}: it sent nothing in time");
-                self.close(id, now);
+        // Refused, stalled (half a frame), deaf (answers unread) and idle connections
+        // (limits.rs, conn.rs); never a lifetime handle.
+        let limits = super::limits::get();
+        let mut expired = Vec::new();
+        for (id, c) in &mut self.conns {
+            if let Some(why) = c.expired(now, limits) {
+                expired.push((*id, c.session.peer_pid, why));
             }
+        }
+        for (id, pid, why) in expired {
+            log::log!(why.level(), "closing client {id} (pid {pid}): {why}");
+            self.close(id, now);
+        }
+    }
+
+    /// Connections whose buffered frames can be answered now (limits.rs: the rest of a
+    /// pipelined batch); none while a re-exec waits for the requests in flight.
+    fn ready(&self) -> Vec<ConnId> {
+        if self.reexec_pending {
+            return Vec::new();
+        }
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.backlog())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Connections a listener may accept this round: fewer while clients have requests to be
+    /// read or answered, so a connect storm cannot crowd out their requests.
+    fn accept_budget(&self, backlog: bool) -> usize {
+        let reading = self
+            .pfds
+            .iter()
+            .zip(&self.tokens)
+            .any(|(p, t)| matches!(t, Token::Conn(_)) && p.revents & libc::POLLIN != 0);
+        if backlog || reading {
+            super::limits::ACCEPTS_PER_ROUND_BUSY
+        } else {
+            super::limits::ACCEPTS_PER_ROUND
         }
     }
 
@@ -319,8 +369,8 @@ impl Server {
         }
     }
 
-    fn on_accept(&mut self, n: usize, now: Instant) {
-        for _ in 0..ACCEPT_BATCH {
+    fn on_accept(&mut self, n: usize, now: Instant, budget: usize) {
+        for _ in 0..budget {
             let Some(l) = self.listeners.get(n) else {
                 return;
             };
@@ -428,18 +478,22 @@ impl Server {
             }
             return;
         }
-        if readable && !conn.closing && !conn.wants_write() {
-            match conn.fill(&mut self.scratch) {
-                Ok(fill) => {
-                    serve(&mut self.state, conn, clients);
-                    if fill == Fill::Eof {
-                        conn.closing = true;
+        conn.served = self.round;
+        if !conn.closing && !conn.wants_write() {
+            // Read only when the buffered frames are answered (limits.rs); serve within the
+            // round's budget, whether or not anything new arrived.
+            if readable && !conn.eof && !conn.actionable() {
+                match conn.fill(&mut self.scratch, now) {
+                    Ok(Fill::Eof) => conn.eof = true,
+                    Ok(Fill::Open) => {}
+                    Err(e) => {
+                        debug!("client {id}: read failed: {e}");
+                        close = true;
                     }
                 }
-                Err(e) => {
-                    debug!("client {id}: read failed: {e}");
-                    close = true;
-                }
+            }
+            if !close {
+                serve(&mut self.state, conn, clients);
             }
         }
         if !close {
@@ -476,9 +530,18 @@ impl Server {
     }
 }
 
-/// Answer every complete frame in the read buffer.
+/// Answer the complete frames in the read buffer, at most `FRAMES_PER_ROUND` (limits.rs); a
+/// peer that sent end-of-file is closed once nothing is left.
 fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
-    while !conn.closing && !conn.waiting {
+    serve_frames(state, conn, clients);
+    conn.settle_eof();
+}
+
+fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
+    for _ in 0..super::limits::FRAMES_PER_ROUND {
+        if conn.closing || conn.waiting {
+            return;
+        }
         let next = conn.next();
         if matches!(next, Next::Incomplete) {
             return;

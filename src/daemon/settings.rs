@@ -6,6 +6,7 @@
 //! would leave the operator believing a setting is active.
 
 use super::args::Args;
+use super::limits::{self, Limits};
 use crate::config::{ConfFile, ConfigError};
 use crate::paths;
 use log::LevelFilter;
@@ -38,6 +39,9 @@ pub struct Settings {
     pub storage_timeout: Duration,
     /// How often held leases are probed for a lost lock (None: never).
     pub lease_check_interval: Option<Duration>,
+    /// `max_owners`, `max_leases_per_request`, `request_read_timeout_ms`, `idle_timeout_ms`
+    /// (docs/hardening.md).
+    pub limits: Limits,
 }
 
 /// The environment the defaults depend on, read once so tests can supply their own.
@@ -97,7 +101,12 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
     let log_level = conf.take_choice("log_level", &["error", "warn", "info", "debug"])?;
     let storage_timeout_ms = conf.take_int("storage_timeout_ms", 100, 3_600_000)?;
     let check_ms = conf.take_int("lease_check_interval_ms", 0, 86_400_000)?;
+    let max_owners = conf.take_int("max_owners", 1, 1_000_000)?;
+    let max_leases = conf.take_int("max_leases_per_request", 1, 65_536)?;
+    let read_timeout_ms = conf.take_int("request_read_timeout_ms", 100, 3_600_000)?;
+    let idle_ms = conf.take_int("idle_timeout_ms", 0, 86_400_000)?;
     let config_file = conf.path().to_path_buf();
+    let config_text = config_file.display().to_string();
     conf.finish()?;
 
     let log_level = match log_level.as_deref() {
@@ -136,6 +145,19 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
             0 => None,
             n => Some(Duration::from_millis(n)),
         },
+        limits: Limits {
+            max_owners: max_owners.map_or(limits::DEFAULT_MAX_OWNERS, |n| n as usize),
+            max_leases_per_request: max_leases
+                .map_or(limits::DEFAULT_MAX_LEASES_PER_REQUEST, |n| n as usize),
+            request_read_timeout: Duration::from_millis(
+                read_timeout_ms.map_or(limits::DEFAULT_REQUEST_READ_TIMEOUT_MS, |n| n as u64),
+            ),
+            idle_timeout: match idle_ms.map_or(limits::DEFAULT_IDLE_TIMEOUT_MS, |n| n as u64) {
+                0 => None,
+                n => Some(Duration::from_millis(n)),
+            },
+            config_file: config_text,
+        },
     })
 }
 
@@ -166,6 +188,10 @@ mod tests {
         assert_eq!(s.max_clients, 4096);
         assert_eq!(s.kill_grace, Duration::from_millis(3000));
         assert_eq!(s.log_level, LevelFilter::Info);
+        assert_eq!(s.limits.max_owners, 4096);
+        assert_eq!(s.limits.max_leases_per_request, 1024);
+        assert_eq!(s.limits.request_read_timeout, Duration::from_millis(10_000));
+        assert_eq!(s.limits.idle_timeout, Some(Duration::from_millis(300_000)));
         assert_eq!(
             default_config_path(&root()),
             PathBuf::from("/etc/libvirt/lockwardend.conf")
@@ -195,7 +221,9 @@ mod tests {
     fn file_then_command_line() {
         let conf = parse(
             "socket = \"/x/s.sock\"\nadmin_socket = \"/x/a.sock\"\nmax_clients = 7\n\
-             kill_grace_ms = 0\nlog_level = \"warn\"\npid_file = \"/x/p\"\n",
+             kill_grace_ms = 0\nlog_level = \"warn\"\npid_file = \"/x/p\"\n\
+             max_owners = 3\nmax_leases_per_request = 5\nrequest_read_timeout_ms = 250\n\
+             idle_timeout_ms = 0\n",
         );
         let args = Args {
             socket: Some("/cli.sock".into()),
@@ -209,6 +237,11 @@ mod tests {
         assert_eq!(s.max_clients, 7);
         assert_eq!(s.kill_grace, Duration::ZERO);
         assert_eq!(s.log_level, LevelFilter::Debug);
+        assert_eq!(s.limits.max_owners, 3);
+        assert_eq!(s.limits.max_leases_per_request, 5);
+        assert_eq!(s.limits.request_read_timeout, Duration::from_millis(250));
+        assert_eq!(s.limits.idle_timeout, None);
+        assert_eq!(s.limits.config_file, "/etc/libvirt/lockwardend.conf");
     }
 
     #[test]
@@ -221,6 +254,10 @@ mod tests {
             "max_clients = 0\n",
             "kill_grace_ms = -1\n",
             "log_level = \"loud\"\n",
+            "max_owners = 0\n",
+            "max_leases_per_request = 0\n",
+            "request_read_timeout_ms = 10\n",
+            "idle_timeout_ms = -5\n",
         ] {
             assert!(
                 resolve(parse(bad), &Args::default(), &root()).is_err(),

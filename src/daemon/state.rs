@@ -9,16 +9,20 @@ use super::acquire::{self, AcquireOp, Finished};
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
+use super::lease::Disposal;
 use super::lease::{Lease, LeaseKey, Leases};
 use super::lost;
 use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
 use super::release;
-use super::storage::{JobId, Mounts, Outcome, Storage};
-use crate::protocol::{LeaseInfo, PROTOCOL_VERSION, StatusInfo};
-use log::{debug, info, warn};
+use super::storage::{Disposing, JobId, Mounts, Outcome, Storage, Work};
+use super::text::esc;
+use crate::protocol::{ErrorKind, ErrorReply, LeaseInfo, PROTOCOL_VERSION, Response, StatusInfo};
+use log::{debug, error, info, warn};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
@@ -33,8 +37,12 @@ pub struct State {
     pub kill_grace: Duration,
     /// The process holding a duplicate of every lease's descriptor (crash safety).
     pub keeper: Keeper,
-    /// Holder records published for the leases (who holds what, for other hosts; holder.rs).
-    pub records: holder::Records,
+    /// Holder records of the leases (who holds what, for other hosts; holder.rs), written and
+    /// withdrawn on the storage threads of each lease's mount.
+    pub records: HashMap<LeaseKey, holder::Slot>,
+    /// Answers waiting for storage jobs other than an Acquire's Takes (releases, holder
+    /// records, roll-backs).
+    pub groups: HashMap<OpId, Group>,
     /// Per-mount storage threads (docs/storage.md) and what each job in flight is for.
     pub storage: Storage,
     pub jobs: HashMap<JobId, JobFor>,
@@ -70,6 +78,41 @@ pub enum JobFor {
     Probe,
     /// Closing or disposing: nobody waits for it.
     Other,
+    /// A job a waiting answer depends on (`State::groups`).
+    Group(OpId),
+}
+
+/// A storage job in flight, as a request sees it: its id, what it is about (for messages) and
+/// the mount it runs on.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub job: JobId,
+    pub what: String,
+    pub mount: PathBuf,
+}
+
+/// An answer that waits for storage jobs (a Release for its disposals, an Acquire for its
+/// holder records or its roll-back).
+#[derive(Debug)]
+pub struct Group {
+    pub conn: ConnId,
+    pub jobs: HashMap<JobId, (String, PathBuf)>,
+    /// What to answer once the jobs are done; None while the request is still being worked on.
+    pub then: Option<Then>,
+    pub deadline: Instant,
+    pub started: Instant,
+}
+
+/// What a group answers when its jobs are done (or its deadline passed).
+#[derive(Debug)]
+pub enum Then {
+    /// Released: Ok with the owner's remaining leases; a Timeout error naming the disk and its
+    /// mount when the storage did not finish in time.
+    Released { pid: u32, vm: String },
+    /// Acquired: Ok with the owner's leases (also after the deadline: records are best effort).
+    Acquired { pid: u32, restrict: bool },
+    /// A prepared answer (a refusal waiting for its roll-back).
+    Respond(Response),
 }
 
 impl State {
@@ -88,7 +131,8 @@ impl State {
             started,
             kill_grace,
             keeper,
-            records: holder::Records::default(),
+            records: HashMap::new(),
+            groups: HashMap::new(),
             storage,
             jobs: HashMap::new(),
             mounts: Mounts::load(),
@@ -112,7 +156,180 @@ impl State {
 
     /// Requests waiting on storage.
     pub fn waiting(&self) -> usize {
-        self.acquires.len()
+        self.acquires.len() + self.groups.len()
+    }
+
+    /// Storage jobs in flight that change storage (disposals, record writes, closes), as
+    /// opposed to Takes and probes.
+    pub fn background_jobs(&self) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| matches!(j, JobFor::Other | JobFor::Group(_)))
+            .count()
+    }
+
+    /// A new group of jobs an answer for `conn` will wait for.
+    pub fn new_group(&mut self, conn: ConnId) -> OpId {
+        let id = self.next_op_id();
+        let now = Instant::now();
+        self.groups.insert(
+            id,
+            Group {
+                conn,
+                jobs: HashMap::new(),
+                then: None,
+                deadline: now + self.storage_timeout,
+                started: now,
+            },
+        );
+        id
+    }
+
+    /// Make `group` wait for these jobs too.
+    pub fn track(&mut self, group: OpId, pending: Vec<Pending>) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        for p in pending {
+            // A job that already came back is not waited for.
+            if let Some(why) = self.jobs.get_mut(&p.job) {
+                *why = JobFor::Group(group);
+                g.jobs.insert(p.job, (p.what, p.mount));
+            }
+        }
+    }
+
+    /// The request behind `group` is done: answer `then` once its jobs are (at the latest at
+    /// `deadline`).
+    pub fn settle(&mut self, group: OpId, then: Then, deadline: Instant) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        g.then = Some(then);
+        g.deadline = deadline;
+        if g.jobs.is_empty() {
+            self.finish_group(group, false);
+        }
+    }
+
+    fn job_done(&mut self, why: JobFor, job: JobId) {
+        let JobFor::Group(group) = why else {
+            return;
+        };
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        g.jobs.remove(&job);
+        if g.jobs.is_empty() && g.then.is_some() {
+            self.finish_group(group, false);
+        }
+    }
+
+    /// Answer a group: its jobs are done, or (`late`) its deadline passed.
+    fn finish_group(&mut self, group: OpId, late: bool) {
+        let Some(g) = self.groups.remove(&group) else {
+            return;
+        };
+        for job in g.jobs.keys() {
+            self.jobs.insert(*job, JobFor::Other);
+        }
+        let Some(then) = g.then else {
+            return;
+        };
+        let (response, restrict) = match then {
+            Then::Respond(r) => (r, false),
+            Then::Acquired { pid, restrict } => {
+                if late {
+                    warn!(
+                        "holder records of pid {pid}'s leases were not written within the                          storage timeout; answering the acquire anyway (the leases are held)"
+                    );
+                }
+                (
+                    Response::Ok {
+                        leases: self.infos_of(pid),
+                    },
+                    restrict,
+                )
+            }
+            Then::Released { pid, vm } if late => {
+                let mut stuck: Vec<&(String, PathBuf)> = g.jobs.values().collect();
+                stuck.sort();
+                let ms = g.started.elapsed().as_millis();
+                let (what, mount) = stuck
+                    .first()
+                    .map(|(w, m)| (w.clone(), m.to_string_lossy().into_owned()))
+                    .unwrap_or_default();
+                error!(
+                    "release for VM {vm:?} (pid {pid}) timed out: {what:?} on mount {mount:?} is                      not answering after {ms} ms"
+                );
+                let message = format!(
+                    "storage holding {} (mount {}) is not answering: the release was not                      finished within {ms} ms ({} file(s) still waiting); VM '{}' no longer holds                      the lease and lockwardend drops the lock as soon as the storage answers;                      check the storage (NFS server, network) behind {}",
+                    esc(&what),
+                    esc(&mount),
+                    stuck.len(),
+                    esc(&vm),
+                    esc(&mount)
+                );
+                (
+                    Response::Error(ErrorReply {
+                        kind: ErrorKind::Timeout,
+                        message,
+                        resource: None,
+                        holder: None,
+                    }),
+                    false,
+                )
+            }
+            Then::Released { pid, .. } => (
+                Response::Ok {
+                    leases: self.infos_of(pid),
+                },
+                false,
+            ),
+        };
+        self.finished.push(Finished {
+            conn: g.conn,
+            response,
+            restrict,
+        });
+    }
+
+    /// Answer the groups whose deadline passed.
+    pub fn expire_groups(&mut self, now: Instant) {
+        let late: Vec<OpId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.then.is_some() && g.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.finish_group(id, true);
+        }
+    }
+
+    /// A live re-exec cannot wait any longer: answer every group now.
+    pub fn interrupt_groups(&mut self) {
+        let ids: Vec<OpId> = self.groups.keys().copied().collect();
+        for id in ids {
+            self.finish_group(id, true);
+        }
+    }
+
+    /// The client of these groups went away: nobody to answer.
+    pub fn cancel_groups(&mut self, conn: ConnId) {
+        let gone: Vec<OpId> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(g) = self.groups.remove(&id) {
+                for job in g.jobs.keys() {
+                    self.jobs.insert(*job, JobFor::Other);
+                }
+            }
+        }
     }
 
     /// Handle every storage result that arrived.
@@ -127,17 +344,42 @@ impl State {
                 (JobFor::Probe, Outcome::Probe { key, fd, result }) => {
                     lost::on_probe(self, key, &fd, result)
                 }
+                (why, Outcome::Published { label, result }) => {
+                    if let Err(e) = result {
+                        warn!(
+                            "cannot publish the holder record for {label:?} (the lease itself                              is held; other hosts will only see that it is locked): {e}"
+                        );
+                    }
+                    self.job_done(why, done.id);
+                }
+                (
+                    why,
+                    Outcome::Disposed {
+                        label,
+                        disposal,
+                        withdraw,
+                    },
+                ) => {
+                    if let Err(e) = withdraw {
+                        warn!("cannot withdraw the holder record of {label}: {e}");
+                    }
+                    match disposal {
+                        Disposal::Closed => debug!("{label}: lock dropped"),
+                        Disposal::Deleted => debug!("{label}: lock dropped, lock file deleted"),
+                        Disposal::KeptInUse => info!(
+                            "{label}: lock dropped; lock file kept, another host still holds a                              shared lock on it"
+                        ),
+                    }
+                    self.job_done(why, done.id);
+                }
                 _ => {}
             }
         }
     }
 
-    /// (Re)publish who holds lease `key`: after it was taken, when its owners changed, after
-    /// recovery. Never fails: a record that cannot be written is logged, the lease stands.
-    pub fn publish_holder(&mut self, key: LeaseKey) {
-        let Some(l) = self.leases.get(&key) else {
-            return;
-        };
+    /// The holder record of lease `key` as the tables describe it now (generation: now).
+    pub fn holder_record(&self, key: &LeaseKey) -> Option<holder::Record> {
+        let l = self.leases.get(key)?;
         let vms = l
             .owners
             .iter()
@@ -147,7 +389,7 @@ impl State {
                     .map(|e| holder::Vm::of(&e.owner, *since))
             })
             .collect();
-        let record = holder::Record::new(
+        let mut record = holder::Record::new(
             &self.hostname,
             l.kind,
             &l.name,
@@ -156,22 +398,71 @@ impl State {
             l.since,
             vms,
         );
-        let target = holder::Target {
-            fd: l.fd.as_fd(),
+        record.generation = holder::next_generation();
+        Some(record)
+    }
+
+    /// (Re)publish who holds lease `key` — when its owners changed, after recovery — on a
+    /// storage thread of its mount (a new lease's record is written by the job that locked it).
+    /// Never fails: a record that cannot be written is logged, the lease stands. Returns the job
+    /// for a request that wants to answer only once the record is written.
+    pub fn publish_holder(&mut self, key: LeaseKey) -> Option<Pending> {
+        let record = self.holder_record(&key)?;
+        let l = self.leases.get(&key)?;
+        let slot = Arc::clone(
+            self.records
+                .entry(key)
+                .or_insert_with(|| Arc::new(Mutex::new(holder::Published::nowhere()))),
+        );
+        let mount = self.mounts.of(&l.lock_path);
+        let work = Work::Publish {
+            fd: Arc::clone(&l.fd),
             kind: l.kind,
-            lock_path: &l.lock_path,
+            lock_path: l.lock_path.clone(),
             lockspace: l.dir.is_some(),
+            slot,
+            record,
         };
-        self.records.publish((key.dev, key.ino), target, record);
+        let what = format!("{} {}", super::text::what(l.kind), l.name);
+        let job = self
+            .storage
+            .submit(&mount, self.mounts.threads(&mount), work);
+        self.jobs.insert(job, JobFor::Other);
+        Some(Pending { job, what, mount })
     }
 
     /// Publish every lease's record again (after adopting leases from the keeper or a re-exec:
     /// side-file records died with the previous process's descriptors).
     pub fn publish_all_holders(&mut self) {
+        self.mounts.refresh();
         let keys: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
         for key in keys {
             self.publish_holder(key);
         }
+    }
+
+    /// Dispose of a lease whose last owner left (the keeper already let go) on a storage thread
+    /// of its mount: withdraw its record, delete its lock file when `delete`, unlock, close.
+    pub fn dispose(&mut self, key: LeaseKey, delete: bool, why: &str) -> Option<Pending> {
+        let l = self.leases.take_for_disposal(&key)?;
+        let what = format!("{} {}", super::text::what(l.kind), l.name);
+        let label = format!("{} {:?} released{why}", super::text::what(l.kind), l.name);
+        let mount = self.mounts.of(&l.lock_path);
+        let work = Work::Dispose(Box::new(Disposing {
+            key,
+            fd: l.fd,
+            dir: l.dir,
+            mode: l.mode,
+            delete: delete || l.delete_when_free,
+            slot: self.records.remove(&key),
+            held: Some(self.leases.held_keys()),
+            label,
+        }));
+        let job = self
+            .storage
+            .submit(&mount, self.mounts.threads(&mount), work);
+        self.jobs.insert(job, JobFor::Other);
+        Some(Pending { job, what, mount })
     }
 
     /// Make the keeper hold `keys` as the tables describe them now, and wait until it does.
@@ -380,6 +671,12 @@ impl State {
             .iter()
             .map(|k| k.deadline)
             .chain(self.acquires.values().map(|a| a.deadline))
+            .chain(
+                self.groups
+                    .values()
+                    .filter(|g| g.then.is_some())
+                    .map(|g| g.deadline),
+            )
             .chain(self.next_check)
             .min()
     }

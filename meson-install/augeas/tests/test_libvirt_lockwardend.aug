@@ -8,6 +8,12 @@ pid_file = \"/run/lockwarden/lockwardend.pid\"
 
 max_clients = 4096
   kill_grace_ms=3000
+storage_timeout_ms = 25000
+lease_check_interval_ms = 0
+max_owners = 100
+max_leases_per_request = 64
+request_read_timeout_ms = 10000
+idle_timeout_ms = 0
 log_level = \"debug\"   # while investigating
 "
 
@@ -19,6 +25,12 @@ log_level = \"debug\"   # while investigating
       { }
       { "max_clients" = "4096" }
       { "kill_grace_ms" = "3000" }
+      { "storage_timeout_ms" = "25000" }
+      { "lease_check_interval_ms" = "0" }
+      { "max_owners" = "100" }
+      { "max_leases_per_request" = "64" }
+      { "request_read_timeout_ms" = "10000" }
+      { "idle_timeout_ms" = "0" }
       { "log_level" = "debug"
         { "#comment" = "while investigating" } }
 
