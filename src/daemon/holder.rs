@@ -361,15 +361,43 @@ impl Published {
 static RECORD_DIRS: LazyLock<Mutex<HashMap<String, Weak<RecordDir>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
+/// `.lockwarden` directories that could not be opened or created recently, and why: not tried
+/// again for [`RECORD_DIR_RETRY`] (a read-only directory, or a file system without mkdir, would
+/// otherwise cost every lease in it the same failing calls).
+static RECORD_DIR_FAILED: LazyLock<Mutex<HashMap<String, (std::time::Instant, String)>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+const RECORD_DIR_RETRY: Duration = Duration::from_secs(10);
+
 fn record_dir(path: &str) -> Result<Arc<RecordDir>, String> {
     if let Ok(dirs) = RECORD_DIRS.lock() {
         if let Some(d) = dirs.get(path).and_then(Weak::upgrade) {
             return Ok(d);
         }
     }
-    let fd = open_record_dir(path, true)
-        .map_err(|e| format!("cannot open or create {path:?}: {}", e.desc()))?
-        .ok_or_else(|| format!("{path:?} vanished"))?;
+    if let Ok(mut failed) = RECORD_DIR_FAILED.lock() {
+        match failed.get(path) {
+            Some((at, why)) if at.elapsed() < RECORD_DIR_RETRY => return Err(why.clone()),
+            Some(_) => {
+                failed.remove(path);
+            }
+            None => {}
+        }
+    }
+    let opened = open_record_dir(path, true)
+        .map_err(|e| format!("cannot open or create {path:?}: {}", e.desc()))
+        .and_then(|d| d.ok_or_else(|| format!("{path:?} vanished")));
+    let fd = match opened {
+        Ok(fd) => fd,
+        Err(why) => {
+            if let Ok(mut failed) = RECORD_DIR_FAILED.lock() {
+                if failed.len() >= 256 {
+                    failed.retain(|_, (at, _)| at.elapsed() < RECORD_DIR_RETRY);
+                }
+                failed.insert(path.to_string(), (std::time::Instant::now(), why.clone()));
+            }
+            return Err(why);
+        }
+    };
     let flush = !host_local(fd.as_fd());
     let d = Arc::new(RecordDir { fd, flush });
     if let Ok(mut dirs) = RECORD_DIRS.lock() {
