@@ -170,6 +170,7 @@ fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, trie
     let job = state.storage.submit(
         &mount,
         state.mounts.threads(&mount),
+        state.mounts.is_local(&mount),
         Work::Take {
             spec: spec.clone(),
             held,
@@ -322,9 +323,12 @@ fn close(
             Work::Close(fds)
         }
     };
-    let job = state
-        .storage
-        .submit(mount, state.mounts.threads(mount), work);
+    let job = state.storage.submit(
+        mount,
+        state.mounts.threads(mount),
+        state.mounts.is_local(mount),
+        work,
+    );
     state.jobs.insert(job, JobFor::Other);
 }
 

@@ -52,6 +52,7 @@ pub fn tick(state: &mut State, now: Instant) {
         let job = state.storage.submit(
             &mount,
             state.mounts.threads(&mount),
+            state.mounts.is_local(&mount),
             Work::Probe { key, fd, mode },
         );
         state.jobs.insert(job, JobFor::Probe);

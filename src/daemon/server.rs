@@ -150,7 +150,7 @@ impl Server {
             // served this round whether or not poll reports them (limits.rs).
             self.round += 1;
             let ready = self.ready();
-            let timeout = if ready.is_empty() {
+            let timeout = if ready.is_empty() && !self.state.storage.has_inline() {
                 self.timeout_ms(now)
             } else {
                 0
@@ -184,7 +184,10 @@ impl Server {
                     self.on_conn(id, 0, now);
                 }
             }
+            // Work run inline for host-local mounts: its results are handled in this round.
+            self.state.inline_results();
             self.timers(Instant::now());
+            self.state.inline_results();
             self.deliver();
         }
     }

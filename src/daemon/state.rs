@@ -332,6 +332,14 @@ impl State {
         }
     }
 
+    /// Handle the results of storage work that ran inline (host-local mounts), including
+    /// that of work those results started.
+    pub fn inline_results(&mut self) {
+        while self.storage.has_inline() {
+            self.storage_results();
+        }
+    }
+
     /// Handle every storage result that arrived.
     pub fn storage_results(&mut self) {
         for done in self.storage.collect() {
@@ -424,9 +432,12 @@ impl State {
             record,
         };
         let what = format!("{} {}", super::text::what(l.kind), l.name);
-        let job = self
-            .storage
-            .submit(&mount, self.mounts.threads(&mount), work);
+        let job = self.storage.submit(
+            &mount,
+            self.mounts.threads(&mount),
+            self.mounts.is_local(&mount),
+            work,
+        );
         self.jobs.insert(job, JobFor::Other);
         Some(Pending { job, what, mount })
     }
@@ -458,9 +469,12 @@ impl State {
             held: Some(self.leases.held_keys()),
             label,
         }));
-        let job = self
-            .storage
-            .submit(&mount, self.mounts.threads(&mount), work);
+        let job = self.storage.submit(
+            &mount,
+            self.mounts.threads(&mount),
+            self.mounts.is_local(&mount),
+            work,
+        );
         self.jobs.insert(job, JobFor::Other);
         Some(Pending { job, what, mount })
     }

@@ -164,6 +164,9 @@ pub struct Storage {
     wake_r: OwnedFd,
     wake_w: Arc<OwnedFd>,
     next_id: JobId,
+    /// Results of jobs run inline on the event loop (host-local mounts), handed out by the
+    /// next `collect` like a worker's.
+    inline: Vec<Done>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -187,6 +190,7 @@ impl Storage {
             wake_r: r,
             wake_w: Arc::new(w),
             next_id: 1,
+            inline: Vec::new(),
         })
     }
 
@@ -196,9 +200,17 @@ impl Storage {
     }
 
     /// Queue `work` on the pool of `mount` (at most `max_threads` threads); returns the job's id.
-    pub fn submit(&mut self, mount: &Path, max_threads: usize, work: Work) -> JobId {
+    /// With `inline` (a host-local file system, whose calls take microseconds and cannot hang
+    /// like NFS or FUSE), the work runs right here on the event loop instead and its result
+    /// waits for the next `collect`, exactly as a worker's would: no thread hand-off, no wake-up.
+    pub fn submit(&mut self, mount: &Path, max_threads: usize, inline: bool, work: Work) -> JobId {
         let id = self.next_id;
         self.next_id += 1;
+        if inline {
+            let outcome = run(work);
+            self.inline.push(Done { id, outcome });
+            return id;
+        }
         let pool = self.pools.entry(mount.to_path_buf()).or_insert_with(|| {
             let (tx, rx) = channel();
             Pool {
@@ -228,11 +240,21 @@ impl Storage {
         id
     }
 
+    /// Whether results of inline jobs wait for `collect` (the event loop hands them out before
+    /// it polls again).
+    pub fn has_inline(&self) -> bool {
+        !self.inline.is_empty()
+    }
+
     /// Every result that arrived (drains the wake-up pipe too).
     pub fn collect(&mut self) -> Vec<Done> {
+        let mut out = std::mem::take(&mut self.inline);
+        if !out.is_empty() {
+            // Inline results only: the workers' come when the wake-up pipe says so.
+            return out;
+        }
         let mut buf = [0u8; 256];
         while matches!(nix::unistd::read(&self.wake_r, &mut buf), Ok(n) if n > 0) {}
-        let mut out = Vec::new();
         loop {
             match self.done_rx.try_recv() {
                 Ok(d) => out.push(d),
@@ -485,6 +507,12 @@ impl Mounts {
         } else {
             MAX_THREADS
         }
+    }
+
+    /// Whether mount point `mount` has a host-local file system type (its storage work may run
+    /// inline on the event loop).
+    pub fn is_local(&self, mount: &Path) -> bool {
+        self.local.contains(mount)
     }
 
     /// The mount point `path` (absolute, as text) lives under: the longest matching prefix.
