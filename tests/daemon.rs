@@ -220,6 +220,35 @@ impl Daemon {
         })
     }
 
+    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
+    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
+        ok(self.client().call(&Request::Inquire {
+            owner: owner.clone(),
+        }))
+    }
+
+    /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
+    /// holds afterwards.
+    fn acquired(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
+        let answer = ok(self.acquire(owner, leases));
+        assert!(
+            answer.is_empty(),
+            "acquire answers carry no leases: {answer:?}"
+        );
+        self.held(owner)
+    }
+
+    /// Release, check the answer is Ok with an empty lease list, and return what `owner`
+    /// still holds.
+    fn released(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
+        let answer = ok(self.release(owner, leases));
+        assert!(
+            answer.is_empty(),
+            "release answers carry no leases: {answer:?}"
+        );
+        self.held(owner)
+    }
+
     fn sigterm(&mut self) -> ExitStatus {
         signal(self.proc.pid(), libc::SIGTERM);
         self.proc
@@ -501,7 +530,7 @@ fn register_acquire_inquire_release() {
         owner: web1.owner.clone(),
         restrict: false,
     }));
-    let held = ok(d.acquire(&web1.owner, vec![excl(&img)]));
+    let held = d.acquired(&web1.owner, vec![excl(&img)]);
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].lock_path, img.to_str().unwrap());
     assert_eq!(held[0].mode, LeaseMode::Exclusive);
@@ -512,7 +541,7 @@ fn register_acquire_inquire_release() {
     assert_eq!(probe(&img, 200, 5, libc::F_WRLCK).0, libc::F_UNLCK);
 
     // Idempotent acquire; inquire; admin views.
-    assert_eq!(ok(d.acquire(&web1.owner, vec![excl(&img)])).len(), 1);
+    assert_eq!(d.acquired(&web1.owner, vec![excl(&img)]).len(), 1);
     let inq = ok(d.client().call(&Request::Inquire {
         owner: web1.owner.clone(),
     }));
@@ -526,8 +555,8 @@ fn register_acquire_inquire_release() {
     assert_eq!(st.pid, d.proc.pid());
 
     // Release, twice: the second is a no-op.
-    assert!(ok(d.release(&web1.owner, vec![excl(&img)])).is_empty());
-    assert!(ok(d.release(&web1.owner, vec![excl(&img)])).is_empty());
+    assert!(d.released(&web1.owner, vec![excl(&img)]).is_empty());
+    assert!(d.released(&web1.owner, vec![excl(&img)]).is_empty());
     assert_eq!(byte0(&img), libc::F_UNLCK);
     assert!(d.list().is_empty());
     // The daemon never writes to an image.
@@ -541,7 +570,7 @@ fn busy_between_two_owners_of_one_daemon() {
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "web1.qcow2");
     let (a, b) = (vm("web1"), vm("web2"));
-    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    d.acquired(&a.owner, vec![excl(&img)]);
     let e = err(d.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     let p = img.to_str().unwrap();
     assert_eq!(e.resource.as_deref(), Some(p));
@@ -578,7 +607,7 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "db.raw");
     let (a, b) = (vm("db-host1"), vm("db-host2"));
-    ok(d1.acquire(&a.owner, vec![excl(&img)]));
+    d1.acquired(&a.owner, vec![excl(&img)]);
     let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     // Host 1 published who holds it (holder record beside the image): host 2 names the VM.
     for needle in [
@@ -602,7 +631,7 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
         .join(format!(".lockwarden/db.raw@{}.json", hostname()));
     assert!(side.is_file(), "holder record {side:?}");
     assert!(d2.list().is_empty(), "the refused daemon holds nothing");
-    ok(d1.release(&a.owner, vec![excl(&img)]));
+    d1.released(&a.owner, vec![excl(&img)]);
     // Withdrawn: emptied (the file stays for this host's next lease of the image) and no
     // longer held by its publisher.
     assert_eq!(
@@ -610,7 +639,7 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
         0,
         "release withdraws the holder record"
     );
-    ok(d2.acquire(&b.owner, vec![excl(&img)]));
+    d2.acquired(&b.owner, vec![excl(&img)]);
     let e = err(d1.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
     assert!(
         e.message.contains("is in use by VM 'db-host2'"),
@@ -625,27 +654,27 @@ fn shared_with_shared_is_allowed_shared_with_exclusive_is_not() {
     let images = tempfile::tempdir().unwrap();
     let iso = image(images.path(), "install.iso");
     let (a, b, c, x) = (vm("a"), vm("b"), vm("c"), vm("x"));
-    ok(d1.acquire(&a.owner, vec![shared(&iso)]));
-    ok(d1.acquire(&b.owner, vec![shared(&iso)]));
+    d1.acquired(&a.owner, vec![shared(&iso)]);
+    d1.acquired(&b.owner, vec![shared(&iso)]);
     let l = d1.list();
     assert_eq!(l.len(), 1, "one file, one lease");
     assert_eq!(l[0].owners.len(), 2);
     // Another host may share it too, but nobody may write.
-    ok(d2.acquire(&x.owner, vec![shared(&iso)]));
+    d2.acquired(&x.owner, vec![shared(&iso)]);
     let e = err(d1.acquire(&c.owner, vec![excl(&iso)]), ErrorKind::Busy);
     assert!(e.message.contains("(shared)"), "{}", e.message);
     err(d2.acquire(&c.owner, vec![excl(&iso)]), ErrorKind::Busy);
     // An owner holding it shared cannot silently turn writable while others share it.
     err(d1.acquire(&a.owner, vec![excl(&iso)]), ErrorKind::Busy);
     // One shared owner leaving keeps the lock for the other.
-    ok(d1.release(&a.owner, vec![shared(&iso)]));
+    d1.released(&a.owner, vec![shared(&iso)]);
     assert_eq!(byte0(&iso), libc::F_RDLCK);
     assert_eq!(d1.list()[0].owners, vec![b.owner.clone()]);
-    ok(d1.release(&b.owner, vec![shared(&iso)]));
-    ok(d2.release(&x.owner, vec![shared(&iso)]));
+    d1.released(&b.owner, vec![shared(&iso)]);
+    d2.released(&x.owner, vec![shared(&iso)]);
     assert_eq!(byte0(&iso), libc::F_UNLCK);
     // Same image once writable and once read-only in one request: one exclusive lease.
-    let l = ok(d1.acquire(&c.owner, vec![shared(&iso), excl(&iso)]));
+    let l = d1.acquired(&c.owner, vec![shared(&iso), excl(&iso)]);
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].mode, LeaseMode::Exclusive);
 }
@@ -660,8 +689,8 @@ fn sixteen_disks_all_or_nothing() {
     let other = image(images.path(), "already-mine.img");
     let (big, blocker) = (vm("big"), vm("blocker"));
     // The big VM already holds one unrelated disk: it must survive the failed request.
-    ok(d1.acquire(&big.owner, vec![excl(&other)]));
-    ok(d2.acquire(&blocker.owner, vec![excl(&disks[8])]));
+    d1.acquired(&big.owner, vec![excl(&other)]);
+    d2.acquired(&blocker.owner, vec![excl(&disks[8])]);
     let specs: Vec<LeaseSpec> = disks.iter().map(|p| excl(p)).collect();
     let e = err(d1.acquire(&big.owner, specs.clone()), ErrorKind::Busy);
     assert_eq!(e.resource.as_deref(), disks[8].to_str(), "{}", e.message);
@@ -677,7 +706,7 @@ fn sixteen_disks_all_or_nothing() {
         assert_eq!(byte0(p), want, "disk {}", i + 1);
     }
     // Checked from the other daemon: all sixteen can be taken there now.
-    let l = ok(d2.acquire(&blocker.owner, specs));
+    let l = d2.acquired(&blocker.owner, specs);
     assert_eq!(l.len(), 16);
 }
 
@@ -688,7 +717,7 @@ fn lifetime_handle_closing_with_the_owner_releases_its_leases() {
     let img = image(images.path(), "h.img");
     let (mut p, owner, resp) = spawn_registered(&d.socket, "handle-exit", "read cmd; exit 0");
     ok(resp);
-    ok(d.acquire(&owner, vec![excl(&img)]));
+    d.acquired(&owner, vec![excl(&img)]);
     assert_eq!(d.status().owners, 1);
     tell(&mut p, "exit");
     let st = p.wait_for(BOUND).expect("owner exits");
@@ -708,7 +737,7 @@ fn sigkilled_owner_frees_its_leases() {
     let other = vm("other");
     // No lifetime handle at all (like an owner acquired for after a daemon restart): the
     // pidfd alone must notice the death.
-    ok(d1.acquire(&victim.owner, vec![excl(&img)]));
+    d1.acquired(&victim.owner, vec![excl(&img)]);
     err(d2.acquire(&other.owner, vec![excl(&img)]), ErrorKind::Busy);
     let t0 = Instant::now();
     signal(victim.proc.pid(), libc::SIGKILL);
@@ -734,7 +763,7 @@ fn owner_closing_its_handle_while_holding_is_terminated() {
     let (mut p, owner, resp) =
         spawn_registered(&d.socket, "rogue", "read cmd; exec 9>&-; exec sleep 1000");
     ok(resp);
-    ok(d.acquire(&owner, vec![excl(&img)]));
+    d.acquired(&owner, vec![excl(&img)]);
     tell(&mut p, "close");
     let st = p
         .wait_for(BOUND)
@@ -759,7 +788,7 @@ fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
         "trap '' TERM; read cmd; exec 9>&-; exec sleep 1000",
     );
     ok(resp);
-    ok(d.acquire(&owner, vec![excl(&img)]));
+    d.acquired(&owner, vec![excl(&img)]);
     let t0 = Instant::now();
     tell(&mut p, "close");
     // Design §3: a VM never runs on a disk it no longer holds, so while the owner survives
@@ -979,9 +1008,9 @@ fn two_paths_to_one_image_are_one_lease() {
     let hard = images.path().join("hard.qcow2");
     fs::hard_link(&img, &hard).unwrap();
     let (a, b) = (vm("first"), vm("second"));
-    let l = ok(d.acquire(&a.owner, vec![excl(&img), excl(&sym)]));
+    let l = d.acquired(&a.owner, vec![excl(&img), excl(&sym)]);
     assert_eq!(l.len(), 1, "{l:?}");
-    assert_eq!(ok(d.acquire(&a.owner, vec![excl(&hard)])).len(), 1);
+    assert_eq!(d.acquired(&a.owner, vec![excl(&hard)]).len(), 1);
     let e = err(d.acquire(&b.owner, vec![excl(&hard)]), ErrorKind::Busy);
     assert_eq!(
         e.holder.and_then(|h| h.vm_name).as_deref(),
@@ -991,13 +1020,13 @@ fn two_paths_to_one_image_are_one_lease() {
     );
     assert!(e.message.contains(hard.to_str().unwrap()));
     // Releasing through another path releases the one lease.
-    ok(d.release(&a.owner, vec![excl(&sym)]));
+    d.released(&a.owner, vec![excl(&sym)]);
     assert!(d.list().is_empty());
     assert_eq!(byte0(&img), libc::F_UNLCK);
     // Release works even after the image was deleted.
-    ok(d.acquire(&b.owner, vec![excl(&hard)]));
+    d.acquired(&b.owner, vec![excl(&hard)]);
     fs::remove_file(&hard).unwrap();
-    ok(d.release(&b.owner, vec![excl(&hard)]));
+    d.released(&b.owner, vec![excl(&hard)]);
     assert!(d.list().is_empty());
 }
 
@@ -1033,7 +1062,7 @@ fn lockspace_files_are_created_0600_and_links_never_followed() {
     let hash = sha256_hex(disk_path);
     let spec = lockspace(disk_path, &locks, &hash, ResourceKind::Disk, true);
     let (a, b) = (vm("ls-a"), vm("ls-b"));
-    let l = ok(d1.acquire(&a.owner, vec![spec.clone()]));
+    let l = d1.acquired(&a.owner, vec![spec.clone()]);
     let lock_file = locks.join(&hash);
     assert_eq!(l[0].lock_path, lock_file.to_str().unwrap());
     assert_eq!(l[0].name, disk_path);
@@ -1047,11 +1076,11 @@ fn lockspace_files_are_created_0600_and_links_never_followed() {
         e.message
     );
     // Releasing the last owner deletes lockd's disk lock file, as virtlockd does.
-    ok(d1.release(&a.owner, vec![spec.clone()]));
+    d1.released(&a.owner, vec![spec.clone()]);
     assert!(!lock_file.exists(), "disk lock file removed on release");
-    ok(d2.acquire(&b.owner, vec![spec.clone()]));
+    d2.acquired(&b.owner, vec![spec.clone()]);
     assert!(lock_file.exists());
-    ok(d2.release(&b.owner, vec![spec]));
+    d2.released(&b.owner, vec![spec]);
 
     // A symlink planted at the lock file's name is not followed, whether it dangles or not.
     let victim = base.path().join("victim");
@@ -1094,9 +1123,9 @@ fn lockspace_files_are_created_0600_and_links_never_followed() {
     );
     assert!(!missing.exists());
     let key = lockspace("mykey", base.path(), "mykey", ResourceKind::Lease, false);
-    ok(d1.acquire(&a.owner, vec![key.clone()]));
+    d1.acquired(&a.owner, vec![key.clone()]);
     assert_eq!(mode_of(&base.path().join("mykey")), 0o600);
-    ok(d1.release(&a.owner, vec![key]));
+    d1.released(&a.owner, vec![key]);
     assert!(
         base.path().join("mykey").exists(),
         "lease key files are never deleted"
@@ -1149,7 +1178,7 @@ fn posix_lock_holders_and_lockwarden_exclude_each_other() {
     assert!(e.message.contains(&want), "{want:?} not in {:?}", e.message);
     assert_eq!(e.holder.unwrap().pid, Some(holder.pid() as i32));
     drop(holder);
-    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    d.acquired(&a.owner, vec![excl(&img)]);
     // And our lease makes a POSIX F_SETLK (what virtlockd does) fail.
     let f = OpenOptions::new()
         .read(true)
@@ -1253,7 +1282,7 @@ fn sigterm_exits_zero_and_removes_its_sockets() {
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "s.img");
     let a = vm("term");
-    ok(d.acquire(&a.owner, vec![excl(&img)]));
+    d.acquired(&a.owner, vec![excl(&img)]);
     assert_eq!(
         fs::read_to_string(&d.pid_file).unwrap().trim(),
         d.proc.pid().to_string()

@@ -229,6 +229,35 @@ impl Client {
         protocol::write_message(&mut self.0, req).expect("sending a request");
         protocol::read_message(&mut self.0).expect("reading the response")
     }
+
+    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
+    fn held(&mut self, owner: &Owner) -> Vec<LeaseInfo> {
+        ok(self.call(&Request::Inquire {
+            owner: owner.clone(),
+        }))
+    }
+
+    /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
+    /// holds afterwards (asked on the same connection).
+    fn acquired(&mut self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
+        let answer = ok(self.call(&acquire(owner, leases)));
+        assert!(
+            answer.is_empty(),
+            "acquire answers carry no leases: {answer:?}"
+        );
+        self.held(owner)
+    }
+
+    /// Release, check the answer is Ok with an empty lease list, and return what `owner`
+    /// still holds (asked on the same connection).
+    fn released(&mut self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
+        let answer = ok(self.call(&release(owner, leases)));
+        assert!(
+            answer.is_empty(),
+            "release answers carry no leases: {answer:?}"
+        );
+        self.held(owner)
+    }
 }
 
 fn disk(path: &Path) -> LeaseSpec {
@@ -331,11 +360,11 @@ fn acquire_cycles(d: &Daemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<D
     let mut lat = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t0 = Instant::now();
-        let held = ok(d.client().call(&acquire(owner, vec![disk(img)])));
+        let held = d.client().acquired(owner, vec![disk(img)]);
         lat.push(t0.elapsed());
         assert_eq!(held.len(), 1, "the acquire did not take the disk");
         assert_eq!(byte0(img), libc::F_WRLCK);
-        ok(d.client().call(&release(owner, vec![disk(img)])));
+        d.client().released(owner, vec![disk(img)]);
     }
     lat
 }
@@ -395,7 +424,7 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
 
     // libvirtd's CPU-start pattern: a fresh, unregistered connection acquires for QEMU's pid.
     let mut c = d.client();
-    let held = ok(c.call(&acquire(&good, vec![disk(&img)])));
+    let held = c.acquired(&good, vec![disk(&img)]);
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].owners, vec![good.clone()]);
     // That connection is not the owner's lifetime handle: closing it keeps the lease...
@@ -427,12 +456,12 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
     let (img_a, img_b) = (image(images.path(), "a.img"), image(images.path(), "b.img"));
     let (qa, qb) = (qemu(), qemu());
     let (a, b) = (owner_of(&qa, "a"), owner_of(&qb, "b"));
-    ok(d.client().call(&acquire(&a, vec![disk(&img_a)])));
-    ok(d.client().call(&acquire(&b, vec![disk(&img_b)])));
+    d.client().acquired(&a, vec![disk(&img_a)]);
+    d.client().acquired(&b, vec![disk(&img_b)]);
 
     // A names B's disk in a Release: not A's lease, so nothing happens (and no error: libvirt
     // releases leases it does not hold).
-    let left = ok(d.client().call(&release(&a, vec![disk(&img_b)])));
+    let left = d.client().released(&a, vec![disk(&img_b)]);
     assert_eq!(left.len(), 1, "A's own lease is untouched");
     assert_eq!(left[0].name, img_a.to_str().expect("utf-8"));
     assert_eq!(holders(&d, &img_b), vec![b.pid], "B's lease survived");
@@ -455,8 +484,7 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
     // A request naming an owner that holds nothing leaves everything alone.
     let (qc, lease_count) = (qemu(), d.list().len());
     let c = owner_of(&qc, "c");
-    ok(d.client()
-        .call(&release(&c, vec![disk(&img_a), disk(&img_b)])));
+    d.client().released(&c, vec![disk(&img_a), disk(&img_b)]);
     assert!(ok(d.client().call(&Request::Inquire { owner: c })).is_empty());
     assert_eq!(d.list().len(), lease_count);
     assert_eq!(
@@ -472,7 +500,7 @@ fn a_restricted_connection_is_refused_everything() {
     let (img, other) = (image(images.path(), "r.img"), image(images.path(), "o.img"));
     let q = qemu();
     let o = owner_of(&q, "restricted");
-    ok(d.client().call(&acquire(&o, vec![disk(&img)])));
+    d.client().acquired(&o, vec![disk(&img)]);
 
     // Restricted by Register, and by an Acquire with restrict set.
     let mut by_register = d.client();
@@ -573,7 +601,7 @@ fn a_peer_of_another_uid_is_refused_everything() {
     let img = image(images.path(), "victim.img");
     let q = qemu();
     let victim = owner_of(&q, "victim");
-    ok(d.client().call(&acquire(&victim, vec![disk(&img)])));
+    d.client().acquired(&victim, vec![disk(&img)]);
     let theirs = image(images.path(), "theirs.img");
 
     // SAFETY: sockaddr_un is plain data; all-zero is valid.
@@ -824,7 +852,7 @@ fn half_a_frame_and_a_stall_hold_nothing_up() {
     }
     // Meanwhile, the same request from somebody else goes through at once.
     let other = image(images.path(), "other.img");
-    let held = ok(d.client().call(&acquire(&o, vec![disk(&other)])));
+    let held = d.client().acquired(&o, vec![disk(&other)]);
     assert_eq!(held.len(), 1);
     assert_eq!(byte0(&img), libc::F_UNLCK, "a half request took the lease");
     d.assert_alive();
@@ -832,8 +860,12 @@ fn half_a_frame_and_a_stall_hold_nothing_up() {
     for (s, cut) in &mut stalled {
         s.write_all(&frame[*cut..]).expect("rest of the frame");
         s.set_read_timeout(Some(BOUND)).expect("timeout");
-        let held = ok(protocol::read_message(s).expect("answer to the completed frame"));
-        assert_eq!(held.len(), 2, "split at {cut}");
+        let answer = ok(protocol::read_message(s).expect("answer to the completed frame"));
+        assert!(
+            answer.is_empty(),
+            "split at {cut}: acquire answers carry no leases"
+        );
+        assert_eq!(d.client().held(&o).len(), 2, "split at {cut}");
     }
     assert_eq!(byte0(&img), libc::F_WRLCK);
 }
@@ -983,7 +1015,13 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     // After request_read_timeout_ms the stallers are closed and the acquire goes through.
     let held = loop {
         match d.client().call(&acquire(&o, vec![disk(&img)])) {
-            Response::Ok { leases } => break leases,
+            Response::Ok { leases } => {
+                assert!(
+                    leases.is_empty(),
+                    "acquire answers carry no leases: {leases:?}"
+                );
+                break d.client().held(&o);
+            }
             Response::Error(e) if e.message.contains("max_clients") => {
                 assert!(t0.elapsed() < BOUND, "the stallers were never closed");
                 thread::sleep(Duration::from_millis(50));
@@ -1057,7 +1095,7 @@ fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
     );
     let q = qemu();
     let a = owner_of(&q, "real");
-    ok(d.client().call(&acquire(&a, vec![disk(&img)])));
+    d.client().acquired(&a, vec![disk(&img)]);
     let impostor = Owner {
         uuid: "0bad1d00-0000-4000-8000-000000000001".into(),
         name: "impostor".into(),
@@ -1097,7 +1135,7 @@ fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
         restrict: false,
     }));
     assert_eq!(d.list()[0].owners, vec![renamed.clone()]);
-    ok(d.client().call(&release(&renamed, vec![disk(&img)])));
+    d.client().released(&renamed, vec![disk(&img)]);
     eventually("the renamed owner's release dropped the lock", || {
         byte0(&img) == libc::F_UNLCK
     });
@@ -1140,14 +1178,14 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
     );
     // Three is fine.
     assert_eq!(
-        ok(d.client()
-            .call(&acquire(&a, imgs[..3].iter().map(|p| disk(p)).collect())))
-        .len(),
+        d.client()
+            .acquired(&a, imgs[..3].iter().map(|p| disk(p)).collect())
+            .len(),
         3
     );
 
     // Two owners fit, a third does not; a known owner still may act.
-    ok(d.client().call(&acquire(&b, vec![disk(&imgs[3])])));
+    d.client().acquired(&b, vec![disk(&imgs[3])]);
     let e = err(
         d.client().call(&acquire(&c, vec![disk(&imgs[4])])),
         ErrorKind::Internal,
@@ -1161,7 +1199,7 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
         assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
     }
     assert_eq!(byte0(&imgs[4]), libc::F_UNLCK);
-    ok(d.client().call(&acquire(&b, vec![disk(&imgs[5])])));
+    d.client().acquired(&b, vec![disk(&imgs[5])]);
     // When an owner goes, the third one fits.
     drop(qb);
     eventually("the exited owner is forgotten", || {
@@ -1313,14 +1351,14 @@ fn unsafe_lockspace_directories_are_refused() {
     let sticky = mk("sticky", 0o1777);
     let private = mk("private", 0o700);
     let created = base.path().join("new/lockspace");
-    let held = ok(d.client().call(&acquire(
+    let held = d.client().acquired(
         &o,
         vec![
             lockspace(&sticky, "c", false),
             lockspace(&private, "d", false),
             lockspace(&created, "e", true),
         ],
-    )));
+    );
     assert_eq!(held.len(), 3);
     let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
     assert_eq!(mode(&created), 0o700);
@@ -1377,10 +1415,10 @@ fn direct_mode_never_writes_an_image() {
     let o = owner_of(&q, "direct");
     let mut ro = disk(&shared);
     ro.mode = LeaseMode::Shared;
-    let held = ok(d.client().call(&acquire(&o, vec![disk(&excl), ro.clone()])));
+    let held = d.client().acquired(&o, vec![disk(&excl), ro.clone()]);
     assert_eq!(held.len(), 2);
     assert_eq!(byte0(&excl), libc::F_WRLCK);
-    ok(d.client().call(&release(&o, vec![disk(&excl), ro])));
+    d.client().released(&o, vec![disk(&excl), ro]);
     eventually("the release dropped the lock", || {
         byte0(&excl) == libc::F_UNLCK
     });

@@ -529,7 +529,8 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
         None => state.finished.push(Finished {
             conn: op.conn,
             response: Response::Ok {
-                leases: state.infos_of(owner.pid),
+                // Acquire/Release answers carry no lease list (docs/protocol.md).
+                leases: Vec::new(),
             },
             restrict: op.restrict,
         }),

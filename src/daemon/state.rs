@@ -246,7 +246,8 @@ impl State {
                 }
                 (
                     Response::Ok {
-                        leases: self.infos_of(pid),
+                        // Acquire/Release answers carry no lease list (docs/protocol.md).
+                        leases: Vec::new(),
                     },
                     restrict,
                 )
@@ -280,9 +281,10 @@ impl State {
                     false,
                 )
             }
-            Then::Released { pid, .. } => (
+            Then::Released { .. } => (
                 Response::Ok {
-                    leases: self.infos_of(pid),
+                    // Acquire/Release answers carry no lease list (docs/protocol.md).
+                    leases: Vec::new(),
                 },
                 false,
             ),
