@@ -1293,6 +1293,12 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
         b"",
         "withdraw empties the side file"
     );
+    // Bounded poll, not an immediate check: a child another test forks right now inherits the
+    // closed descriptor's open file description (and its OFD lock) until it execs.
+    let start = Instant::now();
+    while probe(&side, 0) != libc::F_UNLCK && start.elapsed() < BOUND {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(
         probe(&side, 0),
         libc::F_UNLCK,
