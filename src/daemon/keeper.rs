@@ -1169,24 +1169,29 @@ mod tests {
     use super::*;
     use nix::sys::socket::socketpair;
 
+    /// A keeper in this process serving `conn` (no fork, no listener in use).
+    fn test_keeper(conn: OwnedFd) -> KeeperProc {
+        KeeperProc {
+            listener: seqpacket().unwrap(),
+            path: PathBuf::from("/nonexistent/lockwarden-test-keeper.sock"),
+            ident: (0, 0),
+            conn: Some(conn),
+            held: BTreeMap::new(),
+            watched: HashMap::new(),
+            dead: Vec::new(),
+            rx: Receiver::new(),
+            euid: 0,
+            greeted: false,
+            closing: Vec::new(),
+            closers: HashMap::new(),
+        }
+    }
+
     /// A keeper serving one end of a socket pair on a thread (no fork, no listener in use);
     /// returns how many messages it read and how many leases it held at the end.
     fn serve_on_thread(conn: OwnedFd) -> std::thread::JoinHandle<(usize, usize)> {
         std::thread::spawn(move || {
-            let mut k = KeeperProc {
-                listener: seqpacket().unwrap(),
-                path: PathBuf::from("/nonexistent/lockwarden-test-keeper.sock"),
-                ident: (0, 0),
-                conn: Some(conn),
-                held: BTreeMap::new(),
-                watched: HashMap::new(),
-                dead: Vec::new(),
-                rx: Receiver::new(),
-                euid: 0,
-                greeted: false,
-                closing: Vec::new(),
-                closers: HashMap::new(),
-            };
+            let mut k = test_keeper(conn);
             let mut messages = 0;
             while k.conn.is_some() {
                 k.serve();
@@ -1299,20 +1304,7 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        let mut k = KeeperProc {
-            listener: seqpacket().unwrap(),
-            path: PathBuf::from("/nonexistent/lockwarden-test-keeper.sock"),
-            ident: (0, 0),
-            conn: Some(b),
-            held: BTreeMap::new(),
-            watched: HashMap::new(),
-            dead: Vec::new(),
-            rx: Receiver::new(),
-            euid: 0,
-            greeted: false,
-            closing: Vec::new(),
-            closers: HashMap::new(),
-        };
+        let mut k = test_keeper(b);
         drop(a);
         let me = Watch {
             pid: std::process::id(),
