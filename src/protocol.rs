@@ -205,8 +205,9 @@ pub struct StatusInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    /// Success; `leases` is what the owner holds afterwards (Acquire/Release/Inquire) or every
-    /// lease (List), empty for Register.
+    /// Success; `leases` is what the owner holds (Inquire), every lease (List) or every lease
+    /// found lost (Lost); empty for Register, Acquire and Release (a success means every listed
+    /// lease is held, or released: nobody needs the list on the hot path).
     Ok {
         leases: Vec<LeaseInfo>,
     },
