@@ -1,6 +1,6 @@
 //! Aligned text tables and UTC timestamps for the CLI's human output.
 
-use crate::protocol::{LeaseInfo, LeaseMode};
+use crate::protocol::LeaseInfo;
 
 /// Render rows under an optional header, columns padded to the widest cell.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -34,10 +34,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// One table row per owner of a lease.
 pub fn lease_rows(lease: &LeaseInfo) -> Vec<Vec<String>> {
-    let mode = match lease.mode {
-        LeaseMode::Exclusive => "exclusive",
-        LeaseMode::Shared => "shared",
-    };
+    let mode = crate::daemon::text::mode_word(lease.mode);
     let disk = lease.name.escape_debug().to_string();
     if lease.owners.is_empty() {
         return vec![vec![
@@ -72,13 +69,6 @@ pub use crate::daemon::text::utc;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utc_known_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(1_795_687_445), "2026-11-26 10:04:05 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
-    }
 
     #[test]
     fn columns_align() {

@@ -115,7 +115,7 @@ pub fn start(
     let entry = state
         .owners
         .ensure(owner)
-        .map_err(|e| not_running(owner, e))?;
+        .map_err(|e| Box::new(owner_unwatchable(owner, e)))?;
     entry.action = action;
     let exclusive: Vec<LeaseSpec> = specs
         .iter()
@@ -537,8 +537,9 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
     }
 }
 
-/// An Acquire for a pid that does not exist cannot be honoured: nothing would ever release it.
-fn not_running(owner: &Owner, e: Errno) -> Failure {
+/// A request for a pid that does not exist (or cannot be watched) cannot be honoured: nothing
+/// would ever release what it takes. Shared by Acquire and Register.
+pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
     let (kind, message) = match e {
         Errno::ESRCH => (
             ErrorKind::Invalid,
@@ -558,12 +559,12 @@ fn not_running(owner: &Owner, e: Errno) -> Failure {
             ),
         ),
     };
-    Box::new(ErrorReply {
+    ErrorReply {
         kind,
         message,
         resource: None,
         holder: None,
-    })
+    }
 }
 
 fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) -> Vec<Pending> {

@@ -13,7 +13,6 @@ use super::state::State;
 use super::text::esc;
 use crate::protocol::{ErrorKind, ErrorReply, Owner, Request, Response};
 use log::{debug, info};
-use nix::errno::Errno;
 
 /// What the daemon knows about one connection, apart from its buffers.
 #[derive(Debug)]
@@ -177,27 +176,7 @@ fn register(state: &mut State, s: &mut Session, owner: &Owner, restrict: bool) -
                 );
             }
         }
-        Err(Errno::ESRCH) => {
-            return Response::error(
-                ErrorKind::Invalid,
-                format!(
-                    "VM '{}' (pid {}) is not running; it cannot be registered",
-                    esc(&owner.name),
-                    owner.pid
-                ),
-            );
-        }
-        Err(e) => {
-            return Response::error(
-                ErrorKind::Internal,
-                format!(
-                    "cannot watch the process of VM '{}' (pid {}): {}",
-                    esc(&owner.name),
-                    owner.pid,
-                    e.desc()
-                ),
-            );
-        }
+        Err(e) => return Response::Error(super::acquire::owner_unwatchable(owner, e)),
     }
     state.owners.prune(owner.pid);
     s.restricted |= restrict;

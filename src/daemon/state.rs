@@ -434,6 +434,11 @@ impl State {
             record,
         };
         let what = format!("{} {}", super::text::what(l.kind), l.name);
+        Some(self.submit_other(mount, what, work))
+    }
+
+    /// Queue `work` on a storage thread of `mount`, for an answer that waits for it.
+    fn submit_other(&mut self, mount: PathBuf, what: String, work: Work) -> Pending {
         let job = self.storage.submit(
             &mount,
             self.mounts.threads(&mount),
@@ -441,7 +446,7 @@ impl State {
             work,
         );
         self.jobs.insert(job, JobFor::Other);
-        Some(Pending { job, what, mount })
+        Pending { job, what, mount }
     }
 
     /// Publish every lease's record again (after adopting leases from the keeper or a re-exec:
@@ -471,14 +476,7 @@ impl State {
             held: Some(self.leases.held_keys()),
             label,
         }));
-        let job = self.storage.submit(
-            &mount,
-            self.mounts.threads(&mount),
-            self.mounts.is_local(&mount),
-            work,
-        );
-        self.jobs.insert(job, JobFor::Other);
-        Some(Pending { job, what, mount })
+        Some(self.submit_other(mount, what, work))
     }
 
     /// Make the keeper hold `keys` as the tables describe them now, and wait until it does.

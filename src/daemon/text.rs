@@ -98,6 +98,7 @@ mod tests {
     fn utc_known_dates() {
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(1_795_687_445), "2026-11-26 10:04:05 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc(951_868_799), "2000-02-29 23:59:59 UTC");
         assert_eq!(utc(4_107_542_400), "2100-03-01 00:00:00 UTC");
     }
