@@ -473,7 +473,7 @@ fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
 }
 
 fn succeed(state: &mut State, mut op: AcquireOp) {
-    // Only once the keeper holds the new leases may the client hear they are taken: a crash
+    // Only once the new leases are in the keeper's socket may the client hear they are taken: a crash
     // before this point drops them with our descriptors, and nobody was told they were held.
     let keys: Vec<LeaseKey> = op
         .undo

@@ -135,8 +135,8 @@ pub struct Left {
 
 /// Owner `pid` leaves every lease in `leases` (key, and whether this request created its
 /// lock file). Leases other VMs still share are handed to the keeper again with their new
-/// owners (and their records rewritten); the keeper lets go of the others in one batch
-/// (acknowledged) before their locks are dropped — on the storage threads of their mounts,
+/// owners (and their records rewritten); the keeper is told to let go of the others in one
+/// batch before their locks are dropped — on the storage threads of their mounts,
 /// which withdraw the record, delete a lockd-style disk lock file (or one created by this
 /// request), unlock and close. `why` is appended to the log lines.
 pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why: &str) -> Left {

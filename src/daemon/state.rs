@@ -479,7 +479,8 @@ impl State {
         Some(self.submit_other(mount, what, work))
     }
 
-    /// Make the keeper hold `keys` as the tables describe them now, and wait until it does.
+    /// Hand `keys` to the keeper as the tables describe them now: done when their descriptors
+    /// are in its socket (a version 3 keeper) or it acknowledged them (older keepers).
     /// When the link broke, reconnect (or start a new keeper) and tell it everything again.
     pub fn protect(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
         let fresh = self.keeper.ensure()?;
@@ -532,8 +533,8 @@ impl State {
         self.keeper.hold(&holds)
     }
 
-    /// The keeper closes its copies of `keys` (before we unlock and close ours): one message
-    /// and one acknowledgement for all of them.
+    /// The keeper closes its copies of `keys` (told before we unlock and close ours): one
+    /// message for all of them.
     pub fn unprotect(&mut self, keys: &[LeaseKey]) {
         if let Err(e) = self.keeper.release(keys) {
             warn!("{e}; the next lock request reconnects and re-sends every lease");
