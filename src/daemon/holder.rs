@@ -15,8 +15,9 @@
 //!   never write into a disk image; `<lease>` key files, which belong to the user): a per-host
 //!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600). The
 //!   publisher keeps it open for the lease's lifetime and holds an OFD write lock on its byte
-//!   0 (the side file's liveness lock); records are written in place (pwrite + ftruncate), and
-//!   readers retry a record caught half-written under a held liveness lock.
+//!   0 (the side file's liveness lock); records are written in place (pwrite, padded with
+//!   spaces over a longer old record; withdrawing overwrites it with spaces), and readers
+//!   retry a record caught half-written under a held liveness lock.
 //! - block devices get no record (their locks are host-local anyway).
 //!
 //! When a record is believed: only while (1) its liveness lock is held, so a crashed or
@@ -481,9 +482,8 @@ pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> R
             let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
             record.lock_ino = st.st_ino;
             let bytes = encode(&record)?;
-            write_record(file.as_fd(), &bytes, *len, dir.flush)
+            *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
                 .map_err(|e| format!("rewriting side file {name:?} failed: {e}"))?;
-            *len = bytes.len() as u64;
             p.generation = record.generation;
             Ok(())
         }
@@ -518,9 +518,51 @@ fn host_local(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
-/// Write `bytes` at offset 0 of `fd`, cut off what is left of a longer earlier record
-/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close).
-fn write_record(fd: BorrowedFd<'_>, bytes: &[u8], old_len: u64, flush: bool) -> Result<(), String> {
+/// What a rewrite does with the rest of a longer earlier record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tail {
+    /// `ftruncate` it away (records inside lock files).
+    Cut,
+    /// Overwrite it with spaces, which readers skip (side files). Cheaper than truncating: on
+    /// ext4 a truncate frees the block and goes through the orphan list and the journal, and
+    /// the next record allocates a block again; an overwrite of the same bytes does neither.
+    Pad,
+}
+
+/// Write `bytes` at offset 0 of `fd`, cut or blank what is left of a longer earlier record
+/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close). Returns
+/// the length of the file's content now.
+fn write_record(
+    fd: BorrowedFd<'_>,
+    bytes: &[u8],
+    old_len: u64,
+    tail: Tail,
+    flush: bool,
+) -> Result<u64, String> {
+    let padded;
+    let bytes = match usize::try_from(old_len) {
+        Ok(old) if tail == Tail::Pad && old > bytes.len() && old <= MAX_RECORD => {
+            let mut v = Vec::with_capacity(old);
+            v.extend_from_slice(bytes);
+            v.resize(old, b' ');
+            padded = v;
+            &padded[..]
+        }
+        _ => bytes,
+    };
+    write_all_at0(fd, bytes)?;
+    if old_len > bytes.len() as u64 {
+        let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
+        ftruncate(fd, len).map_err(|e| format!("truncating failed: {}", e.desc()))?;
+    }
+    if flush {
+        fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
+    }
+    Ok(bytes.len() as u64)
+}
+
+/// `pwrite` all of `bytes` at offset 0.
+fn write_all_at0(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     let mut done = 0;
     while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
         let off = libc::off_t::try_from(done).unwrap_or(0);
@@ -530,13 +572,6 @@ fn write_record(fd: BorrowedFd<'_>, bytes: &[u8], old_len: u64, flush: bool) -> 
             Err(Errno::EINTR) => {}
             Err(e) => return Err(format!("writing failed: {}", e.desc())),
         }
-    }
-    if old_len > bytes.len() as u64 {
-        let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
-        ftruncate(fd, len).map_err(|e| format!("truncating failed: {}", e.desc()))?;
-    }
-    if flush {
-        fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
     }
     Ok(())
 }
@@ -549,7 +584,9 @@ fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
         )
     })?;
     // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
-    write_record(fd, bytes, u64::MAX, !host_local(fd)).map_err(|e| format!("the lock file: {e}"))
+    write_record(fd, bytes, u64::MAX, Tail::Cut, !host_local(fd))
+        .map(drop)
+        .map_err(|e| format!("the lock file: {e}"))
 }
 
 fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
@@ -627,20 +664,20 @@ fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedP
         }
     })?;
     let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
-    write_record(fd.as_fd(), bytes, old_len, dir.flush)
+    let len = write_record(fd.as_fd(), bytes, old_len, Tail::Pad, dir.flush)
         .map_err(|e| format!("writing {name:?} in {:?}: {e}", side.dir))?;
     Ok(PublishedPlace::Side {
         dir,
         name,
         file: File::from(fd),
-        len: bytes.len() as u64,
+        len,
     })
 }
 
 /// Take the record back (before the lease's lock is dropped): empty the lock file's content and
-/// release the liveness byte, or empty the side file and close it (which drops its liveness
-/// lock). The empty side file stays for the next lease of that file on this host; readers skip
-/// empty side files nobody holds.
+/// release the liveness byte, or blank the side file (spaces) and close it (which drops its
+/// liveness lock). The blank side file stays for the next lease of that file on this host;
+/// readers skip blank side files nobody holds.
 pub fn withdraw(fd: BorrowedFd<'_>, mut published: Published) -> Result<(), String> {
     withdraw_in_place(fd, &mut published)
 }
@@ -657,12 +694,17 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
             r
         }
         PublishedPlace::Side {
-            dir, name, file, ..
+            dir,
+            name,
+            file,
+            len,
         } => {
-            // Empty it before closing (which drops the liveness lock): a reader then finds
-            // either our record, or an empty file, or a file whose publisher is gone.
-            let r = ftruncate(file.as_fd(), 0)
-                .map_err(|e| format!("cannot empty side file {name:?}: {}", e.desc()));
+            // Blank it before closing (which drops the liveness lock): a reader then finds
+            // either our record, or only spaces (read as empty), or a file whose publisher
+            // is gone. Spaces rather than a truncate: see `Tail::Pad`.
+            let blank = vec![b' '; usize::try_from(len).unwrap_or(0).min(MAX_RECORD)];
+            let r = write_all_at0(file.as_fd(), &blank)
+                .map_err(|e| format!("cannot blank side file {name:?}: {e}"));
             drop(file);
             drop(dir);
             r
