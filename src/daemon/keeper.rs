@@ -717,12 +717,19 @@ struct Held {
     dir: Option<OwnedFd>,
 }
 
-/// A watched owner pid: its pidfd (none on kernels without pidfds) and how many held leases
-/// name it, so that holding or dropping a lease costs nothing per other lease.
+/// A watched owner pid: its pidfd (none on kernels without pidfds), its start time, and how
+/// many held leases name it, so that holding or dropping a lease costs nothing per other lease.
+/// A pid no lease names any more stays watched (idle, up to [`IDLE_WATCHES`]) until it exits:
+/// a paused VM resumes, and opening a pidfd and reading /proc/PID/stat again for every
+/// acquire was most of the keeper's work in a steady acquire/release loop.
 struct Watched {
     fd: Option<OwnedFd>,
+    start: Option<u64>,
     refs: usize,
 }
+
+/// Idle watched pids kept beyond those that hold leases.
+const IDLE_WATCHES: usize = 256;
 
 struct KeeperProc {
     listener: OwnedFd,
@@ -1159,16 +1166,23 @@ impl KeeperProc {
     /// A pid that is already gone is noted in `dead`.
     fn watch(&mut self, w: Watch) {
         if let Some(e) = self.watched.get_mut(&w.pid) {
-            e.refs += 1;
-            return;
+            // The same process (or one of unknown start time): count it. Another process with
+            // a reused pid: watch it afresh (its exit is reported through the new pidfd).
+            if w.start.is_none() || e.start.is_none() || e.start == w.start {
+                e.refs += 1;
+                return;
+            }
+            self.watched.remove(&w.pid);
         }
         match super::pidfd::Proc::reopen(w.pid, w.start) {
             // Without pidfds (old kernels) only a restarted daemon notices the death.
             Ok(p) => {
+                let start = p.start;
                 self.watched.insert(
                     w.pid,
                     Watched {
                         fd: p.into_fd(),
+                        start,
                         refs: 1,
                     },
                 );
@@ -1177,14 +1191,20 @@ impl KeeperProc {
         }
     }
 
-    /// A held lease naming these pids is gone: forget pids no lease names any more.
+    /// A held lease naming these pids is gone: pids no lease names any more become idle (see
+    /// [`Watched`]); past [`IDLE_WATCHES`] idle ones, they are all forgotten.
     fn unwatch(&mut self, pids: &[Watch]) {
+        let mut idled = false;
         for w in pids {
             if let Some(e) = self.watched.get_mut(&w.pid) {
                 e.refs = e.refs.saturating_sub(1);
-                if e.refs == 0 {
-                    self.watched.remove(&w.pid);
-                }
+                idled |= e.refs == 0;
+            }
+        }
+        if idled && self.watched.len() > IDLE_WATCHES {
+            let idle = self.watched.values().filter(|e| e.refs == 0).count();
+            if idle > IDLE_WATCHES {
+                self.watched.retain(|_, e| e.refs > 0);
             }
         }
     }
@@ -1440,7 +1460,20 @@ mod tests {
         k.take(&[1, 1]);
         assert_eq!(k.watched[&me.pid].refs, 1);
         k.take(&[1, 2]);
-        assert!(k.watched.is_empty());
+        // Still watched, idle: the next lease of this owner needs no new pidfd.
+        assert_eq!(k.watched[&me.pid].refs, 0);
+        k.put([1, 4], vec![me], "{}".into(), fd(0), None);
+        assert_eq!(k.watched[&me.pid].refs, 1);
+        k.take(&[1, 4]);
+        // A reused pid (another start time) is watched afresh, not counted on the old entry.
+        let reused = Watch {
+            pid: me.pid,
+            start: k.watched[&me.pid].start.map(|s| s + 1),
+        };
+        k.watch(reused);
+        assert!(k.dead.contains(&me.pid), "no such process: noted as gone");
+        assert!(!k.watched.contains_key(&me.pid));
+        k.dead.clear();
         // An owner that is gone: its lease is dropped after the message.
         let gone = Watch {
             pid: u32::MAX - 1,

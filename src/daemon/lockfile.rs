@@ -52,6 +52,8 @@ pub struct Opened {
     pub dir: Option<LockDir>,
     /// This open created the lock file.
     pub created: bool,
+    /// A regular file (not a block device), from the `fstat` right after opening.
+    pub regular: bool,
 }
 
 /// Why a target could not be opened; the text names the disk and says what to do.
@@ -198,7 +200,12 @@ fn open_direct(spec: &LeaseSpec, path: &str) -> Result<Opened, OpenError> {
         lock_path: path.to_string(),
         dir: None,
         created: false,
+        regular: is_regular(&st),
     })
+}
+
+fn is_regular(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
 }
 
 fn stat_error(who: &str, e: Errno) -> OpenError {
@@ -301,6 +308,7 @@ fn open_lockspace(
                 file: file.to_string(),
             }),
             created,
+            regular: is_regular(&st),
         });
     }
     Err(OpenError::Io(format!(

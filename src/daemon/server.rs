@@ -264,6 +264,7 @@ impl Server {
             .next_deadline()
             .into_iter()
             .chain(reexec)
+            .chain(super::holder::idle_deadline())
             .chain(conn_deadlines)
             .chain(self.accept_paused_until)
             .min();
@@ -307,6 +308,7 @@ impl Server {
     }
 
     fn timers(&mut self, now: Instant) {
+        super::holder::expire_idle(now);
         super::acquire::expire(&mut self.state, now);
         self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);

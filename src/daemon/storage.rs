@@ -411,7 +411,12 @@ fn take(spec: &LeaseSpec, held: &HeldKeys, record: Option<Record>) -> Result<Tak
                 lock_path: &opened.lock_path,
                 lockspace: opened.dir.is_some(),
             };
-            holder::publish(target, r)
+            let id = holder::Ident {
+                dev: opened.key.dev,
+                ino: opened.key.ino,
+                regular: opened.regular,
+            };
+            holder::publish_known(target, r, id)
         });
         return Ok(Taken::Locked(opened, published));
     }
