@@ -61,6 +61,8 @@ pub struct Held {
 struct HeldSets {
     held: HashSet<LeaseKey>,
     disposing: HashMap<LeaseKey, usize>,
+    /// Workers waiting in `check` (a notify without waiters is still a futex call).
+    waiters: usize,
 }
 
 /// What a worker finds about an inode it opened.
@@ -87,8 +89,12 @@ impl Held {
             if !sets.disposing.contains_key(key) || now >= until {
                 return Seen::Free;
             }
+            sets.waiters += 1;
             match self.disposed.wait_timeout(sets, until - now) {
-                Ok((s, _)) => sets = s,
+                Ok((s, _)) => {
+                    sets = s;
+                    sets.waiters -= 1;
+                }
                 Err(_) => return Seen::Free,
             }
         }
@@ -96,6 +102,7 @@ impl Held {
 
     /// A disposal of `key` finished on a storage thread.
     pub fn disposed(&self, key: LeaseKey) {
+        let mut wake = true;
         if let Ok(mut sets) = self.sets.lock() {
             if let Some(n) = sets.disposing.get_mut(&key) {
                 *n -= 1;
@@ -103,8 +110,11 @@ impl Held {
                     sets.disposing.remove(&key);
                 }
             }
+            wake = sets.waiters > 0;
         }
-        self.disposed.notify_all();
+        if wake {
+            self.disposed.notify_all();
+        }
     }
 }
 

@@ -18,9 +18,9 @@ use crate::protocol::{self, ErrorKind, FrameError, PROTOCOL_VERSION, Request, Re
 use log::{debug, error, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use nix::sys::socket::{getsockopt, sockopt};
+use nix::sys::socket::{SockFlag, accept4, getsockopt, sockopt};
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -380,8 +380,14 @@ impl Server {
                 return;
             };
             let admin = l.role == Role::Admin;
-            match l.socket.accept() {
-                Ok((stream, _)) => self.admit(stream, admin, now),
+            // Non-blocking from the start (no separate FIONBIO per client).
+            let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+            match accept4(l.socket.as_raw_fd(), flags).map_err(std::io::Error::from) {
+                Ok(fd) => {
+                    // SAFETY: accept4 returned a new descriptor that nobody else owns.
+                    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+                    self.admit(stream, admin, now)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -401,12 +407,8 @@ impl Server {
         }
     }
 
-    /// Take a new client: check its uid and the client limit.
+    /// Take a new client (accepted non-blocking): check its uid and the client limit.
     fn admit(&mut self, stream: UnixStream, admin: bool, now: Instant) {
-        if let Err(e) = stream.set_nonblocking(true) {
-            warn!("dropping a client: cannot make its socket non-blocking: {e}");
-            return;
-        }
         let cred = match getsockopt(&stream, sockopt::PeerCredentials) {
             Ok(c) => c,
             Err(e) => {
