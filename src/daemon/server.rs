@@ -291,6 +291,7 @@ impl Server {
     /// connections sent meanwhile.
     fn deliver(&mut self) {
         let clients = self.conns.len();
+        let mut failed = Vec::new();
         for f in std::mem::take(&mut self.state.finished) {
             let Some(conn) = self.conns.get_mut(&f.conn) else {
                 continue;
@@ -301,6 +302,19 @@ impl Server {
             }
             conn.queue(&f.response);
             serve(&mut self.state, conn, clients);
+            // Send now rather than after another poll round: the client is waiting for it.
+            match conn.flush() {
+                Ok(true) if conn.closing => failed.push(f.conn),
+                Ok(_) => {}
+                Err(e) => {
+                    debug!("client {}: write failed: {e}", f.conn);
+                    failed.push(f.conn);
+                }
+            }
+        }
+        let now = Instant::now();
+        for id in failed {
+            self.close(id, now);
         }
         if !self.state.finished.is_empty() {
             self.deliver();
