@@ -565,6 +565,27 @@ fn register_acquire_inquire_release() {
 }
 
 #[test]
+fn a_record_written_after_the_answer_still_names_the_vm_in_a_refusal_at_once() {
+    // The second acquire of an image within 10 s reuses its idle side file and writes the record
+    // right after answering (holder::claim_known): another daemon refused at that very moment
+    // must still name the VM (it reads again while the liveness lock is held over a blank file).
+    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "fast.raw");
+    let (a, b) = (vm("fast-1"), vm("fast-2"));
+    for round in 0..20 {
+        d1.acquired(&a.owner, vec![excl(&img)]);
+        let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
+        assert!(
+            e.message.contains("is in use by VM 'fast-1'"),
+            "round {round}: {}",
+            e.message
+        );
+        d1.released(&a.owner, vec![excl(&img)]);
+    }
+}
+
+#[test]
 fn busy_between_two_owners_of_one_daemon() {
     let d = Daemon::start();
     let images = tempfile::tempdir().unwrap();

@@ -175,6 +175,7 @@ fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, trie
             spec: spec.clone(),
             held,
             record,
+            defer: state.mounts.is_local(&mount),
         },
     );
     state.jobs.insert(job, JobFor::Take(id));
@@ -638,6 +639,9 @@ fn commit(
     if spec.mode == LeaseMode::Exclusive {
         // Written (or failed, logged) by the job that locked it.
         let p = published.unwrap_or_else(holder::Published::nowhere);
+        if p.is_pending() {
+            state.unwritten.push(key);
+        }
         state.records.insert(key, Arc::new(Mutex::new(p)));
     } else {
         let job = state.publish_holder(key);

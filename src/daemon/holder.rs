@@ -362,6 +362,8 @@ pub struct Published {
     pub generation: u64,
     /// Withdrawn: later (older) rewrites that arrive from another storage thread are ignored.
     withdrawn: bool,
+    /// Claimed but not written yet (see [`claim_known`]): the record to write.
+    pending: Option<Box<[u8]>>,
 }
 
 /// A record being kept current by storage threads (the daemon's per-lease handle). Only
@@ -402,7 +404,13 @@ impl Published {
             place: PublishedPlace::Nowhere,
             generation: 0,
             withdrawn: false,
+            pending: None,
         }
+    }
+
+    /// Claimed, record still to be written with [`write_pending`].
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Where the record is, for log lines.
@@ -527,6 +535,7 @@ pub fn publish_known(
             place: PublishedPlace::InFile,
             generation: record.generation,
             withdrawn: false,
+            pending: None,
         });
     }
     let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
@@ -534,6 +543,7 @@ pub fn publish_known(
             place: PublishedPlace::Nowhere,
             generation: record.generation,
             withdrawn: false,
+            pending: None,
         });
     };
     let place = publish_side(&side, &record.host, &bytes)?;
@@ -541,7 +551,79 @@ pub fn publish_known(
         place,
         generation: record.generation,
         withdrawn: false,
+        pending: None,
     })
+}
+
+/// [`publish_known`], but when the record goes into an idle side file (host-local, see
+/// [`Idle`]) only *claim* it: take its liveness lock now and leave the record in the result for
+/// [`write_pending`], which the daemon calls right after answering. A reader that comes in
+/// between finds the liveness lock held over a blank file and reads again 5 ms later (see
+/// `read_side_file`), so a refusal still names the VM; the acquire's answer no longer waits for
+/// a write per disk. Anything else is published at once.
+pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<Published, String> {
+    if target.in_file(record.mode) {
+        return publish_known(target, record, id);
+    }
+    let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
+        return publish_known(target, record, id);
+    };
+    let name = format!("{}@{}.json", side.stem, host_label(&record.host));
+    let Some(idle) = unpark(&side.dir, &name) else {
+        return publish_known(target, record, id);
+    };
+    if ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).is_err() {
+        drop(idle);
+        return publish_known(target, record, id);
+    }
+    record.lock_ino = id.ino;
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    let bytes = encode(&record)?;
+    Ok(Published {
+        place: PublishedPlace::Side {
+            dir: idle.dir,
+            name,
+            file: idle.file,
+            len: idle.len,
+        },
+        generation: record.generation,
+        withdrawn: false,
+        pending: Some(bytes.into_boxed_slice()),
+    })
+}
+
+/// Write the record [`claim_known`] left pending (nothing when there is none, or the record was
+/// withdrawn or rewritten meanwhile). A side file removed while it was idle is replaced by a
+/// new one.
+pub fn write_pending(p: &mut Published) -> Result<(), String> {
+    let Some(bytes) = p.pending.take() else {
+        return Ok(());
+    };
+    if p.withdrawn {
+        return Ok(());
+    }
+    let PublishedPlace::Side {
+        dir,
+        name,
+        file,
+        len,
+    } = &mut p.place
+    else {
+        return Ok(());
+    };
+    let linked = fstat(file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
+    if linked {
+        *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
+            .map_err(|e| format!("writing side file {name:?}: {e}"))?;
+        return Ok(());
+    }
+    let (path, name) = (dir.path.clone(), name.clone());
+    // Its liveness lock goes with it; the new file gets its own.
+    p.place = PublishedPlace::Nowhere;
+    p.place = publish_side_named(&path, name, &bytes)?;
+    Ok(())
 }
 
 /// Rewrite the record `p` in place (same side file, same liveness lock) with `record`, unless
@@ -555,6 +637,8 @@ pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> R
     if p.withdrawn || record.generation <= p.generation {
         return Ok(());
     }
+    // This record supersedes one still waiting to be written.
+    p.pending = None;
     match &mut p.place {
         PublishedPlace::Nowhere => {
             *p = publish(target, record)?;
@@ -734,22 +818,31 @@ fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedP
             return Ok(place);
         }
     }
-    let mut dir = record_dir(&side.dir)?;
+    publish_side_named(&side.dir, name, bytes)
+}
+
+/// [`publish_side`] into side file `name` of record directory `dir_path`, opened afresh.
+fn publish_side_named(
+    dir_path: &str,
+    name: String,
+    bytes: &[u8],
+) -> Result<PublishedPlace, String> {
+    let mut dir = record_dir(dir_path)?;
     let fd = match open_side(&dir, &name) {
         // The cached directory was removed (by hand): open or create it again.
         Err(Errno::ENOENT) => {
-            forget_record_dir(&side.dir);
-            dir = record_dir(&side.dir)?;
+            forget_record_dir(dir_path);
+            dir = record_dir(dir_path)?;
             open_side(&dir, &name)
         }
         r => r,
     }
-    .map_err(|e| format!("cannot open {name:?} in {:?}: {}", side.dir, e.desc()))?;
+    .map_err(|e| format!("cannot open {name:?} in {:?}: {}", dir_path, e.desc()))?;
     let st = fstat(&fd).map_err(|e| format!("fstat of {name:?} failed: {}", e.desc()))?;
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
         return Err(format!(
             "{name:?} in {:?} is not a regular file; remove it",
-            side.dir
+            dir_path
         ));
     }
     ofd_set(fd.as_fd(), libc::F_WRLCK, 0).map_err(|e| {
@@ -757,15 +850,15 @@ fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedP
             format!(
                 "side file {name:?} in {:?} is held by another publisher on this host (two \
                  lockwardend instances with one host name?)",
-                side.dir
+                dir_path
             )
         } else {
-            format!("cannot lock {name:?} in {:?}: {}", side.dir, e.desc())
+            format!("cannot lock {name:?} in {:?}: {}", dir_path, e.desc())
         }
     })?;
     let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
     let len = write_record(fd.as_fd(), bytes, old_len, Tail::Pad, dir.flush)
-        .map_err(|e| format!("writing {name:?} in {:?}: {e}", side.dir))?;
+        .map_err(|e| format!("writing {name:?} in {:?}: {e}", dir_path))?;
     Ok(PublishedPlace::Side {
         dir,
         name,
@@ -786,6 +879,7 @@ pub fn withdraw(fd: BorrowedFd<'_>, mut published: Published) -> Result<(), Stri
 /// ignored) and its side file is closed.
 pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Result<(), String> {
     published.withdrawn = true;
+    published.pending = None;
     match std::mem::replace(&mut published.place, PublishedPlace::Nowhere) {
         PublishedPlace::InFile => {
             let r = ftruncate(fd, 0)
@@ -1433,6 +1527,7 @@ mod tests {
             "idle.img@idle-host.json".to_string(),
         );
         let parked = || IDLE.lock().unwrap().contains_key(&key);
+        let probe_new = |p: &std::path::Path| File::open(p).unwrap();
         let p1 = publish(target(), rec()).unwrap();
         let ino = side_ino(&p1);
         withdraw(lease.as_fd(), p1).unwrap();
@@ -1453,8 +1548,28 @@ mod tests {
         fs::remove_file(&side).unwrap();
         let p3 = publish(target(), rec()).unwrap();
         let text = fs::read_to_string(&side).unwrap();
-        assert!(text.contains("idle-vm"), "the record is in the new file: {text:?}");
+        assert!(
+            text.contains("idle-vm"),
+            "the record is in the new file: {text:?}"
+        );
         withdraw(lease.as_fd(), p3).unwrap();
+        // Claimed (liveness lock now, record after the answer): blank until written.
+        let mut p4 = claim_known(target(), rec(), Ident::of(&fstat(&lease).unwrap())).unwrap();
+        assert!(p4.is_pending());
+        assert!(ofd_held(probe_new(&side).as_fd(), 0));
+        assert!(fs::read(&side).unwrap().iter().all(|b| *b == b' '));
+        write_pending(&mut p4).unwrap();
+        assert!(!p4.is_pending());
+        assert!(fs::read_to_string(&side).unwrap().contains("idle-vm"));
+        withdraw(lease.as_fd(), p4).unwrap();
+        // Claimed, then the idle file is removed before the write: a new file gets the record.
+        let mut p5 = claim_known(target(), rec(), Ident::of(&fstat(&lease).unwrap())).unwrap();
+        assert!(p5.is_pending());
+        fs::remove_file(&side).unwrap();
+        write_pending(&mut p5).unwrap();
+        assert!(fs::read_to_string(&side).unwrap().contains("idle-vm"));
+        assert!(ofd_held(probe_new(&side).as_fd(), 0));
+        withdraw(lease.as_fd(), p5).unwrap();
         // The timer closes it after IDLE_TTL.
         assert!(idle_deadline().is_some());
         expire_idle(std::time::Instant::now() + IDLE_TTL);

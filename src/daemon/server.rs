@@ -189,6 +189,8 @@ impl Server {
             self.timers(Instant::now());
             self.state.inline_results();
             self.deliver();
+            // Records claimed for the acquires just answered (host-local mounts).
+            self.state.write_unwritten();
         }
     }
 

@@ -40,6 +40,9 @@ pub struct State {
     /// Holder records of the leases (who holds what, for other hosts; holder.rs), written and
     /// withdrawn on the storage threads of each lease's mount.
     pub records: HashMap<LeaseKey, holder::Slot>,
+    /// Leases whose record was claimed but not written yet (host-local mounts): written right
+    /// after the answers of the loop round went out (`write_unwritten`).
+    pub unwritten: Vec<LeaseKey>,
     /// Answers waiting for storage jobs other than an Acquire's Takes (releases, holder
     /// records, roll-backs).
     pub groups: HashMap<OpId, Group>,
@@ -132,6 +135,7 @@ impl State {
             kill_grace,
             keeper,
             records: HashMap::new(),
+            unwritten: Vec::new(),
             groups: HashMap::new(),
             storage,
             jobs: HashMap::new(),
@@ -339,6 +343,27 @@ impl State {
     pub fn inline_results(&mut self) {
         while self.storage.has_inline() {
             self.storage_results();
+        }
+    }
+
+    /// Write the records claimed for this round's acquires (see `holder::claim_known`).
+    pub fn write_unwritten(&mut self) {
+        for key in std::mem::take(&mut self.unwritten) {
+            let Some(slot) = self.records.get(&key) else {
+                continue;
+            };
+            let result = match slot.lock() {
+                Ok(mut p) => holder::write_pending(&mut p),
+                Err(_) => Err("its record handle is poisoned".into()),
+            };
+            if let Err(e) = result {
+                let name = self.leases.get(&key).map(|l| l.name.clone());
+                warn!(
+                    "cannot write the holder record for {:?} (the lease itself is held; other \
+                     hosts will only see that it is locked): {e}",
+                    name.unwrap_or_default()
+                );
+            }
         }
     }
 

@@ -69,6 +69,9 @@ pub enum Work {
         spec: LeaseSpec,
         held: HeldKeys,
         record: Option<Record>,
+        /// Only claim the record when it can be written after the answer (host-local mounts,
+        /// `holder::claim_known`).
+        defer: bool,
     },
     /// (Re)write a lease's holder record through its slot.
     Publish {
@@ -293,7 +296,12 @@ fn worker(
 
 fn run(work: Work) -> Outcome {
     match work {
-        Work::Take { spec, held, record } => Outcome::Take(take(&spec, &held, record)),
+        Work::Take {
+            spec,
+            held,
+            record,
+            defer,
+        } => Outcome::Take(take(&spec, &held, record, defer)),
         Work::Publish {
             fd,
             kind,
@@ -370,7 +378,12 @@ fn dispose(d: Disposing) -> Outcome {
 }
 
 /// Open and lock one target (on a worker thread); publish `record` once locked.
-fn take(spec: &LeaseSpec, held: &HeldKeys, record: Option<Record>) -> Result<Taken, Failure> {
+fn take(
+    spec: &LeaseSpec,
+    held: &HeldKeys,
+    record: Option<Record>,
+    defer: bool,
+) -> Result<Taken, Failure> {
     use super::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
@@ -416,7 +429,11 @@ fn take(spec: &LeaseSpec, held: &HeldKeys, record: Option<Record>) -> Result<Tak
                 ino: opened.key.ino,
                 regular: opened.regular,
             };
-            holder::publish_known(target, r, id)
+            if defer {
+                holder::claim_known(target, r, id)
+            } else {
+                holder::publish_known(target, r, id)
+            }
         });
         return Ok(Taken::Locked(opened, published));
     }
