@@ -60,10 +60,10 @@ impl LeaseRecord {
             .collect();
         LeaseRecord {
             v: RECORD_VERSION,
-            name: lease.name.clone(),
+            name: lease.name.to_string(),
             kind: lease.kind,
             mode: lease.mode,
-            lock_path: lease.lock_path.clone(),
+            lock_path: lease.lock_path.to_string(),
             dir_file: lease.dir.as_ref().map(|d| d.file.clone()),
             delete_when_free: lease.delete_when_free,
             since: lease.since,
