@@ -23,6 +23,7 @@ mod conn;
 mod dispatch;
 pub mod holder;
 mod keeper;
+mod keptmeta;
 mod kill;
 mod lease;
 mod limits;
