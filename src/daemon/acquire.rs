@@ -10,7 +10,7 @@
 
 use super::Failure;
 use super::holder;
-use super::lease::{Lease, LeaseKey};
+use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::lockfile::{self, Opened};
 use super::owner::ConnId;
 use super::release;
@@ -23,7 +23,7 @@ use crate::protocol::{
 };
 use log::{debug, error, info};
 use nix::errno::Errno;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -618,17 +618,18 @@ fn commit(
         ..
     } = opened;
     let delete_when_free = spec.kind == ResourceKind::Disk && dir.is_some();
+    let (name, lock_path) = Lease::paths(&spec.name, &lock_path);
     state.leases.insert(
         key,
         Lease {
-            name: spec.name.clone(),
+            name,
             kind: spec.kind,
             mode: spec.mode,
             lock_path,
             fd: Arc::new(fd),
-            dir,
+            dir: dir.map(Box::new),
             delete_when_free,
-            owners: BTreeMap::from([(owner.pid, now)]),
+            owners: LeaseOwners::one(owner.pid, now),
             since: now,
             lost: false,
         },

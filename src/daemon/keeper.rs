@@ -38,6 +38,7 @@
 //! extended compatibly (new message types, announced by the version in `hello`'s answer),
 //! because after a live upgrade of the daemon the old keeper keeps running.
 
+use super::keptmeta::{KeptMeta, Tails};
 use super::lease::LeaseKey;
 use super::record::{id_key, key_id};
 use log::{error, info, warn};
@@ -709,10 +710,11 @@ fn remove_stale(path: &Path) -> Result<(), String> {
 // The keeper process
 
 /// One held lease, kept small (the keeper holds every lease of the host): the record is the
-/// JSON text the daemon sent, kept verbatim, and the descriptors are inline.
+/// JSON text the daemon sent (kept compactly, given back verbatim: keptmeta.rs), and the
+/// descriptors are inline.
 struct Held {
     pids: Box<[Watch]>,
-    meta: Box<str>,
+    meta: KeptMeta,
     fd: OwnedFd,
     dir: Option<OwnedFd>,
 }
@@ -751,6 +753,8 @@ struct KeeperProc {
     /// Per device (`st_dev`), so one hung mount's closes never delay another's.
     closing: Vec<(u64, Held)>,
     closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Held>>>,
+    /// The record tails the held leases share.
+    tails: Tails,
 }
 
 fn close_all_but(keep: &[RawFd]) {
@@ -813,6 +817,7 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         greeted: false,
         closing: Vec::new(),
         closers: HashMap::new(),
+        tails: Tails::default(),
     };
     k.run()
 }
@@ -1091,7 +1096,8 @@ impl KeeperProc {
                         entry: Some(DumpEntry {
                             id: *id,
                             pids: h.pids.to_vec(),
-                            meta: serde_json::from_str(&h.meta).unwrap_or(serde_json::Value::Null),
+                            meta: serde_json::from_str(&h.meta.text())
+                                .unwrap_or(serde_json::Value::Null),
                         }),
                         ..Ack::default()
                     };
@@ -1137,7 +1143,7 @@ impl KeeperProc {
         }
         let held = Held {
             pids: pids.into_boxed_slice(),
-            meta: meta.into_boxed_str(),
+            meta: KeptMeta::new(meta, &mut self.tails),
             fd,
             dir,
         };
@@ -1226,7 +1232,7 @@ impl KeeperProc {
             let Some(h) = self.held.remove(&id) else {
                 continue;
             };
-            let name = serde_json::from_str::<serde_json::Value>(&h.meta)
+            let name = serde_json::from_str::<serde_json::Value>(&h.meta.text())
                 .ok()
                 .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
                 .unwrap_or_else(|| "?".into());
@@ -1279,6 +1285,7 @@ mod tests {
             greeted: false,
             closing: Vec::new(),
             closers: HashMap::new(),
+            tails: Tails::default(),
         }
     }
 

@@ -7,7 +7,7 @@
 use super::lock;
 use super::lockfile::{self, LockDir};
 use crate::protocol::{LeaseMode, ResourceKind};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -19,28 +19,147 @@ pub struct LeaseKey {
     pub ino: u64,
 }
 
-/// One held lease.
+/// One held lease. Kept small: a host may hold thousands (the name and the lock path are one
+/// shared string when they are the same file, as in direct mode).
 #[derive(Debug)]
 pub struct Lease {
     /// What libvirt called it when it was first taken (disk path or lease key).
-    pub name: String,
+    pub name: Arc<str>,
     pub kind: ResourceKind,
     pub mode: LeaseMode,
     /// The file actually locked.
-    pub lock_path: String,
+    pub lock_path: Arc<str>,
     /// The open file description carrying the lock; closing it drops the lock. Shared with a
     /// lost-lock probe running on a storage thread (docs/storage.md).
     pub fd: Arc<OwnedFd>,
     /// Lockspace leases: the directory and file name, to verify and delete the lock file.
-    pub dir: Option<LockDir>,
+    pub dir: Option<Box<LockDir>>,
     /// Delete the lock file when the last owner goes (lockd's AUTOCREATE disk lock files).
     pub delete_when_free: bool,
     /// Owner pid to the time (seconds since the epoch) it joined.
-    pub owners: BTreeMap<u32, u64>,
+    pub owners: LeaseOwners,
     /// When the lease was taken.
     pub since: u64,
     /// A probe found the lock lost (docs/storage.md); the owner's failure action was taken.
     pub lost: bool,
+}
+
+impl Lease {
+    /// The name and lock path as the table keeps them: one string when they are equal.
+    pub fn paths(name: &str, lock_path: &str) -> (Arc<str>, Arc<str>) {
+        let name: Arc<str> = Arc::from(name);
+        let lock_path = if *name == *lock_path {
+            Arc::clone(&name)
+        } else {
+            Arc::from(lock_path)
+        };
+        (name, lock_path)
+    }
+}
+
+/// The owners of one lease (pid to the time it joined, seconds since the epoch), in pid order.
+/// Almost every lease has exactly one owner, kept inline (no allocation); shared leases with
+/// several owners keep them in one boxed slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOwners {
+    One([(u32, u64); 1]),
+    Many(Box<[(u32, u64)]>),
+}
+
+impl Default for LeaseOwners {
+    fn default() -> Self {
+        LeaseOwners::Many(Box::default())
+    }
+}
+
+impl LeaseOwners {
+    /// A lease with one owner.
+    pub fn one(pid: u32, since: u64) -> LeaseOwners {
+        LeaseOwners::One([(pid, since)])
+    }
+
+    fn as_slice(&self) -> &[(u32, u64)] {
+        match self {
+            LeaseOwners::One(one) => one,
+            LeaseOwners::Many(many) => many,
+        }
+    }
+
+    fn set(&mut self, v: Vec<(u32, u64)>) {
+        *self = match v.as_slice() {
+            [one] => LeaseOwners::One([*one]),
+            _ => LeaseOwners::Many(v.into_boxed_slice()),
+        };
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.as_slice().is_empty()
+    }
+
+    pub fn contains_key(&self, pid: &u32) -> bool {
+        self.as_slice().iter().any(|(p, _)| p == pid)
+    }
+
+    /// Owners in pid order. (Concrete iterator types: a caller may keep one across a use of
+    /// another part of the state, as with the map this replaced.)
+    pub fn iter(&self) -> OwnersIter<'_> {
+        self.as_slice().iter().map(|(p, s)| (p, s))
+    }
+
+    pub fn keys(&self) -> OwnerPids<'_> {
+        self.as_slice().iter().map(|(p, _)| p)
+    }
+
+    /// Add `pid` (or set its time); the previous time if it was an owner.
+    pub fn insert(&mut self, pid: u32, since: u64) -> Option<u64> {
+        let mut v = self.as_slice().to_vec();
+        let old = match v.binary_search_by_key(&pid, |(p, _)| *p) {
+            Ok(i) => v.get_mut(i).map(|e| std::mem::replace(&mut e.1, since)),
+            Err(i) => {
+                v.insert(i, (pid, since));
+                None
+            }
+        };
+        self.set(v);
+        old
+    }
+
+    /// Remove `pid`; its time if it was an owner.
+    pub fn remove(&mut self, pid: &u32) -> Option<u64> {
+        let mut v = self.as_slice().to_vec();
+        let i = v.iter().position(|(p, _)| p == pid)?;
+        let (_, since) = v.remove(i);
+        self.set(v);
+        Some(since)
+    }
+}
+
+pub type OwnersIter<'a> =
+    std::iter::Map<std::slice::Iter<'a, (u32, u64)>, fn(&'a (u32, u64)) -> (&'a u32, &'a u64)>;
+pub type OwnerPids<'a> =
+    std::iter::Map<std::slice::Iter<'a, (u32, u64)>, fn(&'a (u32, u64)) -> &'a u32>;
+
+impl FromIterator<(u32, u64)> for LeaseOwners {
+    fn from_iter<I: IntoIterator<Item = (u32, u64)>>(iter: I) -> Self {
+        let mut v: Vec<(u32, u64)> = Vec::new();
+        for (pid, since) in iter {
+            match v.binary_search_by_key(&pid, |(p, _)| *p) {
+                Ok(i) => {
+                    if let Some(e) = v.get_mut(i) {
+                        e.1 = since;
+                    }
+                }
+                Err(i) => v.insert(i, (pid, since)),
+            }
+        }
+        let mut o = LeaseOwners::default();
+        o.set(v);
+        o
+    }
 }
 
 /// The keys of every lease, shared with the storage threads: a worker that opens a file whose
@@ -121,7 +240,8 @@ impl Held {
 /// All leases of this daemon.
 #[derive(Debug, Default)]
 pub struct Leases {
-    map: HashMap<LeaseKey, Lease>,
+    /// Boxed: the table's buckets (about 1.6 per lease) then cost a pointer, not a lease.
+    map: HashMap<LeaseKey, Box<Lease>>,
     keys: HeldKeys,
 }
 
@@ -142,15 +262,15 @@ impl Leases {
     }
 
     pub fn get(&self, key: &LeaseKey) -> Option<&Lease> {
-        self.map.get(key)
+        self.map.get(key).map(|l| &**l)
     }
 
     pub fn get_mut(&mut self, key: &LeaseKey) -> Option<&mut Lease> {
-        self.map.get_mut(key)
+        self.map.get_mut(key).map(|l| &mut **l)
     }
 
     pub fn insert(&mut self, key: LeaseKey, lease: Lease) {
-        self.map.insert(key, lease);
+        self.map.insert(key, Box::new(lease));
         self.set_key(key, true);
     }
 
@@ -162,7 +282,7 @@ impl Leases {
             k.held.remove(key);
             *k.disposing.entry(*key).or_insert(0) += 1;
         }
-        Some(l)
+        Some(*l)
     }
 
     pub fn len(&self) -> usize {
@@ -170,7 +290,7 @@ impl Leases {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&LeaseKey, &Lease)> {
-        self.map.iter()
+        self.map.iter().map(|(k, l)| (k, &**l))
     }
 }
 

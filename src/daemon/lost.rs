@@ -41,7 +41,7 @@ pub fn tick(state: &mut State, now: Instant) {
         _ => state.next_check = Some(now + interval),
     }
     state.mounts.refresh();
-    let todo: Vec<(LeaseKey, Arc<OwnedFd>, LeaseMode, String)> = state
+    let todo: Vec<(LeaseKey, Arc<OwnedFd>, LeaseMode, Arc<str>)> = state
         .leases
         .iter()
         .filter(|(k, l)| !l.lost && !state.probing.contains(k))
@@ -110,10 +110,10 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
     }
     state.lost_total += 1;
     state.recent_lost.push_back(LeaseInfo {
-        name,
+        name: name.to_string(),
         kind,
         mode,
-        lock_path,
+        lock_path: lock_path.to_string(),
         owners,
         since: now_secs(),
     });

@@ -23,6 +23,7 @@ mod conn;
 mod dispatch;
 pub mod holder;
 mod keeper;
+mod keptmeta;
 mod kill;
 mod lease;
 mod limits;
@@ -57,7 +58,22 @@ type Failure = Box<crate::protocol::ErrorReply>;
 const EXIT_USAGE: u8 = 2;
 
 /// Entry point of the `lockwardend` binary.
+/// glibc's allocator, set before any thread starts (the forked keeper inherits it): one arena
+/// for every thread (storage and closer threads mostly wait on I/O, and each extra arena keeps a
+/// heap of its own resident), and a fixed mmap threshold, so that large tables (the lease map
+/// past a few thousand leases, receive buffers) always come from mmap and go back to the system
+/// when freed; glibc's adaptive threshold would move them into the heap after the first free.
+fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters; no thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 pub fn main() -> ExitCode {
+    tune_malloc();
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Command::Run(a)) => a,
         Ok(Command::Help) => {

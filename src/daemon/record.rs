@@ -39,15 +39,20 @@ pub struct LeaseRecord {
     pub mode: LeaseMode,
     pub lock_path: String,
     /// Lockspace leases: the lock file's name inside the directory whose descriptor travels
-    /// with the lease.
-    #[serde(default)]
+    /// with the lease. (Defaulted fields are left out when they have their default: the keeper
+    /// keeps one record per lease, and every reader fills them in.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir_file: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub delete_when_free: bool,
     #[serde(default)]
     pub since: u64,
     #[serde(default)]
     pub owners: Vec<OwnerRecord>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl LeaseRecord {
@@ -60,10 +65,10 @@ impl LeaseRecord {
             .collect();
         LeaseRecord {
             v: RECORD_VERSION,
-            name: lease.name.clone(),
+            name: lease.name.to_string(),
             kind: lease.kind,
             mode: lease.mode,
-            lock_path: lease.lock_path.clone(),
+            lock_path: lease.lock_path.to_string(),
             dir_file: lease.dir.as_ref().map(|d| d.file.clone()),
             delete_when_free: lease.delete_when_free,
             since: lease.since,

@@ -8,7 +8,7 @@
 //! lockwardend was down are released at once.
 
 use super::keeper::Entry;
-use super::lease::{Lease, LeaseKey};
+use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::lock;
 use super::lockfile::LockDir;
 use super::owner::OwnerEntry;
@@ -41,10 +41,13 @@ pub fn insert_lease(
         );
         return false;
     }
-    let mut owners = BTreeMap::new();
+    let owners: LeaseOwners = record
+        .owners
+        .iter()
+        .map(|o| (o.owner.pid, o.since))
+        .collect();
     for o in &record.owners {
         let pid = o.owner.pid;
-        owners.insert(pid, o.since);
         if state.owners.get(pid).is_some() || dead.contains_key(&pid) {
             continue;
         }
@@ -67,16 +70,17 @@ pub fn insert_lease(
         }
     }
     let dir = match (dir_fd, record.dir_file) {
-        (Some(fd), Some(file)) => Some(LockDir { fd, file }),
+        (Some(fd), Some(file)) => Some(Box::new(LockDir { fd, file })),
         _ => None,
     };
+    let (name, lock_path) = Lease::paths(&record.name, &record.lock_path);
     state.leases.insert(
         key,
         Lease {
-            name: record.name,
+            name,
             kind: record.kind,
             mode: record.mode,
-            lock_path: record.lock_path,
+            lock_path,
             fd: std::sync::Arc::new(fd),
             dir,
             delete_when_free: record.delete_when_free,

@@ -82,7 +82,7 @@ pub fn release(
             state
                 .leases
                 .get(k)
-                .is_some_and(|l| l.name == spec.name && l.lock_path == path)
+                .is_some_and(|l| *l.name == *spec.name && *l.lock_path == *path)
         });
         let unique = match (named.next(), named.next()) {
             (Some(k), None) => Some(k),
@@ -95,7 +95,7 @@ pub fn release(
                     state
                         .leases
                         .get(k)
-                        .is_some_and(|l| l.lock_path == path || l.name == spec.name)
+                        .is_some_and(|l| *l.lock_path == *path || *l.name == *spec.name)
                 })
             });
         match found {

@@ -453,7 +453,7 @@ impl State {
         let work = Work::Publish {
             fd: Arc::clone(&l.fd),
             kind: l.kind,
-            lock_path: l.lock_path.clone(),
+            lock_path: l.lock_path.to_string(),
             lockspace: l.dir.is_some(),
             slot,
             record,
@@ -494,7 +494,7 @@ impl State {
         let work = Work::Dispose(Box::new(Disposing {
             key,
             fd: l.fd,
-            dir: l.dir,
+            dir: l.dir.map(|d| *d),
             mode: l.mode,
             delete: delete || l.delete_when_free,
             slot: self.records.remove(&key),
@@ -568,10 +568,10 @@ impl State {
 
     fn info(&self, lease: &Lease) -> LeaseInfo {
         LeaseInfo {
-            name: lease.name.clone(),
+            name: lease.name.to_string(),
             kind: lease.kind,
             mode: lease.mode,
-            lock_path: lease.lock_path.clone(),
+            lock_path: lease.lock_path.to_string(),
             owners: lease
                 .owners
                 .keys()
