@@ -827,12 +827,23 @@ fn run() -> Result<(), String> {
             .iter()
             .map(|b| b.daemon.rss_kib())
             .collect::<Result<_, _>>()?;
+        let pss: Vec<u64> = beds
+            .iter()
+            .map(|b| b.daemon.pss_kib())
+            .collect::<Result<_, _>>()?;
         let lat = bench_acquire_latency(&mut beds, &probes, cfg.lat_iters)?;
         let r = rss_row(
             &mut table,
             &format!("RSS holding {level} leases"),
             rss[0],
             rss[1],
+        );
+        table.row(
+            &format!("PSS holding {level} leases"),
+            format!("{} KiB", pss[0]),
+            format!("{} KiB", pss[1]),
+            xr(ratio(pss[0] as f64, pss[1] as f64)),
+            "Pss; lw's shared pages counted once",
         );
         table.row(
             &format!("acquire 1 disk, {level} held"),
@@ -853,6 +864,7 @@ fn run() -> Result<(), String> {
             format!("held_{level}"),
             json!({ "lockwarden_kib": rss[0].0 + rss[0].1, "lockwarden_daemon_kib": rss[0].0,
                     "lockwarden_helpers_kib": rss[0].1, "lockd_kib": rss[1].0 + rss[1].1,
+                    "pss": { "lockwarden_kib": pss[0], "lockd_kib": pss[1] },
                     "acquire": { "lockwarden": lat[0].json(), "lockd": lat[1].json() } }),
         );
     }

@@ -281,6 +281,18 @@ impl Daemon {
         Ok((vm_rss(self.pid())?, helpers))
     }
 
+    /// Proportional set size in KiB (/proc/PID/smaps_rollup Pss) of the daemon plus its
+    /// helpers: pages shared between processes are divided among them, so the daemon and the
+    /// keeper forked from it count their common pages (program text, libc, copy-on-write
+    /// heap) once between them, where the sum of their VmRSS counts them twice.
+    pub fn pss_kib(&self) -> Result<u64, String> {
+        let mut total = pss(self.pid())?;
+        for pid in self.helpers() {
+            total += pss(pid).unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     /// Processes other than the daemon with the daemon's exact command line: what it forked
     /// without exec and that may have been re-parented (lockwardend's keeper).
     pub fn helpers(&self) -> Vec<u32> {
@@ -296,6 +308,16 @@ impl Daemon {
             .filter(|p| fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == mine))
             .collect()
     }
+}
+
+/// Pss of `pid` in KiB.
+fn pss(pid: u32) -> Result<u64, String> {
+    let p = format!("/proc/{pid}/smaps_rollup");
+    let s = fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no Pss in {p}"))
 }
 
 /// VmRSS of `pid` in KiB.
