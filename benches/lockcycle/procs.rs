@@ -312,22 +312,21 @@ impl Daemon {
 
 /// Pss of `pid` in KiB.
 fn pss(pid: u32) -> Result<u64, String> {
-    let p = format!("/proc/{pid}/smaps_rollup");
-    let s = fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no Pss in {p}"))
+    proc_kib(&format!("/proc/{pid}/smaps_rollup"), "Pss:")
 }
 
 /// VmRSS of `pid` in KiB.
 fn vm_rss(pid: u32) -> Result<u64, String> {
-    let p = format!("/proc/{pid}/status");
-    let s = fs::read_to_string(&p).map_err(|e| format!("{p}: {e}"))?;
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:")
+}
+
+/// The "`key` N kB" line of /proc file `p`, in KiB.
+fn proc_kib(p: &str, key: &str) -> Result<u64, String> {
+    let s = fs::read_to_string(p).map_err(|e| format!("{p}: {e}"))?;
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS in {p}"))
+        .ok_or_else(|| format!("no {key} in {p}"))
 }
 
 impl Drop for Daemon {
