@@ -37,7 +37,7 @@ pub struct State {
     pub kill_grace: Duration,
     /// The process holding a duplicate of every lease's descriptor (crash safety).
     pub keeper: Keeper,
-    /// Holder records of the leases (who holds what, for other hosts; holder.rs), written and
+    /// Holder records of the leases (who holds what, for other hosts; holder/), written and
     /// withdrawn on the storage threads of each lease's mount.
     pub records: HashMap<LeaseKey, holder::Slot>,
     /// Leases whose record was claimed but not written yet (host-local mounts): written right

@@ -1,0 +1,623 @@
+//! Publishing, rewriting and withdrawing records.
+
+use super::idle::{park, reuse, unpark};
+use super::*;
+use crate::daemon::lock;
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
+use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
+use nix::sys::statfs::fstatfs;
+use nix::sys::uio::pwrite;
+use nix::unistd::{fdatasync, ftruncate};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::time::Duration;
+
+/// A published record; keep it as long as the lease, hand it to [`withdraw`] when the lease
+/// goes. Dropping it (daemon exit) closes the side file, which drops its liveness lock, which
+/// makes the record stale everywhere at once.
+#[derive(Debug)]
+pub struct Published {
+    pub(super) place: PublishedPlace,
+    pub generation: u64,
+    /// Withdrawn: later (older) rewrites that arrive from another storage thread are ignored.
+    pub(super) withdrawn: bool,
+    /// Claimed but not written yet (see [`claim_known`]): the record to write.
+    pub(super) pending: Option<Box<[u8]>>,
+}
+
+/// A record being kept current by storage threads (the daemon's per-lease handle). Only
+/// storage threads lock it (they may block on the storage while holding it); the event loop
+/// only passes it around.
+pub type Slot = Arc<Mutex<Published>>;
+
+/// A `.lockwarden` directory held open while records in it are published, and whether records
+/// written there are flushed (NFS and unknown file systems).
+#[derive(Debug)]
+pub(super) struct RecordDir {
+    pub(super) fd: OwnedFd,
+    pub(super) flush: bool,
+    /// Its path (the key of [`RECORD_DIRS`] and of idle side files).
+    pub(super) path: String,
+}
+
+#[derive(Debug)]
+pub(super) enum PublishedPlace {
+    InFile,
+    Side {
+        dir: Arc<RecordDir>,
+        name: String,
+        /// The side file, open for the lease's lifetime: it carries the liveness lock and is
+        /// rewritten in place.
+        file: File,
+        /// Length of the record written last (a shorter rewrite truncates the rest).
+        len: u64,
+    },
+    /// Nothing written (block device, or not published yet / publishing failed).
+    Nowhere,
+}
+
+impl Published {
+    /// No record yet; [`republish`] writes one.
+    pub fn nowhere() -> Published {
+        Published {
+            place: PublishedPlace::Nowhere,
+            generation: 0,
+            withdrawn: false,
+            pending: None,
+        }
+    }
+
+    /// Claimed, record still to be written with [`write_pending`].
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Where the record is, for log lines.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            PublishedPlace::InFile => "inside the lock file".into(),
+            PublishedPlace::Side { name, .. } => format!("side file {name:?}"),
+            PublishedPlace::Nowhere => "nowhere".into(),
+        }
+    }
+}
+
+/// Open `.lockwarden` directories by path, shared by every record published in them: the
+/// directory is opened (and created) once, not per record, and closed when its last record is
+/// withdrawn (so no idle mount is kept busy).
+static RECORD_DIRS: LazyLock<Mutex<HashMap<String, Weak<RecordDir>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// `.lockwarden` directories that could not be opened or created recently, and why: not tried
+/// again for [`RECORD_DIR_RETRY`] (a read-only directory, or a file system without mkdir, would
+/// otherwise cost every lease in it the same failing calls).
+static RECORD_DIR_FAILED: LazyLock<Mutex<HashMap<String, (std::time::Instant, String)>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+const RECORD_DIR_RETRY: Duration = Duration::from_secs(10);
+
+fn record_dir(path: &str) -> Result<Arc<RecordDir>, String> {
+    if let Ok(dirs) = RECORD_DIRS.lock() {
+        if let Some(d) = dirs.get(path).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+    }
+    if let Ok(mut failed) = RECORD_DIR_FAILED.lock() {
+        match failed.get(path) {
+            Some((at, why)) if at.elapsed() < RECORD_DIR_RETRY => return Err(why.clone()),
+            Some(_) => {
+                failed.remove(path);
+            }
+            None => {}
+        }
+    }
+    let opened = open_record_dir(path, true)
+        .map_err(|e| format!("cannot open or create {path:?}: {}", e.desc()))
+        .and_then(|d| d.ok_or_else(|| format!("{path:?} vanished")));
+    let fd = match opened {
+        Ok(fd) => fd,
+        Err(why) => {
+            if let Ok(mut failed) = RECORD_DIR_FAILED.lock() {
+                if failed.len() >= 256 {
+                    failed.retain(|_, (at, _)| at.elapsed() < RECORD_DIR_RETRY);
+                }
+                failed.insert(path.to_string(), (std::time::Instant::now(), why.clone()));
+            }
+            return Err(why);
+        }
+    };
+    let flush = !host_local(fd.as_fd());
+    let d = Arc::new(RecordDir {
+        fd,
+        flush,
+        path: path.to_string(),
+    });
+    if let Ok(mut dirs) = RECORD_DIRS.lock() {
+        if dirs.len() >= 256 {
+            dirs.retain(|_, w| w.strong_count() > 0);
+        }
+        dirs.insert(path.to_string(), Arc::downgrade(&d));
+    }
+    Ok(d)
+}
+
+fn forget_record_dir(path: &str) {
+    if let Ok(mut dirs) = RECORD_DIRS.lock() {
+        dirs.remove(path);
+    }
+}
+
+/// Publish `record` for the lease open as `target.fd` (which must hold the lease's lock on byte
+/// 0), opening (or reusing) the side file. To change a published record, use [`republish`] on
+/// it: a second publish of the same side file is refused while the first one holds it.
+pub fn publish(target: Target<'_>, record: Record) -> Result<Published, String> {
+    let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+    publish_known(target, record, Ident::of(&st))
+}
+
+/// What an `fstat` of the locked file says that a record needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Ident {
+    pub dev: u64,
+    pub ino: u64,
+    /// A regular file (block devices get no record).
+    pub regular: bool,
+}
+
+impl Ident {
+    pub(super) fn of(st: &nix::sys::stat::FileStat) -> Ident {
+        Ident {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            regular: is_regular(st),
+        }
+    }
+}
+
+pub(super) fn is_regular(st: &nix::sys::stat::FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+}
+
+/// [`publish`] for a target the caller took `fstat` of right after opening it.
+pub fn publish_known(
+    target: Target<'_>,
+    mut record: Record,
+    id: Ident,
+) -> Result<Published, String> {
+    record.lock_ino = id.ino;
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    let bytes = encode(&record)?;
+    if target.in_file(record.mode) {
+        publish_in_file(target.fd, &bytes)?;
+        return Ok(Published {
+            place: PublishedPlace::InFile,
+            generation: record.generation,
+            withdrawn: false,
+            pending: None,
+        });
+    }
+    let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
+        return Ok(Published {
+            place: PublishedPlace::Nowhere,
+            generation: record.generation,
+            withdrawn: false,
+            pending: None,
+        });
+    };
+    let place = publish_side(&side, &record.host, &bytes)?;
+    Ok(Published {
+        place,
+        generation: record.generation,
+        withdrawn: false,
+        pending: None,
+    })
+}
+
+/// [`publish_known`], but when the record goes into an idle side file (host-local, see
+/// [`Idle`]) only *claim* it: take its liveness lock now and leave the record in the result for
+/// [`write_pending`], which the daemon calls right after answering. A reader that comes in
+/// between finds the liveness lock held over a blank file and reads again 5 ms later (see
+/// `read_side_file`), so a refusal still names the VM; the acquire's answer no longer waits for
+/// a write per disk. Anything else is published at once.
+pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<Published, String> {
+    if target.in_file(record.mode) {
+        return publish_known(target, record, id);
+    }
+    let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
+        return publish_known(target, record, id);
+    };
+    let name = format!("{}@{}.json", side.stem, host_label(&record.host));
+    let Some(idle) = unpark(&side.dir, &name) else {
+        return publish_known(target, record, id);
+    };
+    if ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).is_err() {
+        drop(idle);
+        return publish_known(target, record, id);
+    }
+    record.lock_ino = id.ino;
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    let bytes = encode(&record)?;
+    Ok(Published {
+        place: PublishedPlace::Side {
+            dir: idle.dir,
+            name,
+            file: idle.file,
+            len: idle.len,
+        },
+        generation: record.generation,
+        withdrawn: false,
+        pending: Some(bytes.into_boxed_slice()),
+    })
+}
+
+/// Write the record [`claim_known`] left pending (nothing when there is none, or the record was
+/// withdrawn or rewritten meanwhile). A side file removed while it was idle is replaced by a
+/// new one.
+pub fn write_pending(p: &mut Published) -> Result<(), String> {
+    let Some(bytes) = p.pending.take() else {
+        return Ok(());
+    };
+    if p.withdrawn {
+        return Ok(());
+    }
+    let PublishedPlace::Side {
+        dir,
+        name,
+        file,
+        len,
+    } = &mut p.place
+    else {
+        return Ok(());
+    };
+    let linked = fstat(file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
+    if linked {
+        *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
+            .map_err(|e| format!("writing side file {name:?}: {e}"))?;
+        return Ok(());
+    }
+    let (path, name) = (dir.path.clone(), name.clone());
+    // Its liveness lock goes with it; the new file gets its own.
+    p.place = PublishedPlace::Nowhere;
+    p.place = publish_side_named(&path, name, &bytes)?;
+    Ok(())
+}
+
+/// Rewrite the record `p` in place (same side file, same liveness lock) with `record`, unless
+/// `p` was withdrawn or already carries a newer generation (rewrites of one lease may finish on
+/// different storage threads in any order). A `p` with no record yet is published afresh.
+/// `record.generation` 0 means "now".
+pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> Result<(), String> {
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    if p.withdrawn || record.generation <= p.generation {
+        return Ok(());
+    }
+    // This record supersedes one still waiting to be written.
+    p.pending = None;
+    match &mut p.place {
+        PublishedPlace::Nowhere => {
+            *p = publish(target, record)?;
+            Ok(())
+        }
+        PublishedPlace::InFile => {
+            let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+            record.lock_ino = st.st_ino;
+            publish_in_file(target.fd, &encode(&record)?)?;
+            p.generation = record.generation;
+            Ok(())
+        }
+        PublishedPlace::Side {
+            dir,
+            name,
+            file,
+            len,
+            ..
+        } => {
+            let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+            record.lock_ino = st.st_ino;
+            let bytes = encode(&record)?;
+            *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
+                .map_err(|e| format!("rewriting side file {name:?} failed: {e}"))?;
+            p.generation = record.generation;
+            Ok(())
+        }
+    }
+}
+
+fn encode(record: &Record) -> Result<Vec<u8>, String> {
+    let mut bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// Is the file open as `fd` on a file system only this host can mount (ext2/3/4, XFS, Btrfs,
+/// F2FS, tmpfs, overlayfs)? There every reader sees the page cache, so a record needs no flush
+/// to be visible (a flush only serves other NFS clients; durability is not wanted: a record is
+/// only believed while its publisher's liveness lock is held). Unknown file systems are flushed.
+fn host_local(fd: BorrowedFd<'_>) -> bool {
+    use nix::sys::statfs::{
+        BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC, TMPFS_MAGIC,
+        XFS_SUPER_MAGIC,
+    };
+    fstatfs(fd).is_ok_and(|s| {
+        [
+            EXT4_SUPER_MAGIC,
+            XFS_SUPER_MAGIC,
+            BTRFS_SUPER_MAGIC,
+            F2FS_SUPER_MAGIC,
+            TMPFS_MAGIC,
+            OVERLAYFS_SUPER_MAGIC,
+        ]
+        .contains(&s.filesystem_type())
+    })
+}
+
+/// What a rewrite does with the rest of a longer earlier record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tail {
+    /// `ftruncate` it away (records inside lock files).
+    Cut,
+    /// Overwrite it with spaces, which readers skip (side files). Cheaper than truncating: on
+    /// ext4 a truncate frees the block and goes through the orphan list and the journal, and
+    /// the next record allocates a block again; an overwrite of the same bytes does neither.
+    Pad,
+}
+
+/// Write `bytes` at offset 0 of `fd`, cut or blank what is left of a longer earlier record
+/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close). Returns
+/// the length of the file's content now.
+pub(super) fn write_record(
+    fd: BorrowedFd<'_>,
+    bytes: &[u8],
+    old_len: u64,
+    tail: Tail,
+    flush: bool,
+) -> Result<u64, String> {
+    let padded;
+    let bytes = match usize::try_from(old_len) {
+        Ok(old) if tail == Tail::Pad && old > bytes.len() && old <= MAX_RECORD => {
+            let mut v = Vec::with_capacity(old);
+            v.extend_from_slice(bytes);
+            v.resize(old, b' ');
+            padded = v;
+            &padded[..]
+        }
+        _ => bytes,
+    };
+    write_all_at0(fd, bytes)?;
+    if old_len > bytes.len() as u64 {
+        let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
+        ftruncate(fd, len).map_err(|e| format!("truncating failed: {}", e.desc()))?;
+    }
+    if flush {
+        fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
+    }
+    Ok(bytes.len() as u64)
+}
+
+/// `pwrite` all of `bytes` at offset 0.
+fn write_all_at0(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
+    let mut done = 0;
+    while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+        let off = libc::off_t::try_from(done).unwrap_or(0);
+        match pwrite(fd, rest, off) {
+            Ok(0) => return Err("the file accepted no bytes".into()),
+            Ok(n) => done += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(format!("writing failed: {}", e.desc())),
+        }
+    }
+    Ok(())
+}
+
+fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
+    ofd_set(fd, libc::F_WRLCK, LIVENESS_BYTE).map_err(|e| {
+        format!(
+            "cannot take the record's liveness lock on byte {LIVENESS_BYTE}: {}",
+            e.desc()
+        )
+    })?;
+    // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
+    write_record(fd, bytes, u64::MAX, Tail::Cut, !host_local(fd))
+        .map(drop)
+        .map_err(|e| format!("the lock file: {e}"))
+}
+
+pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match nix::fcntl::open(dir, flags, Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(Errno::ENOENT) if create => {
+            let (parent, name) = dir.rsplit_once('/').unwrap_or(("/", dir));
+            let parent = if parent.is_empty() { "/" } else { parent };
+            let pfd = nix::fcntl::open(
+                parent,
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            match mkdirat(&pfd, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat(&pfd, name, flags, Mode::empty()).map(Some)
+        }
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Open this host's side file, creating it only when missing: withdrawn records leave their
+/// (empty) file behind, so the next lease of the same file reuses it without touching the
+/// directory (creating and deleting a file per lease serialises on the directory's lock and,
+/// on ext4, costs an inode allocation that scans for recently deleted inodes).
+fn open_side(dir: &RecordDir, name: &str) -> Result<OwnedFd, Errno> {
+    let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    match openat(&dir.fd, name, flags, Mode::empty()) {
+        Err(Errno::ENOENT) => openat(
+            &dir.fd,
+            name,
+            flags | OFlag::O_CREAT,
+            Mode::from_bits_truncate(0o600),
+        ),
+        r => r,
+    }
+}
+
+/// Open (or create) this host's side file, take its liveness lock, write the record in place.
+/// No temporary name and no rename: a reader that catches the file empty or half-written sees
+/// invalid JSON under a held liveness lock and reads again (see `read_side`).
+fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedPlace, String> {
+    let name = format!("{}@{}.json", side.stem, host_label(host));
+    if let Some(idle) = unpark(&side.dir, &name) {
+        if let Ok(place) = reuse(idle, name.clone(), bytes) {
+            return Ok(place);
+        }
+    }
+    publish_side_named(&side.dir, name, bytes)
+}
+
+/// [`publish_side`] into side file `name` of record directory `dir_path`, opened afresh.
+fn publish_side_named(
+    dir_path: &str,
+    name: String,
+    bytes: &[u8],
+) -> Result<PublishedPlace, String> {
+    let mut dir = record_dir(dir_path)?;
+    let fd = match open_side(&dir, &name) {
+        // The cached directory was removed (by hand): open or create it again.
+        Err(Errno::ENOENT) => {
+            forget_record_dir(dir_path);
+            dir = record_dir(dir_path)?;
+            open_side(&dir, &name)
+        }
+        r => r,
+    }
+    .map_err(|e| format!("cannot open {name:?} in {:?}: {}", dir_path, e.desc()))?;
+    let st = fstat(&fd).map_err(|e| format!("fstat of {name:?} failed: {}", e.desc()))?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        return Err(format!(
+            "{name:?} in {:?} is not a regular file; remove it",
+            dir_path
+        ));
+    }
+    ofd_set(fd.as_fd(), libc::F_WRLCK, 0).map_err(|e| {
+        if lock::is_conflict(e) {
+            format!(
+                "side file {name:?} in {:?} is held by another publisher on this host (two \
+                 lockwardend instances with one host name?)",
+                dir_path
+            )
+        } else {
+            format!("cannot lock {name:?} in {:?}: {}", dir_path, e.desc())
+        }
+    })?;
+    let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+    let len = write_record(fd.as_fd(), bytes, old_len, Tail::Pad, dir.flush)
+        .map_err(|e| format!("writing {name:?} in {:?}: {e}", dir_path))?;
+    Ok(PublishedPlace::Side {
+        dir,
+        name,
+        file: File::from(fd),
+        len,
+    })
+}
+
+/// Take the record back (before the lease's lock is dropped): empty the lock file's content and
+/// release the liveness byte, or blank the side file (spaces) and close it (which drops its
+/// liveness lock). The blank side file stays for the next lease of that file on this host;
+/// readers skip blank side files nobody holds.
+pub fn withdraw(fd: BorrowedFd<'_>, mut published: Published) -> Result<(), String> {
+    withdraw_in_place(fd, &mut published)
+}
+
+/// [`withdraw`] through a shared handle: the record stays withdrawn (later rewrites of it are
+/// ignored) and its side file is closed.
+pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Result<(), String> {
+    published.withdrawn = true;
+    published.pending = None;
+    match std::mem::replace(&mut published.place, PublishedPlace::Nowhere) {
+        PublishedPlace::InFile => {
+            let r = ftruncate(fd, 0)
+                .map_err(|e| format!("emptying the lock file failed: {}", e.desc()));
+            let _ = ofd_set(fd, libc::F_UNLCK, LIVENESS_BYTE);
+            r
+        }
+        PublishedPlace::Side {
+            dir,
+            name,
+            file,
+            len,
+        } => {
+            // Blank it before closing (which drops the liveness lock): a reader then finds
+            // either our record, or only spaces (read as empty), or a file whose publisher
+            // is gone. Spaces rather than a truncate: see `Tail::Pad`.
+            let blank = vec![b' '; usize::try_from(len).unwrap_or(0).min(MAX_RECORD)];
+            let r = write_all_at0(file.as_fd(), &blank)
+                .map_err(|e| format!("cannot blank side file {name:?}: {e}"));
+            // On a host-local file system, keep it open for the next lease (see `Idle`); its
+            // liveness lock goes now either way.
+            if r.is_ok() && !dir.flush && ofd_set(file.as_fd(), libc::F_UNLCK, 0).is_ok() {
+                park(dir, name, file, len);
+                return r;
+            }
+            drop(file);
+            drop(dir);
+            r
+        }
+        PublishedPlace::Nowhere => Ok(()),
+    }
+}
+
+/// Published records of one daemon, by lease identity (st_dev, st_ino). A convenience for
+/// callers that publish synchronously: failures are logged, never returned.
+#[derive(Debug, Default)]
+pub struct Records {
+    map: HashMap<(u64, u64), Published>,
+}
+
+impl Records {
+    /// Publish (or rewrite in place) the record of lease `id`. Logs and continues on failure.
+    pub fn publish(&mut self, id: (u64, u64), target: Target<'_>, record: Record) {
+        let name = record.name.clone();
+        let result = match self.map.get_mut(&id) {
+            Some(p) => republish(p, target, record),
+            None => publish(target, record).map(|p| {
+                self.map.insert(id, p);
+            }),
+        };
+        match result {
+            Ok(()) => log::debug!("holder record for {name:?} published"),
+            Err(e) => log::warn!(
+                "cannot publish the holder record for {name:?} (the lease itself is held; \
+                 other hosts will only see that it is locked): {e}"
+            ),
+        }
+    }
+
+    /// Withdraw the record of lease `id`, whose descriptor is `fd`. Logs on failure.
+    pub fn withdraw(&mut self, id: (u64, u64), fd: BorrowedFd<'_>) {
+        if let Some(p) = self.map.remove(&id) {
+            if let Err(e) = withdraw(fd, p) {
+                log::warn!("cannot withdraw a holder record: {e}");
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {}
