@@ -1,0 +1,633 @@
+//! The keeper process: started by the daemon, holds every lease's descriptors.
+
+use super::*;
+use crate::daemon::keptmeta::{KeptMeta, Tails};
+use log::{error, info, warn};
+use nix::sys::socket::{Backlog, SockFlag, UnixAddr, accept4, bind, getsockopt, listen, sockopt};
+use nix::sys::stat::{Mode, umask};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+/// Start a keeper at `path` and return a connection to it.
+pub(super) fn spawn(path: &Path) -> Result<OwnedFd, String> {
+    remove_stale(path)?;
+    let listener = seqpacket()?;
+    let addr = UnixAddr::new(path).map_err(|e| format!("keeper socket {path:?}: {}", e.desc()))?;
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = bind(listener.as_raw_fd(), &addr);
+    umask(old);
+    bound.map_err(|e| format!("cannot bind the keeper socket {path:?}: {}", e.desc()))?;
+    let ident = fs::symlink_metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| format!("cannot stat the keeper socket {path:?}: {e}"))?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot create a pipe: {}", e.desc()))?;
+    // SAFETY: lockwardend is single-threaded, so the child may run any code; the intermediate
+    // child only calls setsid, fork and _exit.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => {
+            let _ = fs::remove_file(path);
+            return Err(format!("cannot fork the keeper: {}", e.desc()));
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            let _ = nix::unistd::setsid();
+            // SAFETY: as above; the grandchild becomes the keeper, re-parented to init.
+            match unsafe { nix::unistd::fork() } {
+                Ok(nix::unistd::ForkResult::Child) => {
+                    drop(ready_r);
+                    keeper_main(listener, ready_w, path.to_path_buf(), ident)
+                }
+                // SAFETY: _exit ends the intermediate child without running any destructor.
+                _ => unsafe { libc::_exit(0) },
+            }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(ready_w);
+            drop(listener);
+            let _ = nix::sys::wait::waitpid(child, None);
+            let mut b = [0u8; 1];
+            let mut fds = [nix::poll::PollFd::new(
+                ready_r.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let ms = u16::try_from(IO_TIMEOUT.as_millis()).unwrap_or(u16::MAX);
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+            match nix::unistd::read(&ready_r, &mut b) {
+                Ok(1) => {}
+                _ => return Err(format!("the keeper at {path:?} did not start")),
+            }
+        }
+    }
+    connect_to(path).map_err(|e| format!("cannot connect to the new keeper at {path:?}: {e}"))
+}
+
+/// A keeper socket file nobody listens on is removed; a live one is an error (we only get
+/// here when connecting to it failed).
+fn remove_stale(path: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => fs::remove_file(path)
+            .map_err(|e| format!("cannot remove the stale keeper socket {path:?}: {e}")),
+        Ok(_) => Err(format!(
+            "{path:?} exists and is not a socket; remove it (lockwardend's keeper needs that path)"
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+/// One held lease, kept small (the keeper holds every lease of the host): the record is the
+/// JSON text the daemon sent (kept compactly, given back verbatim: keptmeta.rs), and the
+/// descriptors are inline.
+pub(super) struct Held {
+    pub(super) pids: Box<[Watch]>,
+    pub(super) meta: KeptMeta,
+    pub(super) fd: OwnedFd,
+    pub(super) dir: Option<OwnedFd>,
+}
+
+/// A watched owner pid: its pidfd (none on kernels without pidfds), its start time, and how
+/// many held leases name it, so that holding or dropping a lease costs nothing per other lease.
+/// A pid no lease names any more stays watched (idle, up to [`IDLE_WATCHES`]) until it exits:
+/// a paused VM resumes, and opening a pidfd and reading /proc/PID/stat again for every
+/// acquire was most of the keeper's work in a steady acquire/release loop.
+pub(super) struct Watched {
+    pub(super) fd: Option<OwnedFd>,
+    pub(super) start: Option<u64>,
+    pub(super) refs: usize,
+}
+
+/// Idle watched pids kept beyond those that hold leases.
+const IDLE_WATCHES: usize = 256;
+
+pub(super) struct KeeperProc {
+    pub(super) listener: OwnedFd,
+    pub(super) path: PathBuf,
+    pub(super) ident: (u64, u64),
+    pub(super) conn: Option<OwnedFd>,
+    pub(super) held: BTreeMap<[u64; 2], Held>,
+    pub(super) watched: HashMap<u32, Watched>,
+    /// Owners found gone while holding: their leases are dropped after the current message.
+    pub(super) dead: Vec<u32>,
+    pub(super) rx: Receiver,
+    pub(super) euid: u32,
+    /// A daemon said hello at least once.
+    pub(super) greeted: bool,
+    /// Copies the daemon let go of during the current message: closed after the answer, on
+    /// the closer thread (a close can block on a hung mount — FUSE and NFS flush on close —
+    /// and must not stop the keeper from answering; the daemon's explicit unlock, not this
+    /// close, is what drops the lock).
+    /// Per device (`st_dev`), so one hung mount's closes never delay another's.
+    pub(super) closing: Vec<(u64, Held)>,
+    pub(super) closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Held>>>,
+    /// The record tails the held leases share.
+    pub(super) tails: Tails,
+}
+
+fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.to_vec();
+    keep.sort_unstable();
+    let mut from: RawFd = 3;
+    for k in keep.into_iter().chain(std::iter::once(RawFd::MAX)) {
+        if k > from {
+            // SAFETY: close_range(from, k - 1, 0) closes descriptors; no memory is involved.
+            // Nothing in this freshly forked single-threaded process uses them any more.
+            unsafe { libc::syscall(libc::SYS_close_range, from as u32, (k - 1) as u32, 0) };
+        }
+        from = k.saturating_add(1);
+    }
+}
+
+fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u64)) -> ! {
+    crate::daemon::logging::forget_pid();
+    close_all_but(&[listener.as_raw_fd(), ready.as_raw_fd()]);
+    if let Ok(null) = fs::File::options().read(true).write(true).open("/dev/null") {
+        // SAFETY: dup2 onto stdin and stdout; stderr stays for the log.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    // The daemon blocked its signals for its signalfd: the keeper wants SIGTERM to work.
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
+    // SAFETY: SIG_IGN installs no handler code.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGHUP,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::SigHandler::SigIgn,
+        );
+    }
+    // SAFETY: PR_SET_NAME with a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"lockwardend-kpr".as_ptr(), 0, 0, 0) };
+    if let Err(e) = listen(&listener, Backlog::new(16).unwrap_or(Backlog::MAXCONN)) {
+        error!("keeper: cannot listen on {path:?}: {}", e.desc());
+        // SAFETY: _exit without destructors, in the forked keeper.
+        unsafe { libc::_exit(1) };
+    }
+    let _ = nix::unistd::write(&ready, b"1");
+    drop(ready);
+    let mut k = KeeperProc {
+        listener,
+        path,
+        ident,
+        conn: None,
+        held: BTreeMap::new(),
+        watched: HashMap::new(),
+        dead: Vec::new(),
+        rx: Receiver::new(),
+        euid: nix::unistd::geteuid().as_raw(),
+        greeted: false,
+        closing: Vec::new(),
+        closers: HashMap::new(),
+        tails: Tails::default(),
+    };
+    k.run()
+}
+
+#[derive(Clone, Copy)]
+enum Tok {
+    Listener,
+    Conn,
+    Pid(u32),
+}
+
+impl KeeperProc {
+    fn me(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn run(&mut self) -> ! {
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        let mut toks: Vec<Tok> = Vec::new();
+        let mut ready: Vec<Tok> = Vec::new();
+        // A new keeper waits (boundedly) for the daemon that started it to say hello; a
+        // connection that never does (a probe) does not count.
+        loop {
+            let first = !self.greeted;
+            if self.conn.is_none() && self.held.is_empty() && !first {
+                self.exit("holds no lease and no lockwardend is connected");
+            }
+            pfds.clear();
+            toks.clear();
+            let (fd, tok) = match &self.conn {
+                Some(c) => (c.as_raw_fd(), Tok::Conn),
+                None => (self.listener.as_raw_fd(), Tok::Listener),
+            };
+            pfds.push(pollfd(fd));
+            toks.push(tok);
+            for (pid, w) in &self.watched {
+                if let Some(fd) = &w.fd {
+                    pfds.push(pollfd(fd.as_raw_fd()));
+                    toks.push(Tok::Pid(*pid));
+                }
+            }
+            let timeout = if first {
+                IO_TIMEOUT.as_millis() as libc::c_int
+            } else {
+                -1
+            };
+            // SAFETY: a valid, exclusively borrowed pollfd array of the given length.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            if n == 0 && first {
+                self.exit("was started but no lockwardend connected");
+            }
+            if n < 0 {
+                continue;
+            }
+            ready.clear();
+            ready.extend(
+                pfds.iter()
+                    .zip(toks.iter())
+                    .filter(|(p, _)| p.revents != 0)
+                    .map(|(_, t)| *t),
+            );
+            for t in &ready {
+                match *t {
+                    Tok::Listener => self.accept(),
+                    Tok::Conn => self.serve_burst(),
+                    Tok::Pid(pid) => self.owner_gone(pid),
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        let fd = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            // SAFETY: accept4 returned a new descriptor that nobody else owns.
+            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(_) => return,
+        };
+        match getsockopt(&fd, sockopt::PeerCredentials) {
+            Ok(c) if c.uid() == self.euid => {
+                info!(
+                    "keeper (pid {}): lockwardend pid {} connected; {} lease(s) held",
+                    self.me(),
+                    c.pid(),
+                    self.held.len()
+                );
+                self.conn = Some(fd);
+            }
+            Ok(c) => warn!(
+                "keeper (pid {}): refusing pid {} with uid {}",
+                self.me(),
+                c.pid(),
+                c.uid()
+            ),
+            Err(_) => {}
+        }
+    }
+
+    /// Read what the daemon sent: every message already queued (up to [`DRAIN_MAX`]), and
+    /// after quiet batches sleep [`QUIET_WINDOW`] so that the next ones queue up meanwhile
+    /// instead of waking the keeper one by one. Answers are never delayed: a message that
+    /// wants one is answered at once, and the daemon sends nothing else while it waits.
+    fn serve_burst(&mut self) {
+        let mut quiet = false;
+        for _ in 0..DRAIN_MAX {
+            quiet |= self.serve();
+            let Some(fd) = self.conn.as_ref().map(AsRawFd::as_raw_fd) else {
+                return;
+            };
+            let mut p = [pollfd(fd)];
+            // SAFETY: a valid, exclusively borrowed pollfd array of length 1; timeout 0.
+            if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } <= 0 {
+                break;
+            }
+        }
+        if quiet {
+            std::thread::sleep(QUIET_WINDOW);
+        }
+    }
+
+    /// Read and handle one message. Returns whether it was a quiet batch.
+    pub(super) fn serve(&mut self) -> bool {
+        let Some(fd) = self.conn.as_ref().map(AsRawFd::as_raw_fd) else {
+            return false;
+        };
+        let parsed = match self.rx.recv(fd) {
+            Ok(Some((bytes, fds))) => (serde_json::from_slice::<Incoming>(bytes), fds),
+            Ok(None) | Err(_) => {
+                self.conn = None;
+                if !self.held.is_empty() {
+                    warn!(
+                        "keeper (pid {}): lockwardend disconnected; holding {} lease(s) of \
+                         {} VM(s) until a restarted lockwardend takes them back or the VMs exit",
+                        self.me(),
+                        self.held.len(),
+                        self.pids().len()
+                    );
+                }
+                return false;
+            }
+        };
+        let quiet = matches!(&parsed.0, Ok(m) if m.quiet);
+        let reply = match parsed {
+            (Ok(msg), fds) => self.handle(fd, msg, fds),
+            (Err(e), _) => self.refuse(format!("bad message: {e}")),
+        };
+        // Owners found gone while taking this message's leases: drop what they held alone.
+        for pid in std::mem::take(&mut self.dead) {
+            self.owner_gone(pid);
+        }
+        if quiet && !reply.ok {
+            // Nobody waits for this answer: hanging up is how a quiet batch fails. The daemon
+            // notices at once, reconnects and hands every lease over again.
+            error!(
+                "keeper (pid {}): {}; hanging up so that lockwardend hands every lease over \
+                 again",
+                self.me(),
+                reply.error.as_deref().unwrap_or("a quiet batch failed")
+            );
+            self.conn = None;
+        } else if !quiet && send_msg(fd, &reply, &[]).is_err() {
+            self.conn = None;
+        }
+        self.close_deferred();
+        quiet
+    }
+
+    /// Close what was let go of, off the keeper's own thread: one closer thread per device,
+    /// started on first use.
+    fn close_deferred(&mut self) {
+        if self.closing.is_empty() {
+            return;
+        }
+        let mut by_dev: HashMap<u64, Vec<Held>> = HashMap::new();
+        for (dev, h) in std::mem::take(&mut self.closing) {
+            by_dev.entry(dev).or_default().push(h);
+        }
+        for (dev, batch) in by_dev {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.closers.entry(dev) {
+                let (tx, rx) = std::sync::mpsc::channel::<Vec<Held>>();
+                let spawned = std::thread::Builder::new()
+                    .name("lockwardend-kpc".into())
+                    .spawn(move || rx.into_iter().for_each(drop));
+                if spawned.is_ok() {
+                    slot.insert(tx);
+                }
+            }
+            match self.closers.get(&dev) {
+                Some(tx) => {
+                    if let Err(back) = tx.send(batch) {
+                        self.closers.remove(&dev);
+                        drop(back.0);
+                    }
+                }
+                None => drop(batch),
+            }
+        }
+    }
+
+    fn ok(&self) -> Ack {
+        Ack {
+            ok: true,
+            pid: self.me(),
+            held: self.held.len(),
+            version: KEEPER_PROTOCOL,
+            ..Ack::default()
+        }
+    }
+
+    fn refuse(&self, why: String) -> Ack {
+        Ack {
+            error: Some(format!("keeper protocol {KEEPER_PROTOCOL}: {why}")),
+            pid: self.me(),
+            version: KEEPER_PROTOCOL,
+            ..Ack::default()
+        }
+    }
+
+    fn handle(&mut self, fd: RawFd, msg: Incoming, fds: Vec<OwnedFd>) -> Ack {
+        match msg.op.as_str() {
+            "hello" => {
+                self.greeted = true;
+                self.ok()
+            }
+            "hold" => {
+                let Some(id) = msg.id else {
+                    return self.refuse("hold without an id".into());
+                };
+                let mut fds = fds.into_iter();
+                let Some(lock) = fds.next() else {
+                    return self.refuse("hold without a descriptor".into());
+                };
+                let meta = msg.meta.map(|m| m.to_string()).unwrap_or_default();
+                self.put(id, msg.pids, meta, lock, fds.next());
+                self.ok()
+            }
+            "hold_batch" => {
+                let want: usize = msg.entries.iter().map(|e| usize::from(e.fds)).sum();
+                if want != fds.len() || msg.entries.iter().any(|e| e.fds == 0 || e.fds > 2) {
+                    return self.refuse(format!(
+                        "hold_batch names {want} descriptor(s) but {} arrived",
+                        fds.len()
+                    ));
+                }
+                let mut fds = fds.into_iter();
+                for e in msg.entries {
+                    let (Some(lock), dir) = (fds.next(), (e.fds == 2).then(|| fds.next())) else {
+                        break;
+                    };
+                    self.put(e.id, e.pids, e.meta, lock, dir.flatten());
+                }
+                self.ok()
+            }
+            "drop" => {
+                if let Some(id) = msg.id {
+                    self.take(&id);
+                }
+                self.ok()
+            }
+            "drop_batch" => {
+                for id in &msg.ids {
+                    self.take(id);
+                }
+                self.ok()
+            }
+            "reset" => {
+                let all = std::mem::take(&mut self.held);
+                self.closing
+                    .extend(all.into_iter().map(|(id, h)| (id[0], h)));
+                self.watched.clear();
+                self.ok()
+            }
+            "dump" => {
+                for (id, h) in &self.held {
+                    let ack = Ack {
+                        ok: true,
+                        entry: Some(DumpEntry {
+                            id: *id,
+                            pids: h.pids.to_vec(),
+                            meta: serde_json::from_str(&h.meta.text())
+                                .unwrap_or(serde_json::Value::Null),
+                        }),
+                        ..Ack::default()
+                    };
+                    let mut raw = vec![h.fd.as_raw_fd()];
+                    raw.extend(h.dir.as_ref().map(AsRawFd::as_raw_fd));
+                    if send_msg(fd, &ack, &raw).is_err() {
+                        break;
+                    }
+                }
+                Ack {
+                    end: true,
+                    ..self.ok()
+                }
+            }
+            "quit" => {
+                let ack = self.ok();
+                if self.held.is_empty() {
+                    let _ = send_msg(fd, &ack, &[]);
+                    self.exit("lockwardend stopped with no lease held");
+                }
+                warn!(
+                    "keeper (pid {}): lockwardend stops while {} lease(s) are held; keeping them",
+                    self.me(),
+                    self.held.len()
+                );
+                ack
+            }
+            other => self.refuse(format!("unknown message {other:?}")),
+        }
+    }
+
+    /// Hold (or replace) lease `id`; its owner pids are watched from now on.
+    pub(super) fn put(
+        &mut self,
+        id: [u64; 2],
+        pids: Vec<Watch>,
+        meta: String,
+        fd: OwnedFd,
+        dir: Option<OwnedFd>,
+    ) {
+        for w in &pids {
+            self.watch(*w);
+        }
+        let held = Held {
+            pids: pids.into_boxed_slice(),
+            meta: KeptMeta::new(meta, &mut self.tails),
+            fd,
+            dir,
+        };
+        if let Some(old) = self.held.insert(id, held) {
+            self.unwatch(&old.pids);
+            self.closing.push((id[0], old));
+        }
+    }
+
+    /// Close the keeper's copies of lease `id`.
+    pub(super) fn take(&mut self, id: &[u64; 2]) {
+        if let Some(old) = self.held.remove(id) {
+            self.unwatch(&old.pids);
+            self.closing.push((id[0], old));
+        }
+    }
+
+    fn pids(&self) -> HashSet<u32> {
+        self.held
+            .values()
+            .flat_map(|h| h.pids.iter().map(|w| w.pid))
+            .collect()
+    }
+
+    /// One more held lease names `w.pid`: watch it (a pidfd checked against its start time).
+    /// A pid that is already gone is noted in `dead`.
+    pub(super) fn watch(&mut self, w: Watch) {
+        if let Some(e) = self.watched.get_mut(&w.pid) {
+            // The same process (or one of unknown start time): count it. Another process with
+            // a reused pid: watch it afresh (its exit is reported through the new pidfd).
+            if w.start.is_none() || e.start.is_none() || e.start == w.start {
+                e.refs += 1;
+                return;
+            }
+            self.watched.remove(&w.pid);
+        }
+        match crate::daemon::pidfd::Proc::reopen(w.pid, w.start) {
+            // Without pidfds (old kernels) only a restarted daemon notices the death.
+            Ok(p) => {
+                let start = p.start;
+                self.watched.insert(
+                    w.pid,
+                    Watched {
+                        fd: p.into_fd(),
+                        start,
+                        refs: 1,
+                    },
+                );
+            }
+            Err(_) => self.dead.push(w.pid),
+        }
+    }
+
+    /// A held lease naming these pids is gone: pids no lease names any more become idle (see
+    /// [`Watched`]); past [`IDLE_WATCHES`] idle ones, they are all forgotten.
+    pub(super) fn unwatch(&mut self, pids: &[Watch]) {
+        let mut idled = false;
+        for w in pids {
+            if let Some(e) = self.watched.get_mut(&w.pid) {
+                e.refs = e.refs.saturating_sub(1);
+                idled |= e.refs == 0;
+            }
+        }
+        if idled && self.watched.len() > IDLE_WATCHES {
+            let idle = self.watched.values().filter(|e| e.refs == 0).count();
+            if idle > IDLE_WATCHES {
+                self.watched.retain(|_, e| e.refs > 0);
+            }
+        }
+    }
+
+    /// Owner `pid` exited: leases it was the last owner of are closed (their locks drop).
+    pub(super) fn owner_gone(&mut self, pid: u32) {
+        self.watched.remove(&pid);
+        let me = self.me();
+        let gone: Vec<[u64; 2]> = self
+            .held
+            .iter_mut()
+            .filter(|(_, h)| h.pids.iter().any(|w| w.pid == pid))
+            .filter_map(|(id, h)| {
+                h.pids = h.pids.iter().filter(|w| w.pid != pid).copied().collect();
+                h.pids.is_empty().then_some(*id)
+            })
+            .collect();
+        for id in gone {
+            let Some(h) = self.held.remove(&id) else {
+                continue;
+            };
+            let name = serde_json::from_str::<serde_json::Value>(&h.meta.text())
+                .ok()
+                .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
+                .unwrap_or_else(|| "?".into());
+            info!("keeper (pid {me}): owner pid {pid} exited; dropped its lease {name:?}");
+            // Closing is what drops the lock here; it may block on a hung mount, so it too
+            // happens on that device's closer thread.
+            self.closing.push((id[0], h));
+        }
+        self.close_deferred();
+    }
+
+    fn exit(&mut self, why: &str) -> ! {
+        if let Ok(m) = fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.ident {
+                let _ = fs::remove_file(&self.path);
+            }
+        }
+        info!("keeper (pid {}) exits: it {why}", self.me());
+        // SAFETY: _exit ends the keeper without running destructors of the daemon's frames
+        // it was forked from.
+        unsafe { libc::_exit(0) }
+    }
+}
+
+pub(super) fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}

@@ -1,0 +1,127 @@
+//! The keeper link's socket and messages: one JSON object per packet, descriptors by
+//! SCM_RIGHTS.
+
+use super::*;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    connect, recvmsg, sendmsg, socket, sockopt,
+};
+use serde::Serialize;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+pub(super) fn seqpacket() -> Result<OwnedFd, String> {
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("cannot create a socket for the keeper: {}", e.desc()))
+}
+
+pub(super) fn connect_to(path: &Path) -> Result<OwnedFd, String> {
+    let fd = seqpacket()?;
+    let addr = UnixAddr::new(path).map_err(|e| format!("keeper socket {path:?}: {}", e.desc()))?;
+    connect(fd.as_raw_fd(), &addr).map_err(|e| e.desc().to_string())?;
+    set_timeouts(&fd);
+    Ok(fd)
+}
+
+pub(super) fn set_timeouts(fd: &OwnedFd) {
+    let tv = nix::sys::time::TimeVal::new(IO_TIMEOUT.as_secs() as _, 0);
+    let _ = nix::sys::socket::setsockopt(fd, sockopt::ReceiveTimeout, &tv);
+    let _ = nix::sys::socket::setsockopt(fd, sockopt::SendTimeout, &tv);
+    // Root may exceed net.core.wmem_max; others get what the limit allows.
+    if nix::sys::socket::setsockopt(fd, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+        let _ = nix::sys::socket::setsockopt(fd, sockopt::SndBuf, &SEND_BUFFER);
+    }
+}
+
+pub(super) fn send_msg<T: Serialize>(fd: RawFd, msg: &T, fds: &[RawFd]) -> Result<(), String> {
+    let bytes = serde_json::to_vec(msg).map_err(|e| format!("cannot encode: {e}"))?;
+    if bytes.len() > MAX_MSG {
+        return Err(format!(
+            "a keeper message of {} bytes exceeds the {MAX_MSG}-byte limit",
+            bytes.len()
+        ));
+    }
+    let iov = [IoSlice::new(&bytes)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(fd, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(format!("send failed: {}", e.desc())),
+        }
+    }
+}
+
+/// One message's bytes (in the receiver's buffer) and the descriptors that came with it.
+pub(super) type Message<'a> = (&'a [u8], Vec<OwnedFd>);
+
+/// One receive buffer (and control buffer) per side, allocated once: a message is received
+/// into it and parsed from the bytes that arrived, so nothing is zero-filled per message and
+/// only the pages the largest message touched are ever resident.
+pub(super) struct Receiver {
+    buf: Vec<u8>,
+    cmsg: Vec<u8>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Receiver")
+    }
+}
+
+impl Receiver {
+    pub(super) fn new() -> Receiver {
+        Receiver {
+            buf: Vec::new(),
+            cmsg: nix::cmsg_space!([RawFd; MAX_FDS]),
+        }
+    }
+
+    /// One message: its bytes and the descriptors that came with it; None at end of file.
+    pub(super) fn recv(&mut self, fd: RawFd) -> Result<Option<Message<'_>>, String> {
+        if self.buf.len() < MAX_MSG {
+            // calloc'd once: untouched pages cost nothing.
+            self.buf = vec![0u8; MAX_MSG];
+        }
+        loop {
+            let mut iov = [IoSliceMut::new(&mut self.buf)];
+            let msg = match recvmsg::<()>(
+                fd,
+                &mut iov,
+                Some(&mut self.cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(format!("receive failed: {}", e.desc())),
+            };
+            let mut fds = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for r in raw {
+                            // SAFETY: the kernel just installed this descriptor for us
+                            // (SCM_RIGHTS); nobody else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                        }
+                    }
+                }
+            }
+            let (n, flags) = (msg.bytes, msg.flags);
+            if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+                return Err("a message or its descriptors were truncated".into());
+            }
+            if n == 0 && fds.is_empty() {
+                return Ok(None);
+            }
+            return Ok(self.buf.get(..n).map(|b| (b, fds)));
+        }
+    }
+}
