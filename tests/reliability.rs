@@ -1008,3 +1008,39 @@ fn a_killed_keeper_is_replaced_and_still_protects() {
     d.spawn();
     assert_eq!(d.list().len(), 1);
 }
+
+#[test]
+fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
+    // The second loss within a second is not retried in a tight loop but by a timer: the new
+    // keeper must still come, with no lock request to trigger it.
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let v = vm("kept-twice");
+    let img = image(images.path(), "k2.img");
+    assert!(matches!(
+        d.client().call(&acquire_req(&v.owner, &img)),
+        Response::Ok { .. }
+    ));
+    let mut seen = (0, 0);
+    let first = d.keeper_pid().unwrap();
+    signal(first, libc::SIGKILL);
+    wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
+    let second = d.keeper_pid().unwrap();
+    assert_ne!(second, first);
+    d.keepers.push(second);
+    signal(second, libc::SIGKILL);
+    wait_log(&d, "holds all 1 lease(s) again", 2, &mut seen);
+    let third = d.keeper_pid().unwrap();
+    assert!(third != second && running(third));
+    d.keepers.push(third);
+    d.stop(libc::SIGKILL);
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        byte0(&img),
+        libc::F_WRLCK,
+        "the third keeper holds the lock"
+    );
+    d.spawn();
+    assert_eq!(d.list().len(), 1);
+}

@@ -368,7 +368,8 @@ pub fn cluster_config(mine: &PublishedConfig, dir: &Path, publish: bool) -> Chec
                     same.push(other.host.clone());
                 } else {
                     problems.push(format!(
-                        "plugin config differs from the one published by host {} ({},                          published {}): {}",
+                        "plugin config differs from the one published by host {} ({}, \
+                        published {}): {}",
                         other.host,
                         path.display(),
                         table::utc(other.published),
@@ -384,7 +385,8 @@ pub fn cluster_config(mine: &PublishedConfig, dir: &Path, publish: bool) -> Chec
             &name,
             Verdict::Fail,
             format!(
-                "{}; make qemu-lockwarden.conf agree on every host sharing {} (delete the file of                  a host that is gone){}",
+                "{}; make qemu-lockwarden.conf agree on every host sharing {} (delete the file of \
+                a host that is gone){}",
                 problems.join("; "),
                 dir.display(),
                 notes.iter().map(|n| format!("; {n}")).collect::<String>()
@@ -393,7 +395,8 @@ pub fn cluster_config(mine: &PublishedConfig, dir: &Path, publish: bool) -> Chec
     }
     let head = if same.is_empty() {
         format!(
-            "no other host has published its plugin config in {} yet (run lockwarden doctor on              each host)",
+            "no other host has published its plugin config in {} yet (run lockwarden doctor on \
+            each host)",
             dir.display()
         )
     } else {

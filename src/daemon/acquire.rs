@@ -264,7 +264,8 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                 Some(Ok(p)) => Some(p),
                 Some(Err(e)) => {
                     log::warn!(
-                        "cannot publish the holder record for {:?} (the lease itself is held;                          other hosts will only see that it is locked): {e}",
+                        "cannot publish the holder record for {:?} (the lease itself is held; \
+                        other hosts will only see that it is locked): {e}",
                         spec.name
                     );
                     None

@@ -35,6 +35,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 const REEXEC_WAIT: Duration = Duration::from_secs(1);
 /// Size of the shared read buffer.
 const SCRATCH: usize = 64 * 1024;
+/// A keeper link lost again within this time after a full hand-over is not retried at once.
+const KEEPER_RETRY: Duration = Duration::from_secs(1);
 
 /// What a poll entry stands for.
 #[derive(Clone, Copy, Debug)]
@@ -71,6 +73,11 @@ pub struct Server {
     euid: u32,
     config_file: String,
     accept_paused_until: Option<Instant>,
+    /// When the keeper link was last lost and everything handed over again: a keeper that hangs
+    /// up again within [`KEEPER_RETRY`] (it cannot take the leases) is retried at
+    /// `keeper_retry_at` (or by an earlier lock request) instead of in a loop.
+    keeper_lost_at: Option<Instant>,
+    keeper_retry_at: Option<Instant>,
     pfds: Vec<libc::pollfd>,
     tokens: Vec<Token>,
     scratch: Vec<u8>,
@@ -103,6 +110,8 @@ impl Server {
             euid: nix::unistd::geteuid().as_raw(),
             config_file,
             accept_paused_until: None,
+            keeper_lost_at: None,
+            keeper_retry_at: None,
             pfds: Vec::new(),
             tokens: Vec::new(),
             scratch: vec![0u8; SCRATCH],
@@ -246,10 +255,34 @@ impl Server {
     /// new keeper and hand it everything before a crash of ours could matter.
     fn keeper_lost(&mut self) {
         self.state.keeper.disconnect();
+        let now = Instant::now();
+        if let Some(t) = self
+            .keeper_lost_at
+            .filter(|t| now.saturating_duration_since(*t) < KEEPER_RETRY)
+        {
+            error!(
+                "the keeper hung up again right after taking every lease; lockwardend holds its \
+                 leases itself but a crash of it would drop them; retrying in {} ms (check the \
+                 keeper's log lines and its descriptor limit)",
+                KEEPER_RETRY.as_millis()
+            );
+            self.keeper_retry_at = Some(t + KEEPER_RETRY);
+            return;
+        }
+        self.rehand(now);
+    }
+
+    /// Hand every lease to a (new) keeper.
+    fn rehand(&mut self, now: Instant) {
+        self.keeper_lost_at = Some(now);
+        self.keeper_retry_at = None;
         if let Err(e) = self.state.protect(&[]) {
             error!(
-                "{e}; lockwardend holds its leases itself but a crash of it would drop them;                  retrying at the next request"
+                "{e}; lockwardend holds its leases itself but a crash of it would drop them; \
+                retrying in {} ms and at every lock request",
+                KEEPER_RETRY.as_millis()
             );
+            self.keeper_retry_at = Some(now + KEEPER_RETRY);
         }
     }
 
@@ -267,6 +300,7 @@ impl Server {
             .into_iter()
             .chain(reexec)
             .chain(super::holder::idle_deadline())
+            .chain(self.keeper_retry_at)
             .chain(conn_deadlines)
             .chain(self.accept_paused_until)
             .min();
@@ -325,6 +359,9 @@ impl Server {
 
     fn timers(&mut self, now: Instant) {
         super::holder::expire_idle(now);
+        if self.keeper_retry_at.is_some_and(|t| t <= now) {
+            self.rehand(now);
+        }
         super::acquire::expire(&mut self.state, now);
         self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);

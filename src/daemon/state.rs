@@ -245,7 +245,8 @@ impl State {
             Then::Acquired { pid, restrict } => {
                 if late {
                     warn!(
-                        "holder records of pid {pid}'s leases were not written within the                          storage timeout; answering the acquire anyway (the leases are held)"
+                        "holder records of pid {pid}'s leases were not written within the \
+                        storage timeout; answering the acquire anyway (the leases are held)"
                     );
                 }
                 (
@@ -265,10 +266,14 @@ impl State {
                     .map(|(w, m)| (w.clone(), m.to_string_lossy().into_owned()))
                     .unwrap_or_default();
                 error!(
-                    "release for VM {vm:?} (pid {pid}) timed out: {what:?} on mount {mount:?} is                      not answering after {ms} ms"
+                    "release for VM {vm:?} (pid {pid}) timed out: {what:?} on mount {mount:?} is \
+                    not answering after {ms} ms"
                 );
                 let message = format!(
-                    "storage holding {} (mount {}) is not answering: the release was not                      finished within {ms} ms ({} file(s) still waiting); VM '{}' no longer holds                      the lease and lockwardend drops the lock as soon as the storage answers;                      check the storage (NFS server, network) behind {}",
+                    "storage holding {} (mount {}) is not answering: the release was not \
+                    finished within {ms} ms ({} file(s) still waiting); VM '{}' no longer holds \
+                    the lease and lockwardend drops the lock as soon as the storage answers; \
+                    check the storage (NFS server, network) behind {}",
                     esc(&what),
                     esc(&mount),
                     stuck.len(),
@@ -382,7 +387,8 @@ impl State {
                 (why, Outcome::Published { label, result }) => {
                     if let Err(e) = result {
                         warn!(
-                            "cannot publish the holder record for {label:?} (the lease itself                              is held; other hosts will only see that it is locked): {e}"
+                            "cannot publish the holder record for {label:?} (the lease itself \
+                            is held; other hosts will only see that it is locked): {e}"
                         );
                     }
                     self.job_done(why, done.id);
@@ -402,7 +408,8 @@ impl State {
                         Disposal::Closed => debug!("{label}: lock dropped"),
                         Disposal::Deleted => debug!("{label}: lock dropped, lock file deleted"),
                         Disposal::KeptInUse => info!(
-                            "{label}: lock dropped; lock file kept, another host still holds a                              shared lock on it"
+                            "{label}: lock dropped; lock file kept, another host still holds a \
+                            shared lock on it"
                         ),
                     }
                     self.job_done(why, done.id);
