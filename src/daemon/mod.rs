@@ -57,7 +57,6 @@ type Failure = Box<crate::protocol::ErrorReply>;
 /// Exit status for a command line that cannot be understood.
 const EXIT_USAGE: u8 = 2;
 
-/// Entry point of the `lockwardend` binary.
 /// glibc's allocator, set before any thread starts (the forked keeper inherits it): one arena
 /// for every thread (storage and closer threads mostly wait on I/O, and each extra arena keeps a
 /// heap of its own resident), and a fixed mmap threshold, so that large tables (the lease map
@@ -72,6 +71,7 @@ fn tune_malloc() {
     }
 }
 
+/// Entry point of the `lockwardend` binary.
 pub fn main() -> ExitCode {
     tune_malloc();
     let args = match args::parse(std::env::args_os().skip(1)) {
