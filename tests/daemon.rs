@@ -5,21 +5,27 @@
 //! registered itself the way libvirt's forked child does). Drop guards kill every process a
 //! test started, whatever happens.
 
+mod common;
+
+use common::image;
+use common::proto::{
+    Client, Proc, byte0, err, eventually, excl, hostname, next_seq, ok, owner_for, probe_lock,
+    shared, signal, sleeper, vm,
+};
 use lockwarden::protocol::{
-    self, ErrorKind, ErrorReply, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec,
-    LockTarget, MAX_BODY, Owner, PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
+    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget,
+    MAX_BODY, Owner, PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
 };
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
@@ -28,73 +34,6 @@ const BOUND: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
 // Processes and daemons
-
-/// A child process killed and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Wait for the exit (bounded); None if it is still running after `limit`.
-    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sleeper() -> Proc {
-    Proc(
-        Command::new("sleep")
-            .arg("1000")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning sleep"),
-    )
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(1);
-
-fn owner_for(pid: u32, name: &str) -> Owner {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    Owner {
-        uuid: format!(
-            "c7a5fdbd-cdaf-9455-926a-{:012x}",
-            (u64::from(pid) << 16) | u64::from(n)
-        ),
-        name: name.to_string(),
-        id: n,
-        pid,
-    }
-}
-
-/// A running owner process and how the daemon knows it.
-struct Vm {
-    owner: Owner,
-    proc: Proc,
-}
-
-fn vm(name: &str) -> Vm {
-    let proc = sleeper();
-    Vm {
-        owner: owner_for(proc.pid(), name),
-        proc,
-    }
-}
 
 /// A lockwardend in its own directory, killed on drop.
 struct Daemon {
@@ -257,116 +196,8 @@ impl Daemon {
     }
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) with a pid of a child we own and a valid signal number.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
-}
-
-/// One connection speaking the protocol.
-struct Client(UnixStream);
-
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {path:?}: {e}"));
-        s.set_read_timeout(Some(BOUND)).unwrap();
-        s.set_write_timeout(Some(BOUND)).unwrap();
-        Client(s)
-    }
-
-    fn call(&mut self, req: &Request) -> Response {
-        protocol::write_message(&mut self.0, req).unwrap();
-        protocol::read_message(&mut self.0).unwrap()
-    }
-
-    /// After the daemon decided to close: the next read sees end of file.
-    fn assert_closed(&mut self) {
-        let mut b = [0u8; 1];
-        match self.0.read(&mut b) {
-            Ok(0) => {}
-            Ok(_) => panic!("unexpected data after the final response"),
-            Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
-            Err(e) => panic!("expected the daemon to close the connection, got {e}"),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Requests and checks
-
-fn disk(path: &Path, mode: LeaseMode) -> LeaseSpec {
-    let p = path.to_str().unwrap().to_string();
-    LeaseSpec {
-        name: p.clone(),
-        kind: ResourceKind::Disk,
-        mode,
-        target: LockTarget::File { path: p },
-    }
-}
-
-fn excl(path: &Path) -> LeaseSpec {
-    disk(path, LeaseMode::Exclusive)
-}
-
-fn shared(path: &Path) -> LeaseSpec {
-    disk(path, LeaseMode::Shared)
-}
-
-fn ok(resp: Response) -> Vec<LeaseInfo> {
-    match resp {
-        Response::Ok { leases } => leases,
-        other => panic!("expected Ok, got {other:?}"),
-    }
-}
-
-fn err(resp: Response, kind: ErrorKind) -> ErrorReply {
-    match resp {
-        Response::Error(e) if e.kind == kind => e,
-        other => panic!("expected an error of kind {kind:?}, got {other:?}"),
-    }
-}
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, vec![0u8; 4096]).unwrap();
-    p
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// What `F_OFD_GETLK` sees on `[start, start+len)` of `path`: the blocking lock type and pid.
-fn probe(path: &Path, start: i64, len: i64, l_type: libc::c_int) -> (libc::c_int, i32) {
-    let f = File::open(path).unwrap();
-    let mut fl = libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: len,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK with a valid descriptor and a pointer to a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_GETLK failed");
-    (i32::from(fl.l_type), fl.l_pid)
-}
-
-/// The lock type currently held on byte 0 by others (F_UNLCK when free).
-fn byte0(path: &Path) -> libc::c_int {
-    probe(path, 0, 1, libc::F_WRLCK).0
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < BOUND, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
-}
 
 fn sha256_hex(s: &str) -> String {
     use sha2::{Digest, Sha256};
@@ -445,7 +276,7 @@ unsafe fn child_roundtrip(
 /// as fd 9 — exactly what libvirt's forked child does before it becomes QEMU.
 /// The script reads commands from stdin.
 fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner, Response) {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let n = next_seq();
     let uuid = format!("0ddba11e-0000-4000-8000-{n:012x}");
     const SLOT: &str = "PPPPPPPPPP";
     let body = format!(
@@ -537,8 +368,8 @@ fn register_acquire_inquire_release() {
     assert_eq!(held[0].owners, vec![web1.owner.clone()]);
     assert_eq!(byte0(&img), libc::F_WRLCK, "byte 0 must carry a write lock");
     // QEMU's own byte ranges stay untouched.
-    assert_eq!(probe(&img, 100, 5, libc::F_WRLCK).0, libc::F_UNLCK);
-    assert_eq!(probe(&img, 200, 5, libc::F_WRLCK).0, libc::F_UNLCK);
+    assert_eq!(probe_lock(&img, 100, 5, libc::F_WRLCK).0, libc::F_UNLCK);
+    assert_eq!(probe_lock(&img, 200, 5, libc::F_WRLCK).0, libc::F_UNLCK);
 
     // Idempotent acquire; inquire; admin views.
     assert_eq!(d.acquired(&web1.owner, vec![excl(&img)]).len(), 1);
@@ -1193,7 +1024,7 @@ fn posix_lock_holders_and_lockwarden_exclude_each_other() {
     }
     let holder = Proc(cmd.spawn().expect("spawning the POSIX lock holder"));
     eventually("the POSIX lock is visible", || {
-        probe(&img, 0, 1, libc::F_WRLCK).1 == holder.pid() as i32
+        probe_lock(&img, 0, 1, libc::F_WRLCK).1 == holder.pid() as i32
     });
     let e = err(d.acquire(&a.owner, vec![shared(&img)]), ErrorKind::Busy);
     let want = format!("local process {} (sleep)", holder.pid());
@@ -1466,11 +1297,7 @@ fn notify_socket_gets_ready_and_stopping() {
     // A path socket and an abstract one ("@name").
     let path = tmp.path().join("notify");
     let by_path = UnixDatagram::bind(&path).unwrap();
-    let abstract_name = format!(
-        "lockwarden-test-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let abstract_name = format!("lockwarden-test-{}-{}", std::process::id(), next_seq());
     let by_name = {
         use std::os::linux::net::SocketAddrExt;
         let addr =

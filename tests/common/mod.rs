@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod proto;
+
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
