@@ -16,21 +16,24 @@
 //!   clients around, a legitimate acquire still succeeds. The acquire latencies are printed
 //!   (`--nocapture`), never asserted: timing belongs to benchmarks.
 
+mod common;
+
+use common::image;
+use common::proto::{Client, Proc, byte0, err, eventually, excl, ok, owner_for, sleeper};
 use lockwarden::protocol::{
-    self, ErrorKind, ErrorReply, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec,
-    LockTarget, MAX_BODY, Owner, Request, ResourceKind, Response,
+    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget,
+    MAX_BODY, Owner, Request, ResourceKind, Response,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,46 +44,10 @@ const BOUND: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Processes and the daemon
 
-/// A child process killed and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A process that stands for a QEMU: the owner pid of requests.
-fn qemu() -> Proc {
-    Proc(
-        Command::new("sleep")
-            .arg("1000")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning sleep"),
-    )
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(1);
-
 fn owner_of(p: &Proc, name: &str) -> Owner {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    Owner {
-        uuid: format!(
-            "bad0c0de-0000-4000-8000-{:04x}{n:08x}",
-            std::process::id() & 0xffff
-        ),
-        name: format!("{name}-{n}"),
-        id: n,
-        pid: p.pid(),
-    }
+    let mut o = owner_for(p.pid(), name);
+    o.name = format!("{name}-{}", o.id);
+    o
 }
 
 struct Daemon {
@@ -214,29 +181,8 @@ fn fd_limit() -> u64 {
     }
 }
 
-/// One connection speaking the protocol.
-struct Client(UnixStream);
-
+/// Acquire and release as the tests here check them (the connection itself: common::proto).
 impl Client {
-    fn connect(path: &Path) -> Client {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {path:?}: {e}"));
-        s.set_read_timeout(Some(BOUND)).expect("read timeout");
-        s.set_write_timeout(Some(BOUND)).expect("write timeout");
-        Client(s)
-    }
-
-    fn call(&mut self, req: &Request) -> Response {
-        protocol::write_message(&mut self.0, req).expect("sending a request");
-        protocol::read_message(&mut self.0).expect("reading the response")
-    }
-
-    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
-    fn held(&mut self, owner: &Owner) -> Vec<LeaseInfo> {
-        ok(self.call(&Request::Inquire {
-            owner: owner.clone(),
-        }))
-    }
-
     /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
     /// holds afterwards (asked on the same connection).
     fn acquired(&mut self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
@@ -260,16 +206,6 @@ impl Client {
     }
 }
 
-fn disk(path: &Path) -> LeaseSpec {
-    let p = path.to_str().expect("utf-8 path").to_string();
-    LeaseSpec {
-        name: p.clone(),
-        kind: ResourceKind::Disk,
-        mode: LeaseMode::Exclusive,
-        target: LockTarget::File { path: p },
-    }
-}
-
 fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
     Request::Acquire {
         owner: owner.clone(),
@@ -283,50 +219,6 @@ fn release(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
     Request::Release {
         owner: owner.clone(),
         leases,
-    }
-}
-
-fn ok(resp: Response) -> Vec<LeaseInfo> {
-    match resp {
-        Response::Ok { leases } => leases,
-        other => panic!("expected Ok, got {other:?}"),
-    }
-}
-
-fn err(resp: Response, kind: ErrorKind) -> ErrorReply {
-    match resp {
-        Response::Error(e) if e.kind == kind => e,
-        other => panic!("expected an error of kind {kind:?}, got {other:?}"),
-    }
-}
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, vec![0u8; 4096]).expect("create image");
-    p
-}
-
-/// The lock type others hold on byte 0 of `path` (F_UNLCK when free), via F_OFD_GETLK.
-fn byte0(path: &Path) -> libc::c_int {
-    let f = File::open(path).expect("open for probing");
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK with a valid descriptor and a pointer to a live flock.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_GETLK failed");
-    i32::from(fl.l_type)
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < BOUND, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -360,11 +252,11 @@ fn acquire_cycles(d: &Daemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<D
     let mut lat = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t0 = Instant::now();
-        let held = d.client().acquired(owner, vec![disk(img)]);
+        let held = d.client().acquired(owner, vec![excl(img)]);
         lat.push(t0.elapsed());
         assert_eq!(held.len(), 1, "the acquire did not take the disk");
         assert_eq!(byte0(img), libc::F_WRLCK);
-        d.client().released(owner, vec![disk(img)]);
+        d.client().released(owner, vec![excl(img)]);
     }
     lat
 }
@@ -380,18 +272,18 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
 
     // Not a running process: refused, nothing locked (nothing could ever release it).
     let ghost = {
-        let p = qemu();
+        let p = sleeper();
         let o = owner_of(&p, "ghost");
         drop(p);
         o
     };
     let e = err(
-        d.client().call(&acquire(&ghost, vec![disk(&img)])),
+        d.client().call(&acquire(&ghost, vec![excl(&img)])),
         ErrorKind::Invalid,
     );
     assert!(e.message.contains("not running"), "{}", e.message);
     // Unusable owner descriptions: refused.
-    let q = qemu();
+    let q = sleeper();
     let good = owner_of(&q, "vm");
     for bad in [
         Owner {
@@ -412,7 +304,7 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
         },
     ] {
         err(
-            d.client().call(&acquire(&bad, vec![disk(&img)])),
+            d.client().call(&acquire(&bad, vec![excl(&img)])),
             ErrorKind::Invalid,
         );
     }
@@ -424,7 +316,7 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
 
     // libvirtd's CPU-start pattern: a fresh, unregistered connection acquires for QEMU's pid.
     let mut c = d.client();
-    let held = c.acquired(&good, vec![disk(&img)]);
+    let held = c.acquired(&good, vec![excl(&img)]);
     assert_eq!(held.len(), 1);
     assert_eq!(held[0].owners, vec![good.clone()]);
     // That connection is not the owner's lifetime handle: closing it keeps the lease...
@@ -454,14 +346,14 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
     let d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let (img_a, img_b) = (image(images.path(), "a.img"), image(images.path(), "b.img"));
-    let (qa, qb) = (qemu(), qemu());
+    let (qa, qb) = (sleeper(), sleeper());
     let (a, b) = (owner_of(&qa, "a"), owner_of(&qb, "b"));
-    d.client().acquired(&a, vec![disk(&img_a)]);
-    d.client().acquired(&b, vec![disk(&img_b)]);
+    d.client().acquired(&a, vec![excl(&img_a)]);
+    d.client().acquired(&b, vec![excl(&img_b)]);
 
     // A names B's disk in a Release: not A's lease, so nothing happens (and no error: libvirt
     // releases leases it does not hold).
-    let left = d.client().released(&a, vec![disk(&img_b)]);
+    let left = d.client().released(&a, vec![excl(&img_b)]);
     assert_eq!(left.len(), 1, "A's own lease is untouched");
     assert_eq!(left[0].name, img_a.to_str().expect("utf-8"));
     assert_eq!(holders(&d, &img_b), vec![b.pid], "B's lease survived");
@@ -474,7 +366,7 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
 
     // Taking B's disk is Busy and names B.
     let e = err(
-        d.client().call(&acquire(&a, vec![disk(&img_b)])),
+        d.client().call(&acquire(&a, vec![excl(&img_b)])),
         ErrorKind::Busy,
     );
     let h = e.holder.expect("a busy error names the holder");
@@ -482,9 +374,9 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
     assert_eq!(holders(&d, &img_b), vec![b.pid]);
 
     // A request naming an owner that holds nothing leaves everything alone.
-    let (qc, lease_count) = (qemu(), d.list().len());
+    let (qc, lease_count) = (sleeper(), d.list().len());
     let c = owner_of(&qc, "c");
-    d.client().released(&c, vec![disk(&img_a), disk(&img_b)]);
+    d.client().released(&c, vec![excl(&img_a), excl(&img_b)]);
     assert!(ok(d.client().call(&Request::Inquire { owner: c })).is_empty());
     assert_eq!(d.list().len(), lease_count);
     assert_eq!(
@@ -498,9 +390,9 @@ fn a_restricted_connection_is_refused_everything() {
     let d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let (img, other) = (image(images.path(), "r.img"), image(images.path(), "o.img"));
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "restricted");
-    d.client().acquired(&o, vec![disk(&img)]);
+    d.client().acquired(&o, vec![excl(&img)]);
 
     // Restricted by Register, and by an Acquire with restrict set.
     let mut by_register = d.client();
@@ -517,8 +409,8 @@ fn a_restricted_connection_is_refused_everything() {
     }));
     for c in [&mut by_register, &mut by_acquire] {
         for req in [
-            release(&o, vec![disk(&img)]),
-            acquire(&o, vec![disk(&other)]),
+            release(&o, vec![excl(&img)]),
+            acquire(&o, vec![excl(&other)]),
             Request::Inquire { owner: o.clone() },
             Request::Register {
                 owner: o.clone(),
@@ -599,9 +491,9 @@ fn a_peer_of_another_uid_is_refused_everything() {
     fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).expect("chmod socket");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "victim.img");
-    let q = qemu();
+    let q = sleeper();
     let victim = owner_of(&q, "victim");
-    d.client().acquired(&victim, vec![disk(&img)]);
+    d.client().acquired(&victim, vec![excl(&img)]);
     let theirs = image(images.path(), "theirs.img");
 
     // SAFETY: sockaddr_un is plain data; all-zero is valid.
@@ -615,8 +507,8 @@ fn a_peer_of_another_uid_is_refused_everything() {
         *dst = *src as libc::c_char;
     }
     for req in [
-        release(&victim, vec![disk(&img)]),
-        acquire(&victim, vec![disk(&theirs)]),
+        release(&victim, vec![excl(&img)]),
+        acquire(&victim, vec![excl(&theirs)]),
         Request::Inquire {
             owner: victim.clone(),
         },
@@ -668,7 +560,7 @@ fn a_thousand_idle_and_stalled_connections_do_not_block_a_legitimate_acquire() {
     let mut d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "busy-host.img");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "legit");
     let mut quiet = acquire_cycles(&d, &o, &img, 30);
 
@@ -784,10 +676,10 @@ fn flooding_clients_do_not_starve_a_legitimate_acquire() {
     let mut d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "flooded.img");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "legit");
     let flood_owner = {
-        let f = qemu();
+        let f = sleeper();
         (owner_of(&f, "flood"), f)
     };
     let mut quiet = acquire_cycles(&d, &o, &img, 30);
@@ -831,9 +723,9 @@ fn half_a_frame_and_a_stall_hold_nothing_up() {
     let mut d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "stall.img");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "legit");
-    let frame = protocol::encode(&acquire(&o, vec![disk(&img)])).expect("encode");
+    let frame = protocol::encode(&acquire(&o, vec![excl(&img)])).expect("encode");
 
     // Every split point of a real request: header bytes only, header plus part of the body.
     let mut stalled = Vec::new();
@@ -852,7 +744,7 @@ fn half_a_frame_and_a_stall_hold_nothing_up() {
     }
     // Meanwhile, the same request from somebody else goes through at once.
     let other = image(images.path(), "other.img");
-    let held = d.client().acquired(&o, vec![disk(&other)]);
+    let held = d.client().acquired(&o, vec![excl(&other)]);
     assert_eq!(held.len(), 1);
     assert_eq!(byte0(&img), libc::F_UNLCK, "a half request took the lease");
     d.assert_alive();
@@ -922,9 +814,9 @@ fn a_pipelining_flooder_and_a_connect_storm_do_not_starve_a_legitimate_acquire()
     let mut d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "stormy.img");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "legit");
-    let f = qemu();
+    let f = sleeper();
     let flood_owner = owner_of(&f, "flood");
     let mut quiet = acquire_cycles(&d, &o, &img, 20);
 
@@ -987,7 +879,7 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     ));
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "slot.img");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "legit");
 
     // Every slot taken by a client that sent 3 bytes of a header and stalled.
@@ -1002,7 +894,7 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     // They were accepted first (one listener, in order): a legitimate client is refused now,
     // with the limit and the key named.
     let e = err(
-        d.client().call(&acquire(&o, vec![disk(&img)])),
+        d.client().call(&acquire(&o, vec![excl(&img)])),
         ErrorKind::Internal,
     );
     assert!(
@@ -1014,7 +906,7 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
 
     // After request_read_timeout_ms the stallers are closed and the acquire goes through.
     let held = loop {
-        match d.client().call(&acquire(&o, vec![disk(&img)])) {
+        match d.client().call(&acquire(&o, vec![excl(&img)])) {
             Response::Ok { leases } => {
                 assert!(
                     leases.is_empty(),
@@ -1093,17 +985,17 @@ fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
         image(images.path(), "id.img"),
         image(images.path(), "id2.img"),
     );
-    let q = qemu();
+    let q = sleeper();
     let a = owner_of(&q, "real");
-    d.client().acquired(&a, vec![disk(&img)]);
+    d.client().acquired(&a, vec![excl(&img)]);
     let impostor = Owner {
         uuid: "0bad1d00-0000-4000-8000-000000000001".into(),
         name: "impostor".into(),
         ..a.clone()
     };
     for req in [
-        acquire(&impostor, vec![disk(&other)]),
-        release(&impostor, vec![disk(&img)]),
+        acquire(&impostor, vec![excl(&other)]),
+        release(&impostor, vec![excl(&img)]),
         Request::Inquire {
             owner: impostor.clone(),
         },
@@ -1135,7 +1027,7 @@ fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
         restrict: false,
     }));
     assert_eq!(d.list()[0].owners, vec![renamed.clone()]);
-    d.client().released(&renamed, vec![disk(&img)]);
+    d.client().released(&renamed, vec![excl(&img)]);
     eventually("the renamed owner's release dropped the lock", || {
         byte0(&img) == libc::F_UNLCK
     });
@@ -1148,13 +1040,13 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
     let imgs: Vec<PathBuf> = (0..6)
         .map(|i| image(images.path(), &format!("l{i}.img")))
         .collect();
-    let (qa, qb, qc) = (qemu(), qemu(), qemu());
+    let (qa, qb, qc) = (sleeper(), sleeper(), sleeper());
     let (a, b, c) = (owner_of(&qa, "a"), owner_of(&qb, "b"), owner_of(&qc, "c"));
 
     // Four disks in one request: over max_leases_per_request, nothing taken.
     let e = err(
         d.client()
-            .call(&acquire(&a, imgs[..4].iter().map(|p| disk(p)).collect())),
+            .call(&acquire(&a, imgs[..4].iter().map(|p| excl(p)).collect())),
         ErrorKind::Invalid,
     );
     for needle in [
@@ -1168,7 +1060,7 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
     assert!(imgs[..4].iter().all(|p| byte0(p) == libc::F_UNLCK));
     let e = err(
         d.client()
-            .call(&release(&a, imgs[..4].iter().map(|p| disk(p)).collect())),
+            .call(&release(&a, imgs[..4].iter().map(|p| excl(p)).collect())),
         ErrorKind::Invalid,
     );
     assert!(
@@ -1179,15 +1071,15 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
     // Three is fine.
     assert_eq!(
         d.client()
-            .acquired(&a, imgs[..3].iter().map(|p| disk(p)).collect())
+            .acquired(&a, imgs[..3].iter().map(|p| excl(p)).collect())
             .len(),
         3
     );
 
     // Two owners fit, a third does not; a known owner still may act.
-    d.client().acquired(&b, vec![disk(&imgs[3])]);
+    d.client().acquired(&b, vec![excl(&imgs[3])]);
     let e = err(
-        d.client().call(&acquire(&c, vec![disk(&imgs[4])])),
+        d.client().call(&acquire(&c, vec![excl(&imgs[4])])),
         ErrorKind::Internal,
     );
     for needle in [
@@ -1199,12 +1091,12 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
         assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
     }
     assert_eq!(byte0(&imgs[4]), libc::F_UNLCK);
-    d.client().acquired(&b, vec![disk(&imgs[5])]);
+    d.client().acquired(&b, vec![excl(&imgs[5])]);
     // When an owner goes, the third one fits.
     drop(qb);
     eventually("the exited owner is forgotten", || {
         matches!(
-            d.client().call(&acquire(&c, vec![disk(&imgs[4])])),
+            d.client().call(&acquire(&c, vec![excl(&imgs[4])])),
             Response::Ok { .. }
         )
     });
@@ -1307,7 +1199,7 @@ fn unsafe_lockspace_directories_are_refused() {
     );
     let d = Daemon::start();
     let base = tempfile::tempdir().expect("temp dir");
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "ls");
     let mk = |name: &str, mode: u32| {
         let p = base.path().join(name);
@@ -1386,8 +1278,8 @@ fn direct_mode_never_writes_an_image() {
     let d = Daemon::start();
     let images = tempfile::tempdir().expect("temp dir");
     let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
-    let (excl, shared) = (images.path().join("rw.img"), images.path().join("ro.img"));
-    for p in [&excl, &shared] {
+    let (rw, ro_img) = (images.path().join("rw.img"), images.path().join("ro.img"));
+    for p in [&rw, &ro_img] {
         fs::write(p, &content).expect("write image");
         // An old mtime, so any write would show.
         let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
@@ -1409,20 +1301,19 @@ fn direct_mode_never_writes_an_image() {
             m.mode(),
         )
     };
-    let (before_x, before_s) = (stamp(&excl), stamp(&shared));
+    let (before_x, before_s) = (stamp(&rw), stamp(&ro_img));
     thread::sleep(Duration::from_millis(20));
-    let q = qemu();
+    let q = sleeper();
     let o = owner_of(&q, "direct");
-    let mut ro = disk(&shared);
-    ro.mode = LeaseMode::Shared;
-    let held = d.client().acquired(&o, vec![disk(&excl), ro.clone()]);
+    let ro = common::proto::shared(&ro_img);
+    let held = d.client().acquired(&o, vec![excl(&rw), ro.clone()]);
     assert_eq!(held.len(), 2);
-    assert_eq!(byte0(&excl), libc::F_WRLCK);
-    d.client().released(&o, vec![disk(&excl), ro]);
+    assert_eq!(byte0(&rw), libc::F_WRLCK);
+    d.client().released(&o, vec![excl(&rw), ro]);
     eventually("the release dropped the lock", || {
-        byte0(&excl) == libc::F_UNLCK
+        byte0(&rw) == libc::F_UNLCK
     });
-    for (p, before) in [(&excl, before_x), (&shared, before_s)] {
+    for (p, before) in [(&rw, before_x), (&ro_img, before_s)] {
         assert_eq!(fs::read(p).expect("read"), content, "{p:?} content changed");
         assert_eq!(stamp(p), before, "{p:?} size/mtime/ctime/mode changed");
     }
