@@ -10,9 +10,14 @@
 //! Knobs (keep CI within about a minute): `LW_REEXEC_COUNT` (default 100) live re-execs and
 //! `LW_REEXEC_OWNERS` (default 50) owners in the re-exec test.
 
+mod common;
+
+use common::image;
+use common::proto::{
+    Client, Proc, Vm, byte0, eventually, excl, next_seq, running, signal, sleeper,
+};
 use lockwarden::protocol::{
-    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner,
-    Request, ResourceKind, Response,
+    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, Owner, Request, Response,
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -22,8 +27,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -41,80 +46,15 @@ fn knob(name: &str, default: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Processes
 
-/// A child process killed and reaped on drop.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) with a pid we own and a valid signal number.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
-}
-
-/// Is `pid` a live (not zombie) process?
-fn running(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next().map(str::to_string));
-            !matches!(state.as_deref(), Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(1);
-
+/// An owner with a name unique in this binary (log lines are matched by name here).
 fn owner_for(pid: u32, name: &str) -> Owner {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    Owner {
-        uuid: format!(
-            "5eed0000-0000-4000-8000-{:012x}",
-            (u64::from(pid) << 16) | u64::from(n)
-        ),
-        name: format!("{name}-{n}"),
-        id: n,
-        pid,
-    }
-}
-
-/// A VM stand-in: a `sleep` process.
-struct Vm {
-    owner: Owner,
-    proc: Proc,
+    let mut o = common::proto::owner_for(pid, name);
+    o.name = format!("{name}-{}", o.id);
+    o
 }
 
 fn vm(name: &str) -> Vm {
-    let proc = Proc(
-        Command::new("sleep")
-            .arg("1000")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning sleep"),
-    );
+    let proc = sleeper();
     Vm {
         owner: owner_for(proc.pid(), name),
         proc,
@@ -299,34 +239,11 @@ impl Drop for Daemon {
     }
 }
 
-/// One connection speaking the protocol.
-struct Client(UnixStream);
-
+/// A call whose failure (the daemon going away mid-request) the caller handles.
 impl Client {
-    fn connect(path: &Path) -> Client {
-        let s = UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {path:?}: {e}"));
-        s.set_read_timeout(Some(BOUND)).unwrap();
-        s.set_write_timeout(Some(BOUND)).unwrap();
-        Client(s)
-    }
-
     fn try_call(&mut self, req: &Request) -> Result<Response, String> {
         protocol::write_message(&mut self.0, req).map_err(|e| format!("write: {e}"))?;
         protocol::read_message(&mut self.0).map_err(|e| format!("read: {e}"))
-    }
-
-    fn call(&mut self, req: &Request) -> Response {
-        self.try_call(req).unwrap()
-    }
-}
-
-fn excl(path: &Path) -> LeaseSpec {
-    let p = path.to_str().unwrap().to_string();
-    LeaseSpec {
-        name: p.clone(),
-        kind: ResourceKind::Disk,
-        mode: LeaseMode::Exclusive,
-        target: LockTarget::File { path: p },
     }
 }
 
@@ -344,37 +261,6 @@ fn release_req(owner: &Owner, img: &Path) -> Request {
         owner: owner.clone(),
         leases: vec![excl(img)],
     }
-}
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, vec![0u8; 4096]).unwrap();
-    p
-}
-
-/// The lock type others see on byte 0 (`F_UNLCK` when free), without taking any lock.
-fn byte0(path: &Path) -> libc::c_int {
-    let f = File::open(path).unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_GETLK failed");
-    i32::from(fl.l_type)
-}
-
-fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < BOUND, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
 }
 
 /// Wait until the log has `needle` at least `count` times; `seen` caches the scan position.
@@ -430,7 +316,7 @@ fn sockaddr(path: &Path) -> libc::sockaddr_un {
 /// `sh -c SCRIPT` that registers itself (restricted, from its own pid: its lifetime handle)
 /// before exec and keeps that connection as fd 9; the response frame goes to its stdout.
 fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner) {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let n = next_seq();
     let uuid = format!("0ddba11e-0000-4000-8000-{n:012x}");
     let name = format!("{name}-{n}");
     const SLOT: &str = "PPPPPPPPPP";
