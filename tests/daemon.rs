@@ -33,7 +33,7 @@ const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 const BOUND: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
-// Processes and daemons
+// Daemons
 
 /// A lockwardend in its own directory, killed on drop.
 struct Daemon {

@@ -6,10 +6,13 @@
 //! lock and the test publishes the record through `holder::publish` exactly as the daemon will,
 //! holding the record's liveness lock itself. Every process started here is killed on drop.
 
+mod common;
+
+use common::image;
+use common::proto::{Proc, hostname, ok, owner_for, sleeper};
 use lockwarden::daemon::holder::{self, Published, Record, Records, Target, Vm};
 use lockwarden::protocol::{
-    self, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
-    Response,
+    self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
@@ -18,8 +21,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
@@ -29,47 +31,7 @@ const BOUND: Duration = Duration::from_secs(20);
 const SINCE: u64 = 1_795_687_445;
 
 // ---------------------------------------------------------------------------------------------
-// Processes
-
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn sleeper() -> Proc {
-    Proc(
-        Command::new("sleep")
-            .arg("1000")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawning sleep"),
-    )
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(1);
-
-fn owner_for(pid: u32, name: &str) -> Owner {
-    let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    Owner {
-        uuid: format!(
-            "7d1c9a4e-0b5f-4c1e-9a3d-{:012x}",
-            (u64::from(pid) << 8) | u64::from(n)
-        ),
-        name: name.into(),
-        id: n,
-        pid,
-    }
-}
+// Daemons
 
 /// A lockwardend standing for one host, in its own directory.
 struct Daemon {
@@ -163,21 +125,8 @@ impl Daemon {
     }
 }
 
-fn ok(r: Response) -> Vec<LeaseInfo> {
-    match r {
-        Response::Ok { leases } => leases,
-        other => panic!("expected Ok, got {other:?}"),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Files and locks
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, vec![0u8; 4096]).unwrap();
-    p
-}
 
 fn open_rw(p: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(p).unwrap()
@@ -879,13 +828,6 @@ fn setup(lockspace: bool) -> Setup {
         conf,
         lockspace: ls,
     }
-}
-
-fn hostname() -> String {
-    nix::unistd::gethostname()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// The record of the lease a daemon holds on `s`, for host `host`: when the daemon already
