@@ -9,12 +9,12 @@ mod common;
 
 use common::image;
 use common::proto::{
-    Client, Proc, byte0, err, eventually, excl, hostname, next_seq, ok, owner_for, probe_lock,
-    shared, signal, sleeper, vm,
+    Client, Proc, byte0, child_roundtrip, err, eventually, excl, hostname, next_seq, ok, owner_for,
+    probe_lock, shared, signal, sleeper, sockaddr, spawn_registered, tell, vm,
 };
 use lockwarden::protocol::{
-    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget,
-    MAX_BODY, Owner, PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
+    self, ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, MAX_BODY, Owner,
+    PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
 };
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -205,136 +205,6 @@ fn sha256_hex(s: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Raw syscalls for forked children (only async-signal-safe calls after fork, no allocation)
-
-fn sockaddr(path: &Path) -> libc::sockaddr_un {
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    assert!(bytes.len() < addr.sun_path.len());
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    addr
-}
-
-/// In a forked child: connect to `addr`, send `frame`, copy the whole response frame to
-/// stdout, and return the connected descriptor.
-///
-/// # Safety
-/// Call only between fork and exec; uses raw syscalls only.
-unsafe fn child_roundtrip(
-    addr: &libc::sockaddr_un,
-    frame: &[u8],
-    buf: &mut [u8],
-) -> std::io::Result<libc::c_int> {
-    let last = std::io::Error::last_os_error;
-    // SAFETY (whole block): plain syscalls on descriptors this child owns and on buffers that
-    // outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-        if fd < 0 {
-            return Err(last());
-        }
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        if libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
-            return Err(last());
-        }
-        let mut off = 0;
-        while off < frame.len() {
-            let n = libc::write(fd, frame[off..].as_ptr().cast(), frame.len() - off);
-            if n <= 0 {
-                return Err(last());
-            }
-            off += n as usize;
-        }
-        // Read the 12-byte header, then the body it announces.
-        let mut got = 0;
-        let mut want = HEADER_LEN;
-        while got < want {
-            let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), want - got);
-            if n <= 0 {
-                return Err(last());
-            }
-            got += n as usize;
-            if got == HEADER_LEN && want == HEADER_LEN {
-                let len = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-                want = (HEADER_LEN + len).min(buf.len());
-            }
-        }
-        libc::write(1, buf.as_ptr().cast(), got);
-        Ok(fd)
-    }
-}
-
-/// `sh -c SCRIPT` that, before exec, registers itself with the daemon as owner `name`
-/// (Register with restrict, from its own pid: its lifetime handle) and keeps the connection
-/// as fd 9 — exactly what libvirt's forked child does before it becomes QEMU.
-/// The script reads commands from stdin.
-fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner, Response) {
-    let n = next_seq();
-    let uuid = format!("0ddba11e-0000-4000-8000-{n:012x}");
-    const SLOT: &str = "PPPPPPPPPP";
-    let body = format!(
-        r#"{{"op":"register","owner":{{"uuid":"{uuid}","name":"{name}","id":{n},"pid":{SLOT}}},"restrict":true}}"#
-    );
-    let slot_end = HEADER_LEN + body.find(SLOT).unwrap() + SLOT.len();
-    let mut frame = protocol::header(body.len()).unwrap().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    let addr = sockaddr(socket);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    // SAFETY: the closure only formats digits into a pre-allocated buffer and makes raw
-    // syscalls (getpid, socket, connect, read, write, dup2, close): async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut pid = libc::getpid() as u32;
-            let mut i = slot_end;
-            for _ in 0..SLOT.len() {
-                i -= 1;
-                frame[i] = if pid > 0 || i == slot_end - 1 {
-                    let d = b'0' + (pid % 10) as u8;
-                    pid /= 10;
-                    d
-                } else {
-                    b' '
-                };
-            }
-            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
-            if fd != 9 {
-                if libc::dup2(fd, 9) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(fd);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawning a registering owner");
-    let pid = child.id();
-    let resp: Response = protocol::read_message(child.stdout.as_mut().unwrap()).unwrap();
-    let owner = Owner {
-        uuid,
-        name: name.to_string(),
-        id: n,
-        pid,
-    };
-    (Proc(child), owner, resp)
-}
-
-fn tell(p: &mut Proc, line: &str) {
-    let stdin = p.0.stdin.as_mut().unwrap();
-    stdin.write_all(line.as_bytes()).unwrap();
-    stdin.write_all(b"\n").unwrap();
-    stdin.flush().unwrap();
 }
 
 fn require_root() {

@@ -14,18 +14,15 @@ mod common;
 
 use common::image;
 use common::proto::{
-    Client, Proc, Vm, byte0, eventually, excl, next_seq, running, signal, sleeper,
+    Client, Proc, Vm, byte0, eventually, excl, next_seq, running, signal, sleeper, tell,
 };
-use lockwarden::protocol::{
-    self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, Owner, Request, Response,
-};
+use lockwarden::protocol::{self, ErrorKind, FailureAction, LeaseInfo, Owner, Request, Response};
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -301,112 +298,13 @@ fn wait_log(d: &Daemon, needle: &str, count: usize, seen: &mut (u64, usize)) {
 // ---------------------------------------------------------------------------------------------
 // Owners that hold a lifetime handle (fd 9), as libvirt's forked child does
 
-fn sockaddr(path: &Path) -> libc::sockaddr_un {
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let bytes = path.as_os_str().as_bytes();
-    assert!(bytes.len() < addr.sun_path.len());
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    addr
-}
-
-/// `sh -c SCRIPT` that registers itself (restricted, from its own pid: its lifetime handle)
-/// before exec and keeps that connection as fd 9; the response frame goes to its stdout.
+/// A `sh` owner that registered itself (see common::proto::spawn_registered) under a name
+/// unique in this binary; the registration must succeed.
 fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner) {
-    let n = next_seq();
-    let uuid = format!("0ddba11e-0000-4000-8000-{n:012x}");
-    let name = format!("{name}-{n}");
-    const SLOT: &str = "PPPPPPPPPP";
-    let body = format!(
-        r#"{{"op":"register","owner":{{"uuid":"{uuid}","name":"{name}","id":{n},"pid":{SLOT}}},"restrict":true}}"#
-    );
-    let slot_end = HEADER_LEN + body.find(SLOT).unwrap() + SLOT.len();
-    let mut frame = protocol::header(body.len()).unwrap().to_vec();
-    frame.extend_from_slice(body.as_bytes());
-    let addr = sockaddr(socket);
-    let mut buf = vec![0u8; 4096];
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    // SAFETY: the closure formats digits into a pre-allocated buffer and makes raw syscalls
-    // only (getpid, socket, connect, read, write, dup2, close): async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut pid = libc::getpid() as u32;
-            let mut i = slot_end;
-            for _ in 0..SLOT.len() {
-                i -= 1;
-                frame[i] = if pid > 0 || i == slot_end - 1 {
-                    let d = b'0' + (pid % 10) as u8;
-                    pid /= 10;
-                    d
-                } else {
-                    b' '
-                };
-            }
-            let last = std::io::Error::last_os_error;
-            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-            if fd < 0 {
-                return Err(last());
-            }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            if libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
-                return Err(last());
-            }
-            let mut off = 0;
-            while off < frame.len() {
-                let w = libc::write(fd, frame[off..].as_ptr().cast(), frame.len() - off);
-                if w <= 0 {
-                    return Err(last());
-                }
-                off += w as usize;
-            }
-            let mut got = 0;
-            let mut want = HEADER_LEN;
-            while got < want {
-                let r = libc::read(fd, buf[got..].as_mut_ptr().cast(), want - got);
-                if r <= 0 {
-                    return Err(last());
-                }
-                got += r as usize;
-                if got == HEADER_LEN && want == HEADER_LEN {
-                    let l = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-                    want = (HEADER_LEN + l).min(buf.len());
-                }
-            }
-            libc::write(1, buf.as_ptr().cast(), got);
-            if fd != 9 {
-                if libc::dup2(fd, 9) < 0 {
-                    return Err(last());
-                }
-                libc::close(fd);
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("spawning a registering owner");
-    let pid = child.id();
-    let resp: Response = protocol::read_message(child.stdout.as_mut().unwrap()).unwrap();
+    let name = format!("{name}-{}", next_seq());
+    let (p, owner, resp) = common::proto::spawn_registered(socket, &name, script);
     assert!(matches!(resp, Response::Ok { .. }), "register: {resp:?}");
-    let owner = Owner {
-        uuid,
-        name,
-        id: n,
-        pid,
-    };
-    (Proc(child), owner)
-}
-
-fn tell(p: &mut Proc, line: &str) {
-    let stdin = p.0.stdin.as_mut().unwrap();
-    stdin.write_all(line.as_bytes()).unwrap();
-    stdin.write_all(b"\n").unwrap();
-    stdin.flush().unwrap();
+    (p, owner)
 }
 
 // ---------------------------------------------------------------------------------------------
