@@ -333,40 +333,15 @@ fn owner_closing_handle_while_holding_is_terminated() {
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "handle.img");
-    let sock = esc_path(&d1.socket);
 
     // An owner with leases that closes its lifetime handle while alive.
-    let mut owner = Helper::spawn(None);
-    let vm = Vm {
-        pid: owner.pid,
-        ..Vm::new("closer")
-    };
-    assert_eq!(owner.cmd(&format!("connect {sock}")), "OK");
-    let r = owner.cmd(&format!(
-        "register {} {} {} 1",
-        esc(&vm.name),
-        vm.uuid,
-        vm.id
-    ));
-    assert!(r.starts_with("OK"), "helper owner registers: {r}");
+    let (mut owner, vm) = Helper::registered(&d1.socket, "closer", false);
     h1.acquire(&vm, &[disk(&img)])
         .expect_ok("leases for the helper owner");
     assert_eq!(probe0(&img), Probe::WriteLocked, "lease taken");
 
     // A control owner without leases that also closes its handle: must survive.
-    let mut idle = Helper::spawn(None);
-    let ivm = Vm {
-        pid: idle.pid,
-        ..Vm::new("idle")
-    };
-    assert_eq!(idle.cmd(&format!("connect {sock}")), "OK");
-    let r = idle.cmd(&format!(
-        "register {} {} {} 1",
-        esc(&ivm.name),
-        ivm.uuid,
-        ivm.id
-    ));
-    assert!(r.starts_with("OK"), "idle owner registers: {r}");
+    let (mut idle, _) = Helper::registered(&d1.socket, "idle", false);
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
@@ -415,23 +390,7 @@ fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
 
-    let mut owner = Helper::spawn(None);
-    assert_eq!(owner.cmd("ignore-term"), "OK");
-    let vm = Vm {
-        pid: owner.pid,
-        ..Vm::new("stubborn")
-    };
-    assert_eq!(
-        owner.cmd(&format!("connect {}", esc_path(&d1.socket))),
-        "OK"
-    );
-    let r = owner.cmd(&format!(
-        "register {} {} {} 1",
-        esc(&vm.name),
-        vm.uuid,
-        vm.id
-    ));
-    assert!(r.starts_with("OK"), "register: {r}");
+    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
     h1.acquire(&vm, &[disk(&img)])
         .expect_ok("lease for the owner");
 
@@ -481,23 +440,7 @@ fn lease_outlives_its_owner_process() {
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
 
-    let mut owner = Helper::spawn(None);
-    assert_eq!(owner.cmd("ignore-term"), "OK");
-    let vm = Vm {
-        pid: owner.pid,
-        ..Vm::new("stubborn")
-    };
-    assert_eq!(
-        owner.cmd(&format!("connect {}", esc_path(&d1.socket))),
-        "OK"
-    );
-    let r = owner.cmd(&format!(
-        "register {} {} {} 1",
-        esc(&vm.name),
-        vm.uuid,
-        vm.id
-    ));
-    assert!(r.starts_with("OK"), "register: {r}");
+    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
     h1.acquire(&vm, &[disk(&img)])
         .expect_ok("lease for the owner");
 
@@ -1011,22 +954,7 @@ fn restricted_connection_refuses_every_request() {
     let d1 = Daemon::start();
     let images = tempdir();
     let img = image(images.path(), "restricted.img");
-    let mut owner = Helper::spawn(None);
-    let vm = Vm {
-        pid: owner.pid,
-        ..Vm::new("restricted")
-    };
-    assert_eq!(
-        owner.cmd(&format!("connect {}", esc_path(&d1.socket))),
-        "OK"
-    );
-    let r = owner.cmd(&format!(
-        "register {} {} {} 1",
-        esc(&vm.name),
-        vm.uuid,
-        vm.id
-    ));
-    assert!(r.starts_with("OK"), "register with restrict: {r}");
+    let (mut owner, vm) = Helper::registered(&d1.socket, "restricted", false);
 
     let r = owner.cmd(&format!("acquire-self {}", esc_path(&img)));
     assert!(

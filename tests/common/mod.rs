@@ -688,6 +688,29 @@ pub struct Helper {
 }
 
 impl Helper {
+    /// A helper that connected to `socket` and registered itself as owner `name` (restricted,
+    /// as libvirt's forked child does): the helper and the VM it stands for. With
+    /// `ignore_term`, it ignores SIGTERM first.
+    pub fn registered(socket: &Path, name: &str, ignore_term: bool) -> (Helper, Vm) {
+        let mut h = Helper::spawn(None);
+        if ignore_term {
+            assert_eq!(h.cmd("ignore-term"), "OK");
+        }
+        let vm = Vm {
+            pid: h.pid,
+            ..Vm::new(name)
+        };
+        assert_eq!(h.cmd(&format!("connect {}", esc_path(socket))), "OK");
+        let r = h.cmd(&format!(
+            "register {} {} {} 1",
+            esc(&vm.name),
+            vm.uuid,
+            vm.id
+        ));
+        assert!(r.starts_with("OK"), "helper owner {name} registers: {r}");
+        (h, vm)
+    }
+
     pub fn spawn(uid: Option<u32>) -> Helper {
         let exe = std::env::current_exe().expect("current_exe");
         let mut cmd = Command::new(&exe);
