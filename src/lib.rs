@@ -28,3 +28,4 @@ pub mod daemon;
 pub mod paths;
 pub mod plugin;
 pub mod protocol;
+pub mod untrusted;
