@@ -127,6 +127,23 @@ else
   fail "lockwarden.so is an ELF file" "$(head -c 16 "$so" | od -An -c)"
 fi
 
+# The panic test hook exists only in debug builds: the installed (release) plugin must ignore
+# LOCKWARDEN_TEST_PANIC, so drvInit succeeds with it set (a debug build returns -1 here).
+hook_py='import ctypes, sys
+so = ctypes.CDLL(sys.argv[1])
+INIT = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_uint, ctypes.c_char_p, ctypes.c_uint)
+class Drv(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint), ("flags", ctypes.c_uint), ("drvInit", INIT)]
+print(Drv.in_dll(so, "virLockDriverImpl").drvInit(1000000, b"/nonexistent/qemu-lockwarden.conf", 0))'
+if need python3 python3 "the installed plugin has no panic test hook"; then
+  out=$(LOCKWARDEN_TEST_PANIC=init python3 -c "$hook_py" "$so" 2>&1)
+  if [ "$(printf '%s\n' "$out" | tail -1)" = 0 ]; then
+    pass "installed lockwarden.so ignores LOCKWARDEN_TEST_PANIC (drvInit returns 0)"
+  else
+    fail "installed lockwarden.so ignores LOCKWARDEN_TEST_PANIC (drvInit returns 0)" "$out"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------- 3
 if need systemd-analyze systemd "systemd-analyze verify"; then
   units=$W/units
@@ -153,11 +170,27 @@ if need systemd-analyze systemd "systemd-analyze verify"; then
     fail "systemd-analyze verify (exit $rc)" "$out"
   fi
   # shellcheck disable=SC2016 # $MAINPID is literal unit-file text
-  for key in 'Type=notify' 'ExecReload=/bin/kill -USR1 $MAINPID' 'OOMScoreAdjust=-900' \
-    'ExecStart=/usr/sbin/lockwardend'; do
-    grep -qF "$key" "$DEST/usr/lib/systemd/system/lockwardend.service" ||
-      fail "lockwardend.service has $key"
+  # The installed unit's effective [Service] settings, last assignment wins as in systemd
+  # (a later line or a drop-in-style repeat overrides an earlier one); comments do not count.
+  unit=$DEST/usr/lib/systemd/system/lockwardend.service
+  setting() {
+    awk -v k="$1" '/^\[/ { sec = $0 } sec == "[Service]" && index($0, k "=") == 1 {
+      v = substr($0, length(k) + 2) } END { print v }' "$unit"
+  }
+  for kv in 'Type=notify' 'ExecReload=/bin/kill -USR1 $MAINPID' 'OOMScoreAdjust=-900' \
+    'KillMode=process' 'Restart=on-failure'; do
+    k=${kv%%=*} want=${kv#*=}
+    got=$(setting "$k")
+    if [ "$got" = "$want" ]; then
+      pass "installed lockwardend.service: $k=$want"
+    else
+      fail "installed lockwardend.service: $k=$want" "it says ${k}=${got:-<unset>}"
+    fi
   done
+  case $(setting ExecStart) in
+    /usr/sbin/lockwardend*) pass "installed lockwardend.service: ExecStart=/usr/sbin/lockwardend" ;;
+    *) fail "installed lockwardend.service: ExecStart=/usr/sbin/lockwardend" "$(setting ExecStart)" ;;
+  esac
 fi
 
 # ---------------------------------------------------------------------------------------- 4

@@ -14,7 +14,10 @@
 use super::{Cli, EXIT_OK, EXIT_PROBLEM, fetch_status, print_json, table};
 use crate::config::ConfFile;
 use crate::plugin::settings::{ReadonlyDisks, Settings};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 /// Outcome of one check.
@@ -325,27 +328,48 @@ fn publish_config(mine: &PublishedConfig, dir: &Path) -> Result<PathBuf, String>
     Ok(path)
 }
 
-/// Every other host's published config in `<dir>/.lockwarden/config/`, with its file.
+/// The most host config files doctor reads from one lockspace, and the most bytes of each: the
+/// directory is on shared storage, so its content is bounded like any untrusted input.
+const MAX_CONFIGS: usize = 1024;
+const MAX_CONFIG_BYTES: usize = 64 * 1024;
+
+/// Every other host's published config in `<dir>/.lockwarden/config/`, with its file. The
+/// directory is opened without following links and every file through
+/// `untrusted::open_regular_at`: a FIFO, a device node or a link to `/dev/zero` planted there
+/// is reported as unreadable, never opened for reading.
 fn published_configs(dir: &Path, me: &str) -> Vec<(PathBuf, Result<PublishedConfig, String>)> {
+    use crate::untrusted::{Access, open_regular_at, read_bounded};
     let rdir = config_dir(dir);
     let mine = format!("{}.json", crate::daemon::holder::host_label(me));
-    let Ok(entries) = std::fs::read_dir(&rdir) else {
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let Ok(dirfd) = nix::fcntl::open(rdir.as_path(), dflags, Mode::empty()) else {
         return Vec::new();
     };
-    let mut out: Vec<(PathBuf, Result<PublishedConfig, String>)> = entries
+    // List the directory that was opened, not the path again (it may have been swapped).
+    let Ok(listing) = std::fs::read_dir(format!("/proc/self/fd/{}", dirfd.as_raw_fd())) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = listing
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.ends_with(".json") && *n != mine)
-        .map(|n| {
-            let p = rdir.join(&n);
-            let parsed = std::fs::read(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
-            (p, parsed)
-        })
+        .take(MAX_CONFIGS.saturating_mul(4))
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    names.sort();
+    names.truncate(MAX_CONFIGS);
+    names
+        .into_iter()
+        .map(|n| {
+            let parsed = open_regular_at(Some(dirfd.as_fd()), &n, Access::Read, None)
+                .map_err(|e| e.describe())
+                .and_then(|(fd, _, _)| {
+                    read_bounded(fd.as_fd(), MAX_CONFIG_BYTES).map_err(|e| e.desc().to_string())
+                })
+                .and_then(|b| b.ok_or_else(|| format!("larger than {MAX_CONFIG_BYTES} bytes")))
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
+            (rdir.join(&n), parsed)
+        })
+        .collect()
 }
 
 /// Compare this host's lock-relevant settings with those other hosts published in `dir`.

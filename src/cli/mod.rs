@@ -24,6 +24,9 @@ pub const EXIT_PROBLEM: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code: daemon unreachable or failing.
 pub const EXIT_DAEMON: u8 = 3;
+/// Exit code: `status` reached the daemon but could not learn whether leases were lost (the
+/// `lost` query failed): never reported as "all is well".
+pub const EXIT_UNKNOWN: u8 = 4;
 
 const USAGE: &str = "\
 usage: lockwarden [--admin-socket PATH] [--timeout-ms N] COMMAND [ARG] [--json]
@@ -228,8 +231,25 @@ fn status(cli: &Cli) -> u8 {
             return EXIT_DAEMON;
         }
     };
-    // A daemon older than the `lost` request answers it with an error: report none known.
-    let lost = fetch_lost(cli).unwrap_or_default();
+    // A monitoring script acts on this exit status: a failed `lost` query is not "0 lost".
+    let lost = match fetch_lost(cli) {
+        Ok(lost) => lost,
+        Err(e) => {
+            let e = format!(
+                "lockwardend answered status but the query for lost leases failed: {e}; run \
+                 `lockwarden status` again, and check lockwardend's log (journalctl -u \
+                 lockwardend) if it keeps failing"
+            );
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "running": true, "status": s, "lost": null, "error": e
+                }));
+            } else {
+                eprintln!("lockwarden: {e}");
+            }
+            return EXIT_UNKNOWN;
+        }
+    };
     if cli.json {
         print_json(&serde_json::json!({ "running": true, "status": s, "lost": lost }));
     } else {
@@ -324,6 +344,48 @@ mod tests {
         assert!(parse(&args("who")).is_err());
         assert!(parse(&args("who /a /b")).is_err());
         assert!(parse(&args("--help")).unwrap().is_none());
+    }
+
+    /// A fake admin socket that answers `status` and fails every other request, the way a
+    /// daemon whose `lost` query breaks would.
+    fn fake_daemon_failing_lost() -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<()>) {
+        use crate::protocol::{ErrorKind, ErrorReply};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut c, _) = listener.accept().unwrap();
+                let req: Request = protocol::read_message(&mut c).unwrap();
+                let resp = match req {
+                    Request::Status => Response::Status(StatusInfo {
+                        version: "test".into(),
+                        protocol: protocol::PROTOCOL_VERSION,
+                        pid: 1,
+                        started: 0,
+                        owners: 0,
+                        leases: 0,
+                        clients: 0,
+                    }),
+                    _ => Response::Error(ErrorReply {
+                        kind: ErrorKind::Internal,
+                        message: "lost table unavailable".into(),
+                        resource: None,
+                        holder: None,
+                    }),
+                };
+                protocol::write_message(&mut c, &resp).unwrap();
+            }
+        });
+        (dir, path, t)
+    }
+
+    #[test]
+    fn failed_lost_query_is_exit_4_not_ok() {
+        let (_dir, path, t) = fake_daemon_failing_lost();
+        let code = run(&args(&format!("status --admin-socket {}", path.display())));
+        t.join().unwrap();
+        assert_eq!(code, EXIT_UNKNOWN);
     }
 
     #[test]

@@ -4,6 +4,13 @@ use crate::protocol::LeaseInfo;
 
 /// Render rows under an optional header, columns padded to the widest cell.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    // Cells can carry text from shared storage (host names, VM names other hosts wrote):
+    // escape them all here, once, so no terminal escape sequence reaches the operator.
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| crate::untrusted::escape(c)).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {

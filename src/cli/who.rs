@@ -17,6 +17,7 @@ use crate::plugin::manager::Manager;
 use crate::plugin::resources;
 use crate::plugin::settings::Settings;
 use crate::protocol::{LeaseInfo, LeaseMode, LockTarget, Owner, ResourceKind};
+use crate::untrusted::{Access, OpenFailure, escape};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::{Mode, SFlag, fstat};
@@ -162,13 +163,15 @@ fn open_lock(target: &LockTarget, disk: &str, lock_path: &str) -> Result<Option<
                      cannot be read on this host: {e}; mount the shared lockspace here"
                 ));
             }
-            match open(lock_path, flags | OFlag::O_NOFOLLOW, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT) => return Ok(None),
+            // A lock file on shared storage: never a device open, never through a link.
+            match crate::untrusted::open_regular_at(None, lock_path, Access::Read, None) {
+                Ok((fd, _, _)) => fd,
+                Err(OpenFailure::Sys(Errno::ENOENT)) => return Ok(None),
                 Err(e) => {
                     return Err(format!(
-                        "disk {disk:?}: cannot open its lock file {lock_path:?}: {}",
-                        e.desc()
+                        "disk {disk:?}: cannot open its lock file {lock_path:?}: {}; remove it \
+                         if it is not lockwarden's or lockd's lock file",
+                        e.describe()
                     ));
                 }
             }
@@ -334,20 +337,20 @@ fn print_human(report: &Report, held: bool) {
             )
         );
         if report.rows.is_empty() {
-            println!("{}", message(report, held));
+            println!("{}", escape(&message(report, held)));
         }
     } else {
-        println!("{}", message(report, held));
+        println!("{}", escape(&message(report, held)));
     }
     for i in &report.found.ignored {
         eprintln!(
-            "lockwarden: ignored holder record {:?}{}: {}",
-            i.source,
+            "lockwarden: ignored holder record \"{}\"{}: {}",
+            escape(&i.source),
             i.host
                 .as_ref()
-                .map(|h| format!(" (host {h})"))
+                .map(|h| format!(" (host {})", escape(h)))
                 .unwrap_or_default(),
-            i.reason
+            escape(&i.reason)
         );
     }
 }

@@ -44,20 +44,10 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// A name as it may appear inside a user-facing sentence: control characters (a newline in a
-/// path) are escaped so a message stays one line, everything else is kept as written.
+/// path) and the invisible characters that reorder text are escaped so a message stays one
+/// honest line (the rule lives in `untrusted::escape`), everything else is kept as written.
 pub fn esc(s: &str) -> String {
-    if !s.chars().any(char::is_control) {
-        return s.to_string();
-    }
-    let mut out = String::with_capacity(s.len() + 8);
-    for c in s.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::untrusted::escape(s)
 }
 
 /// "disk" or "lease", the word libvirt users know for a resource.

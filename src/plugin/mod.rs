@@ -41,6 +41,7 @@ pub enum EntryPoint {
 }
 
 impl EntryPoint {
+    #[cfg(debug_assertions)]
     const ALL: [EntryPoint; 8] = [
         EntryPoint::Init,
         EntryPoint::Deinit,
@@ -80,6 +81,7 @@ impl EntryPoint {
         }
     }
 
+    #[cfg(debug_assertions)]
     fn from_hook_name(s: &str) -> Option<EntryPoint> {
         EntryPoint::ALL.into_iter().find(|e| e.hook_name() == s)
     }
@@ -98,8 +100,11 @@ static GLOBALS: OnceLock<Globals> = OnceLock::new();
 /// **Test hook.** When this environment variable is set at `drvInit` to an entry-point name
 /// (`init`, `deinit`, `new`, `add_resource`, `acquire`, `release`, `inquire`, `free`), that entry
 /// point panics deliberately, so tests can prove that a panic inside the plugin becomes a
-/// libvirt error and `-1` instead of aborting libvirtd. It is read once, in `drvInit`; never set
-/// it in production.
+/// libvirt error and `-1` instead of aborting libvirtd. It is read once, in `drvInit`. It
+/// exists only in debug builds (`cfg(debug_assertions)`, what `cargo test` builds): the release
+/// build that meson and the packages install has no hook, so an environment variable in
+/// libvirtd's environment can never make the plugin panic (scripts/check-install.sh checks the
+/// installed .so).
 pub const TEST_PANIC_ENV: &str = "LOCKWARDEN_TEST_PANIC";
 
 /// The stored state, or an error if `drvInit` has not succeeded (libvirt never does that).
@@ -119,15 +124,7 @@ pub fn globals() -> Result<&'static Globals, PluginError> {
 /// succeed.) Because the plugin is linked `-z nodelete`, this also holds across dlclose/dlopen
 /// within one process.
 pub fn init(config: Option<&Path>) -> Result<(), PluginError> {
-    let panic_at = match std::env::var(TEST_PANIC_ENV) {
-        Ok(name) => Some(EntryPoint::from_hook_name(&name).ok_or_else(|| {
-            PluginError::invalid(format!(
-                "{TEST_PANIC_ENV}={name:?} (a test hook) names no entry point; use one of init, \
-                 deinit, new, add_resource, acquire, release, inquire, free"
-            ))
-        })?),
-        Err(_) => None,
-    };
+    let panic_at = test_hook_from_env()?;
     if panic_at == Some(EntryPoint::Init) {
         test_panic(EntryPoint::Init);
     }
@@ -144,13 +141,37 @@ pub fn init(config: Option<&Path>) -> Result<(), PluginError> {
     Ok(())
 }
 
+/// The entry point the test hook names (debug builds only; see [`TEST_PANIC_ENV`]).
+#[cfg(debug_assertions)]
+fn test_hook_from_env() -> Result<Option<EntryPoint>, PluginError> {
+    match std::env::var(TEST_PANIC_ENV) {
+        Ok(name) => Some(EntryPoint::from_hook_name(&name).ok_or_else(|| {
+            PluginError::invalid(format!(
+                "{TEST_PANIC_ENV}={name:?} (a test hook) names no entry point; use one of init, \
+                 deinit, new, add_resource, acquire, release, inquire, free"
+            ))
+        }))
+        .transpose(),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Release builds have no test hook.
+#[cfg(not(debug_assertions))]
+fn test_hook_from_env() -> Result<Option<EntryPoint>, PluginError> {
+    Ok(None)
+}
+
 /// The deliberate panic of the test hook.
 #[allow(clippy::panic)] // the whole point of the hook: prove the panic boundary in ffi holds
 pub fn test_panic(at: EntryPoint) {
+    #[cfg(debug_assertions)]
     panic!(
         "deliberate panic in {} ({TEST_PANIC_ENV} test hook)",
         at.c_name().to_string_lossy()
     );
+    #[cfg(not(debug_assertions))]
+    let _ = at;
 }
 
 /// Panic if the test hook names `at`.
