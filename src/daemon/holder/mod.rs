@@ -60,7 +60,7 @@ pub const FORMAT: u32 = 1;
 /// The hidden directory holding side files, next to the locked file.
 pub const RECORD_DIR: &str = ".lockwarden";
 /// Records larger than this are not lockwarden records.
-const MAX_RECORD: usize = 64 * 1024;
+pub(crate) const MAX_RECORD: usize = 64 * 1024;
 /// Byte of an in-file record's lock file that carries the publisher's liveness lock.
 const LIVENESS_BYTE: libc::off_t = 1;
 /// File names longer than this (the image's base name) are replaced by their SHA-256 in side
