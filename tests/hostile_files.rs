@@ -485,6 +485,18 @@ fn leases_outside_lease_dir_are_refused_and_create_nothing() {
     mkdir(&elsewhere, 0o755);
     let escape = leases.join("escape");
     std::os::unix::fs::symlink(&elsewhere, &escape).unwrap();
+    // Without lease_dir, no lease at all (lockd, too, only takes leases in a configured
+    // lockspace).
+    let unset = Daemon::start("");
+    let b = vm("leaser-2");
+    let e = err(
+        unset.acquire(&b.owner, vec![lease("KEY3", &leases)]),
+        ErrorKind::Invalid,
+    );
+    assert!(e.message.contains("lease_dir"), "{}", e.message);
+    assert!(!leases.join("KEY3").exists());
+    drop(unset);
+
     let d = Daemon::start(&format!("lease_dir = \"{}\"\n", leases.display()));
     let a = vm("leaser");
 
@@ -507,15 +519,6 @@ fn leases_outside_lease_dir_are_refused_and_create_nothing() {
             "no file is created outside lease_dir ({dir:?})"
         );
     }
-
-    let unset = Daemon::start("");
-    let b = vm("leaser-2");
-    let e = err(
-        unset.acquire(&b.owner, vec![lease("KEY3", &leases)]),
-        ErrorKind::Invalid,
-    );
-    assert!(e.message.contains("lease_dir"), "{}", e.message);
-    assert!(!leases.join("KEY3").exists());
 }
 
 /// Side files are only created next to a disk whose directory nobody else can write: a
