@@ -1,16 +1,22 @@
 //! Opening the file a lease locks, without ever blocking, creating images or following a
 //! planted symlink.
 //!
-//! Direct mode (`LockTarget::File`) opens the image itself: stat first, so a directory, FIFO,
-//! character device or socket is refused before any `open` (opening a FIFO or a tty can block
-//! or have side effects); read-write for an exclusive lease (F_WRLCK needs it), read-only for a
-//! shared one; never `O_CREAT`, never `O_TRUNC`, and the daemon never writes a byte.
+//! Direct mode (`LockTarget::File`) opens the image itself: first with `O_PATH`, which opens
+//! nothing, so a directory, FIFO, character device or socket is refused before any real `open`
+//! (opening a FIFO can block, opening a device runs its driver: a watchdog arms); only a regular
+//! file or a block device is reopened through `/proc/self/fd`, read-write for an exclusive lease
+//! (F_WRLCK needs it), read-only for a shared one, with `O_NOCTTY`; never `O_CREAT`, never
+//! `O_TRUNC`, and the daemon never writes a byte.
 //!
 //! Lockspace mode (`LockTarget::Lockspace`) opens a lock file inside a directory through a
-//! directory descriptor with `O_NOFOLLOW`, creating it 0600 when missing (lockd's naming, so a
-//! virtlockd host and a lockwarden host lock the same file). The directory descriptor is kept
-//! with the lease so that "does the name still point at the inode we locked" and "unlink it" act
-//! on the same directory even if a path component is renamed meanwhile.
+//! directory descriptor with `crate::untrusted::open_regular_at` (no symbolic link followed, no
+//! device or FIFO ever opened), creating it 0600 when missing (lockd's naming, so a virtlockd
+//! host and a lockwarden host lock the same file). A lock file with more than one name is
+//! refused: its other name may be a disk image, and the holder record would be written into it.
+//! The directory descriptor is kept with the lease so that "does the name still point at the
+//! inode we locked" and "unlink it" act on the same directory even if a path component is
+//! renamed meanwhile. `<lease>` lock files (whose directory comes from domain XML) are only made
+//! under `lease_dir` (lockwardend.conf), as lockd only takes leases in a configured lockspace.
 //!
 //! A lockspace directory must be safe to create lock files in (docs/hardening.md): owned by
 //! lockwardend's user or root, and not writable by everybody unless sticky (`/tmp`-style, where
@@ -276,7 +282,7 @@ fn open_lockspace(
     if spec.kind == ResourceKind::Lease {
         check_lease_dir(&who, dir)?;
     }
-    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
     let dirfd = match open(dir, dflags, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) if create_dir => {
@@ -578,5 +584,27 @@ mod tests {
         );
         // Another user's sticky directory is still another user's.
         assert!(dir_problem(d | 0o1777, 1000, 0).is_some());
+    }
+
+    #[test]
+    fn leases_only_under_lease_dir() {
+        let set = |dir: Option<&str>| LeaseDirSetting {
+            dir: dir.map(normalize),
+            config_file: "/etc/libvirt/lockwardend.conf".into(),
+        };
+        let leases = set(Some("/srv/leases/"));
+        assert_eq!(lease_dir_problem("/srv/leases", Some(&leases)), None);
+        assert_eq!(lease_dir_problem("/srv/leases//LS/", Some(&leases)), None);
+        for outside in ["/etc", "/srv/leases-other", "/srv", "/srv/leases/../../etc"] {
+            let why = lease_dir_problem(outside, Some(&leases)).unwrap();
+            assert!(
+                why.contains("lease_dir") && why.contains(outside),
+                "{outside}: {why}"
+            );
+        }
+        let why = lease_dir_problem("/srv/leases", Some(&set(None))).unwrap();
+        assert!(why.contains("lease_dir is not set"), "{why}");
+        assert!(lease_dir_problem("/srv/leases", None).is_some());
+        assert_eq!(lease_dir_problem("/anything", Some(&set(Some("/")))), None);
     }
 }

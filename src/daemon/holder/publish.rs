@@ -517,7 +517,7 @@ fn open_publish_dir(dir: &str) -> Result<OwnedFd, String> {
             )),
         }
     };
-    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
     let pfd = nix::fcntl::open(parent, dflags, Mode::empty())
         .map_err(|e| format!("cannot open the directory {parent:?}: {}", e.desc()))?;
     judge(
@@ -744,4 +744,36 @@ impl Records {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_blank_or_record_lock_files_are_written() {
+        assert!(is_record_or_blank(b""));
+        assert!(is_record_or_blank(b"   \n"));
+        assert!(is_record_or_blank(
+            b"{\"lockwarden_holder\":1,\"host\":\"a\"}\n"
+        ));
+        assert!(!is_record_or_blank(b"QFI\xfb\0\0\0\x03"));
+        assert!(!is_record_or_blank(b"{\"other\":1}"));
+    }
+
+    #[test]
+    fn side_file_directories_nobody_else_can_write() {
+        let d = libc::S_IFDIR;
+        assert_eq!(side_dir_problem(d | 0o755, 0, 0), None);
+        assert_eq!(side_dir_problem(d | 0o700, 1000, 1000), None);
+        assert_eq!(side_dir_problem(d | 0o1777, 0, 0), None);
+        assert!(
+            side_dir_problem(d | 0o777, 0, 0)
+                .unwrap()
+                .contains("sticky")
+        );
+        assert!(side_dir_problem(d | 0o775, 0, 0).unwrap().contains("0775"));
+        assert!(
+            side_dir_problem(d | 0o755, 1000, 0)
+                .unwrap()
+                .contains("uid 1000")
+        );
+    }
+}
