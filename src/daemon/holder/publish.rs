@@ -476,7 +476,11 @@ fn is_record_or_blank(content: &[u8]) -> bool {
 }
 
 pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_DIRECTORY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_CLOEXEC
+        | OFlag::O_NOCTTY;
     match nix::fcntl::open(dir, flags, Mode::empty()) {
         Ok(fd) => Ok(Some(fd)),
         Err(Errno::ENOENT) if create => {
