@@ -778,8 +778,14 @@ fn mode_of(p: &Path) -> u32 {
 
 #[test]
 fn lockspace_files_are_created_0600_and_links_never_followed() {
-    let (d1, d2) = (Daemon::start(), Daemon::start());
     let base = tempfile::tempdir().unwrap();
+    // <lease> files may only live under lease_dir (docs/hardening.md).
+    let config = format!("lease_dir = \"{}\"\n", base.path().display());
+    let d1 = Daemon::start_with(Opts {
+        config: &config,
+        ..Opts::default()
+    });
+    let d2 = Daemon::start();
     let locks = base.path().join("lockd/files");
     let disk_path = "/var/lib/libvirt/images/web1.qcow2";
     let hash = sha256_hex(disk_path);

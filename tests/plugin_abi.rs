@@ -306,7 +306,8 @@ impl Daemon {
         let pid_file = dir.join(format!("{name}.pid"));
         let conf = dir.join(format!("{name}.conf"));
         let log = dir.join(format!("{name}.log"));
-        fs::write(&conf, "").expect("daemon config");
+        // <lease> files may only live under lease_dir (docs/hardening.md): the test's own dir.
+        fs::write(&conf, format!("lease_dir = \"{}\"\n", dir.display())).expect("daemon config");
         let child = Command::new(DAEMON)
             .arg("--config")
             .arg(&conf)

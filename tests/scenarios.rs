@@ -688,11 +688,13 @@ fn posix_lock_interop_and_qemu_bytes_untouched() {
 
 #[test]
 fn libvirt_call_patterns() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let images = tempdir();
+    // <lease> files may only live under lease_dir (docs/hardening.md).
+    let lease_dir = format!("lease_dir = \"{}\"", images.path().display());
+    let d1 = Daemon::start_with(&lease_dir);
+    let d2 = Daemon::start_with(&lease_dir);
     let mut h1 = d1.host();
     let mut h2 = d2.host();
-    let images = tempdir();
 
     // A VM without disks.
     let empty = h1.start("no-disks");

@@ -30,6 +30,7 @@ module Libvirt_lockwardend =
    let socket_entry = str_entry "socket"
                     | str_entry "admin_socket"
                     | str_entry "pid_file"
+                    | str_entry "lease_dir"
 
    let limit_entry = uint_entry "max_clients"
                    | uint_entry "kill_grace_ms"

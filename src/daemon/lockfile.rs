@@ -1,16 +1,22 @@
 //! Opening the file a lease locks, without ever blocking, creating images or following a
 //! planted symlink.
 //!
-//! Direct mode (`LockTarget::File`) opens the image itself: stat first, so a directory, FIFO,
-//! character device or socket is refused before any `open` (opening a FIFO or a tty can block
-//! or have side effects); read-write for an exclusive lease (F_WRLCK needs it), read-only for a
-//! shared one; never `O_CREAT`, never `O_TRUNC`, and the daemon never writes a byte.
+//! Direct mode (`LockTarget::File`) opens the image itself: first with `O_PATH`, which opens
+//! nothing, so a directory, FIFO, character device or socket is refused before any real `open`
+//! (opening a FIFO can block, opening a device runs its driver: a watchdog arms); only a regular
+//! file or a block device is reopened through `/proc/self/fd`, read-write for an exclusive lease
+//! (F_WRLCK needs it), read-only for a shared one, with `O_NOCTTY`; never `O_CREAT`, never
+//! `O_TRUNC`, and the daemon never writes a byte.
 //!
 //! Lockspace mode (`LockTarget::Lockspace`) opens a lock file inside a directory through a
-//! directory descriptor with `O_NOFOLLOW`, creating it 0600 when missing (lockd's naming, so a
-//! virtlockd host and a lockwarden host lock the same file). The directory descriptor is kept
-//! with the lease so that "does the name still point at the inode we locked" and "unlink it" act
-//! on the same directory even if a path component is renamed meanwhile.
+//! directory descriptor with `crate::untrusted::open_regular_at` (no symbolic link followed, no
+//! device or FIFO ever opened), creating it 0600 when missing (lockd's naming, so a virtlockd
+//! host and a lockwarden host lock the same file). A lock file with more than one name is
+//! refused: its other name may be a disk image, and the holder record would be written into it.
+//! The directory descriptor is kept with the lease so that "does the name still point at the
+//! inode we locked" and "unlink it" act on the same directory even if a path component is
+//! renamed meanwhile. `<lease>` lock files (whose directory comes from domain XML) are only made
+//! under `lease_dir` (lockwardend.conf), as lockd only takes leases in a configured lockspace.
 //!
 //! A lockspace directory must be safe to create lock files in (docs/hardening.md): owned by
 //! lockwardend's user or root, and not writable by everybody unless sticky (`/tmp`-style, where
@@ -20,13 +26,15 @@
 
 use super::lease::LeaseKey;
 use super::text::{esc, subject, what};
-use crate::protocol::{LeaseMode, LeaseSpec, LockTarget};
+use crate::protocol::{LeaseMode, LeaseSpec, LockTarget, ResourceKind};
+use crate::untrusted::{self, Access, OpenFailure};
 use nix::errno::Errno;
-use nix::fcntl::{AtFlags, OFlag, open, openat};
+use nix::fcntl::{AtFlags, OFlag, open};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat, lstat, stat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::sync::OnceLock;
 
 /// Longest path the kernel accepts, without its terminating NUL.
 const PATH_MAX: usize = libc::PATH_MAX as usize - 1;
@@ -183,24 +191,39 @@ fn open_direct(spec: &LeaseSpec, path: &str) -> Result<Opened, OpenError> {
             what(spec.kind)
         ))),
     };
-    let st = stat(path).map_err(|e| stat_error(&who, e))?;
+    // O_PATH resolves the name (symbolic links to images are fine) without opening the file
+    // itself: no driver open for a device node, no wait for a FIFO's writer. Its type is judged
+    // on that descriptor, and only a regular file or a block device is reopened for I/O through
+    // /proc/self/fd, which reaches exactly the inode judged (docs/hardening.md).
+    let handle = open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| stat_error(&who, e))?;
+    let st = fstat(handle.as_fd())
+        .map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
     check(&st)?;
     let access = match spec.mode {
         LeaseMode::Exclusive => OFlag::O_RDWR,
         LeaseMode::Shared => OFlag::O_RDONLY,
     };
     let flags = access | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK;
-    let fd = open(path, flags, Mode::empty()).map_err(|e| open_error(&who, spec, e))?;
-    // The path may have been replaced between stat and open: judge what we actually opened.
-    let st = fstat(&fd).map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
-    check(&st)?;
+    let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let fd =
+        open(proc_path.as_str(), flags, Mode::empty()).map_err(|e| open_error(&who, spec, e))?;
+    let again =
+        fstat(&fd).map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
+    if key_of(&again) != key_of(&st) {
+        return Err(OpenError::Io(format!(
+            "{who}: /proc/self/fd reopened another file than the one examined; lockwardend needs \
+             the real procfs mounted on /proc"
+        )));
+    }
+    check(&again)?;
     Ok(Opened {
         fd,
-        key: key_of(&st),
+        key: key_of(&again),
         lock_path: path.to_string(),
         dir: None,
         created: false,
-        regular: is_regular(&st),
+        regular: is_regular(&again),
     })
 }
 
@@ -256,7 +279,10 @@ fn open_lockspace(
 ) -> Result<Opened, OpenError> {
     let lock_path = join(dir, file);
     let who = subject(spec.kind, &spec.name, &lock_path);
-    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    if spec.kind == ResourceKind::Lease {
+        check_lease_dir(&who, dir)?;
+    }
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
     let dirfd = match open(dir, dflags, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) if create_dir => {
@@ -275,28 +301,41 @@ fn open_lockspace(
         Err(e) => return Err(dir_error(&who, dir, e)),
     };
     check_dir(&who, dir, &dirfd, nix::unistd::geteuid().as_raw())?;
-    let base =
-        OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    if spec.kind == ResourceKind::Lease {
+        check_lease_dir_opened(&who, dir, &dirfd)?;
+    }
     for _ in 0..CREATE_RETRIES {
-        let (fd, created) = match openat(&dirfd, file, base, Mode::empty()) {
-            Ok(fd) => (fd, false),
-            Err(Errno::ENOENT) => {
-                let create = base | OFlag::O_CREAT | OFlag::O_EXCL;
-                match openat(&dirfd, file, create, Mode::from_bits_truncate(0o600)) {
-                    Ok(fd) => (fd, true),
-                    // Someone created it between our two calls: open theirs.
-                    Err(Errno::EEXIST) => continue,
-                    Err(e) => return Err(lock_file_error(&who, e)),
-                }
+        // Never a device open, never through a symbolic link; created 0600 when missing.
+        let (fd, st, created) = match untrusted::open_regular_at(
+            Some(dirfd.as_fd()),
+            file,
+            Access::ReadWrite,
+            Some(0o600),
+        ) {
+            Ok(opened) => opened,
+            // Deleted between our calls (another host released it): try again.
+            Err(OpenFailure::Sys(Errno::ENOENT)) => continue,
+            Err(OpenFailure::Sys(e)) => return Err(lock_file_error(&who, e)),
+            Err(OpenFailure::NotRegular(kind)) => {
+                return Err(OpenError::Invalid(format!(
+                    "{who}: the lock file is {kind}, not a regular file; lockwardend never \
+                         opens such a file in a lockspace (a symbolic link is never followed, a \
+                         device or FIFO never opened); remove {} so lockwardend can create the \
+                         lock file",
+                    esc(&lock_path)
+                )));
             }
-            Err(e) => return Err(lock_file_error(&who, e)),
         };
-        let st =
-            fstat(&fd).map_err(|e| OpenError::Io(format!("{who}: fstat failed: {}", e.desc())))?;
-        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        // A second name means the lock file may be a disk image (or anything else) linked into
+        // the lockspace: a record written into it would land in that file. Refuse the lease.
+        if st.st_nlink != 1 {
             return Err(OpenError::Invalid(format!(
-                "{who}: the lock file is not a regular file; remove it so lockwardend can create \
-                 the lock file"
+                "{who}: the lock file has {} hard links, but a lock file has exactly one name \
+                 (another name may be a disk image, which lockwardend never writes to); find the \
+                 other names (find / -samefile {}), then remove the lock file's name in the \
+                 lockspace so lockwardend can create a fresh one",
+                st.st_nlink,
+                esc(&lock_path)
             )));
         }
         return Ok(Opened {
@@ -314,6 +353,115 @@ fn open_lockspace(
     Err(OpenError::Io(format!(
         "{who}: the lock file kept appearing and vanishing; another program is racing on {}",
         esc(&lock_path)
+    )))
+}
+
+/// The directory `<lease>` lock files must live in (`lease_dir` in lockwardend.conf), set once
+/// at start-up; None (unset) refuses every `<lease>`.
+static LEASE_DIR: OnceLock<LeaseDirSetting> = OnceLock::new();
+
+#[derive(Debug)]
+struct LeaseDirSetting {
+    dir: Option<String>,
+    config_file: String,
+}
+
+/// Set where `<lease>` lock files may live (once, at start-up; later calls are ignored).
+pub fn set_lease_dir(dir: Option<String>, config_file: &str) {
+    let _ = LEASE_DIR.set(LeaseDirSetting {
+        dir: dir.map(|d| normalize(&d)),
+        config_file: config_file.to_string(),
+    });
+}
+
+/// `path` with empty components (`//`, a trailing `/`) removed.
+fn normalize(path: &str) -> String {
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// Is `dir` the directory `root` or below it, by its text (both absolute, normalized)?
+fn within(dir: &str, root: &str) -> bool {
+    root == "/"
+        || dir == root
+        || dir
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Why a `<lease>` in directory `dir` is refused by its text alone, before anything is opened
+/// (lockd likewise only takes leases in a lockspace it was configured with): `lease_dir` unset,
+/// `dir` outside it, or `.`/`..` components that could lead out of it.
+fn lease_dir_problem(dir: &str, setting: Option<&LeaseDirSetting>) -> Option<String> {
+    let config = setting.map_or("lockwardend.conf", |s| s.config_file.as_str());
+    let Some(root) = setting.and_then(|s| s.dir.as_deref()) else {
+        return Some(format!(
+            "leases are refused because lease_dir is not set in {config}; set lease_dir to the \
+             directory that holds <lease> lock files (its subdirectories are allowed too), and \
+             point the lease's <target path> (and <lockspace>) there",
+            config = esc(config)
+        ));
+    };
+    if dir.split('/').any(|c| c == "." || c == "..") {
+        return Some(format!(
+            "its directory {} contains '.' or '..'; give the lease's <target path> as a plain \
+             absolute path inside {} (lease_dir in {})",
+            esc(dir),
+            esc(root),
+            esc(config)
+        ));
+    }
+    if !within(&normalize(dir), root) {
+        return Some(format!(
+            "its directory {} is outside {}, the only directory (lease_dir in {}) where \
+             lockwardend creates and locks <lease> files; move the lease's <target path> there, \
+             or change lease_dir",
+            esc(dir),
+            esc(root),
+            esc(config)
+        ));
+    }
+    None
+}
+
+fn check_lease_dir(who: &str, dir: &str) -> Result<(), OpenError> {
+    match lease_dir_problem(dir, LEASE_DIR.get()) {
+        None => Ok(()),
+        Some(why) => Err(OpenError::Invalid(format!("{who}: {why}"))),
+    }
+}
+
+/// The opened lease directory must really be inside `lease_dir`: its text may pass through a
+/// symbolic link that leads elsewhere. Judged on the descriptor, against `lease_dir` resolved now.
+fn check_lease_dir_opened(who: &str, dir: &str, dirfd: &OwnedFd) -> Result<(), OpenError> {
+    let Some(setting) = LEASE_DIR.get() else {
+        return check_lease_dir(who, dir);
+    };
+    let Some(root) = setting.dir.as_deref() else {
+        return check_lease_dir(who, dir);
+    };
+    let real = nix::fcntl::readlink(format!("/proc/self/fd/{}", dirfd.as_raw_fd()).as_str())
+        .map(|p| p.to_string_lossy().into_owned())
+        .map_err(|e| {
+            OpenError::Io(format!(
+                "{who}: cannot resolve the lease directory {}: {}",
+                esc(dir),
+                e.desc()
+            ))
+        })?;
+    let real_root = std::fs::canonicalize(root)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| root.to_string());
+    if within(&real, &real_root) {
+        return Ok(());
+    }
+    Err(OpenError::Invalid(format!(
+        "{who}: the lease directory {} is really {}, outside {} (lease_dir in {}): a symbolic \
+         link leads out of it; give the lease's <target path> as a real directory inside it",
+        esc(dir),
+        esc(&real),
+        esc(root),
+        esc(&setting.config_file)
     )))
 }
 
@@ -391,9 +539,15 @@ pub fn still_named(dir: &LockDir, key: LeaseKey) -> bool {
         .unwrap_or(false)
 }
 
-/// Unlink the lock file if its name still points at `key`. Call only under an exclusive lock.
+/// Unlink the lock file if its name still points at `key` and it is a lock file: a regular file
+/// no larger than a holder record (a larger one was not made by a lock manager, and removing
+/// its last name would destroy it). Call only under an exclusive lock.
 pub fn unlink_if_named(dir: &LockDir, key: LeaseKey) -> Result<bool, Errno> {
-    if !still_named(dir, key) {
+    let Ok(st) = fstatat(&dir.fd, dir.file.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        return Ok(false);
+    };
+    let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+    if key_of(&st) != key || !is_regular(&st) || size > super::holder::MAX_RECORD as u64 {
         return Ok(false);
     }
     unlinkat(&dir.fd, dir.file.as_str(), UnlinkatFlags::NoRemoveDir).map(|()| true)
@@ -430,5 +584,27 @@ mod tests {
         );
         // Another user's sticky directory is still another user's.
         assert!(dir_problem(d | 0o1777, 1000, 0).is_some());
+    }
+
+    #[test]
+    fn leases_only_under_lease_dir() {
+        let set = |dir: Option<&str>| LeaseDirSetting {
+            dir: dir.map(normalize),
+            config_file: "/etc/libvirt/lockwardend.conf".into(),
+        };
+        let leases = set(Some("/srv/leases/"));
+        assert_eq!(lease_dir_problem("/srv/leases", Some(&leases)), None);
+        assert_eq!(lease_dir_problem("/srv/leases//LS/", Some(&leases)), None);
+        for outside in ["/etc", "/srv/leases-other", "/srv", "/srv/leases/../../etc"] {
+            let why = lease_dir_problem(outside, Some(&leases)).unwrap();
+            assert!(
+                why.contains("lease_dir") && why.contains(outside),
+                "{outside}: {why}"
+            );
+        }
+        let why = lease_dir_problem("/srv/leases", Some(&set(None))).unwrap();
+        assert!(why.contains("lease_dir is not set"), "{why}");
+        assert!(lease_dir_problem("/srv/leases", None).is_some());
+        assert_eq!(lease_dir_problem("/anything", Some(&set(Some("/")))), None);
     }
 }

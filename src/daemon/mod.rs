@@ -114,6 +114,13 @@ pub fn main() -> ExitCode {
 /// stop, clean up.
 fn serve(settings: &settings::Settings) -> Result<(), String> {
     limits::install(settings.limits.clone());
+    lockfile::set_lease_dir(
+        settings
+            .lease_dir
+            .as_ref()
+            .map(|d| d.to_string_lossy().into_owned()),
+        &settings.limits.config_file,
+    );
     limits::check_fd_limit(settings.max_clients, settings.limits.max_owners);
     let signals = signals::Signals::install()
         .map_err(|e| format!("cannot set up signal handling: {}", e.desc()))?;

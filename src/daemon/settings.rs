@@ -42,6 +42,9 @@ pub struct Settings {
     /// `max_owners`, `max_leases_per_request`, `request_read_timeout_ms`, `idle_timeout_ms`
     /// (docs/hardening.md).
     pub limits: Limits,
+    /// `lease_dir`: the only directory (with its subdirectories) where `<lease>` lock files are
+    /// created and locked; None refuses every `<lease>` (docs/hardening.md).
+    pub lease_dir: Option<PathBuf>,
 }
 
 /// The environment the defaults depend on, read once so tests can supply their own.
@@ -105,6 +108,7 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
     let max_leases = conf.take_int("max_leases_per_request", 1, 65_536)?;
     let read_timeout_ms = conf.take_int("request_read_timeout_ms", 100, 3_600_000)?;
     let idle_ms = conf.take_int("idle_timeout_ms", 0, 86_400_000)?;
+    let lease_dir = conf.take_abs_path("lease_dir")?;
     let config_file = conf.path().to_path_buf();
     let config_text = config_file.display().to_string();
     conf.finish()?;
@@ -158,6 +162,7 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
             },
             config_file: config_text,
         },
+        lease_dir,
     })
 }
 
@@ -192,6 +197,7 @@ mod tests {
         assert_eq!(s.limits.max_leases_per_request, 1024);
         assert_eq!(s.limits.request_read_timeout, Duration::from_millis(10_000));
         assert_eq!(s.limits.idle_timeout, Some(Duration::from_millis(300_000)));
+        assert_eq!(s.lease_dir, None);
         assert_eq!(
             default_config_path(&root()),
             PathBuf::from("/etc/libvirt/lockwardend.conf")
@@ -223,7 +229,7 @@ mod tests {
             "socket = \"/x/s.sock\"\nadmin_socket = \"/x/a.sock\"\nmax_clients = 7\n\
              kill_grace_ms = 0\nlog_level = \"warn\"\npid_file = \"/x/p\"\n\
              max_owners = 3\nmax_leases_per_request = 5\nrequest_read_timeout_ms = 250\n\
-             idle_timeout_ms = 0\n",
+             idle_timeout_ms = 0\nlease_dir = \"/srv/leases\"\n",
         );
         let args = Args {
             socket: Some("/cli.sock".into()),
@@ -241,6 +247,7 @@ mod tests {
         assert_eq!(s.limits.max_leases_per_request, 5);
         assert_eq!(s.limits.request_read_timeout, Duration::from_millis(250));
         assert_eq!(s.limits.idle_timeout, None);
+        assert_eq!(s.lease_dir, Some(PathBuf::from("/srv/leases")));
         assert_eq!(s.limits.config_file, "/etc/libvirt/lockwardend.conf");
     }
 
@@ -258,6 +265,7 @@ mod tests {
             "max_leases_per_request = 0\n",
             "request_read_timeout_ms = 10\n",
             "idle_timeout_ms = -5\n",
+            "lease_dir = \"leases\"\n",
         ] {
             assert!(
                 resolve(parse(bad), &Args::default(), &root()).is_err(),

@@ -14,6 +14,7 @@ max_owners = 100
 max_leases_per_request = 64
 request_read_timeout_ms = 10000
 idle_timeout_ms = 0
+lease_dir = \"/var/lib/libvirt/lockwarden/leases\"
 log_level = \"debug\"   # while investigating
 "
 
@@ -31,6 +32,7 @@ log_level = \"debug\"   # while investigating
       { "max_leases_per_request" = "64" }
       { "request_read_timeout_ms" = "10000" }
       { "idle_timeout_ms" = "0" }
+      { "lease_dir" = "/var/lib/libvirt/lockwarden/leases" }
       { "log_level" = "debug"
         { "#comment" = "while investigating" } }
 

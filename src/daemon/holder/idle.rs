@@ -1,7 +1,7 @@
 //! Idle side files: a withdrawn record's side file on a host-local file system stays open for
 //! the file's next lease on this host.
 
-use super::publish::{PublishedPlace, RecordDir, Tail, write_record};
+use super::publish::{PublishedPlace, RecordDir, Tail, writable_now, write_record};
 use super::*;
 use nix::sys::stat::fstat;
 use std::collections::HashMap;
@@ -67,6 +67,9 @@ pub(super) fn reuse(idle: Idle, name: String, bytes: &[u8]) -> Result<PublishedP
     if st.st_nlink == 0 {
         return Err("removed meanwhile".into());
     }
+    // Still a file lockwardend may write (a hard link may have been added while it was idle);
+    // `write_record` checks again right before writing.
+    writable_now(idle.file.as_fd())?;
     ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).map_err(|e| e.desc().to_string())?;
     let len = write_record(
         idle.file.as_fd(),

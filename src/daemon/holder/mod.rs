@@ -25,6 +25,16 @@
 //! lock of the mode the record states, and (3) the record names the inode that is locked now.
 //! Anything else is ignored (and reported as ignored, with the reason).
 //!
+//! What is written (docs/hardening.md): lockwardend writes to or truncates a side file or a lock
+//! file only when it is a regular file with exactly one name, owned by lockwardend's user and no
+//! larger than a record ([`crate::untrusted::check_writable`]), checked after opening and again
+//! right before every write and truncate (a hard link can be added at any time). A lock file is
+//! written only when it is empty or holds a lockwarden record (a lockd lock file is empty, and is
+//! emptied again when the record is withdrawn). Side files are opened without any device open
+//! (`crate::untrusted::open_regular_at`) and only in a `.lockwarden` directory that, like the
+//! locked file's directory, is owned by root or lockwardend's user and writable by nobody else
+//! (or sticky). Anything else: no record, a WARN line naming the file and why; the lease stays.
+//!
 //! Failure to publish never fails an acquire: callers log and continue.
 
 use crate::protocol::{LeaseMode, Owner, ResourceKind};
@@ -60,7 +70,7 @@ pub const FORMAT: u32 = 1;
 /// The hidden directory holding side files, next to the locked file.
 pub const RECORD_DIR: &str = ".lockwarden";
 /// Records larger than this are not lockwarden records.
-const MAX_RECORD: usize = 64 * 1024;
+pub(crate) const MAX_RECORD: usize = 64 * 1024;
 /// Byte of an in-file record's lock file that carries the publisher's liveness lock.
 const LIVENESS_BYTE: libc::off_t = 1;
 /// File names longer than this (the image's base name) are replaced by their SHA-256 in side

@@ -3,6 +3,7 @@
 use super::idle::{park, reuse, unpark};
 use super::*;
 use crate::daemon::lock;
+use crate::untrusted::{self, Access, OpenFailure};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
 use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
@@ -113,10 +114,7 @@ fn record_dir(path: &str) -> Result<Arc<RecordDir>, String> {
             None => {}
         }
     }
-    let opened = open_record_dir(path, true)
-        .map_err(|e| format!("cannot open or create {path:?}: {}", e.desc()))
-        .and_then(|d| d.ok_or_else(|| format!("{path:?} vanished")));
-    let fd = match opened {
+    let fd = match open_publish_dir(path) {
         Ok(fd) => fd,
         Err(why) => {
             if let Ok(mut failed) = RECORD_DIR_FAILED.lock() {
@@ -192,7 +190,7 @@ pub fn publish_known(
     }
     let bytes = encode(&record)?;
     if target.in_file(record.mode) {
-        publish_in_file(target.fd, &bytes)?;
+        publish_in_file(target.fd, target.lock_path, &bytes, true)?;
         return Ok(Published {
             place: PublishedPlace::InFile,
             generation: record.generation,
@@ -234,7 +232,9 @@ pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<
     let Some(idle) = unpark(&side.dir, &name) else {
         return publish_known(target, record, id);
     };
-    if ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).is_err() {
+    if writable_now(idle.file.as_fd()).is_err()
+        || ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).is_err()
+    {
         drop(idle);
         return publish_known(target, record, id);
     }
@@ -277,8 +277,15 @@ pub fn write_pending(p: &mut Published) -> Result<(), String> {
     };
     let linked = fstat(file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
     if linked {
-        *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
-            .map_err(|e| format!("writing side file {name:?}: {e}"))?;
+        match write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush) {
+            Ok(n) => *len = n,
+            Err(e) => {
+                let e = format!("writing side file {name:?}: {e}");
+                // Not ours to write any more (a link was added): let it go, with its lock.
+                p.place = PublishedPlace::Nowhere;
+                return Err(e);
+            }
+        }
         return Ok(());
     }
     let (path, name) = (dir.path.clone(), name.clone());
@@ -309,7 +316,7 @@ pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> R
         PublishedPlace::InFile => {
             let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
             record.lock_ino = st.st_ino;
-            publish_in_file(target.fd, &encode(&record)?)?;
+            publish_in_file(target.fd, target.lock_path, &encode(&record)?, false)?;
             p.generation = record.generation;
             Ok(())
         }
@@ -391,8 +398,10 @@ pub(super) fn write_record(
         }
         _ => bytes,
     };
+    writable_now(fd).map_err(|why| format!("not written: {why}"))?;
     write_all_at0(fd, bytes)?;
     if old_len > bytes.len() as u64 {
+        writable_now(fd).map_err(|why| format!("not truncated: {why}"))?;
         let len = libc::off_t::try_from(bytes.len()).unwrap_or(0);
         ftruncate(fd, len).map_err(|e| format!("truncating failed: {}", e.desc()))?;
     }
@@ -417,7 +426,32 @@ fn write_all_at0(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
+fn publish_in_file(
+    fd: BorrowedFd<'_>,
+    lock_path: &str,
+    bytes: &[u8],
+    first: bool,
+) -> Result<(), String> {
+    // Only a lock file that holds nothing or a lockwarden record is ever written: a lockd lock
+    // file is empty, and anything else (a file linked or moved into the lockspace) is not ours.
+    let refuse = |why: String| {
+        format!(
+            "the lock file {lock_path:?} is not written: {why}; the holder record is published \
+             nowhere (the lease is held); if the file is not a lock file, move it out of the \
+             lockspace"
+        )
+    };
+    writable_now(fd).map_err(refuse)?;
+    if first {
+        let content = untrusted::read_bounded(fd, MAX_RECORD)
+            .map_err(|e| refuse(format!("reading it failed: {}", e.desc())))?
+            .unwrap_or_default();
+        if !is_record_or_blank(&content) {
+            return Err(refuse(
+                "it holds data that is not a lockwarden holder record".into(),
+            ));
+        }
+    }
     ofd_set(fd, libc::F_WRLCK, LIVENESS_BYTE).map_err(|e| {
         format!(
             "cannot take the record's liveness lock on byte {LIVENESS_BYTE}: {}",
@@ -427,11 +461,26 @@ fn publish_in_file(fd: BorrowedFd<'_>, bytes: &[u8]) -> Result<(), String> {
     // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
     write_record(fd, bytes, u64::MAX, Tail::Cut, !host_local(fd))
         .map(drop)
-        .map_err(|e| format!("the lock file: {e}"))
+        .map_err(|e| format!("the lock file {lock_path:?}: {e}"))
+}
+
+/// Empty (or blanks only), or a lockwarden holder record: what a lock file may hold before
+/// lockwardend writes its record into it.
+fn is_record_or_blank(content: &[u8]) -> bool {
+    let start = content
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(content.len());
+    let rest = content.get(start..).unwrap_or_default();
+    rest.is_empty() || rest.starts_with(b"{\"lockwarden_holder\"")
 }
 
 pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_DIRECTORY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_CLOEXEC
+        | OFlag::O_NOCTTY;
     match nix::fcntl::open(dir, flags, Mode::empty()) {
         Ok(fd) => Ok(Some(fd)),
         Err(Errno::ENOENT) if create => {
@@ -453,21 +502,84 @@ pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>
     }
 }
 
+/// Open (creating it 0700 when missing) the `.lockwarden` directory `dir` for publishing, only
+/// when neither it nor the directory of the locked file could let someone else swap files in
+/// it: each must be owned by root or lockwardend's user and not writable by group or others
+/// unless sticky. Otherwise no side file is created there at all (a disk in a directory anybody
+/// can write is no place for files root writes; docs/hardening.md).
+fn open_publish_dir(dir: &str) -> Result<OwnedFd, String> {
+    let (parent, name) = dir.rsplit_once('/').unwrap_or(("/", dir));
+    let parent = if parent.is_empty() { "/" } else { parent };
+    let euid = nix::unistd::geteuid().as_raw();
+    let judge = |fd: &OwnedFd, what: &str| -> Result<(), String> {
+        let st = fstat(fd).map_err(|e| format!("cannot examine {what}: {}", e.desc()))?;
+        match side_dir_problem(st.st_mode, st.st_uid, euid) {
+            None => Ok(()),
+            Some(why) => Err(format!(
+                "{what} {why}, so no side file is written there; fix its owner or mode to publish \
+                 holder records"
+            )),
+        }
+    };
+    let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+    let pfd = nix::fcntl::open(parent, dflags, Mode::empty())
+        .map_err(|e| format!("cannot open the directory {parent:?}: {}", e.desc()))?;
+    judge(
+        &pfd,
+        &format!("the directory {parent:?} of the locked file"),
+    )?;
+    let flags = dflags | OFlag::O_NOFOLLOW;
+    let fd = match openat(&pfd, name, flags, Mode::empty()) {
+        Err(Errno::ENOENT) => {
+            match mkdirat(&pfd, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(format!("cannot create {dir:?}: {}", e.desc())),
+            }
+            openat(&pfd, name, flags, Mode::empty())
+        }
+        r => r,
+    }
+    .map_err(|e| format!("cannot open {dir:?}: {}", e.desc()))?;
+    judge(&fd, &format!("the record directory {dir:?}"))?;
+    Ok(fd)
+}
+
+/// What makes a directory unfit to hold side files: another owner than root or `euid`, or
+/// write access for group or others without the sticky bit.
+pub(super) fn side_dir_problem(mode: u32, uid: u32, euid: u32) -> Option<String> {
+    if uid != euid && uid != 0 {
+        return Some(format!(
+            "is owned by uid {uid}, not by root or lockwardend's user (uid {euid})"
+        ));
+    }
+    if mode & (libc::S_IWGRP | libc::S_IWOTH) != 0 && mode & libc::S_ISVTX == 0 {
+        return Some(format!(
+            "is writable by its group or by everybody (mode {:04o}) without the sticky bit",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
+/// May lockwardend write to or truncate the record file open as `fd` right now? Checked after
+/// opening and again right before every write and truncate: a hard link can be added at any
+/// time, and a write through it would land in the other file (docs/hardening.md).
+pub(super) fn writable_now(fd: BorrowedFd<'_>) -> Result<(), String> {
+    let st = fstat(fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
+    untrusted::check_writable(&st, MAX_RECORD as u64)
+}
+
 /// Open this host's side file, creating it only when missing: withdrawn records leave their
 /// (empty) file behind, so the next lease of the same file reuses it without touching the
 /// directory (creating and deleting a file per lease serialises on the directory's lock and,
 /// on ext4, costs an inode allocation that scans for recently deleted inodes).
-fn open_side(dir: &RecordDir, name: &str) -> Result<OwnedFd, Errno> {
-    let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-    match openat(&dir.fd, name, flags, Mode::empty()) {
-        Err(Errno::ENOENT) => openat(
-            &dir.fd,
-            name,
-            flags | OFlag::O_CREAT,
-            Mode::from_bits_truncate(0o600),
-        ),
-        r => r,
-    }
+fn open_side(
+    dir: &RecordDir,
+    name: &str,
+) -> Result<(OwnedFd, nix::sys::stat::FileStat), OpenFailure> {
+    // Never a device open, a FIFO wait or a symbolic link: O_PATH first, reopen if regular.
+    untrusted::open_regular_at(Some(dir.fd.as_fd()), name, Access::ReadWrite, Some(0o600))
+        .map(|(fd, st, _)| (fd, st))
 }
 
 /// Open (or create) this host's side file, take its liveness lock, write the record in place.
@@ -490,23 +602,29 @@ fn publish_side_named(
     bytes: &[u8],
 ) -> Result<PublishedPlace, String> {
     let mut dir = record_dir(dir_path)?;
-    let fd = match open_side(&dir, &name) {
+    let (fd, st) = match open_side(&dir, &name) {
         // The cached directory was removed (by hand): open or create it again.
-        Err(Errno::ENOENT) => {
+        Err(OpenFailure::Sys(Errno::ENOENT)) => {
             forget_record_dir(dir_path);
             dir = record_dir(dir_path)?;
             open_side(&dir, &name)
         }
         r => r,
     }
-    .map_err(|e| format!("cannot open {name:?} in {:?}: {}", dir_path, e.desc()))?;
-    let st = fstat(&fd).map_err(|e| format!("fstat of {name:?} failed: {}", e.desc()))?;
-    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
-        return Err(format!(
-            "{name:?} in {:?} is not a regular file; remove it",
-            dir_path
-        ));
-    }
+    .map_err(|e| {
+        format!(
+            "side file {name:?} in {dir_path:?}: {}; it was not opened for I/O and no record is \
+             published there (the lease is held); remove it",
+            e.describe()
+        )
+    })?;
+    untrusted::check_writable(&st, MAX_RECORD as u64).map_err(|why| {
+        format!(
+            "side file {name:?} in {dir_path:?} is not written: {why}; the holder record is \
+             published nowhere (the lease is held); remove that file so lockwardend can create \
+             its own"
+        )
+    })?;
     ofd_set(fd.as_fd(), libc::F_WRLCK, 0).map_err(|e| {
         if lock::is_conflict(e) {
             format!(
@@ -544,8 +662,14 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
     published.pending = None;
     match std::mem::replace(&mut published.place, PublishedPlace::Nowhere) {
         PublishedPlace::InFile => {
-            let r = ftruncate(fd, 0)
-                .map_err(|e| format!("emptying the lock file failed: {}", e.desc()));
+            // Emptied only while still a single-name file of record size (a link added since
+            // the record was written must not make this cut another file).
+            let r = writable_now(fd)
+                .map_err(|why| format!("the lock file is not emptied: {why}"))
+                .and_then(|()| {
+                    ftruncate(fd, 0)
+                        .map_err(|e| format!("emptying the lock file failed: {}", e.desc()))
+                });
             let _ = ofd_set(fd, libc::F_UNLCK, LIVENESS_BYTE);
             r
         }
@@ -559,8 +683,12 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
             // either our record, or only spaces (read as empty), or a file whose publisher
             // is gone. Spaces rather than a truncate: see `Tail::Pad`.
             let blank = vec![b' '; usize::try_from(len).unwrap_or(0).min(MAX_RECORD)];
-            let r = write_all_at0(file.as_fd(), &blank)
-                .map_err(|e| format!("cannot blank side file {name:?}: {e}"));
+            let r = writable_now(file.as_fd())
+                .map_err(|why| format!("side file {name:?} is not blanked: {why}"))
+                .and_then(|()| {
+                    write_all_at0(file.as_fd(), &blank)
+                        .map_err(|e| format!("cannot blank side file {name:?}: {e}"))
+                });
             // On a host-local file system, keep it open for the next lease (see `Idle`); its
             // liveness lock goes now either way.
             if r.is_ok() && !dir.flush && ofd_set(file.as_fd(), libc::F_UNLCK, 0).is_ok() {
@@ -620,4 +748,36 @@ impl Records {
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_blank_or_record_lock_files_are_written() {
+        assert!(is_record_or_blank(b""));
+        assert!(is_record_or_blank(b"   \n"));
+        assert!(is_record_or_blank(
+            b"{\"lockwarden_holder\":1,\"host\":\"a\"}\n"
+        ));
+        assert!(!is_record_or_blank(b"QFI\xfb\0\0\0\x03"));
+        assert!(!is_record_or_blank(b"{\"other\":1}"));
+    }
+
+    #[test]
+    fn side_file_directories_nobody_else_can_write() {
+        let d = libc::S_IFDIR;
+        assert_eq!(side_dir_problem(d | 0o755, 0, 0), None);
+        assert_eq!(side_dir_problem(d | 0o700, 1000, 1000), None);
+        assert_eq!(side_dir_problem(d | 0o1777, 0, 0), None);
+        assert!(
+            side_dir_problem(d | 0o777, 0, 0)
+                .unwrap()
+                .contains("sticky")
+        );
+        assert!(side_dir_problem(d | 0o775, 0, 0).unwrap().contains("0775"));
+        assert!(
+            side_dir_problem(d | 0o755, 1000, 0)
+                .unwrap()
+                .contains("uid 1000")
+        );
+    }
+}

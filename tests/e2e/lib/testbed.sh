@@ -153,6 +153,8 @@ EOF
   cat >"$d/etc/lockwardend.conf" <<EOF
 # e2e host $h
 log_level = "debug"
+# <lease> lock files may only live under lease_dir (docs/hardening.md).
+lease_dir = "$IMG/leases"
 EOF
   write_qemu_conf "$h"
   write_plugin_confs "$h"
