@@ -27,8 +27,9 @@
 //! destroys the domain. `ignore` only logs.
 //!
 //! A lost lease stays in the probe rounds: each probe of it also tries to take the lock back.
-//! The first re-check after the action and every [`STILL_LOST_EVERY`]th one after it report
-//! that the lock is still lost (and whether somebody else holds it); a probe that succeeds
+//! The first re-check after the action, every one whose answer differs from the last (EIO, then
+//! a conflict), and every [`STILL_LOST_EVERY`]th one report that the lock is still lost (and
+//! whether somebody else holds it); a probe that succeeds
 //! reports that the lock is held again, so the operator of a paused VM knows when resuming it
 //! is safe again. lockwardend never resumes a VM by itself: whether somebody wrote to the disk
 //! meanwhile is for the operator to check.
@@ -90,6 +91,8 @@ struct Track {
     transient: u32,
     /// Re-checks of a lease already found lost.
     rechecks: u32,
+    /// The error of the last re-check, to report a change (e.g. EIO, then a conflict).
+    last: Option<Errno>,
 }
 
 /// Start a round of probes when it is time.
@@ -177,10 +180,7 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
                 err.desc()
             )
         }
-        Verdict::Conflict => format!(
-            "somebody else holds it now ({}, {err})",
-            err.desc()
-        ),
+        Verdict::Conflict => format!("somebody else holds it now ({}, {err})", err.desc()),
         _ => format!("the storage no longer grants it ({}, {err})", err.desc()),
     };
     declare_lost(state, key, &why);
@@ -215,6 +215,7 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
     let t = state.health.map.entry(key).or_default();
     t.transient = 0;
     t.rechecks = 0;
+    t.last = None;
     let (name, lock_path, kind, mode) = (l.name.clone(), l.lock_path.clone(), l.kind, l.mode);
     let pids: Vec<u32> = l.owners.keys().copied().collect();
     let mut owners: Vec<Owner> = Vec::new();
@@ -284,7 +285,8 @@ fn recheck(state: &mut State, key: LeaseKey, verdict: Verdict, result: Result<()
         return;
     }
     t.rechecks += 1;
-    if t.rechecks == 1 || t.rechecks % STILL_LOST_EVERY == 0 {
+    let changed = std::mem::replace(&mut t.last, result.err()) != result.err();
+    if changed || t.rechecks == 1 || t.rechecks % STILL_LOST_EVERY == 0 {
         let how = match (verdict, result) {
             (Verdict::Conflict, Err(e)) => format!("somebody else holds it ({})", e.desc()),
             (_, Err(e)) => format!("{} ({e})", e.desc()),
@@ -292,8 +294,8 @@ fn recheck(state: &mut State, key: LeaseKey, verdict: Verdict, result: Result<()
         };
         error!(
             "lock on {name:?} ({lock_path:?}) of {vms} is still LOST at re-check {}: {how}; the \
-             VM must not run on this disk until the lock is back (re-checked every round, \
-             reported every {STILL_LOST_EVERY})",
+             VM must not run on this disk until the lock is back (re-checked every round; \
+             reported when the answer changes and every {STILL_LOST_EVERY} re-checks)",
             t.rechecks
         );
     }

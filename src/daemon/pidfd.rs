@@ -280,8 +280,15 @@ mod tests {
         // The owner we recorded started at another time: this pid was reused.
         let stale = Proc::from_parts(pid, None, Some(real + 1));
         assert_eq!(stale.signal(Signal::SIGKILL), Err(Errno::ESRCH));
-        assert!(stale.exited(), "a reused pid must count as the owner's exit");
-        assert_eq!(child.try_wait().unwrap(), None, "the unrelated process was hit");
+        assert!(
+            stale.exited(),
+            "a reused pid must count as the owner's exit"
+        );
+        assert_eq!(
+            child.try_wait().unwrap(),
+            None,
+            "the unrelated process was hit"
+        );
         // The same pid with the right start time is the owner: signalled, then gone.
         let owner = Proc::from_parts(pid, None, Some(real));
         assert!(!owner.exited());

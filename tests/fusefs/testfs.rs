@@ -97,8 +97,12 @@ impl Inner {
                 Some("errno") => {
                     let e = w.next().and_then(|n| n.parse().ok()).unwrap_or(libc::EIO);
                     let n = w.next().and_then(|n| n.parse().ok()).unwrap_or(0);
-                    c.errors
-                        .push((line.trim().to_string(), e, n, w.map(str::to_string).collect()));
+                    c.errors.push((
+                        line.trim().to_string(),
+                        e,
+                        n,
+                        w.map(str::to_string).collect(),
+                    ));
                 }
                 _ => {}
             }

@@ -3,8 +3,8 @@
 use super::*;
 use crate::daemon::keptmeta::{KeptMeta, Tails};
 use crate::daemon::pidfd::Proc;
-use nix::errno::Errno;
 use log::{error, info, warn};
+use nix::errno::Errno;
 use nix::sys::socket::{Backlog, SockFlag, UnixAddr, accept4, bind, getsockopt, listen, sockopt};
 use nix::sys::stat::{Mode, umask};
 use std::collections::{BTreeMap, HashMap, HashSet};
