@@ -138,7 +138,8 @@ impl Owners {
         let mut waiting = false;
         for (pid, e) in self.map.iter_mut().filter(|(_, e)| e.proc.retry) {
             match e.proc.rewatch() {
-                Ok(_) => info!(
+                Ok(false) => {}
+                Ok(true) => info!(
                     "VM {:?} (pid {pid}) is watched for its exit again (pidfd opened); its {} \
                      lease(s) were kept meanwhile",
                     e.owner.name,

@@ -76,23 +76,22 @@ impl Proc {
         }
     }
 
-    /// A process handle carried over a live re-exec (its pidfd kept open across `exec`).
+    /// A process handle carried over a live re-exec (its pidfd kept open across `exec`). One
+    /// without a pidfd is tried again ([`Proc::rewatch`]): it may have been an owner whose
+    /// pidfd could not be opened; on a kernel without pidfds the first retry settles it.
     pub fn from_parts(pid: u32, fd: Option<OwnedFd>, start: Option<u64>) -> Proc {
         Proc {
             pid: i32::try_from(pid).unwrap_or(i32::MAX),
+            retry: fd.is_none(),
             fd,
             start,
-            retry: false,
         }
     }
 
     /// A process that could not be watched yet (its pidfd could not be opened for a reason
     /// that may pass): a plain pid checked against `start`, retried by [`Proc::rewatch`].
     pub fn unwatched(pid: u32, start: Option<u64>) -> Proc {
-        Proc {
-            retry: true,
-            ..Proc::from_parts(pid, None, start)
-        }
+        Proc::from_parts(pid, None, start)
     }
 
     /// Watch `pid` only if it still is the process that started at `start` (when known).
@@ -124,8 +123,9 @@ impl Proc {
     }
 
     /// For a handle made by [`Proc::unwatched`]: try to open the pidfd again. `Ok(true)`: it is
-    /// watched now; `Ok(false)`: still not (the error is returned by the next call too);
-    /// `Err(ESRCH)`: the process is gone (or the pid names another process now).
+    /// watched now; `Ok(false)`: no retry is needed any more, but the kernel has no pidfds (a
+    /// plain pid checked against its start time); `Err(ESRCH)`: the process is gone (or the
+    /// pid names another process now); any other error: still not watched, try again later.
     pub fn rewatch(&mut self) -> Result<bool, Errno> {
         if !self.retry {
             return Ok(self.fd.is_some());
@@ -136,7 +136,7 @@ impl Proc {
                 self.fd = p.fd;
                 self.start = self.start.or(p.start);
                 self.retry = false;
-                Ok(true)
+                Ok(self.fd.is_some())
             }
             Err(Errno::ESRCH) => Err(Errno::ESRCH),
             Err(e) => {

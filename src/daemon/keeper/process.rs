@@ -614,8 +614,10 @@ impl KeeperProc {
         for (pid, w) in self.watched.iter_mut().filter(|(_, w)| w.retry) {
             let mut p = Proc::unwatched(*pid, w.start);
             match p.rewatch() {
-                Ok(_) => {
-                    info!("keeper (pid {me}): owner pid {pid} is watched for its exit again");
+                Ok(watched) => {
+                    if watched {
+                        info!("keeper (pid {me}): owner pid {pid} is watched for its exit again");
+                    }
                     w.start = w.start.or(p.start);
                     w.fd = p.into_fd();
                     w.retry = false;
