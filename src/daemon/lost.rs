@@ -138,16 +138,17 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
     if !Arc::ptr_eq(&l.fd, fd) {
         return;
     }
-    let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
-    let vms = owner_names(state, key);
-    if state.leases.get(&key).is_some_and(|l| l.lost) {
+    if l.lost {
         recheck(state, key, verdict, result);
         return;
     }
+    let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
     let err = match (verdict, result) {
         (Verdict::Held, _) | (_, Ok(())) => {
+            // The common case: a good probe of a lease with no history costs no allocation.
             if let Some(t) = state.health.map.remove(&key) {
                 if t.transient > 0 {
+                    let vms = owner_names(state, key);
                     info!(
                         "lock on {name:?} ({lock_path:?}) of {vms} confirmed again after {} \
                          transient probe error(s); nothing was done to the VM",
@@ -164,13 +165,15 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
             let t = state.health.map.entry(key).or_default();
             t.transient += 1;
             if t.transient < TRANSIENT_LIMIT {
+                let n = t.transient;
+                let vms = owner_names(state, key);
                 warn!(
                     "cannot confirm the lock on {name:?} ({lock_path:?}) of {vms}: {} ({err}); \
                      a transient error ({} of {TRANSIENT_LIMIT} in a row before it counts as \
                      lost): nothing is done to the VM, the next probe tries again; check the \
                      storage and the network to it",
                     err.desc(),
-                    t.transient
+                    n
                 );
                 return;
             }
