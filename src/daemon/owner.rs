@@ -8,9 +8,14 @@ use super::lease::LeaseKey;
 use super::pidfd::Proc;
 use super::text::esc;
 use crate::protocol::{FailureAction, Owner};
+use log::{info, warn};
 use nix::errno::Errno;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+/// How often an owner whose pidfd could not be opened (EMFILE, ENFILE, ENOMEM) is tried again.
+pub const REWATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// Identifies a client connection inside the server.
 pub type ConnId = u64;
@@ -41,6 +46,8 @@ impl OwnerEntry {
 #[derive(Debug, Default)]
 pub struct Owners {
     map: HashMap<u32, OwnerEntry>,
+    /// When owners without the pidfd they should have are tried again ([`Owners::rewatch`]).
+    next_rewatch: Option<Instant>,
 }
 
 impl Owners {
@@ -83,7 +90,7 @@ impl Owners {
                 "pid {} is registered for VM '{}' (uuid {}); this request names uuid {} (VM \
                  '{}'); a process can be the owner of one VM only",
                 owner.pid,
-                esc(&e.owner.name),
+                e.owner.name,
                 esc(&e.owner.uuid),
                 esc(&owner.uuid),
                 esc(&owner.name)
@@ -105,9 +112,68 @@ impl Owners {
         ))
     }
 
-    /// Add an entry rebuilt after a restart or a live re-exec.
+    /// Add an entry rebuilt after a restart or a live re-exec. One whose pidfd could not be
+    /// opened yet ([`Proc::unwatched`]) is tried again every [`REWATCH_EVERY`].
     pub fn insert(&mut self, entry: OwnerEntry) {
+        if entry.proc.retry && self.next_rewatch.is_none() {
+            self.next_rewatch = Some(Instant::now() + REWATCH_EVERY);
+        }
         self.map.insert(entry.owner.pid, entry);
+    }
+
+    /// When [`Owners::rewatch`] wants to run next (None: every owner is watched).
+    pub fn next_rewatch(&self) -> Option<Instant> {
+        self.next_rewatch
+    }
+
+    /// Try again to open the pidfds that could not be opened (issue 19: only ESRCH or a
+    /// start-time mismatch means the owner is gone). Returns the owners found gone meanwhile;
+    /// the caller releases their leases.
+    pub fn rewatch(&mut self, now: Instant) -> Vec<u32> {
+        match self.next_rewatch {
+            Some(t) if t <= now => {}
+            _ => return Vec::new(),
+        }
+        let mut gone = Vec::new();
+        let mut waiting = false;
+        for (pid, e) in self.map.iter_mut().filter(|(_, e)| e.proc.retry) {
+            match e.proc.rewatch() {
+                Ok(false) => {}
+                Ok(true) => info!(
+                    "VM {:?} (pid {pid}) is watched for its exit again (pidfd opened); its {} \
+                     lease(s) were kept meanwhile",
+                    e.owner.name,
+                    e.leases.len()
+                ),
+                Err(Errno::ESRCH) => gone.push(*pid),
+                Err(err) => {
+                    waiting = true;
+                    log::debug!(
+                        "VM {:?} (pid {pid}): still cannot open a pidfd: {}",
+                        e.owner.name,
+                        err.desc()
+                    );
+                }
+            }
+        }
+        self.next_rewatch = waiting.then(|| now + REWATCH_EVERY);
+        gone
+    }
+
+    /// An owner whose pidfd could not be opened: kept (its leases stay held), reported, and
+    /// tried again by [`Owners::rewatch`].
+    pub fn report_unwatched(owner: &Owner, why: Errno) {
+        warn!(
+            "cannot watch VM {:?} (pid {}) for its exit: pidfd_open or reading /proc/{}/stat \
+             failed: {} ({why}); this does not mean it exited: its leases stay held \
+             and lockwardend tries again every {} s; if this persists, raise lockwardend's \
+             open-file limit (LimitNOFILE=) or free memory",
+            owner.name,
+            owner.pid,
+            owner.pid,
+            why.desc(),
+            REWATCH_EVERY.as_secs()
+        );
     }
 
     pub fn get(&self, pid: u32) -> Option<&OwnerEntry> {

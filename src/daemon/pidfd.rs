@@ -3,7 +3,14 @@
 //! Why: owners are QEMU processes that are not our children, so there is no SIGCHLD. A pidfd
 //! polls readable the moment its process exits, which lets the event loop free a dead VM's
 //! leases at once, and `pidfd_send_signal` can never hit an unrelated process that inherited
-//! the pid. On kernels without pidfds (before 5.3) we fall back to plain pids and probing.
+//! the pid. On kernels without pidfds (before 5.3, or a seccomp profile answering EPERM) we fall
+//! back to plain pids, and then the recorded start time (field 22 of `/proc/PID/stat`) is
+//! compared again before every signal and in [`Proc::exited`], so a reused pid is never
+//! signalled and never taken for the owner (docs/hardening.md).
+//!
+//! Only ESRCH (or a start-time mismatch) means "gone": any other `pidfd_open` error (EMFILE,
+//! ENFILE, ENOMEM) is returned as is, and callers keep the owner's leases and retry
+//! ([`Proc::unwatched`], [`Proc::rewatch`]).
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -19,59 +26,126 @@ pub struct Proc {
     /// Start time of the process (field 22 of `/proc/PID/stat`, clock ticks since boot), so a
     /// pid reused by another process is never mistaken for the owner after a restart.
     pub start: Option<u64>,
+    /// No pidfd because opening one failed for a reason that may pass (EMFILE, ENFILE,
+    /// ENOMEM): [`Proc::rewatch`] tries again. False on kernels without pidfds.
+    pub retry: bool,
+}
+
+/// `pidfd_open(2)`: a descriptor that refers to process `pid`, or the errno.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1;
+    // no memory is passed.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret >= 0 {
+        // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+    } else {
+        Err(Errno::last())
+    }
 }
 
 impl Proc {
-    /// Watch `pid`. `Err(ESRCH)` when no such process exists.
+    /// Watch `pid`. `Err(ESRCH)` when no such process exists; any other error (EMFILE, ENFILE,
+    /// ENOMEM) says nothing about the process and must not be taken for its exit.
     pub fn open(pid: u32) -> Result<Proc, Errno> {
         let pid = i32::try_from(pid).map_err(|_| Errno::ESRCH)?;
         if pid <= 0 {
             return Err(Errno::ESRCH);
         }
-        // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1;
-        // no memory is passed.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if ret >= 0 {
-            // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(ret as RawFd) };
-            let start = start_time(pid as u32);
-            return Ok(Proc {
-                pid,
-                fd: Some(fd),
-                start,
-            });
-        }
-        match Errno::last() {
-            Errno::ENOSYS | Errno::EPERM => {
+        match pidfd_open(pid) {
+            Ok(fd) => {
+                let start = start_time(pid as u32);
+                Ok(Proc {
+                    pid,
+                    fd: Some(fd),
+                    start,
+                    retry: false,
+                })
+            }
+            Err(Errno::ENOSYS | Errno::EPERM) => {
                 kill(Pid::from_raw(pid), None)?;
                 let start = start_time(pid as u32);
                 Ok(Proc {
                     pid,
                     fd: None,
                     start,
+                    retry: false,
                 })
             }
-            e => Err(e),
+            Err(e) => Err(e),
         }
     }
 
-    /// A process handle carried over a live re-exec (its pidfd kept open across `exec`).
+    /// A process handle carried over a live re-exec (its pidfd kept open across `exec`). One
+    /// without a pidfd is tried again ([`Proc::rewatch`]): it may have been an owner whose
+    /// pidfd could not be opened; on a kernel without pidfds the first retry settles it.
     pub fn from_parts(pid: u32, fd: Option<OwnedFd>, start: Option<u64>) -> Proc {
         Proc {
             pid: i32::try_from(pid).unwrap_or(i32::MAX),
+            retry: fd.is_none(),
             fd,
             start,
         }
     }
 
+    /// A process that could not be watched yet (its pidfd could not be opened for a reason
+    /// that may pass): a plain pid checked against `start`, retried by [`Proc::rewatch`].
+    pub fn unwatched(pid: u32, start: Option<u64>) -> Proc {
+        Proc::from_parts(pid, None, start)
+    }
+
     /// Watch `pid` only if it still is the process that started at `start` (when known).
-    /// `Err(ESRCH)`: gone, or the pid now names another process.
+    /// `Err(ESRCH)`: gone, or the pid now names another process. Any other error: the process
+    /// could not be checked (no descriptor for a pidfd or for `/proc/PID/stat`); it may well
+    /// still run.
     pub fn reopen(pid: u32, start: Option<u64>) -> Result<Proc, Errno> {
-        let p = Proc::open(pid)?;
-        if p.exited() || (start.is_some() && p.start != start) {
+        let mut p = Proc::open(pid)?;
+        if p.exited() {
             return Err(Errno::ESRCH);
         }
+        if let Some(want) = start {
+            // Read again: `open` keeps None when /proc could not be read, which is not "gone".
+            let now = match p.start {
+                Some(s) => s,
+                None => read_start(pid)?,
+            };
+            if now != want {
+                return Err(Errno::ESRCH);
+            }
+            // The pidfd was opened before the start time was read: a process that is still
+            // alive (checked after the read) is the one the start time belongs to.
+            if p.exited() {
+                return Err(Errno::ESRCH);
+            }
+            p.start = Some(now);
+        }
         Ok(p)
+    }
+
+    /// For a handle made by [`Proc::unwatched`]: try to open the pidfd again. `Ok(true)`: it is
+    /// watched now; `Ok(false)`: no retry is needed any more, but the kernel has no pidfds (a
+    /// plain pid checked against its start time); `Err(ESRCH)`: the process is gone (or the
+    /// pid names another process now); any other error: still not watched, try again later.
+    pub fn rewatch(&mut self) -> Result<bool, Errno> {
+        if !self.retry {
+            return Ok(self.fd.is_some());
+        }
+        let pid = u32::try_from(self.pid).map_err(|_| Errno::ESRCH)?;
+        match Proc::reopen(pid, self.start) {
+            Ok(p) => {
+                self.fd = p.fd;
+                self.start = self.start.or(p.start);
+                self.retry = false;
+                Ok(self.fd.is_some())
+            }
+            Err(Errno::ESRCH) => Err(Errno::ESRCH),
+            Err(e) => {
+                if self.exited() {
+                    return Err(Errno::ESRCH);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The pidfd itself, when the kernel gave us one.
@@ -84,18 +158,31 @@ impl Proc {
         self.fd.as_ref().map(AsRawFd::as_raw_fd)
     }
 
-    /// Has the process exited (a zombie counts as exited)?
+    /// Has the process exited (a zombie counts as exited)? Without a pidfd: the pid is gone,
+    /// or it now names a process with another start time (pid reuse). A start time that
+    /// cannot be read while the pid exists is not taken for an exit.
     pub fn exited(&self) -> bool {
         match &self.fd {
             Some(fd) => {
                 let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
                 matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
             }
-            None => kill(Pid::from_raw(self.pid), None) == Err(Errno::ESRCH),
+            None => {
+                if kill(Pid::from_raw(self.pid), None) == Err(Errno::ESRCH) {
+                    return true;
+                }
+                match (self.start, read_start(self.pid as u32)) {
+                    (Some(want), Ok(now)) => now != want,
+                    (Some(_), Err(Errno::ESRCH)) => true,
+                    _ => false,
+                }
+            }
         }
     }
 
-    /// Send `sig`. `Err(ESRCH)` when the process is gone.
+    /// Send `sig`. `Err(ESRCH)` when the process is gone. Without a pidfd the pid is signalled
+    /// only after its start time was found equal to the recorded one: `Err(ESRCH)` when it
+    /// differs (the pid was reused), the read's error (EMFILE, say) when it cannot be checked.
     pub fn signal(&self, sig: Signal) -> Result<(), Errno> {
         match &self.fd {
             Some(fd) => {
@@ -112,16 +199,42 @@ impl Proc {
                 };
                 if ret == 0 { Ok(()) } else { Err(Errno::last()) }
             }
-            None => kill(Pid::from_raw(self.pid), sig),
+            None => {
+                if let Some(want) = self.start {
+                    if read_start(self.pid as u32)? != want {
+                        return Err(Errno::ESRCH);
+                    }
+                }
+                kill(Pid::from_raw(self.pid), sig)
+            }
         }
     }
 }
 
 /// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
 pub fn start_time(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    read_start(pid).ok()
+}
+
+/// [`start_time`] with the reason it failed: ESRCH when there is no such process, the errno of
+/// the read otherwise (EMFILE when no descriptor is left), EINVAL for an unparsable line.
+pub fn read_start(pid: u32) -> Result<u64, Errno> {
+    let s = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOENT | libc::ESRCH) => Errno::ESRCH,
+                Some(n) => Errno::from_raw(n),
+                None => Errno::EIO,
+            });
+        }
+    };
+    parse_start(&s).ok_or(Errno::EINVAL)
+}
+
+fn parse_start(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may contain anything: skip past its end.
-    let rest = s.get(s.rfind(')')? + 1..)?;
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
     // Fields from 3 (state) on; starttime is field 22.
     rest.split_whitespace().nth(19)?.parse().ok()
 }
@@ -152,5 +265,62 @@ mod tests {
         let me = start_time(std::process::id()).unwrap();
         assert_eq!(Proc::open(std::process::id()).unwrap().start, Some(me));
         assert!(Proc::reopen(std::process::id(), Some(me + 1)).is_err());
+    }
+
+    /// Without a pidfd (old kernel, seccomp), a pid whose start time is not the recorded one
+    /// is another process: never signalled, and the owner counts as gone (issue 13 finding 8).
+    #[test]
+    fn a_plain_pid_with_another_start_time_is_never_signalled() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let real = start_time(pid).unwrap();
+        // The owner we recorded started at another time: this pid was reused.
+        let stale = Proc::from_parts(pid, None, Some(real + 1));
+        assert_eq!(stale.signal(Signal::SIGKILL), Err(Errno::ESRCH));
+        assert!(
+            stale.exited(),
+            "a reused pid must count as the owner's exit"
+        );
+        assert_eq!(
+            child.try_wait().unwrap(),
+            None,
+            "the unrelated process was hit"
+        );
+        // The same pid with the right start time is the owner: signalled, then gone.
+        let owner = Proc::from_parts(pid, None, Some(real));
+        assert!(!owner.exited());
+        owner.signal(Signal::SIGKILL).unwrap();
+        let _ = child.wait();
+        assert!(owner.exited());
+        assert!(stale.exited());
+    }
+
+    /// A handle that could not be watched is retried, and an exit found meanwhile is ESRCH.
+    #[test]
+    fn an_unwatched_process_is_watched_again_or_found_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut p = Proc::unwatched(pid, start_time(pid));
+        assert!(p.poll_fd().is_none() && p.retry);
+        assert_eq!(p.rewatch(), Ok(true));
+        assert!(p.poll_fd().is_some() && !p.retry);
+        let mut q = Proc::unwatched(pid, start_time(pid));
+        child.kill().unwrap();
+        let _ = child.wait();
+        assert_eq!(q.rewatch(), Err(Errno::ESRCH));
+        assert!(p.exited());
+    }
+
+    #[test]
+    fn parses_the_start_time_past_a_hostile_command_name() {
+        let line = "42 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 777 20";
+        assert_eq!(parse_start(line), Some(777));
+        assert_eq!(parse_start("42 (x"), None);
     }
 }

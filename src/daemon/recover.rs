@@ -11,12 +11,13 @@ use super::keeper::Entry;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::lock;
 use super::lockfile::LockDir;
-use super::owner::OwnerEntry;
+use super::owner::{OwnerEntry, Owners};
 use super::pidfd::Proc;
 use super::record::LeaseRecord;
 use super::release;
 use super::state::State;
 use log::{error, info};
+use nix::errno::Errno;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -51,18 +52,32 @@ pub fn insert_lease(
         if state.owners.get(pid).is_some() || dead.contains_key(&pid) {
             continue;
         }
-        match Proc::reopen(pid, o.start) {
-            Ok(proc) => state.owners.insert(OwnerEntry {
-                owner: o.owner.clone(),
-                action: o.action,
-                leases: BTreeSet::new(),
-                handles: Vec::new(),
-                proc,
-            }),
-            Err(_) => {
+        // Only ESRCH (gone, or the pid names another process now) means the owner exited; a
+        // pidfd or /proc read that failed for want of descriptors or memory says nothing about
+        // it: its leases are kept and the watch is retried (issue 19).
+        let proc = match Proc::reopen(pid, o.start) {
+            Ok(proc) => proc,
+            Err(Errno::ESRCH) => {
                 dead.insert(pid, o.owner.name.clone());
+                continue;
             }
-        }
+            Err(e) => {
+                let proc = Proc::unwatched(pid, o.start);
+                if proc.exited() {
+                    dead.insert(pid, o.owner.name.clone());
+                    continue;
+                }
+                Owners::report_unwatched(&o.owner, e);
+                proc
+            }
+        };
+        state.owners.insert(OwnerEntry {
+            owner: o.owner.clone(),
+            action: o.action,
+            leases: BTreeSet::new(),
+            handles: Vec::new(),
+            proc,
+        });
     }
     for pid in owners.keys() {
         if let Some(e) = state.owners.get_mut(*pid) {

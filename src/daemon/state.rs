@@ -62,6 +62,8 @@ pub struct State {
     pub next_check: Option<Instant>,
     /// Leases whose probe is in flight (a stuck probe is not sent again).
     pub probing: HashSet<LeaseKey>,
+    /// What the lost-lock probes found per lease (lost.rs: transient errors in a row, loss).
+    pub health: lost::Health,
     /// Lost leases found since start, and the latest ones.
     pub lost_total: u64,
     pub recent_lost: VecDeque<LeaseInfo>,
@@ -147,6 +149,7 @@ impl State {
             check_interval: None,
             next_check: None,
             probing: HashSet::new(),
+            health: lost::Health::default(),
             lost_total: 0,
             recent_lost: VecDeque::new(),
         }
@@ -710,6 +713,8 @@ impl State {
                 Step::GaveUp => false,
             }
         });
+        // Owners whose pidfd could not be opened (issue 19): watched again, or found gone.
+        gone.extend(self.owners.rewatch(now));
         gone
     }
 
@@ -725,6 +730,7 @@ impl State {
                     .map(|g| g.deadline),
             )
             .chain(self.next_check)
+            .chain(self.owners.next_rewatch())
             .min()
     }
 }

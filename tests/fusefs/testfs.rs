@@ -18,6 +18,10 @@
 //! - `lost NAME...`: files (by name, anywhere in the tree) whose locks the "server" lost: lock
 //!   calls and I/O on them fail with EIO, the way an NFSv4 client reports a lock lost after a
 //!   lease expiry; their backing locks are dropped so somebody else can take them.
+//! - `errno E N NAME...`: the next N lock calls (setlk/getlk) on these files fail with errno E
+//!   (a number, e.g. 110 for ETIMEDOUT), like a `softerr` NFS mount whose server did not answer
+//!   in time; their backing locks are kept. The count is per line: the same line written again
+//!   does not start a new count, another N (or E) does.
 //!
 //! EVENT_LOG gets one line per served lock call:
 //! `setlk|getlk NAME TYPE START_NS END_NS RESULT` (wall-clock nanoseconds of arrival and answer),
@@ -48,6 +52,8 @@ struct Control {
     delay_ms: u64,
     hang: bool,
     lost: Vec<String>,
+    /// `errno E N NAME...` lines: (the line, E, N, names).
+    errors: Vec<(String, i32, u64, Vec<String>)>,
 }
 
 struct Inner {
@@ -57,6 +63,8 @@ struct Inner {
     inodes: Mutex<HashMap<u64, PathBuf>>,
     files: Mutex<HashMap<u64, (Arc<File>, PathBuf)>>,
     next_fh: AtomicU64,
+    /// Failures served per `errno` control line.
+    served: Mutex<HashMap<String, u64>>,
 }
 
 struct TestFs {
@@ -86,6 +94,16 @@ impl Inner {
                 Some("delay_ms") => c.delay_ms = w.next().and_then(|n| n.parse().ok()).unwrap_or(0),
                 Some("hang") => c.hang = w.next() != Some("0"),
                 Some("lost") => c.lost.extend(w.map(str::to_string)),
+                Some("errno") => {
+                    let e = w.next().and_then(|n| n.parse().ok()).unwrap_or(libc::EIO);
+                    let n = w.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    c.errors.push((
+                        line.trim().to_string(),
+                        e,
+                        n,
+                        w.map(str::to_string).collect(),
+                    ));
+                }
                 _ => {}
             }
         }
@@ -95,6 +113,22 @@ impl Inner {
     fn is_lost(&self, c: &Control, path: &Path) -> bool {
         path.file_name()
             .is_some_and(|n| c.lost.iter().any(|l| l.as_bytes() == n.as_bytes()))
+    }
+
+    /// The errno the next lock call on `path` must fail with (`errno` lines), counted.
+    fn injected(&self, c: &Control, path: &Path) -> Option<i32> {
+        let name = path.file_name()?;
+        let mut served = self.served.lock().ok()?;
+        for (line, e, n, names) in &c.errors {
+            if names.iter().any(|l| l.as_bytes() == name.as_bytes()) {
+                let count = served.entry(line.clone()).or_insert(0);
+                if *count < *n {
+                    *count += 1;
+                    return Some(*e);
+                }
+            }
+        }
+        None
     }
 
     fn path(&self, ino: u64) -> Option<PathBuf> {
@@ -448,6 +482,10 @@ impl fuser::Filesystem for TestFs {
                 i.log(format!("getlk {name} {typ} {t0} {} EIO\n", now_ns()));
                 return reply.error(Errno::EIO);
             }
+            if let Some(e) = i.injected(&i.control(), &p) {
+                i.log(format!("getlk {name} {typ} {t0} {} errno{e}\n", now_ns()));
+                return reply.error(Errno::from_i32(e));
+            }
             let mut fl = flock(typ, start, end);
             // SAFETY: F_OFD_GETLK on a descriptor we own, with a valid flock.
             let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
@@ -495,6 +533,12 @@ impl fuser::Filesystem for TestFs {
                 i.log(format!("setlk {name} {typ} {t0} {} EIO\n", now_ns()));
                 return reply.error(Errno::EIO);
             }
+            if typ != libc::F_UNLCK {
+                if let Some(e) = i.injected(&i.control(), &p) {
+                    i.log(format!("setlk {name} {typ} {t0} {} errno{e}\n", now_ns()));
+                    return reply.error(Errno::from_i32(e));
+                }
+            }
             let mut fl = flock(typ, start, end);
             // SAFETY: F_OFD_SETLK on a descriptor we own, with a valid flock.
             let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
@@ -538,6 +582,7 @@ fn main() {
         inodes: Mutex::new(HashMap::from([(1, backing)])),
         files: Mutex::new(HashMap::new()),
         next_fh: AtomicU64::new(1),
+        served: Mutex::new(HashMap::new()),
     });
     let mut cfg = Config::default();
     cfg.mount_options = vec![

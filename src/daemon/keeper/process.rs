@@ -2,7 +2,9 @@
 
 use super::*;
 use crate::daemon::keptmeta::{KeptMeta, Tails};
+use crate::daemon::pidfd::Proc;
 use log::{error, info, warn};
+use nix::errno::Errno;
 use nix::sys::socket::{Backlog, SockFlag, UnixAddr, accept4, bind, getsockopt, listen, sockopt};
 use nix::sys::stat::{Mode, umask};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -95,7 +97,13 @@ pub(super) struct Watched {
     pub(super) fd: Option<OwnedFd>,
     pub(super) start: Option<u64>,
     pub(super) refs: usize,
+    /// No pidfd because opening one failed for a reason that may pass (EMFILE, ENFILE,
+    /// ENOMEM): not an exit (issue 19); tried again every [`REWATCH_EVERY`].
+    pub(super) retry: bool,
 }
+
+/// How often the keeper tries again to watch an owner whose pidfd could not be opened.
+const REWATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Idle watched pids kept beyond those that hold leases.
 const IDLE_WATCHES: usize = 256;
@@ -220,7 +228,9 @@ impl KeeperProc {
             };
             pfds.push(pollfd(fd));
             toks.push(tok);
+            let mut rewatch = false;
             for (pid, w) in &self.watched {
+                rewatch |= w.retry;
                 if let Some(fd) = &w.fd {
                     pfds.push(pollfd(fd.as_raw_fd()));
                     toks.push(Tok::Pid(*pid));
@@ -228,6 +238,8 @@ impl KeeperProc {
             }
             let timeout = if first {
                 IO_TIMEOUT.as_millis() as libc::c_int
+            } else if rewatch {
+                REWATCH_EVERY.as_millis() as libc::c_int
             } else {
                 -1
             };
@@ -235,6 +247,9 @@ impl KeeperProc {
             let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
             if n == 0 && first {
                 self.exit("was started but no lockwardend connected");
+            }
+            if rewatch {
+                self.rewatch();
             }
             if n < 0 {
                 continue;
@@ -547,7 +562,7 @@ impl KeeperProc {
             }
             self.watched.remove(&w.pid);
         }
-        match crate::daemon::pidfd::Proc::reopen(w.pid, w.start) {
+        match Proc::reopen(w.pid, w.start) {
             // Without pidfds (old kernels) only a restarted daemon notices the death.
             Ok(p) => {
                 let start = p.start;
@@ -557,10 +572,62 @@ impl KeeperProc {
                         fd: p.into_fd(),
                         start,
                         refs: 1,
+                        retry: false,
+                    },
+                );
+            }
+            Err(Errno::ESRCH) => self.dead.push(w.pid),
+            // Short of descriptors or memory: that says nothing about the owner (issue 19).
+            // Its copy is kept and the watch retried; only a pid that is gone (or names a
+            // process with another start time) is an exit.
+            Err(e) if !Proc::unwatched(w.pid, w.start).exited() => {
+                warn!(
+                    "keeper (pid {}): cannot watch owner pid {} for its exit: {} ({e}); this \
+                     does not mean it exited: its leases stay held and the keeper tries again \
+                     every {} s; if this persists, raise the open-file limit (LimitNOFILE=)",
+                    self.me(),
+                    w.pid,
+                    e.desc(),
+                    REWATCH_EVERY.as_secs()
+                );
+                self.watched.insert(
+                    w.pid,
+                    Watched {
+                        fd: None,
+                        start: w.start,
+                        refs: 1,
+                        retry: true,
                     },
                 );
             }
             Err(_) => self.dead.push(w.pid),
+        }
+    }
+
+    /// Try again to watch the owners whose pidfd could not be opened; drop the leases of
+    /// those found gone meanwhile.
+    fn rewatch(&mut self) {
+        let me = self.me();
+        // One no held lease names any more needs no watching.
+        self.watched.retain(|_, w| !(w.retry && w.refs == 0));
+        let mut gone = Vec::new();
+        for (pid, w) in self.watched.iter_mut().filter(|(_, w)| w.retry) {
+            let mut p = Proc::unwatched(*pid, w.start);
+            match p.rewatch() {
+                Ok(watched) => {
+                    if watched {
+                        info!("keeper (pid {me}): owner pid {pid} is watched for its exit again");
+                    }
+                    w.start = w.start.or(p.start);
+                    w.fd = p.into_fd();
+                    w.retry = false;
+                }
+                Err(Errno::ESRCH) => gone.push(*pid),
+                Err(_) => {}
+            }
+        }
+        for pid in gone {
+            self.owner_gone(pid);
         }
     }
 

@@ -1,0 +1,638 @@
+//! Owners and lost-lock probes under hostile conditions (issue 13 findings 7 and 8, issue 19
+//! lock-safety bug 1), against the real lockwardend:
+//! - a transient errno from the storage (ETIMEDOUT from a `softerr` NFS mount, played by the
+//!   FUSE test file system) does not kill a VM; only errors that persist do;
+//! - a paused VM's lost lock keeps being re-checked and taken back, and each change is reported;
+//! - a daemon restarted short of descriptors (pidfd_open fails with EMFILE) keeps the leases of
+//!   running VMs and watches them once it can; the keeper keeps its copy likewise.
+//!
+//! Needs root (FUSE mounts, prlimit on the daemon) and /dev/fuse.
+
+mod common;
+
+use common::image;
+use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
+use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+
+/// Transient probe errors in a row that count as a loss (src/daemon/lost.rs TRANSIENT_LIMIT).
+const TRANSIENT_LIMIT: usize = 3;
+
+// ---------------------------------------------------------------------------------------------
+// The daemon, restartable on the same sockets (so a restart finds the keeper)
+
+struct Lw {
+    child: Option<Child>,
+    log: PathBuf,
+    socket: PathBuf,
+    admin: PathBuf,
+}
+
+impl Lw {
+    /// Start lockwardend with its sockets in `dir` (the keeper's socket is derived from them),
+    /// logging to `dir/daemon-<n>.log`, with RLIMIT_NOFILE soft = hard = `nofile` when given.
+    fn spawn(dir: &Path, n: u64, conf: &str, nofile: Option<u64>) -> Lw {
+        let conf_path = dir.join("lockwardend.conf");
+        fs::write(&conf_path, conf).unwrap();
+        let log = dir.join(format!("daemon-{n}.log"));
+        let socket = dir.join("lw.sock");
+        let admin = dir.join("lw-admin.sock");
+        let mut cmd = Command::new(DAEMON);
+        cmd.arg("--config")
+            .arg(&conf_path)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--admin-socket")
+            .arg(&admin)
+            .arg("--pid-file")
+            .arg(dir.join("lw.pid"))
+            .arg("--verbose")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        if let Some(limit) = nofile {
+            // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        Lw {
+            child: Some(cmd.spawn().expect("spawning lockwardend")),
+            log,
+            socket,
+            admin,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until it serves (true) or exits (false).
+    fn settle(&mut self) -> bool {
+        let t0 = Instant::now();
+        loop {
+            if self.log().contains(" serving (pid ") {
+                return true;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if c.try_wait().unwrap().is_some() {
+                    return false;
+                }
+            }
+            assert!(
+                t0.elapsed() < BOUND,
+                "lockwardend neither served nor exited:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn started(dir: &Path, conf: &str) -> Lw {
+        let mut d = Lw::spawn(dir, 0, conf, None);
+        assert!(d.settle(), "lockwardend did not start:\n{}", d.log());
+        d
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn acquire(&self, vm: &Vm, leases: Vec<LeaseSpec>, action: FailureAction) {
+        ok(Client::connect(&self.socket).call(&Request::Acquire {
+            owner: vm.owner.clone(),
+            leases,
+            action,
+            restrict: false,
+        }));
+    }
+
+    fn lost(&self) -> Vec<String> {
+        ok(Client::connect(&self.admin).call(&Request::Lost))
+            .into_iter()
+            .map(|l| l.name)
+            .collect()
+    }
+
+    fn list(&self) -> Vec<String> {
+        ok(Client::connect(&self.admin).call(&Request::List))
+            .into_iter()
+            .map(|l| l.name)
+            .collect()
+    }
+}
+
+impl Drop for Lw {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log());
+        }
+        self.kill9();
+    }
+}
+
+/// Poll `f` (bounded); `what` names the condition in the failure message, `info` adds context.
+fn until(what: &str, info: impl Fn() -> String, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < BOUND,
+            "timed out waiting until {what}:\n{}",
+            info()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Set the soft RLIMIT_NOFILE of `pid`, keeping its hard limit (raising a hard limit would need
+/// CAP_SYS_RESOURCE, which test containers may lack).
+fn set_soft_nofile(pid: u32, soft: u64) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on a pid, reading into a valid rlimit.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit on a pid with a valid rlimit and no old-limit pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
+}
+
+/// The descriptor numbers `pid` has open.
+fn open_fds(pid: u32) -> Vec<u64> {
+    let mut v: Vec<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// Process state letter of `pid` ('T' when stopped).
+fn state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim().chars().next()
+}
+
+fn vm(name: &str) -> Vm {
+    let proc = sleeper();
+    Vm {
+        owner: owner_for(proc.pid(), name),
+        proc,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The FUSE stand-in for NFS (tests/fusefs/testfs.rs; see tests/nfs.rs)
+
+fn fuse_prerequisites() {
+    assert_eq!(
+        nix::unistd::geteuid().as_raw(),
+        0,
+        "tests/hostile_owners.rs mounts FUSE file systems and must run as root"
+    );
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
+    );
+}
+
+struct Fs {
+    _dir: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    ctl: PathBuf,
+    events: PathBuf,
+    child: Child,
+}
+
+fn mounted(mnt: &Path) -> bool {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let m = mnt.to_string_lossy();
+    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
+}
+
+impl Fs {
+    fn mount() -> Fs {
+        fuse_prerequisites();
+        let exe = std::env::current_exe().unwrap();
+        let testfs = exe
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .join("examples/testfs");
+        assert!(
+            testfs.exists(),
+            "{} is missing: run `cargo build --example testfs`",
+            testfs.display()
+        );
+        let dir = tempfile::Builder::new().prefix("lw-own").tempdir().unwrap();
+        let backing = dir.path().join("export");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        let ctl = dir.path().join("control");
+        let events = dir.path().join("events");
+        let child = Command::new(testfs)
+            .args([&backing, &mnt, &ctl, &events])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut f = Fs {
+            _dir: dir,
+            backing,
+            mnt,
+            ctl,
+            events,
+            child,
+        };
+        until("testfs is mounted", String::new, || {
+            if let Ok(Some(st)) = f.child.try_wait() {
+                panic!("testfs exited before mounting: {st}");
+            }
+            mounted(&f.mnt)
+        });
+        f
+    }
+
+    fn set(&self, text: &str) {
+        let tmp = self.ctl.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &self.ctl).unwrap();
+    }
+
+    fn image(&self, name: &str) -> PathBuf {
+        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
+        self.mnt.join(name)
+    }
+
+    /// Results of the write-lock calls (`setlk NAME 1 ...`) on `name`, in order: "0" for a
+    /// success, "errno110", "EIO", or an errno number.
+    fn lock_results(&self, name: &str) -> Vec<String> {
+        let wr = libc::F_WRLCK.to_string();
+        fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split(' ').collect();
+                (w.len() == 6 && w[0] == "setlk" && w[1] == name && w[2] == wr)
+                    .then(|| w[5].to_string())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.set("");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+    }
+}
+
+/// Hold an OFD write lock on byte 0 of `path` (another host, say) until dropped.
+fn hold_byte0(path: &Path) -> fs::File {
+    use std::os::fd::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    f
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 13 finding 7: transient probe errors are retried; only persistent ones count
+
+/// Two ETIMEDOUT answers in a row (below the limit of 3), then the storage answers again: the
+/// VM (on_lockfailure default = SIGKILL) keeps running and nothing is reported lost.
+#[test]
+fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let f = Fs::mount();
+    let img = f.image("burst.img");
+    let v = vm("burst-vm");
+    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    f.set(&format!("errno {} 2 burst.img\n", libc::ETIMEDOUT));
+    until(
+        "two ETIMEDOUT probes and then two good ones",
+        || format!("{:?}\n{}", f.lock_results("burst.img"), d.log()),
+        || {
+            assert!(
+                running(v.proc.pid()),
+                "the VM was killed for a transient error: {:?}\n{}",
+                f.lock_results("burst.img"),
+                d.log()
+            );
+            let r = f.lock_results("burst.img");
+            let failed: Vec<usize> = (0..r.len()).filter(|i| r[*i] != "0").collect();
+            failed.len() == 2 && r.len() >= failed[1] + 3
+        },
+    );
+    let r = f.lock_results("burst.img");
+    assert!(
+        r.iter().filter(|x| x.starts_with("errno")).count() == 2,
+        "{r:?}"
+    );
+    assert!(running(v.proc.pid()), "{}", d.log());
+    assert!(d.lost().is_empty(), "reported lost: {:?}", d.lost());
+    let log = d.log();
+    assert!(log.contains("transient error (1 of 3"), "{log}");
+    assert!(log.contains("confirmed again after 2 transient"), "{log}");
+    assert!(!log.contains("is LOST"), "{log}");
+}
+
+/// ETIMEDOUT that does not stop: after 3 probes in a row the lock counts as lost and the
+/// default action (SIGKILL) is taken; not before.
+#[test]
+fn transient_probe_errors_that_persist_count_as_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let f = Fs::mount();
+    let img = f.image("persist.img");
+    let mut v = vm("persist-vm");
+    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    f.set(&format!("errno {} 1000000 persist.img\n", libc::ETIMEDOUT));
+    let st = v.proc.wait_for(BOUND).unwrap_or_else(|| {
+        panic!(
+            "the VM still runs after persistent errors: {:?}\n{}",
+            f.lock_results("persist.img"),
+            d.log()
+        )
+    });
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
+    let failed = f
+        .lock_results("persist.img")
+        .iter()
+        .filter(|r| r.starts_with("errno"))
+        .count();
+    assert!(
+        failed >= TRANSIENT_LIMIT,
+        "killed after {failed} transient error(s), before {TRANSIENT_LIMIT} in a row:\n{}",
+        d.log()
+    );
+    let log = d.log();
+    assert!(
+        log.contains("is LOST: 3 probes in a row could not confirm it"),
+        "{log}"
+    );
+    assert_eq!(d.lost(), vec![img.to_string_lossy().into_owned()]);
+}
+
+/// on_lockfailure=pause: the lost lock keeps being probed after the SIGSTOP. Each change is
+/// reported (still lost: EIO; still lost: somebody else holds it) and when the storage grants
+/// it again the lock is taken back and reported; the VM stays stopped for the operator.
+#[test]
+fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let f = Fs::mount();
+    let img = f.image("paused.img");
+    let v = vm("paused-vm");
+    let pid = v.proc.pid();
+    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Pause);
+    f.set("lost paused.img\n");
+    until("the VM is stopped", || d.log(), || state(pid) == Some('T'));
+    until(
+        "the paused VM's lock is re-checked and reported still lost",
+        || d.log(),
+        || d.log().contains("is still LOST at re-check 1"),
+    );
+    // Another host takes the byte while ours is lost; the storage answers again.
+    let other = hold_byte0(&f.backing.join("paused.img"));
+    f.set("");
+    until(
+        "the conflict is reported",
+        || d.log(),
+        || d.log().contains("somebody else holds it"),
+    );
+    assert_eq!(state(pid), Some('T'), "resumed by lockwardend");
+    drop(other);
+    until(
+        "the lock is taken back and reported",
+        || d.log(),
+        || d.log().contains("is held again"),
+    );
+    assert_eq!(byte0(&f.backing.join("paused.img")), libc::F_WRLCK);
+    assert_eq!(state(pid), Some('T'), "lockwardend must not resume the VM");
+    assert_eq!(d.lost().len(), 1, "one detection: {:?}", d.lost());
+    assert_eq!(d.list(), vec![img.to_string_lossy().into_owned()]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 19 bug 1: a failed pidfd_open is not "the VM exited"
+
+/// A restart short of descriptors: lockwardend is killed (-9) while a VM holds a lease, and
+/// started again with RLIMIT_NOFILE lowered one step at a time (from enough, downwards) until
+/// the restarted daemon cannot open the VM's pidfd (or read its /proc/PID/stat) while taking
+/// the lease back from the keeper. At no step may the lease be released: byte 0 stays locked
+/// and the VM's lease is never "released because it exited". The watch is retried, and the
+/// lease is released only when the VM really exits.
+#[test]
+fn a_restart_short_of_descriptors_keeps_the_leases_of_running_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let disks = tempfile::tempdir().unwrap();
+    let conf = "lease_check_interval_ms = 0\n";
+    let mut d1 = Lw::started(dir.path(), conf);
+    let mut v = vm("short-of-fds");
+    let img = image(disks.path(), "short.img");
+    d1.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+    let enough = open_fds(d1.pid()).len() as u64 + 8;
+    d1.kill9();
+    assert_eq!(byte0(&img), libc::F_WRLCK, "the keeper holds the lease");
+    let mut short = None;
+    for limit in (8..=enough).rev() {
+        let mut d = Lw::spawn(dir.path(), limit, conf, Some(limit));
+        let serving = d.settle();
+        let log = d.log();
+        assert!(
+            !log.contains("exited while lockwardend was not watching"),
+            "RLIMIT_NOFILE {limit}: the lease of a running VM was released:\n{log}"
+        );
+        assert!(running(v.proc.pid()));
+        assert_eq!(
+            byte0(&img),
+            libc::F_WRLCK,
+            "RLIMIT_NOFILE {limit}: byte 0 is unlocked:\n{log}"
+        );
+        assert!(serving, "RLIMIT_NOFILE {limit}: no start:\n{log}");
+        if log.contains("cannot watch VM") {
+            short = Some((limit, d));
+            break;
+        }
+        assert!(
+            log.contains("took back 1 of 1 lease(s)"),
+            "RLIMIT_NOFILE {limit}:\n{log}"
+        );
+        d.kill9();
+    }
+    let (limit, d) = short.expect("no limit made the restarted daemon fail to watch the VM");
+    let log = d.log();
+    eprintln!("RLIMIT_NOFILE {limit}: the VM could not be watched at restart; lease kept");
+    assert!(log.contains("this does not mean it exited"), "{log}");
+    assert!(log.contains("took back 1 of 1 lease(s)"), "{log}");
+    // The watch is retried (without descriptors to spare it keeps failing), and the VM's
+    // real exit is noticed by the retry: only then is the lease released.
+    until(
+        "the watch is retried",
+        || d.log(),
+        || d.log().contains("still cannot open a pidfd"),
+    );
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+    let _ = v.proc.0.kill();
+    let _ = v.proc.0.wait();
+    until(
+        "the lease is released after the VM exited",
+        || d.log(),
+        || byte0(&img) == libc::F_UNLCK,
+    );
+    assert!(d.log().contains("released 1 lease(s)"), "{}", d.log());
+}
+
+/// The keeper short of descriptors: it can take the new lease's descriptor but not open the
+/// owner's pidfd. Its copy must stay (so a daemon crash now does not drop the lock), the watch
+/// is retried, and the lease is dropped when the VM really exits.
+#[test]
+fn the_keeper_short_of_descriptors_keeps_its_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let disks = tempfile::tempdir().unwrap();
+    let mut d = Lw::started(dir.path(), "lease_check_interval_ms = 0\n");
+    let log = d.log();
+    let keeper: u32 = log
+        .split("started the keeper (pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no keeper pid in the log:\n{log}"));
+    // Calibrate: how many descriptors one lease of a new VM costs the keeper.
+    let v1 = vm("keeper-calib");
+    let img1 = image(disks.path(), "calib.img");
+    let before = open_fds(keeper);
+    d.acquire(
+        &v1,
+        vec![common::proto::excl(&img1)],
+        FailureAction::Default,
+    );
+    let mut after = open_fds(keeper);
+    until(
+        "the keeper holds the first lease",
+        || format!("{before:?}"),
+        || {
+            after = open_fds(keeper);
+            after.len() >= before.len() + 2
+        },
+    );
+    let per_lease = after.len() - before.len() - 1; // minus the owner's pidfd
+    // Room for exactly the lease's descriptors, none for the next VM's pidfd.
+    let free: Vec<u64> = (0..)
+        .filter(|n| !after.contains(n))
+        .take(per_lease)
+        .collect();
+    set_soft_nofile(keeper, free[per_lease - 1] + 1);
+    let mut v2 = vm("keeper-short");
+    let img2 = image(disks.path(), "short2.img");
+    d.acquire(
+        &v2,
+        vec![common::proto::excl(&img2)],
+        FailureAction::Default,
+    );
+    let pid2 = v2.proc.pid();
+    let gone = format!("owner pid {pid2} exited; dropped");
+    let kept = format!("cannot watch owner pid {pid2}");
+    until(
+        "the keeper took the second lease",
+        || d.log(),
+        || d.log().contains(&gone) || d.log().contains(&kept),
+    );
+    assert!(!d.log().contains(&gone), "{}", d.log());
+    // The daemon crashes: only the keeper's copy holds the lock now.
+    d.kill9();
+    assert!(running(pid2));
+    assert_eq!(
+        byte0(&img2),
+        libc::F_WRLCK,
+        "the keeper dropped the lease of a running VM:\n{}",
+        d.log()
+    );
+    // Descriptors again: the keeper watches the VM and drops the lease when it exits.
+    set_soft_nofile(keeper, 1024);
+    until(
+        "the keeper watches the VM again",
+        || d.log(),
+        || d.log().contains(&format!("owner pid {pid2} is watched")),
+    );
+    assert_eq!(byte0(&img2), libc::F_WRLCK);
+    let _ = v2.proc.0.kill();
+    let _ = v2.proc.0.wait();
+    until(
+        "the keeper dropped the lease of the exited VM",
+        || d.log(),
+        || byte0(&img2) == libc::F_UNLCK,
+    );
+    drop(v1);
+    until(
+        "the calibration lease is dropped",
+        || d.log(),
+        || byte0(&img1) == libc::F_UNLCK,
+    );
+}
