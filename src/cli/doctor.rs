@@ -494,6 +494,25 @@ fn fs_type(path: &Path) -> Option<String> {
     )
 }
 
+/// What is risky, though not fatal for locking, in an NFS mount's options `opts`.
+///
+/// - `soft` without `softerr`: a request that times out fails with EIO, which is also what the
+///   client reports for a lock the server dropped, so lockwardend must treat it as a lost lock
+///   and act on the VM (docs/storage.md): a storage hiccup then stops VMs. `hard` (the default)
+///   waits, `softerr` reports ETIMEDOUT, which lockwardend retries.
+fn nfs_warnings(opts: &str) -> Vec<String> {
+    let has = |o: &str| opts.split(',').any(|x| x == o);
+    let mut w = Vec::new();
+    if has("soft") && !has("softerr") {
+        w.push(
+            "it is mounted `soft`: a timeout there looks like a lost lock and stops the VMs on \
+             it; mount it `hard` (the default) or `softerr`"
+                .to_string(),
+        );
+    }
+    w
+}
+
 /// NFS mounts whose options disable cross-host locking.
 pub fn nfs_mounts(proc_mounts: &str) -> Vec<Check> {
     let mut out = Vec::new();
@@ -512,11 +531,23 @@ pub fn nfs_mounts(proc_mounts: &str) -> Vec<Check> {
             .filter(|o| *o == "nolock" || o.starts_with("local_lock=") && *o != "local_lock=none")
             .collect();
         if bad.is_empty() {
-            out.push(check(
-                "nfs",
-                Verdict::Ok,
-                format!("{target} ({src}, {fstype}) forwards locks to the server"),
-            ));
+            let warnings = nfs_warnings(opts);
+            if warnings.is_empty() {
+                out.push(check(
+                    "nfs",
+                    Verdict::Ok,
+                    format!("{target} ({src}, {fstype}) forwards locks to the server"),
+                ));
+            } else {
+                out.push(check(
+                    "nfs",
+                    Verdict::Warn,
+                    format!(
+                        "{target} ({src}, {fstype}) forwards locks to the server, but {}",
+                        warnings.join("; and ")
+                    ),
+                ));
+            }
         } else {
             out.push(check(
                 "nfs",
@@ -535,6 +566,17 @@ pub fn nfs_mounts(proc_mounts: &str) -> Vec<Check> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn soft_nfs_mounts_are_warned_about() {
+        let c = nfs_mounts("f:/a /a nfs4 rw,soft,nodev,vers=4.2 0 0\n");
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].verdict, Verdict::Warn);
+        assert!(c[0].detail.contains("mounted `soft`"), "{}", c[0].detail);
+        let c = nfs_mounts("f:/a /a nfs4 rw,soft,softerr 0 0\nf:/b /b nfs rw,hard 0 0\n");
+        assert_eq!(c[0].verdict, Verdict::Ok, "{}", c[0].detail);
+        assert_eq!(c[1].verdict, Verdict::Ok, "{}", c[1].detail);
+    }
 
     #[test]
     fn nolock_and_local_lock_fail() {
