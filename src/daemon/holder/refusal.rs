@@ -1,8 +1,8 @@
 //! The refusal text and holder of a busy lease.
 
+use super::read::MAX_SIDE_FILES;
 use super::*;
 use crate::daemon::text::{esc, mode_word, subject, utc, what};
-use super::read::MAX_SIDE_FILES;
 use crate::protocol::{Holder, ResourceKind};
 
 /// The busy message and holder for a refused acquire of `name`, whose lock target is open as
