@@ -518,7 +518,7 @@ const MAX_NOTED: usize = 65_536;
 /// The pool key of paths whose real mount is not known, under the mount their text names.
 fn unresolved(text_mount: &Path) -> PathBuf {
     PathBuf::from(format!(
-        "{} (not yet resolved: symlinks or .. may lead elsewhere)",
+        "{} (or wherever symlinks or .. in the path lead)",
         text_mount.display()
     ))
 }
