@@ -206,9 +206,46 @@ impl Drop for Fs {
     }
 }
 
+/// Wait (bounded) until a thread of process `pid` is blocked in a file system call on the hung
+/// mount: the request under test has reached storage (whichever thread the daemon runs it on).
+fn wait_stuck_in_storage(pid: u32) {
+    let calls = [
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_getdents64,
+    ];
+    let stuck = || {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().any(|t| {
+            let nr = fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+            nr.split(' ')
+                .next()
+                .and_then(|n| n.trim().parse::<libc::c_long>().ok())
+                .is_some_and(|n| calls.contains(&n))
+        })
+    };
+    let t0 = Instant::now();
+    // Seen twice in a row, 50 ms apart: blocked there, not passing through.
+    while !(stuck() && {
+        std::thread::sleep(Duration::from_millis(50));
+        stuck()
+    }) {
+        assert!(
+            t0.elapsed() < BOUND,
+            "no thread of lockwardend (pid {pid}) got stuck on the hung mount"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// With a request stuck on the hung mount: the admin socket answers and a disk on local
 /// storage can still be locked.
 fn daemon_keeps_serving(d: &Daemon, scratch: &Path, stuck: &mpsc::Receiver<Response>) {
+    wait_stuck_in_storage(d.pid());
     let s = status_within(&d.admin_socket, Duration::from_secs(10));
     assert!(
         stuck.try_recv().is_err(),
