@@ -9,10 +9,13 @@
 //! other mount keep being served, and a request that waits too long is answered with a Timeout
 //! error by the loop's own timer.
 //!
-//! Mounts are found by the longest mount point in /proc/self/mountinfo that is a prefix of the
-//! path's text: computed without touching the file system (a `stat` to learn `st_dev` would
-//! itself hang on a dead mount). A symlink that leads to another mount is accounted to the mount
-//! of its text; that only costs isolation for that path, never correctness.
+//! The longest mount point in /proc/self/mountinfo that is a prefix of the path's text only
+//! picks where to start; it never decides that work may run inline on the event loop (a
+//! symlink or `..` can lead from a local directory into NFS). Inline work needs proof that it
+//! stays on a host-local file system: before an open by path, `openat2(RESOLVE_NO_XDEV)` from
+//! the local mount's root (which fails, without touching the other mount, when the path leaves
+//! it); for work on an opened file, the `st_dev` of what was opened. Everything unproven —
+//! path resolution included — runs on a worker ([`Mounts`]).
 //!
 //! Each mount has a small pool (grown on demand up to [`MAX_THREADS`]) sharing one job queue, so
 //! the disks of one acquire are opened and locked concurrently. Threads are never killed: a
