@@ -235,7 +235,7 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
         orphan(state, job, result);
         return;
     };
-    note(state, &result);
+    note(state, &result, Some(&mount));
     match result {
         Err(f) => {
             op.failure.get_or_insert(f);
@@ -245,10 +245,23 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
             busy: Busy::Told(busy),
         }) => op.conflicts.push((spec, key, busy)),
         Ok(Taken::Conflict {
+            key,
             busy: Busy::Unread(opened),
-            ..
         }) => {
-            if op.failure.is_none() {
+            if op.failure.is_none() && state.leases.get(&key).is_some() {
+                // Our own lease: judged from the tables when the phase ends (no record to
+                // read). Should it be gone by then, the file was busy a moment ago only.
+                let m = holder::describe_refusal(
+                    spec.kind,
+                    &spec.name,
+                    Some(&opened.lock_path),
+                    &[],
+                    None,
+                );
+                close(state, &mount, *opened, None);
+                let busy = reply(ErrorKind::Busy, &spec, m, None);
+                op.conflicts.push((spec, key, busy));
+            } else if op.failure.is_none() {
                 // Other hosts' records are read on a worker, never on the event loop: a
                 // directory of hostile records, or a hung mount where they live, must not
                 // stall the daemon. Its answer comes back here as `Busy::Told`.
@@ -301,9 +314,11 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
     advance(state, id, op);
 }
 
-/// Remember on which mount the file a Take opened really is (its `st_dev`), so work on its
-/// descriptor runs inline only when that is a host-local file system.
-fn note(state: &mut State, result: &Result<Taken, Failure>) {
+/// Remember on which mount the file a Take opened really is, so work on its descriptor runs
+/// inline only when that is a host-local file system: `mount`, when the Take ran inline (its
+/// path was proven to stay on that local mount), else by the `st_dev` of what was opened.
+fn note(state: &mut State, result: &Result<Taken, Failure>, mount: Option<&std::path::Path>) {
+    let proven = mount.filter(|m| state.mounts.is_local(m));
     let opened = match result {
         Ok(Taken::Locked(o, _) | Taken::Held(o)) => o,
         Ok(Taken::Conflict {
@@ -312,7 +327,7 @@ fn note(state: &mut State, result: &Result<Taken, Failure>) {
         }) => &**o,
         _ => return,
     };
-    state.mounts.note(&opened.lock_path, opened.key.dev);
+    state.mounts.note(&opened.lock_path, opened.key.dev, proven);
 }
 
 /// Queue a `Work::Describe` for a file an inline Take found busy, on a worker of its own pool
@@ -345,7 +360,7 @@ const DESCRIBE_THREADS: usize = 8;
 
 /// A job whose request is gone (timed out, client left): drop whatever it took.
 pub fn orphan(state: &mut State, job: JobId, result: Result<Taken, Failure>) {
-    note(state, &result);
+    note(state, &result, None);
     let (opened, published) = match result {
         Ok(Taken::Locked(opened, published)) => (opened, published.and_then(Result::ok)),
         Ok(Taken::Held(opened)) => (opened, None),

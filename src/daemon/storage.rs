@@ -666,16 +666,21 @@ impl Mounts {
         }
     }
 
-    /// Remember that `path`, when opened, was a file of device `dev` (its `st_dev`): later work
-    /// on its descriptor goes to that device's mount. A path once found on a mount that is not
-    /// local stays off the event loop for as long as it is remembered.
-    pub fn note(&mut self, path: &str, dev: u64) {
-        let mount = match self.by_dev.get(&dev) {
-            Some(m) => m.clone(),
-            None => unresolved(&self.text_mount(path)),
+    /// Remember where the file opened as `path` really is: `proven`, the local mount an inline
+    /// open was proven to stay on ([`Mounts::place`]), or else the mount of device `dev` (its
+    /// `st_dev`; btrfs subvolumes and overlayfs report devices mountinfo does not list, which
+    /// leaves the path unresolved: worker threads). Later work on its descriptor goes there. A
+    /// path once found on a network mount stays off the event loop while it is remembered (a
+    /// lease of the same name may still be open there).
+    pub fn note(&mut self, path: &str, dev: u64, proven: Option<&Path>) {
+        let mount = match (proven, self.by_dev.get(&dev)) {
+            (Some(m), _) => m.to_path_buf(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => unresolved(&self.text_mount(path)),
         };
         if let Some(old) = self.noted.get(path) {
-            if !self.local.contains(old) || *old == mount {
+            let network = !self.local.contains(old) && self.points.contains(old);
+            if network || *old == mount {
                 return;
             }
         }
@@ -885,14 +890,20 @@ mod tests {
         let nfs = nix::sys::stat::makedev(0, 40);
         let ext4 = nix::sys::stat::makedev(8, 1);
         // A symlink from a local directory into NFS: the text says "/", the device says NFS.
-        m.note("/var/lib/images/web.img", nfs);
+        m.note("/var/lib/images/web.img", nfs, None);
         assert_eq!(m.of("/var/lib/images/web.img"), PathBuf::from("/srv/nfs"));
         assert!(!m.is_local(&m.of("/var/lib/images/web.img")));
         // Once seen on a network mount it stays off the event loop.
-        m.note("/var/lib/images/web.img", ext4);
+        m.note("/var/lib/images/web.img", ext4, None);
         assert!(!m.is_local(&m.of("/var/lib/images/web.img")));
-        m.note("/var/lib/images/local.img", ext4);
+        m.note("/var/lib/images/local.img", ext4, None);
         assert!(m.is_local(&m.of("/var/lib/images/local.img")));
+        // A device mountinfo does not list (btrfs subvolume): unresolved, unless the open was
+        // proven local.
+        m.note("/var/lib/images/sub.img", 12345, None);
+        assert!(!m.is_local(&m.of("/var/lib/images/sub.img")));
+        m.note("/var/lib/images/sub.img", 12345, Some(Path::new("/")));
+        assert!(m.is_local(&m.of("/var/lib/images/sub.img")));
         // Local mounts under a network mount are never opened from the event loop.
         let m = Mounts::parse(
             "22 1 8:1 / / rw - ext4 /dev/x rw\n\
