@@ -5,7 +5,7 @@ use crate::daemon::lock::{self, Conflict};
 use crate::daemon::pidfd::comm;
 use crate::daemon::text::mode_word;
 use crate::protocol::LeaseMode;
-use crate::untrusted::{Access, OpenFailure, escape, open_regular_at, read_bounded};
+use crate::untrusted::{Access, OpenFailure, open_regular_at, read_bounded};
 use nix::errno::Errno;
 use nix::sys::stat::fstat;
 use nix::sys::statfs::{NFS_SUPER_MAGIC, fstatfs};
@@ -261,7 +261,7 @@ fn read_side(
         if e.file_type().is_ok_and(|t| !t.is_file()) {
             if ignored.len() < MAX_SIDE_FILES {
                 ignored.push(Ignored {
-                    source: format!("{}/{}", side.dir, escape(&name)),
+                    source: format!("{}/{name}", side.dir),
                     host: None,
                     reason: "not a regular file; not opened".into(),
                 });
@@ -279,7 +279,7 @@ fn read_side(
             unread = names.len() - i;
             break;
         }
-        let source = format!("{}/{}", side.dir, escape(name));
+        let source = format!("{}/{name}", side.dir);
         let fd = match open_regular_at(Some(dir.as_fd()), name, Access::Read, None) {
             Ok((fd, _, _)) => fd,
             // Withdrawn between listing and opening.
