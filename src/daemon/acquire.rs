@@ -15,7 +15,7 @@ use super::lockfile::{self, Opened};
 use super::owner::ConnId;
 use super::release;
 use super::state::{JobFor, OpId, Pending, State, Then};
-use super::storage::{Disposing, JobId, Taken, Work};
+use super::storage::{Busy, Disposing, JobId, Taken, Work};
 use super::text::{esc, mode_word, now_secs, subject, utc, what};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
@@ -151,7 +151,9 @@ pub fn start(
 /// Queue the jobs of one file.
 fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, tries: usize) {
     let lock_path = lockfile::target_path(&spec.target);
-    let mount = state.mounts.of(&lock_path);
+    // Inline only when the path is proven to stay on a host-local file system (never from
+    // its text alone: a symlink may lead to NFS); anything else is resolved on a worker.
+    let (mount, inline) = state.mounts.place(&lock_path);
     let held = state.leases.held_keys();
     // An exclusive lease's record is written by the job that locks it (in parallel across
     // files, before the answer). A shared one may be joined by another request meanwhile, so
@@ -170,12 +172,12 @@ fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, trie
     let job = state.storage.submit(
         &mount,
         state.mounts.threads(&mount),
-        state.mounts.is_local(&mount),
+        inline,
         Work::Take {
             spec: spec.clone(),
             held,
             record,
-            defer: state.mounts.is_local(&mount),
+            defer: inline,
         },
     );
     state.jobs.insert(job, JobFor::Take(id));
@@ -233,11 +235,41 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
         orphan(state, job, result);
         return;
     };
+    note(state, &result, Some(&mount));
     match result {
         Err(f) => {
             op.failure.get_or_insert(f);
         }
-        Ok(Taken::Conflict { key, busy }) => op.conflicts.push((spec, key, busy)),
+        Ok(Taken::Conflict {
+            key,
+            busy: Busy::Told(busy),
+        }) => op.conflicts.push((spec, key, busy)),
+        Ok(Taken::Conflict {
+            key,
+            busy: Busy::Unread(opened),
+        }) => {
+            if op.failure.is_none() && state.leases.get(&key).is_some() {
+                // Our own lease: judged from the tables when the phase ends (no record to
+                // read). Should it be gone by then, the file was busy a moment ago only.
+                let m = holder::describe_refusal(
+                    spec.kind,
+                    &spec.name,
+                    Some(&opened.lock_path),
+                    &[],
+                    None,
+                );
+                close(state, &mount, *opened, None);
+                let busy = reply(ErrorKind::Busy, &spec, m, None);
+                op.conflicts.push((spec, key, busy));
+            } else if op.failure.is_none() {
+                // Other hosts' records are read on a worker, never on the event loop: a
+                // directory of hostile records, or a hung mount where they live, must not
+                // stall the daemon. Its answer comes back here as `Busy::Told`.
+                describe(state, id, &mut op, spec, *opened, &mount, tries);
+            } else {
+                close(state, &mount, *opened, None);
+            }
+        }
         Ok(Taken::Held(opened)) => {
             let key = opened.key;
             close(state, &mount, opened, None);
@@ -282,11 +314,60 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
     advance(state, id, op);
 }
 
+/// Remember on which mount the file a Take opened really is, so work on its descriptor runs
+/// inline only when that is a host-local file system: `mount`, when the Take ran inline (its
+/// path was proven to stay on that local mount), else by the `st_dev` of what was opened.
+fn note(state: &mut State, result: &Result<Taken, Failure>, mount: Option<&std::path::Path>) {
+    let proven = mount.filter(|m| state.mounts.is_local(m));
+    let opened = match result {
+        Ok(Taken::Locked(o, _) | Taken::Held(o)) => o,
+        Ok(Taken::Conflict {
+            busy: Busy::Unread(o),
+            ..
+        }) => &**o,
+        _ => return,
+    };
+    state.mounts.note(&opened.lock_path, opened.key.dev, proven);
+}
+
+/// Queue a `Work::Describe` for a file an inline Take found busy, on a worker of its own pool
+/// (so a hung place where records live only stalls refusals).
+fn describe(
+    state: &mut State,
+    id: OpId,
+    op: &mut AcquireOp,
+    spec: LeaseSpec,
+    opened: Opened,
+    mount: &std::path::Path,
+    tries: usize,
+) {
+    let pool = PathBuf::from(format!("{} (holder records)", mount.display()));
+    let job = state.storage.submit(
+        &pool,
+        DESCRIBE_THREADS,
+        false,
+        Work::Describe {
+            spec: spec.clone(),
+            opened: Box::new(opened),
+        },
+    );
+    state.jobs.insert(job, JobFor::Take(id));
+    op.inflight.insert(job, (spec, pool, tries));
+}
+
+/// Most threads reading holder records for refusals of one mount.
+const DESCRIBE_THREADS: usize = 8;
+
 /// A job whose request is gone (timed out, client left): drop whatever it took.
 pub fn orphan(state: &mut State, job: JobId, result: Result<Taken, Failure>) {
+    note(state, &result, None);
     let (opened, published) = match result {
         Ok(Taken::Locked(opened, published)) => (opened, published.and_then(Result::ok)),
         Ok(Taken::Held(opened)) => (opened, None),
+        Ok(Taken::Conflict {
+            busy: Busy::Unread(opened),
+            ..
+        }) => (*opened, None),
         _ => return,
     };
     let mount = state.mounts.of(&opened.lock_path);

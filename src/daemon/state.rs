@@ -488,6 +488,10 @@ impl State {
     /// side-file records died with the previous process's descriptors).
     pub fn publish_all_holders(&mut self) {
         self.mounts.refresh();
+        // Adopted leases: their mount by the device of what was opened (storage.rs `note`).
+        self.leases
+            .iter()
+            .for_each(|(k, l)| self.mounts.note(&l.lock_path, k.dev, None));
         let keys: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
         for key in keys {
             self.publish_holder(key);

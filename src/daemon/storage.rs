@@ -9,10 +9,13 @@
 //! other mount keep being served, and a request that waits too long is answered with a Timeout
 //! error by the loop's own timer.
 //!
-//! Mounts are found by the longest mount point in /proc/self/mountinfo that is a prefix of the
-//! path's text: computed without touching the file system (a `stat` to learn `st_dev` would
-//! itself hang on a dead mount). A symlink that leads to another mount is accounted to the mount
-//! of its text; that only costs isolation for that path, never correctness.
+//! The longest mount point in /proc/self/mountinfo that is a prefix of the path's text only
+//! picks where to start; it never decides that work may run inline on the event loop (a
+//! symlink or `..` can lead from a local directory into NFS). Inline work needs proof that it
+//! stays on a host-local file system: before an open by path, `openat2(RESOLVE_NO_XDEV)` from
+//! the local mount's root (which fails, without touching the other mount, when the path leaves
+//! it); for work on an opened file, the `st_dev` of what was opened. Everything unproven —
+//! path resolution included — runs on a worker ([`Mounts`]).
 //!
 //! Each mount has a small pool (grown on demand up to [`MAX_THREADS`]) sharing one job queue, so
 //! the disks of one acquire are opened and locked concurrently. Threads are never killed: a
@@ -28,7 +31,7 @@ use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec, ResourceKind}
 use log::{debug, warn};
 use nix::errno::Errno;
 use std::collections::HashMap;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
@@ -69,9 +72,17 @@ pub enum Work {
         spec: LeaseSpec,
         held: HeldKeys,
         record: Option<Record>,
-        /// Only claim the record when it can be written after the answer (host-local mounts,
-        /// `holder::claim_known`).
+        /// Runs inline on the event loop (a path proven host-local): only claim the record
+        /// (it is written after the answer, `holder::claim_known`), and on a conflict do not
+        /// read other hosts' records here — `Busy::Unread` hands the file back for a
+        /// `Work::Describe` on a worker.
         defer: bool,
+    },
+    /// Read who holds a file a `Take` found locked by somebody else (other hosts' records on
+    /// shared storage: never on the event loop).
+    Describe {
+        spec: LeaseSpec,
+        opened: Box<Opened>,
     },
     /// (Re)write a lease's holder record through its slot.
     Publish {
@@ -117,7 +128,16 @@ pub enum Taken {
     /// Opened, not locked: the inode was already one of our leases when the job started.
     Held(Opened),
     /// Somebody holds a conflicting lock; `busy` says who as far as the kernel can tell.
-    Conflict { key: LeaseKey, busy: Failure },
+    Conflict { key: LeaseKey, busy: Busy },
+}
+
+/// Who holds a file a `Take` could not lock.
+#[derive(Debug)]
+pub enum Busy {
+    /// The refusal, holder named as far as the records and the kernel tell.
+    Told(Failure),
+    /// Not read yet (the `Take` ran on the event loop): the opened file, for `Work::Describe`.
+    Unread(Box<Opened>),
 }
 
 /// A finished job.
@@ -302,6 +322,13 @@ fn run(work: Work) -> Outcome {
             record,
             defer,
         } => Outcome::Take(take(&spec, &held, record, defer)),
+        Work::Describe { spec, opened } => {
+            let busy = super::acquire::kernel_busy(&spec, &opened);
+            Outcome::Take(Ok(Taken::Conflict {
+                key: opened.key,
+                busy: Busy::Told(busy),
+            }))
+        }
         Work::Publish {
             fd,
             kind,
@@ -396,7 +423,11 @@ fn take(
         if let Err(e) = lock::try_lock(opened.fd.as_fd(), spec.mode) {
             if lock::is_conflict(e) {
                 let key = opened.key;
-                let busy = super::acquire::kernel_busy(spec, &opened);
+                let busy = if defer {
+                    Busy::Unread(Box::new(opened))
+                } else {
+                    Busy::Told(super::acquire::kernel_busy(spec, &opened))
+                };
                 return Ok(Taken::Conflict { key, busy });
             }
             let m = format!(
@@ -448,15 +479,51 @@ fn take(
     ))
 }
 
-/// The mount table, read from /proc/self/mountinfo (no file system access).
+/// The mount table, read from /proc/self/mountinfo (no file system access), and what is known
+/// about where lease paths really lead.
+///
+/// Where a path *really* lives is never decided from its text alone: a symlink
+/// (`/var/lib/libvirt/images -> /srv/nfs/images`) or a `..` makes the text name another mount
+/// than the one the kernel reaches. Storage work runs inline on the event loop only when it is
+/// proven to stay on a host-local file system:
+/// - before an open by path ([`Mounts::place`]): the path is resolved from the root of the
+///   local mount its text names with `openat2(RESOLVE_NO_XDEV)`, which fails instead of
+///   entering any other mount (so it never waits on a network file system); only a path that
+///   resolves entirely inside that local file system is opened inline;
+/// - for work on an opened lease ([`Mounts::of`]): the mount is the one whose device is the
+///   `st_dev` of what was opened ([`Mounts::note`]); a path with no such note is "unresolved"
+///   and goes to a worker.
 #[derive(Debug, Default)]
 pub struct Mounts {
     points: Vec<PathBuf>,
     /// Mount points of host-local file system types.
     local: std::collections::HashSet<PathBuf>,
+    /// Local mount points whose every ancestor mount is local too: their root can be opened on
+    /// the event loop.
+    inline_ok: std::collections::HashSet<PathBuf>,
+    /// Mount point of each device number (`st_dev`), from mountinfo's major:minor.
+    by_dev: HashMap<u64, PathBuf>,
+    /// Root descriptors (O_PATH) of `inline_ok` mounts, opened when first needed; None when it
+    /// could not be opened or is not a local file system after all (never inline there).
+    roots: HashMap<PathBuf, Option<OwnedFd>>,
+    /// Where lease paths were found to lead: the mount of the `st_dev` of what was opened.
+    /// Kept across re-reads of the table (an open file never changes file system).
+    noted: HashMap<String, PathBuf>,
     /// /proc/self/mountinfo kept open: poll(2) reports POLLPRI on it when the mount table
     /// changed, so `refresh` re-reads it only then.
     watch: Option<std::fs::File>,
+}
+
+/// Most paths whose real mount is remembered; beyond that the notes start over (a path without
+/// a note just goes to a worker).
+const MAX_NOTED: usize = 65_536;
+
+/// The pool key of paths whose real mount is not known, under the mount their text names.
+fn unresolved(text_mount: &Path) -> PathBuf {
+    PathBuf::from(format!(
+        "{} (or wherever symlinks or .. in the path lead)",
+        text_mount.display()
+    ))
 }
 
 impl Mounts {
@@ -491,13 +558,16 @@ impl Mounts {
             None => true,
         };
         if changed {
+            let noted = std::mem::take(&mut self.noted);
             *self = Mounts::load();
+            self.noted = noted;
         }
     }
 
     pub fn parse(text: &str) -> Mounts {
         let mut points: Vec<PathBuf> = Vec::new();
         let mut local = std::collections::HashSet::new();
+        let mut by_dev = HashMap::new();
         for l in text.lines() {
             let Some(p) = l.split(' ').nth(4) else {
                 continue;
@@ -511,13 +581,40 @@ impl Mounts {
             } else {
                 local.remove(&p);
             }
+            let dev = l
+                .split(' ')
+                .nth(2)
+                .and_then(|d| d.split_once(':'))
+                .and_then(|(major, minor)| {
+                    Some(nix::sys::stat::makedev(
+                        major.parse().ok()?,
+                        minor.parse().ok()?,
+                    ))
+                });
+            if let Some(dev) = dev {
+                by_dev.insert(dev, p.clone());
+            }
             points.push(p);
         }
         points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
         points.dedup();
+        let inline_ok = local
+            .iter()
+            .filter(|m| {
+                points
+                    .iter()
+                    .filter(|a| m.starts_with(a))
+                    .all(|a| local.contains(a))
+            })
+            .cloned()
+            .collect();
         Mounts {
             points,
             local,
+            inline_ok,
+            by_dev,
+            roots: HashMap::new(),
+            noted: HashMap::new(),
             watch: None,
         }
     }
@@ -532,16 +629,123 @@ impl Mounts {
     }
 
     /// Whether mount point `mount` has a host-local file system type (its storage work may run
-    /// inline on the event loop).
+    /// inline on the event loop). Only keys returned by [`Mounts::of`] or [`Mounts::place`]
+    /// for a proven path name a local mount; an unresolved path's key never does.
     pub fn is_local(&self, mount: &Path) -> bool {
         self.local.contains(mount)
+    }
+
+    /// The mount a lease's `path` was found on when it was opened ([`Mounts::note`]), for work
+    /// on its open descriptor; a path without a note gets an "unresolved" key under the mount
+    /// its text names, which is never local.
+    pub fn of(&self, path: &str) -> PathBuf {
+        if let Some(m) = self.noted.get(path) {
+            return m.clone();
+        }
+        let text = self.text_mount(path);
+        if self.local.contains(&text) {
+            unresolved(&text)
+        } else {
+            text
+        }
+    }
+
+    /// Where to open `path` (by path, before anything of it is open): the mount key, and
+    /// whether it may be opened inline on the event loop — only when `path` (or, while it does
+    /// not exist yet, its directory) resolves without leaving the host-local file system its
+    /// text names. Anything else runs on a worker, path resolution included.
+    pub fn place(&mut self, path: &str) -> (PathBuf, bool) {
+        let text = self.text_mount(path);
+        if self.inline_ok.contains(&text) && self.stays_local(path, &text) {
+            return (text, true);
+        }
+        match self.noted.get(path) {
+            Some(m) if !self.local.contains(m) => (m.clone(), false),
+            _ if self.local.contains(&text) => (unresolved(&text), false),
+            _ => (text, false),
+        }
+    }
+
+    /// Remember where the file opened as `path` really is: `proven`, the local mount an inline
+    /// open was proven to stay on ([`Mounts::place`]), or else the mount of device `dev` (its
+    /// `st_dev`; btrfs subvolumes and overlayfs report devices mountinfo does not list, which
+    /// leaves the path unresolved: worker threads). Later work on its descriptor goes there. A
+    /// path once found on a network mount stays off the event loop while it is remembered (a
+    /// lease of the same name may still be open there).
+    pub fn note(&mut self, path: &str, dev: u64, proven: Option<&Path>) {
+        let mount = match (proven, self.by_dev.get(&dev)) {
+            (Some(m), _) => m.to_path_buf(),
+            (None, Some(m)) => m.clone(),
+            (None, None) => unresolved(&self.text_mount(path)),
+        };
+        if let Some(old) = self.noted.get(path) {
+            let network = !self.local.contains(old) && self.points.contains(old);
+            if network || *old == mount {
+                return;
+            }
+        }
+        if self.noted.len() >= MAX_NOTED {
+            self.noted.clear();
+        }
+        self.noted.insert(path.to_string(), mount);
+    }
+
+    /// Does `path` resolve, from the root of local mount `mount`, without entering any other
+    /// mount? (`openat2` with `RESOLVE_NO_XDEV`: crossing into another mount, through a symlink,
+    /// `..` or a mount point below, fails with EXDEV before anything of that mount is looked
+    /// up.) A missing final name is judged by its directory (the lock file may be created).
+    fn stays_local(&mut self, path: &str, mount: &Path) -> bool {
+        let Some(root) = self.root(mount) else {
+            return false;
+        };
+        let rel = match mount.to_str() {
+            Some(m) if under(path, m) => path
+                .get(m.trim_end_matches('/').len()..)
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
+            _ => match Path::new(path).strip_prefix(mount) {
+                Ok(r) => r.to_string_lossy().into_owned(),
+                Err(_) => return false,
+            },
+        };
+        if rel.is_empty() {
+            return false;
+        }
+        match resolve_beneath(root, &rel, false) {
+            Ok(()) => true,
+            Err(Errno::ENOENT) => {
+                let dir = match rel.rsplit_once('/') {
+                    Some((d, _)) if !d.is_empty() => d,
+                    _ => ".",
+                };
+                resolve_beneath(root, dir, true).is_ok()
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The root descriptor of local mount `mount`, opened on first use (its ancestors are local
+    /// mounts, so the open cannot wait on a network) and checked with `fstatfs`.
+    fn root(&mut self, mount: &Path) -> Option<BorrowedFd<'_>> {
+        let fd = self.roots.entry(mount.to_path_buf()).or_insert_with(|| {
+            let flags = nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC;
+            let fd = nix::fcntl::open(mount, flags, nix::sys::stat::Mode::empty()).ok()?;
+            let fs = nix::sys::statfs::fstatfs(&fd).ok()?;
+            LOCAL_MAGIC
+                .contains(&(fs.filesystem_type().0 as i64))
+                .then_some(fd)
+        });
+        fd.as_ref().map(|f| f.as_fd())
     }
 
     /// The mount point `path` (absolute, as text) lives under: the longest matching prefix.
     /// A plain path (no `//`, `.` or `..` component) is compared as bytes; `Path::starts_with`
     /// splits both sides into components for every mount point, which was ~3% of the daemon's
     /// CPU in a 16-disk acquire.
-    pub fn of(&self, path: &str) -> PathBuf {
+    fn text_mount(&self, path: &str) -> PathBuf {
         let p = Path::new(path);
         let plain = !(path.contains("//")
             || path.contains("/./")
@@ -557,6 +761,58 @@ impl Mounts {
             .cloned()
             .unwrap_or_else(|| PathBuf::from("/"))
     }
+}
+
+/// `statfs` types of [`LOCAL_TYPES`]: ext2/3/4, XFS, Btrfs, F2FS, tmpfs, overlayfs.
+const LOCAL_MAGIC: &[i64] = &[
+    0xEF53,
+    0x5846_5342,
+    0x9123_683E,
+    0xF2F5_2010,
+    0x0102_1994,
+    0x794C_7630,
+];
+
+/// `openat2(root, rel, O_PATH, RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS)`: Ok when `rel`
+/// resolves (symlinks followed) without leaving the mount of `root`. ENOSYS (kernels before
+/// 5.6) and every other failure mean "not proven".
+fn resolve_beneath(root: BorrowedFd<'_>, rel: &str, dir: bool) -> Result<(), Errno> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_XDEV: u64 = 0x01;
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    let c = std::ffi::CString::new(rel).map_err(|_| Errno::EINVAL)?;
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
+    if dir {
+        flags |= libc::O_DIRECTORY;
+    }
+    let how = OpenHow {
+        flags: u64::try_from(flags).map_err(|_| Errno::EINVAL)?,
+        mode: 0,
+        resolve: RESOLVE_NO_XDEV | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads a NUL-terminated path and an open_how of the given size, both
+    // alive for the call; the descriptor it returns is owned right below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
+    // SAFETY: a descriptor openat2 just returned, owned by nobody else.
+    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    Ok(())
 }
 
 /// Is plain absolute `path` the mount point `mount` or below it?
@@ -606,16 +862,77 @@ mod tests {
              30 22 0:40 / /srv/nfs rw - nfs4 h:/e rw\n\
              31 30 0:41 / /srv/nfs/a\\040b rw - nfs4 h:/f rw\n",
         );
-        assert_eq!(m.of("/srv/nfs/x.img"), PathBuf::from("/srv/nfs"));
-        assert_eq!(m.of("/srv/nfs/a b/x.img"), PathBuf::from("/srv/nfs/a b"));
-        assert_eq!(m.of("/srv/nfsx/y"), PathBuf::from("/"));
-        assert_eq!(m.of("/var/lib/x"), PathBuf::from("/"));
+        assert_eq!(m.text_mount("/srv/nfs/x.img"), PathBuf::from("/srv/nfs"));
+        assert_eq!(
+            m.text_mount("/srv/nfs/a b/x.img"),
+            PathBuf::from("/srv/nfs/a b")
+        );
+        assert_eq!(m.text_mount("/srv/nfsx/y"), PathBuf::from("/"));
+        assert_eq!(m.text_mount("/var/lib/x"), PathBuf::from("/"));
         // Paths that are not plain are compared by components.
-        assert_eq!(m.of("/srv//nfs/x.img"), PathBuf::from("/srv/nfs"));
-        assert_eq!(m.of("/srv/./nfs/x.img"), PathBuf::from("/srv/nfs"));
-        assert_eq!(m.of("/srv/nfs"), PathBuf::from("/srv/nfs"));
-        assert_eq!(m.of("/srv/nfs/"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.text_mount("/srv//nfs/x.img"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.text_mount("/srv/./nfs/x.img"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.text_mount("/srv/nfs"), PathBuf::from("/srv/nfs"));
+        assert_eq!(m.text_mount("/srv/nfs/"), PathBuf::from("/srv/nfs"));
         assert_eq!(m.threads(Path::new("/")), local_threads());
         assert_eq!(m.threads(Path::new("/srv/nfs")), MAX_THREADS);
+        // Work on an opened file goes by its device, never by the path's text alone.
+        assert!(!m.is_local(&m.of("/var/lib/x")));
+        assert_eq!(m.of("/srv/nfs/x.img"), PathBuf::from("/srv/nfs"));
+    }
+
+    #[test]
+    fn noted_devices_decide_the_mount() {
+        let mut m = Mounts::parse(
+            "22 1 8:1 / / rw - ext4 /dev/x rw\n\
+             30 22 0:40 / /srv/nfs rw - nfs4 h:/e rw\n",
+        );
+        let nfs = nix::sys::stat::makedev(0, 40);
+        let ext4 = nix::sys::stat::makedev(8, 1);
+        // A symlink from a local directory into NFS: the text says "/", the device says NFS.
+        m.note("/var/lib/images/web.img", nfs, None);
+        assert_eq!(m.of("/var/lib/images/web.img"), PathBuf::from("/srv/nfs"));
+        assert!(!m.is_local(&m.of("/var/lib/images/web.img")));
+        // Once seen on a network mount it stays off the event loop.
+        m.note("/var/lib/images/web.img", ext4, None);
+        assert!(!m.is_local(&m.of("/var/lib/images/web.img")));
+        m.note("/var/lib/images/local.img", ext4, None);
+        assert!(m.is_local(&m.of("/var/lib/images/local.img")));
+        // A device mountinfo does not list (btrfs subvolume): unresolved, unless the open was
+        // proven local.
+        m.note("/var/lib/images/sub.img", 12345, None);
+        assert!(!m.is_local(&m.of("/var/lib/images/sub.img")));
+        m.note("/var/lib/images/sub.img", 12345, Some(Path::new("/")));
+        assert!(m.is_local(&m.of("/var/lib/images/sub.img")));
+        // Local mounts under a network mount are never opened from the event loop.
+        let m = Mounts::parse(
+            "22 1 8:1 / / rw - ext4 /dev/x rw\n\
+             30 22 0:40 / /srv/nfs rw - nfs4 h:/e rw\n\
+             31 30 0:41 / /srv/nfs/t rw - tmpfs t rw\n",
+        );
+        assert!(m.inline_ok.contains(Path::new("/")));
+        assert!(!m.inline_ok.contains(Path::new("/srv/nfs/t")));
+    }
+
+    #[test]
+    fn only_paths_that_stay_on_the_local_mount_are_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Mounts::load();
+        let base = dir.path().to_str().unwrap().to_string();
+        let (_, inline) = m.place(&format!("{base}/missing.img"));
+        let text = m.text_mount(&base);
+        if !m.inline_ok.contains(&text) {
+            // The test directory is not on a local file system here: nothing to prove.
+            assert!(!inline);
+            return;
+        }
+        assert!(inline, "a missing file in a local directory");
+        std::fs::write(dir.path().join("a.img"), b"").unwrap();
+        assert!(m.place(&format!("{base}/a.img")).1);
+        // A symlink out of the mount (to /proc, another file system): never inline.
+        std::os::unix::fs::symlink("/proc/self/status", dir.path().join("out.img")).unwrap();
+        let (key, inline) = m.place(&format!("{base}/out.img"));
+        assert!(!inline);
+        assert!(!m.is_local(&key));
     }
 }

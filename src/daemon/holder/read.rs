@@ -5,14 +5,14 @@ use crate::daemon::lock::{self, Conflict};
 use crate::daemon::pidfd::comm;
 use crate::daemon::text::mode_word;
 use crate::protocol::LeaseMode;
+use crate::untrusted::{Access, OpenFailure, open_regular_at, read_bounded};
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::{Mode, fstat};
+use nix::sys::stat::fstat;
 use nix::sys::statfs::{NFS_SUPER_MAGIC, fstatfs};
 use nix::sys::uio::pread;
 use serde::Serialize;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
 
 /// What holds byte 0 of the locked file, as the kernel reports it to this host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -50,6 +50,9 @@ pub struct Found {
     pub lock: Option<KernelLock>,
     pub believed: Vec<Seen>,
     pub ignored: Vec<Ignored>,
+    /// Side files that were not read: more than [`MAX_SIDE_FILES`] (or the byte or time budget
+    /// of one look) were found; at least 1 when the directory listing itself was cut short.
+    pub unread: usize,
 }
 
 impl Found {
@@ -88,7 +91,9 @@ pub fn read(target: Target<'_>) -> Found {
         }
     }
     match side_files(target.fd) {
-        Ok(Some(side)) => read_side(&side, &mut candidates, &mut found.ignored),
+        Ok(Some(side)) => {
+            found.unread = read_side(&side, &mut candidates, &mut found.ignored);
+        }
         Ok(None) => {}
         Err(e) => found.ignored.push(Ignored {
             source: target.lock_path.to_string(),
@@ -192,24 +197,40 @@ fn read_in_file(fd: BorrowedFd<'_>) -> Option<Result<Record, String>> {
     last
 }
 
+/// Most side files opened and read per look at a locked file: other hosts (or a buggy tool)
+/// may plant any number of `<name>@<host>.json` files, and a refusal must stay cheap.
+pub const MAX_SIDE_FILES: usize = 16;
+/// Most bytes of side files read per look.
+const MAX_SIDE_BYTES: usize = 256 * 1024;
+/// Most directory entries looked at per look (a directory may hold millions of names).
+const MAX_DIR_ENTRIES: usize = 4096;
+/// Time budget for reading side files per look (monotonic clock).
+const SIDE_BUDGET: Duration = Duration::from_millis(100);
+
+/// Read the side files of `side` into `out` (at most [`MAX_SIDE_FILES`], within the byte and
+/// time budgets); returns how many matching ones were left unread.
 fn read_side(
     side: &SideFiles,
     out: &mut Vec<(String, Result<Record, String>, bool)>,
     ignored: &mut Vec<Ignored>,
-) {
+) -> usize {
+    let started = Instant::now();
     let dir = match open_record_dir(&side.dir, false) {
         Ok(Some(d)) => d,
-        Ok(None) => return,
+        Ok(None) => return 0,
         Err(e) => {
             ignored.push(Ignored {
                 source: side.dir.clone(),
                 host: None,
                 reason: format!("cannot open the record directory: {}", e.desc()),
             });
-            return;
+            return 0;
         }
     };
-    let entries = match std::fs::read_dir(&side.dir) {
+    // Listed through the descriptor just opened (the same directory, whatever its path names
+    // by now), at most MAX_DIR_ENTRIES entries.
+    let listing = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    let entries = match std::fs::read_dir(&listing) {
         Ok(e) => e,
         Err(e) => {
             ignored.push(Ignored {
@@ -217,59 +238,123 @@ fn read_side(
                 host: None,
                 reason: format!("cannot list the record directory: {e}"),
             });
-            return;
+            return 0;
         }
     };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| side_file_host(n, &side.stem).is_some())
-        .collect();
+    let mut scanned = 0usize;
+    let mut truncated = false;
+    let mut names: Vec<String> = Vec::new();
+    for e in entries {
+        scanned += 1;
+        if scanned > MAX_DIR_ENTRIES {
+            truncated = true;
+            break;
+        }
+        let Ok(e) = e else { continue };
+        let Ok(name) = e.file_name().into_string() else {
+            continue;
+        };
+        if side_file_host(&name, &side.stem).is_none() {
+            continue;
+        }
+        // Not a regular file by the directory entry's type: skipped without any open.
+        if e.file_type().is_ok_and(|t| !t.is_file()) {
+            if ignored.len() < MAX_SIDE_FILES {
+                ignored.push(Ignored {
+                    source: format!("{}/{name}", side.dir),
+                    host: None,
+                    reason: "not a regular file; not opened".into(),
+                });
+            }
+            continue;
+        }
+        names.push(name);
+    }
     names.sort();
-    for name in names {
+    let single = names.len() == 1;
+    let mut bytes = 0usize;
+    let mut unread = 0usize;
+    for (i, name) in names.iter().enumerate() {
+        if i >= MAX_SIDE_FILES || bytes >= MAX_SIDE_BYTES || started.elapsed() >= SIDE_BUDGET {
+            unread = names.len() - i;
+            break;
+        }
         let source = format!("{}/{name}", side.dir);
-        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-        let fd = match openat(&dir, name.as_str(), flags, Mode::empty()) {
-            Ok(fd) => fd,
+        let fd = match open_regular_at(Some(dir.as_fd()), name, Access::Read, None) {
+            Ok((fd, _, _)) => fd,
             // Withdrawn between listing and opening.
-            Err(Errno::ENOENT) => continue,
+            Err(OpenFailure::Sys(Errno::ENOENT)) => continue,
             Err(e) => {
-                out.push((source, Err(format!("cannot open: {}", e.desc())), false));
+                out.push((source, Err(format!("cannot open: {}", e.describe())), false));
                 continue;
             }
         };
-        let (parsed, live) = read_side_file(fd.as_fd());
+        let (parsed, live, n) = read_side_file(fd.as_fd(), single);
+        bytes = bytes.saturating_add(n);
         if parsed.as_ref().is_err_and(|e| e.starts_with(EMPTY)) && !live {
             // A withdrawn record: its file stays for reuse.
             continue;
         }
         out.push((source, parsed, live));
     }
+    if unread > 0 || truncated {
+        let more = if truncated {
+            format!("{unread} or more")
+        } else {
+            unread.to_string()
+        };
+        ignored.push(Ignored {
+            source: side.dir.clone(),
+            host: None,
+            reason: format!(
+                "{more} more side files of it were not read (at most {MAX_SIDE_FILES} files, \
+                 {MAX_SIDE_BYTES} bytes and {} ms per look; a directory with this many records \
+                 was probably filled by a misbehaving host: remove the stale ones)",
+                SIDE_BUDGET.as_millis()
+            ),
+        });
+    }
+    unread.max(usize::from(truncated))
 }
 
-/// One side file's record and whether its publisher holds it. Side files are rewritten in
-/// place, so a reader can catch one empty (just created) or torn (a rewrite in progress): when
-/// the content is not a record but the publisher holds the file, read again shortly; what is
-/// still not a record after that is ignored with the reason, never believed.
-fn read_side_file(fd: BorrowedFd<'_>) -> (Result<Record, String>, bool) {
-    let mut buf = vec![0u8; MAX_RECORD];
+/// One side file's record, whether its publisher holds it, and the bytes read. Side files are
+/// rewritten in place, so a reader can catch one empty (just created) or torn (a rewrite in
+/// progress): when the content is not a record but the publisher holds the file and it is the
+/// `only` candidate, read again shortly (with many candidates a retry per file would let a
+/// directory of held garbage stall the reader); what is still not a record after that is
+/// ignored with the reason, never believed.
+fn read_side_file(fd: BorrowedFd<'_>, only: bool) -> (Result<Record, String>, bool, usize) {
+    let tries = if only { READ_TRIES } else { 1 };
     let mut attempt = 0;
+    let mut total = 0usize;
     loop {
         attempt += 1;
-        let parsed = match pread(fd, &mut buf, 0) {
-            Ok(n) => {
-                let bytes = buf.get(..n).unwrap_or_default();
+        let parsed = match read_bounded(fd, MAX_RECORD) {
+            Ok(Some(bytes)) => {
+                total = total.saturating_add(bytes.len());
                 if bytes.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
                     Err(format!("{EMPTY}: being written or withdrawn"))
                 } else {
-                    parse(bytes)
+                    parse(&bytes)
                 }
             }
-            Err(e) => return (Err(format!("cannot read: {}", e.desc())), ofd_held(fd, 0)),
+            Ok(None) => {
+                total = total.saturating_add(MAX_RECORD);
+                Err(format!(
+                    "larger than a record can be ({MAX_RECORD} bytes); not a lockwarden record"
+                ))
+            }
+            Err(e) => {
+                return (
+                    Err(format!("cannot read: {}", e.desc())),
+                    ofd_held(fd, 0),
+                    total,
+                );
+            }
         };
         let live = ofd_held(fd, 0);
-        if parsed.is_ok() || !live || attempt >= READ_TRIES {
-            return (parsed, live);
+        if parsed.is_ok() || !live || attempt >= tries {
+            return (parsed, live, total);
         }
         std::thread::sleep(Duration::from_millis(5));
     }

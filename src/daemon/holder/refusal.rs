@@ -1,5 +1,6 @@
 //! The refusal text and holder of a busy lease.
 
+use super::read::MAX_SIDE_FILES;
 use super::*;
 use crate::daemon::text::{esc, mode_word, subject, utc, what};
 use crate::protocol::{Holder, ResourceKind};
@@ -16,13 +17,20 @@ pub struct Refusal {
 pub fn read_for_refusal(target: Target<'_>, name: &str) -> Refusal {
     let found = read(target);
     let records = found.records();
-    let message = describe_refusal(
+    let mut message = describe_refusal(
         target.kind,
         name,
         Some(target.lock_path),
         &records,
         found.lock.as_ref(),
     );
+    if found.unread > 0 {
+        message.push_str(&format!(
+            " ({} more holder records next to it were not read: at most {MAX_SIDE_FILES} are \
+             read per refusal; remove stale ones from its {RECORD_DIR} directory)",
+            found.unread
+        ));
+    }
     let holder = holder_of(&records, found.lock.as_ref());
     Refusal {
         message,
