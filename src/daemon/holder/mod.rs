@@ -62,7 +62,7 @@ pub use publish::{
     withdraw_in_place, write_pending,
 };
 use publish::{is_regular, open_record_dir};
-pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, read};
+pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, parse_record, read};
 pub use refusal::{Refusal, describe_refusal, holder_of, read_for_refusal};
 
 /// Value of the `lockwarden_holder` field: the record format version.

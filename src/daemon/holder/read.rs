@@ -166,7 +166,10 @@ fn judge(
     }
 }
 
-fn parse(bytes: &[u8]) -> Result<Record, String> {
+/// A holder record from the bytes of a side file or lock file (another host's, so untrusted):
+/// UTF-8 JSON of the documented schema, trailing padding ignored. Public for the fuzz target
+/// `holder_record`.
+pub fn parse_record(bytes: &[u8]) -> Result<Record, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
     serde_json::from_str(text.trim_end_matches(['\n', '\0', ' ']))
         .map_err(|e| format!("not a lockwarden holder record: {e}"))
@@ -185,7 +188,7 @@ fn read_in_file(fd: BorrowedFd<'_>) -> Option<Result<Record, String>> {
         if buf.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
             return None;
         }
-        match parse(&buf) {
+        match parse_record(&buf) {
             Ok(r) => return Some(Ok(r)),
             Err(e) => last = Some(Err(e)),
         }
@@ -335,7 +338,7 @@ fn read_side_file(fd: BorrowedFd<'_>, only: bool) -> (Result<Record, String>, bo
                 if bytes.iter().all(|b| *b == 0 || b.is_ascii_whitespace()) {
                     Err(format!("{EMPTY}: being written or withdrawn"))
                 } else {
-                    parse(&bytes)
+                    parse_record(&bytes)
                 }
             }
             Ok(None) => {
