@@ -231,7 +231,7 @@ for arg in "$@"; do
   --yes) YES=1 ;;
   --keep) KEEP=1 ;;
   -h | --help)
-    sed -n '2,28p' "$0"
+    sed -n '2,27p' "$0"
     exit 0
     ;;
   *) die "unknown argument $arg (see --help)" ;;
