@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # lockwarden quick start, for a fresh Debian 12 machine, as root:
 #
-#   bash scripts/quickstart.sh [--no-deps] [--keep]
+#   bash scripts/quickstart.sh [--no-deps] [--yes] [--keep]
 #
-# 1. installs the build dependencies from Debian's packages (.ci/install-deps);
+# 1. installs the Debian packages the build and the demo need and that are missing (its own
+#    short list, QS_PACKAGES below, not the CI's .ci/install-deps): it prints the packages it
+#    would install and asks first, it never removes, replaces or downgrades a package
+#    (apt-get --no-remove, and a dry run that must show no removal), and it installs nothing
+#    when everything is there;
 # 2. builds lockwarden with meson + cargo and installs it into a private prefix
 #    ($LOCKWARDEN_QS_DIR/prefix, default /tmp/lockwarden-quickstart/prefix);
 # 3. in a private mount namespace (its own /etc/libvirt, /run/libvirt, /var/lib/libvirt,
@@ -16,6 +20,7 @@
 #    stay (re-runs are quick); remove them with: rm -rf /tmp/lockwarden-quickstart
 #
 #   --no-deps  skip step 1 (the packages are already installed)
+#   --yes      install the missing packages without asking (needed without a terminal)
 #   --keep     keep the demo's files (logs, XML, disk image) for a look afterwards
 #
 # Needs: Debian 12, root, cargo (Rust >= 1.85, e.g. from rustup) in PATH or in ~/.cargo/bin.
@@ -219,12 +224,14 @@ fi
 # ------------------------------------------------------------------------------------------
 DEPS=1
 KEEP=0
+YES=0
 for arg in "$@"; do
   case $arg in
   --no-deps) DEPS=0 ;;
+  --yes) YES=1 ;;
   --keep) KEEP=1 ;;
   -h | --help)
-    sed -n '2,24p' "$0"
+    sed -n '2,27p' "$0"
     exit 0
     ;;
   *) die "unknown argument $arg (see --help)" ;;
@@ -233,8 +240,51 @@ done
 
 [ "$(id -u)" = 0 ] || die "run as root: it installs packages and starts a system libvirtd (in a private mount namespace)"
 if ! grep -qs '^VERSION_ID="12"' /etc/os-release || ! grep -qs '^ID=debian' /etc/os-release; then
-  info "warning: this is not Debian 12; the package names in .ci/install-deps may not fit"
+  info "warning: this is not Debian 12; the package names in QS_PACKAGES may not fit"
 fi
+
+# What the build (bindgen needs libclang; meson + ninja drive cargo) and the demo (libvirtd with
+# its QEMU driver, virsh, QEMU, unshare, python3 for the subreaper) need: nothing else. Only
+# additions, never a trailing "-" (removal): a demo must not take away what a user installed.
+QS_PACKAGES=(
+  clang libclang-dev pkg-config meson ninja-build
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
+  util-linux python3
+)
+
+# install_deps: install the QS_PACKAGES that are missing, after saying which and asking.
+install_deps() {
+  local p missing=() plan removals
+  for p in "${QS_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    info "every package the demo needs is installed: ${QS_PACKAGES[*]}"
+    return 0
+  fi
+  info "missing: ${missing[*]}"
+  info "this runs 'apt-get update' and installs them (and what they depend on); it removes,"
+  info "replaces and downgrades nothing"
+  if [ "$YES" != 1 ]; then
+    [ -t 0 ] || die "not installing packages without asking: run with --yes, or install them yourself (apt-get install --no-install-recommends ${missing[*]}) and run with --no-deps"
+    local answer
+    read -r -p "    install these packages? [y/N] " answer
+    case $answer in
+    y | Y | yes) ;;
+    *) die "nothing installed; install the packages yourself and run with --no-deps" ;;
+    esac
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # A dry run first: if installing would remove or downgrade anything, stop and say what.
+  plan=$(apt-get install -s --no-install-recommends "${missing[@]}")
+  removals=$(printf '%s\n' "$plan" | grep -E '^Remv |DOWNGRADED' || true)
+  if printf '%s\n' "$plan" | grep -qE '^Remv |DOWNGRADED'; then
+    printf '%s\n' "$removals" >&2
+    die "installing ${missing[*]} would remove or downgrade the packages above; nothing was changed. Install them yourself, then run with --no-deps"
+  fi
+  apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
+}
 
 if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
   PATH=$HOME/.cargo/bin:$PATH
@@ -243,13 +293,13 @@ command -v cargo >/dev/null ||
   die "cargo not found: install Rust >= 1.85 (for example with rustup) and run this again"
 
 if [ "$DEPS" = 1 ]; then
-  say "1/4 installing the build and demo dependencies (bash .ci/install-deps)"
-  bash "$ROOT/.ci/install-deps"
+  say "1/4 the build and demo dependencies (Debian packages)"
+  install_deps
 else
   say "1/4 skipping the dependencies (--no-deps)"
 fi
 for cmd in meson ninja libvirtd virsh qemu-system-x86_64 unshare python3; do
-  command -v "$cmd" >/dev/null || die "$cmd not found; run without --no-deps (or: bash .ci/install-deps)"
+  command -v "$cmd" >/dev/null || die "$cmd not found; run without --no-deps (it installs: ${QS_PACKAGES[*]})"
 done
 
 say "2/4 building and installing into $PREFIX"

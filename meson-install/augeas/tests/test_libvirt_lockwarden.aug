@@ -39,3 +39,10 @@ readonly_disks = \"ignore\"
    test Libvirt_lockwarden.lns get "readonly_disks = \"maybe\"\n" = *
    test Libvirt_lockwarden.lns get "request_timeout_ms = \"fast\"\n" = *
    test Libvirt_lockwarden.lns get "file_lockspace_dri = \"/x\"\n" = *
+   test Libvirt_lockwarden.lns get "request_timeout_ms = 0\n" = *
+   test Libvirt_lockwarden.lns get "request_timeout_ms = 3600001\n" = *
+   test Libvirt_lockwarden.lns get "request_timeout_ms = 030\n" = *
+   test Libvirt_lockwarden.lns get "file_lockspace_dir = \"relative/dir\"\n" = *
+   test Libvirt_lockwarden.lns get "daemon_socket = \"/sssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss\"\n" = *
+   test Libvirt_lockwarden.lns get "daemon_socket = \"/ssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss\"\n" = { "daemon_socket" = "/ssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss" }
+

@@ -44,3 +44,9 @@ log_level = \"debug\"   # while investigating
    test Libvirt_lockwardend.lns get "log_level = \"verbose\"\n" = *
    test Libvirt_lockwardend.lns get "max_clients = \"many\"\n" = *
    test Libvirt_lockwardend.lns get "auto_disk_leases = 1\n" = *
+   test Libvirt_lockwardend.lns get "max_clients = 0\n" = *
+   test Libvirt_lockwardend.lns get "max_leases_per_request = 65537\n" = *
+   test Libvirt_lockwardend.lns get "storage_timeout_ms = 99\n" = *
+   test Libvirt_lockwardend.lns get "kill_grace_ms = -1\n" = *
+   test Libvirt_lockwardend.lns get "pid_file = \"run/x.pid\"\n" = *
+   test Libvirt_lockwardend.lns get "idle_timeout_ms = 86400000\n" = { "idle_timeout_ms" = "86400000" }
