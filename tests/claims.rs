@@ -286,7 +286,7 @@ fn assert_same(what: &str, parser: &BTreeSet<String>, documented: &BTreeSet<Stri
 fn lockwardend_conf_keys_are_the_same_in_the_parser_the_man_page_the_shipped_file_the_lens_and_the_readme()
  {
     let parser = daemon_parser_keys();
-    assert_eq!(parser.len(), 12, "{parser:?}");
+    assert_eq!(parser.len(), 13, "{parser:?}");
     assert_same("lockwardend(8)", &parser, &daemon_man_keys());
     assert_same(DAEMON_CONF, &parser, &conf_keys(DAEMON_CONF));
     assert_same(DAEMON_LENS, &parser, &lens_keys(DAEMON_LENS));
