@@ -219,14 +219,12 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
     t.transient = 0;
     t.rechecks = 0;
     t.last = None;
-    let (name, lock_path, kind, mode) = (l.name.clone(), l.lock_path.clone(), l.kind, l.mode);
+    let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
     let pids: Vec<u32> = l.owners.keys().copied().collect();
-    let mut owners: Vec<Owner> = Vec::new();
     for pid in pids {
         let Some(e) = state.owners.get(pid) else {
             continue;
         };
-        owners.push(e.owner.clone());
         let vm = e.owner.name.clone();
         let (sig, what) = match e.action {
             FailureAction::Ignore => (None, "on_lockfailure=ignore: leaving it running"),
@@ -253,6 +251,22 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
             }
         }
     }
+    record(state, key);
+}
+
+/// Mark lease `key` lost and record the detection for `Request::Lost` (its owners were acted
+/// on by the caller: `declare_lost`, or fence.rs after a partition).
+pub fn record(state: &mut State, key: LeaseKey) {
+    let Some(l) = state.leases.get_mut(&key) else {
+        return;
+    };
+    l.lost = true;
+    let (name, lock_path, kind, mode) = (l.name.clone(), l.lock_path.clone(), l.kind, l.mode);
+    let owners: Vec<Owner> = l
+        .owners
+        .keys()
+        .filter_map(|pid| state.owners.get(*pid).map(|e| e.owner.clone()))
+        .collect();
     state.lost_total += 1;
     state.recent_lost.push_back(LeaseInfo {
         name: name.to_string(),

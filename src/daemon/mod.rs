@@ -21,6 +21,8 @@ mod acquire;
 mod args;
 mod conn;
 mod dispatch;
+mod fence;
+mod heartbeat;
 pub mod holder;
 mod keeper;
 mod keptmeta;
@@ -141,6 +143,11 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
     state.next_check = settings
         .lease_check_interval
         .map(|d| std::time::Instant::now() + d);
+    state.heartbeat.configure(
+        settings.heartbeat_interval,
+        settings.fence_after,
+        std::time::Instant::now(),
+    );
     let mut server = server::Server::new(
         state,
         Vec::new(),

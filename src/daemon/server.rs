@@ -365,6 +365,7 @@ impl Server {
         super::acquire::expire(&mut self.state, now);
         self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);
+        super::heartbeat::tick(&mut self.state, now);
         for pid in self.state.run_timers(now) {
             self.owner_gone(pid);
         }

@@ -22,6 +22,12 @@ pub const DEFAULT_KILL_GRACE_MS: u64 = 3000;
 pub const DEFAULT_STORAGE_TIMEOUT_MS: u64 = 25_000;
 /// `lease_check_interval_ms` default (0 disables lost-lock checks).
 pub const DEFAULT_LEASE_CHECK_INTERVAL_MS: u64 = 10_000;
+/// `heartbeat_interval_ms` default (0 disables heartbeats and fencing): a few beats within
+/// `fence_after_ms` (docs/storage.md, "Partitions").
+pub const DEFAULT_HEARTBEAT_INTERVAL_MS: u64 = 5_000;
+/// `fence_after_ms` default, derived from NFSv4's 90 s lease (Linux nfsd): 60 s + at most 5 s
+/// to stop a VM + 5 s of clock slack leaves 20 s before the server could give a lock away.
+pub const DEFAULT_FENCE_AFTER_MS: u64 = 60_000;
 /// Pid file name inside the runtime directory.
 pub const PID_FILE_NAME: &str = "lockwardend.pid";
 
@@ -39,6 +45,11 @@ pub struct Settings {
     pub storage_timeout: Duration,
     /// How often held leases are probed for a lost lock (None: never).
     pub lease_check_interval: Option<Duration>,
+    /// How often the storage of every mount with leases must confirm a heartbeat (None: never,
+    /// and no fencing).
+    pub heartbeat_interval: Option<Duration>,
+    /// How long a mount with leases may stay unconfirmed before its VMs are stopped.
+    pub fence_after: Duration,
     /// `max_owners`, `max_leases_per_request`, `request_read_timeout_ms`, `idle_timeout_ms`
     /// (docs/hardening.md).
     pub limits: Limits,
@@ -109,6 +120,8 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
     let read_timeout_ms = conf.take_int("request_read_timeout_ms", 100, 3_600_000)?;
     let idle_ms = conf.take_int("idle_timeout_ms", 0, 86_400_000)?;
     let lease_dir = conf.take_abs_path("lease_dir")?;
+    let heartbeat_ms = conf.take_int("heartbeat_interval_ms", 0, 600_000)?;
+    let fence_after_ms = conf.take_int("fence_after_ms", 100, 3_600_000)?;
     let config_file = conf.path().to_path_buf();
     let config_text = config_file.display().to_string();
     conf.finish()?;
@@ -149,6 +162,13 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
             0 => None,
             n => Some(Duration::from_millis(n)),
         },
+        heartbeat_interval: match heartbeat_ms.map_or(DEFAULT_HEARTBEAT_INTERVAL_MS, |n| n as u64) {
+            0 => None,
+            n => Some(Duration::from_millis(n)),
+        },
+        fence_after: Duration::from_millis(
+            fence_after_ms.map_or(DEFAULT_FENCE_AFTER_MS, |n| n as u64),
+        ),
         limits: Limits {
             max_owners: max_owners.map_or(limits::DEFAULT_MAX_OWNERS, |n| n as usize),
             max_leases_per_request: max_leases
@@ -198,6 +218,8 @@ mod tests {
         assert_eq!(s.limits.request_read_timeout, Duration::from_millis(10_000));
         assert_eq!(s.limits.idle_timeout, Some(Duration::from_millis(300_000)));
         assert_eq!(s.lease_dir, None);
+        assert_eq!(s.heartbeat_interval, Some(Duration::from_millis(5000)));
+        assert_eq!(s.fence_after, Duration::from_millis(60_000));
         assert_eq!(
             default_config_path(&root()),
             PathBuf::from("/etc/libvirt/lockwardend.conf")
@@ -229,7 +251,8 @@ mod tests {
             "socket = \"/x/s.sock\"\nadmin_socket = \"/x/a.sock\"\nmax_clients = 7\n\
              kill_grace_ms = 0\nlog_level = \"warn\"\npid_file = \"/x/p\"\n\
              max_owners = 3\nmax_leases_per_request = 5\nrequest_read_timeout_ms = 250\n\
-             idle_timeout_ms = 0\nlease_dir = \"/srv/leases\"\n",
+             idle_timeout_ms = 0\nlease_dir = \"/srv/leases\"\nheartbeat_interval_ms = 0\n\
+             fence_after_ms = 1500\n",
         );
         let args = Args {
             socket: Some("/cli.sock".into()),
@@ -248,6 +271,8 @@ mod tests {
         assert_eq!(s.limits.request_read_timeout, Duration::from_millis(250));
         assert_eq!(s.limits.idle_timeout, None);
         assert_eq!(s.lease_dir, Some(PathBuf::from("/srv/leases")));
+        assert_eq!(s.heartbeat_interval, None);
+        assert_eq!(s.fence_after, Duration::from_millis(1500));
         assert_eq!(s.limits.config_file, "/etc/libvirt/lockwardend.conf");
     }
 
@@ -266,6 +291,9 @@ mod tests {
             "request_read_timeout_ms = 10\n",
             "idle_timeout_ms = -5\n",
             "lease_dir = \"leases\"\n",
+            "heartbeat_interval_ms = -1\n",
+            "heartbeat_interval_ms = 600001\n",
+            "fence_after_ms = 99\n",
         ] {
             assert!(
                 resolve(parse(bad), &Args::default(), &root()).is_err(),

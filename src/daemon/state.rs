@@ -67,6 +67,8 @@ pub struct State {
     /// Lost leases found since start, and the latest ones.
     pub lost_total: u64,
     pub recent_lost: VecDeque<LeaseInfo>,
+    /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
+    pub heartbeat: super::heartbeat::Heartbeats,
 }
 
 /// Identifies a request waiting on storage.
@@ -85,6 +87,10 @@ pub enum JobFor {
     Other,
     /// A job a waiting answer depends on (`State::groups`).
     Group(OpId),
+    /// A storage heartbeat (heartbeat.rs).
+    Heartbeat,
+    /// A fenced lease's lock re-checked after its storage came back (fence.rs).
+    Fence,
 }
 
 /// A storage job in flight, as a request sees it: its id, what it is about (for messages) and
@@ -152,6 +158,7 @@ impl State {
             health: lost::Health::default(),
             lost_total: 0,
             recent_lost: VecDeque::new(),
+            heartbeat: super::heartbeat::Heartbeats::default(),
         }
     }
 
@@ -386,6 +393,12 @@ impl State {
                 (JobFor::Orphan, Outcome::Take(r)) => acquire::orphan(self, done.id, r),
                 (JobFor::Probe, Outcome::Probe { key, fd, result }) => {
                     lost::on_probe(self, key, &fd, result)
+                }
+                (JobFor::Heartbeat, Outcome::Heartbeat(b)) => {
+                    super::heartbeat::on_beat(self, done.id, *b)
+                }
+                (JobFor::Fence, Outcome::Probe { key, fd, result }) => {
+                    super::fence::on_recheck(self, key, &fd, result)
                 }
                 (why, Outcome::Published { label, result }) => {
                     if let Err(e) = result {
@@ -734,6 +747,7 @@ impl State {
                     .map(|g| g.deadline),
             )
             .chain(self.next_check)
+            .chain(self.heartbeat.next_deadline())
             .chain(self.owners.next_rewatch())
             .min()
     }

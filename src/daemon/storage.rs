@@ -104,6 +104,9 @@ pub enum Work {
     },
     /// Close descriptors (closing can block on a dead mount too).
     Close(Vec<OwnedFd>),
+    /// Prove that the storage server behind a mount answers (heartbeat.rs): write and fsync
+    /// the host's heartbeat file there, or re-request a lease's lock when no file can be kept.
+    Heartbeat(Box<super::heartbeat::Beat>),
 }
 
 /// A lease on its way out (see `Work::Dispose`).
@@ -149,6 +152,8 @@ pub enum Outcome {
         result: Result<(), Errno>,
     },
     Closed,
+    /// A heartbeat came back (`Ok`: the server answered).
+    Heartbeat(Box<super::heartbeat::Beaten>),
     Published {
         label: String,
         result: Result<(), String>,
@@ -361,6 +366,7 @@ fn run(work: Work) -> Outcome {
             drop(fds);
             Outcome::Closed
         }
+        Work::Heartbeat(beat) => Outcome::Heartbeat(Box::new(super::heartbeat::beat(*beat))),
     }
 }
 
@@ -626,6 +632,18 @@ impl Mounts {
         } else {
             MAX_THREADS
         }
+    }
+
+    /// The mount point of device `dev` (an `st_dev`), when mountinfo lists it, and whether its
+    /// file system type is host-local.
+    pub fn of_dev(&self, dev: u64) -> Option<(&PathBuf, bool)> {
+        self.by_dev.get(&dev).map(|m| (m, self.local.contains(m)))
+    }
+
+    /// Whether the mount `path`'s text names is host-local (for devices mountinfo does not
+    /// list: btrfs subvolumes, overlayfs layers).
+    pub fn text_is_local(&self, path: &str) -> bool {
+        self.local.contains(&self.text_mount(path))
     }
 
     /// Whether mount point `mount` has a host-local file system type (its storage work may run

@@ -23,9 +23,14 @@
 //!   in time; their backing locks are kept. The count is per line: the same line written again
 //!   does not start a new count, another N (or E) does.
 //!
+//! - `mkdir` creates directories (the `.lockwarden` record directory next to a disk);
+//! - `fsync` calls are gated like every other operation (`hang 1` holds them), so a heartbeat
+//!   written and fsync'ed through this file system proves it was served (tests/partition.rs).
+//!
 //! EVENT_LOG gets one line per served lock call:
 //! `setlk|getlk NAME TYPE START_NS END_NS RESULT` (wall-clock nanoseconds of arrival and answer),
-//! so a test can prove that several lock calls were in flight at once.
+//! so a test can prove that several lock calls were in flight at once; and one per fsync,
+//! `fsync NAME 0 START_NS END_NS RESULT`.
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
@@ -39,7 +44,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -324,6 +329,32 @@ impl fuser::Filesystem for TestFs {
         });
     }
 
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let name = name.to_os_string();
+        self.inner.gate(false, move |i| {
+            let Some(dir) = i.path(parent.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let p = dir.join(&name);
+            let made = std::fs::DirBuilder::new()
+                .mode(mode & 0o7777)
+                .create(&p)
+                .and_then(|()| i.attr(&p));
+            match made {
+                Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_os_string();
         self.inner.gate(false, move |i| {
@@ -385,6 +416,39 @@ impl fuser::Filesystem for TestFs {
             }
             match f.write_at(&data, offset) {
                 Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let t0 = now_ns();
+        self.inner.gate(false, move |i| {
+            let Some((f, p)) = i.file(fh) else {
+                return reply.error(Errno::EBADF);
+            };
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if i.is_lost(&i.control(), &p) {
+                return reply.error(Errno::EIO);
+            }
+            let r = f.sync_data();
+            i.log(format!(
+                "fsync {name} 0 {t0} {} {}\n",
+                now_ns(),
+                if r.is_ok() { 0 } else { 5 }
+            ));
+            match r {
+                Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(&e)),
             }
         });

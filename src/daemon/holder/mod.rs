@@ -57,6 +57,7 @@ mod refusal;
 pub use idle::{expire_idle, idle_deadline};
 pub use place::{SideFiles, host_label, side_files, stem};
 use place::{side_file_host, side_files_for_publish};
+pub(crate) use publish::open_publish_dir;
 pub use publish::{
     Ident, Published, Records, Slot, claim_known, publish, publish_known, republish, withdraw,
     withdraw_in_place, write_pending,

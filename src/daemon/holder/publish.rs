@@ -507,7 +507,7 @@ pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>
 /// it: each must be owned by root or lockwardend's user and not writable by group or others
 /// unless sticky. Otherwise no side file is created there at all (a disk in a directory anybody
 /// can write is no place for files root writes; docs/hardening.md).
-fn open_publish_dir(dir: &str) -> Result<OwnedFd, String> {
+pub(crate) fn open_publish_dir(dir: &str) -> Result<OwnedFd, String> {
     let (parent, name) = dir.rsplit_once('/').unwrap_or(("/", dir));
     let parent = if parent.is_empty() { "/" } else { parent };
     let euid = nix::unistd::geteuid().as_raw();
