@@ -286,7 +286,7 @@ fn assert_same(what: &str, parser: &BTreeSet<String>, documented: &BTreeSet<Stri
 fn lockwardend_conf_keys_are_the_same_in_the_parser_the_man_page_the_shipped_file_the_lens_and_the_readme()
  {
     let parser = daemon_parser_keys();
-    assert_eq!(parser.len(), 13, "{parser:?}");
+    assert_eq!(parser.len(), 15, "{parser:?}");
     assert_same("lockwardend(8)", &parser, &daemon_man_keys());
     assert_same(DAEMON_CONF, &parser, &conf_keys(DAEMON_CONF));
     assert_same(DAEMON_LENS, &parser, &lens_keys(DAEMON_LENS));
@@ -387,7 +387,7 @@ fn man_page_ranges_and_defaults_are_the_parsers() {
         assert_eq!(shown, Some(default.to_string()), "{DAEMON_CONF}: {key}");
     }
     assert_eq!(
-        checked, 8,
+        checked, 10,
         "lockwardend(8) gives a range for each integer key"
     );
     let (lo, hi, default) = man_range(PLUGIN_MAN, "request_timeout_ms").expect("man(5) range");

@@ -46,6 +46,8 @@ module Libvirt_lockwardend =
                    | bare_entry "kill_grace_ms" int_0_600000
                    | bare_entry "storage_timeout_ms" int_100_3600000
                    | bare_entry "lease_check_interval_ms" int_0_86400000
+                   | bare_entry "heartbeat_interval_ms" int_0_600000
+                   | bare_entry "fence_after_ms" int_100_3600000
                    | bare_entry "max_owners" int_1_1000000
                    | bare_entry "max_leases_per_request" int_1_65536
                    | bare_entry "request_read_timeout_ms" int_100_3600000

@@ -10,6 +10,8 @@ max_clients = 4096
   kill_grace_ms=3000
 storage_timeout_ms = 25000
 lease_check_interval_ms = 0
+heartbeat_interval_ms = 5000
+fence_after_ms = 60000
 max_owners = 100
 max_leases_per_request = 64
 request_read_timeout_ms = 10000
@@ -28,6 +30,8 @@ log_level = \"debug\"   # while investigating
       { "kill_grace_ms" = "3000" }
       { "storage_timeout_ms" = "25000" }
       { "lease_check_interval_ms" = "0" }
+      { "heartbeat_interval_ms" = "5000" }
+      { "fence_after_ms" = "60000" }
       { "max_owners" = "100" }
       { "max_leases_per_request" = "64" }
       { "request_read_timeout_ms" = "10000" }
@@ -48,5 +52,7 @@ log_level = \"debug\"   # while investigating
    test Libvirt_lockwardend.lns get "max_leases_per_request = 65537\n" = *
    test Libvirt_lockwardend.lns get "storage_timeout_ms = 99\n" = *
    test Libvirt_lockwardend.lns get "kill_grace_ms = -1\n" = *
+   test Libvirt_lockwardend.lns get "heartbeat_interval_ms = 600001\n" = *
+   test Libvirt_lockwardend.lns get "fence_after_ms = 99\n" = *
    test Libvirt_lockwardend.lns get "pid_file = \"run/x.pid\"\n" = *
    test Libvirt_lockwardend.lns get "idle_timeout_ms = 86400000\n" = { "idle_timeout_ms" = "86400000" }
