@@ -64,6 +64,7 @@ struct Fs {
     backing: PathBuf,
     mnt: PathBuf,
     ctl: PathBuf,
+    events: PathBuf,
     child: Child,
 }
 
@@ -93,6 +94,7 @@ impl Fs {
             backing,
             mnt,
             ctl,
+            events: log,
             child,
         };
         let t0 = Instant::now();
@@ -471,4 +473,320 @@ fn without_a_heartbeat_file_the_beat_tests_the_lock() {
     assert_eq!(q.state(), Some('T'));
     assert!(lost(&d).is_empty());
     assert_eq!(list(&d), vec![p.to_string_lossy().into_owned()]);
+}
+
+/// xorshift64*: reproducible randomness from a seed printed with every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Is process `pid` runnable (it exists and is neither stopped nor a zombie)?
+fn runnable(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim().chars().next()),
+            Some('T' | 't' | 'Z' | 'X') | None
+        ),
+        Err(_) => false,
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted `v`.
+fn pct(v: &[u128], p: usize) -> u128 {
+    if v.is_empty() {
+        return 0;
+    }
+    v[(v.len() - 1) * p / 100]
+}
+
+/// The simulated lease server (tests/fusefs/testfs.rs `lease_ms`): host A and host B are two
+/// daemons on two mounts of one backing directory; A's mount is a client whose lease expires
+/// `LEASE_MS` after its last served request, and then loses every lock it held (the strict
+/// server, earlier than a courteous one), so B can take them. Each round starts 1 to
+/// `LW_PARTITION_MAX_VMS` VMs on A (pause or default action), partitions A's mount for a
+/// random time around the lease (the first two rounds just below and just above
+/// `fence_after_ms`), sometimes with an acquire in flight, while B keeps trying to take every
+/// disk. A monitor records, with wall-clock timestamps, when each of A's VM processes stopped
+/// being runnable (from /proc); B's file system records when each lock was granted. The
+/// invariant: **B never holds a disk while A's VM on it is runnable**, i.e. every grant to B
+/// started after A's VM was seen stopped or gone (the 1 ms polling makes the observed stop
+/// later than the real one: the check errs against us). `LW_PARTITION_ROUNDS` (default 20,
+/// ~1 minute on the 2-core CI machine), `LW_PARTITION_SEED` to replay a run.
+#[test]
+fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
+    prerequisites();
+    const LEASE_MS: u64 = 1000;
+    const A_INTERVAL_MS: u64 = 50;
+    const A_FENCE_MS: u64 = 400;
+    let rounds = env_u64("LW_PARTITION_ROUNDS", 20);
+    let max_vms = env_u64("LW_PARTITION_MAX_VMS", 8).max(1);
+    let seed = env_u64("LW_PARTITION_SEED", (wall_ns() as u64) | 1);
+    eprintln!("seed {seed} (LW_PARTITION_SEED), {rounds} rounds, up to {max_vms} VMs");
+    let mut rng = Rng(seed);
+    let conf = format!(
+        "heartbeat_interval_ms = {A_INTERVAL_MS}\nfence_after_ms = {A_FENCE_MS}\n\
+         lease_check_interval_ms = 0\nstorage_timeout_ms = 3000\n"
+    );
+    // LW_PARTITION_NO_FENCE=1: host A without heartbeats, as before issue 15 (the checker
+    // must then find violations: a control run for the report, not for CI).
+    let a_conf = match std::env::var("LW_PARTITION_NO_FENCE") {
+        Ok(v) if v == "1" => conf.replace(
+            &format!("heartbeat_interval_ms = {A_INTERVAL_MS}"),
+            "heartbeat_interval_ms = 0",
+        ),
+        _ => conf.clone(),
+    };
+    let (a, b) = (Daemon::start_with(&a_conf), Daemon::start_with(&conf));
+    let shared = tempfile::Builder::new()
+        .prefix("lw-lease")
+        .tempdir()
+        .unwrap();
+    let backing = shared.path().join("export");
+    fs::create_dir(&backing).unwrap();
+    let tmp = || {
+        tempfile::Builder::new()
+            .prefix("lw-host")
+            .tempdir()
+            .unwrap()
+    };
+    let ma = Fs::mount_over(tmp(), backing.clone());
+    let mb = Fs::mount_over(tmp(), backing.clone());
+    let lease_line = format!("lease_ms {LEASE_MS}\n");
+    ma.set(&lease_line);
+    let mut violations = Vec::new();
+    let mut fence_ms: Vec<u128> = Vec::new();
+    let mut margins_ms: Vec<i128> = Vec::new();
+    let (mut grants_total, mut expiries) = (0usize, 0usize);
+    for round in 0..rounds {
+        let n = 1 + rng.below(max_vms) as usize;
+        let len_ms = match round {
+            0 => A_FENCE_MS - 150,
+            1 => A_FENCE_MS + 150,
+            _ => LEASE_MS * 3 / 10 + rng.below(LEASE_MS * 15 / 10),
+        };
+        // A's VMs: disk name -> (VM process, action).
+        let mut vms: Vec<(String, Qemu, FailureAction)> = Vec::new();
+        for j in 0..n {
+            let name = format!("r{round}-{j}.img");
+            fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
+            let q = Qemu::spawn();
+            let action = if rng.below(2) == 0 {
+                FailureAction::Pause
+            } else {
+                FailureAction::Default
+            };
+            acquire(
+                &a,
+                &owner(&format!("a-{name}"), &q),
+                &ma.mnt.join(&name),
+                action,
+            );
+            vms.push((name, q, action));
+        }
+        // Sometimes an acquire is in flight when the partition starts.
+        let in_flight = (rng.below(3) == 0).then(|| {
+            let name = format!("r{round}-late.img");
+            fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
+            let q = Qemu::spawn();
+            let (sock, o, path) = (
+                a.socket.clone(),
+                owner(&format!("a-{name}"), &q),
+                ma.mnt.join(&name),
+            );
+            let t = std::thread::spawn(move || {
+                call(
+                    &sock,
+                    &Request::Acquire {
+                        owner: o,
+                        leases: vec![disk(&path)],
+                        action: FailureAction::Pause,
+                        restrict: false,
+                    },
+                )
+            });
+            (name, q, t)
+        });
+        // The monitor: when each of A's VMs was first seen not runnable (wall ns).
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watched: Vec<(String, u32)> =
+            vms.iter().map(|(d, q, _)| (d.clone(), q.pid())).collect();
+        let monitor = {
+            let stop = std::sync::Arc::clone(&stop);
+            let mut watched = watched.clone();
+            if let Some((d, q, _)) = &in_flight {
+                watched.push((d.clone(), q.pid()));
+            }
+            std::thread::spawn(move || {
+                let mut seen: std::collections::HashMap<String, u128> = Default::default();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    for (d, pid) in &watched {
+                        if !seen.contains_key(d) && !runnable(*pid) {
+                            seen.insert(d.clone(), wall_ns());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                seen
+            })
+        };
+        let events_from = fs::metadata(&mb.events).map(|m| m.len()).unwrap_or(0) as usize;
+        let a_events_from = fs::metadata(&ma.events).map(|m| m.len()).unwrap_or(0) as usize;
+        // Partition A; B tries every disk meanwhile and until things settle after the heal.
+        let t_p = wall_ns();
+        ma.set(&format!("{lease_line}hang 1\n"));
+        let t0 = Instant::now();
+        let mut b_owners: Vec<Qemu> = Vec::new();
+        let mut b_held: std::collections::HashSet<String> = Default::default();
+        let mut healed = false;
+        let settle = Duration::from_millis(len_ms + 1500);
+        while t0.elapsed() < settle {
+            if !healed && t0.elapsed() >= Duration::from_millis(len_ms) {
+                ma.set(&lease_line);
+                healed = true;
+            }
+            for (d, _, _) in &vms {
+                if b_held.contains(d) {
+                    continue;
+                }
+                let q = Qemu::spawn();
+                let r = call(
+                    &b.socket,
+                    &Request::Acquire {
+                        owner: owner(&format!("b-{d}"), &q),
+                        leases: vec![disk(&mb.mnt.join(d))],
+                        action: FailureAction::Default,
+                        restrict: false,
+                    },
+                );
+                if matches!(r, Response::Ok { .. }) {
+                    b_held.insert(d.clone());
+                    b_owners.push(q);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some((d, q, t)) = in_flight {
+            let r = t.join().unwrap();
+            if matches!(r, Response::Ok { .. }) {
+                vms.push((d, q, FailureAction::Pause));
+            }
+        }
+        // Every VM of A whose disk B got must be stopped or gone now, and stay so.
+        for (d, q, _) in &vms {
+            if b_held.contains(d) && runnable(q.pid()) {
+                violations.push(format!(
+                    "round {round}: {d}: A's VM runs at the end while B holds it"
+                ));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let seen = monitor.join().unwrap();
+        // Grants to B, from B's file system.
+        let events = fs::read_to_string(&mb.events).unwrap_or_default();
+        for line in events.get(events_from..).unwrap_or_default().lines() {
+            let w: Vec<&str> = line.split(' ').collect();
+            if w.len() != 6 || w[0] != "setlk" || w[2] != "1" || w[5] != "0" {
+                continue;
+            }
+            if !vms.iter().any(|(d, _, _)| d == w[1]) {
+                continue;
+            }
+            grants_total += 1;
+            let start: u128 = w[3].parse().unwrap();
+            match seen.get(w[1]) {
+                Some(stopped) if *stopped <= start => {}
+                Some(stopped) => violations.push(format!(
+                    "round {round}: B was granted {} {} ms before A's VM was seen stopped",
+                    w[1],
+                    (stopped - start) / 1_000_000
+                )),
+                None => violations.push(format!(
+                    "round {round}: B was granted {} while A's VM never stopped",
+                    w[1]
+                )),
+            }
+        }
+        // Partition to fence, and the margin to the simulated lease expiry.
+        let last_stop = watched
+            .iter()
+            .filter_map(|(d, _)| seen.get(d))
+            .max()
+            .copied();
+        if len_ms >= A_FENCE_MS + 50 {
+            if let Some(s) = last_stop {
+                fence_ms.push((s - t_p) / 1_000_000);
+            }
+        }
+        let a_events = fs::read_to_string(&ma.events).unwrap_or_default();
+        if let Some(exp) = a_events
+            .get(a_events_from..)
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("expire ") && !l.starts_with("expire 0 "))
+            .and_then(|l| l.split(' ').nth(3))
+            .and_then(|n| n.parse::<u128>().ok())
+        {
+            expiries += 1;
+            if let Some(s) = last_stop {
+                margins_ms.push((exp as i128 - s as i128) / 1_000_000);
+            }
+        }
+        eprintln!(
+            "round {round}: {n} VM(s), partition {len_ms} ms, B got {} disk(s), stopped {}",
+            b_held.len(),
+            watched.iter().filter(|(d, _)| seen.contains_key(d)).count()
+        );
+        // Clean up: every VM goes, both hosts let go.
+        drop(vms);
+        drop(b_owners);
+        wait_for(&a, BOUND, "host A released everything", || {
+            list(&a).is_empty()
+        });
+        wait_for(&b, BOUND, "host B released everything", || {
+            list(&b).is_empty()
+        });
+    }
+    fence_ms.sort();
+    let mut m: Vec<u128> = margins_ms.iter().map(|m| (*m).max(0) as u128).collect();
+    m.sort();
+    eprintln!(
+        "{rounds} rounds: {grants_total} grants to B, {expiries} lease expiries, {} violation(s); \
+         partition to last VM stopped p50 {} ms, p99 {} ms (fence_after_ms {A_FENCE_MS}); \
+         margin before the simulated lease expired ({LEASE_MS} ms lease) min {} ms, p50 {} ms",
+        violations.len(),
+        pct(&fence_ms, 50),
+        pct(&fence_ms, 99),
+        margins_ms.iter().min().copied().unwrap_or(0),
+        pct(&m, 50),
+    );
+    assert!(violations.is_empty(), "{violations:#?}\n{}", log(&a));
+    assert!(
+        margins_ms.iter().all(|m| *m > 0),
+        "a VM was stopped after its lease expired: {margins_ms:?}"
+    );
 }

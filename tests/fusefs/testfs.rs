@@ -23,6 +23,16 @@
 //!   in time; their backing locks are kept. The count is per line: the same line written again
 //!   does not start a new count, another N (or E) does.
 //!
+//! - `lease_ms N`: this mount is one client host of a lock server with client leases (mount
+//!   the same backing directory twice for two hosts: their locks conflict through the backing
+//!   files). Every served request renews the lease, and so does the client itself while it is
+//!   connected (not `hang`); once a partition (`hang`) left it without a served request for
+//!   N ms, the lease expires: every lock this mount holds
+//!   is dropped at once (the strict, pre-courteous NFSv4 server: a courteous one drops them
+//!   only when another client asks, which is later) and the lock state of its open files that
+//!   held locks is revoked (lock requests and I/O on them fail with EIO from then on; lock
+//!   tests and files without locks work again once requests flow). EVENT_LOG gets
+//!   `expire N 0 NS NS 0`.
 //! - `mkdir` creates directories (the `.lockwarden` record directory next to a disk);
 //! - `fsync` calls are gated like every other operation (`hang 1` holds them), so a heartbeat
 //!   written and fsync'ed through this file system proves it was served (tests/partition.rs).
@@ -56,6 +66,9 @@ const TTL: Duration = Duration::ZERO;
 struct Control {
     delay_ms: u64,
     hang: bool,
+    /// `lease_ms N`: this mount is a client whose lease expires N ms after its last served
+    /// request.
+    lease_ms: Option<u64>,
     lost: Vec<String>,
     /// `errno E N NAME...` lines: (the line, E, N, names).
     errors: Vec<(String, i32, u64, Vec<String>)>,
@@ -70,6 +83,12 @@ struct Inner {
     next_fh: AtomicU64,
     /// Failures served per `errno` control line.
     served: Mutex<HashMap<String, u64>>,
+    /// When a request of this mount ("client") was last served: its lease renewal.
+    renewed: Mutex<std::time::Instant>,
+    /// Open files holding a lock (their last lock call was a successful lock, not an unlock).
+    locking: Mutex<std::collections::HashSet<u64>>,
+    /// Open files whose locks the "server" dropped when this client's lease expired.
+    revoked: Mutex<std::collections::HashSet<u64>>,
 }
 
 struct TestFs {
@@ -98,6 +117,7 @@ impl Inner {
             match w.next() {
                 Some("delay_ms") => c.delay_ms = w.next().and_then(|n| n.parse().ok()).unwrap_or(0),
                 Some("hang") => c.hang = w.next() != Some("0"),
+                Some("lease_ms") => c.lease_ms = w.next().and_then(|n| n.parse().ok()),
                 Some("lost") => c.lost.extend(w.map(str::to_string)),
                 Some("errno") => {
                     let e = w.next().and_then(|n| n.parse().ok()).unwrap_or(libc::EIO);
@@ -113,6 +133,37 @@ impl Inner {
             }
         }
         c
+    }
+
+    /// Lock calls and I/O on this open file fail: its file is `lost`, or its lock state was
+    /// revoked when this client's lease expired.
+    fn gone(&self, c: &Control, fh: FileHandle, path: &Path) -> bool {
+        self.is_lost(c, path) || self.revoked.lock().is_ok_and(|r| r.contains(&fh.0))
+    }
+
+    /// The lease of this client ran out (`lease_ms`, no request served for that long): the
+    /// server drops every lock it holds (its backing locks go, so another mount can take
+    /// them) and revokes the lock state of the open files that held locks (later lock
+    /// requests and I/O on them fail with EIO, as an NFSv4 client reports locks lost with an
+    /// expired lease; lock tests and other files work again once the client is back).
+    fn expire(&self) {
+        let Ok(files) = self.files.lock() else { return };
+        let Ok(mut revoked) = self.revoked.lock() else {
+            return;
+        };
+        let locking = self.locking.lock().map(|l| l.clone()).unwrap_or_default();
+        let mut n = 0;
+        for (fh, (f, _)) in files.iter() {
+            if locking.contains(fh) && revoked.insert(*fh) {
+                let mut un = flock(libc::F_UNLCK, 0, u64::MAX);
+                // SAFETY: F_OFD_SETLK on a descriptor we own, with a valid flock.
+                unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut un) };
+                n += 1;
+            }
+        }
+        drop(files);
+        drop(revoked);
+        self.log(format!("expire {n} 0 {} {} 0\n", now_ns(), now_ns()));
     }
 
     fn is_lost(&self, c: &Control, path: &Path) -> bool {
@@ -195,11 +246,18 @@ impl Inner {
         }
     }
 
+    fn renew(&self) {
+        if let Ok(mut t) = self.renewed.lock() {
+            *t = std::time::Instant::now();
+        }
+    }
+
     /// Run `op` now, or on a thread once a hang is lifted and after `delay` (lock calls).
     fn gate(self: &Arc<Self>, lock_call: bool, op: impl FnOnce(&Arc<Inner>) + Send + 'static) {
         let c = self.control();
         let delay = if lock_call { c.delay_ms } else { 0 };
         if !c.hang && delay == 0 {
+            self.renew();
             op(self);
             return;
         }
@@ -211,6 +269,7 @@ impl Inner {
             if delay > 0 {
                 std::thread::sleep(Duration::from_millis(delay));
             }
+            me.renew();
             op(&me);
         });
     }
@@ -383,7 +442,7 @@ impl fuser::Filesystem for TestFs {
             let Some((f, p)) = i.file(fh) else {
                 return reply.error(Errno::EBADF);
             };
-            if i.is_lost(&i.control(), &p) {
+            if i.gone(&i.control(), fh, &p) {
                 return reply.error(Errno::EIO);
             }
             let mut buf = vec![0u8; size as usize];
@@ -411,7 +470,7 @@ impl fuser::Filesystem for TestFs {
             let Some((f, p)) = i.file(fh) else {
                 return reply.error(Errno::EBADF);
             };
-            if i.is_lost(&i.control(), &p) {
+            if i.gone(&i.control(), fh, &p) {
                 return reply.error(Errno::EIO);
             }
             match f.write_at(&data, offset) {
@@ -438,7 +497,7 @@ impl fuser::Filesystem for TestFs {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if i.is_lost(&i.control(), &p) {
+            if i.gone(&i.control(), fh, &p) {
                 return reply.error(Errno::EIO);
             }
             let r = f.sync_data();
@@ -589,7 +648,7 @@ impl fuser::Filesystem for TestFs {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if i.is_lost(&i.control(), &p) {
+            if i.gone(&i.control(), fh, &p) {
                 // The server forgot this lock: let anybody else take it.
                 let mut un = flock(libc::F_UNLCK, 0, 0);
                 // SAFETY: F_OFD_SETLK on a descriptor we own, with a valid flock.
@@ -606,6 +665,15 @@ impl fuser::Filesystem for TestFs {
             let mut fl = flock(typ, start, end);
             // SAFETY: F_OFD_SETLK on a descriptor we own, with a valid flock.
             let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+            if r == 0 {
+                if let Ok(mut l) = i.locking.lock() {
+                    if typ == libc::F_UNLCK {
+                        l.remove(&fh.0);
+                    } else {
+                        l.insert(fh.0);
+                    }
+                }
+            }
             let res = if r < 0 {
                 std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
             } else {
@@ -647,6 +715,37 @@ fn main() {
         files: Mutex::new(HashMap::new()),
         next_fh: AtomicU64::new(1),
         served: Mutex::new(HashMap::new()),
+        renewed: Mutex::new(std::time::Instant::now()),
+        revoked: Mutex::new(std::collections::HashSet::new()),
+        locking: Mutex::new(std::collections::HashSet::new()),
+    });
+    // The lease clock of this client (`lease_ms`): expired once per silence.
+    let clock = Arc::clone(&inner);
+    std::thread::spawn(move || {
+        let mut expired = false;
+        loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let c = clock.control();
+            let Some(lease) = c.lease_ms else {
+                continue;
+            };
+            if !c.hang {
+                // Connected: the client renews its lease by itself (the NFS client's renewal
+                // runs whether or not anything is asked of it).
+                clock.renew();
+            }
+            let silent = clock
+                .renewed
+                .lock()
+                .map(|t| t.elapsed())
+                .unwrap_or_default();
+            if silent < Duration::from_millis(lease) {
+                expired = false;
+            } else if !expired {
+                expired = true;
+                clock.expire();
+            }
+        }
     });
     let mut cfg = Config::default();
     cfg.mount_options = vec![
