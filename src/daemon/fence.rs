@@ -170,7 +170,21 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
     };
     let silent = f.at.elapsed();
     let mount = f.mount.clone();
-    match lost::classify(result) {
+    let verdict = lost::classify(result);
+    if heartbeat::silent(&state.heartbeat, &mount)
+        && !matches!(verdict, Verdict::Conflict | Verdict::Lost)
+    {
+        // The storage went silent again meanwhile (this lease was fenced again): an answer
+        // from before says nothing now; checked again after the next confirmed heartbeat.
+        if let Some(f) = state.heartbeat.fenced.get_mut(&key) {
+            f.state = Stage::Fenced;
+        }
+        return;
+    }
+    let Some(f) = state.heartbeat.fenced.get_mut(&key) else {
+        return;
+    };
+    match verdict {
         Verdict::Held => {
             f.state = Stage::Held;
             for pid in pids {

@@ -251,6 +251,11 @@ impl Heartbeats {
     }
 }
 
+/// Is `mount` fenced for an outage that has not ended (no beat confirmed since)?
+pub fn silent(hb: &Heartbeats, mount: &Path) -> bool {
+    hb.mounts.get(mount).is_some_and(|m| m.fenced)
+}
+
 /// The mount key of lease `key` at `lock_path` for heartbeats, or None when it lives on
 /// host-local storage (nothing to partition from).
 pub fn mount_of(state: &State, key: &LeaseKey, lock_path: &str) -> Option<PathBuf> {
@@ -485,5 +490,72 @@ pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn lease_fd(p: &Path) -> Arc<OwnedFd> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap();
+        Arc::new(OwnedFd::from(f))
+    }
+
+    fn one(lease: &Arc<OwnedFd>, file: Option<OwnedFd>, seq: u64) -> Beaten {
+        beat(Beat {
+            mount: PathBuf::from("/m"),
+            file,
+            lease: Arc::clone(lease),
+            mode: LeaseMode::Exclusive,
+            host: "host a/b".into(),
+            seq,
+        })
+    }
+
+    #[test]
+    fn a_beat_rewrites_one_fixed_size_record_and_never_writes_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let disk = dir.path().join("disk.img");
+        std::fs::write(&disk, vec![7u8; 8192]).unwrap();
+        let lease = lease_fd(&disk);
+        let b = one(&lease, None, 1);
+        assert!(b.result.is_ok() && b.no_file.is_none(), "{b:?}");
+        let hb = dir.path().join(".lockwarden/heartbeat@host_a_b");
+        let text = std::fs::read_to_string(&hb).unwrap();
+        assert_eq!(text.len(), BEAT_LEN);
+        assert!(
+            text.starts_with("lockwarden heartbeat host=host_a_b "),
+            "{text:?}"
+        );
+        assert!(text.contains(" seq=1 "), "{text:?}");
+        // The kept file is rewritten in place by the next beat.
+        let b = one(&lease, b.file, 2);
+        assert!(b.result.is_ok() && b.file.is_some());
+        let text = std::fs::read_to_string(&hb).unwrap();
+        assert_eq!(text.len(), BEAT_LEN);
+        assert!(text.contains(" seq=2 "), "{text:?}");
+        // The heartbeat file replaced by a hard link to the image: never written (the image is
+        // intact), the beat falls back to testing the lease's lock.
+        std::fs::remove_file(&hb).unwrap();
+        std::fs::hard_link(&disk, &hb).unwrap();
+        let b = one(&lease, b.file, 3);
+        assert!(b.result.is_ok(), "{b:?}");
+        let b = one(&lease, None, 4);
+        assert!(b.result.is_ok(), "{b:?}");
+        assert!(b.file.is_none());
+        assert!(
+            b.no_file
+                .as_deref()
+                .is_some_and(|w| w.contains("hard link")),
+            "{b:?}"
+        );
+        assert_eq!(std::fs::read(&disk).unwrap(), vec![7u8; 8192]);
     }
 }
