@@ -22,7 +22,8 @@
 //! Timing: the beats of a mount run on a storage thread of their own (pool key
 //! "<mount> (heartbeat)", one thread), so a mount that is merely busy (its 32 threads waiting
 //! on slow acquires) does not delay them; one beat is in flight per mount at a time. A beat
-//! that succeeds confirms the mount as of the moment it was *sent* (monotonic clock): the server
+//! that succeeds confirms the mount as of the moment it was *sent* (`CLOCK_BOOTTIME`, a
+//! monotonic clock that also runs while the host is suspended, as the server's does): the server
 //! saw it after that. The event loop's timer compares that time with `fence_after_ms`; nothing
 //! waits for a hung beat to return.
 
@@ -184,14 +185,38 @@ pub struct Heartbeats {
     /// When the lease table is next scanned for mounts.
     next_scan: Option<Instant>,
     /// The previous scan: a mount first seen now got its first lease after it.
-    last_scan: Option<Instant>,
+    last_scan: Option<Duration>,
+}
+
+/// Time since boot, suspend included (`CLOCK_BOOTTIME`): monotonic like `Instant`, but it keeps
+/// running while the host is suspended or frozen, as the storage server's lease clock does, so
+/// a host that wakes up after the server's lease ran out fences at once instead of
+/// `fence_after_ms` later. Falls back to `CLOCK_MONOTONIC`.
+pub fn boot_now() -> Duration {
+    let read = |clock: libc::clockid_t| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
+        let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+        (r == 0).then(|| {
+            Duration::new(
+                u64::try_from(ts.tv_sec).unwrap_or(0),
+                u32::try_from(ts.tv_nsec).unwrap_or(0),
+            )
+        })
+    };
+    read(libc::CLOCK_BOOTTIME)
+        .or_else(|| read(libc::CLOCK_MONOTONIC))
+        .unwrap_or_default()
 }
 
 #[derive(Debug)]
 struct Mount {
-    /// Send time of the last beat the server answered (or when tracking began).
-    confirmed: Instant,
-    in_flight: Option<(JobId, Instant)>,
+    /// Send time (`boot_now`) of the last beat the server answered (or when tracking began).
+    confirmed: Duration,
+    in_flight: Option<(JobId, Duration)>,
     next_beat: Instant,
     file: Option<OwnedFd>,
     /// The VMs of this mount were fenced for the current outage.
@@ -212,7 +237,7 @@ impl Heartbeats {
         self.interval = interval;
         self.fence_after = fence_after;
         self.next_scan = interval.map(|_| now);
-        self.last_scan = Some(now);
+        self.last_scan = Some(boot_now());
         if let Some(i) = interval {
             if fence_after <= i * 2 {
                 warn!(
@@ -230,12 +255,14 @@ impl Heartbeats {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.interval?;
         let fence_after = self.fence_after;
+        let (now, boot) = (Instant::now(), boot_now());
+        let at = |t: Duration| now + t.saturating_sub(boot);
         self.mounts
             .values()
             .flat_map(|m| {
                 let beat = m.in_flight.is_none().then_some(m.next_beat);
-                let fence = (!m.fenced).then_some(m.confirmed + fence_after);
-                let warn = (!m.warned).then_some(m.confirmed + fence_after / 2);
+                let fence = (!m.fenced).then(|| at(m.confirmed + fence_after));
+                let warn = (!m.warned).then(|| at(m.confirmed + fence_after / 2));
                 [beat, fence, warn]
             })
             .flatten()
@@ -244,10 +271,10 @@ impl Heartbeats {
     }
 
     /// How long ago mount `mount` was last confirmed (for messages).
-    fn age(&self, mount: &PathBuf, now: Instant) -> Option<Duration> {
+    fn age(&self, mount: &PathBuf, boot: Duration) -> Option<Duration> {
         self.mounts
             .get(mount)
-            .map(|m| now.saturating_duration_since(m.confirmed))
+            .map(|m| boot.saturating_sub(m.confirmed))
     }
 }
 
@@ -274,10 +301,11 @@ pub fn tick(state: &mut State, now: Instant) {
     let Some(interval) = state.heartbeat.interval else {
         return;
     };
+    let boot = boot_now();
     if state.heartbeat.next_scan.is_some_and(|t| t <= now) {
-        scan(state, now);
+        scan(state, now, boot);
         state.heartbeat.next_scan = Some(now + interval);
-        state.heartbeat.last_scan = Some(now);
+        state.heartbeat.last_scan = Some(boot);
     }
     let fence_after = state.heartbeat.fence_after;
     let mut due = Vec::new();
@@ -286,7 +314,7 @@ pub fn tick(state: &mut State, now: Instant) {
         if m.in_flight.is_none() && m.next_beat <= now {
             due.push(path.clone());
         }
-        let age = now.saturating_duration_since(m.confirmed);
+        let age = boot.saturating_sub(m.confirmed);
         if !m.warned && age >= fence_after / 2 && age < fence_after {
             m.warned = true;
             warn!(
@@ -312,7 +340,7 @@ pub fn tick(state: &mut State, now: Instant) {
 }
 
 /// Bring the set of tracked mounts in line with the lease table.
-fn scan(state: &mut State, now: Instant) {
+fn scan(state: &mut State, now: Instant, boot: Duration) {
     state.mounts.refresh();
     let mut seen: HashMap<PathBuf, LeaseKey> = HashMap::new();
     for (k, l) in state.leases.iter() {
@@ -330,7 +358,7 @@ fn scan(state: &mut State, now: Instant) {
         keep
     });
     let leases = &state.leases;
-    let since = hb.last_scan.unwrap_or(now);
+    let since = hb.last_scan.unwrap_or(boot);
     for (path, lease) in seen {
         match hb.mounts.get_mut(&path) {
             Some(m) => {
@@ -395,7 +423,7 @@ fn send(state: &mut State, path: &PathBuf, now: Instant) {
         seq,
     }));
     let job = state.storage.submit(&pool_of(path), 1, false, work);
-    m.in_flight = Some((job, now));
+    m.in_flight = Some((job, boot_now()));
     m.next_beat = now + interval;
     state.jobs.insert(job, JobFor::Heartbeat);
 }
@@ -408,7 +436,8 @@ fn pool_of(mount: &Path) -> PathBuf {
 /// A beat came back.
 pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
     let now = Instant::now();
-    let age = state.heartbeat.age(&b.mount, now);
+    let boot = boot_now();
+    let age = state.heartbeat.age(&b.mount, boot);
     let mine = state
         .heartbeat
         .mounts
@@ -445,7 +474,7 @@ pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
                 m.confirmed = sent;
             }
             m.error = None;
-            if now.saturating_duration_since(m.confirmed) >= state.heartbeat.fence_after {
+            if boot.saturating_sub(m.confirmed) >= state.heartbeat.fence_after {
                 // A beat sent before or during the outage that got through only now confirms
                 // nothing recent: send a fresh one at once, and heal only when it is back.
                 m.next_beat = now;
