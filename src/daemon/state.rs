@@ -527,7 +527,15 @@ impl State {
         }
         self.keeper.reset()?;
         let all: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
-        self.send_holds(&all)?;
+        // A hand-over cut short leaves the keeper with only some leases: the failed send broke
+        // the link, and the event loop starts over (reset, everything) by itself.
+        self.send_holds(&all).map_err(|e| {
+            format!(
+                "{e}; the keeper was reset and may hold only some of the {} lease(s) until \
+                 they are handed over again",
+                all.len()
+            )
+        })?;
         info!(
             "the keeper (pid {}) holds all {} lease(s) again",
             self.keeper.pid,
