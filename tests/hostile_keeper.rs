@@ -11,7 +11,7 @@
 mod common;
 
 use common::proto::{BOUND, Client, Proc, byte0, eventually, excl, ok, owner_for, sleeper};
-use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
+use lockwarden::protocol::{self, FailureAction, LeaseSpec, Request, Response};
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Read;
@@ -377,7 +377,6 @@ fn break_the_link(d: &Daemon, top: &Path) -> u32 {
     let specs: Vec<LeaseSpec> = files.iter().map(|f| excl(f)).collect();
     let filler = sleeper();
     let owner = owner_for(filler.pid(), "filler");
-    let mut c = d.client();
     // The daemon's send buffer is 2 MiB; each round sends ~250 KiB of records.
     for _ in 0..400 {
         if d.log().contains("lost the keeper") {
@@ -385,16 +384,32 @@ fn break_the_link(d: &Daemon, top: &Path) -> u32 {
             drop(filler);
             return keeper;
         }
-        let _ = c.call(&Request::Acquire {
-            owner: owner.clone(),
-            leases: specs.clone(),
-            action: FailureAction::Default,
-            restrict: false,
-        });
-        let _ = c.call(&Request::Release {
-            owner: owner.clone(),
-            leases: specs.clone(),
-        });
+        for req in [
+            Request::Acquire {
+                owner: owner.clone(),
+                leases: specs.clone(),
+                action: FailureAction::Default,
+                restrict: false,
+            },
+            Request::Release {
+                owner: owner.clone(),
+                leases: specs.clone(),
+            },
+        ] {
+            if d.log().contains("lost the keeper") {
+                drop(filler);
+                return keeper;
+            }
+            let mut c = d.client();
+            let answered = protocol::write_message(&mut c.0, &req)
+                .map_err(|e| format!("{e:?}"))
+                .and_then(|()| {
+                    protocol::read_message::<_, Response>(&mut c.0).map_err(|e| format!("{e:?}"))
+                });
+            if let Err(e) = answered {
+                panic!("a filler request failed: {e}\n{}", d.log());
+            }
+        }
     }
     panic!("the keeper link never broke:\n{}", d.log());
 }
