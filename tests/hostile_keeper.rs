@@ -108,9 +108,9 @@ impl Daemon {
             pid = self
                 .log()
                 .lines()
+                .rev()
                 .filter_map(|l| l.split("started the keeper (pid ").nth(1))
-                .filter_map(|rest| rest.split(')').next()?.parse::<u32>().ok())
-                .last();
+                .find_map(|rest| rest.split(')').next()?.parse::<u32>().ok());
             pid.is_some()
         });
         pid.unwrap_or(0)
@@ -120,7 +120,11 @@ impl Daemon {
 fn chown(p: &Path, uid: u32) {
     let c = CString::new(p.as_os_str().as_bytes()).unwrap();
     // SAFETY: chown(2) with a NUL-terminated path that outlives the call.
-    assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, uid) }, 0, "chown {p:?}");
+    assert_eq!(
+        unsafe { libc::chown(c.as_ptr(), uid, uid) },
+        0,
+        "chown {p:?}"
+    );
 }
 
 fn mkdir(p: &Path, mode: u32, uid: u32) {
@@ -131,7 +135,11 @@ fn mkdir(p: &Path, mode: u32, uid: u32) {
 
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on a pid this test started (directly or through the daemon).
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0, "kill {pid}");
+    assert_eq!(
+        unsafe { libc::kill(pid as libc::pid_t, sig) },
+        0,
+        "kill {pid}"
+    );
 }
 
 /// Start a daemon that must refuse to start; returns its log.
@@ -165,8 +173,7 @@ fn a_socket_directory_others_can_write_or_own_is_refused() {
         assert!(log.contains(why), "mode {mode:o} uid {uid}: {why}:\n{log}");
         assert!(log.contains("chmod 0700"), "says what to do:\n{log}");
         assert!(
-            !run.join("lockwardend.sock").exists()
-                && !run.join("lockwardend-keeper.sock").exists(),
+            !run.join("lockwardend.sock").exists() && !run.join("lockwardend-keeper.sock").exists(),
             "nothing was bound in {run:?}"
         );
     }
@@ -330,7 +337,11 @@ fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
         restrict: false,
     }));
     // Whatever reached the fake, it got no descriptor (an old daemon sent the image's).
-    assert_eq!(reports(&mut out), "", "the fake keeper received descriptors");
+    assert_eq!(
+        reports(&mut out),
+        "",
+        "the fake keeper received descriptors"
+    );
     let log = d.log();
     assert!(
         log.contains("runs as uid 65534") && log.contains("handed nothing"),
@@ -344,7 +355,11 @@ fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
     let mut d = d;
     signal(d.proc.pid(), libc::SIGKILL);
     d.proc.wait_for(BOUND).expect("the daemon died");
-    assert_eq!(byte0(&img), libc::F_WRLCK, "the daemon's own keeper holds it");
+    assert_eq!(
+        byte0(&img),
+        libc::F_WRLCK,
+        "the daemon's own keeper holds it"
+    );
     signal(keeper_pid, libc::SIGKILL);
     eventually("the keeper's lock drops", || byte0(&img) == libc::F_UNLCK);
 }
@@ -441,9 +456,10 @@ fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
     signal(old, libc::SIGKILL);
     // No request from here on: the daemon starts a keeper and hands it every lease by itself.
     let before = d.log().matches("holds all").count();
-    eventually("the daemon hands every lease to a new keeper by itself", || {
-        d.log().matches("holds all").count() > before
-    });
+    eventually(
+        "the daemon hands every lease to a new keeper by itself",
+        || d.log().matches("holds all").count() > before,
+    );
     let new = d.keeper_pid();
     assert_ne!(new, old, "{}", d.log());
     // A stop now leaves the VM's disk locked: the new keeper holds it.
@@ -471,7 +487,10 @@ fn a_stop_right_after_the_link_broke_still_leaves_every_lease_with_a_keeper() {
     signal(old, libc::SIGKILL);
     // Stop at once, whether or not the daemon re-established the link yet.
     signal(d.proc.pid(), libc::SIGTERM);
-    let st = d.proc.wait_for(Duration::from_secs(90)).expect("the daemon stops");
+    let st = d
+        .proc
+        .wait_for(Duration::from_secs(90))
+        .expect("the daemon stops");
     assert!(st.success(), "{}", d.log());
     assert_eq!(
         byte0(&img),

@@ -286,16 +286,28 @@ pub fn check_private_dir(dir: &Path, what: &str) -> Result<(), String> {
             return Err(format!(
                 "refusing to use {dir:?} for {what}: {} {d:?} is owned by uid {uid}, not by \
                  lockwardend's uid {euid} or root, so that user could replace {what}; {fix}",
-                if first { "the directory" } else { "its parent directory" }
+                if first {
+                    "the directory"
+                } else {
+                    "its parent directory"
+                }
             ));
         }
         if mode & 0o022 != 0 && (first || !sticky) {
             return Err(format!(
                 "refusing to use {dir:?} for {what}: {} {d:?} has mode {:o}, writable by {}, \
                  so another user could bind the keeper's socket or swap a file there; {fix}",
-                if first { "the directory" } else { "its parent directory" },
+                if first {
+                    "the directory"
+                } else {
+                    "its parent directory"
+                },
                 mode & 0o7777,
-                if mode & 0o002 != 0 { "others" } else { "its group" }
+                if mode & 0o002 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                }
             ));
         }
         first = false;

@@ -306,12 +306,14 @@ impl Server {
                 std::thread::sleep(EXIT_RETRY);
             }
             let broke = self.state.keeper.take_broken();
-            if broke || full || !self.state.keeper.connected() || self.keeper_retry_at.is_some()
-            {
+            if broke || full || !self.state.keeper.connected() || self.keeper_retry_at.is_some() {
                 // Not connected (or told to stop already): reconnect (or start a new keeper),
                 // reset it and hand every lease over.
                 if let Err(e) = self.state.protect(&[]) {
-                    warn!("before stopping: {e}; retrying ({}/{EXIT_TRIES})", attempt + 1);
+                    warn!(
+                        "before stopping: {e}; retrying ({}/{EXIT_TRIES})",
+                        attempt + 1
+                    );
                     last = e;
                     continue;
                 }
@@ -327,7 +329,10 @@ impl Server {
                 }
                 Ok(held) => return Ok(held),
                 Err(e) => {
-                    warn!("before stopping: {e}; retrying ({}/{EXIT_TRIES})", attempt + 1);
+                    warn!(
+                        "before stopping: {e}; retrying ({}/{EXIT_TRIES})",
+                        attempt + 1
+                    );
                     last = e;
                 }
             }

@@ -1,9 +1,9 @@
 //! The daemon's side of the keeper link.
 
+use super::wire::ConnectError;
 use super::*;
 use crate::daemon::lease::LeaseKey;
 use crate::daemon::record::{id_key, key_id};
-use super::wire::ConnectError;
 use log::{error, info, warn};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
