@@ -577,7 +577,7 @@ impl State {
     /// message for all of them.
     pub fn unprotect(&mut self, keys: &[LeaseKey]) {
         if let Err(e) = self.keeper.release(keys) {
-            warn!("{e}; the next lock request reconnects and re-sends every lease");
+            warn!("{e}; lockwardend reconnects and re-sends every lease by itself");
         }
     }
 

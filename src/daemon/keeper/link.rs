@@ -111,7 +111,7 @@ impl Keeper {
 
     /// A link carried over a live re-exec. The keeper may be older than this binary (it is
     /// not re-executed), so ask it again which protocol it speaks; a link that does not
-    /// answer is dropped and the next request reconnects.
+    /// answer is dropped and the event loop reconnects by itself.
     pub fn restored(path: PathBuf, fd: OwnedFd, pid: u32) -> Keeper {
         let mut k = Keeper {
             path,
@@ -122,7 +122,7 @@ impl Keeper {
             broke: false,
         };
         if let Err(e) = k.hello() {
-            warn!("{e}; the next lock request reconnects and re-sends every lease");
+            warn!("{e}; lockwardend reconnects and re-sends every lease by itself");
         }
         k
     }
@@ -308,7 +308,7 @@ impl Keeper {
         }
     }
 
-    /// A refused batch drops the link: the next request reconnects and re-sends everything,
+    /// A refused batch drops the link: the event loop reconnects and re-sends everything,
     /// so no later answer can be mistaken for this one's.
     fn ack_or_break(&mut self) -> Result<Ack, String> {
         self.ack().map_err(|e| self.broken(e))
@@ -339,6 +339,10 @@ impl Keeper {
     fn broken(&mut self, why: String) -> String {
         self.conn = None;
         self.broke = true;
+        if self.pid == 0 {
+            // Before its hello: no pid is known yet.
+            return format!("lost the keeper at {:?}: {why}", self.path);
+        }
         format!(
             "lost the keeper (pid {}) at {:?}: {why}",
             self.pid, self.path
