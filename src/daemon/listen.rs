@@ -314,3 +314,41 @@ pub fn check_private_dir(dir: &Path, what: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_private_dir;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dir_with(parent: &std::path::Path, name: &str, mode: u32) -> std::path::PathBuf {
+        let d = parent.join(name);
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_a_directory_nobody_else_can_write_is_private() {
+        let top = tempfile::tempdir().unwrap();
+        assert!(check_private_dir(&dir_with(top.path(), "private", 0o700), "x").is_ok());
+        assert!(check_private_dir(&dir_with(top.path(), "readable", 0o755), "x").is_ok());
+        for (name, mode) in [("world", 0o777), ("sticky", 0o1777), ("group", 0o770)] {
+            let d = dir_with(top.path(), name, mode);
+            let e = check_private_dir(&d, "the main socket").unwrap_err();
+            assert!(
+                e.contains(&format!("{d:?}")) && e.contains("writable by"),
+                "{e}"
+            );
+        }
+        // Below a sticky directory (like /tmp) a private directory is fine; below a plain
+        // world-writable one it is not (its entries can be renamed by anybody).
+        let sticky = dir_with(top.path(), "sticky-parent", 0o1777);
+        assert!(check_private_dir(&dir_with(&sticky, "run", 0o700), "x").is_ok());
+        let open = dir_with(top.path(), "open-parent", 0o777);
+        let e = check_private_dir(&dir_with(&open, "run", 0o700), "x").unwrap_err();
+        assert!(e.contains("parent directory"), "{e}");
+        // A missing directory is an error naming it.
+        assert!(check_private_dir(&top.path().join("missing"), "x").is_err());
+    }
+}

@@ -299,6 +299,10 @@ impl Server {
     /// over again); returns how many leases the keeper keeps, or why it could not be made to.
     pub fn quit_keeper(&mut self) -> Result<usize, String> {
         let leases = self.state.leases.len();
+        if leases == 0 && !self.state.keeper.connected() {
+            // Nothing to leave behind: no keeper needs starting just to be told to stop.
+            return Ok(0);
+        }
         let mut last = String::new();
         let mut full = false;
         for attempt in 0..EXIT_TRIES {
