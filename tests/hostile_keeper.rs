@@ -367,6 +367,18 @@ fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
 // ---------------------------------------------------------------------------------------------
 // Finding 9: a link broken on the daemon's side
 
+/// Kills a process when the test fails while it lives.
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            // SAFETY: kill(2) on a pid this test stopped; no memory involved.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
 /// `n` disk images with long paths (their records make large keeper messages).
 fn fillers(top: &Path, n: usize) -> Vec<PathBuf> {
     let mut dir = top.join("fill");
@@ -388,6 +400,8 @@ fn fillers(top: &Path, n: usize) -> Vec<PathBuf> {
 fn break_the_link(d: &Daemon, top: &Path) -> u32 {
     let keeper = d.keeper_pid();
     signal(keeper, libc::SIGSTOP);
+    // A stopped keeper would outlive a failing test (it waits for its VMs): kill it then.
+    let _guard = KillOnPanic(keeper);
     let files = fillers(top, 256);
     let specs: Vec<LeaseSpec> = files.iter().map(|f| excl(f)).collect();
     let filler = sleeper();
