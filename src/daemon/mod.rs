@@ -168,8 +168,9 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
     }
     let (leases, owners) = server.held();
+    let quit = server.quit_keeper();
     let keeper_pid = server.state.keeper.pid;
-    match server.state.keeper.quit() {
+    match quit {
         Ok(0) if leases == 0 => info!("the keeper (pid {keeper_pid}) stopped too"),
         Ok(held) => warn!(
             "stopping while {owners} VM(s) hold {leases} lease(s): the keeper (pid {keeper_pid}) \
@@ -178,8 +179,11 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
              once its VM exits"
         ),
         Err(e) if leases > 0 => error!(
-            "stopping while {owners} VM(s) hold {leases} lease(s), and the keeper is gone ({e}): \
-             the kernel drops these locks as lockwardend exits, so those VMs are unprotected"
+            "stopping while {owners} VM(s) hold {leases} lease(s), and no keeper could be made to \
+             hold them ({e}): the kernel drops these locks as lockwardend exits, so these VMs \
+             are unprotected: {}; start lockwardend again at once (it cannot take back what no \
+             keeper holds: re-acquire by restarting or re-attaching those VMs' disks)",
+            server.vms_holding()
         ),
         Err(e) => warn!("could not stop the keeper: {e}"),
     }

@@ -279,6 +279,7 @@ mod tests {
             pid: 0,
             version,
             rx: Receiver::new(),
+            broke: false,
         };
         (k, server)
     }
