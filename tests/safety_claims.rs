@@ -1189,3 +1189,62 @@ fn direct_mode_judges_what_it_opened_when_the_path_is_swapped() {
     );
     assert!(d.list().is_empty());
 }
+
+/// S3, second half: two hosts creating the same lock file at once. Whoever loses the O_EXCL
+/// create (EEXIST) opens the winner's file (docs/protocol.md "Lock files"); with shared leases
+/// both must then hold it. The window (between the daemon's plain open finding nothing and its
+/// exclusive create) lies between two system calls and cannot be forced, so the two daemons
+/// race for a fresh file many times; every round must end with both holding the same file.
+#[test]
+fn two_hosts_creating_one_lock_file_at_once_both_get_it() {
+    use std::sync::{Arc, Barrier};
+    let (d1, d2) = (
+        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
+        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
+    );
+    let base = tempdir();
+    let locks = base.path().join("locks");
+    let spec = lockspace_spec("/images/race.iso", &locks, "race", LeaseMode::Shared);
+    let (a, b) = (vm("race-host1"), vm("race-host2"));
+    let file = locks.join("race");
+    for round in 0..300 {
+        let barrier = Arc::new(Barrier::new(2));
+        let racers: Vec<_> = [(&d1, &a), (&d2, &b)]
+            .into_iter()
+            .map(|(d, v)| {
+                let (socket, owner, spec, barrier) = (
+                    d.socket.clone(),
+                    v.owner.clone(),
+                    spec.clone(),
+                    barrier.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(&socket);
+                    barrier.wait();
+                    c.call(&Request::Acquire {
+                        owner,
+                        leases: vec![spec],
+                        action: FailureAction::Default,
+                        restrict: false,
+                    })
+                })
+            })
+            .collect();
+        for r in racers {
+            let answer = r.join().expect("racer");
+            assert!(
+                matches!(answer, Response::Ok { .. }),
+                "round {round}: a host lost the race for the lock file: {answer:?}"
+            );
+        }
+        // One file, held shared by both (the kernel shows a read lock to a writer).
+        assert_eq!(
+            probe_lock(&file, 0, 1, libc::F_WRLCK).0,
+            libc::F_RDLCK,
+            "round {round}"
+        );
+        ok(d1.release(&a.owner, vec![spec.clone()]));
+        ok(d2.release(&b.owner, vec![spec.clone()]));
+        eventually("the last release deletes the lock file", || !file.exists());
+    }
+}
