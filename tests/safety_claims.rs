@@ -165,7 +165,8 @@ fn lvm_lock_files_are_named_by_lv_uuid_so_two_hosts_agree() {
 fn scsi_lock_files_are_named_by_wwid_so_two_hosts_agree() {
     require_root();
     let tools = FakeTools::new();
-    tools.scsi_id("/dev/sdlw|/dev/disk/by-id/lw-lun0) echo '36001405lockwarden0000000000000001' ;;");
+    tools
+        .scsi_id("/dev/sdlw|/dev/disk/by-id/lw-lun0) echo '36001405lockwarden0000000000000001' ;;");
     let shared_storage = tempdir();
     let scsi = shared_storage.path().join("scsivolumes");
     let extra = format!("scsi_lockspace_dir = \"{}\"", scsi.display());
@@ -330,7 +331,11 @@ impl Lw {
             if let Some(st) = d.proc.0.try_wait().expect("try_wait") {
                 panic!("lockwardend exited during start ({st}):\n{}", d.log());
             }
-            assert!(t0.elapsed() < BOUND, "lockwardend did not serve:\n{}", d.log());
+            assert!(
+                t0.elapsed() < BOUND,
+                "lockwardend did not serve:\n{}",
+                d.log()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         d
@@ -446,7 +451,12 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
     let (d1, d2) = (Lw::start(), Lw::start());
     let base = tempdir();
     let locks = base.path().join("lockspace");
-    let spec = lockspace_spec("/images/shared.iso", &locks, "shared-iso", LeaseMode::Shared);
+    let spec = lockspace_spec(
+        "/images/shared.iso",
+        &locks,
+        "shared-iso",
+        LeaseMode::Shared,
+    );
     let (a, x) = (vm("host1-reader"), vm("host2-reader"));
     ok(d1.acquire(&a.owner, vec![spec.clone()]));
     ok(d2.acquire(&x.owner, vec![spec.clone()]));
@@ -456,7 +466,10 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 
     // Host 1's last reader leaves: host 2 still holds the file shared, so it stays.
     ok(d1.release(&a.owner, vec![spec.clone()]));
-    d1.wait_log("lock file kept, another host still holds a shared lock on it", 1);
+    d1.wait_log(
+        "lock file kept, another host still holds a shared lock on it",
+        1,
+    );
     let now = fs::metadata(&file).unwrap_or_else(|e| {
         panic!("host 2's lock file was deleted under it at host 1's release: {e}")
     });
@@ -484,7 +497,10 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     let d = Lw::start();
     let images = tempdir();
-    let (img1, img2) = (image(images.path(), "k1.img"), image(images.path(), "k2.img"));
+    let (img1, img2) = (
+        image(images.path(), "k1.img"),
+        image(images.path(), "k2.img"),
+    );
     let (a, b) = (vm("before"), vm("after"));
     ok(d.acquire(&a.owner, vec![excl(&img1)]));
     let keeper = d.keeper_pid();
@@ -509,7 +525,9 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     });
     assert!(d.held(&b.owner).is_empty());
     assert!(
-        d.list().iter().all(|l| l.lock_path != img2.to_str().unwrap()),
+        d.list()
+            .iter()
+            .all(|l| l.lock_path != img2.to_str().unwrap()),
         "{:?}",
         d.list()
     );
@@ -607,7 +625,10 @@ fn probe_keeper(keeper_socket: &Path, uid: Option<u32>) -> String {
     let out = cmd.output().expect("running the keeper probe");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
-        .find_map(|l| l.find("PROBE ").map(|i| l[i + "PROBE ".len()..].to_string()))
+        .find_map(|l| {
+            l.find("PROBE ")
+                .map(|i| l[i + "PROBE ".len()..].to_string())
+        })
         .unwrap_or_else(|| panic!("the keeper probe printed no result:\n{text}"))
 }
 
@@ -638,7 +659,11 @@ fn a_keeper_refuses_a_peer_of_another_uid() {
     assert_eq!(got, "EOF", "a peer of uid 65534 was answered by the keeper");
     d.wait_log("refusing pid", 1);
     assert!(d.log().contains("with uid 65534"), "{}", d.log());
-    assert_eq!(byte0(&img), libc::F_WRLCK, "the keeper still holds the lease");
+    assert_eq!(
+        byte0(&img),
+        libc::F_WRLCK,
+        "the keeper still holds the lease"
+    );
 
     // Control: the same probe as the keeper's own uid is answered, so the EOF above really is
     // the uid check and not a keeper that answers nobody.
@@ -834,9 +859,12 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
     );
     assert_eq!(byte0(&img), libc::F_WRLCK, "held while the owner runs");
     // The new image finishes the sequence.
-    let st = p
-        .wait_for(BOUND)
-        .unwrap_or_else(|| panic!("the re-executed daemon never killed the owner:\n{}", d.log()));
+    let st = p.wait_for(BOUND).unwrap_or_else(|| {
+        panic!(
+            "the re-executed daemon never killed the owner:\n{}",
+            d.log()
+        )
+    });
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st}");
     eventually("the killed owner's lease is released", || {
         d.list().is_empty()
@@ -1055,7 +1083,10 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     // lock call: virtlockd's release deletes the file now.
     let t0 = Instant::now();
     while !has_open(f.child.id(), &backing_file) {
-        assert!(t0.elapsed() < BOUND, "the daemon never opened the lock file");
+        assert!(
+            t0.elapsed() < BOUND,
+            "the daemon never opened the lock file"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     fs::remove_file(&backing_file).expect("delete the lock file underneath");

@@ -336,6 +336,22 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Wait (bounded by [`POLL_BOUND`]) until the daemon's log contains `needle`: the event
+    /// that proves the daemon made a decision, so a test can check what it did not do.
+    pub fn wait_log(&self, needle: &str) {
+        let t0 = Instant::now();
+        loop {
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            if t0.elapsed() > POLL_BOUND {
+                panic!("lockwardend never logged {needle:?} within {POLL_BOUND:?}:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Plugin config pointing at this daemon, plus `extra` lines.
     pub fn plugin_conf(&self, extra: &str) -> String {
         format!("daemon_socket = \"{}\"\n{extra}\n", self.socket.display())
