@@ -861,3 +861,53 @@ fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     d.spawn();
     assert_eq!(d.list().len(), 1);
 }
+
+#[test]
+fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variables() {
+    // The daemon has threads (storage workers, closers) when it replaces a keeper, so the
+    // forked child must exec at once: the keeper is `lockwardend --internal-keeper ...`, a new
+    // image of the same binary, and it never sees the daemon's socket-activation variables.
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let v = vm("exec");
+    let img = image(images.path(), "e.img");
+    assert!(matches!(
+        d.client().call(&acquire_req(&v.owner, &img)),
+        Response::Ok { .. }
+    ));
+    let daemon_exe = fs::read_link(format!("/proc/{}/exe", d.pid())).unwrap();
+    let check = |k: u32| {
+        let cmdline = fs::read(format!("/proc/{k}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        assert_eq!(
+            args.get(1).copied(),
+            Some(&b"--internal-keeper"[..]),
+            "keeper {k} was not exec'd: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        assert_eq!(fs::read_link(format!("/proc/{k}/exe")).unwrap(), daemon_exe);
+        let env = fs::read(format!("/proc/{k}/environ")).unwrap();
+        for var in env.split(|b| *b == 0) {
+            assert!(
+                !var.starts_with(b"LISTEN_") && !var.starts_with(b"NOTIFY_SOCKET="),
+                "keeper {k} inherited {:?}",
+                String::from_utf8_lossy(var)
+            );
+        }
+    };
+    let first = d.keeper_pid().unwrap();
+    d.keepers.push(first);
+    check(first);
+    // A replacement keeper, forked by a daemon whose threads are running, is exec'd too.
+    signal(first, libc::SIGKILL);
+    eventually("a new keeper serves", || {
+        d.keeper_pid().is_some_and(|k| k != first && running(k))
+    });
+    let mut seen = (0, 0);
+    wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
+    let second = d.keeper_pid().unwrap();
+    d.keepers.push(second);
+    check(second);
+    assert_eq!(byte0(&img), libc::F_WRLCK);
+}

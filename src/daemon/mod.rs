@@ -74,6 +74,8 @@ fn tune_malloc() {
 /// Entry point of the `lockwardend` binary.
 pub fn main() -> ExitCode {
     tune_malloc();
+    // The daemon starts its keeper as `lockwardend --internal-keeper ...` (keeper/process.rs).
+    keeper::become_keeper_if_asked();
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Command::Run(a)) => a,
         Ok(Command::Help) => {
