@@ -477,7 +477,7 @@ fn lease_outlives_its_owner_process() {
     }
     assert!(
         freed_while_alive.is_none(),
-        "design §3: a VM must never run on a disk it no longer holds, but the lease on {} was \
+        "docs/interfaces.md §3: a VM must never run on a disk it no longer holds, but the lease on {} was \
          free {:?} after the handle closed while the owner still ran",
         img.display(),
         freed_while_alive

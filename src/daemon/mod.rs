@@ -1,4 +1,4 @@
-//! lockwardend, the lock-holder daemon (design §1-§3).
+//! lockwardend, the lock-holder daemon (docs/interfaces.md §1-§3).
 //!
 //! Why a daemon: an OFD lock lives as long as its open file description, so the locks must be
 //! held by a process that outlives libvirtd restarts and notices when a VM dies. The plugin in

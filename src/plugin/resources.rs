@@ -1,6 +1,6 @@
 //! `drvAddResource`: turning a libvirt `<disk>` or `<lease>` into a [`LeaseSpec`].
 //!
-//! Disks (design §1/§2, libvirt-lock-driver.md §4.2), in lockd's order:
+//! Disks (docs/interfaces.md §1-§2 and §6), in lockd's order:
 //! 1. a `/dev` path with `lvm_lockspace_dir` set: the LV UUID from `lvs` names a lock file there;
 //! 2. a `/dev` path with `scsi_lockspace_dir` set: the WWID from `scsi_id` does;
 //!    (for both, a tool that runs but fails falls through to the next rule; a tool that cannot
