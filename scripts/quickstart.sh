@@ -5,7 +5,8 @@
 #
 # 1. installs the Debian packages the build and the demo need and that are missing (its own
 #    short list, QS_PACKAGES below, not the CI's .ci/install-deps): it prints the packages it
-#    would install and asks first, it never removes, replaces or downgrades a package
+#    would install and asks first; it never removes a package, and the only installed package
+#    it may change (said, and asked for) is a backports qemu-utils brought to Debian 12's QEMU
 #    (apt-get --no-remove, and a dry run that must show no removal), and it installs nothing
 #    when everything is there;
 # 2. builds lockwarden with meson + cargo and installs it into a private prefix
@@ -254,7 +255,7 @@ QS_PACKAGES=(
 
 # install_deps: install the QS_PACKAGES that are missing, after saying which and asking.
 install_deps() {
-  local p missing=() plan removals
+  local p missing=() plan bad qemu_ver inst extra=() change=()
   for p in "${QS_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
@@ -262,28 +263,47 @@ install_deps() {
     info "every package the demo needs is installed: ${QS_PACKAGES[*]}"
     return 0
   fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  # Debian 12 machines often carry qemu-utils from bookworm-backports, whose version blocks
+  # Debian 12's qemu-system-x86 (the QEMU libvirt 9.0 is built and tested with): the one change
+  # the demo may need to make to an installed package is to bring qemu-utils to that same
+  # version. It is said, and asked for, like every other change.
+  if printf '%s\n' "${missing[@]}" | grep -qx qemu-system-x86; then
+    qemu_ver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    inst=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [ -n "$inst" ] && [ -n "$qemu_ver" ] && [ "$inst" != "$qemu_ver" ]; then
+      extra=(--allow-downgrades "qemu-utils=$qemu_ver")
+      change=("qemu-utils $inst -> $qemu_ver (to match qemu-system-x86 $qemu_ver)")
+    fi
+  fi
   info "missing: ${missing[*]}"
-  info "this runs 'apt-get update' and installs them (and what they depend on); it removes,"
-  info "replaces and downgrades nothing"
+  info "this installs them (and what they depend on) and removes nothing"
+  if [ "${#change[@]}" -ne 0 ]; then
+    info "it also changes one installed package: ${change[*]}"
+  fi
   if [ "$YES" != 1 ]; then
-    [ -t 0 ] || die "not installing packages without asking: run with --yes, or install them yourself (apt-get install --no-install-recommends ${missing[*]}) and run with --no-deps"
+    [ -t 0 ] || die "not changing packages without asking: run with --yes, or install them yourself (apt-get install --no-install-recommends ${missing[*]}) and run with --no-deps"
     local answer
-    read -r -p "    install these packages? [y/N] " answer
+    read -r -p "    go ahead? [y/N] " answer
     case $answer in
     y | Y | yes) ;;
     *) die "nothing installed; install the packages yourself and run with --no-deps" ;;
     esac
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  # A dry run first: if installing would remove or downgrade anything, stop and say what.
-  plan=$(apt-get install -s --no-install-recommends "${missing[@]}")
-  removals=$(printf '%s\n' "$plan" | grep -E '^Remv |DOWNGRADED' || true)
-  if printf '%s\n' "$plan" | grep -qE '^Remv |DOWNGRADED'; then
-    printf '%s\n' "$removals" >&2
+  # A dry run first: if installing would remove anything, or downgrade anything but what was
+  # said above, stop and say what.
+  plan=$(apt-get install -s --no-install-recommends "${extra[@]}" "${missing[@]}" 2>&1) ||
+    die "apt cannot install ${missing[*]}: $(printf '%s\n' "$plan" | tail -5)"
+  bad=$(printf '%s\n' "$plan" | grep -E '^Remv ' || true)
+  if [ -z "${extra[*]}" ] && printf '%s\n' "$plan" | grep -q DOWNGRADED; then
+    bad="$bad$(printf '%s\n' "$plan" | sed -n '/DOWNGRADED/,/^[^ ]/p')"
+  fi
+  if [ -n "$bad" ]; then
+    printf '%s\n' "$bad" >&2
     die "installing ${missing[*]} would remove or downgrade the packages above; nothing was changed. Install them yourself, then run with --no-deps"
   fi
-  apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}"
+  apt-get install -y -q --no-install-recommends --no-remove "${extra[@]}" "${missing[@]}"
 }
 
 if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then

@@ -61,7 +61,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// A parsed file whose settings are taken one by one by typed getters; `finish` then rejects
-/// whatever nobody took (unknown keys are errors, design §1).
+/// whatever nobody took (unknown keys are errors, docs/interfaces.md §1).
 #[derive(Debug)]
 pub struct ConfFile {
     path: PathBuf,

@@ -1,4 +1,4 @@
-//! Default socket locations (design §1): `/run/lockwarden` for root, `$XDG_RUNTIME_DIR/lockwarden`
+//! Default socket locations (docs/interfaces.md §1): `/run/lockwarden` for root, `$XDG_RUNTIME_DIR/lockwarden`
 //! otherwise. Plugin, daemon and CLI must agree, so the rule lives here once.
 
 use std::path::PathBuf;

@@ -9,8 +9,9 @@ mod common;
 
 use common::image;
 use common::proto::{
-    Client, Proc, byte0, child_roundtrip, err, eventually, excl, hostname, next_seq, ok, owner_for,
-    probe_lock, shared, signal, sleeper, sockaddr, spawn_registered, tell, vm,
+    Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
+    next_seq, ok, owner_for, probe_lock, shared, signal, sleeper, sockaddr, spawn_registered, tell,
+    vm,
 };
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, MAX_BODY, Owner,
@@ -356,9 +357,11 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
     d1.released(&a.owner, vec![excl(&img)]);
     // Withdrawn: blanked with spaces (the file stays for this host's next lease of the
     // image) and no longer held by its publisher.
-    let left = fs::read(&side).unwrap_or_default();
+    // A missing or unreadable file is a failure here, not "withdrawn".
+    let left = fs::read(&side)
+        .unwrap_or_else(|e| panic!("the holder record {side:?} must stay after release: {e}"));
     assert!(
-        left.iter().all(|b| *b == b' '),
+        !left.is_empty() && left.iter().all(|b| *b == b' '),
         "release withdraws the holder record: {:?}",
         String::from_utf8_lossy(&left)
     );
@@ -515,8 +518,11 @@ fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
     let t0 = Instant::now();
     tell(&mut p, "close");
     // Design §3: a VM never runs on a disk it no longer holds, so while the owner survives
-    // SIGTERM its lease stays held (another host must not start the VM meanwhile).
-    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM its lease stays held (another host must not start the VM meanwhile). The
+    // SIGTERM is logged as it is sent; SIGKILL comes kill_grace_ms later.
+    eventually("the daemon sends SIGTERM", || {
+        d.log().contains("sending SIGTERM")
+    });
     assert!(
         p.0.try_wait().unwrap().is_none(),
         "SIGTERM is ignored by this owner"
@@ -542,14 +548,30 @@ fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
     });
     assert_eq!(byte0(&img), libc::F_UNLCK);
     // A handle whose owner held nothing closes quietly: nobody is killed.
-    let (mut q, _owner, resp) =
+    let (mut q, idle, resp) =
         spawn_registered(&d.socket, "idle", "read cmd; exec 9>&-; exec sleep 1000");
     ok(resp);
     tell(&mut q, "close");
-    std::thread::sleep(Duration::from_millis(600));
+    // The daemon decides when it sees the handle close, and logs the decision: after that
+    // line (not after a sleep), the owner must still run and must not be in a kill sequence.
+    let decided = format!(
+        "lifetime handle of VM \"idle\" (pid {}) closed; it held no leases",
+        idle.pid
+    );
+    eventually("the daemon handles the idle owner's closed handle", || {
+        d.log().contains(&decided)
+    });
+    // A kill sequence sends SIGTERM only after a settle time: a later sequence reaching its
+    // SIGTERM proves one for the idle owner would have by then.
+    after_pending_kills(&d.socket, &image(images.path(), "witness.img"), || d.log());
     assert!(
         q.0.try_wait().unwrap().is_none(),
         "an owner without leases is left alone"
+    );
+    assert!(
+        !d.log().contains(&format!("(pid {}) still runs", idle.pid)),
+        "the idle owner was put in a kill sequence:\n{}",
+        d.log()
     );
 }
 

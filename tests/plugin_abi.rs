@@ -1086,7 +1086,7 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
             nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).unwrap();
         let req: Request = protocol::read_message(&mut s).unwrap();
         protocol::write_message(&mut s, &Response::Ok { leases: vec![] }).unwrap();
-        tx.send((req, cred.pid())).unwrap();
+        tx.send((req, cred.pid(), s.try_clone().unwrap())).unwrap();
         // The handle stays open as long as the "QEMU" lives: EOF only after it is killed.
         let mut buf = [0u8; 1];
         std::io::Read::read(&mut s, &mut buf).unwrap_or(0)
@@ -1094,7 +1094,7 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
     let mut h = Host::new(&conf);
     let a = vm("handle");
     let pid = h.start(&a, &["disk:/img/a".into(), "disk-ro:/img/b".into()]);
-    let (req, peer_pid) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (req, peer_pid, handle) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     match req {
         Request::Register { owner, restrict } => {
             assert!(restrict);
@@ -1104,10 +1104,30 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
         other => panic!("start must only register: {other:?}"),
     }
     assert_eq!(peer_pid, pid, "the child itself connected");
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(
-        !server.is_finished(),
-        "lifetime handle closed while the child lives"
+    // Once the child has exec'd its "QEMU" (/bin/sleep), every close-on-exec descriptor is
+    // gone: the kernel reports a hang-up on our end at once if the handle was among them.
+    let exe = format!("/proc/{pid}/exe");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fs::read_link(&exe)
+        .map(|p| !p.ends_with("sleep"))
+        .unwrap_or(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never exec'd sleep"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut pfd = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&handle),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ready = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).unwrap();
+    assert_eq!(
+        ready,
+        0,
+        "lifetime handle closed while the child lives: {:?}",
+        pfd[0].revents()
     );
     assert_eq!(h.ok(&format!("alive {pid}")), "1");
     h.ok(&format!("kill {pid} KILL"));

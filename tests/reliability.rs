@@ -191,6 +191,33 @@ impl Daemon {
         Some(cred.pid() as u32)
     }
 
+    /// With the daemon stopped: say hello to the keeper and return how many leases it holds.
+    /// The keeper serves a new connection only once it has seen its link to the daemon close,
+    /// so the answer is the event that proves the keeper has dealt with the daemon's death
+    /// (a negative check after it needs no sleep).
+    fn keeper_held_after_daemon_death(&self) -> u64 {
+        let fd = nix::sys::socket::socket(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        let addr = nix::sys::socket::UnixAddr::new(&self.keeper_socket).expect("address");
+        nix::sys::socket::connect(fd.as_raw_fd(), &addr).expect("connect to the keeper");
+        let tv = nix::sys::time::TimeVal::new(BOUND.as_secs() as _, 0);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .expect("timeout");
+        nix::unistd::write(&fd, br#"{"op":"hello","version":1}"#).expect("hello");
+        let mut buf = vec![0u8; 4096];
+        let n = nix::unistd::read(&fd, &mut buf).expect("the keeper answers hello");
+        let ack: serde_json::Value =
+            serde_json::from_slice(&buf[..n]).expect("the keeper's answer is JSON");
+        ack["held"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no held count in the keeper's answer {ack}"))
+    }
+
     /// Send `sig` and wait for the daemon process to end.
     fn stop(&mut self, sig: libc::c_int) -> ExitStatus {
         let mut p = self.proc.take().expect("daemon running");
@@ -586,7 +613,13 @@ fn outage(sig: libc::c_int) {
     } else {
         "SIGTERM"
     };
-    thread::sleep(Duration::from_millis(200));
+    // Let host B try every disk a few times (counted, not timed) before each phase ends.
+    let polled = |from: usize| {
+        eventually("host B tried every disk twice", || {
+            attempts.load(Ordering::Relaxed) >= from + 2 * N
+        });
+    };
+    polled(0);
 
     // Outage 1: down, up again, everything is back.
     let st = a.stop(sig);
@@ -599,7 +632,7 @@ fn outage(sig: libc::c_int) {
         );
     }
     let during = attempts.load(Ordering::Relaxed);
-    thread::sleep(Duration::from_millis(500));
+    polled(during);
     let outage1 = attempts.load(Ordering::Relaxed) - during;
     a.spawn();
     let list = a.list();
@@ -611,7 +644,7 @@ fn outage(sig: libc::c_int) {
             v.owner
         );
     }
-    thread::sleep(Duration::from_millis(200));
+    polled(attempts.load(Ordering::Relaxed));
 
     // Outage 2: an owner dies while the daemon is down.
     a.stop(sig);
@@ -623,7 +656,7 @@ fn outage(sig: libc::c_int) {
         "the dead owner's disk is free while the daemon is down",
         || byte0(&imgs[0]) == libc::F_UNLCK,
     );
-    thread::sleep(Duration::from_millis(300));
+    polled(attempts.load(Ordering::Relaxed));
     let outage2 = attempts.load(Ordering::Relaxed) - during;
     a.spawn();
     let list = a.list();
@@ -636,7 +669,7 @@ fn outage(sig: libc::c_int) {
     eventually("a restored owner's death frees its lease", || {
         a.list().len() == N - 2 && byte0(&imgs[1]) == libc::F_UNLCK
     });
-    thread::sleep(Duration::from_millis(100));
+    polled(attempts.load(Ordering::Relaxed));
     stop.store(true, Ordering::Relaxed);
     poller.join().unwrap();
     prober.join().unwrap();
@@ -783,7 +816,7 @@ fn a_killed_keeper_is_replaced_and_still_protects() {
     assert_eq!(byte0(&img), libc::F_WRLCK);
     // The new keeper holds the lease: a daemon crash now still drops nothing.
     d.stop(libc::SIGKILL);
-    thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.keeper_held_after_daemon_death(), 1);
     assert_eq!(
         byte0(&img),
         libc::F_WRLCK,
@@ -819,7 +852,7 @@ fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     assert!(third != second && running(third));
     d.keepers.push(third);
     d.stop(libc::SIGKILL);
-    thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.keeper_held_after_daemon_death(), 1);
     assert_eq!(
         byte0(&img),
         libc::F_WRLCK,
@@ -827,4 +860,54 @@ fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     );
     d.spawn();
     assert_eq!(d.list().len(), 1);
+}
+
+#[test]
+fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variables() {
+    // The daemon has threads (storage workers, closers) when it replaces a keeper, so the
+    // forked child must exec at once: the keeper is `lockwardend --internal-keeper ...`, a new
+    // image of the same binary, and it never sees the daemon's socket-activation variables.
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(dir.path());
+    let v = vm("exec");
+    let img = image(images.path(), "e.img");
+    assert!(matches!(
+        d.client().call(&acquire_req(&v.owner, &img)),
+        Response::Ok { .. }
+    ));
+    let daemon_exe = fs::read_link(format!("/proc/{}/exe", d.pid())).unwrap();
+    let check = |k: u32| {
+        let cmdline = fs::read(format!("/proc/{k}/cmdline")).unwrap();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        assert_eq!(
+            args.get(1).copied(),
+            Some(&b"--internal-keeper"[..]),
+            "keeper {k} was not exec'd: {:?}",
+            String::from_utf8_lossy(&cmdline)
+        );
+        assert_eq!(fs::read_link(format!("/proc/{k}/exe")).unwrap(), daemon_exe);
+        let env = fs::read(format!("/proc/{k}/environ")).unwrap();
+        for var in env.split(|b| *b == 0) {
+            assert!(
+                !var.starts_with(b"LISTEN_") && !var.starts_with(b"NOTIFY_SOCKET="),
+                "keeper {k} inherited {:?}",
+                String::from_utf8_lossy(var)
+            );
+        }
+    };
+    let first = d.keeper_pid().unwrap();
+    d.keepers.push(first);
+    check(first);
+    // A replacement keeper, forked by a daemon whose threads are running, is exec'd too.
+    signal(first, libc::SIGKILL);
+    eventually("a new keeper serves", || {
+        d.keeper_pid().is_some_and(|k| k != first && running(k))
+    });
+    let mut seen = (0, 0);
+    wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
+    let second = d.keeper_pid().unwrap();
+    d.keepers.push(second);
+    check(second);
+    assert_eq!(byte0(&img), libc::F_WRLCK);
 }

@@ -341,7 +341,7 @@ fn owner_closing_handle_while_holding_is_terminated() {
     assert_eq!(probe0(&img), Probe::WriteLocked, "lease taken");
 
     // A control owner without leases that also closes its handle: must survive.
-    let (mut idle, _) = Helper::registered(&d1.socket, "idle", false);
+    let (mut idle, idle_vm) = Helper::registered(&d1.socket, "idle", false);
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
@@ -370,9 +370,24 @@ fn owner_closing_handle_while_holding_is_terminated() {
          then is checked by lease_outlives_its_owner_process)"
     );
 
-    // The idle owner held nothing; it must not have been killed. It answers a command, and is
-    // still running after the holding owner was long dealt with.
-    thread::sleep(Duration::from_millis(500));
+    // The idle owner held nothing; it must not have been killed. The daemon logs its decision
+    // when it sees the handle close (a kill would be decided in that same step): after that
+    // line, the owner still runs and answers a command.
+    d1.wait_log(&format!(
+        "lifetime handle of VM {:?} (pid {}) closed; it held no leases",
+        idle_vm.name, idle_vm.pid
+    ));
+    // A kill sequence would SIGTERM only after a settle time: a later sequence reaching its
+    // SIGTERM proves one for the idle owner would have by then.
+    common::proto::after_pending_kills(&d1.socket, &image(images.path(), "witness.img"), || {
+        fs::read_to_string(&d1.log).unwrap_or_default()
+    });
+    assert!(
+        !fs::read_to_string(&d1.log)
+            .unwrap_or_default()
+            .contains(&format!("(pid {}) still runs", idle_vm.pid)),
+        "the idle owner was put in a kill sequence"
+    );
     assert!(
         idle.try_wait().is_none(),
         "an owner that held no lease must not be killed when its handle closes"
@@ -462,7 +477,7 @@ fn lease_outlives_its_owner_process() {
     }
     assert!(
         freed_while_alive.is_none(),
-        "design §3: a VM must never run on a disk it no longer holds, but the lease on {} was \
+        "docs/interfaces.md §3: a VM must never run on a disk it no longer holds, but the lease on {} was \
          free {:?} after the handle closed while the owner still ran",
         img.display(),
         freed_while_alive

@@ -264,7 +264,7 @@ impl Daemon {
     }
 
     /// Resident set size in KiB (/proc/PID/status VmRSS) of the daemon and of every helper
-    /// process it forked without exec (lockwardend's lease keeper): `(daemon, helpers)`.
+    /// process it started (lockwardend's lease keeper): `(daemon, helpers)`.
     pub fn rss_kib(&self) -> Result<(u64, u64), String> {
         let exe = fs::read_link(format!("/proc/{}/exe", self.pid())).unwrap_or_default();
         let want = match self.side {
@@ -283,8 +283,7 @@ impl Daemon {
 
     /// Proportional set size in KiB (/proc/PID/smaps_rollup Pss) of the daemon plus its
     /// helpers: pages shared between processes are divided among them, so the daemon and the
-    /// keeper forked from it count their common pages (program text, libc, copy-on-write
-    /// heap) once between them, where the sum of their VmRSS counts them twice.
+    /// keeper (the same binary) count their common pages (program text, libc) once between them, where the sum of their VmRSS counts them twice.
     pub fn pss_kib(&self) -> Result<u64, String> {
         let mut total = pss(self.pid())?;
         for pid in self.helpers() {
@@ -293,21 +292,27 @@ impl Daemon {
         Ok(total)
     }
 
-    /// Processes other than the daemon with the daemon's exact command line: what it forked
-    /// without exec and that may have been re-parented (lockwardend's keeper).
+    /// The processes lockwardend started that stay with it: its keeper, which it starts as
+    /// `lockwardend --internal-keeper ...` (the same binary, exec'd; re-parented to init).
     pub fn helpers(&self) -> Vec<u32> {
         let me = self.pid();
-        let Ok(mine) = fs::read(format!("/proc/{me}/cmdline")) else {
+        let Ok(exe) = fs::read_link(format!("/proc/{me}/exe")) else {
             return Vec::new();
         };
         let Ok(dir) = fs::read_dir("/proc") else {
             return Vec::new();
         };
         dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&p| p != me)
-            .filter(|p| fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == mine))
+            .filter(|&p| p != me && is_helper(p, &exe))
             .collect()
     }
+}
+
+/// Whether `pid` runs `exe` as a lockwarden keeper.
+fn is_helper(pid: u32, exe: &std::path::Path) -> bool {
+    fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == exe)
+        && fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"--internal-keeper".as_slice()))
 }
 
 /// Pss of `pid` in KiB.
@@ -332,7 +337,7 @@ fn proc_kib(p: &str, key: &str) -> Result<u64, String> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let helpers = self.helpers();
-        let cmdline = fs::read(format!("/proc/{}/cmdline", self.pid())).unwrap_or_default();
+        let exe = fs::read_link(format!("/proc/{}/exe", self.pid())).unwrap_or_default();
         // SAFETY: kill(2) on the pid of our own child, which is not reaped yet.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let t0 = Instant::now();
@@ -348,18 +353,16 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        // A helper the daemon forked (the keeper) stops by itself when it holds nothing; give
-        // it a moment, then end it by pid if it still has the daemon's command line.
+        // A helper the daemon started (the keeper) stops by itself when it holds nothing; give
+        // it a moment, then end it by pid if it is still a keeper of this binary.
         let t0 = Instant::now();
         for pid in helpers {
-            while t0.elapsed() < Duration::from_secs(2)
-                && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline)
-            {
+            while t0.elapsed() < Duration::from_secs(2) && is_helper(pid, &exe) {
                 thread::sleep(Duration::from_millis(10));
             }
-            if fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == cmdline) {
-                // SAFETY: kill(2) on a process our daemon forked, identified by its command
-                // line just now.
+            if is_helper(pid, &exe) {
+                // SAFETY: kill(2) on the keeper our daemon started, identified by its binary
+                // and command line just now.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }

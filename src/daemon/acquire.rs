@@ -1,4 +1,4 @@
-//! Taking leases: all or nothing, idempotent, de-duplicated by inode (design §2-§3).
+//! Taking leases: all or nothing, idempotent, de-duplicated by inode (docs/interfaces.md §2-§3).
 //!
 //! Why an undo log: a VM with sixteen disks whose ninth is busy must not keep the first eight
 //! locked (another host would then find them busy for no reason). Every step that changes the

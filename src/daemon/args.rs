@@ -1,4 +1,4 @@
-//! The command line (design §1), parsed by hand.
+//! The command line (docs/interfaces.md §1), parsed by hand.
 //!
 //! Why by hand: five options need no parser crate, and owning the parser means the usage errors
 //! say exactly what was wrong. Paths stay `OsString`s so any byte sequence the kernel accepts

@@ -1,7 +1,7 @@
 //! Requests to responses: who may ask what, and which module answers.
 //!
-//! Rules (design §3, lockd's dispatch rules): a restricted connection may do nothing more;
-//! the admin socket serves only Status and List; Register from the owner's own pid makes the
+//! Rules (docs/interfaces.md §3, lockd's dispatch rules): a restricted connection may do nothing more;
+//! the admin socket serves only Status, List and Lost; Register from the owner's own pid makes the
 //! connection the owner's lifetime handle; Acquire/Release/Inquire act for the owner named in
 //! the request (libvirtd acting for QEMU), not for the peer.
 

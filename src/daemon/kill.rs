@@ -1,4 +1,4 @@
-//! Terminating an owner that lost its lifetime handle while holding leases (design §3).
+//! Terminating an owner that lost its lifetime handle while holding leases (docs/interfaces.md §3).
 //!
 //! Why: the handle closing means libvirt's side of the VM is gone, yet the process may still
 //! run and write to its disks. It is terminated like virtlockd does (SIGTERM, then SIGKILL after

@@ -13,7 +13,7 @@ use nix::sys::stat::{Mode, umask};
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -107,16 +107,27 @@ fn bind(path: &Path, role: Role) -> Result<Listener, String> {
                 })?;
         }
     }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        check_private_dir(parent, &format!("the {what} socket"))?;
+    }
     remove_stale(path, what)?;
+    // The umask alone makes the socket 0600 at bind time (no chmod by path afterwards, which
+    // would follow whatever a name swap put there).
     let old = umask(Mode::from_bits_truncate(0o177));
     let bound = UnixListener::bind(path);
     umask(old);
     let socket = bound.map_err(|e| {
         format!("cannot bind the {what} socket {path:?}: {e}; choose another path with --socket or --admin-socket")
     })?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot set mode 0600 on {path:?}: {e}"))?;
     let meta = fs::symlink_metadata(path).map_err(|e| format!("cannot stat {path:?}: {e}"))?;
+    if !meta.file_type().is_socket() || meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "the {what} socket {path:?} is not the private socket just bound (mode {:o}); check \
+             who else writes to {:?}",
+            meta.mode() & 0o7777,
+            path.parent().unwrap_or(path)
+        ));
+    }
     socket
         .set_nonblocking(true)
         .map_err(|e| format!("cannot make {path:?} non-blocking: {e}"))?;
@@ -246,4 +257,98 @@ fn adopt(owned: OwnedFd, role: Role, fd: RawFd) -> Result<Listener, String> {
         path,
         bound: None,
     })
+}
+
+/// Refuse a directory other users could write to: the sockets, the keeper's socket and the pid
+/// file live in it, and whoever can create names there can bind the keeper's path first (and
+/// be handed a read-write descriptor of every locked disk) or swap a name under us. The
+/// directory and every directory above it must be owned by root or by this daemon's user, and
+/// must not be writable by group or others (a sticky ancestor such as /tmp is accepted: nobody
+/// else can rename or remove what it holds for us). Symbolic links in the path are followed
+/// (`/var/run` -> `/run`); what they lead to is what is checked.
+pub fn check_private_dir(dir: &Path, what: &str) -> Result<(), String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let real = fs::canonicalize(dir).map_err(|e| {
+        format!("cannot inspect the directory {dir:?} that holds {what}: {e}; create it (mode 0700) or choose another path")
+    })?;
+    let fix = format!(
+        "make it owned by uid {euid} (or root) and writable only by its owner (for example \
+         chown {euid} {real:?} && chmod 0700 {real:?}), or choose a private directory with \
+         --socket, --admin-socket and --pid-file"
+    );
+    let mut first = true;
+    for d in real.ancestors() {
+        let m = fs::metadata(d)
+            .map_err(|e| format!("cannot inspect the directory {d:?} above {what}: {e}"))?;
+        let (mode, uid) = (m.mode(), m.uid());
+        let sticky = mode & 0o1000 != 0;
+        if uid != euid && uid != 0 {
+            return Err(format!(
+                "refusing to use {dir:?} for {what}: {} {d:?} is owned by uid {uid}, not by \
+                 lockwardend's uid {euid} or root, so that user could replace {what}; {fix}",
+                if first {
+                    "the directory"
+                } else {
+                    "its parent directory"
+                }
+            ));
+        }
+        if mode & 0o022 != 0 && (first || !sticky) {
+            return Err(format!(
+                "refusing to use {dir:?} for {what}: {} {d:?} has mode {:o}, writable by {}, \
+                 so another user could bind the keeper's socket or swap a file there; {fix}",
+                if first {
+                    "the directory"
+                } else {
+                    "its parent directory"
+                },
+                mode & 0o7777,
+                if mode & 0o002 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                }
+            ));
+        }
+        first = false;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_private_dir;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn dir_with(parent: &std::path::Path, name: &str, mode: u32) -> std::path::PathBuf {
+        let d = parent.join(name);
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_a_directory_nobody_else_can_write_is_private() {
+        let top = tempfile::tempdir().unwrap();
+        assert!(check_private_dir(&dir_with(top.path(), "private", 0o700), "x").is_ok());
+        assert!(check_private_dir(&dir_with(top.path(), "readable", 0o755), "x").is_ok());
+        for (name, mode) in [("world", 0o777), ("sticky", 0o1777), ("group", 0o770)] {
+            let d = dir_with(top.path(), name, mode);
+            let e = check_private_dir(&d, "the main socket").unwrap_err();
+            assert!(
+                e.contains(&format!("{d:?}")) && e.contains("writable by"),
+                "{e}"
+            );
+        }
+        // Below a sticky directory (like /tmp) a private directory is fine; below a plain
+        // world-writable one it is not (its entries can be renamed by anybody).
+        let sticky = dir_with(top.path(), "sticky-parent", 0o1777);
+        assert!(check_private_dir(&dir_with(&sticky, "run", 0o700), "x").is_ok());
+        let open = dir_with(top.path(), "open-parent", 0o777);
+        let e = check_private_dir(&dir_with(&open, "run", 0o700), "x").unwrap_err();
+        assert!(e.contains("parent directory"), "{e}");
+        // A missing directory is an error naming it.
+        assert!(check_private_dir(&top.path().join("missing"), "x").is_err());
+    }
 }

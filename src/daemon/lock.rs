@@ -1,4 +1,4 @@
-//! The lock itself (design §2): an OFD lock on byte 0, length 1.
+//! The lock itself (docs/interfaces.md §2): an OFD lock on byte 0, length 1.
 //!
 //! Why OFD and why byte 0: virtlockd takes a POSIX lock on byte 0, so the same byte makes a
 //! lockwarden host and a virtlockd host exclude each other; OFD locks belong to the open file

@@ -1,4 +1,4 @@
-//! lockwardend, the lock-holder daemon (design §1-§3).
+//! lockwardend, the lock-holder daemon (docs/interfaces.md §1-§3).
 //!
 //! Why a daemon: an OFD lock lives as long as its open file description, so the locks must be
 //! held by a process that outlives libvirtd restarts and notices when a VM dies. The plugin in
@@ -76,6 +76,8 @@ fn tune_malloc() {
 /// Entry point of the `lockwardend` binary.
 pub fn main() -> ExitCode {
     tune_malloc();
+    // The daemon starts its keeper as `lockwardend --internal-keeper ...` (keeper/process.rs).
+    keeper::become_keeper_if_asked();
     let args = match args::parse(std::env::args_os().skip(1)) {
         Ok(Command::Run(a)) => a,
         Ok(Command::Help) => {
@@ -175,8 +177,9 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
     }
     let (leases, owners) = server.held();
+    let quit = server.quit_keeper();
     let keeper_pid = server.state.keeper.pid;
-    match server.state.keeper.quit() {
+    match quit {
         Ok(0) if leases == 0 => info!("the keeper (pid {keeper_pid}) stopped too"),
         Ok(held) => warn!(
             "stopping while {owners} VM(s) hold {leases} lease(s): the keeper (pid {keeper_pid}) \
@@ -185,8 +188,11 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
              once its VM exits"
         ),
         Err(e) if leases > 0 => error!(
-            "stopping while {owners} VM(s) hold {leases} lease(s), and the keeper is gone ({e}): \
-             the kernel drops these locks as lockwardend exits, so those VMs are unprotected"
+            "stopping while {owners} VM(s) hold {leases} lease(s), and no keeper could be made to \
+             hold them ({e}): the kernel drops these locks as lockwardend exits, so these VMs \
+             are unprotected: {}; start lockwardend again at once (it cannot take back what no \
+             keeper holds: re-acquire by restarting or re-attaching those VMs' disks)",
+            server.vms_holding()
         ),
         Err(e) => warn!("could not stop the keeper: {e}"),
     }

@@ -12,6 +12,9 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+/// A pid file holds a pid and a newline; anything larger was not written by lockwardend.
+const MAX_PID_FILE: u64 = 64;
+
 #[derive(Debug)]
 pub struct PidFile {
     path: PathBuf,
@@ -32,15 +35,30 @@ impl PidFile {
                     })?;
             }
         }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        super::listen::check_private_dir(dir, "the pid file")?;
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
             .open(path)
             .map_err(|e| format!("cannot open the pid file {path:?}: {e}"))?;
+        // Before anything is truncated or written: only a plain file of ours with one name (a
+        // hard link planted there would make the truncation land in another file).
+        let st = nix::sys::stat::fstat(file.as_fd())
+            .map_err(|e| format!("cannot inspect the pid file {path:?}: {}", e.desc()))?;
+        crate::untrusted::check_writable(&st, MAX_PID_FILE).map_err(|why| {
+            format!(
+                "refusing to write the pid file {path:?}: {why}; remove it (lockwardend \
+                 creates it anew) or choose another path with --pid-file"
+            )
+        })?;
         if let Err(e) = lock::try_lock_whole_file(file.as_fd()) {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);

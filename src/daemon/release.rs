@@ -1,7 +1,7 @@
 //! Giving leases up: the Release request and the common "owner leaves a lease" step.
 //!
 //! Why lenient: libvirt calls Release for pause, unplug and after failures, sometimes twice;
-//! releasing a lease that is not held must succeed (design §3). The lease is found by the name
+//! releasing a lease that is not held must succeed (docs/interfaces.md §3). The lease is found by the name
 //! and path it was taken under when exactly one of the owner's leases has them (no file system
 //! access), else by the inode its path names now, else by name or path alone, so a deleted or
 //! replaced image can still be released.

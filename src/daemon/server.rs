@@ -38,6 +38,11 @@ const SCRATCH: usize = 64 * 1024;
 /// A keeper link lost again within this time after a full hand-over is not retried at once.
 const KEEPER_RETRY: Duration = Duration::from_secs(1);
 
+/// How many times a stopping daemon tries to leave every lease with a keeper, and the pause
+/// between tries.
+const EXIT_TRIES: usize = 5;
+const EXIT_RETRY: Duration = Duration::from_millis(200);
+
 /// What a poll entry stands for.
 #[derive(Clone, Copy, Debug)]
 enum Token {
@@ -196,6 +201,7 @@ impl Server {
             // Work run inline for host-local mounts: its results are handled in this round.
             self.state.inline_results();
             self.timers(Instant::now());
+            self.rearm_keeper();
             self.state.inline_results();
             self.deliver();
             // Records claimed for the acquires just answered (host-local mounts).
@@ -270,6 +276,72 @@ impl Server {
             return;
         }
         self.rehand(now);
+    }
+
+    /// A link that broke on our side (a send or receive failed: a keeper that stopped reading,
+    /// a refused batch) is re-established by itself, like one the keeper hung up, with the same
+    /// rate limit — never left for the next lock request, since a stop or a crash meanwhile
+    /// would drop every lease the keeper does not hold.
+    fn rearm_keeper(&mut self) {
+        let broke = self.state.keeper.take_broken();
+        if broke || (!self.state.keeper.connected() && self.keeper_retry_at.is_none()) {
+            warn!(
+                "the link to the keeper at {:?} is down; reconnecting and handing every lease \
+                 over again",
+                self.state.keeper.path()
+            );
+            self.keeper_lost();
+        }
+    }
+
+    /// Before exiting: a keeper is connected, holds every lease and is told we stop. Tries
+    /// [`EXIT_TRIES`] times (reconnecting or starting a new keeper and handing every lease
+    /// over again); returns how many leases the keeper keeps, or why it could not be made to.
+    pub fn quit_keeper(&mut self) -> Result<usize, String> {
+        let leases = self.state.leases.len();
+        if leases == 0 && !self.state.keeper.connected() {
+            // Nothing to leave behind: no keeper needs starting just to be told to stop.
+            return Ok(0);
+        }
+        let mut last = String::new();
+        let mut full = false;
+        for attempt in 0..EXIT_TRIES {
+            if attempt > 0 {
+                std::thread::sleep(EXIT_RETRY);
+            }
+            let broke = self.state.keeper.take_broken();
+            if broke || full || !self.state.keeper.connected() || self.keeper_retry_at.is_some() {
+                // Not connected (or told to stop already): reconnect (or start a new keeper),
+                // reset it and hand every lease over.
+                if let Err(e) = self.state.protect(&[]) {
+                    warn!(
+                        "before stopping: {e}; retrying ({}/{EXIT_TRIES})",
+                        attempt + 1
+                    );
+                    last = e;
+                    continue;
+                }
+                self.keeper_retry_at = None;
+            }
+            match self.state.keeper.quit() {
+                Ok(held) if held < leases && !full => {
+                    warn!(
+                        "before stopping: the keeper holds {held} of {leases} lease(s); handing \
+                         every lease over again"
+                    );
+                    full = true;
+                }
+                Ok(held) => return Ok(held),
+                Err(e) => {
+                    warn!(
+                        "before stopping: {e}; retrying ({}/{EXIT_TRIES})",
+                        attempt + 1
+                    );
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 
     /// Hand every lease to a (new) keeper.
@@ -583,6 +655,19 @@ impl Server {
         if let Some(pid) = conn.session.handle_of {
             self.state.handle_closed(pid, id, now);
         }
+    }
+
+    /// The VMs that hold leases, for a log line: `"name" (pid N), ...`.
+    pub fn vms_holding(&self) -> String {
+        let mut vms: Vec<String> = self
+            .state
+            .owners
+            .iter()
+            .filter(|(_, e)| !e.leases.is_empty())
+            .map(|(pid, e)| format!("{:?} (pid {pid})", e.owner.name))
+            .collect();
+        vms.sort();
+        vms.join(", ")
     }
 
     /// How many leases and owners are held, for the shutdown message.

@@ -1,4 +1,4 @@
-//! `lockwardend.conf` and the defaults it overrides (design §1).
+//! `lockwardend.conf` and the defaults it overrides (docs/interfaces.md §1).
 //!
 //! Precedence: command line over config file over defaults, so a unit file can pin a socket
 //! while the operator tunes the rest. The file uses libvirt's syntax (`crate::config`), and an

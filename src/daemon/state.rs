@@ -547,7 +547,15 @@ impl State {
         }
         self.keeper.reset()?;
         let all: Vec<LeaseKey> = self.leases.iter().map(|(k, _)| *k).collect();
-        self.send_holds(&all)?;
+        // A hand-over cut short leaves the keeper with only some leases: the failed send broke
+        // the link, and the event loop starts over (reset, everything) by itself.
+        self.send_holds(&all).map_err(|e| {
+            format!(
+                "{e}; the keeper was reset and may hold only some of the {} lease(s) until \
+                 they are handed over again",
+                all.len()
+            )
+        })?;
         info!(
             "the keeper (pid {}) holds all {} lease(s) again",
             self.keeper.pid,
@@ -589,7 +597,7 @@ impl State {
     /// message for all of them.
     pub fn unprotect(&mut self, keys: &[LeaseKey]) {
         if let Err(e) = self.keeper.release(keys) {
-            warn!("{e}; the next lock request reconnects and re-sends every lease");
+            warn!("{e}; lockwardend reconnects and re-sends every lease by itself");
         }
     }
 

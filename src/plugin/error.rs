@@ -122,7 +122,7 @@ pub fn report(func: &'static std::ffi::CStr, err: &PluginError) {
     let helper = REPORT_HELPER.load(Ordering::Acquire);
     if helper != 0 {
         // SAFETY: `helper` is the non-NULL address dlsym returned for virReportErrorHelper,
-        // whose C signature is exactly `virReportErrorHelperFn` (libvirt-lock-driver.md §1.6).
+        // whose C signature is exactly `virReportErrorHelperFn` (docs/interfaces.md §5).
         let f: unsafe extern "C" fn(
             c_int,
             c_int,

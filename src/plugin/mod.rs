@@ -7,7 +7,7 @@
 //!   per-operation context and the acquire/release logic), [`client`] (one round trip to
 //!   lockwardend), [`error`] (raising libvirt errors), [`tool`] (lvs / scsi_id).
 //!
-//! Fork safety (design §4): `drvNew`, `drvAddResource`, `drvAcquire` and `drvFree` run in the
+//! Fork safety (docs/interfaces.md §3): `drvNew`, `drvAddResource`, `drvAcquire` and `drvFree` run in the
 //! forked child of a multithreaded libvirtd during a domain start. On that path the plugin takes
 //! no lock (no Mutex/RwLock, no lazy initialisation, no `std::env`, no logging framework, no
 //! `std::io::stderr`), starts no thread, and only reads what `drvInit` stored once in a

@@ -1,6 +1,6 @@
 //! `drvAddResource`: turning a libvirt `<disk>` or `<lease>` into a [`LeaseSpec`].
 //!
-//! Disks (design §1/§2, libvirt-lock-driver.md §4.2), in lockd's order:
+//! Disks (docs/interfaces.md §1-§2 and §6), in lockd's order:
 //! 1. a `/dev` path with `lvm_lockspace_dir` set: the LV UUID from `lvs` names a lock file there;
 //! 2. a `/dev` path with `scsi_lockspace_dir` set: the WWID from `scsi_id` does;
 //!    (for both, a tool that runs but fails falls through to the next rule; a tool that cannot
@@ -413,28 +413,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn lvm_dir_set_but_tool_fails_falls_through() {
-        // /dev/null is not an LV: lvs (if installed) exits non-zero; if lvs is not installed
-        // at all the plugin must say so.
-        let mut s = settings();
-        s.lvm_lockspace_dir = Some("/var/lib/libvirt/lockd/lvmvolumes".into());
-        s.file_lockspace_dir = Some("/var/lib/libvirt/lockd/files".into());
-        let mut m = manager();
-        let r = add(&s, &mut m, DISK, Some(b"/dev/null"), &[], 0);
-        if std::path::Path::new(LVS).exists() {
-            r.unwrap();
-            assert!(matches!(
-                &m.leases[0].target,
-                LockTarget::Lockspace { dir, .. } if dir == "/var/lib/libvirt/lockd/files"
-            ));
-        } else {
-            let e = r.unwrap_err();
-            assert!(e.message.contains("/sbin/lvs"), "{}", e.message);
-            assert!(e.message.contains("lvm_lockspace_dir"), "{}", e.message);
-            assert!(m.leases.is_empty());
-        }
-    }
+    // What happens when lvs / scsi_id succeed, fail or are missing is tested with fake tools
+    // in tests/safety_claims.rs (lvm_* and scsi_*), deterministically: a unit test here could
+    // only check whatever /sbin/lvs this machine happens to have.
 
     #[test]
     fn tool_output_parsing() {

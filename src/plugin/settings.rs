@@ -1,4 +1,4 @@
-//! The plugin configuration, `qemu-lockwarden.conf` (design §1).
+//! The plugin configuration, `qemu-lockwarden.conf` (docs/interfaces.md §1).
 //!
 //! The lockd keys keep lockd's meaning so an operator can switch by renaming
 //! `qemu-lockd.conf`; the other keys are ours. Read once, in `drvInit`; a missing file means

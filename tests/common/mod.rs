@@ -336,6 +336,22 @@ impl Daemon {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Wait (bounded by [`POLL_BOUND`]) until the daemon's log contains `needle`: the event
+    /// that proves the daemon made a decision, so a test can check what it did not do.
+    pub fn wait_log(&self, needle: &str) {
+        let t0 = Instant::now();
+        loop {
+            let text = fs::read_to_string(&self.log).unwrap_or_default();
+            if text.contains(needle) {
+                return;
+            }
+            if t0.elapsed() > POLL_BOUND {
+                panic!("lockwardend never logged {needle:?} within {POLL_BOUND:?}:\n{text}");
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Plugin config pointing at this daemon, plus `extra` lines.
     pub fn plugin_conf(&self, extra: &str) -> String {
         format!("daemon_socket = \"{}\"\n{extra}\n", self.socket.display())
@@ -405,6 +421,35 @@ impl Host {
 
     /// Spawn a host, optionally as another uid/gid; returns whatever its first line was.
     pub fn spawn_as(conf_text: &str, uid: Option<u32>) -> Host {
+        Host::spawn_prepared(conf_text, uid, &[])
+    }
+
+    /// Spawn a host in its own mount namespace where each `(source dir, target dir)` is
+    /// bind-mounted over the target (read-only as far as the host can tell): the plugin runs
+    /// the tools it finds at fixed paths (`/sbin/lvs`, `/lib/udev/scsi_id`), so this is how a
+    /// test gives it fakes without touching the machine. Needs root. Panics unless READY.
+    pub fn spawn_with_binds(conf_text: &str, binds: &[(&Path, &Path)]) -> Host {
+        let h = Host::spawn_prepared(conf_text, None, binds);
+        assert_eq!(
+            h.ready_line, "READY",
+            "host did not initialise the plugin: {}",
+            h.ready_line
+        );
+        h
+    }
+
+    fn spawn_prepared(conf_text: &str, uid: Option<u32>, binds: &[(&Path, &Path)]) -> Host {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let binds: Vec<(CString, CString)> = binds
+            .iter()
+            .map(|(src, dst)| {
+                (
+                    CString::new(src.as_os_str().as_bytes()).expect("bind source path"),
+                    CString::new(dst.as_os_str().as_bytes()).expect("bind target path"),
+                )
+            })
+            .collect();
         let dir = tempdir();
         let conf = dir.path().join("qemu-lockwarden.conf");
         fs::write(&conf, conf_text).expect("write plugin conf");
@@ -421,6 +466,41 @@ impl Host {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(logf);
+        if !binds.is_empty() {
+            // SAFETY: only async-signal-safe system calls (unshare, mount) between fork and
+            // exec, on C strings built before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // Nothing mounted here propagates back to the machine.
+                    if libc::mount(
+                        c"none".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    for (src, dst) in &binds {
+                        if libc::mount(
+                            src.as_ptr(),
+                            dst.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        ) != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(uid) = uid {
             // SAFETY: only async-signal-safe libc calls between fork and exec.
             unsafe {

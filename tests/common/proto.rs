@@ -350,3 +350,35 @@ pub fn tell(p: &mut Proc, line: &str) {
     stdin.write_all(b"\n").unwrap();
     stdin.flush().unwrap();
 }
+
+/// An event that comes after every kill sequence the daemon started before this call has sent
+/// its SIGTERM: a witness owner takes a lease on `img` and closes its lifetime handle, and
+/// this returns once the daemon logged SIGTERM for it. Every sequence waits the same settle
+/// time before its SIGTERM, so one started earlier has logged its SIGTERM by then. A test can
+/// then check that an owner was *not* signalled without sleeping for a guessed time.
+pub fn after_pending_kills(socket: &Path, img: &Path, log: impl Fn() -> String) {
+    let (mut p, owner, resp) = spawn_registered(
+        socket,
+        "kill-witness",
+        "read cmd; exec 9>&-; exec sleep 1000",
+    );
+    ok(resp);
+    ok(Client::connect(socket).call(&Request::Acquire {
+        owner: owner.clone(),
+        leases: vec![excl(img)],
+        action: protocol::FailureAction::Default,
+        restrict: false,
+    }));
+    tell(&mut p, "close");
+    let needle = format!(
+        "(pid {}) still runs after its lifetime handle closed; sending SIGTERM",
+        owner.pid
+    );
+    eventually("the witness owner is sent SIGTERM", || {
+        log().contains(&needle)
+    });
+    assert!(
+        p.wait_for(BOUND).is_some(),
+        "the witness owner survived SIGTERM"
+    );
+}

@@ -1,9 +1,10 @@
 //! The daemon's side of the keeper link.
 
+use super::wire::ConnectError;
 use super::*;
 use crate::daemon::lease::LeaseKey;
 use crate::daemon::record::{id_key, key_id};
-use log::{info, warn};
+use log::{error, info, warn};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -17,24 +18,47 @@ pub struct Keeper {
     /// The protocol version the keeper announced (1 for keepers that predate batches).
     pub version: u32,
     pub(super) rx: Receiver,
+    /// The link broke on our side (a send or receive failed) since the last `take_broken`:
+    /// the event loop hands every lease over again by itself (docs/reliability.md).
+    pub(super) broke: bool,
 }
 
 impl Keeper {
     /// Connect to the keeper at `path`, starting one when none runs. Returns the link and
     /// what a previous daemon left with the keeper (empty for a new keeper).
     pub fn attach(path: &Path) -> Result<(Keeper, Vec<Entry>), String> {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::daemon::listen::check_private_dir(dir, "the keeper socket")?;
+        }
         let (conn, existing) = match connect_to(path) {
             Ok(c) => (c, true),
-            Err(_) => (spawn(path)?, false),
+            Err(ConnectError::Absent(_)) => (spawn(path)?, false),
+            Err(ConnectError::Impostor(why)) => {
+                error!(
+                    "{why}; removing that socket and starting lockwardend's own keeper at \
+                     {path:?} (find out who created it: the directory must stay private)"
+                );
+                (spawn(path)?, false)
+            }
         };
+        let peer = peer_pid(&conn);
         let mut k = Keeper {
             path: path.to_path_buf(),
             conn: Some(conn),
             pid: 0,
             version: 1,
             rx: Receiver::new(),
+            broke: false,
         };
         let held = k.hello()?;
+        if peer.is_some_and(|p| p != k.pid) {
+            return Err(format!(
+                "the keeper at {path:?} says it is pid {} but the socket's listener is pid {}; \
+                 refusing it (is another program using that path?)",
+                k.pid,
+                peer.unwrap_or(0)
+            ));
+        }
         let entries = if existing && held > 0 {
             k.dump()?
         } else {
@@ -71,6 +95,7 @@ impl Keeper {
             pid: 0,
             version: 1,
             rx: Receiver::new(),
+            broke: false,
         }
     }
 
@@ -86,7 +111,7 @@ impl Keeper {
 
     /// A link carried over a live re-exec. The keeper may be older than this binary (it is
     /// not re-executed), so ask it again which protocol it speaks; a link that does not
-    /// answer is dropped and the next request reconnects.
+    /// answer is dropped and the event loop reconnects by itself.
     pub fn restored(path: PathBuf, fd: OwnedFd, pid: u32) -> Keeper {
         let mut k = Keeper {
             path,
@@ -94,11 +119,22 @@ impl Keeper {
             pid,
             version: 1,
             rx: Receiver::new(),
+            broke: false,
         };
         if let Err(e) = k.hello() {
-            warn!("{e}; the next lock request reconnects and re-sends every lease");
+            warn!("{e}; lockwardend reconnects and re-sends every lease by itself");
         }
         k
+    }
+
+    /// Did the link break on our side since the last call? (Clears the mark.)
+    pub fn take_broken(&mut self) -> bool {
+        std::mem::take(&mut self.broke)
+    }
+
+    /// Is a keeper connected?
+    pub fn connected(&self) -> bool {
+        self.conn.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -272,7 +308,7 @@ impl Keeper {
         }
     }
 
-    /// A refused batch drops the link: the next request reconnects and re-sends everything,
+    /// A refused batch drops the link: the event loop reconnects and re-sends everything,
     /// so no later answer can be mistaken for this one's.
     fn ack_or_break(&mut self) -> Result<Ack, String> {
         self.ack().map_err(|e| self.broken(e))
@@ -302,9 +338,21 @@ impl Keeper {
 
     fn broken(&mut self, why: String) -> String {
         self.conn = None;
+        self.broke = true;
+        if self.pid == 0 {
+            // Before its hello: no pid is known yet.
+            return format!("lost the keeper at {:?}: {why}", self.path);
+        }
         format!(
             "lost the keeper (pid {}) at {:?}: {why}",
             self.pid, self.path
         )
     }
+}
+
+/// The pid of the process that listens at the other end of `conn` (SO_PEERCRED).
+fn peer_pid(conn: &OwnedFd) -> Option<u32> {
+    nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .and_then(|c| u32::try_from(c.pid()).ok())
 }

@@ -33,8 +33,10 @@
 //! it closes the lease's descriptors, even while no daemon runs, so a VM that dies during an
 //! outage frees its disks. It exits when it holds nothing and no daemon is connected.
 //!
-//! Process: double-forked from the daemon (no exec), in its own session, every inherited
-//! descriptor closed except its socket and stderr, no threads. Its wire protocol is only ever
+//! Process: started by the daemon with fork + exec of its own binary
+//! (`lockwardend --internal-keeper ...`, the child only makes async-signal-safe calls before the
+//! exec, because the daemon has threads), in its own session, every inherited descriptor
+//! closed except its socket and stderr; one main thread plus a closer thread per device. Its wire protocol is only ever
 //! extended compatibly (new message types, announced by the version in `hello`'s answer),
 //! because after a live upgrade of the daemon the old keeper keeps running.
 
@@ -50,6 +52,7 @@ mod process;
 mod wire;
 
 pub use link::Keeper;
+pub use process::become_keeper_if_asked;
 use process::spawn;
 use wire::{Receiver, connect_to, send_msg, seqpacket};
 
@@ -279,6 +282,7 @@ mod tests {
             pid: 0,
             version,
             rx: Receiver::new(),
+            broke: false,
         };
         (k, server)
     }

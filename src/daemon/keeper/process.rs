@@ -8,6 +8,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{Backlog, SockFlag, UnixAddr, accept4, bind, getsockopt, listen, sockopt};
 use nix::sys::stat::{Mode, umask};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::CString;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -26,25 +27,19 @@ pub(super) fn spawn(path: &Path) -> Result<OwnedFd, String> {
         .map_err(|e| format!("cannot stat the keeper socket {path:?}: {e}"))?;
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| format!("cannot create a pipe: {}", e.desc()))?;
-    // SAFETY: lockwardend is single-threaded, so the child may run any code; the intermediate
-    // child only calls setsid, fork and _exit.
+    // Everything the child needs is built here, before the fork: the daemon has threads (the
+    // storage workers, closers), so between fork and execve the child may only make
+    // async-signal-safe calls — no allocation, no lock, no logging (another thread may have
+    // held the allocator's or the log's lock at the moment of the fork).
+    let plan = ExecPlan::new(&listener, &ready_w, path, ident)?;
+    // SAFETY: after the fork the child runs only async-signal-safe code (`ExecPlan::exec`:
+    // setsid, fork, fcntl, execve, _exit) on memory prepared before the fork.
     match unsafe { nix::unistd::fork() } {
         Err(e) => {
             let _ = fs::remove_file(path);
             return Err(format!("cannot fork the keeper: {}", e.desc()));
         }
-        Ok(nix::unistd::ForkResult::Child) => {
-            let _ = nix::unistd::setsid();
-            // SAFETY: as above; the grandchild becomes the keeper, re-parented to init.
-            match unsafe { nix::unistd::fork() } {
-                Ok(nix::unistd::ForkResult::Child) => {
-                    drop(ready_r);
-                    keeper_main(listener, ready_w, path.to_path_buf(), ident)
-                }
-                // SAFETY: _exit ends the intermediate child without running any destructor.
-                _ => unsafe { libc::_exit(0) },
-            }
-        }
+        Ok(nix::unistd::ForkResult::Child) => plan.exec(),
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(ready_w);
             drop(listener);
@@ -63,6 +58,171 @@ pub(super) fn spawn(path: &Path) -> Result<OwnedFd, String> {
         }
     }
     connect_to(path).map_err(|e| format!("cannot connect to the new keeper at {path:?}: {e}"))
+}
+
+/// The hidden first argument with which `lockwardend` runs as the keeper. The keeper is a
+/// fresh image of the daemon's own binary (`/proc/self/exe`), started by [`spawn`] with
+/// fork + exec, so it never inherits another thread's locks (docs/reliability.md).
+pub const KEEPER_ARG: &str = "--internal-keeper";
+
+/// Its process name (`comm`), which tests, benchmarks and operators look for.
+const KEEPER_COMM: &std::ffi::CStr = c"lockwardend-kpr";
+
+/// The exec of a keeper, prepared in the daemon before it forks.
+struct ExecPlan {
+    exe: CString,
+    /// Kept alive for the pointers in `argv_ptrs`.
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    keep: [RawFd; 2],
+}
+
+impl ExecPlan {
+    fn new(
+        listener: &OwnedFd,
+        ready: &OwnedFd,
+        path: &Path,
+        ident: (u64, u64),
+    ) -> Result<ExecPlan, String> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |b: &[u8]| {
+            CString::new(b).map_err(|_| format!("the keeper socket path {path:?} contains a NUL"))
+        };
+        let level = log::max_level().to_string().to_lowercase();
+        let argv: Vec<CString> = [
+            b"lockwardend".as_slice(),
+            KEEPER_ARG.as_bytes(),
+            listener.as_raw_fd().to_string().as_bytes(),
+            ready.as_raw_fd().to_string().as_bytes(),
+            path.as_os_str().as_bytes(),
+            ident.0.to_string().as_bytes(),
+            ident.1.to_string().as_bytes(),
+            level.as_bytes(),
+        ]
+        .into_iter()
+        .map(c)
+        .collect::<Result<_, _>>()?;
+        // The daemon's environment without what belongs to the daemon alone: systemd's socket
+        // activation and notification variables and the re-exec state descriptor.
+        let envp: Vec<CString> = std::env::vars_os()
+            .filter(|(k, _)| {
+                !matches!(
+                    k.as_bytes(),
+                    b"LISTEN_FDS"
+                        | b"LISTEN_PID"
+                        | b"LISTEN_FDNAMES"
+                        | b"NOTIFY_SOCKET"
+                        | b"WATCHDOG_PID"
+                        | b"WATCHDOG_USEC"
+                        | b"LOCKWARDEND_STATE_FD"
+                )
+            })
+            .filter_map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        let ptrs = |v: &[CString]| {
+            v.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        Ok(ExecPlan {
+            exe: c(b"/proc/self/exe")?,
+            argv_ptrs: ptrs(&argv),
+            envp_ptrs: ptrs(&envp),
+            _argv: argv,
+            _envp: envp,
+            keep: [listener.as_raw_fd(), ready.as_raw_fd()],
+        })
+    }
+
+    /// In the forked child: a new session, a second fork (the keeper is re-parented to init,
+    /// never a zombie of the daemon), then exec of the keeper. Only async-signal-safe calls.
+    fn exec(&self) -> ! {
+        // SAFETY: setsid, fork, fcntl, execve and _exit are async-signal-safe; every pointer
+        // passed was built before the fork and stays valid (self lives until exec or _exit).
+        unsafe {
+            libc::setsid();
+            if libc::fork() == 0 {
+                for fd in self.keep {
+                    libc::fcntl(fd, libc::F_SETFD, 0);
+                }
+                libc::execve(
+                    self.exe.as_ptr(),
+                    self.argv_ptrs.as_ptr(),
+                    self.envp_ptrs.as_ptr(),
+                );
+                libc::_exit(127);
+            }
+            libc::_exit(0)
+        }
+    }
+}
+
+/// When this process was started by [`spawn`] as a keeper (`lockwardend --internal-keeper ...`),
+/// become the keeper and never return; otherwise return at once so the daemon starts.
+pub fn become_keeper_if_asked() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_none_or(|a| a != KEEPER_ARG) {
+        return;
+    }
+    match keeper_args(args.get(2..).unwrap_or_default()) {
+        Ok((listener, ready, path, ident, level)) => {
+            crate::daemon::logging::init(level, crate::daemon::logging::under_systemd());
+            // SAFETY: the daemon's spawn passed these two descriptors open (checked with
+            // F_GETFD in keeper_args) to this fresh process, where nothing else owns them.
+            let (listener, ready) =
+                unsafe { (OwnedFd::from_raw_fd(listener), OwnedFd::from_raw_fd(ready)) };
+            keeper_main(listener, ready, path, ident)
+        }
+        Err(e) => {
+            eprintln!(
+                "lockwardend: {KEEPER_ARG} is for lockwardend's own use (it starts its keeper \
+                 that way): {e}"
+            );
+            std::process::exit(2)
+        }
+    }
+}
+
+type KeeperArgs = (RawFd, RawFd, PathBuf, (u64, u64), log::LevelFilter);
+
+fn keeper_args(a: &[std::ffi::OsString]) -> Result<KeeperArgs, String> {
+    let [listener, ready, path, dev, ino, level] = a else {
+        return Err(format!("expected 6 arguments, got {}", a.len()));
+    };
+    let num = |s: &std::ffi::OsString| {
+        s.to_str()
+            .and_then(|t| t.parse::<u64>().ok())
+            .ok_or_else(|| format!("{s:?} is not a number"))
+    };
+    let fd = |s: &std::ffi::OsString| -> Result<RawFd, String> {
+        let n = RawFd::try_from(num(s)?).map_err(|_| format!("{s:?} is not a descriptor"))?;
+        nix::fcntl::fcntl(
+            // SAFETY: only asks whether descriptor n is open; nothing is borrowed beyond it.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
+            nix::fcntl::FcntlArg::F_GETFD,
+        )
+        .map_err(|e| format!("descriptor {n} is not open: {}", e.desc()))?;
+        Ok(n)
+    };
+    let level = level
+        .to_str()
+        .and_then(|l| l.parse::<log::LevelFilter>().ok())
+        .ok_or_else(|| format!("{level:?} is not a log level"))?;
+    Ok((
+        fd(listener)?,
+        fd(ready)?,
+        PathBuf::from(path),
+        (num(dev)?, num(ino)?),
+        level,
+    ))
 }
 
 /// A keeper socket file nobody listens on is removed; a live one is an error (we only get
@@ -139,7 +299,7 @@ fn close_all_but(keep: &[RawFd]) {
     for k in keep.into_iter().chain(std::iter::once(RawFd::MAX)) {
         if k > from {
             // SAFETY: close_range(from, k - 1, 0) closes descriptors; no memory is involved.
-            // Nothing in this freshly forked single-threaded process uses them any more.
+            // Nothing in this freshly exec'd keeper (one thread so far) uses them.
             unsafe { libc::syscall(libc::SYS_close_range, from as u32, (k - 1) as u32, 0) };
         }
         from = k.saturating_add(1);
@@ -171,10 +331,10 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         );
     }
     // SAFETY: PR_SET_NAME with a NUL-terminated string of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, c"lockwardend-kpr".as_ptr(), 0, 0, 0) };
+    unsafe { libc::prctl(libc::PR_SET_NAME, KEEPER_COMM.as_ptr(), 0, 0, 0) };
     if let Err(e) = listen(&listener, Backlog::new(16).unwrap_or(Backlog::MAXCONN)) {
         error!("keeper: cannot listen on {path:?}: {}", e.desc());
-        // SAFETY: _exit without destructors, in the forked keeper.
+        // SAFETY: _exit without destructors, in the keeper before it serves anything.
         unsafe { libc::_exit(1) };
     }
     let _ = nix::unistd::write(&ready, b"1");

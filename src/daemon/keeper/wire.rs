@@ -21,10 +21,52 @@ pub(super) fn seqpacket() -> Result<OwnedFd, String> {
     .map_err(|e| format!("cannot create a socket for the keeper: {}", e.desc()))
 }
 
-pub(super) fn connect_to(path: &Path) -> Result<OwnedFd, String> {
-    let fd = seqpacket()?;
-    let addr = UnixAddr::new(path).map_err(|e| format!("keeper socket {path:?}: {}", e.desc()))?;
-    connect(fd.as_raw_fd(), &addr).map_err(|e| e.desc().to_string())?;
+/// Why connecting to the keeper's path failed.
+#[derive(Debug)]
+pub(super) enum ConnectError {
+    /// Nothing (usable) listens there: a new keeper may be started at that path.
+    Absent(String),
+    /// Something listens there that is not ours: it must never be handed a descriptor.
+    Impostor(String),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Absent(s) | ConnectError::Impostor(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Connect to the keeper listening at `path`, and make sure it is ours: its SO_PEERCRED
+/// (the credentials of the process that called listen(2)) must carry this daemon's effective
+/// uid. Every lease's read-write descriptor goes over this link, so a listener of any other
+/// user is refused before a single byte is sent to it (docs/hardening.md).
+pub(super) fn connect_to(path: &Path) -> Result<OwnedFd, ConnectError> {
+    let fd = seqpacket().map_err(ConnectError::Absent)?;
+    let addr = UnixAddr::new(path)
+        .map_err(|e| ConnectError::Absent(format!("keeper socket {path:?}: {}", e.desc())))?;
+    connect(fd.as_raw_fd(), &addr).map_err(|e| ConnectError::Absent(e.desc().to_string()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    match nix::sys::socket::getsockopt(&fd, sockopt::PeerCredentials) {
+        Ok(c) if c.uid() == euid => {}
+        Ok(c) => {
+            return Err(ConnectError::Impostor(format!(
+                "the process listening on the keeper socket {path:?} (pid {}) runs as uid {}, \
+                 not as lockwardend's uid {euid}; it is not lockwardend's keeper and is handed \
+                 nothing",
+                c.pid(),
+                c.uid()
+            )));
+        }
+        Err(e) => {
+            return Err(ConnectError::Impostor(format!(
+                "cannot tell who listens on the keeper socket {path:?} (SO_PEERCRED: {}); it is \
+                 handed nothing",
+                e.desc()
+            )));
+        }
+    }
     set_timeouts(&fd);
     Ok(fd)
 }

@@ -607,6 +607,6 @@ run_all_scenarios() {
   run_scenario 11 "live migration A -> B moves the lease"
   run_scenario 12 "lockwardend SIGKILL while a VM runs: no window for another host"
   run_scenario 13 "mixed cluster: lockd+virtlockd host and lockwarden host, direct and lockspace"
-  # Beyond issue 3's list: <lease> elements, which design §3 promises and lockd cannot do.
+  # Beyond issue 3's list: <lease> elements, which docs/interfaces.md §3 promises and lockd cannot do.
   run_scenario 14 "<lease> elements: one lease key, two hosts"
 }
