@@ -535,8 +535,8 @@ fn pct(v: &[u128], p: usize) -> u128 {
 fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
     prerequisites();
     const LEASE_MS: u64 = 1000;
-    const A_INTERVAL_MS: u64 = 50;
-    const A_FENCE_MS: u64 = 400;
+    const A_INTERVAL_MS: u64 = 40;
+    const A_FENCE_MS: u64 = 300;
     let rounds = env_u64("LW_PARTITION_ROUNDS", 20);
     let max_vms = env_u64("LW_PARTITION_MAX_VMS", 8).max(1);
     let seed = env_u64("LW_PARTITION_SEED", (wall_ns() as u64) | 1);
