@@ -469,6 +469,41 @@ fn without_a_heartbeat_file_the_beat_tests_the_lock() {
     assert_eq!(list(&d), vec![p.to_string_lossy().into_owned()]);
 }
 
+/// After a live re-exec (SIGUSR1) the new image tracks the adopted leases' mounts again and
+/// still fences a partition (the heartbeat state itself is not carried: its clock starts over).
+#[test]
+fn fencing_works_after_a_live_reexec() {
+    prerequisites();
+    let d = daemon();
+    let x = Fs::mount();
+    let q = Qemu::spawn();
+    let o = owner("vm-reexec", &q);
+    let p = x.image("reexec.img");
+    acquire(&d, &o, &p, FailureAction::Pause);
+    beats_reach(&d, &x, 0, 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    wait_for(&d, BOUND, "the re-exec", || {
+        log(&d).matches("serving (pid").count() >= 2
+    });
+    // The new image beats too (sequence numbers start over: the file changes again).
+    let before = x.heartbeat();
+    wait_for(&d, BOUND, "a beat from the new image", || {
+        x.heartbeat() != before
+    });
+    x.set("hang 1\n");
+    wait_for(
+        &d,
+        Duration::from_millis(FENCE_AFTER_MS) + BOUND,
+        "the paused VM stopped after the re-exec",
+        || q.state() == Some('T'),
+    );
+    assert_eq!(list(&d), vec![p.to_string_lossy().into_owned()]);
+}
+
 /// xorshift64*: reproducible randomness from a seed printed with every run.
 struct Rng(u64);
 
