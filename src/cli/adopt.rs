@@ -98,10 +98,16 @@ fn adopt_one(cli: &Cli, ctx: &audit::Context, r: &VmReport) -> Outcome {
         .items
         .iter()
         .filter(|i| i.holding.elsewhere())
-        .map(|i| format!("{}: {}", i.name, match &i.holding {
-            Holding::OtherVm(m) | Holding::NotLockwarden(m) => m.clone(),
-            _ => String::new(),
-        }))
+        .map(|i| {
+            format!(
+                "{}: {}",
+                i.name,
+                match &i.holding {
+                    Holding::OtherVm(m) | Holding::NotLockwarden(m) => m.clone(),
+                    _ => String::new(),
+                }
+            )
+        })
         .collect();
     if cli.dry_run {
         let joinable = r.items.iter().all(|i| match &i.holding {
@@ -178,7 +184,7 @@ fn outcome_json(o: &Outcome) -> Value {
 }
 
 pub fn run(cli: &Cli) -> u8 {
-    if cli.all == !cli.operands.is_empty() {
+    if cli.all != cli.operands.is_empty() {
         eprintln!(
             "lockwarden: adopt needs either VM names or --all (not both); `lockwarden audit` \
              lists the running VMs"

@@ -110,7 +110,11 @@ impl VmReport {
             return "paused";
         }
         let lockable: Vec<&Item> = self.items.iter().filter(|i| i.spec.is_some()).collect();
-        if self.items.iter().any(|i| matches!(i.holding, Holding::Error(_))) {
+        if self
+            .items
+            .iter()
+            .any(|i| matches!(i.holding, Holding::Error(_)))
+        {
             "error"
         } else if lockable.iter().any(|i| i.holding.elsewhere()) {
             "held-elsewhere"
@@ -277,10 +281,7 @@ fn holding(ctx: &Context, dom: &Domain, item: &Item) -> Holding {
             } else {
                 ""
             };
-            return Holding::OtherVm(format!(
-                "held by {} on this host{shared}",
-                names.join(", ")
-            ));
+            return Holding::OtherVm(format!("held by {} on this host{shared}", names.join(", ")));
         }
     }
     let fd = match who::open_lock(&spec.target, &spec.name, path) {

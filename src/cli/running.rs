@@ -103,7 +103,10 @@ impl Parser<'_> {
                 self.i += n + end.len();
                 Ok(())
             }
-            None => Err(format!("unterminated construct at byte {} (no {end:?})", self.i)),
+            None => Err(format!(
+                "unterminated construct at byte {} (no {end:?})",
+                self.i
+            )),
         }
     }
     /// Whitespace, comments and processing instructions between elements.
@@ -182,9 +185,13 @@ impl Parser<'_> {
         loop {
             let rest = self.text.get(self.i..).unwrap_or_default();
             let n = rest.find('<').ok_or_else(|| {
-                format!("element <{}> is not closed before the end of the file", el.name)
+                format!(
+                    "element <{}> is not closed before the end of the file",
+                    el.name
+                )
             })?;
-            el.text.push_str(&unescape(rest.get(..n).unwrap_or_default())?);
+            el.text
+                .push_str(&unescape(rest.get(..n).unwrap_or_default())?);
             self.i += n;
             if self.peek("</") {
                 self.i += 2;
@@ -305,7 +312,10 @@ fn failure_action(text: Option<String>) -> Result<FailureAction, String> {
 /// Turn a parsed status document into a [`Domain`].
 pub fn domain_from(status_file: &Path, root: &Element) -> Result<Domain, String> {
     if root.name != "domstatus" {
-        return Err(format!("the root element is <{}>, not <domstatus>", root.name));
+        return Err(format!(
+            "the root element is <{}>, not <domstatus>",
+            root.name
+        ));
     }
     let state = root.attr("state").unwrap_or_default().to_string();
     let pid: u32 = root
@@ -331,7 +341,10 @@ pub fn domain_from(status_file: &Path, root: &Element) -> Result<Domain, String>
                 path: target.and_then(|t| t.attr("path")).map(str::to_string),
                 offset: target
                     .and_then(|t| t.attr("offset"))
-                    .map(|o| o.parse().map_err(|_| format!("lease offset {o:?} is not a number")))
+                    .map(|o| {
+                        o.parse()
+                            .map_err(|_| format!("lease offset {o:?} is not a number"))
+                    })
                     .transpose()?,
                 lockspace: l.child_text("lockspace").filter(|s| !s.is_empty()),
             });
@@ -392,10 +405,17 @@ fn disk_resource(d: &Element) -> Option<Resource> {
 pub fn read_status(path: &Path) -> Result<Domain, String> {
     let shown = path.display();
     let (fd, _, _) = untrusted::open_regular_at(None, &path.to_string_lossy(), Access::Read, None)
-        .map_err(|e| format!("cannot open libvirt's status file {shown}: {}", e.describe()))?;
+        .map_err(|e| {
+            format!(
+                "cannot open libvirt's status file {shown}: {}",
+                e.describe()
+            )
+        })?;
     let bytes = untrusted::read_bounded(fd.as_fd(), MAX_STATUS)
         .map_err(|e| format!("cannot read libvirt's status file {shown}: {}", e.desc()))?
-        .ok_or_else(|| format!("libvirt's status file {shown} is larger than {MAX_STATUS} bytes"))?;
+        .ok_or_else(|| {
+            format!("libvirt's status file {shown} is larger than {MAX_STATUS} bytes")
+        })?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| format!("libvirt's status file {shown} is not UTF-8"))?;
     let root = parse_xml(text).map_err(|e| format!("libvirt's status file {shown}: {e}"))?;

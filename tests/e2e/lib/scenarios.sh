@@ -627,6 +627,14 @@ s15() {
   show_lw "host A: lockwarden audit after adopt"
   lw_rc 0 "audit with every VM adopted" || return 1
   lw_has "s15-a: protected (3 of 3 held)" "s15-b: protected" "s15-c: protected" || return 1
+  # libvirt now drives the adopted VM through the plugin like any other: suspend releases,
+  # resume takes the leases again.
+  virsh_ok A suspend s15-b || return 1
+  wait_until 5 eval "[[ \"\$(try_start B s15-l '$d2')\" == *'COULD start'* ]]" ||
+    fail "s15-b suspended, but its disk stayed locked" || return 1
+  virsh_ok A resume s15-b || return 1
+  start_refused B s15-m "rw:$d2" || return 1
+  detail "adopted s15-b: suspend freed its disk, resume took it back"
   # The VMs' exit frees their disks: no lifetime connection, the pidfd watches QEMU.
   destroy A s15-b || return 1
   kill -KILL "$pa"
