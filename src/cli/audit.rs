@@ -264,10 +264,12 @@ fn holding(ctx: &Context, dom: &Domain, item: &Item) -> Holding {
     };
     let pid = dom.owner.pid;
     if let Ok(leases) = &ctx.leases {
-        if let Some(l) = leases
-            .iter()
-            .find(|l| l.kind == spec.kind && (l.lock_path == *path || l.name == spec.name))
-        {
+        if let Some(l) = leases.iter().find(|l| {
+            // A lease key is only unique within its directory: match leases by lock file.
+            l.kind == spec.kind
+                && (l.lock_path == *path
+                    || (spec.kind == ResourceKind::Disk && l.name == spec.name))
+        }) {
             if l.owners.iter().any(|o| o.pid == pid) {
                 return Holding::Protected;
             }
