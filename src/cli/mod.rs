@@ -4,9 +4,14 @@
 //! are part of the interface (documented in lockwarden(1) and docs/holders.md):
 //! 0 success (`who`: it named holders), 1 a check failed (`who`: the disk is free),
 //! 2 usage error, 3 the daemon cannot be reached or answered with an error (`who`: the disk
-//! could not be examined).
+//! could not be examined). `audit` and `adopt`: 0 every running VM is (now) protected, 1 at
+//! least one is exposed or was refused, 2 usage, 3 lockwardend or libvirt's status files could
+//! not be read.
 
+mod adopt;
+mod audit;
 mod doctor;
+mod running;
 mod table;
 mod who;
 
@@ -38,6 +43,11 @@ commands:
                     holder records on the storage; works without lockwardend)
   doctor            checks that catch real outages (daemon, libvirt config, lockspaces, NFS,
                     plugin config differing between hosts)
+  audit             is every running VM on this host protected: each VM's disks and leases as
+                    the plugin would lock them, and who holds each (exit 1: some VM is exposed)
+  adopt VM...|--all take the leases of running VMs that hold none (VMs started before
+                    lockwarden was enabled, or under lockd), on behalf of their QEMU pid;
+                    --dry-run shows what would be taken
   version           print the version of this tool
 
 options:
@@ -49,6 +59,9 @@ options:
                         /proc/self/mounts)
   --no-publish          doctor: do not record this host's plugin config in the lockspaces
   --qemu-conf PATH      libvirt's qemu.conf doctor checks (default /etc/libvirt/qemu.conf)
+  --status-dir PATH     audit/adopt: libvirt's QEMU status files (default /run/libvirt/qemu)
+  --all                 adopt: every running VM
+  --dry-run             adopt: only show what would be taken
   --timeout-ms N        how long to wait for the daemon (default 5000)
   --json                machine-readable output (stable field names)
 ";
@@ -66,14 +79,21 @@ struct Cli {
     /// `--no-publish`: doctor only reads other hosts' published configs.
     no_publish: bool,
     command: String,
-    /// Positional arguments after the command (`who PATH`).
+    /// Positional arguments after the command (`who PATH`, `adopt VM...`).
     operands: Vec<String>,
+    /// `--status-dir`: libvirt's QEMU status files (audit, adopt).
+    status_dir: PathBuf,
+    /// `adopt --all`.
+    all: bool,
+    /// `adopt --dry-run`.
+    dry_run: bool,
 }
 
 /// How many positional arguments each command takes.
 fn operand_count(command: &str) -> usize {
     match command {
         "who" => 1,
+        "adopt" => usize::MAX,
         _ => 0,
     }
 }
@@ -89,6 +109,9 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
         no_publish: false,
         command: String::new(),
         operands: Vec::new(),
+        status_dir: PathBuf::from(running::STATUS_DIR),
+        all: false,
+        dry_run: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -105,6 +128,9 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
             "--qemu-conf" => cli.qemu_conf = PathBuf::from(value(arg)?),
             "--mounts" => cli.mounts = Some(PathBuf::from(value(arg)?)),
             "--no-publish" => cli.no_publish = true,
+            "--status-dir" => cli.status_dir = PathBuf::from(value(arg)?),
+            "--all" => cli.all = true,
+            "--dry-run" => cli.dry_run = true,
             "--timeout-ms" => {
                 let v = value(arg)?;
                 let ms: u64 = v
@@ -123,7 +149,7 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
     if cli.command.is_empty() {
         return Err("no command given".into());
     }
-    if cli.operands.len() < operand_count(&cli.command) {
+    if cli.operands.len() < operand_count(&cli.command) && cli.command != "adopt" {
         return Err(format!("'{}' needs a disk path", cli.command));
     }
     Ok(Some(cli))
@@ -147,6 +173,8 @@ pub fn run(args: &[String]) -> u8 {
         "list" => list(&cli),
         "doctor" => doctor::run(&cli),
         "who" => who::run(&cli),
+        "audit" => audit::run(&cli),
+        "adopt" => adopt::run(&cli),
         "version" => {
             println!("lockwarden {}", env!("CARGO_PKG_VERSION"));
             EXIT_OK

@@ -139,7 +139,11 @@ fn examine(cli: &Cli, disk: &str) -> Result<Report, String> {
 
 /// Open the lock target read-only without creating anything; None when a lockspace lock file
 /// does not exist (nobody holds it: lock files are created before they are locked).
-fn open_lock(target: &LockTarget, disk: &str, lock_path: &str) -> Result<Option<OwnedFd>, String> {
+pub(super) fn open_lock(
+    target: &LockTarget,
+    disk: &str,
+    lock_path: &str,
+) -> Result<Option<OwnedFd>, String> {
     let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
     let fd = match target {
         LockTarget::File { path } => {

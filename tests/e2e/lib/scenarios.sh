@@ -546,6 +546,163 @@ s14() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Issue 20: VMs that were already running when lockwarden was enabled.
+
+# show_lw TITLE: LW_OUT as detail lines under TITLE.
+show_lw() {
+  detail "$1 (exit $LW_RC):"
+  while IFS= read -r l; do detail "  $l"; done <<<"$LW_OUT"
+}
+# lw_has TEXT...: LW_OUT contains each TEXT (fixed strings).
+lw_has() {
+  local t
+  for t in "$@"; do
+    grep -qF -- "$t" <<<"$LW_OUT" || {
+      fail "lockwarden output lacks '$t': $(oneline "$LW_OUT")"
+      return 1
+    }
+  done
+}
+lw_rc() { # WANT WHAT
+  [ "$LW_RC" = "$1" ] || fail "$2 exited $LW_RC, expected $1: $(oneline "$LW_OUT")"
+}
+
+s15() {
+  local d1 d2 d3 s r pa pb
+  lockwarden_mode || {
+    EVIDENCE="needs lockwardend"
+    return 3
+  }
+  d1=$(mkimg s15-a qcow2)
+  d2=$(mkimg s15-b qcow2)
+  d3=$(mkimg s15-c qcow2)
+  s=$(mkimg s15-shared raw)
+  r=$(mkimg s15-ro qcow2)
+  # VMs started before lockwarden was enabled: libvirtd A runs with lock_manager = "nop".
+  set_lock_manager A nop || fail "host A: could not switch to lock_manager nop" || return 1
+  start_ok A s15-a "rw:$d1" "shared:$s" "ro:$r" || return 1
+  start_ok A s15-b "rw:$d2" || return 1
+  start_ok A s15-c "rw:$d3" || return 1
+  # The dangerous case the operator must hear about: nothing stopped host B from using s15-c's
+  # disk as well.
+  start_ok B s15-x "rw:$d3" || return 1
+  pa=$(qemu_pid A s15-a)
+  pb=$(qemu_pid A s15-b)
+  set_lock_manager A lockwarden || fail "host A: could not switch back to lockwarden" || return 1
+  detail "host A: libvirtd restarted with lock_manager = \"lockwarden\"; s15-a/b/c kept running"
+  [ "$(qemu_pid A s15-a)" = "$pa" ] || fail "s15-a has a new QEMU after the libvirtd restart" || return 1
+  lw A audit
+  show_lw "host A: lockwarden audit before adopt"
+  lw_rc 1 "audit with unprotected VMs" || return 1
+  lw_has "s15-a: UNPROTECTED" "s15-b: UNPROTECTED" "s15-c: HELD ELSEWHERE" "s15-x" "lw-e2e-b" || return 1
+  lw A audit --json
+  grep -q '"verdict": "unprotected"' <<<"$LW_OUT" || fail "audit --json has no unprotected verdict: $(oneline "$LW_OUT")" || return 1
+  lw A adopt --all --dry-run
+  show_lw "host A: lockwarden adopt --all --dry-run"
+  lw_rc 1 "adopt --dry-run with a VM that would be refused" || return 1
+  lw_has "s15-a: would take 3 lease(s) for QEMU pid $pa" "s15-c: would be refused" || return 1
+  lw A audit
+  lw_has "s15-a: UNPROTECTED" || return 1
+  detail "the dry run took nothing (audit still says s15-a is unprotected)"
+  lw A adopt --all
+  show_lw "host A: lockwarden adopt --all"
+  lw_rc 1 "adopt --all with s15-c's disk held on host B" || return 1
+  lw_has "s15-a: adopted" "s15-b: adopted" "s15-c: NOT adopted" "VM 's15-x'" "lw-e2e-b" || return 1
+  # Adopted VMs are protected as if libvirt had started them under lockwarden.
+  start_refused B s15-d "rw:$d1" || return 1
+  err_mentions "$d1" "VM 's15-a'" "on host lw-e2e-a" || return 1
+  start_refused B s15-e "rw:$d2" || return 1
+  start_refused B s15-f "raw:$s" || return 1
+  start_refused B s15-g "rw:$r" || return 1
+  start_ok B s15-h "shared:$s" || return 1
+  detail "host B: writers refused on s15-a's writable, shareable and read-only disks; a sharer started"
+  destroy B s15-h || return 1
+  # Once host B's VM is gone, s15-c can be adopted too.
+  destroy B s15-x || return 1
+  lw A adopt s15-c
+  show_lw "host A: lockwarden adopt s15-c (after s15-x on B was destroyed)"
+  lw_rc 0 "adopt s15-c" || return 1
+  start_refused B s15-i "rw:$d3" || return 1
+  lw A audit
+  show_lw "host A: lockwarden audit after adopt"
+  lw_rc 0 "audit with every VM adopted" || return 1
+  lw_has "s15-a: protected (3 of 3 held)" "s15-b: protected" "s15-c: protected" || return 1
+  # libvirt now drives the adopted VM through the plugin like any other: suspend releases,
+  # resume takes the leases again.
+  virsh_ok A suspend s15-b || return 1
+  wait_until 5 eval "[[ \"\$(try_start B s15-l '$d2')\" == *'COULD start'* ]]" ||
+    fail "s15-b suspended, but its disk stayed locked" || return 1
+  virsh_ok A resume s15-b || return 1
+  start_refused B s15-m "rw:$d2" || return 1
+  detail "adopted s15-b: suspend freed its disk, resume took it back"
+  # The VMs' exit frees their disks: no lifetime connection, the pidfd watches QEMU.
+  destroy A s15-b || return 1
+  kill -KILL "$pa"
+  wait_until 10 gone A s15-a || fail "host A: libvirt did not notice that s15-a's QEMU $pa was killed" || return 1
+  wait_until 5 eval "! pid_alive $pb" || true
+  wait_until 5 eval "[[ \"\$(try_start B s15-j '$d1')\" == *'COULD start'* ]]" ||
+    fail "s15-a's QEMU was killed, but its disk stayed locked" || return 1
+  wait_until 5 eval "[[ \"\$(try_start B s15-k '$d2')\" == *'COULD start'* ]]" ||
+    fail "s15-b was destroyed, but its disk stayed locked" || return 1
+  detail "SIGKILL of s15-a's QEMU and virsh destroy of s15-b freed their disks"
+  destroy A s15-c || return 1
+  lw A audit
+  show_lw "host A: lockwarden audit after the VMs ended"
+  lw_rc 0 "audit with no VM" || return 1
+}
+
+# s16: moving a host from lockd to lockwarden without restarting its VMs (docs/migration.md).
+s16() {
+  local d s t0 window pid
+  lockwarden_mode || {
+    EVIDENCE="needs lockwardend"
+    return 3
+  }
+  d=$(mkimg s16 qcow2)
+  s=$(mkimg s16-shared raw)
+  set_lock_manager A lockd || fail "host A: could not switch to lockd" || return 1
+  start_ok A s16-a "rw:$d" "shared:$s" || return 1
+  start_refused B s16-b "rw:$d" || return 1
+  # Step 1: libvirtd A switches to lockwarden; virtlockd keeps the running VM's locks.
+  set_lock_manager A lockwarden || fail "host A: could not switch to lockwarden" || return 1
+  detail "step 1: libvirtd A restarted with lockwarden; virtlockd still runs"
+  start_refused B s16-c "rw:$d" || return 1
+  lw A audit
+  show_lw "host A: audit while virtlockd still holds s16-a's locks"
+  lw_rc 1 "audit with a VM held by virtlockd" || return 1
+  lw_has "s16-a: HELD ELSEWHERE" "virtlockd" || return 1
+  lw A adopt s16-a
+  show_lw "host A: adopt while virtlockd holds the disk"
+  lw_rc 1 "adopt of a disk virtlockd holds" || return 1
+  lw_has "NOT adopted" "virtlockd" || return 1
+  # Step 2: SIGKILL virtlockd (its SIGTERM path sends SIGTERM to every QEMU whose locks it
+  # holds: seen here as "terminating on signal 15 from pid N (virtlockd)" in the domain log)
+  # and adopt at once; the window is this step's duration.
+  pid=$(qemu_pid A s16-a)
+  t0=$(now_ms)
+  kill -KILL "${LOCKD_PID[A]}"
+  wait "${LOCKD_PID[A]}" 2>/dev/null
+  LOCKD_PID[A]=
+  lw A adopt --all
+  window=$(since "$t0")
+  show_lw "step 2: virtlockd SIGKILLed, then lockwarden adopt --all"
+  lw_rc 0 "adopt after virtlockd was killed" || return 1
+  pid_alive "$pid" || fail "s16-a's QEMU $pid died when virtlockd was killed" || return 1
+  lw_has "s16-a: adopted" || return 1
+  detail "window without a lock on s16-a's disks (virtlockd stop + adopt): $window"
+  start_refused B s16-d "rw:$d" || return 1
+  err_mentions "VM 's16-a'" || return 1
+  start_refused B s16-e "raw:$s" || return 1
+  lw A audit
+  show_lw "host A: audit after the move"
+  lw_rc 0 "audit after the move" || return 1
+  destroy A s16-a || return 1
+  wait_until 5 eval "[[ \"\$(try_start B s16-f '$d')\" == *'COULD start'* ]]" ||
+    fail "s16-a destroyed, but its disk stayed locked" || return 1
+  start_virtlockd A
+}
+
+# ---------------------------------------------------------------------------------------------
 
 # file_size PATH: size in bytes (0 if missing).
 file_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
@@ -609,4 +766,7 @@ run_all_scenarios() {
   run_scenario 13 "mixed cluster: lockd+virtlockd host and lockwarden host, direct and lockspace"
   # Beyond issue 3's list: <lease> elements, which docs/interfaces.md §3 promises and lockd cannot do.
   run_scenario 14 "<lease> elements: one lease key, two hosts"
+  # Issue 20: VMs that were running before lockwarden was enabled.
+  run_scenario 15 "audit and adopt VMs started under lock_manager nop"
+  run_scenario 16 "lockd -> lockwarden without restarting a running VM"
 }

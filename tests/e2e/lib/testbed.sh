@@ -373,3 +373,17 @@ mkdom() {
   printf '%s\n' "$tmpl" >"$out"
   printf '%s' "$out"
 }
+
+# ---------------------------------------------------------------------------------------------
+# The admin CLI inside a host (issue 20: audit / adopt)
+
+# lw HOST ARGS...: run `lockwarden ARGS` inside HOST's namespace with the host's plugin config;
+# its output (stdout and stderr) is left in LW_OUT, its exit status in LW_RC.
+LW_OUT='' LW_RC=0
+lw() {
+  local h=$1
+  shift
+  LW_OUT=$(in_ns "$h" timeout --kill-after=5 "$VIRSH_TIMEOUT" "$LW_CLI" "$@" \
+    --config /etc/libvirt/qemu-lockwarden.conf 2>&1)
+  LW_RC=$?
+}

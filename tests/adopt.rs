@@ -1,0 +1,217 @@
+//! `lockwarden audit` and `lockwarden adopt` against the real lockwardend (issue 20), without
+//! libvirt: a status directory written like libvirt's, and a stand-in "QEMU" process whose
+//! command line carries `-name guest=NAME` as libvirt's QEMU does. The real-libvirt version is
+//! scenarios 15 and 16 of tests/e2e.
+
+mod common;
+
+use common::{Daemon, Probe, image, probe0, tempdir, wait_unlocked};
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn status_xml(name: &str, pid: u32, disk: &Path, shared: &Path) -> String {
+    format!(
+        "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE.\n-->\n\
+         <domstatus state='running' reason='booted' pid='{pid}'>\n\
+         <devices><device alias='virtio-disk0'/></devices>\n\
+         <domain type='qemu' id='3'>\n\
+         <name>{name}</name>\n\
+         <uuid>c7a5fdbd-cdaf-9455-926a-d65c16db1809</uuid>\n\
+         <on_lockfailure>poweroff</on_lockfailure>\n\
+         <devices>\n\
+         <disk type='file' device='disk'><source file='{}' index='1'/>\
+         <backingStore type='file'><source file='/nonexistent/base.qcow2'/></backingStore>\
+         <target dev='vda'/></disk>\n\
+         <disk type='file' device='disk'><source file='{}'/><shareable/></disk>\n\
+         <disk type='network' device='disk'><source protocol='rbd' name='p/i'/></disk>\n\
+         </devices>\n</domain>\n</domstatus>\n",
+        disk.display(),
+        shared.display()
+    )
+}
+
+/// A process that looks like libvirt's QEMU for `name` (its argv has `-name guest=NAME`).
+fn fake_qemu(name: &str) -> Child {
+    Command::new("sh")
+        .args(["-c", "sleep 1000; :", "-name"])
+        .arg(format!("guest={name},debug-threads=on"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawning the stand-in QEMU")
+}
+
+struct Bed {
+    daemon: Daemon,
+    conf: std::path::PathBuf,
+    status: std::path::PathBuf,
+}
+
+impl Bed {
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_lockwarden"))
+            .arg("--admin-socket")
+            .arg(&self.daemon.admin_socket)
+            .arg("--config")
+            .arg(&self.conf)
+            .arg("--status-dir")
+            .arg(&self.status)
+            .args(args)
+            .output()
+            .expect("running lockwarden")
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// An OFD write lock on byte 0 held by this test process: "something that is not lockwarden".
+fn foreign_lock(path: &Path) -> fs::File {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    // SAFETY: flock is plain data; zeroed is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_len = 1;
+    // SAFETY: valid fd and flock pointer.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    f
+}
+
+#[test]
+fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
+    let daemon = Daemon::start();
+    let dir = tempdir();
+    let disk = image(dir.path(), "vm1 disk.img");
+    let shared = image(dir.path(), "shared.img");
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    fs::write(&conf, daemon.plugin_conf("")).unwrap();
+    let status = dir.path().join("status");
+    fs::create_dir(&status).unwrap();
+    let mut qemu = fake_qemu("vm1");
+    fs::write(
+        status.join("vm1.xml"),
+        status_xml("vm1", qemu.id(), &disk, &shared),
+    )
+    .unwrap();
+    let bed = Bed {
+        daemon,
+        conf,
+        status,
+    };
+
+    // Before: exposed, exit 1.
+    let o = bed.cli(&["audit"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("vm1: UNPROTECTED (0 of 2 held)"),
+        "{}",
+        text(&o)
+    );
+    let o = bed.cli(&["audit", "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["vms"][0]["verdict"], "unprotected");
+    assert_eq!(j["vms"][0]["on_lockfailure"], "poweroff");
+    assert_eq!(j["vms"][0]["resources"][1]["mode"], "shared");
+    assert_eq!(j["vms"][0]["resources"].as_array().unwrap().len(), 2);
+
+    // A disk held by something that is not lockwarden refuses the whole VM: nothing is taken.
+    let foreign = foreign_lock(&shared);
+    let o = bed.cli(&["adopt", "--all"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("vm1: NOT adopted, nothing taken"),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("not lockwarden"), "{}", text(&o));
+    assert_eq!(probe0(&disk), Probe::Unlocked, "all or nothing");
+    drop(foreign);
+
+    // Dry run: says what it would take, takes nothing.
+    let o = bed.cli(&["adopt", "vm1", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("would take 2 lease(s)"), "{}", text(&o));
+    assert_eq!(probe0(&disk), Probe::Unlocked);
+
+    // Unknown VM: usage error.
+    let o = bed.cli(&["adopt", "nosuchvm"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+    // Adopt: both disks locked in the plugin's modes, for the QEMU pid.
+    let o = bed.cli(&["adopt", "vm1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("vm1: adopted"), "{}", text(&o));
+    assert_eq!(probe0(&disk), Probe::WriteLocked);
+    assert_eq!(probe0(&shared), Probe::ReadLocked);
+    let o = bed.cli(&["audit"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("vm1: protected (2 of 2 held)"),
+        "{}",
+        text(&o)
+    );
+    // Adopting again changes nothing.
+    let o = bed.cli(&["adopt", "--all"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("already protected"), "{}", text(&o));
+
+    // The VM's exit frees its disks (pidfd; there is no lifetime connection).
+    qemu.kill().unwrap();
+    qemu.wait().unwrap();
+    assert!(
+        wait_unlocked(&disk, Duration::from_secs(10)).is_some(),
+        "the adopted disk stayed locked after its QEMU exited"
+    );
+    assert!(wait_unlocked(&shared, Duration::from_secs(10)).is_some());
+    // A status file left behind by a dead QEMU is reported, never adopted.
+    let o = bed.cli(&["adopt", "vm1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("is not running"), "{}", text(&o));
+    assert_eq!(probe0(&disk), Probe::Unlocked);
+}
+
+#[test]
+fn a_pid_that_is_not_the_vms_qemu_is_not_adopted() {
+    let daemon = Daemon::start();
+    let dir = tempdir();
+    let disk = image(dir.path(), "a.img");
+    let shared = image(dir.path(), "s.img");
+    let conf = dir.path().join("qemu-lockwarden.conf");
+    fs::write(&conf, daemon.plugin_conf("")).unwrap();
+    let status = dir.path().join("status");
+    fs::create_dir(&status).unwrap();
+    let mut other = fake_qemu("another-vm");
+    fs::write(
+        status.join("vm2.xml"),
+        status_xml("vm2", other.id(), &disk, &shared),
+    )
+    .unwrap();
+    let bed = Bed {
+        daemon,
+        conf,
+        status,
+    };
+    let o = bed.cli(&["adopt", "--all"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("is not the QEMU of this domain"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(probe0(&disk), Probe::Unlocked);
+    other.kill().unwrap();
+    other.wait().unwrap();
+}
