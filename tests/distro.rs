@@ -86,8 +86,7 @@ fn package(built: &mut Option<PathBuf>) -> PathBuf {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = Instant::now();
-    let (ok, lines) =
-        run_streaming(Command::new("bash").arg(root.join("scripts/build-deb.sh")));
+    let (ok, lines) = run_streaming(Command::new("bash").arg(root.join("scripts/build-deb.sh")));
     let deb = lines.last().map(PathBuf::from).unwrap_or_default();
     assert!(
         ok && deb.is_file(),
@@ -118,7 +117,9 @@ fn suite(name: &str) {
         .map(String::as_str)
         .collect();
     let passes = lines.iter().filter(|l| l.starts_with("PASS ")).count();
-    let table = lines.iter().any(|l| l.starts_with(&format!("--- end of {name} table")));
+    let table = lines
+        .iter()
+        .any(|l| l.starts_with(&format!("--- end of {name} table")));
     assert!(
         ok && failures.is_empty() && table && passes > 0,
         "distribution suite {name} failed after {:.0} s ({passes} passed, table printed: \

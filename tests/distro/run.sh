@@ -221,9 +221,13 @@ wait_for() { # wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds
 boot() { # boot SUITE NAME HOSTNAME LOWER DIR: boots a container; sets BOOT_PID1 and BOOT_NSPAWN
   local suite=$1 name=$2 host=$3 lower=$4 d=$W/$5
   mkdir -p "$d/upper" "$d/work" "$d/root"
-  mount -t overlay overlay -o "lowerdir=$lower,upperdir=$d/upper,workdir=$d/work" "$d/root" ||
-    return 1
-  MOUNTS+=("$d/root")
+  if mount -t overlay overlay -o "lowerdir=$lower,upperdir=$d/upper,workdir=$d/work" "$d/root"; then
+    MOUNTS+=("$d/root")
+  else
+    # No overlay on this file system (e.g. it is itself an overlay): a full copy instead.
+    note "overlay mount failed; copying the root file system for $name"
+    cp -a "$lower/." "$d/root/" || return 1
+  fi
   # systemd sets the hostname from /etc/hostname (debootstrap copied this machine's): each host
   # needs its own, lockwarden records it in its holder records.
   echo "$host" >"$d/root/etc/hostname"
@@ -346,6 +350,11 @@ main_pid() { # main_pid PID1: lockwardend's MainPID, or nothing when it has none
 }
 installed_version() { # installed_version PID1: the lockwarden package version installed there
   on "$1" 'dpkg-query -W lockwarden' 2>/dev/null | awk '{print $2}'
+}
+no_keeper() { # no_keeper PID1: no keeper process (lockwardend-kpr) runs on that host
+  local out
+  out=$(on "$1" 'for c in /proc/[0-9]*/comm; do [ "$(cat $c 2>/dev/null)" = lockwardend-kpr ] && echo $c; done')
+  [ -z "$out" ]
 }
 listed() { # listed PID1 NAME: `lockwarden list` on that host shows domain NAME
   local out
@@ -537,6 +546,46 @@ for line in sys.stdin:
 ' | tail -14
   done
 
+  local jb ja
+  jb=$(on "$B" 'journalctl -b --no-pager -o json -u lockwardend.service' 2>/dev/null)
+  ja=$(on "$A" 'journalctl -b --no-pager -o json -u lockwardend.service' 2>/dev/null)
+  if r=$(python3 -c '
+import json, sys
+for line in sys.stdin:
+    e = json.loads(line)
+    m = e.get("MESSAGE")
+    if isinstance(m, str) and m.startswith("refused acquire for VM \"lw-vm-b-nolock\"") and "in use by VM" in m:
+        print("priority %s: %s" % (e.get("PRIORITY"), m[:160])); sys.exit(0)
+sys.exit(1)' <<<"$jb"); then
+    pass "$suite: B's journal (-u lockwardend) logs the refusal naming the holder: $r"
+  else
+    fail "$suite: B's journal (-u lockwardend) logs the refusal"
+  fi
+  if r=$(python3 -c '
+import json, sys
+want = {"keeper kept the lease over kill -9 (warning)": ("lockwardend disconnected; holding", "4"),
+        "lease taken back from the keeper (info)": ("took back 1 of 1 lease", "6"),
+        "live re-exec on reload (info)": ("live re-exec #", "6")}
+seen = set()
+for line in sys.stdin:
+    e = json.loads(line)
+    m = e.get("MESSAGE")
+    for k, (text, prio) in want.items():
+        if isinstance(m, str) and text in m and e.get("PRIORITY") == prio:
+            seen.add(k)
+missing = sorted(set(want) - seen)
+print(", ".join(missing) if missing else ", ".join(sorted(seen)))
+sys.exit(1 if missing else 0)' <<<"$ja"); then
+    pass "$suite: A's journal (-u lockwardend) logs the lifecycle: $r"
+  else
+    fail "$suite: A's journal (-u lockwardend) logs the lifecycle" "missing: $r"
+  fi
+  if on "$A" 'test -x /usr/sbin/virtqemud'; then
+    info "$suite ships virtqemud: this suite runs against libvirtd only (not yet against virtqemud)"
+  else
+    info "$suite ships no virtqemud (only the monolithic libvirtd): nothing more to run"
+  fi
+
   # --- apt remove with a VM running: refused for each reason, nothing changes
   remove_refused() { # remove_refused WHAT REASON-PATTERN
     local out
@@ -571,6 +620,34 @@ for line in sys.stdin:
   else
     fail "$suite: VM destroyed while lockwardend was stopped frees its disk" \
       "$(grep " $lockline " /proc/locks)" "$(on "$A" 'lockwarden list' 2>&1)"
+  fi
+
+  # --- forced removal with a VM running: the keeper keeps its lease until the VM exits
+  if out=$(on "$A" 'timeout 60 virsh -q -c qemu:///system start lw-vm' 2>&1) && listed "$A" lw-vm; then
+    sampler_start "$disk"
+    if out=$(on "$A" 'LOCKWARDEN_FORCE_REMOVE=1 apt-get remove -y -q lockwarden' 2>&1); then
+      sampler_stop
+      res=$SAMPLER_RESULT
+      r=$(b_refused "$B" lw-vm-b-nolock)
+      if [ "${res#* }" = 0 ] && [ "${res% *}" -gt 0 ] && [ "${r%%:*}" = "yes (lockwarden)" ]; then
+        pass "$suite: LOCKWARDEN_FORCE_REMOVE=1 apt-get remove with a VM running: ${res% *} samples, 0 unlocked; B still refused by lockwarden (the keeper holds the lease)"
+      else
+        fail "$suite: forced removal with a VM running keeps the lease" "samples/unlocked: $res" "B: $r"
+      fi
+      on "$A" 'virsh -q -c qemu:///system destroy lw-vm' >/dev/null 2>&1
+      if wait_for 30 eval "! grep -q ' $lockline 0 ' /proc/locks" &&
+        wait_for 30 no_keeper "$A"; then
+        pass "$suite: ... the VM destroyed: the keeper frees the disk and exits"
+      else
+        fail "$suite: after forced removal, destroying the VM frees the disk and ends the keeper" \
+          "$(grep " $lockline " /proc/locks)" "$(on "$A" 'ps -eo pid,comm | grep lockwarden')"
+      fi
+    else
+      sampler_stop
+      fail "$suite: LOCKWARDEN_FORCE_REMOVE=1 apt-get remove" "$(printf '%s\n' "$out" | tail -6)"
+    fi
+  else
+    fail "$suite: restart lw-vm on A for the forced-removal check" "$out"
   fi
 
   # --- purge: after the operator's steps (no VMs, lock_manager removed), nothing is left
