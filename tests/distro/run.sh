@@ -221,7 +221,9 @@ wait_for() { # wait_for SECONDS CMD...: poll CMD every 0.1 s until it succeeds
 boot() { # boot SUITE NAME HOSTNAME LOWER DIR: boots a container; sets BOOT_PID1 and BOOT_NSPAWN
   local suite=$1 name=$2 host=$3 lower=$4 d=$W/$5
   mkdir -p "$d/upper" "$d/work" "$d/root"
-  if mount -t overlay overlay -o "lowerdir=$lower,upperdir=$d/upper,workdir=$d/work" "$d/root"; then
+  if mountpoint -q "$d/root"; then
+    : # booted again (after a power cut): same root, same overlay
+  elif mount -t overlay overlay -o "lowerdir=$lower,upperdir=$d/upper,workdir=$d/work" "$d/root"; then
     MOUNTS+=("$d/root")
   else
     # No overlay on this file system (e.g. it is itself an overlay): a full copy instead.
@@ -620,6 +622,34 @@ sys.exit(1 if missing else 0)' <<<"$ja"); then
   else
     fail "$suite: VM destroyed while lockwardend was stopped frees its disk" \
       "$(grep " $lockline " /proc/locks)" "$(on "$A" 'lockwarden list' 2>&1)"
+  fi
+
+  # --- host A loses power with a VM running, and boots again: no stale lease anywhere
+  if on "$A" 'timeout 60 virsh -q -c qemu:///system start lw-vm' >/dev/null 2>&1 && listed "$A" lw-vm; then
+    kill -KILL "$A"
+    wait_for 30 eval "! kill -0 $NA 2>/dev/null"
+    if boot "$suite" "lwd-$suite-a" lwd-host-a "$lower" a; then
+      A=$BOOT_PID1 NA=$BOOT_NSPAWN
+      local who_out who_rc=0
+      who_out=$(on "$B" 'lockwarden who /var/lib/libvirt/images/disk.qcow2' 2>&1) || who_rc=$?
+      if grep -q " $lockline 0 " /proc/locks; then
+        fail "$suite: after a power cut and reboot of A, the disk is still locked" "$(grep " $lockline " /proc/locks)"
+      elif listed "$A" lw-vm; then
+        fail "$suite: after a power cut and reboot of A, lockwardend on A still lists lw-vm" "$(on "$A" 'lockwarden list' 2>&1)"
+      elif [ "$who_rc" != 1 ]; then
+        fail "$suite: after a power cut of A, lockwarden who on B says the disk is free (exit 1)" "exit $who_rc: $who_out"
+      elif ! out=$(on "$B" 'timeout 60 virsh -q -c qemu:///system start lw-vm-b' 2>&1); then
+        fail "$suite: after a power cut of A, B starts a VM on the disk" "$out"
+      else
+        on "$B" 'virsh -q -c qemu:///system destroy lw-vm-b' >/dev/null 2>&1
+        pass "$suite: A lost power with lw-vm running and booted again: no lock, no lease listed, lockwarden who on B: $(tr '\n' ' ' <<<"$who_out"), B starts a VM on the disk"
+      fi
+    else
+      fail "$suite: boot host A again after the power cut"
+      return
+    fi
+  else
+    fail "$suite: start lw-vm on A for the power-cut check"
   fi
 
   # --- forced removal with a VM running: the keeper keeps its lease until the VM exits
