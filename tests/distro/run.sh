@@ -460,6 +460,16 @@ EOF
   note "$suite: /proc/locks lines of the disk ($lockline): $(grep " $lockline " /proc/locks | awk '{print $2, $4, $7 "-" $8}' | tr '\n' ';')"
   if listed "$A" lw-vm; then pass "$suite: lockwarden list on A shows lw-vm"; else fail "$suite: lockwarden list on A shows lw-vm" "$(on "$A" 'lockwarden list' 2>&1)"; fi
 
+  # The admin command's own check of the host set-up (after the first VM start: asking the
+  # admin socket would itself start the daemon).
+  local doc doc_rc=0
+  doc=$(on "$A" 'lockwarden doctor' 2>&1) || doc_rc=$?
+  if [ "$doc_rc" = 0 ] && ! grep -qE '^(WARN|FAIL)' <<<"$doc"; then
+    pass "$suite: lockwarden doctor on A: every check OK ($(grep -c '^OK' <<<"$doc") checks)"
+  else
+    fail "$suite: lockwarden doctor on A (exit $doc_rc)" "$doc"
+  fi
+
   local r
   r=$(b_refused "$B" lw-vm-b) && pass "$suite: the disk of A's VM is refused on B, QEMU locking on: $r" ||
     fail "$suite: the disk of A's VM is refused on B, QEMU locking on" "$r"
