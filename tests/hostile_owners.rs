@@ -231,47 +231,17 @@ fn vm(name: &str) -> Vm {
 // ---------------------------------------------------------------------------------------------
 // The FUSE stand-in for NFS (tests/fusefs/testfs.rs; see tests/nfs.rs)
 
-fn fuse_prerequisites() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "tests/hostile_owners.rs mounts FUSE file systems and must run as root"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-    );
-}
-
 struct Fs {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    tfs: common::fuse::Testfs,
     _dir: tempfile::TempDir,
     backing: PathBuf,
     mnt: PathBuf,
-    ctl: PathBuf,
-    events: PathBuf,
-    child: Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
 }
 
 impl Fs {
     fn mount() -> Fs {
-        fuse_prerequisites();
-        let exe = std::env::current_exe().unwrap();
-        let testfs = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .join("examples/testfs");
-        assert!(
-            testfs.exists(),
-            "{} is missing: run `cargo build --example testfs`",
-            testfs.display()
-        );
+        common::fuse::prerequisites("tests/hostile_owners.rs");
         let dir = tempfile::Builder::new().prefix("lw-own").tempdir().unwrap();
         let backing = dir.path().join("export");
         let mnt = dir.path().join("mnt");
@@ -279,32 +249,17 @@ impl Fs {
         fs::create_dir(&mnt).unwrap();
         let ctl = dir.path().join("control");
         let events = dir.path().join("events");
-        let child = Command::new(testfs)
-            .args([&backing, &mnt, &ctl, &events])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut f = Fs {
+        let tfs = common::fuse::Testfs::mount(&backing, &mnt, &ctl, &events, BOUND);
+        Fs {
+            tfs,
             _dir: dir,
             backing,
             mnt,
-            ctl,
-            events,
-            child,
-        };
-        until("testfs is mounted", String::new, || {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting: {st}");
-            }
-            mounted(&f.mnt)
-        });
-        f
+        }
     }
 
     fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
+        self.tfs.set(text);
     }
 
     fn image(&self, name: &str) -> PathBuf {
@@ -316,8 +271,8 @@ impl Fs {
     /// success, "errno110", "EIO", or an errno number.
     fn lock_results(&self, name: &str) -> Vec<String> {
         let wr = libc::F_WRLCK.to_string();
-        fs::read_to_string(&self.events)
-            .unwrap_or_default()
+        self.tfs
+            .events()
             .lines()
             .filter_map(|l| {
                 let w: Vec<&str> = l.split(' ').collect();
@@ -325,15 +280,6 @@ impl Fs {
                     .then(|| w[5].to_string())
             })
             .collect()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 

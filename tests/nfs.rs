@@ -5,6 +5,7 @@
 mod common;
 
 use common::Daemon;
+use common::fuse::Testfs;
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
     Response,
@@ -17,46 +18,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn prerequisites() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "tests/nfs.rs mounts FUSE file systems and must run as root"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse) to run tests/nfs.rs"
-    );
-}
-
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
+    common::fuse::prerequisites("tests/nfs.rs");
 }
 
 /// One mounted test file system; unmounted (and un-hung) on drop.
 struct Fs {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    tfs: Testfs,
     _dir: tempfile::TempDir,
     backing: PathBuf,
     mnt: PathBuf,
-    ctl: PathBuf,
-    log: PathBuf,
-    child: Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
 }
 
 impl Fs {
@@ -71,37 +42,17 @@ impl Fs {
         fs::create_dir(&mnt).unwrap();
         let ctl = dir.path().join("control");
         let log = dir.path().join("events");
-        let child = Command::new(testfs_path())
-            .args([&backing, &mnt, &ctl, &log])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
+        let tfs = Testfs::mount(&backing, &mnt, &ctl, &log, Duration::from_secs(20));
+        Fs {
+            tfs,
             _dir: dir,
             backing,
             mnt,
-            ctl,
-            log,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "testfs did not mount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        f
     }
 
     fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
+        self.tfs.set(text);
     }
 
     /// An image created through the backing directory, named through the mount.
@@ -111,16 +62,7 @@ impl Fs {
     }
 
     fn events(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        self.tfs.events()
     }
 }
 
@@ -457,7 +399,7 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
         assert!(matches!(r, Response::Ok { .. }), "{r:?}");
         release(&d, &o, &disks[..1]);
     }
-    fs::write(&f.log, "").unwrap();
+    fs::write(&f.tfs.events, "").unwrap();
     for round in 0..rounds {
         let t = Instant::now();
         let r = acquire(&d, &o, &disks, FailureAction::Default);

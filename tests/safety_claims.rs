@@ -877,35 +877,13 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
 // The FUSE test file system (tests/fusefs/testfs.rs, the example `testfs`): storage that loses
 // a lock or serves lock calls late, on demand. Needs /dev/fuse.
 
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
-}
-
 /// One mounted test file system; unmounted on drop.
 struct Fs {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    tfs: common::fuse::Testfs,
     _dir: tempfile::TempDir,
     backing: PathBuf,
     mnt: PathBuf,
-    ctl: PathBuf,
-    events: PathBuf,
-    child: std::process::Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
 }
 
 impl Fs {
@@ -925,47 +903,21 @@ impl Fs {
         fs::create_dir(&mnt).expect("mkdir mnt");
         let ctl = dir.path().join("control");
         let events = dir.path().join("events");
-        let child = Command::new(testfs_path())
-            .args([&backing, &mnt, &ctl, &events])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
+        let tfs = common::fuse::Testfs::mount(&backing, &mnt, &ctl, &events, BOUND);
+        Fs {
+            tfs,
             _dir: dir,
             backing,
             mnt,
-            ctl,
-            events,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(t0.elapsed() < BOUND, "testfs did not mount");
-            std::thread::sleep(Duration::from_millis(10));
         }
-        f
     }
 
     fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).expect("write control");
-        fs::rename(&tmp, &self.ctl).expect("install control");
+        self.tfs.set(text);
     }
 
     fn events(&self) -> String {
-        fs::read_to_string(&self.events).unwrap_or_default()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        self.tfs.events()
     }
 }
 
@@ -1083,7 +1035,7 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     // The daemon opened the lock file (testfs now has the backing file open) and waits in its
     // lock call: virtlockd's release deletes the file now.
     let t0 = Instant::now();
-    while !has_open(f.child.id(), &backing_file) {
+    while !has_open(f.tfs.pid(), &backing_file) {
         assert!(
             t0.elapsed() < BOUND,
             "the daemon never opened the lock file"

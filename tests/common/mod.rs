@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod fuse;
 pub mod proto;
 
 use std::fs;
