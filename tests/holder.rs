@@ -9,7 +9,8 @@
 mod common;
 
 use common::image;
-use common::proto::{Proc, hostname, ok, owner_for, sleeper};
+use common::locks::ofd_lock;
+use common::proto::{Proc, hostname, ok, owner_for, probe_lock, sleeper};
 use lockwarden::daemon::holder::{self, Published, Record, Records, Target, Vm};
 use lockwarden::protocol::{
     self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
@@ -17,7 +18,7 @@ use lockwarden::protocol::{
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -132,44 +133,14 @@ fn open_rw(p: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(p).unwrap()
 }
 
-/// Take an OFD lock on byte `start` (panics when refused).
-fn ofd_lock(f: &File, l_type: libc::c_int, start: i64) {
-    let fl = libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(
-        r,
-        0,
-        "F_OFD_SETLK failed: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// The lock type others hold on byte `start` of `path` (F_UNLCK when none).
 /// A withdrawn side file: spaces only (withdrawing overwrites the record instead of truncating).
 fn blank(content: &[u8]) -> bool {
     content.iter().all(|b| *b == b' ')
 }
 
+/// The lock type others hold on byte `start` of `path` (F_UNLCK when none).
 fn probe(path: &Path, start: i64) -> libc::c_int {
-    let f = File::open(path).unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0);
-    i32::from(fl.l_type)
+    probe_lock(path, start, 1, libc::F_WRLCK).0
 }
 
 fn vm(name: &str, pid: u32) -> Vm {

@@ -10,38 +10,13 @@
 mod common;
 
 use common::Daemon;
+use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, err, excl, ok, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, LeaseSpec, Request, Response};
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::{self, File};
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// Take an OFD write lock on byte `start` of `f` (panics when refused).
-fn ofd_lock(f: &File, start: i64) {
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(r, 0, "F_OFD_SETLK: {}", std::io::Error::last_os_error());
-}
-
-/// The other host's hold on `path`: byte 0 locked through its own open file description.
-fn hold(path: &Path) -> File {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {path:?}: {e}"));
-    ofd_lock(&f, 0);
-    f
-}
 
 fn acquire(socket: &Path, owner: &lockwarden::protocol::Owner, leases: Vec<LeaseSpec>) -> Response {
     Client::connect(socket).call(&Request::Acquire {
@@ -83,7 +58,7 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web1.img");
     fs::write(&image, vec![0u8; 4096]).unwrap();
-    let _held = hold(&image);
+    let _held = hold_byte0(&image);
     // 300 side files of "other hosts", each held (so each looks live) and none a record.
     let records = dir.path().join(".lockwarden");
     fs::create_dir(&records).unwrap();
@@ -91,7 +66,7 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
         .map(|i| {
             let p = records.join(format!("web1.img@evil{i:03}.json"));
             fs::write(&p, format!("{{\"garbage\": {i}")).unwrap();
-            hold(&p)
+            hold_byte0(&p)
         })
         .collect();
     let v = vm("vm-refused");
@@ -210,7 +185,7 @@ fn records_on_a_hung_mount_do_not_block_the_daemon() {
     fs::write(backing.join("web1.img@node-b.json"), b"{}").unwrap();
     fs::create_dir(dir.join(".lockwarden")).unwrap();
     let fuse = mount_testfs(&backing, &dir.join(".lockwarden"), scratch.path());
-    let _held = hold(&image);
+    let _held = hold_byte0(&image);
     fuse.set("hang 1\n");
     let v = vm("vm-refused");
     let (tx, rx) = mpsc::channel();

@@ -11,6 +11,7 @@
 mod common;
 
 use common::image;
+use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
 use std::fs;
@@ -281,27 +282,6 @@ impl Fs {
             })
             .collect()
     }
-}
-
-/// Hold an OFD write lock on byte 0 of `path` (another host, say) until dropped.
-fn hold_byte0(path: &Path) -> fs::File {
-    use std::os::fd::AsRawFd;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    f
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,12 +6,13 @@ mod common;
 
 use common::Daemon;
 use common::fuse::Testfs;
+use common::locks::hold_byte0;
+use common::proto::byte0;
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
     Response,
 };
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -154,18 +155,7 @@ fn lost(d: &Daemon) -> Vec<lockwarden::protocol::LeaseInfo> {
 
 /// Is byte 0 of the backing file locked by anybody (OFD GETLK from this process)?
 fn locked(backing_file: &Path) -> bool {
-    let f = fs::File::open(backing_file).unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK on an open descriptor with a valid flock.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_GETLK failed");
-    i32::from(fl.l_type) != libc::F_UNLCK
+    byte0(backing_file) != libc::F_UNLCK
 }
 
 fn leases(d: &Daemon) -> Vec<String> {
@@ -447,23 +437,7 @@ fn all_or_nothing_across_mounts() {
     let a = m1.image("a.img");
     let b = m2.image("b.img");
     // Somebody else (another host, say) holds b.
-    let other = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&b)
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
-    assert_eq!(
-        unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-        0
-    );
+    let _other = hold_byte0(&b);
     let q = Qemu::spawn();
     let r = acquire(
         &d,

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fuse;
+pub mod locks;
 pub mod proto;
 
 use std::fs;
