@@ -11,6 +11,7 @@
 mod common;
 
 use common::image;
+use common::fuse::Fs;
 use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
@@ -232,56 +233,23 @@ fn vm(name: &str) -> Vm {
 // ---------------------------------------------------------------------------------------------
 // The FUSE stand-in for NFS (tests/fusefs/testfs.rs; see tests/nfs.rs)
 
-struct Fs {
-    // Declared first: unmounted before the directory holding the mount point is removed.
-    tfs: common::fuse::Testfs,
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
+fn mount_fs() -> Fs {
+    common::fuse::prerequisites("tests/hostile_owners.rs");
+    Fs::mount("lw-own", BOUND)
 }
 
-impl Fs {
-    fn mount() -> Fs {
-        common::fuse::prerequisites("tests/hostile_owners.rs");
-        let dir = tempfile::Builder::new().prefix("lw-own").tempdir().unwrap();
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).unwrap();
-        fs::create_dir(&mnt).unwrap();
-        let ctl = dir.path().join("control");
-        let events = dir.path().join("events");
-        let tfs = common::fuse::Testfs::mount(&backing, &mnt, &ctl, &events, BOUND);
-        Fs {
-            tfs,
-            _dir: dir,
-            backing,
-            mnt,
-        }
-    }
-
-    fn set(&self, text: &str) {
-        self.tfs.set(text);
-    }
-
-    fn image(&self, name: &str) -> PathBuf {
-        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
-        self.mnt.join(name)
-    }
-
-    /// Results of the write-lock calls (`setlk NAME 1 ...`) on `name`, in order: "0" for a
-    /// success, "errno110", "EIO", or an errno number.
-    fn lock_results(&self, name: &str) -> Vec<String> {
-        let wr = libc::F_WRLCK.to_string();
-        self.tfs
-            .events()
-            .lines()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split(' ').collect();
-                (w.len() == 6 && w[0] == "setlk" && w[1] == name && w[2] == wr)
-                    .then(|| w[5].to_string())
-            })
-            .collect()
-    }
+/// Results of the write-lock calls (`setlk NAME 1 ...`) on `name` in `f`, in order: "0" for a
+/// success, "errno110", "EIO", or an errno number.
+fn lock_results(f: &Fs, name: &str) -> Vec<String> {
+    let wr = libc::F_WRLCK.to_string();
+    f.events()
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            (w.len() == 6 && w[0] == "setlk" && w[1] == name && w[2] == wr)
+                .then(|| w[5].to_string())
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -293,27 +261,27 @@ impl Fs {
 fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("burst.img");
     let v = vm("burst-vm");
     d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
     f.set(&format!("errno {} 2 burst.img\n", libc::ETIMEDOUT));
     until(
         "two ETIMEDOUT probes and then two good ones",
-        || format!("{:?}\n{}", f.lock_results("burst.img"), d.log()),
+        || format!("{:?}\n{}", lock_results(&f, "burst.img"), d.log()),
         || {
             assert!(
                 running(v.proc.pid()),
                 "the VM was killed for a transient error: {:?}\n{}",
-                f.lock_results("burst.img"),
+                lock_results(&f, "burst.img"),
                 d.log()
             );
-            let r = f.lock_results("burst.img");
+            let r = lock_results(&f, "burst.img");
             let failed: Vec<usize> = (0..r.len()).filter(|i| r[*i] != "0").collect();
             failed.len() == 2 && r.len() >= failed[1] + 3
         },
     );
-    let r = f.lock_results("burst.img");
+    let r = lock_results(&f, "burst.img");
     assert!(
         r.iter().filter(|x| x.starts_with("errno")).count() == 2,
         "{r:?}"
@@ -332,7 +300,7 @@ fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
 fn transient_probe_errors_that_persist_count_as_lost() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("persist.img");
     let mut v = vm("persist-vm");
     d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
@@ -340,14 +308,13 @@ fn transient_probe_errors_that_persist_count_as_lost() {
     let st = v.proc.wait_for(BOUND).unwrap_or_else(|| {
         panic!(
             "the VM still runs after persistent errors: {:?}\n{}",
-            f.lock_results("persist.img"),
+            lock_results(&f, "persist.img"),
             d.log()
         )
     });
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let failed = f
-        .lock_results("persist.img")
+    let failed = lock_results(&f, "persist.img")
         .iter()
         .filter(|r| r.starts_with("errno"))
         .count();
@@ -371,7 +338,7 @@ fn transient_probe_errors_that_persist_count_as_lost() {
 fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("paused.img");
     let v = vm("paused-vm");
     let pid = v.proc.pid();

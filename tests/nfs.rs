@@ -5,7 +5,7 @@
 mod common;
 
 use common::Daemon;
-use common::fuse::Testfs;
+use common::fuse::Fs;
 use common::locks::hold_byte0;
 use common::proto::byte0;
 use lockwarden::protocol::{
@@ -23,48 +23,8 @@ fn prerequisites() {
 }
 
 /// One mounted test file system; unmounted (and un-hung) on drop.
-struct Fs {
-    // Declared first: unmounted before the directory holding the mount point is removed.
-    tfs: Testfs,
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Fs {
-    fn mount() -> Fs {
-        let dir = tempfile::Builder::new()
-            .prefix("lw-nfs")
-            .tempdir()
-            .expect("tempdir");
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).unwrap();
-        fs::create_dir(&mnt).unwrap();
-        let ctl = dir.path().join("control");
-        let log = dir.path().join("events");
-        let tfs = Testfs::mount(&backing, &mnt, &ctl, &log, Duration::from_secs(20));
-        Fs {
-            tfs,
-            _dir: dir,
-            backing,
-            mnt,
-        }
-    }
-
-    fn set(&self, text: &str) {
-        self.tfs.set(text);
-    }
-
-    /// An image created through the backing directory, named through the mount.
-    fn image(&self, name: &str) -> PathBuf {
-        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
-        self.mnt.join(name)
-    }
-
-    fn events(&self) -> String {
-        self.tfs.events()
-    }
+fn mount() -> Fs {
+    Fs::mount("lw-nfs", Duration::from_secs(20))
 }
 
 /// A process standing in for QEMU.
@@ -169,7 +129,7 @@ fn leases(d: &Daemon) -> Vec<String> {
 fn hung_mount_stalls_only_its_own_disks() {
     prerequisites();
     let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
-    let (good, bad) = (Fs::mount(), Fs::mount());
+    let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let (qa, qb) = (Qemu::spawn(), Qemu::spawn());
@@ -258,7 +218,7 @@ fn hung_mount_stalls_only_its_own_disks() {
 fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     prerequisites();
     let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
-    let (good, bad) = (Fs::mount(), Fs::mount());
+    let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let c = bad.image("c.img");
@@ -374,7 +334,7 @@ fn max_overlap(intervals: &[(u128, u128)]) -> usize {
 fn sixteen_disks_on_slow_storage_lock_concurrently() {
     prerequisites();
     let d = Daemon::start_with("lease_check_interval_ms = 0\n");
-    let f = Fs::mount();
+    let f = mount();
     let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
     f.set("delay_ms 2\n");
     let q = Qemu::spawn();
@@ -433,7 +393,7 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
 fn all_or_nothing_across_mounts() {
     prerequisites();
     let d = Daemon::start_with("lease_check_interval_ms = 0\n");
-    let (m1, m2) = (Fs::mount(), Fs::mount());
+    let (m1, m2) = (mount(), mount());
     let a = m1.image("a.img");
     let b = m2.image("b.img");
     // Somebody else (another host, say) holds b.
@@ -459,7 +419,7 @@ fn all_or_nothing_across_mounts() {
 fn lost_case(action: FailureAction, label: &str) {
     let interval = 500u64;
     let d = Daemon::start_with(&format!("lease_check_interval_ms = {interval}\n"));
-    let f = Fs::mount();
+    let f = mount();
     let img = f.image(&format!("{label}.img"));
     let q = Qemu::spawn();
     let o = owner(label, &q);

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::fuse::Fs;
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -878,47 +879,13 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
 // a lock or serves lock calls late, on demand. Needs /dev/fuse.
 
 /// One mounted test file system; unmounted on drop.
-struct Fs {
-    // Declared first: unmounted before the directory holding the mount point is removed.
-    tfs: common::fuse::Testfs,
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-}
-
-impl Fs {
-    fn mount() -> Fs {
-        require_root();
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("lw-safety")
-            .tempdir()
-            .expect("tempdir");
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).expect("mkdir export");
-        fs::create_dir(&mnt).expect("mkdir mnt");
-        let ctl = dir.path().join("control");
-        let events = dir.path().join("events");
-        let tfs = common::fuse::Testfs::mount(&backing, &mnt, &ctl, &events, BOUND);
-        Fs {
-            tfs,
-            _dir: dir,
-            backing,
-            mnt,
-        }
-    }
-
-    fn set(&self, text: &str) {
-        self.tfs.set(text);
-    }
-
-    fn events(&self) -> String {
-        self.tfs.events()
-    }
+fn mount_fs() -> Fs {
+    require_root();
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
+    );
+    Fs::mount("lw-safety", BOUND)
 }
 
 /// The process state letter of `pid` (Z: exited, not reaped yet).
@@ -933,7 +900,7 @@ fn proc_state(pid: i32) -> Option<char> {
 
 #[test]
 fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
-    let f = Fs::mount();
+    let f = mount_fs();
     let d = Daemon::start_with("lease_check_interval_ms = 200\n");
     let mut h = d.host();
     let img = f.mnt.join("restart.img");
@@ -1006,7 +973,7 @@ fn now_ns() -> u128 {
 
 #[test]
 fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
-    let f = Fs::mount();
+    let f = mount_fs();
     let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
     // testfs has no mkdir: the lockspace directory exists on the "server" already.
     let backing_dir = f.backing.join("locks");

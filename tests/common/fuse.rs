@@ -105,3 +105,50 @@ impl Drop for Testfs {
         let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
+
+/// A [`Testfs`] in a fresh temporary directory: `backing` (the export) mounted on `mnt`, with
+/// its control and event files beside them. Unmounted before the directory is removed.
+pub struct Fs {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    pub tfs: Testfs,
+    _dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+}
+
+impl Fs {
+    /// Mount in a new temporary directory named `prefix…`, waiting up to `bound`.
+    pub fn mount(prefix: &str, bound: Duration) -> Fs {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir()
+            .expect("tempdir");
+        let backing = dir.path().join("export");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&backing).expect("mkdir export");
+        fs::create_dir(&mnt).expect("mkdir mnt");
+        let ctl = dir.path().join("control");
+        let events = dir.path().join("events");
+        let tfs = Testfs::mount(&backing, &mnt, &ctl, &events, bound);
+        Fs {
+            tfs,
+            _dir: dir,
+            backing,
+            mnt,
+        }
+    }
+
+    pub fn set(&self, text: &str) {
+        self.tfs.set(text);
+    }
+
+    pub fn events(&self) -> String {
+        self.tfs.events()
+    }
+
+    /// A 4 KiB image created through the backing directory, named through the mount.
+    pub fn image(&self, name: &str) -> PathBuf {
+        fs::write(self.backing.join(name), vec![0u8; 4096]).expect("write image");
+        self.mnt.join(name)
+    }
+}
