@@ -43,7 +43,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// Bound for anything asynchronous on a busy machine (not a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -82,7 +81,13 @@ impl Daemon {
         let conf = dir.path().join("lockwardend.conf");
         fs::write(&conf, config).expect("write lockwardend.conf");
         let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
+        let mut cmd = common::daemon::command(
+            &conf,
+            &socket,
+            &admin,
+            &dir.path().join("run/lockwardend.pid"),
+            &log,
+        );
         if let Some((soft, hard)) = nofile {
             // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
             unsafe {
@@ -98,44 +103,15 @@ impl Daemon {
                 });
             }
         }
-        let proc = Proc(
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("--pid-file")
-                .arg(dir.path().join("run/lockwardend.pid"))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDS")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("daemon log"))
-                .spawn()
-                .expect("spawning lockwardend"),
-        );
-        let mut d = Daemon {
+        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log);
+        Daemon {
             proc,
             dir,
             socket,
             admin,
             log,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Ok(Some(st)) = d.proc.0.try_wait() {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(5));
         }
-        d
     }
 
     fn log(&self) -> String {

@@ -18,13 +18,10 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// The uid of the hostile neighbour.
 const NOBODY: u32 = 65534;
 
@@ -47,23 +44,9 @@ impl Daemon {
         fs::write(&conf, "").expect("write lockwardend.conf");
         let log = top.join(format!("daemon-{}.log", common::proto::next_seq()));
         let socket = run.join("lockwardend.sock");
+        let admin = run.join("lockwardend-admin.sock");
         let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
-                .arg(&conf)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(run.join("lockwardend-admin.sock"))
-                .arg("--pid-file")
-                .arg(pid_file)
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDS")
-                .env_remove("LISTEN_FDNAMES")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("daemon log"))
+            common::daemon::command(&conf, &socket, &admin, pid_file, &log)
                 .spawn()
                 .expect("spawning lockwardend"),
         );
@@ -73,18 +56,7 @@ impl Daemon {
     /// Spawn and wait until it serves.
     fn start(top: &Path, run: &Path) -> Daemon {
         let mut d = Daemon::spawn(top, run, &run.join("lockwardend.pid"));
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() {
-            if let Ok(Some(st)) = d.proc.0.try_wait() {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        common::daemon::wait_serving(&mut d.proc, &[&d.socket], &d.log);
         d
     }
 

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod fuse;
 pub mod locks;
 pub mod proto;

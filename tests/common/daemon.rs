@@ -1,0 +1,53 @@
+//! Starting a bare `lockwardend` with a config of the test's choosing (the scenario harness in
+//! `common::Daemon` wraps the same binary with the plugin host around it).
+
+use super::proto::{BOUND, Proc};
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The daemon binary under test.
+pub const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+
+/// `lockwardend --config CONF --socket SOCKET --admin-socket ADMIN --pid-file PID_FILE`, out of
+/// reach of any systemd activation variables of the test's own environment, stdin and stdout
+/// null, stderr to a new file `log`. Add arguments, environment or a pre-exec hook, then spawn.
+pub fn command(conf: &Path, socket: &Path, admin: &Path, pid_file: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(DAEMON);
+    cmd.arg("--config")
+        .arg(conf)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--admin-socket")
+        .arg(admin)
+        .arg("--pid-file")
+        .arg(pid_file)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(log).expect("daemon log"));
+    cmd
+}
+
+/// Wait (bounded by [`BOUND`]) until every one of `sockets` accepts a connection; panics with
+/// the daemon log (`log`) when the daemon exits first or never serves.
+pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path) {
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let t0 = Instant::now();
+    while sockets.iter().any(|s| UnixStream::connect(s).is_err()) {
+        if let Some(st) = proc.0.try_wait().expect("try_wait") {
+            panic!("lockwardend exited during start ({st}):\n{}", read_log());
+        }
+        assert!(
+            t0.elapsed() < BOUND,
+            "lockwardend did not serve:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
