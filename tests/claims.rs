@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::locks::hold_byte0;
+use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::{Daemon, image, tempdir};
 use lockwarden::config::ConfFile;
 use lockwarden::plugin::settings::Settings as PluginSettings;

@@ -65,24 +65,10 @@ impl Daemon {
         let config = dir.path().join("lockwardend.conf");
         fs::write(&config, opts.config).unwrap();
         let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
+        let mut cmd = common::daemon::command(&config, &socket, &admin, &pid_file, &log);
+        cmd.arg("--verbose")
             .env_remove("JOURNAL_STREAM")
-            .env_remove("INVOCATION_ID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
+            .env_remove("INVOCATION_ID");
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -100,22 +86,12 @@ impl Daemon {
     }
 
     fn wait_serving(&mut self) {
-        let start = Instant::now();
-        loop {
-            if UnixStream::connect(&self.socket).is_ok() && UnixStream::connect(&self.admin).is_ok()
-            {
-                return;
-            }
-            if let Some(st) = self.proc.0.try_wait().unwrap() {
-                panic!("lockwardend exited during start ({st}):\n{}", self.log());
-            }
-            assert!(
-                start.elapsed() < BOUND,
-                "lockwardend did not serve in time:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::daemon::wait_serving(
+            &mut self.proc,
+            &[&self.socket, &self.admin],
+            &self.log,
+            BOUND,
+        );
     }
 
     fn log(&self) -> String {

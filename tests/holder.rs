@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 const BOUND: Duration = Duration::from_secs(20);
 /// 2026-11-26 10:04:05 UTC.
@@ -36,7 +35,8 @@ const SINCE: u64 = 1_795_687_445;
 
 /// A lockwardend standing for one host, in its own directory.
 struct Daemon {
-    proc: Proc,
+    /// Killed on drop.
+    _proc: Proc,
     _dir: tempfile::TempDir,
     socket: PathBuf,
     admin: PathBuf,
@@ -51,45 +51,20 @@ impl Daemon {
         let config = dir.path().join("lockwardend.conf");
         let log = dir.path().join("daemon.log");
         fs::write(&config, "").unwrap();
-        let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
-                .arg(&config)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("--pid-file")
-                .arg(dir.path().join("lockwardend.pid"))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_FDS")
-                .env_remove("LISTEN_PID")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).unwrap())
+        let pid_file = dir.path().join("lockwardend.pid");
+        let mut proc = Proc(
+            common::daemon::command(&config, &socket, &admin, &pid_file, &log)
                 .spawn()
                 .expect("spawning lockwardend"),
         );
-        let mut d = Daemon {
-            proc,
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
+        Daemon {
+            _proc: proc,
             _dir: dir,
             socket,
             admin,
             log,
-        };
-        let start = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Some(st) = d.proc.0.try_wait().unwrap() {
-                panic!("lockwardend exited ({st}):\n{}", d.log());
-            }
-            assert!(
-                start.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
         }
-        d
     }
 
     fn log(&self) -> String {

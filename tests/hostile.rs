@@ -104,7 +104,7 @@ impl Daemon {
             }
         }
         let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log);
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
         Daemon {
             proc,
             dir,

@@ -45,7 +45,7 @@ impl Daemon {
                 .spawn()
                 .expect("spawning lockwardend"),
         );
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log);
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, common::proto::BOUND);
         Daemon {
             proc,
             _dir: dir,

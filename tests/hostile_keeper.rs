@@ -56,7 +56,7 @@ impl Daemon {
     /// Spawn and wait until it serves.
     fn start(top: &Path, run: &Path) -> Daemon {
         let mut d = Daemon::spawn(top, run, &run.join("lockwardend.pid"));
-        common::daemon::wait_serving(&mut d.proc, &[&d.socket], &d.log);
+        common::daemon::wait_serving(&mut d.proc, &[&d.socket], &d.log, BOUND);
         d
     }
 

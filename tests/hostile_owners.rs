@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::image;
 use common::fuse::Fs;
+use common::image;
 use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};

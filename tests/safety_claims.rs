@@ -270,7 +270,7 @@ use lockwarden::protocol::{
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -299,47 +299,21 @@ impl Lw {
         let conf = dir.path().join("lockwardend.conf");
         fs::write(&conf, config).expect("write lockwardend.conf");
         let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
-        cmd.arg("--config")
-            .arg(&conf)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(dir.path().join("run/lockwardend.pid"))
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_FDNAMES")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("daemon log"));
+        let pid_file = dir.path().join("run/lockwardend.pid");
+        let mut cmd = common::daemon::command(&conf, &socket, &admin, &pid_file, &log);
+        cmd.arg("--verbose");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        let mut d = Lw {
+        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
+        Lw {
             proc,
             dir,
             socket,
             admin,
             log,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Some(st) = d.proc.0.try_wait().expect("try_wait") {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
         }
-        d
     }
 
     fn log(&self) -> String {

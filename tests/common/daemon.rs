@@ -1,7 +1,7 @@
 //! Starting a bare `lockwardend` with a config of the test's choosing (the scenario harness in
 //! `common::Daemon` wraps the same binary with the plugin host around it).
 
-use super::proto::{BOUND, Proc};
+use super::proto::Proc;
 use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -34,9 +34,9 @@ pub fn command(conf: &Path, socket: &Path, admin: &Path, pid_file: &Path, log: &
     cmd
 }
 
-/// Wait (bounded by [`BOUND`]) until every one of `sockets` accepts a connection; panics with
-/// the daemon log (`log`) when the daemon exits first or never serves.
-pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path) {
+/// Wait (at most `bound`; most suites use [`super::proto::BOUND`]) until every one of `sockets` accepts a
+/// connection; panics with the daemon log (`log`) when the daemon exits first or never serves.
+pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path, bound: Duration) {
     let read_log = || std::fs::read_to_string(log).unwrap_or_default();
     let t0 = Instant::now();
     while sockets.iter().any(|s| UnixStream::connect(s).is_err()) {
@@ -44,7 +44,7 @@ pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path) {
             panic!("lockwardend exited during start ({st}):\n{}", read_log());
         }
         assert!(
-            t0.elapsed() < BOUND,
+            t0.elapsed() < bound,
             "lockwardend did not serve:\n{}",
             read_log()
         );
