@@ -584,18 +584,7 @@ fn probe_keeper(keeper_socket: &Path, uid: Option<u32>) -> String {
     .stdin(Stdio::null())
     .stderr(Stdio::null());
     if let Some(uid) = uid {
-        // SAFETY: only async-signal-safe libc calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        run_as(&mut cmd, uid);
     }
     let out = cmd.output().expect("running the keeper probe");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
