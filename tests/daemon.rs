@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::daemon::Lockwardend;
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
@@ -98,49 +99,11 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn admin_client(&self) -> Client {
-        Client::connect(&self.admin)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        match self.admin_client().call(&Request::List) {
-            Response::Ok { leases } => leases,
-            other => panic!("list failed: {other:?}"),
-        }
-    }
-
     fn status(&self) -> StatusInfo {
         match self.admin_client().call(&Request::Status) {
             Response::Status(s) => s,
             other => panic!("status failed: {other:?}"),
         }
-    }
-
-    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
-    }
-
-    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        })
-    }
-
-    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
-    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
-        ok(self.client().call(&Request::Inquire {
-            owner: owner.clone(),
-        }))
     }
 
     /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
@@ -170,6 +133,16 @@ impl Daemon {
         self.proc
             .wait_for(BOUND)
             .unwrap_or_else(|| panic!("lockwardend ignored SIGTERM:\n{}", self.log()))
+    }
+}
+
+impl Lockwardend for Daemon {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
     }
 }
 

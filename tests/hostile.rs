@@ -21,6 +21,7 @@
 
 mod common;
 
+use common::daemon::Lockwardend;
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, err, eventually, excl, ok, owner_for,
@@ -53,6 +54,16 @@ fn owner_of(p: &Proc, name: &str) -> Owner {
     let mut o = owner_for(p.pid(), name);
     o.name = format!("{name}-{}", o.id);
     o
+}
+
+impl Lockwardend for Daemon {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
+    }
 }
 
 struct Daemon {
@@ -116,14 +127,6 @@ impl Daemon {
 
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        ok(Client::connect(&self.admin).call(&Request::List))
     }
 
     fn clients(&self) -> usize {

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::daemon::Lockwardend;
 use common::fuse::Fs;
 use common::*;
 use std::fs;
@@ -264,8 +265,7 @@ use common::proto::{
     tell, vm,
 };
 use lockwarden::protocol::{
-    ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner, Request,
-    ResourceKind, Response,
+    ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Request, ResourceKind, Response,
 };
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -278,6 +278,16 @@ use std::time::{Duration, Instant};
 const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
+
+impl Lockwardend for Lw {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
+    }
+}
 
 struct Lw {
     proc: Proc,
@@ -331,34 +341,6 @@ impl Lw {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        ok(Client::connect(&self.admin).call(&Request::List))
-    }
-
-    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
-    }
-
-    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        })
-    }
-
-    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
-        self.client().held(owner)
     }
 
     fn keeper_socket(&self) -> PathBuf {

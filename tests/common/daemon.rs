@@ -1,7 +1,8 @@
 //! Starting a bare `lockwardend` with a config of the test's choosing (the scenario harness in
 //! `common::Daemon` wraps the same binary with the plugin host around it).
 
-use super::proto::Proc;
+use super::proto::{Client, Proc, ok};
+use lockwarden::protocol::{FailureAction, LeaseInfo, LeaseSpec, Owner, Request, Response};
 use std::fs::File;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -49,5 +50,48 @@ pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path, bound: Durat
             read_log()
         );
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The requests every bare-daemon harness makes, given where its sockets are. Implement the two
+/// paths; bring the trait into scope to call the rest.
+pub trait Lockwardend {
+    /// The client socket.
+    fn socket_path(&self) -> &Path;
+    /// The admin socket.
+    fn admin_path(&self) -> &Path;
+
+    fn client(&self) -> Client {
+        Client::connect(self.socket_path())
+    }
+
+    fn admin_client(&self) -> Client {
+        Client::connect(self.admin_path())
+    }
+
+    /// Every lease the daemon holds (admin List; panics unless Ok).
+    fn list(&self) -> Vec<LeaseInfo> {
+        ok(self.admin_client().call(&Request::List))
+    }
+
+    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
+        self.client().call(&Request::Acquire {
+            owner: owner.clone(),
+            leases,
+            action: FailureAction::Default,
+            restrict: false,
+        })
+    }
+
+    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
+        self.client().call(&Request::Release {
+            owner: owner.clone(),
+            leases,
+        })
+    }
+
+    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
+    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
+        self.client().held(owner)
     }
 }
