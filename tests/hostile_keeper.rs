@@ -151,12 +151,18 @@ fn a_socket_directory_others_can_write_or_own_is_refused() {
     }
 }
 
-#[test]
-fn a_pid_file_in_a_shared_directory_or_a_planted_link_is_refused() {
+/// As root, a new top directory with a private (0700, root-owned) `run` directory in it.
+fn fresh_run() -> (tempfile::TempDir, PathBuf) {
     require_root();
     let top = tempfile::tempdir().unwrap();
     let run = top.path().join("run");
     mkdir(&run, 0o700, 0);
+    (top, run)
+}
+
+#[test]
+fn a_pid_file_in_a_shared_directory_or_a_planted_link_is_refused() {
+    let (top, run) = fresh_run();
     let shared = top.path().join("shared");
     mkdir(&shared, 0o1777, 0);
     let log = refused(top.path(), &run, &shared.join("lockwardend.pid"));
@@ -291,10 +297,7 @@ fn reports(out: &mut File) -> String {
 
 #[test]
 fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let keeper = run.join("lockwardend-keeper.sock");
     let (_fake, mut out) = fake_keeper(&keeper);
     let d = Daemon::start(top.path(), &run);
@@ -431,10 +434,7 @@ fn vm_with_disk(d: &Daemon, top: &Path) -> (Proc, PathBuf) {
 
 #[test]
 fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let mut d = Daemon::start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());
@@ -463,10 +463,7 @@ fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
 
 #[test]
 fn a_stop_right_after_the_link_broke_still_leaves_every_lease_with_a_keeper() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let mut d = Daemon::start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());

@@ -120,14 +120,7 @@ fn lvm_lock_files_are_named_by_lv_uuid_so_two_hosts_agree() {
     tools.lvs(
         "/dev/lwvg/data|/dev/mapper/lwvg-data) echo '  Lw0Uid-aaaa-bbbb-cccc-dddd-eeee-ffff00' ;;",
     );
-    let shared_storage = tempdir();
-    let lvm = shared_storage.path().join("lvmvolumes");
-    let files = shared_storage.path().join("files");
-    let extra = format!(
-        "lvm_lockspace_dir = \"{}\"\nfile_lockspace_dir = \"{}\"",
-        lvm.display(),
-        files.display()
-    );
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d1 = Daemon::start();
     let d2 = Daemon::start();
     let mut h1 = tools.host(&d1, &extra);
@@ -193,14 +186,9 @@ fn scsi_lock_files_are_named_by_wwid_so_two_hosts_agree() {
         .expect_busy("host 2 reaches the same LUN by another path");
 }
 
-/// lvs runs but does not know the device (exit status 5): the disk falls through to
-/// file_lockspace_dir (named by the SHA-256 of the path). Deterministic, unlike the unit test
-/// it replaces, which checked one thing or another depending on whether /sbin/lvs existed.
-#[test]
-fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
-    require_root();
-    let tools = FakeTools::new();
-    tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
+/// A shared-storage stand-in with an LVM and a file lockspace directory: (the directory, keep
+/// it alive; lvm_lockspace_dir; file_lockspace_dir; the plugin config lines naming both).
+fn lockspace_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, String) {
     let shared_storage = tempdir();
     let lvm = shared_storage.path().join("lvmvolumes");
     let files = shared_storage.path().join("files");
@@ -209,6 +197,18 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
         lvm.display(),
         files.display()
     );
+    (shared_storage, lvm, files, extra)
+}
+
+/// lvs runs but does not know the device (exit status 5): the disk falls through to
+/// file_lockspace_dir (named by the SHA-256 of the path). Deterministic, unlike the unit test
+/// it replaces, which checked one thing or another depending on whether /sbin/lvs existed.
+#[test]
+fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
+    require_root();
+    let tools = FakeTools::new();
+    tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d = Daemon::start();
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-fallthrough");
@@ -236,14 +236,7 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
 fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
     require_root();
     let tools = FakeTools::new(); // empty: no lvs, no scsi_id
-    let shared_storage = tempdir();
-    let lvm = shared_storage.path().join("lvmvolumes");
-    let files = shared_storage.path().join("files");
-    let extra = format!(
-        "lvm_lockspace_dir = \"{}\"\nfile_lockspace_dir = \"{}\"",
-        lvm.display(),
-        files.display()
-    );
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d = Daemon::start();
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-missing");
