@@ -1196,18 +1196,7 @@ fn systemd_socket_activation_is_used_and_its_sockets_kept() {
             "lockwardend-admin.socket:lockwardend.socket",
         )
         .stderr(File::create(dir.path().join("log")).unwrap());
-    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
-    // close-on-exec on those copies.
-    unsafe {
-        cmd.pre_exec(move || {
-            let m = libc::fcntl(mfd, libc::F_DUPFD_CLOEXEC, 100);
-            let a = libc::fcntl(afd, libc::F_DUPFD_CLOEXEC, 100);
-            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::daemon::pass_listeners(&mut cmd, afd, mfd);
     let mut p = Proc(cmd.spawn().unwrap());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "act.img");

@@ -264,7 +264,7 @@ use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -696,18 +696,7 @@ fn a_live_reexec_scrubs_listen_variables_and_notifies_reloading() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("log"));
-    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
-    // close-on-exec on those copies.
-    unsafe {
-        cmd.pre_exec(move || {
-            let m = libc::fcntl(mfd, libc::F_DUPFD_CLOEXEC, 100);
-            let a = libc::fcntl(afd, libc::F_DUPFD_CLOEXEC, 100);
-            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::daemon::pass_listeners(&mut cmd, afd, mfd);
     let mut p = Proc(cmd.spawn().expect("spawn lockwardend"));
     let show = || fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(notify.next(), "READY=1", "{}", show());

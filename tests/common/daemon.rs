@@ -4,7 +4,9 @@
 use super::proto::{Client, Proc, ok};
 use lockwarden::protocol::{FailureAction, LeaseInfo, LeaseSpec, Owner, Request, Response};
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +35,24 @@ pub fn command(conf: &Path, socket: &Path, admin: &Path, pid_file: &Path, log: &
         .stdout(Stdio::null())
         .stderr(File::create(log).expect("daemon log"));
     cmd
+}
+
+/// Hand `cmd` two listening sockets the way systemd socket activation does: `admin_fd` as fd 3
+/// and `main_fd` as fd 4 in the child (the copies without close-on-exec). The caller sets
+/// LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID.
+pub fn pass_listeners(cmd: &mut Command, admin_fd: RawFd, main_fd: RawFd) {
+    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
+    // close-on-exec on those copies.
+    unsafe {
+        cmd.pre_exec(move || {
+            let m = libc::fcntl(main_fd, libc::F_DUPFD_CLOEXEC, 100);
+            let a = libc::fcntl(admin_fd, libc::F_DUPFD_CLOEXEC, 100);
+            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Wait (at most `bound`; most suites use [`super::proto::BOUND`]) until every one of `sockets` accepts a
