@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::daemon::Lockwardend;
+use common::daemon::{Layout, Lockwardend};
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
@@ -59,14 +59,8 @@ impl Daemon {
     }
 
     fn start_with(opts: Opts<'_>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let pid_file = dir.path().join("run/lockwardend.pid");
-        let config = dir.path().join("lockwardend.conf");
-        fs::write(&config, opts.config).unwrap();
-        let log = dir.path().join("daemon.log");
-        let mut cmd = common::daemon::command(&config, &socket, &admin, &pid_file, &log);
+        let at = Layout::new(opts.config);
+        let mut cmd = at.command();
         cmd.arg("--verbose")
             .env_remove("JOURNAL_STREAM")
             .env_remove("INVOCATION_ID");
@@ -74,6 +68,14 @@ impl Daemon {
             cmd.env(k, v);
         }
         let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        let Layout {
+            dir,
+            socket,
+            admin,
+            pid_file,
+            log,
+            ..
+        } = at;
         let mut d = Daemon {
             proc,
             dir,

@@ -86,19 +86,8 @@ impl Daemon {
     /// Start with `config`, and with RLIMIT_NOFILE (soft, hard) set for the daemon when given.
     fn start_limited(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
         raise_fd_limit();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let mut cmd = common::daemon::command(
-            &conf,
-            &socket,
-            &admin,
-            &dir.path().join("run/lockwardend.pid"),
-            &log,
-        );
+        let at = common::daemon::Layout::new(config);
+        let mut cmd = at.command();
         if let Some((soft, hard)) = nofile {
             // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
             unsafe {
@@ -115,13 +104,13 @@ impl Daemon {
             }
         }
         let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
+        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
         Daemon {
             proc,
-            dir,
-            socket,
-            admin,
-            log,
+            dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
     }
 

@@ -33,25 +33,20 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let pid_file = dir.path().join("run/lockwardend.pid");
-        let mut proc = Proc(
-            common::daemon::command(&conf, &socket, &admin, &pid_file, &log)
-                .spawn()
-                .expect("spawning lockwardend"),
+        let at = common::daemon::Layout::new(config);
+        let mut proc = Proc(at.command().spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(
+            &mut proc,
+            &[&at.socket, &at.admin],
+            &at.log,
+            common::proto::BOUND,
         );
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, common::proto::BOUND);
         Daemon {
             proc,
-            _dir: dir,
-            socket,
-            admin,
-            log,
+            _dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
     }
 

@@ -296,26 +296,20 @@ impl Lw {
     }
 
     fn start_with(config: &str, env: &[(&str, OsString)]) -> Lw {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let pid_file = dir.path().join("run/lockwardend.pid");
-        let mut cmd = common::daemon::command(&conf, &socket, &admin, &pid_file, &log);
+        let at = common::daemon::Layout::new(config);
+        let mut cmd = at.command();
         cmd.arg("--verbose");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
+        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
         Lw {
             proc,
-            dir,
-            socket,
-            admin,
-            log,
+            dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
     }
 

@@ -3,11 +3,11 @@
 
 use super::proto::{Client, Proc, ok};
 use lockwarden::protocol::{FailureAction, LeaseInfo, LeaseSpec, Owner, Request, Response};
-use std::fs::File;
+use std::fs::{self, File};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,45 @@ pub fn command(conf: &Path, socket: &Path, admin: &Path, pid_file: &Path, log: &
     cmd
 }
 
+/// The usual layout of a test daemon: a new temporary directory holding `lockwardend.conf`
+/// (written), `daemon.log`, and `run/` for the sockets and the pid file.
+pub struct Layout {
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub socket: PathBuf,
+    pub admin: PathBuf,
+    pub pid_file: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Layout {
+    /// A new temporary directory with `config` as lockwardend.conf.
+    pub fn new(config: &str) -> Layout {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("lockwardend.conf");
+        fs::write(&conf, config).expect("write lockwardend.conf");
+        Layout {
+            socket: dir.path().join("run/lockwardend.sock"),
+            admin: dir.path().join("run/lockwardend-admin.sock"),
+            pid_file: dir.path().join("run/lockwardend.pid"),
+            log: dir.path().join("daemon.log"),
+            conf,
+            dir,
+        }
+    }
+
+    /// [`command`] for these paths.
+    pub fn command(&self) -> Command {
+        command(
+            &self.conf,
+            &self.socket,
+            &self.admin,
+            &self.pid_file,
+            &self.log,
+        )
+    }
+}
+
 /// Hand `cmd` two listening sockets the way systemd socket activation does: `admin_fd` as fd 3
 /// and `main_fd` as fd 4 in the child (the copies without close-on-exec). The caller sets
 /// LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID.
@@ -58,7 +97,7 @@ pub fn pass_listeners(cmd: &mut Command, admin_fd: RawFd, main_fd: RawFd) {
 /// Wait (at most `bound`; most suites use [`super::proto::BOUND`]) until every one of `sockets` accepts a
 /// connection; panics with the daemon log (`log`) when the daemon exits first or never serves.
 pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path, bound: Duration) {
-    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let read_log = || fs::read_to_string(log).unwrap_or_default();
     let t0 = Instant::now();
     while sockets.iter().any(|s| UnixStream::connect(s).is_err()) {
         if let Some(st) = proc.0.try_wait().expect("try_wait") {
