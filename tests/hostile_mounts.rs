@@ -18,6 +18,22 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Send an exclusive acquire of `image` for `owner` from another thread: its answer arrives on
+/// the channel; also returns when the request was started.
+fn acquire_in_background(
+    socket: &Path,
+    owner: &lockwarden::protocol::Owner,
+    image: &Path,
+) -> (mpsc::Receiver<Response>, Instant) {
+    let (tx, rx) = mpsc::channel();
+    let (sock, owner, spec) = (socket.to_path_buf(), owner.clone(), excl(image));
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
+    });
+    (rx, t0)
+}
+
 fn acquire(socket: &Path, owner: &lockwarden::protocol::Owner, leases: Vec<LeaseSpec>) -> Response {
     Client::connect(socket).call(&Request::Acquire {
         owner: owner.clone(),
@@ -188,12 +204,7 @@ fn records_on_a_hung_mount_do_not_block_the_daemon() {
     let _held = hold_byte0(&image);
     fuse.set("hang 1\n");
     let v = vm("vm-refused");
-    let (tx, rx) = mpsc::channel();
-    let (sock, owner, spec) = (d.socket.clone(), v.owner.clone(), excl(&image));
-    let t0 = Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
-    });
+    let (rx, t0) = acquire_in_background(&d.socket, &v.owner, &image);
     daemon_keeps_serving(&d, scratch.path(), &rx);
     fuse.set("");
     let r = rx
@@ -222,12 +233,7 @@ fn a_symlink_into_a_hung_mount_does_not_freeze_the_daemon() {
     let image = images.join("web1.img");
     fuse.set("hang 1\n");
     let v = vm("vm-on-hung-storage");
-    let (tx, rx) = mpsc::channel();
-    let (sock, owner, spec) = (d.socket.clone(), v.owner.clone(), excl(&image));
-    let t0 = Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
-    });
+    let (rx, t0) = acquire_in_background(&d.socket, &v.owner, &image);
     daemon_keeps_serving(&d, scratch.path(), &rx);
     let r = rx.recv_timeout(BOUND).expect("the hung acquire times out");
     println!(
