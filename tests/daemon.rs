@@ -1179,26 +1179,8 @@ fn systemd_socket_activation_is_used_and_its_sockets_kept() {
     let main = UnixListener::bind(&main_path).unwrap();
     let admin = UnixListener::bind(&admin_path).unwrap();
     let (mfd, afd) = (main.as_raw_fd(), admin.as_raw_fd());
-    let mut cmd = Command::new("sh");
-    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(DAEMON)
-        .arg("--config")
-        .arg(dir.path().join("none.conf"))
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("unused-admin.sock"))
-        .arg("--pid-file")
-        .arg(dir.path().join("p.pid"))
-        .env("LISTEN_FDS", "2")
-        .env(
-            "LISTEN_FDNAMES",
-            "lockwardend-admin.socket:lockwardend.socket",
-        )
-        .stderr(File::create(dir.path().join("log")).unwrap());
-    common::daemon::pass_listeners(&mut cmd, afd, mfd);
+    let mut cmd = common::daemon::socket_activated(dir.path(), afd, mfd);
+    cmd.stderr(File::create(dir.path().join("log")).unwrap());
     let mut p = Proc(cmd.spawn().unwrap());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "act.img");

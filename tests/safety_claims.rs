@@ -268,7 +268,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -668,29 +667,11 @@ fn a_live_reexec_scrubs_listen_variables_and_notifies_reloading() {
     let (mfd, afd) = (main.as_raw_fd(), admin.as_raw_fd());
     let notify = Notify::new();
     let log = dir.path().join("log");
-    let mut cmd = Command::new("sh");
-    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(DAEMON)
-        .arg("--config")
-        .arg(dir.path().join("none.conf"))
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("unused-admin.sock"))
-        .arg("--pid-file")
-        .arg(dir.path().join("p.pid"))
-        .env("LISTEN_FDS", "2")
-        .env(
-            "LISTEN_FDNAMES",
-            "lockwardend-admin.socket:lockwardend.socket",
-        )
-        .env("NOTIFY_SOCKET", &notify.path)
+    let mut cmd = common::daemon::socket_activated(dir.path(), afd, mfd);
+    cmd.env("NOTIFY_SOCKET", &notify.path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("log"));
-    common::daemon::pass_listeners(&mut cmd, afd, mfd);
     let mut p = Proc(cmd.spawn().expect("spawn lockwardend"));
     let show = || fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(notify.next(), "READY=1", "{}", show());

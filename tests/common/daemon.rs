@@ -94,6 +94,33 @@ pub fn pass_listeners(cmd: &mut Command, admin_fd: RawFd, main_fd: RawFd) {
     }
 }
 
+/// `lockwardend` as systemd socket activation starts it: through `sh`, so that LISTEN_PID is
+/// the daemon's own pid, with LISTEN_FDS=2 and LISTEN_FDNAMES naming `admin_fd` (given as fd 3)
+/// and `main_fd` (fd 4); its config (absent), unused socket paths and pid file are in `dir`.
+/// Set stdio (and NOTIFY_SOCKET) as needed, then spawn.
+pub fn socket_activated(dir: &Path, admin_fd: RawFd, main_fd: RawFd) -> Command {
+    let mut cmd = Command::new("sh");
+    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(DAEMON)
+        .arg("--config")
+        .arg(dir.join("none.conf"))
+        .arg("--socket")
+        .arg(dir.join("unused.sock"))
+        .arg("--admin-socket")
+        .arg(dir.join("unused-admin.sock"))
+        .arg("--pid-file")
+        .arg(dir.join("p.pid"))
+        .env("LISTEN_FDS", "2")
+        .env(
+            "LISTEN_FDNAMES",
+            "lockwardend-admin.socket:lockwardend.socket",
+        );
+    pass_listeners(&mut cmd, admin_fd, main_fd);
+    cmd
+}
+
 /// Wait (at most `bound`; most suites use [`super::proto::BOUND`]) until every one of `sockets` accepts a
 /// connection; panics with the daemon log (`log`) when the daemon exits first or never serves.
 pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path, bound: Duration) {
