@@ -11,13 +11,13 @@
 mod common;
 
 use common::locks::hold_byte0;
+use common::proto::acquire_request as acquire;
 use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::{Daemon, image, tempdir};
 use lockwarden::config::ConfFile;
 use lockwarden::plugin::settings::Settings as PluginSettings;
 use lockwarden::protocol::{
-    ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
-    Response,
+    ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
 use std::collections::BTreeSet;
 use std::fs;
@@ -714,15 +714,6 @@ fn protocol_doc_errors() -> Vec<lockwarden::protocol::ErrorReply> {
         }
     }
     out
-}
-
-fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Acquire {
-        owner: owner.clone(),
-        leases,
-        action: FailureAction::Default,
-        restrict: false,
-    }
 }
 
 fn named_owner(p: &Proc, name: &str) -> Owner {

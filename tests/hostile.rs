@@ -27,6 +27,7 @@ use common::proto::{
     Client, Proc, after_pending_kills, byte0, err, eventually, excl, ok, owner_for,
     running as proc_running, sleeper,
 };
+use common::proto::{acquire_request as acquire, release_request as release};
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget,
     MAX_BODY, Owner, Request, ResourceKind, Response,
@@ -177,22 +178,6 @@ impl Client {
             "release answers carry no leases: {answer:?}"
         );
         self.held(owner)
-    }
-}
-
-fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Acquire {
-        owner: owner.clone(),
-        leases,
-        action: FailureAction::Default,
-        restrict: false,
-    }
-}
-
-fn release(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Release {
-        owner: owner.clone(),
-        leases,
     }
 }
 

@@ -1,8 +1,8 @@
 //! Starting a bare `lockwardend` with a config of the test's choosing (the scenario harness in
 //! `common::Daemon` wraps the same binary with the plugin host around it).
 
-use super::proto::{Client, Proc, ok};
-use lockwarden::protocol::{FailureAction, LeaseInfo, LeaseSpec, Owner, Request, Response};
+use super::proto::{Client, Proc, acquire_request, ok, release_request};
+use lockwarden::protocol::{LeaseInfo, LeaseSpec, Owner, Request, Response};
 use std::fs::{self, File};
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
@@ -161,19 +161,11 @@ pub trait Lockwardend {
     }
 
     fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
+        self.client().call(&acquire_request(owner, leases))
     }
 
     fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        })
+        self.client().call(&release_request(owner, leases))
     }
 
     /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
