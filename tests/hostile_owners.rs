@@ -206,7 +206,6 @@ fn set_soft_nofile(pid: u32, soft: u64) {
     assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
 }
 
-/// The descriptor numbers `pid` has open.
 /// The descriptors `pid` holds open for good: files under /proc are left out, because the
 /// keeper opens /proc/PID/stat for a moment when it starts to watch an owner, and counting that
 /// one would make the calibration below think a lease costs one descriptor more than it does.
