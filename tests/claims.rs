@@ -10,17 +10,17 @@
 
 mod common;
 
+use common::locks::hold_byte0;
+use common::proto::acquire_request as acquire;
 use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::{Daemon, image, tempdir};
 use lockwarden::config::ConfFile;
 use lockwarden::plugin::settings::Settings as PluginSettings;
 use lockwarden::protocol::{
-    ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
-    Response,
+    ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -716,15 +716,6 @@ fn protocol_doc_errors() -> Vec<lockwarden::protocol::ErrorReply> {
     out
 }
 
-fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Acquire {
-        owner: owner.clone(),
-        leases,
-        action: FailureAction::Default,
-        restrict: false,
-    }
-}
-
 fn named_owner(p: &Proc, name: &str) -> Owner {
     let mut o = owner_for(p.pid(), name);
     o.name = name.to_string();
@@ -774,21 +765,7 @@ fn the_refusal_examples_in_protocol_md_are_the_texts_the_daemon_sends() {
         })
         .expect("protocol.md: a busy example without a VM");
     let foreign = image(dir.path(), "db.raw");
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&foreign)
-        .expect("open");
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK on a valid descriptor with a pointer to a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_SETLK");
+    let f = hold_byte0(&foreign);
     let real = err(
         c.call(&acquire(&other, vec![excl(&foreign)])),
         ErrorKind::Busy,

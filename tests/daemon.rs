@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::daemon::{Layout, Lockwardend};
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
@@ -58,35 +59,23 @@ impl Daemon {
     }
 
     fn start_with(opts: Opts<'_>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let pid_file = dir.path().join("run/lockwardend.pid");
-        let config = dir.path().join("lockwardend.conf");
-        fs::write(&config, opts.config).unwrap();
-        let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
+        let at = Layout::new(opts.config);
+        let mut cmd = at.command();
+        cmd.arg("--verbose")
             .env_remove("JOURNAL_STREAM")
-            .env_remove("INVOCATION_ID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap());
+            .env_remove("INVOCATION_ID");
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
         let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        let Layout {
+            dir,
+            socket,
+            admin,
+            pid_file,
+            log,
+            ..
+        } = at;
         let mut d = Daemon {
             proc,
             dir,
@@ -100,41 +89,16 @@ impl Daemon {
     }
 
     fn wait_serving(&mut self) {
-        let start = Instant::now();
-        loop {
-            if UnixStream::connect(&self.socket).is_ok() && UnixStream::connect(&self.admin).is_ok()
-            {
-                return;
-            }
-            if let Some(st) = self.proc.0.try_wait().unwrap() {
-                panic!("lockwardend exited during start ({st}):\n{}", self.log());
-            }
-            assert!(
-                start.elapsed() < BOUND,
-                "lockwardend did not serve in time:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        common::daemon::wait_serving(
+            &mut self.proc,
+            &[&self.socket, &self.admin],
+            &self.log,
+            BOUND,
+        );
     }
 
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn admin_client(&self) -> Client {
-        Client::connect(&self.admin)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        match self.admin_client().call(&Request::List) {
-            Response::Ok { leases } => leases,
-            other => panic!("list failed: {other:?}"),
-        }
     }
 
     fn status(&self) -> StatusInfo {
@@ -142,29 +106,6 @@ impl Daemon {
             Response::Status(s) => s,
             other => panic!("status failed: {other:?}"),
         }
-    }
-
-    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
-    }
-
-    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        })
-    }
-
-    /// The leases `owner` holds (Inquire: Acquire/Release answers carry no lease list).
-    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
-        ok(self.client().call(&Request::Inquire {
-            owner: owner.clone(),
-        }))
     }
 
     /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
@@ -194,6 +135,16 @@ impl Daemon {
         self.proc
             .wait_for(BOUND)
             .unwrap_or_else(|| panic!("lockwardend ignored SIGTERM:\n{}", self.log()))
+    }
+}
+
+impl Lockwardend for Daemon {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
     }
 }
 
@@ -1228,37 +1179,8 @@ fn systemd_socket_activation_is_used_and_its_sockets_kept() {
     let main = UnixListener::bind(&main_path).unwrap();
     let admin = UnixListener::bind(&admin_path).unwrap();
     let (mfd, afd) = (main.as_raw_fd(), admin.as_raw_fd());
-    let mut cmd = Command::new("sh");
-    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(DAEMON)
-        .arg("--config")
-        .arg(dir.path().join("none.conf"))
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("unused-admin.sock"))
-        .arg("--pid-file")
-        .arg(dir.path().join("p.pid"))
-        .env("LISTEN_FDS", "2")
-        .env(
-            "LISTEN_FDNAMES",
-            "lockwardend-admin.socket:lockwardend.socket",
-        )
-        .stderr(File::create(dir.path().join("log")).unwrap());
-    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
-    // close-on-exec on those copies.
-    unsafe {
-        cmd.pre_exec(move || {
-            let m = libc::fcntl(mfd, libc::F_DUPFD_CLOEXEC, 100);
-            let a = libc::fcntl(afd, libc::F_DUPFD_CLOEXEC, 100);
-            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let mut cmd = common::daemon::socket_activated(dir.path(), afd, mfd);
+    cmd.stderr(File::create(dir.path().join("log")).unwrap());
     let mut p = Proc(cmd.spawn().unwrap());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "act.img");

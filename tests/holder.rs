@@ -9,7 +9,8 @@
 mod common;
 
 use common::image;
-use common::proto::{Proc, hostname, ok, owner_for, sleeper};
+use common::locks::ofd_lock;
+use common::proto::{Proc, hostname, ok, owner_for, probe_lock, sleeper};
 use lockwarden::daemon::holder::{self, Published, Record, Records, Target, Vm};
 use lockwarden::protocol::{
     self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
@@ -17,14 +18,13 @@ use lockwarden::protocol::{
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 const BOUND: Duration = Duration::from_secs(20);
 /// 2026-11-26 10:04:05 UTC.
@@ -35,7 +35,8 @@ const SINCE: u64 = 1_795_687_445;
 
 /// A lockwardend standing for one host, in its own directory.
 struct Daemon {
-    proc: Proc,
+    /// Killed on drop.
+    _proc: Proc,
     _dir: tempfile::TempDir,
     socket: PathBuf,
     admin: PathBuf,
@@ -50,45 +51,20 @@ impl Daemon {
         let config = dir.path().join("lockwardend.conf");
         let log = dir.path().join("daemon.log");
         fs::write(&config, "").unwrap();
-        let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
-                .arg(&config)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("--pid-file")
-                .arg(dir.path().join("lockwardend.pid"))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_FDS")
-                .env_remove("LISTEN_PID")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).unwrap())
+        let pid_file = dir.path().join("lockwardend.pid");
+        let mut proc = Proc(
+            common::daemon::command(&config, &socket, &admin, &pid_file, &log)
                 .spawn()
                 .expect("spawning lockwardend"),
         );
-        let mut d = Daemon {
-            proc,
+        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
+        Daemon {
+            _proc: proc,
             _dir: dir,
             socket,
             admin,
             log,
-        };
-        let start = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Some(st) = d.proc.0.try_wait().unwrap() {
-                panic!("lockwardend exited ({st}):\n{}", d.log());
-            }
-            assert!(
-                start.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
         }
-        d
     }
 
     fn log(&self) -> String {
@@ -132,44 +108,14 @@ fn open_rw(p: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(p).unwrap()
 }
 
-/// Take an OFD lock on byte `start` (panics when refused).
-fn ofd_lock(f: &File, l_type: libc::c_int, start: i64) {
-    let fl = libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(
-        r,
-        0,
-        "F_OFD_SETLK failed: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// The lock type others hold on byte `start` of `path` (F_UNLCK when none).
 /// A withdrawn side file: spaces only (withdrawing overwrites the record instead of truncating).
 fn blank(content: &[u8]) -> bool {
     content.iter().all(|b| *b == b' ')
 }
 
+/// The lock type others hold on byte `start` of `path` (F_UNLCK when none).
 fn probe(path: &Path, start: i64) -> libc::c_int {
-    let f = File::open(path).unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0);
-    i32::from(fl.l_type)
+    probe_lock(path, start, 1, libc::F_WRLCK).0
 }
 
 fn vm(name: &str, pid: u32) -> Vm {

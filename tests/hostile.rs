@@ -21,11 +21,13 @@
 
 mod common;
 
+use common::daemon::Lockwardend;
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, err, eventually, excl, ok, owner_for,
     running as proc_running, sleeper,
 };
+use common::proto::{acquire_request as acquire, release_request as release};
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget,
     MAX_BODY, Owner, Request, ResourceKind, Response,
@@ -43,7 +45,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// Bound for anything asynchronous on a busy machine (not a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -54,6 +55,16 @@ fn owner_of(p: &Proc, name: &str) -> Owner {
     let mut o = owner_for(p.pid(), name);
     o.name = format!("{name}-{}", o.id);
     o
+}
+
+impl Lockwardend for Daemon {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
+    }
 }
 
 struct Daemon {
@@ -76,13 +87,8 @@ impl Daemon {
     /// Start with `config`, and with RLIMIT_NOFILE (soft, hard) set for the daemon when given.
     fn start_limited(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
         raise_fd_limit();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
+        let at = common::daemon::Layout::new(config);
+        let mut cmd = at.command();
         if let Some((soft, hard)) = nofile {
             // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
             unsafe {
@@ -98,56 +104,19 @@ impl Daemon {
                 });
             }
         }
-        let proc = Proc(
-            cmd.arg("--config")
-                .arg(&conf)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("--pid-file")
-                .arg(dir.path().join("run/lockwardend.pid"))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDS")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("daemon log"))
-                .spawn()
-                .expect("spawning lockwardend"),
-        );
-        let mut d = Daemon {
+        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
+        Daemon {
             proc,
-            dir,
-            socket,
-            admin,
-            log,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Ok(Some(st)) = d.proc.0.try_wait() {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(5));
+            dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
-        d
     }
 
     fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        ok(Client::connect(&self.admin).call(&Request::List))
     }
 
     fn clients(&self) -> usize {
@@ -209,22 +178,6 @@ impl Client {
             "release answers carry no leases: {answer:?}"
         );
         self.held(owner)
-    }
-}
-
-fn acquire(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Acquire {
-        owner: owner.clone(),
-        leases,
-        action: FailureAction::Default,
-        restrict: false,
-    }
-}
-
-fn release(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
-    Request::Release {
-        owner: owner.clone(),
-        leases,
     }
 }
 

@@ -10,10 +10,11 @@
 mod common;
 
 use common::image;
+use common::locks::ofd_lock;
 use lockwarden::daemon::holder::{self, Record, Target, Vm};
 use lockwarden::protocol::{LeaseMode, ResourceKind};
 use std::fs::{self, File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -61,19 +62,6 @@ fn assert_inert(what: &str, bytes: &[u8]) {
         !text.contains('\u{202e}'),
         "{what} carries a raw bidi override: {text:?}"
     );
-}
-
-fn ofd_lock(f: &File, l_type: libc::c_int, start: i64) {
-    let fl = libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(r, 0, "F_OFD_SETLK: {}", std::io::Error::last_os_error());
 }
 
 fn evil_record(path: &str) -> Record {

@@ -18,18 +18,10 @@ use lockwarden::protocol::{
     ResourceKind, Response,
 };
 use std::ffi::CString;
-use std::fs::{self, File};
+use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
-/// Bound for anything asynchronous on a busy machine (not a performance assertion).
-const BOUND: Duration = Duration::from_secs(30);
 
 struct Daemon {
     proc: Proc,
@@ -41,51 +33,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
-                .arg(&conf)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(&admin)
-                .arg("--pid-file")
-                .arg(dir.path().join("run/lockwardend.pid"))
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDS")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("daemon log"))
-                .spawn()
-                .expect("spawning lockwardend"),
+        let at = common::daemon::Layout::new(config);
+        let mut proc = Proc(at.command().spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(
+            &mut proc,
+            &[&at.socket, &at.admin],
+            &at.log,
+            common::proto::BOUND,
         );
-        let mut d = Daemon {
+        Daemon {
             proc,
-            _dir: dir,
-            socket,
-            admin,
-            log,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Ok(Some(st)) = d.proc.0.try_wait() {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(5));
+            _dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
-        d
     }
 
     fn log(&self) -> String {

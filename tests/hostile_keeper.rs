@@ -18,13 +18,10 @@ use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// The uid of the hostile neighbour.
 const NOBODY: u32 = 65534;
 
@@ -47,23 +44,9 @@ impl Daemon {
         fs::write(&conf, "").expect("write lockwardend.conf");
         let log = top.join(format!("daemon-{}.log", common::proto::next_seq()));
         let socket = run.join("lockwardend.sock");
+        let admin = run.join("lockwardend-admin.sock");
         let proc = Proc(
-            Command::new(DAEMON)
-                .arg("--config")
-                .arg(&conf)
-                .arg("--socket")
-                .arg(&socket)
-                .arg("--admin-socket")
-                .arg(run.join("lockwardend-admin.sock"))
-                .arg("--pid-file")
-                .arg(pid_file)
-                .env_remove("NOTIFY_SOCKET")
-                .env_remove("LISTEN_PID")
-                .env_remove("LISTEN_FDS")
-                .env_remove("LISTEN_FDNAMES")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("daemon log"))
+            common::daemon::command(&conf, &socket, &admin, pid_file, &log)
                 .spawn()
                 .expect("spawning lockwardend"),
         );
@@ -73,18 +56,7 @@ impl Daemon {
     /// Spawn and wait until it serves.
     fn start(top: &Path, run: &Path) -> Daemon {
         let mut d = Daemon::spawn(top, run, &run.join("lockwardend.pid"));
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() {
-            if let Ok(Some(st)) = d.proc.0.try_wait() {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
+        common::daemon::wait_serving(&mut d.proc, &[&d.socket], &d.log, BOUND);
         d
     }
 
@@ -179,12 +151,18 @@ fn a_socket_directory_others_can_write_or_own_is_refused() {
     }
 }
 
-#[test]
-fn a_pid_file_in_a_shared_directory_or_a_planted_link_is_refused() {
+/// As root, a new top directory with a private (0700, root-owned) `run` directory in it.
+fn fresh_run() -> (tempfile::TempDir, PathBuf) {
     require_root();
     let top = tempfile::tempdir().unwrap();
     let run = top.path().join("run");
     mkdir(&run, 0o700, 0);
+    (top, run)
+}
+
+#[test]
+fn a_pid_file_in_a_shared_directory_or_a_planted_link_is_refused() {
+    let (top, run) = fresh_run();
     let shared = top.path().join("shared");
     mkdir(&shared, 0o1777, 0);
     let log = refused(top.path(), &run, &shared.join("lockwardend.pid"));
@@ -319,10 +297,7 @@ fn reports(out: &mut File) -> String {
 
 #[test]
 fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let keeper = run.join("lockwardend-keeper.sock");
     let (_fake, mut out) = fake_keeper(&keeper);
     let d = Daemon::start(top.path(), &run);
@@ -459,10 +434,7 @@ fn vm_with_disk(d: &Daemon, top: &Path) -> (Proc, PathBuf) {
 
 #[test]
 fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let mut d = Daemon::start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());
@@ -491,10 +463,7 @@ fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
 
 #[test]
 fn a_stop_right_after_the_link_broke_still_leaves_every_lease_with_a_keeper() {
-    require_root();
-    let top = tempfile::tempdir().unwrap();
-    let run = top.path().join("run");
-    mkdir(&run, 0o700, 0);
+    let (top, run) = fresh_run();
     let mut d = Daemon::start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());

@@ -10,38 +10,28 @@
 mod common;
 
 use common::Daemon;
+use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, err, excl, ok, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, LeaseSpec, Request, Response};
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::fs::{self, File};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Take an OFD write lock on byte `start` of `f` (panics when refused).
-fn ofd_lock(f: &File, start: i64) {
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK with a valid descriptor and a live flock struct.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(r, 0, "F_OFD_SETLK: {}", std::io::Error::last_os_error());
-}
-
-/// The other host's hold on `path`: byte 0 locked through its own open file description.
-fn hold(path: &Path) -> File {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {path:?}: {e}"));
-    ofd_lock(&f, 0);
-    f
+/// Send an exclusive acquire of `image` for `owner` from another thread: its answer arrives on
+/// the channel; also returns when the request was started.
+fn acquire_in_background(
+    socket: &Path,
+    owner: &lockwarden::protocol::Owner,
+    image: &Path,
+) -> (mpsc::Receiver<Response>, Instant) {
+    let (tx, rx) = mpsc::channel();
+    let (sock, owner, spec) = (socket.to_path_buf(), owner.clone(), excl(image));
+    let t0 = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
+    });
+    (rx, t0)
 }
 
 fn acquire(socket: &Path, owner: &lockwarden::protocol::Owner, leases: Vec<LeaseSpec>) -> Response {
@@ -84,7 +74,7 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web1.img");
     fs::write(&image, vec![0u8; 4096]).unwrap();
-    let _held = hold(&image);
+    let _held = hold_byte0(&image);
     // 300 side files of "other hosts", each held (so each looks live) and none a record.
     let records = dir.path().join(".lockwarden");
     fs::create_dir(&records).unwrap();
@@ -92,7 +82,7 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
         .map(|i| {
             let p = records.join(format!("web1.img@evil{i:03}.json"));
             fs::write(&p, format!("{{\"garbage\": {i}")).unwrap();
-            hold(&p)
+            hold_byte0(&p)
         })
         .collect();
     let v = vm("vm-refused");
@@ -127,83 +117,13 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
 // ---------------------------------------------------------------------------------------------
 // A hung mount (FUSE test file system)
 
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
-}
-
-/// The test file system mounted on `mnt` (backing directory `backing`); un-hung, killed and
-/// unmounted on drop.
-struct Fs {
-    mnt: PathBuf,
-    ctl: PathBuf,
-    child: Child,
-}
-
-impl Fs {
-    fn mount(backing: &Path, mnt: &Path, scratch: &Path) -> Fs {
-        assert_eq!(
-            nix::unistd::geteuid().as_raw(),
-            0,
-            "tests/hostile_mounts.rs mounts FUSE file systems and must run as root"
-        );
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-        );
-        let ctl = scratch.join("control");
-        let log = scratch.join("events");
-        let child = Command::new(testfs_path())
-            .args([backing, mnt, &ctl, &log])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
-            mnt: mnt.to_path_buf(),
-            ctl,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(t0.elapsed() < BOUND, "testfs did not mount");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        f
-    }
-
-    fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
+/// The test file system mounted on `mnt` (backing directory `backing`, control and event files
+/// in `scratch`); un-hung, killed and unmounted on drop.
+fn mount_testfs(backing: &Path, mnt: &Path, scratch: &Path) -> common::fuse::Testfs {
+    common::fuse::prerequisites("tests/hostile_mounts.rs");
+    let ctl = scratch.join("control");
+    let events = scratch.join("events");
+    common::fuse::Testfs::mount(backing, mnt, &ctl, &events, BOUND)
 }
 
 /// Wait (bounded) until a thread of process `pid` is blocked in a file system call on the hung
@@ -280,16 +200,11 @@ fn records_on_a_hung_mount_do_not_block_the_daemon() {
     // The image is on local storage; its record directory is a (hung) mount of its own.
     fs::write(backing.join("web1.img@node-b.json"), b"{}").unwrap();
     fs::create_dir(dir.join(".lockwarden")).unwrap();
-    let fuse = Fs::mount(&backing, &dir.join(".lockwarden"), scratch.path());
-    let _held = hold(&image);
+    let fuse = mount_testfs(&backing, &dir.join(".lockwarden"), scratch.path());
+    let _held = hold_byte0(&image);
     fuse.set("hang 1\n");
     let v = vm("vm-refused");
-    let (tx, rx) = mpsc::channel();
-    let (sock, owner, spec) = (d.socket.clone(), v.owner.clone(), excl(&image));
-    let t0 = Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
-    });
+    let (rx, t0) = acquire_in_background(&d.socket, &v.owner, &image);
     daemon_keeps_serving(&d, scratch.path(), &rx);
     fuse.set("");
     let r = rx
@@ -311,19 +226,14 @@ fn a_symlink_into_a_hung_mount_does_not_freeze_the_daemon() {
     fs::create_dir(&backing).unwrap();
     fs::create_dir(&mnt).unwrap();
     fs::write(backing.join("web1.img"), vec![0u8; 4096]).unwrap();
-    let fuse = Fs::mount(&backing, &mnt, scratch.path());
+    let fuse = mount_testfs(&backing, &mnt, scratch.path());
     // A local directory whose text names the local mount, leading into the FUSE mount.
     let images = scratch.path().join("images");
     std::os::unix::fs::symlink(&mnt, &images).unwrap();
     let image = images.join("web1.img");
     fuse.set("hang 1\n");
     let v = vm("vm-on-hung-storage");
-    let (tx, rx) = mpsc::channel();
-    let (sock, owner, spec) = (d.socket.clone(), v.owner.clone(), excl(&image));
-    let t0 = Instant::now();
-    std::thread::spawn(move || {
-        let _ = tx.send(acquire(&sock, &owner, vec![spec]));
-    });
+    let (rx, t0) = acquire_in_background(&d.socket, &v.owner, &image);
     daemon_keeps_serving(&d, scratch.path(), &rx);
     let r = rx.recv_timeout(BOUND).expect("the hung acquire times out");
     println!(

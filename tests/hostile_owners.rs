@@ -10,7 +10,9 @@
 
 mod common;
 
+use common::fuse::Fs;
 use common::image;
+use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
 use std::fs;
@@ -204,11 +206,20 @@ fn set_soft_nofile(pid: u32, soft: u64) {
     assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
 }
 
-/// The descriptor numbers `pid` has open.
+/// The descriptors `pid` holds open for good: files under /proc are left out, because the
+/// keeper opens /proc/PID/stat for a moment when it starts to watch an owner, and counting that
+/// one would make the calibration below think a lease costs one descriptor more than it does.
 fn open_fds(pid: u32) -> Vec<u64> {
     let mut v: Vec<u64> = fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = fs::read_link(e.path()).ok()?;
+            if target.starts_with("/proc") {
+                return None;
+            }
+            e.file_name().to_str()?.parse().ok()
+        })
         .collect();
     v.sort_unstable();
     v
@@ -231,131 +242,23 @@ fn vm(name: &str) -> Vm {
 // ---------------------------------------------------------------------------------------------
 // The FUSE stand-in for NFS (tests/fusefs/testfs.rs; see tests/nfs.rs)
 
-fn fuse_prerequisites() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "tests/hostile_owners.rs mounts FUSE file systems and must run as root"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-    );
+fn mount_fs() -> Fs {
+    common::fuse::prerequisites("tests/hostile_owners.rs");
+    Fs::mount("lw-own", BOUND)
 }
 
-struct Fs {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-    ctl: PathBuf,
-    events: PathBuf,
-    child: Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
-}
-
-impl Fs {
-    fn mount() -> Fs {
-        fuse_prerequisites();
-        let exe = std::env::current_exe().unwrap();
-        let testfs = exe
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .join("examples/testfs");
-        assert!(
-            testfs.exists(),
-            "{} is missing: run `cargo build --example testfs`",
-            testfs.display()
-        );
-        let dir = tempfile::Builder::new().prefix("lw-own").tempdir().unwrap();
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).unwrap();
-        fs::create_dir(&mnt).unwrap();
-        let ctl = dir.path().join("control");
-        let events = dir.path().join("events");
-        let child = Command::new(testfs)
-            .args([&backing, &mnt, &ctl, &events])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut f = Fs {
-            _dir: dir,
-            backing,
-            mnt,
-            ctl,
-            events,
-            child,
-        };
-        until("testfs is mounted", String::new, || {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting: {st}");
-            }
-            mounted(&f.mnt)
-        });
-        f
-    }
-
-    fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
-    }
-
-    fn image(&self, name: &str) -> PathBuf {
-        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
-        self.mnt.join(name)
-    }
-
-    /// Results of the write-lock calls (`setlk NAME 1 ...`) on `name`, in order: "0" for a
-    /// success, "errno110", "EIO", or an errno number.
-    fn lock_results(&self, name: &str) -> Vec<String> {
-        let wr = libc::F_WRLCK.to_string();
-        fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split(' ').collect();
-                (w.len() == 6 && w[0] == "setlk" && w[1] == name && w[2] == wr)
-                    .then(|| w[5].to_string())
-            })
-            .collect()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
-}
-
-/// Hold an OFD write lock on byte 0 of `path` (another host, say) until dropped.
-fn hold_byte0(path: &Path) -> fs::File {
-    use std::os::fd::AsRawFd;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    f
+/// Results of the write-lock calls (`setlk NAME 1 ...`) on `name` in `f`, in order: "0" for a
+/// success, "errno110", "EIO", or an errno number.
+fn lock_results(f: &Fs, name: &str) -> Vec<String> {
+    let wr = libc::F_WRLCK.to_string();
+    f.events()
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            (w.len() == 6 && w[0] == "setlk" && w[1] == name && w[2] == wr)
+                .then(|| w[5].to_string())
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,27 +270,27 @@ fn hold_byte0(path: &Path) -> fs::File {
 fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("burst.img");
     let v = vm("burst-vm");
     d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
     f.set(&format!("errno {} 2 burst.img\n", libc::ETIMEDOUT));
     until(
         "two ETIMEDOUT probes and then two good ones",
-        || format!("{:?}\n{}", f.lock_results("burst.img"), d.log()),
+        || format!("{:?}\n{}", lock_results(&f, "burst.img"), d.log()),
         || {
             assert!(
                 running(v.proc.pid()),
                 "the VM was killed for a transient error: {:?}\n{}",
-                f.lock_results("burst.img"),
+                lock_results(&f, "burst.img"),
                 d.log()
             );
-            let r = f.lock_results("burst.img");
+            let r = lock_results(&f, "burst.img");
             let failed: Vec<usize> = (0..r.len()).filter(|i| r[*i] != "0").collect();
             failed.len() == 2 && r.len() >= failed[1] + 3
         },
     );
-    let r = f.lock_results("burst.img");
+    let r = lock_results(&f, "burst.img");
     assert!(
         r.iter().filter(|x| x.starts_with("errno")).count() == 2,
         "{r:?}"
@@ -406,7 +309,7 @@ fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
 fn transient_probe_errors_that_persist_count_as_lost() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("persist.img");
     let mut v = vm("persist-vm");
     d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
@@ -414,14 +317,13 @@ fn transient_probe_errors_that_persist_count_as_lost() {
     let st = v.proc.wait_for(BOUND).unwrap_or_else(|| {
         panic!(
             "the VM still runs after persistent errors: {:?}\n{}",
-            f.lock_results("persist.img"),
+            lock_results(&f, "persist.img"),
             d.log()
         )
     });
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let failed = f
-        .lock_results("persist.img")
+    let failed = lock_results(&f, "persist.img")
         .iter()
         .filter(|r| r.starts_with("errno"))
         .count();
@@ -445,7 +347,7 @@ fn transient_probe_errors_that_persist_count_as_lost() {
 fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
-    let f = Fs::mount();
+    let f = mount_fs();
     let img = f.image("paused.img");
     let v = vm("paused-vm");
     let pid = v.proc.pid();

@@ -5,123 +5,26 @@
 mod common;
 
 use common::Daemon;
+use common::fuse::Fs;
+use common::locks::hold_byte0;
+use common::proto::byte0;
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
     Response,
 };
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn prerequisites() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "tests/nfs.rs mounts FUSE file systems and must run as root"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse) to run tests/nfs.rs"
-    );
-}
-
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
+    common::fuse::prerequisites("tests/nfs.rs");
 }
 
 /// One mounted test file system; unmounted (and un-hung) on drop.
-struct Fs {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-    ctl: PathBuf,
-    log: PathBuf,
-    child: Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
-}
-
-impl Fs {
-    fn mount() -> Fs {
-        let dir = tempfile::Builder::new()
-            .prefix("lw-nfs")
-            .tempdir()
-            .expect("tempdir");
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).unwrap();
-        fs::create_dir(&mnt).unwrap();
-        let ctl = dir.path().join("control");
-        let log = dir.path().join("events");
-        let child = Command::new(testfs_path())
-            .args([&backing, &mnt, &ctl, &log])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
-            _dir: dir,
-            backing,
-            mnt,
-            ctl,
-            log,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "testfs did not mount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        f
-    }
-
-    fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
-    }
-
-    /// An image created through the backing directory, named through the mount.
-    fn image(&self, name: &str) -> PathBuf {
-        fs::write(self.backing.join(name), vec![0u8; 4096]).unwrap();
-        self.mnt.join(name)
-    }
-
-    fn events(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
+fn mount() -> Fs {
+    Fs::mount("lw-nfs", Duration::from_secs(20))
 }
 
 /// A process standing in for QEMU.
@@ -212,18 +115,7 @@ fn lost(d: &Daemon) -> Vec<lockwarden::protocol::LeaseInfo> {
 
 /// Is byte 0 of the backing file locked by anybody (OFD GETLK from this process)?
 fn locked(backing_file: &Path) -> bool {
-    let f = fs::File::open(backing_file).unwrap();
-    let mut fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_GETLK on an open descriptor with a valid flock.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    assert_eq!(r, 0, "F_OFD_GETLK failed");
-    i32::from(fl.l_type) != libc::F_UNLCK
+    byte0(backing_file) != libc::F_UNLCK
 }
 
 fn leases(d: &Daemon) -> Vec<String> {
@@ -237,7 +129,7 @@ fn leases(d: &Daemon) -> Vec<String> {
 fn hung_mount_stalls_only_its_own_disks() {
     prerequisites();
     let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
-    let (good, bad) = (Fs::mount(), Fs::mount());
+    let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let (qa, qb) = (Qemu::spawn(), Qemu::spawn());
@@ -326,7 +218,7 @@ fn hung_mount_stalls_only_its_own_disks() {
 fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     prerequisites();
     let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
-    let (good, bad) = (Fs::mount(), Fs::mount());
+    let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let c = bad.image("c.img");
@@ -442,7 +334,7 @@ fn max_overlap(intervals: &[(u128, u128)]) -> usize {
 fn sixteen_disks_on_slow_storage_lock_concurrently() {
     prerequisites();
     let d = Daemon::start_with("lease_check_interval_ms = 0\n");
-    let f = Fs::mount();
+    let f = mount();
     let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
     f.set("delay_ms 2\n");
     let q = Qemu::spawn();
@@ -457,7 +349,7 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
         assert!(matches!(r, Response::Ok { .. }), "{r:?}");
         release(&d, &o, &disks[..1]);
     }
-    fs::write(&f.log, "").unwrap();
+    fs::write(&f.tfs.events, "").unwrap();
     for round in 0..rounds {
         let t = Instant::now();
         let r = acquire(&d, &o, &disks, FailureAction::Default);
@@ -501,27 +393,11 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
 fn all_or_nothing_across_mounts() {
     prerequisites();
     let d = Daemon::start_with("lease_check_interval_ms = 0\n");
-    let (m1, m2) = (Fs::mount(), Fs::mount());
+    let (m1, m2) = (mount(), mount());
     let a = m1.image("a.img");
     let b = m2.image("b.img");
     // Somebody else (another host, say) holds b.
-    let other = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&b)
-        .unwrap();
-    let fl = libc::flock {
-        l_type: libc::F_WRLCK as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    // SAFETY: F_OFD_SETLK on an open descriptor with a valid flock.
-    assert_eq!(
-        unsafe { libc::fcntl(other.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-        0
-    );
+    let _other = hold_byte0(&b);
     let q = Qemu::spawn();
     let r = acquire(
         &d,
@@ -543,7 +419,7 @@ fn all_or_nothing_across_mounts() {
 fn lost_case(action: FailureAction, label: &str) {
     let interval = 500u64;
     let d = Daemon::start_with(&format!("lease_check_interval_ms = {interval}\n"));
-    let f = Fs::mount();
+    let f = mount();
     let img = f.image(&format!("{label}.img"));
     let q = Qemu::spawn();
     let o = owner(label, &q);

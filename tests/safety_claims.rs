@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::daemon::Lockwardend;
+use common::fuse::Fs;
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -118,14 +120,7 @@ fn lvm_lock_files_are_named_by_lv_uuid_so_two_hosts_agree() {
     tools.lvs(
         "/dev/lwvg/data|/dev/mapper/lwvg-data) echo '  Lw0Uid-aaaa-bbbb-cccc-dddd-eeee-ffff00' ;;",
     );
-    let shared_storage = tempdir();
-    let lvm = shared_storage.path().join("lvmvolumes");
-    let files = shared_storage.path().join("files");
-    let extra = format!(
-        "lvm_lockspace_dir = \"{}\"\nfile_lockspace_dir = \"{}\"",
-        lvm.display(),
-        files.display()
-    );
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d1 = Daemon::start();
     let d2 = Daemon::start();
     let mut h1 = tools.host(&d1, &extra);
@@ -191,14 +186,9 @@ fn scsi_lock_files_are_named_by_wwid_so_two_hosts_agree() {
         .expect_busy("host 2 reaches the same LUN by another path");
 }
 
-/// lvs runs but does not know the device (exit status 5): the disk falls through to
-/// file_lockspace_dir (named by the SHA-256 of the path). Deterministic, unlike the unit test
-/// it replaces, which checked one thing or another depending on whether /sbin/lvs existed.
-#[test]
-fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
-    require_root();
-    let tools = FakeTools::new();
-    tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
+/// A shared-storage stand-in with an LVM and a file lockspace directory: (the directory, keep
+/// it alive; lvm_lockspace_dir; file_lockspace_dir; the plugin config lines naming both).
+fn lockspace_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, String) {
     let shared_storage = tempdir();
     let lvm = shared_storage.path().join("lvmvolumes");
     let files = shared_storage.path().join("files");
@@ -207,6 +197,18 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
         lvm.display(),
         files.display()
     );
+    (shared_storage, lvm, files, extra)
+}
+
+/// lvs runs but does not know the device (exit status 5): the disk falls through to
+/// file_lockspace_dir (named by the SHA-256 of the path). Deterministic, unlike the unit test
+/// it replaces, which checked one thing or another depending on whether /sbin/lvs existed.
+#[test]
+fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
+    require_root();
+    let tools = FakeTools::new();
+    tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d = Daemon::start();
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-fallthrough");
@@ -234,14 +236,7 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
 fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
     require_root();
     let tools = FakeTools::new(); // empty: no lvs, no scsi_id
-    let shared_storage = tempdir();
-    let lvm = shared_storage.path().join("lvmvolumes");
-    let files = shared_storage.path().join("files");
-    let extra = format!(
-        "lvm_lockspace_dir = \"{}\"\nfile_lockspace_dir = \"{}\"",
-        lvm.display(),
-        files.display()
-    );
+    let (_shared_storage, lvm, files, extra) = lockspace_dirs();
     let d = Daemon::start();
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-missing");
@@ -263,20 +258,28 @@ use common::proto::{
     tell, vm,
 };
 use lockwarden::protocol::{
-    ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner, Request,
-    ResourceKind, Response,
+    ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Request, ResourceKind, Response,
 };
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
+
+impl Lockwardend for Lw {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
+    }
+}
 
 struct Lw {
     proc: Proc,
@@ -292,53 +295,21 @@ impl Lw {
     }
 
     fn start_with(config: &str, env: &[(&str, OsString)]) -> Lw {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let socket = dir.path().join("run/lockwardend.sock");
-        let admin = dir.path().join("run/lockwardend-admin.sock");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        let mut cmd = Command::new(DAEMON);
-        cmd.arg("--config")
-            .arg(&conf)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(dir.path().join("run/lockwardend.pid"))
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_FDNAMES")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("daemon log"));
+        let at = common::daemon::Layout::new(config);
+        let mut cmd = at.command();
+        cmd.arg("--verbose");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        let mut d = Lw {
+        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
+        Lw {
             proc,
-            dir,
-            socket,
-            admin,
-            log,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&d.socket).is_err() || UnixStream::connect(&d.admin).is_err() {
-            if let Some(st) = d.proc.0.try_wait().expect("try_wait") {
-                panic!("lockwardend exited during start ({st}):\n{}", d.log());
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
+            dir: at.dir,
+            socket: at.socket,
+            admin: at.admin,
+            log: at.log,
         }
-        d
     }
 
     fn log(&self) -> String {
@@ -356,34 +327,6 @@ impl Lw {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        ok(Client::connect(&self.admin).call(&Request::List))
-    }
-
-    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
-    }
-
-    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.client().call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        })
-    }
-
-    fn held(&self, owner: &Owner) -> Vec<LeaseInfo> {
-        self.client().held(owner)
     }
 
     fn keeper_socket(&self) -> PathBuf {
@@ -609,18 +552,7 @@ fn probe_keeper(keeper_socket: &Path, uid: Option<u32>) -> String {
     .stdin(Stdio::null())
     .stderr(Stdio::null());
     if let Some(uid) = uid {
-        // SAFETY: only async-signal-safe libc calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(uid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        run_as(&mut cmd, uid);
     }
     let out = cmd.output().expect("running the keeper probe");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -735,40 +667,11 @@ fn a_live_reexec_scrubs_listen_variables_and_notifies_reloading() {
     let (mfd, afd) = (main.as_raw_fd(), admin.as_raw_fd());
     let notify = Notify::new();
     let log = dir.path().join("log");
-    let mut cmd = Command::new("sh");
-    // LISTEN_PID must be the daemon's pid: the shell execs it, keeping its own pid.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(DAEMON)
-        .arg("--config")
-        .arg(dir.path().join("none.conf"))
-        .arg("--socket")
-        .arg(dir.path().join("unused.sock"))
-        .arg("--admin-socket")
-        .arg(dir.path().join("unused-admin.sock"))
-        .arg("--pid-file")
-        .arg(dir.path().join("p.pid"))
-        .env("LISTEN_FDS", "2")
-        .env(
-            "LISTEN_FDNAMES",
-            "lockwardend-admin.socket:lockwardend.socket",
-        )
-        .env("NOTIFY_SOCKET", &notify.path)
+    let mut cmd = common::daemon::socket_activated(dir.path(), afd, mfd);
+    cmd.env("NOTIFY_SOCKET", &notify.path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).expect("log"));
-    // SAFETY: fcntl and dup2 only: move the listeners to fds 3 (admin) and 4 (main), clearing
-    // close-on-exec on those copies.
-    unsafe {
-        cmd.pre_exec(move || {
-            let m = libc::fcntl(mfd, libc::F_DUPFD_CLOEXEC, 100);
-            let a = libc::fcntl(afd, libc::F_DUPFD_CLOEXEC, 100);
-            if m < 0 || a < 0 || libc::dup2(a, 3) < 0 || libc::dup2(m, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let mut p = Proc(cmd.spawn().expect("spawn lockwardend"));
     let show = || fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(notify.next(), "READY=1", "{}", show());
@@ -877,96 +780,14 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
 // The FUSE test file system (tests/fusefs/testfs.rs, the example `testfs`): storage that loses
 // a lock or serves lock calls late, on demand. Needs /dev/fuse.
 
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
-}
-
 /// One mounted test file system; unmounted on drop.
-struct Fs {
-    _dir: tempfile::TempDir,
-    backing: PathBuf,
-    mnt: PathBuf,
-    ctl: PathBuf,
-    events: PathBuf,
-    child: std::process::Child,
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
-}
-
-impl Fs {
-    fn mount() -> Fs {
-        require_root();
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: load the fuse module (modprobe fuse)"
-        );
-        let dir = tempfile::Builder::new()
-            .prefix("lw-safety")
-            .tempdir()
-            .expect("tempdir");
-        let backing = dir.path().join("export");
-        let mnt = dir.path().join("mnt");
-        fs::create_dir(&backing).expect("mkdir export");
-        fs::create_dir(&mnt).expect("mkdir mnt");
-        let ctl = dir.path().join("control");
-        let events = dir.path().join("events");
-        let child = Command::new(testfs_path())
-            .args([&backing, &mnt, &ctl, &events])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
-            _dir: dir,
-            backing,
-            mnt,
-            ctl,
-            events,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(t0.elapsed() < BOUND, "testfs did not mount");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        f
-    }
-
-    fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).expect("write control");
-        fs::rename(&tmp, &self.ctl).expect("install control");
-    }
-
-    fn events(&self) -> String {
-        fs::read_to_string(&self.events).unwrap_or_default()
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-    }
+fn mount_fs() -> Fs {
+    require_root();
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: load the fuse module (modprobe fuse)"
+    );
+    Fs::mount("lw-safety", BOUND)
 }
 
 /// The process state letter of `pid` (Z: exited, not reaped yet).
@@ -981,7 +802,7 @@ fn proc_state(pid: i32) -> Option<char> {
 
 #[test]
 fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
-    let f = Fs::mount();
+    let f = mount_fs();
     let d = Daemon::start_with("lease_check_interval_ms = 200\n");
     let mut h = d.host();
     let img = f.mnt.join("restart.img");
@@ -1054,7 +875,7 @@ fn now_ns() -> u128 {
 
 #[test]
 fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
-    let f = Fs::mount();
+    let f = mount_fs();
     let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
     // testfs has no mkdir: the lockspace directory exists on the "server" already.
     let backing_dir = f.backing.join("locks");
@@ -1083,7 +904,7 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     // The daemon opened the lock file (testfs now has the backing file open) and waits in its
     // lock call: virtlockd's release deletes the file now.
     let t0 = Instant::now();
-    while !has_open(f.child.id(), &backing_file) {
+    while !has_open(f.tfs.pid(), &backing_file) {
         assert!(
             t0.elapsed() < BOUND,
             "the daemon never opened the lock file"

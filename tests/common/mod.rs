@@ -7,6 +7,9 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod fuse;
+pub mod locks;
 pub mod proto;
 
 use std::fs;
@@ -25,6 +28,23 @@ use std::time::{Duration, Instant};
 use lockwarden::protocol::{
     self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
+
+/// Make `cmd` drop its supplementary groups and switch to gid and uid `uid` before exec (a
+/// client or helper of another user); the spawn fails when the kernel refuses.
+pub fn run_as(cmd: &mut Command, uid: u32) {
+    // SAFETY: only async-signal-safe libc calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
 
 /// libvirt's VIR_ERR_RESOURCE_BUSY.
 pub const CODE_BUSY: i32 = 87;
@@ -502,18 +522,7 @@ impl Host {
             }
         }
         if let Some(uid) = uid {
-            // SAFETY: only async-signal-safe libc calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(uid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            run_as(&mut cmd, uid);
         }
         let mut child = cmd
             .spawn()
@@ -806,18 +815,7 @@ impl Helper {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
         if let Some(uid) = uid {
-            // SAFETY: only async-signal-safe libc calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0
-                        || libc::setgid(uid) != 0
-                        || libc::setuid(uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            run_as(&mut cmd, uid);
         }
         let mut child = cmd.spawn().expect("spawning the helper process");
         let stdout = child.stdout.take().expect("helper stdout");

@@ -149,6 +149,24 @@ impl Client {
     }
 }
 
+/// An Acquire of `leases` for `owner` (default failure action, unrestricted).
+pub fn acquire_request(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
+    Request::Acquire {
+        owner: owner.clone(),
+        leases,
+        action: protocol::FailureAction::Default,
+        restrict: false,
+    }
+}
+
+/// A Release of `leases` for `owner`.
+pub fn release_request(owner: &Owner, leases: Vec<LeaseSpec>) -> Request {
+    Request::Release {
+        owner: owner.clone(),
+        leases,
+    }
+}
+
 /// A direct-mode disk lease on `path`.
 pub fn disk(path: &Path, mode: LeaseMode) -> LeaseSpec {
     let p = path.to_str().expect("utf-8 path").to_string();
