@@ -61,7 +61,7 @@ fn plugin(text: &str) {
 
 fn daemon(text: &str) -> Result<(), ConfigError> {
     let mut conf = ConfFile::parse(Path::new(DAEMON_CONF), text)?;
-    for key in ["socket", "admin_socket", "pid_file"] {
+    for key in ["socket", "admin_socket", "pid_file", "lease_dir"] {
         if let Some(p) = conf.take_abs_path(key)? {
             assert!(p.is_absolute());
         }
@@ -71,6 +71,12 @@ fn daemon(text: &str) -> Result<(), ConfigError> {
     }
     if let Some(n) = conf.take_int("kill_grace_ms", 0, 600_000)? {
         assert!((0..=600_000).contains(&n));
+    }
+    if let Some(n) = conf.take_int("heartbeat_interval_ms", 0, 600_000)? {
+        assert!((0..=600_000).contains(&n));
+    }
+    if let Some(n) = conf.take_int("fence_after_ms", 100, 3_600_000)? {
+        assert!((100..=3_600_000).contains(&n));
     }
     let _ = conf.take_choice("log_level", &["error", "warn", "info", "debug"])?;
     let _ = conf.take_bool("unused_bool")?;
