@@ -7,9 +7,9 @@
 mod common;
 
 use common::Daemon;
-use lockwarden::protocol::{
-    self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
-};
+use common::fuse::Testfs;
+use common::proto::excl;
+use lockwarden::protocol::{self, FailureAction, Owner, Request, Response};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -26,46 +26,18 @@ const FENCE_AFTER_MS: u64 = 2000;
 const BOUND: Duration = Duration::from_secs(10);
 
 fn prerequisites() {
-    assert_eq!(
-        nix::unistd::geteuid().as_raw(),
-        0,
-        "tests/partition.rs mounts FUSE file systems and must run as root"
-    );
-    assert!(
-        Path::new("/dev/fuse").exists(),
-        "/dev/fuse is missing: load the fuse module (modprobe fuse) to run tests/partition.rs"
-    );
+    common::fuse::prerequisites("tests/partition.rs");
 }
 
-fn testfs_path() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("examples/testfs");
-    assert!(
-        p.exists(),
-        "{} is missing: `cargo test` builds it; alone, run `cargo build --example testfs`",
-        p.display()
-    );
-    p
-}
-
-fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
-}
-
-/// One mounted test file system over `backing`; unmounted (and un-hung) on drop.
+/// One mounted test file system over `backing` (common::fuse::Testfs), with this suite's view
+/// of the heartbeat file the "server" (the backing directory) received.
 struct Fs {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    tfs: Testfs,
     _dir: tempfile::TempDir,
     backing: PathBuf,
     mnt: PathBuf,
-    ctl: PathBuf,
     events: PathBuf,
-    child: Child,
 }
 
 impl Fs {
@@ -79,42 +51,24 @@ impl Fs {
         Fs::mount_over(dir, backing)
     }
 
+    /// Mount `backing` (possibly shared with another mount: another client host) in `dir`.
     fn mount_over(dir: tempfile::TempDir, backing: PathBuf) -> Fs {
         let mnt = dir.path().join("mnt");
         fs::create_dir(&mnt).unwrap();
+        let events = dir.path().join("events");
         let ctl = dir.path().join("control");
-        let log = dir.path().join("events");
-        let child = Command::new(testfs_path())
-            .args([&backing, &mnt, &ctl, &log])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn testfs");
-        let mut f = Fs {
+        let tfs = Testfs::mount(&backing, &mnt, &ctl, &events, Duration::from_secs(20));
+        Fs {
+            tfs,
             _dir: dir,
             backing,
             mnt,
-            ctl,
-            events: log,
-            child,
-        };
-        let t0 = Instant::now();
-        while !mounted(&f.mnt) {
-            if let Ok(Some(st)) = f.child.try_wait() {
-                panic!("testfs exited before mounting {}: {st}", f.mnt.display());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "testfs did not mount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
+            events,
         }
-        f
     }
 
     fn set(&self, text: &str) {
-        let tmp = self.ctl.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.ctl).unwrap();
+        self.tfs.set(text);
     }
 
     /// An image created through the backing directory, named through the mount.
@@ -139,15 +93,6 @@ impl Fs {
         text.split_whitespace()
             .find_map(|w| w.strip_prefix("seq="))
             .and_then(|n| n.parse().ok())
-    }
-}
-
-impl Drop for Fs {
-    fn drop(&mut self) {
-        self.set("");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
     }
 }
 
@@ -193,16 +138,6 @@ fn owner(name: &str, q: &Qemu) -> Owner {
     }
 }
 
-fn disk(p: &Path) -> LeaseSpec {
-    let path = p.to_string_lossy().into_owned();
-    LeaseSpec {
-        name: path.clone(),
-        kind: ResourceKind::Disk,
-        mode: LeaseMode::Exclusive,
-        target: LockTarget::File { path },
-    }
-}
-
 fn call(sock: &Path, req: &Request) -> Response {
     let mut s = UnixStream::connect(sock).expect("connect to lockwardend");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -215,7 +150,7 @@ fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
         &d.socket,
         &Request::Acquire {
             owner: o.clone(),
-            leases: vec![disk(p)],
+            leases: vec![excl(p)],
             action,
             restrict: false,
         },
@@ -652,7 +587,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                     &sock,
                     &Request::Acquire {
                         owner: o,
-                        leases: vec![disk(&path)],
+                        leases: vec![excl(&path)],
                         action: FailureAction::Pause,
                         restrict: false,
                     },
@@ -707,7 +642,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                     &b.socket,
                     &Request::Acquire {
                         owner: owner(&format!("b-{d}"), &q),
-                        leases: vec![disk(&mb.mnt.join(d))],
+                        leases: vec![excl(&mb.mnt.join(d))],
                         action: FailureAction::Default,
                         restrict: false,
                     },
