@@ -216,9 +216,13 @@ fn keeper_args(a: &[std::ffi::OsString]) -> Result<KeeperArgs, String> {
         .to_str()
         .and_then(|l| l.parse::<log::LevelFilter>().ok())
         .ok_or_else(|| format!("{level:?} is not a log level"))?;
+    let (listener, ready) = (fd(listener)?, fd(ready)?);
+    if listener == ready {
+        return Err(format!("descriptor {listener} given twice"));
+    }
     Ok((
-        fd(listener)?,
-        fd(ready)?,
+        listener,
+        ready,
         PathBuf::from(path),
         (num(dev)?, num(ino)?),
         level,
