@@ -4,8 +4,8 @@
 //! Why single-threaded: every decision about a lease depends on the whole table, and a single
 //! thread makes each request atomic without a lock in sight. Nothing in the loop waits for a
 //! client: sockets are non-blocking, partial frames wait in buffers, and owner termination is a
-//! sequence of deadlines. (File system calls on a hung mount still block; see the protocol
-//! documentation's limits.)
+//! sequence of deadlines, and nothing waits on storage: file system calls on network, FUSE
+//! or unknown mounts run on that mount's worker threads (storage.rs, docs/storage.md).
 
 use super::conn::{Conn, Fill, Next};
 use super::dispatch::{self, Session};
