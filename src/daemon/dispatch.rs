@@ -65,6 +65,15 @@ pub fn handle(
             if let Err(e) = check_owner(&owner) {
                 return Some(Response::Error(*e));
             }
+            // libvirt's not-paused start: the forked child acquires the disks itself, with
+            // RESTRICT and no Register before, and keeps the connection as QEMU's lifetime
+            // handle. Bind it as Register would, before the acquire (lockd's client registers
+            // first on every connection), so closing it ends the VM's hold on its disks.
+            if restrict && is_own_peer(s, &owner) && s.handle_of.is_none() {
+                if let Err(e) = bind_handle(state, s, &owner) {
+                    return Some(Response::Error(*e));
+                }
+            }
             match acquire::start(state, s.id, &owner, &leases, action, restrict) {
                 Ok(()) => None,
                 Err(e) => Some(Response::Error(*e)),
@@ -159,26 +168,44 @@ fn register(state: &mut State, s: &mut Session, owner: &Owner, restrict: bool) -
     if let Err(e) = check_owner(owner) {
         return Response::Error(*e);
     }
-    let handle = u32::try_from(s.peer_pid).ok() == Some(owner.pid);
-    match state.owners.ensure(owner) {
-        Ok(entry) => {
-            if handle && s.handle_of.is_none() {
-                entry.handles.push(s.id);
-                s.handle_of = Some(owner.pid);
-                info!(
-                    "VM {:?} (uuid {}, pid {}) registered; connection {} is its lifetime handle",
-                    owner.name, owner.uuid, owner.pid, s.id
-                );
-            } else {
-                debug!(
-                    "VM {:?} (uuid {}, pid {}) registered by pid {}",
-                    owner.name, owner.uuid, owner.pid, s.peer_pid
-                );
-            }
+    if is_own_peer(s, owner) && s.handle_of.is_none() {
+        if let Err(e) = bind_handle(state, s, owner) {
+            return Response::Error(*e);
         }
-        Err(e) => return Response::Error(super::acquire::owner_unwatchable(owner, e)),
+    } else {
+        match state.owners.ensure(owner) {
+            Ok(_) => debug!(
+                "VM {:?} (uuid {}, pid {}) registered by pid {}",
+                owner.name, owner.uuid, owner.pid, s.peer_pid
+            ),
+            Err(e) => return Response::Error(super::acquire::owner_unwatchable(owner, e)),
+        }
     }
     state.owners.prune(owner.pid);
     s.restricted |= restrict;
     Response::Ok { leases: Vec::new() }
+}
+
+/// Is the peer the owner itself (the forked child that becomes QEMU), rather than libvirtd
+/// acting for it? Only such a connection can be the owner's lifetime handle: it is inherited
+/// by the QEMU process and closes when that process exits.
+fn is_own_peer(s: &Session, owner: &Owner) -> bool {
+    u32::try_from(s.peer_pid).ok() == Some(owner.pid)
+}
+
+/// Make this connection the lifetime handle of `owner` (docs/interfaces.md §3): when it closes
+/// while the process still runs, the process is terminated before its leases are released
+/// (kill.rs).
+fn bind_handle(state: &mut State, s: &mut Session, owner: &Owner) -> Result<(), Failure> {
+    let entry = state
+        .owners
+        .ensure(owner)
+        .map_err(|e| Box::new(super::acquire::owner_unwatchable(owner, e)))?;
+    entry.handles.push(s.id);
+    s.handle_of = Some(owner.pid);
+    info!(
+        "VM {:?} (uuid {}, pid {}) registered; connection {} is its lifetime handle",
+        owner.name, owner.uuid, owner.pid, s.id
+    );
+    Ok(())
 }

@@ -42,6 +42,12 @@
  *       drvFree, checks the fd is open and inheritable, reports through the pipe and on success
  *       execs "/bin/sleep 1000000" keeping fd (it stands for QEMU; stdio is /dev/null).
  *       Reply: "OK <childpid>" or "ERR ..." (the child exits 125, and is reaped).
+ *   start-running NAME UUID ID GATE RES...
+ *       libvirt's not-paused start (virDomainLockProcessStart with paused = false): as start,
+ *       but the child calls drvAcquire(state NULL, RESTRICT, DEFAULT, &fd), taking the disks
+ *       itself on the connection it keeps. It then execs /bin/sh, which waits while the file
+ *       GATE exists, then closes the lifetime fd and execs "/bin/sleep 1000000": removing GATE
+ *       closes the handle while the "QEMU" keeps running. Reply as for start.
  *   acquire NAME UUID ID PID RES...
  *       CPU start / resume / hot-plug from the daemon: drvNew(flags 0, pid=PID,
  *       uri="qemu:///system"), drvAddResource per RES, drvAcquire(NULL, 0, DEFAULT, NULL),
@@ -539,7 +545,10 @@ static int free_manager(virLockManager *man)
     return raised ? -1 : 0;
 }
 
-enum op { OP_START, OP_ACQUIRE, OP_RELEASE, OP_RELEASE_NOSTATE, OP_INQUIRE };
+enum op { OP_START, OP_START_RUNNING, OP_ACQUIRE, OP_RELEASE, OP_RELEASE_NOSTATE, OP_INQUIRE };
+
+/* Both domain-start flavours run in the forked child and return the lifetime fd. */
+#define IS_START(op) ((op) == OP_START || (op) == OP_START_RUNNING)
 
 /*
  * The common libvirt sequence: New, AddResource*, the operation, Free. Writes the reply (or,
@@ -589,12 +598,12 @@ static int run_sequence(FILE *out, enum op op, char *name, const char *uuidtxt, 
     params[4].type = VIR_LOCK_MANAGER_PARAM_TYPE_CSTRING;
     params[4].key = "uri";
     params[4].value.cstr =
-        (op == OP_START || op == OP_ACQUIRE) ? "qemu:///system" : NULL;
+        (IS_START(op) || op == OP_ACQUIRE) ? "qemu:///system" : NULL;
 
     virLockManager *man = new_manager();
     last.set = 0;
     rc = drv->drvNew(man, VIR_LOCK_MANAGER_OBJECT_TYPE_DOMAIN, 5, params,
-                     op == OP_START ? VIR_LOCK_MANAGER_NEW_STARTED : 0);
+                     IS_START(op) ? VIR_LOCK_MANAGER_NEW_STARTED : 0);
     if (rc < 0) {
         if (!last.set) {
             reply_err_to(out, 0, 0, "host: drvNew returned -1 without raising a libvirt error");
@@ -643,6 +652,12 @@ static int run_sequence(FILE *out, enum op op, char *name, const char *uuidtxt, 
                                  VIR_LOCK_MANAGER_ACQUIRE_RESTRICT,
                              action, fd);
         break;
+    case OP_START_RUNNING:
+        /* libvirt's not-paused start: the child takes the disks itself. */
+        what = "drvAcquire";
+        *fd = -1;
+        rc = drv->drvAcquire(man, NULL, VIR_LOCK_MANAGER_ACQUIRE_RESTRICT, action, fd);
+        break;
     case OP_ACQUIRE:
         what = "drvAcquire";
         rc = drv->drvAcquire(man, NULL, 0, action, NULL);
@@ -672,7 +687,7 @@ static int run_sequence(FILE *out, enum op op, char *name, const char *uuidtxt, 
         else
             snprintf(saved.msg, sizeof(saved.msg), "host: %s returned -1 without raising a "
                      "libvirt error", what);
-        if (op == OP_START && *fd != -1) {
+        if (IS_START(op) && *fd != -1) {
             snprintf(saved.msg, sizeof(saved.msg), "host: drvAcquire failed but left *fd = %d",
                      *fd);
             saved.code = 0;
@@ -684,7 +699,7 @@ static int run_sequence(FILE *out, enum op op, char *name, const char *uuidtxt, 
     } else if (op == OP_RELEASE && state != NULL) {
         ok = 0;
         snprintf(saved.msg, sizeof(saved.msg), "host: drvRelease returned a non-NULL state");
-    } else if (op == OP_START) {
+    } else if (IS_START(op)) {
         int fl = *fd >= 0 ? fcntl(*fd, F_GETFD) : -1;
         if (fl < 0) {
             ok = 0;
@@ -719,11 +734,14 @@ static int run_sequence(FILE *out, enum op op, char *name, const char *uuidtxt, 
 
 /* ---- commands ------------------------------------------------------------------------------ */
 
-static void cmd_start(char **t, int n)
+static void cmd_start(char **t, int n, enum op op)
 {
     int pipefd[2];
-    if (n < 4) {
-        reply_host_err("host: usage: start NAME UUID ID RES...");
+    /* start-running takes a GATE path before the resources (see the header). */
+    int first_res = op == OP_START_RUNNING ? 5 : 4;
+    if (n < first_res) {
+        reply_host_err(op == OP_START_RUNNING ? "host: usage: start-running NAME UUID ID GATE RES..."
+                                              : "host: usage: start NAME UUID ID RES...");
         return;
     }
     if (pipe2(pipefd, O_CLOEXEC) < 0) {
@@ -752,8 +770,13 @@ static void cmd_start(char **t, int n)
         if (!out)
             _exit(126);
         int fd = -1;
-        if (run_sequence(out, OP_START, t[1], t[2], t[3], NULL, t + 4, n - 4,
+        if (run_sequence(out, op, t[1], t[2], t[3], NULL, t + first_res, n - first_res,
                          VIR_DOMAIN_LOCK_FAILURE_DEFAULT, &fd, NULL) < 0) {
+            fflush(out);
+            _exit(125);
+        }
+        if (op == OP_START_RUNNING && (fd < 0 || fd > 9)) {
+            reply_err_to(out, 0, 0, "host: the lifetime fd is not a single digit (sh needs one)");
             fflush(out);
             _exit(125);
         }
@@ -761,7 +784,15 @@ static void cmd_start(char **t, int n)
         fflush(out);
         if (dup2(0, 2) < 0)
             _exit(125);
-        execl("/bin/sleep", "sleep", "1000000", (char *)NULL);
+        if (op == OP_START_RUNNING) {
+            char script[256];
+            snprintf(script, sizeof(script),
+                     "while [ -e \"$0\" ]; do sleep 0.02; done; exec %d>&-; exec sleep 1000000",
+                     fd);
+            execl("/bin/sh", "sh", "-c", script, t[4], (char *)NULL);
+        } else {
+            execl("/bin/sleep", "sleep", "1000000", (char *)NULL);
+        }
         reply_err_to(out, 0, 0, "host: exec /bin/sleep failed");
         _exit(125);
     }
@@ -1210,7 +1241,9 @@ int main(int argc, char **argv)
         }
         const char *c = toks[0];
         if (strcmp(c, "start") == 0)
-            cmd_start(toks, n);
+            cmd_start(toks, n, OP_START);
+        else if (strcmp(c, "start-running") == 0)
+            cmd_start(toks, n, OP_START_RUNNING);
         else if (strcmp(c, "acquire") == 0)
             cmd_sequence(OP_ACQUIRE, toks, n, 1, VIR_DOMAIN_LOCK_FAILURE_DEFAULT);
         else if (strcmp(c, "acquire-action") == 0) {

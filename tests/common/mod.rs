@@ -602,6 +602,28 @@ impl Host {
         r
     }
 
+    /// libvirt's not-paused start (`start-running`): the forked owner takes `res` itself on
+    /// the connection it keeps as its lifetime handle, and closes that handle (while it keeps
+    /// running) once the file `gate` is removed. On OK `vm.pid` is set.
+    pub fn try_start_running(&mut self, vm: &mut Vm, gate: &Path, res: &[String]) -> Reply {
+        let line = format!(
+            "start-running {} {} {}",
+            vm.head(),
+            esc_path(gate),
+            res.join(" ")
+        );
+        let r = self.cmd(line.trim_end());
+        if let Reply::Ok(pid) = &r {
+            let pid: i32 = pid
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("start-running: `OK <pid>` expected, got OK {pid:?}"));
+            vm.pid = pid;
+            self.owners.push(pid);
+        }
+        r
+    }
+
     /// Start an owner (no resources given at start) and panic on failure.
     pub fn start(&mut self, label: &str) -> Vm {
         let mut vm = Vm::new(label);
