@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::daemon::{Layout, Lockwardend};
+use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
@@ -16,7 +16,7 @@ use common::proto::{
 };
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, MAX_BODY, Owner,
-    PROTOCOL_VERSION, Request, ResourceKind, Response, StatusInfo,
+    PROTOCOL_VERSION, Request, ResourceKind, Response,
 };
 use std::ffi::{CString, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -37,77 +37,20 @@ const BOUND: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------
 // Daemons
 
-/// A lockwardend in its own directory, killed on drop.
-struct Daemon {
-    proc: Proc,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    pid_file: PathBuf,
-    log: PathBuf,
+/// Every daemon of this suite logs at debug level (some tests look for debug lines).
+fn start() -> TestDaemon {
+    start_with(Opts::default())
 }
 
-#[derive(Default)]
-struct Opts<'a> {
-    config: &'a str,
-    env: Vec<(&'a str, OsString)>,
+fn start_with(opts: Opts<'_>) -> TestDaemon {
+    TestDaemon::with(Opts {
+        verbose: true,
+        ..opts
+    })
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::start_with(Opts::default())
-    }
-
-    fn start_with(opts: Opts<'_>) -> Daemon {
-        let at = Layout::new(opts.config);
-        let mut cmd = at.command();
-        cmd.arg("--verbose")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("INVOCATION_ID");
-        for (k, v) in &opts.env {
-            cmd.env(k, v);
-        }
-        let proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        let Layout {
-            dir,
-            socket,
-            admin,
-            pid_file,
-            log,
-            ..
-        } = at;
-        let mut d = Daemon {
-            proc,
-            dir,
-            socket,
-            admin,
-            pid_file,
-            log,
-        };
-        d.wait_serving();
-        d
-    }
-
-    fn wait_serving(&mut self) {
-        common::daemon::wait_serving(
-            &mut self.proc,
-            &[&self.socket, &self.admin],
-            &self.log,
-            BOUND,
-        );
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> StatusInfo {
-        match self.admin_client().call(&Request::Status) {
-            Response::Status(s) => s,
-            other => panic!("status failed: {other:?}"),
-        }
-    }
-
+/// This suite's checks on top of the common requests.
+trait Checks: Lockwardend {
     /// Acquire, check the answer is Ok with an empty lease list, and return what `owner`
     /// holds afterwards.
     fn acquired(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Vec<LeaseInfo> {
@@ -129,23 +72,16 @@ impl Daemon {
         );
         self.held(owner)
     }
-
-    fn sigterm(&mut self) -> ExitStatus {
-        signal(self.proc.pid(), libc::SIGTERM);
-        self.proc
-            .wait_for(BOUND)
-            .unwrap_or_else(|| panic!("lockwardend ignored SIGTERM:\n{}", self.log()))
-    }
 }
 
-impl Lockwardend for Daemon {
-    fn socket_path(&self) -> &Path {
-        &self.socket
-    }
+impl Checks for TestDaemon {}
 
-    fn admin_path(&self) -> &Path {
-        &self.admin
-    }
+/// SIGTERM the daemon and wait for its exit.
+fn sigterm(d: &mut TestDaemon) -> ExitStatus {
+    signal(d.proc.pid(), libc::SIGTERM);
+    d.proc
+        .wait_for(BOUND)
+        .unwrap_or_else(|| panic!("lockwardend ignored SIGTERM:\n{}", d.log()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,7 +109,7 @@ fn require_root() {
 
 #[test]
 fn register_acquire_inquire_release() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "web1.qcow2");
     let web1 = vm("web1");
@@ -222,7 +158,7 @@ fn a_record_written_after_the_answer_still_names_the_vm_in_a_refusal_at_once() {
     // The second acquire of an image within 10 s reuses its idle side file and writes the record
     // right after answering (holder::claim_known): another daemon refused at that very moment
     // must still name the VM (it reads again while the liveness lock is held over a blank file).
-    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "fast.raw");
     let (a, b) = (vm("fast-1"), vm("fast-2"));
@@ -240,7 +176,7 @@ fn a_record_written_after_the_answer_still_names_the_vm_in_a_refusal_at_once() {
 
 #[test]
 fn busy_between_two_owners_of_one_daemon() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "web1.qcow2");
     let (a, b) = (vm("web1"), vm("web2"));
@@ -277,7 +213,7 @@ fn busy_between_two_owners_of_one_daemon() {
 
 #[test]
 fn busy_between_two_daemons_sharing_an_image_dir() {
-    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "db.raw");
     let (a, b) = (vm("db-host1"), vm("db-host2"));
@@ -327,7 +263,7 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
 
 #[test]
 fn shared_with_shared_is_allowed_shared_with_exclusive_is_not() {
-    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let iso = image(images.path(), "install.iso");
     let (a, b, c, x) = (vm("a"), vm("b"), vm("c"), vm("x"));
@@ -358,7 +294,7 @@ fn shared_with_shared_is_allowed_shared_with_exclusive_is_not() {
 
 #[test]
 fn sixteen_disks_all_or_nothing() {
-    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let disks: Vec<PathBuf> = (1..=16)
         .map(|i| image(images.path(), &format!("disk{i:02}.img")))
@@ -389,7 +325,7 @@ fn sixteen_disks_all_or_nothing() {
 
 #[test]
 fn lifetime_handle_closing_with_the_owner_releases_its_leases() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "h.img");
     let (mut p, owner, resp) = spawn_registered(&d.socket, "handle-exit", "read cmd; exit 0");
@@ -407,7 +343,7 @@ fn lifetime_handle_closing_with_the_owner_releases_its_leases() {
 
 #[test]
 fn sigkilled_owner_frees_its_leases() {
-    let (d1, d2) = (Daemon::start(), Daemon::start());
+    let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "k.img");
     let mut victim = vm("victim");
@@ -434,7 +370,7 @@ fn sigkilled_owner_frees_its_leases() {
 
 #[test]
 fn owner_closing_its_handle_while_holding_is_terminated() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "t.img");
     let (mut p, owner, resp) =
@@ -453,7 +389,7 @@ fn owner_closing_its_handle_while_holding_is_terminated() {
 
 #[test]
 fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
-    let d = Daemon::start_with(Opts {
+    let d = start_with(Opts {
         config: "kill_grace_ms = 300\n",
         ..Opts::default()
     });
@@ -528,7 +464,7 @@ fn owner_ignoring_sigterm_is_killed_after_the_grace_period() {
 
 #[test]
 fn restricted_connections_refuse_everything() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "r.img");
     let a = vm("restricted");
@@ -583,7 +519,7 @@ fn restricted_connections_refuse_everything() {
 #[test]
 fn non_root_peer_is_refused() {
     require_root();
-    let d = Daemon::start();
+    let d = start();
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
     for p in [d.dir.path(), &d.dir.path().join("run")] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
@@ -620,7 +556,7 @@ fn non_root_peer_is_refused() {
 
 #[test]
 fn protocol_version_mismatch_is_an_error_not_a_hang() {
-    let d = Daemon::start();
+    let d = start();
     let mut c = d.client();
     let mut frame = protocol::encode(&Request::Status).unwrap();
     frame[4..6].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
@@ -641,7 +577,7 @@ fn protocol_version_mismatch_is_an_error_not_a_hang() {
 
 #[test]
 fn oversized_or_garbage_frames_close_only_that_connection() {
-    let d = Daemon::start();
+    let d = start();
     // A client stuck mid-frame must not hold up anybody.
     let mut slow = d.client();
     slow.0.write_all(&protocol::MAGIC).unwrap();
@@ -696,7 +632,7 @@ fn oversized_or_garbage_frames_close_only_that_connection() {
 
 #[test]
 fn two_paths_to_one_image_are_one_lease() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "real.qcow2");
     let sym = images.path().join("alias.qcow2");
@@ -754,11 +690,11 @@ fn lockspace_files_are_created_0600_and_links_never_followed() {
     let base = tempfile::tempdir().unwrap();
     // <lease> files may only live under lease_dir (docs/hardening.md).
     let config = format!("lease_dir = \"{}\"\n", base.path().display());
-    let d1 = Daemon::start_with(Opts {
+    let d1 = start_with(Opts {
         config: &config,
         ..Opts::default()
     });
-    let d2 = Daemon::start();
+    let d2 = start();
     let locks = base.path().join("lockd/files");
     let disk_path = "/var/lib/libvirt/images/web1.qcow2";
     let hash = sha256_hex(disk_path);
@@ -846,7 +782,7 @@ fn lockspace_files_are_created_0600_and_links_never_followed() {
 
 #[test]
 fn posix_lock_holders_and_lockwarden_exclude_each_other() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "interop.img");
     let a = vm("interop");
@@ -908,7 +844,7 @@ fn posix_lock_holders_and_lockwarden_exclude_each_other() {
 
 #[test]
 fn unlockable_targets_are_refused_at_once() {
-    let d = Daemon::start();
+    let d = start();
     let tmp = tempfile::tempdir().unwrap();
     let fifo = tmp.path().join("fifo");
     let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
@@ -980,7 +916,7 @@ fn unlockable_targets_are_refused_at_once() {
 
 #[test]
 fn sigterm_exits_zero_and_removes_its_sockets() {
-    let mut d = Daemon::start();
+    let mut d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "s.img");
     let a = vm("term");
@@ -993,7 +929,7 @@ fn sigterm_exits_zero_and_removes_its_sockets() {
     assert_eq!(mode_of(&d.admin), 0o600);
     let keeper_sock = d.socket.with_file_name("lockwardend-keeper.sock");
     assert_eq!(mode_of(&keeper_sock), 0o600);
-    let st = d.sigterm();
+    let st = sigterm(&mut d);
     assert_eq!(st.code(), Some(0), "{st}\n{}", d.log());
     assert!(!d.socket.exists() && !d.admin.exists(), "sockets removed");
     assert!(!d.pid_file.exists(), "pid file removed");
@@ -1017,7 +953,7 @@ fn sigterm_exits_zero_and_removes_its_sockets() {
 
 #[test]
 fn sighup_and_sigusr1_keep_it_running_with_its_locks() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "u.img");
     let a = vm("upgrade");
@@ -1083,7 +1019,7 @@ fn bad_configuration_stops_the_start_naming_file_line_and_key() {
 
 #[test]
 fn second_daemon_on_the_same_pid_file_or_socket_refuses() {
-    let d = Daemon::start();
+    let d = start();
     let other = tempfile::tempdir().unwrap();
     let run = |socket: &Path, pid_file: &Path| {
         Command::new(DAEMON)
@@ -1158,14 +1094,14 @@ fn notify_socket_gets_ready_and_stopping() {
         (&by_name, OsString::from(format!("@{abstract_name}"))),
     ] {
         sock.set_read_timeout(Some(BOUND)).unwrap();
-        let mut d = Daemon::start_with(Opts {
+        let mut d = start_with(Opts {
             env: vec![("NOTIFY_SOCKET", target)],
             ..Opts::default()
         });
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
-        assert_eq!(d.sigterm().code(), Some(0));
+        assert_eq!(sigterm(&mut d).code(), Some(0));
         let n = sock.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"STOPPING=1");
     }
@@ -1221,7 +1157,7 @@ fn systemd_socket_activation_is_used_and_its_sockets_kept() {
 /// (How fast they are is measured by `cargo bench --bench lockcycle`, not asserted here.)
 #[test]
 fn repeated_lock_cycles_leave_nothing_behind() {
-    let d = Daemon::start();
+    let d = start();
     let images = tempfile::tempdir().unwrap();
     let disks: Vec<PathBuf> = (0..16)
         .map(|i| image(images.path(), &format!("lat{i}.img")))

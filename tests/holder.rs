@@ -8,19 +8,17 @@
 
 mod common;
 
+use common::daemon::{Lockwardend, TestDaemon};
 use common::image;
 use common::locks::ofd_lock;
 use common::proto::{Proc, hostname, ok, owner_for, probe_lock, sleeper};
 use lockwarden::daemon::holder::{self, Published, Record, Records, Target, Vm};
-use lockwarden::protocol::{
-    self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
-};
+use lockwarden::protocol::{self, LeaseMode, LeaseSpec, LockTarget, Owner, ResourceKind, Response};
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -32,74 +30,6 @@ const SINCE: u64 = 1_795_687_445;
 
 // ---------------------------------------------------------------------------------------------
 // Daemons
-
-/// A lockwardend standing for one host, in its own directory.
-struct Daemon {
-    /// Killed on drop.
-    _proc: Proc,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("lockwardend.sock");
-        let admin = dir.path().join("lockwardend-admin.sock");
-        let config = dir.path().join("lockwardend.conf");
-        let log = dir.path().join("daemon.log");
-        fs::write(&config, "").unwrap();
-        let pid_file = dir.path().join("lockwardend.pid");
-        let mut proc = Proc(
-            common::daemon::command(&config, &socket, &admin, &pid_file, &log)
-                .spawn()
-                .expect("spawning lockwardend"),
-        );
-        common::daemon::wait_serving(&mut proc, &[&socket, &admin], &log, BOUND);
-        Daemon {
-            _proc: proc,
-            _dir: dir,
-            socket,
-            admin,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, sock: &Path, req: &Request) -> Response {
-        let mut s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(BOUND)).unwrap();
-        protocol::write_message(&mut s, req).unwrap();
-        protocol::read_message(&mut s).unwrap()
-    }
-
-    fn acquire(&self, owner: &Owner, lease: LeaseSpec) -> Response {
-        self.call(
-            &self.socket,
-            &Request::Acquire {
-                owner: owner.clone(),
-                leases: vec![lease],
-                action: FailureAction::Default,
-                restrict: false,
-            },
-        )
-    }
-
-    fn release(&self, owner: &Owner, lease: LeaseSpec) -> Response {
-        self.call(
-            &self.socket,
-            &Request::Release {
-                owner: owner.clone(),
-                leases: vec![lease],
-            },
-        )
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Files and locks
@@ -819,14 +749,14 @@ fn ensure_record(s: &Setup, host: &str, owner: &Owner) -> (String, Option<(File,
 
 fn who_across_two_daemons(lockspace: bool) {
     let s = setup(lockspace);
-    let (a, b) = (Daemon::start(), Daemon::start());
+    let (a, b) = (TestDaemon::start(""), TestDaemon::start(""));
     let (qa, qb) = (sleeper(), sleeper());
     let (web1, web2) = (owner_for(qa.pid(), "web1"), owner_for(qb.pid(), "web2"));
-    ok(a.acquire(&web1, s.spec.clone()));
+    ok(a.acquire(&web1, vec![s.spec.clone()]));
     let (host_a, published) = ensure_record(&s, "node-a", &web1);
 
     // Host B's daemon is refused by the kernel (B does not know A's VM).
-    match b.acquire(&web2, s.spec.clone()) {
+    match b.acquire(&web2, vec![s.spec.clone()]) {
         Response::Error(e) => assert_eq!(e.kind, protocol::ErrorKind::Busy, "{e:?}"),
         other => panic!("host B must be refused, got {other:?}"),
     }
@@ -899,7 +829,7 @@ fn who_across_two_daemons(lockspace: bool) {
 
     if lockspace {
         // A releases: the lock file goes (lockd semantics), so the disk is free.
-        ok(a.release(&web1, s.spec.clone()));
+        ok(a.release(&web1, vec![s.spec.clone()]));
         let LockTarget::Lockspace { file, .. } = &s.spec.target else {
             unreachable!()
         };
@@ -939,7 +869,7 @@ fn who_across_two_daemons(lockspace: bool) {
     }
     assert_eq!(v["message"], format!("disk {} is free", s.img.display()));
     // ... and host B can take it now.
-    ok(b.acquire(&web2, s.spec.clone()));
+    ok(b.acquire(&web2, vec![s.spec.clone()]));
 }
 
 #[test]

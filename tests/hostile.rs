@@ -21,7 +21,7 @@
 
 mod common;
 
-use common::daemon::Lockwardend;
+use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
     Client, Proc, after_pending_kills, byte0, err, eventually, excl, ok, owner_for,
@@ -57,81 +57,19 @@ fn owner_of(p: &Proc, name: &str) -> Owner {
     o
 }
 
-impl Lockwardend for Daemon {
-    fn socket_path(&self) -> &Path {
-        &self.socket
-    }
-
-    fn admin_path(&self) -> &Path {
-        &self.admin
-    }
+/// A daemon with `config`, and with RLIMIT_NOFILE (soft, hard) when given; the test process's
+/// own limit is raised first (the hostile clients need many descriptors).
+fn start_limited(config: &str, nofile: Option<(u64, u64)>) -> TestDaemon {
+    raise_fd_limit();
+    TestDaemon::with(Opts {
+        config,
+        nofile,
+        ..Opts::default()
+    })
 }
 
-struct Daemon {
-    proc: Proc,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        Daemon::start_with("")
-    }
-
-    fn start_with(config: &str) -> Daemon {
-        Daemon::start_limited(config, None)
-    }
-
-    /// Start with `config`, and with RLIMIT_NOFILE (soft, hard) set for the daemon when given.
-    fn start_limited(config: &str, nofile: Option<(u64, u64)>) -> Daemon {
-        raise_fd_limit();
-        let at = common::daemon::Layout::new(config);
-        let mut cmd = at.command();
-        if let Some((soft, hard)) = nofile {
-            // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let r = libc::rlimit {
-                        rlim_cur: soft,
-                        rlim_max: hard,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
-        Daemon {
-            proc,
-            dir: at.dir,
-            socket: at.socket,
-            admin: at.admin,
-            log: at.log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn clients(&self) -> usize {
-        match Client::connect(&self.admin).call(&Request::Status) {
-            Response::Status(s) => s.clients,
-            other => panic!("status failed: {other:?}"),
-        }
-    }
-
-    /// Assert the daemon is still running (a hostile client must never take it down).
-    fn assert_alive(&mut self) {
-        if let Ok(Some(st)) = self.proc.0.try_wait() {
-            panic!("lockwardend died ({st}):\n{}", self.log());
-        }
-    }
+fn start_with(config: &str) -> TestDaemon {
+    start_limited(config, None)
 }
 
 /// The descriptor soft limit up to the hard limit, for this process and the daemons it starts
@@ -182,7 +120,7 @@ impl Client {
 }
 
 /// Who holds `path` according to the daemon's List.
-fn holders(d: &Daemon, path: &Path) -> Vec<u32> {
+fn holders(d: &TestDaemon, path: &Path) -> Vec<u32> {
     let p = path.to_str().expect("utf-8 path");
     d.list()
         .into_iter()
@@ -207,7 +145,7 @@ fn summary(samples: &mut [Duration]) -> String {
 
 /// `rounds` acquire/release cycles of one disk for `owner`, each on a fresh connection (as the
 /// plugin does); returns the acquire latencies.
-fn acquire_cycles(d: &Daemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<Duration> {
+fn acquire_cycles(d: &TestDaemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<Duration> {
     let mut lat = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         let t0 = Instant::now();
@@ -225,7 +163,7 @@ fn acquire_cycles(d: &Daemon, owner: &Owner, img: &Path, rounds: usize) -> Vec<D
 
 #[test]
 fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
-    let d = Daemon::start();
+    let d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "unregistered.img");
 
@@ -281,10 +219,10 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
     // That connection is not the owner's lifetime handle: closing it keeps the lease...
     // (The daemon decides what a closed connection means when it sees the hang-up, in the same
     // step that drops it from its client count: once the count fell, the decision is made.)
-    let before = d.clients();
+    let before = d.status().clients;
     drop(c);
     eventually("the daemon saw the connection close", || {
-        d.clients() < before
+        d.status().clients < before
     });
     assert_eq!(byte0(&img), libc::F_WRLCK, "closing a non-handle released");
     assert_eq!(holders(&d, &img), vec![good.pid]);
@@ -294,10 +232,10 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
         owner: good.clone(),
         restrict: false,
     }));
-    let before = d.clients();
+    let before = d.status().clients;
     drop(c);
     eventually("the daemon saw the connection close", || {
-        d.clients() < before
+        d.status().clients < before
     });
     assert_eq!(byte0(&img), libc::F_WRLCK, "closing a non-handle released");
     assert_eq!(holders(&d, &img), vec![good.pid]);
@@ -323,7 +261,7 @@ fn a_connection_that_never_registers_acquires_only_for_a_live_owner_it_names() {
 
 #[test]
 fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
-    let d = Daemon::start();
+    let d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let (img_a, img_b) = (image(images.path(), "a.img"), image(images.path(), "b.img"));
     let (qa, qb) = (sleeper(), sleeper());
@@ -367,7 +305,7 @@ fn an_owner_cannot_release_inquire_or_take_another_owners_leases() {
 
 #[test]
 fn a_restricted_connection_is_refused_everything() {
-    let d = Daemon::start();
+    let d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let (img, other) = (image(images.path(), "r.img"), image(images.path(), "o.img"));
     let q = sleeper();
@@ -463,7 +401,7 @@ fn a_peer_of_another_uid_is_refused_everything() {
         euid, 0,
         "this test runs a client as uid 65534: run the suite as root"
     );
-    let d = Daemon::start();
+    let d = start_with("");
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
     for p in [d.dir.path(), &d.dir.path().join("run")] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod dir");
@@ -540,7 +478,7 @@ fn a_thousand_idle_and_stalled_connections_do_not_block_a_legitimate_acquire() {
     // The read and idle clocks are set far beyond the 30 s client timeout: a loop that waited
     // on any of these connections would wait until its clock closed it (10 s and 300 s by
     // default, which a stall shorter than 30 s would hide) and fails the acquire outright.
-    let mut d = Daemon::start_with("request_read_timeout_ms = 600000\nidle_timeout_ms = 600000\n");
+    let mut d = start_with("request_read_timeout_ms = 600000\nidle_timeout_ms = 600000\n");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "busy-host.img");
     let q = sleeper();
@@ -564,7 +502,7 @@ fn a_thousand_idle_and_stalled_connections_do_not_block_a_legitimate_acquire() {
         idle.push(s);
     }
     eventually("the daemon accepted every idle connection", || {
-        d.clients() > IDLE
+        d.status().clients > IDLE
     });
     let rss = daemon_memory(&d);
 
@@ -586,11 +524,11 @@ fn a_thousand_idle_and_stalled_connections_do_not_block_a_legitimate_acquire() {
     let resp: Response = protocol::read_message(&mut staller).expect("a late frame is answered");
     assert!(matches!(resp, Response::Status(_)), "{resp:?}");
     drop(idle);
-    eventually("the idle connections are gone", || d.clients() <= 2);
+    eventually("the idle connections are gone", || d.status().clients <= 2);
 }
 
 /// VmRSS and VmSize of the daemon, for the report.
-fn daemon_memory(d: &Daemon) -> String {
+fn daemon_memory(d: &TestDaemon) -> String {
     let status = fs::read_to_string(format!("/proc/{}/status", d.proc.pid())).unwrap_or_default();
     status
         .lines()
@@ -679,7 +617,7 @@ fn starvation_bound_bytes() -> u64 {
 
 /// Legitimate Inquire round trips (each on a fresh connection) while the flooder that counts
 /// its answers in `answered` runs; returns the most flood-answer bytes seen during one.
-fn flood_answers_during_requests(d: &Daemon, owner: &Owner, answered: &AtomicU64) -> u64 {
+fn flood_answers_during_requests(d: &TestDaemon, owner: &Owner, answered: &AtomicU64) -> u64 {
     (0..20)
         .map(|_| {
             let mut c = d.client();
@@ -695,7 +633,7 @@ fn flood_answers_during_requests(d: &Daemon, owner: &Owner, answered: &AtomicU64
 
 #[test]
 fn flooding_clients_do_not_starve_a_legitimate_acquire() {
-    let mut d = Daemon::start();
+    let mut d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "flooded.img");
     let q = sleeper();
@@ -751,12 +689,14 @@ fn flooding_clients_do_not_starve_a_legitimate_acquire() {
     );
     d.assert_alive();
     assert_eq!(byte0(&img), libc::F_UNLCK);
-    eventually("the flooders' connections are gone", || d.clients() <= 2);
+    eventually("the flooders' connections are gone", || {
+        d.status().clients <= 2
+    });
 }
 
 #[test]
 fn half_a_frame_and_a_stall_hold_nothing_up() {
-    let mut d = Daemon::start();
+    let mut d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "stall.img");
     let q = sleeper();
@@ -847,7 +787,7 @@ fn connect_storm(
 
 #[test]
 fn a_pipelining_flooder_and_a_connect_storm_do_not_starve_a_legitimate_acquire() {
-    let mut d = Daemon::start();
+    let mut d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "stormy.img");
     let q = sleeper();
@@ -884,7 +824,7 @@ fn a_pipelining_flooder_and_a_connect_storm_do_not_starve_a_legitimate_acquire()
         "the flood stopped before the legitimate requests were answered"
     );
     // The admin socket is served as well (a separate listener with its own accept budget).
-    let clients_then = d.clients();
+    let clients_then = d.status().clients;
     stop.store(true, Ordering::Relaxed);
     let sent = flood.join().expect("flooder");
     let connects: u64 = storm.into_iter().map(|h| h.join().expect("storm")).sum();
@@ -905,7 +845,9 @@ fn a_pipelining_flooder_and_a_connect_storm_do_not_starve_a_legitimate_acquire()
     assert!(connects > 20, "the storm did not run ({connects} connects)");
     d.assert_alive();
     assert_eq!(byte0(&img), libc::F_UNLCK);
-    eventually("the storm's connections are gone", || d.clients() <= 2);
+    eventually("the storm's connections are gone", || {
+        d.status().clients <= 2
+    });
 }
 
 /// Does the daemon still hold this connection open (no EOF, no error)?
@@ -924,7 +866,7 @@ fn still_open(s: &UnixStream) -> bool {
 #[test]
 fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     const MAX: usize = 20;
-    let mut d = Daemon::start_with(&format!(
+    let mut d = start_with(&format!(
         "max_clients = {MAX}\nrequest_read_timeout_ms = 1000\n"
     ));
     let images = tempfile::tempdir().expect("temp dir");
@@ -996,7 +938,7 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
 
 #[test]
 fn idle_connections_are_closed_but_never_a_lifetime_handle() {
-    let d = Daemon::start_with("idle_timeout_ms = 300\nrequest_read_timeout_ms = 300\n");
+    let d = start_with("idle_timeout_ms = 300\nrequest_read_timeout_ms = 300\n");
     // This test process is the owner: its own connection becomes the lifetime handle.
     let me = Owner {
         uuid: format!("1d1e0000-0000-4000-8000-{:012x}", std::process::id()),
@@ -1020,14 +962,14 @@ fn idle_connections_are_closed_but_never_a_lifetime_handle() {
     assert!(still_open(&handle.0), "a lifetime handle was closed");
     // The handle still works, and is still the handle (the daemon counts it).
     assert!(ok(handle.call(&Request::Inquire { owner: me })).is_empty());
-    assert!(d.clients() >= 2, "handle and this status call");
+    assert!(d.status().clients >= 2, "handle and this status call");
     // idle_timeout_ms = 0 disables the idle clock. A witness daemon with a 1000 ms idle clock
     // gets an idle connection opened after d0's; once the witness has closed its own (an
     // event, not a sleep), d0's connection has been idle longer, and must still be open. This
     // catches 0 read as "0 ms" or as any clock up to 1000 ms; that 0 maps to no clock at all
     // (and not, say, to the 300 s default) is pinned by the settings unit test.
-    let d0 = Daemon::start_with("idle_timeout_ms = 0\n");
-    let witness = Daemon::start_with("idle_timeout_ms = 1000\n");
+    let d0 = start_with("idle_timeout_ms = 0\n");
+    let witness = start_with("idle_timeout_ms = 1000\n");
     let idle = UnixStream::connect(&d0.socket).expect("idle connect");
     let watched = UnixStream::connect(&witness.socket).expect("witness connect");
     assert!(still_open(&idle) && still_open(&watched));
@@ -1039,7 +981,7 @@ fn idle_connections_are_closed_but_never_a_lifetime_handle() {
 
 #[test]
 fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
-    let d = Daemon::start();
+    let d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let (img, other) = (
         image(images.path(), "id.img"),
@@ -1095,7 +1037,7 @@ fn a_request_naming_a_registered_pid_with_another_uuid_is_refused() {
 
 #[test]
 fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
-    let d = Daemon::start_with("max_owners = 2\nmax_leases_per_request = 3\n");
+    let d = start_with("max_owners = 2\nmax_leases_per_request = 3\n");
     let images = tempfile::tempdir().expect("temp dir");
     let imgs: Vec<PathBuf> = (0..6)
         .map(|i| image(images.path(), &format!("l{i}.img")))
@@ -1175,7 +1117,7 @@ fn proc_limits_nofile(pid: u32) -> String {
 #[test]
 fn the_descriptor_limit_is_raised_and_checked_at_start() {
     // A soft limit below the hard one is raised; a hard limit too low for the maximums warns.
-    let d = Daemon::start_limited("max_clients = 4096\n", Some((256, 2048)));
+    let d = start_limited("max_clients = 4096\n", Some((256, 2048)));
     assert_eq!(
         proc_limits_nofile(d.proc.pid()),
         "Max open files 2048 2048 files"
@@ -1187,13 +1129,13 @@ fn the_descriptor_limit_is_raised_and_checked_at_start() {
         "no warning:\n{log}"
     );
     // Enough for small maximums: no warning.
-    let d = Daemon::start_limited("max_clients = 10\nmax_owners = 10\n", Some((256, 2048)));
+    let d = start_limited("max_clients = 10\nmax_owners = 10\n", Some((256, 2048)));
     let log = d.log();
     assert!(!log.contains("below the"), "spurious warning:\n{log}");
     assert!(log.contains("open-file limit 2048"), "{log}");
 }
 
-fn vm_size_kib(d: &Daemon) -> u64 {
+fn vm_size_kib(d: &TestDaemon) -> u64 {
     fs::read_to_string(format!("/proc/{}/status", d.proc.pid()))
         .unwrap_or_default()
         .lines()
@@ -1205,7 +1147,7 @@ fn vm_size_kib(d: &Daemon) -> u64 {
 #[test]
 fn a_header_announcing_a_maximal_body_reserves_no_memory() {
     const N: usize = 200;
-    let d = Daemon::start();
+    let d = start_with("");
     // Warm up (first requests allocate the daemon's steady-state buffers).
     assert!(d.list().is_empty());
     let before = vm_size_kib(&d);
@@ -1218,12 +1160,12 @@ fn a_header_announcing_a_maximal_body_reserves_no_memory() {
             s
         })
         .collect();
-    eventually("every connection is accepted", || d.clients() > N);
+    eventually("every connection is accepted", || d.status().clients > N);
     // Every poll round reads every readable connection; two more status round trips, sent
     // after all the bytes above, end only after a round that had them all readable (an event
     // the daemon answers, not a guessed sleep).
-    d.clients();
-    d.clients();
+    d.status().clients;
+    d.status().clients;
     let after = vm_size_kib(&d);
     eprintln!(
         "{N} connections announcing {MAX_BODY}-byte bodies: daemon VmSize {before} KiB -> \
@@ -1261,7 +1203,7 @@ fn unsafe_lockspace_directories_are_refused() {
         0,
         "this test chowns a directory: run the suite as root"
     );
-    let d = Daemon::start();
+    let d = start_with("");
     let base = tempfile::tempdir().expect("temp dir");
     let q = sleeper();
     let o = owner_of(&q, "ls");
@@ -1339,7 +1281,7 @@ fn unsafe_lockspace_directories_are_refused() {
 #[test]
 fn direct_mode_never_writes_an_image() {
     use std::os::unix::fs::MetadataExt;
-    let d = Daemon::start();
+    let d = start_with("");
     let images = tempfile::tempdir().expect("temp dir");
     let content: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
     let (rw, ro_img) = (images.path().join("rw.img"), images.path().join("ro.img"));

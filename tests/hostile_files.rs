@@ -9,96 +9,17 @@
 
 mod common;
 
+use common::daemon::{Lockwardend, TestDaemon};
 use common::image;
-use common::proto::{Client, Proc, err, hostname, ok, owner_for, sleeper};
+use common::proto::{Proc, err, hostname, ok, owner_for, sleeper};
 use lockwarden::daemon::holder::host_label;
 use lockwarden::plugin::resources::sha256_hex;
-use lockwarden::protocol::{
-    ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner, Request,
-    ResourceKind, Response,
-};
+use lockwarden::protocol::{ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, ResourceKind};
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-
-struct Daemon {
-    proc: Proc,
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(config: &str) -> Daemon {
-        let at = common::daemon::Layout::new(config);
-        let mut proc = Proc(at.command().spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(
-            &mut proc,
-            &[&at.socket, &at.admin],
-            &at.log,
-            common::proto::BOUND,
-        );
-        Daemon {
-            proc,
-            _dir: at.dir,
-            socket: at.socket,
-            admin: at.admin,
-            log: at.log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn call(&self, req: &Request) -> Response {
-        Client::connect(&self.socket).call(req)
-    }
-
-    fn acquire(&self, owner: &Owner, leases: Vec<LeaseSpec>) -> Response {
-        self.call(&Request::Acquire {
-            owner: owner.clone(),
-            leases,
-            action: FailureAction::Default,
-            restrict: false,
-        })
-    }
-
-    fn release(&self, owner: &Owner, leases: Vec<LeaseSpec>) {
-        ok(self.call(&Request::Release {
-            owner: owner.clone(),
-            leases,
-        }));
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        ok(Client::connect(&self.admin).call(&Request::List))
-    }
-
-    /// Is there a warning line in the log that mentions every one of `needles`?
-    fn warned(&self, needles: &[&str]) -> bool {
-        self.log()
-            .lines()
-            .any(|l| l.contains("WARN") && needles.iter().all(|n| l.contains(n)))
-    }
-
-    /// Every file the daemon has open now that resolves to `path`.
-    fn fds_on(&self, path: &Path) -> Vec<String> {
-        let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        let dir = format!("/proc/{}/fd", self.proc.pid());
-        fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == want))
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
 
 struct Vm {
     owner: Owner,
@@ -250,7 +171,7 @@ impl Watch {
 /// it sat idle (kept open between leases).
 #[test]
 fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
-    let d = Daemon::start("");
+    let d = TestDaemon::start("");
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "web1.img");
     let (vic, bytes) = victim(images.path(), "base-backing.qcow2");
@@ -267,7 +188,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
         "the lease is held"
     );
     assert_intact(&vic, &bytes, "while the lease is held");
-    d.release(&a.owner, vec![excl(&img)]);
+    ok(d.release(&a.owner, vec![excl(&img)]));
     assert_intact(&vic, &bytes, "after release");
     assert_eq!(fs::metadata(&vic).unwrap().nlink(), 2);
     assert!(
@@ -286,7 +207,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
             .contains("lockwarden_holder"),
         "a clean side file gets the record"
     );
-    d.release(&a.owner, vec![excl(&img2)]);
+    ok(d.release(&a.owner, vec![excl(&img2)]));
     fs::remove_file(&side2).unwrap();
     fs::hard_link(&vic, &side2).unwrap();
     ok(d.acquire(&a.owner, vec![excl(&img2)]));
@@ -295,7 +216,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
         &bytes,
         "after the idle side file was swapped for a link",
     );
-    d.release(&a.owner, vec![excl(&img2)]);
+    ok(d.release(&a.owner, vec![excl(&img2)]));
     assert_intact(&vic, &bytes, "after release of the swapped side file");
     assert!(d.list().is_empty());
 }
@@ -305,7 +226,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
 /// there under that name is locked but never written, truncated or removed.
 #[test]
 fn hard_linked_or_foreign_lockspace_lock_file_leaves_the_victim_intact() {
-    let d = Daemon::start("");
+    let d = TestDaemon::start("");
     let base = tempfile::tempdir().unwrap();
     let locks = base.path().join("lockspace");
     mkdir(&locks, 0o700);
@@ -324,7 +245,7 @@ fn hard_linked_or_foreign_lockspace_lock_file_leaves_the_victim_intact() {
         e.message
     );
     assert_eq!(common::proto::byte0(&vic), libc::F_UNLCK);
-    d.release(&a.owner, vec![spec.clone()]);
+    ok(d.release(&a.owner, vec![spec.clone()]));
     assert_intact(&vic, &bytes, "after a refused acquire and a release");
     assert_eq!(fs::metadata(&vic).unwrap().nlink(), 2);
 
@@ -338,7 +259,7 @@ fn hard_linked_or_foreign_lockspace_lock_file_leaves_the_victim_intact() {
         "the lease is held"
     );
     assert_intact(&lock, &bytes, "while held");
-    d.release(&a.owner, vec![spec]);
+    ok(d.release(&a.owner, vec![spec]));
     assert_intact(
         &lock,
         &bytes,
@@ -359,7 +280,7 @@ fn hard_linked_or_foreign_lockspace_lock_file_leaves_the_victim_intact() {
 /// Lock files: the lease is refused with an error naming the file.
 #[test]
 fn planted_fifos_and_device_nodes_are_never_opened() {
-    let d = Daemon::start("");
+    let d = TestDaemon::start("");
     let base = tempfile::tempdir().unwrap();
     let images = base.path().join("images");
     mkdir(&images, 0o700);
@@ -385,7 +306,7 @@ fn planted_fifos_and_device_nodes_are_never_opened() {
             "the lease is held"
         );
         assert!(d.fds_on(&side).is_empty(), "no descriptor on {side:?}");
-        d.release(&a.owner, vec![excl(&img)]);
+        ok(d.release(&a.owner, vec![excl(&img)]));
         let touched = rec_watch.touched();
         assert!(
             !touched.contains(&side_name(image_name)),
@@ -408,7 +329,7 @@ fn planted_fifos_and_device_nodes_are_never_opened() {
             "the refusal names the lock file: {}",
             e.message
         );
-        d.release(&a.owner, vec![spec]);
+        ok(d.release(&a.owner, vec![spec]));
         let touched = lock_watch.touched();
         assert!(
             !touched.contains(&hash),
@@ -449,7 +370,7 @@ fn leases_outside_lease_dir_are_refused_and_create_nothing() {
     std::os::unix::fs::symlink(&elsewhere, &escape).unwrap();
     // Without lease_dir, no lease at all (lockd, too, only takes leases in a configured
     // lockspace).
-    let unset = Daemon::start("");
+    let unset = TestDaemon::start("");
     let b = vm("leaser-2");
     let e = err(
         unset.acquire(&b.owner, vec![lease("KEY3", &leases)]),
@@ -459,7 +380,7 @@ fn leases_outside_lease_dir_are_refused_and_create_nothing() {
     assert!(!leases.join("KEY3").exists());
     drop(unset);
 
-    let d = Daemon::start(&format!("lease_dir = \"{}\"\n", leases.display()));
+    let d = TestDaemon::start(&format!("lease_dir = \"{}\"\n", leases.display()));
     let a = vm("leaser");
 
     ok(d.acquire(&a.owner, vec![lease("KEY1", &leases)]));
@@ -488,7 +409,7 @@ fn leases_outside_lease_dir_are_refused_and_create_nothing() {
 /// `.lockwarden`; the lease is taken all the same.
 #[test]
 fn no_side_files_next_to_disks_in_unsafe_directories() {
-    let d = Daemon::start("");
+    let d = TestDaemon::start("");
     let base = tempfile::tempdir().unwrap();
     let open_dir = base.path().join("world");
     mkdir(&open_dir, 0o777);
@@ -510,7 +431,7 @@ fn no_side_files_next_to_disks_in_unsafe_directories() {
             !dir.join(".lockwarden").exists(),
             "no side-file directory next to {img:?}"
         );
-        d.release(&a.owner, vec![excl(&img)]);
+        ok(d.release(&a.owner, vec![excl(&img)]));
     }
     assert!(
         d.warned(&["sticky"]) && d.warned(&["uid 1000"]),
@@ -524,5 +445,5 @@ fn no_side_files_next_to_disks_in_unsafe_directories() {
             .join(side_name("disk.img"))
             .is_file()
     );
-    d.release(&a.owner, vec![excl(&img)]);
+    ok(d.release(&a.owner, vec![excl(&img)]));
 }

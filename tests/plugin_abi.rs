@@ -7,11 +7,14 @@
 //! daemon, silent daemon, other protocol version, daemon errors passed verbatim) and the
 //! call sequences libvirt really makes. Lock semantics across hosts are `tests/scenarios.rs`'s.
 
+mod common;
+
+use common::daemon::{Opts, TestDaemon};
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,7 +26,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const HOST: &str = env!("LOCKWARDEN_TEST_HOST");
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 // ---- locating the plugin ------------------------------------------------------------------
@@ -293,96 +295,28 @@ impl Vm {
 
 // ---- a real daemon ------------------------------------------------------------------------
 
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
+/// A daemon whose `<lease>` files may live under `dir` (lease_dir, docs/hardening.md).
+fn start_daemon(dir: &Path) -> TestDaemon {
+    TestDaemon::with(Opts {
+        config: &format!("lease_dir = \"{}\"\n", dir.display()),
+        verbose: true,
+        ..Opts::default()
+    })
 }
 
-impl Daemon {
-    fn start(dir: &Path, name: &str) -> Daemon {
-        let socket = dir.join(format!("{name}.sock"));
-        let admin = dir.join(format!("{name}-admin.sock"));
-        let pid_file = dir.join(format!("{name}.pid"));
-        let conf = dir.join(format!("{name}.conf"));
-        let log = dir.join(format!("{name}.log"));
-        // <lease> files may only live under lease_dir (docs/hardening.md): the test's own dir.
-        fs::write(&conf, format!("lease_dir = \"{}\"\n", dir.display())).expect("daemon config");
-        let child = Command::new(DAEMON)
-            .arg("--config")
-            .arg(&conf)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("daemon log"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {DAEMON}: {e}"));
-        let mut d = Daemon { child, socket, log };
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            if UnixStream::connect(&d.socket).is_ok() {
-                return d;
-            }
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!(
-                    "lockwardend exited ({st}) before serving on {}; log:\n{}",
-                    d.socket.display(),
-                    d.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < until,
-                "lockwardend did not serve on {} within 20 s; log:\n{}",
-                d.socket.display(),
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Plugin config text pointing at this daemon, plus `extra` lines.
-    fn plugin_conf(&self, dir: &Path, extra: &str) -> PathBuf {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = dir.join(format!(
-            "qemu-lockwarden-{}.conf",
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::write(
-            &p,
-            format!("daemon_socket = \"{}\"\n{extra}", self.socket.display()),
-        )
-        .expect("plugin config");
-        p
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A plugin config file in `dir` pointing at `d`, plus `extra` lines.
+fn plugin_conf(d: &TestDaemon, dir: &Path, extra: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let p = dir.join(format!(
+        "qemu-lockwarden-{}.conf",
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::write(
+        &p,
+        format!("daemon_socket = \"{}\"\n{extra}", d.socket.display()),
+    )
+    .expect("plugin config");
+    p
 }
 
 fn tempdir() -> tempfile::TempDir {
@@ -610,8 +544,8 @@ const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
 #[test]
 fn bad_input_is_refused_with_a_libvirt_error() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     // A real image and a real owner: an input that slipped through would reach the daemon
     // and succeed (or lock the image), which the checks below would notice.
     let img = image(dir.path(), "a.qcow2");
@@ -1231,11 +1165,11 @@ fn a_panic_in_any_entry_point_becomes_an_error() {
 #[test]
 fn a_vm_without_disks_acquires_and_releases() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let a = vm("diskless");
     let pid = h.start(&a, &[]);
-    assert_eq!(h.acquire(&a, pid, &[]), "OK", "log:\n{}", d.log_text());
+    assert_eq!(h.acquire(&a, pid, &[]), "OK", "log:\n{}", d.log());
     assert_eq!(h.release(&a, pid, &[]), "OK");
     assert_eq!(h.ok(&format!("inquire {} {pid}", a.head())), "");
     assert_eq!(h.ok(&format!("release-nostate {} {pid}", a.head())), "");
@@ -1244,17 +1178,12 @@ fn a_vm_without_disks_acquires_and_releases() {
 #[test]
 fn release_twice_and_acquire_twice_are_fine() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let img = image(dir.path(), "a.img");
     let a = vm("twice");
     let pid = h.start(&a, &[disk(&img)]);
-    assert_eq!(
-        h.acquire(&a, pid, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log_text()
-    );
+    assert_eq!(h.acquire(&a, pid, &[disk(&img)]), "OK", "log:\n{}", d.log());
     assert_eq!(
         h.acquire(&a, pid, &[disk(&img)]),
         "OK",
@@ -1272,8 +1201,8 @@ fn release_twice_and_acquire_twice_are_fine() {
 #[test]
 fn bad_resources_refused_by_the_daemon_change_nothing() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let conf = d.plugin_conf(dir.path(), "request_timeout_ms = 20000\n");
+    let d = start_daemon(dir.path());
+    let conf = plugin_conf(&d, dir.path(), "request_timeout_ms = 20000\n");
     let mut h = Host::new(&conf);
     let good = image(dir.path(), "good.img");
     let fifo = dir.path().join("a fifo");
@@ -1324,26 +1253,21 @@ fn bad_resources_refused_by_the_daemon_change_nothing() {
 #[test]
 fn paths_with_spaces_and_newlines_work() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let img = image(dir.path(), "my disk\nimage %1:x.img");
     let a = vm("spaces");
     let b = vm("other vm");
     let pa = h.start(&a, &[disk(&img)]);
     let pb = h.start(&b, &[disk(&img)]);
-    assert_eq!(
-        h.acquire(&a, pa, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log_text()
-    );
+    assert_eq!(h.acquire(&a, pa, &[disk(&img)]), "OK", "log:\n{}", d.log());
     let e = parse_err(&h.acquire(&b, pb, &[disk(&img)])).expect("second owner refused");
     e.expect(87, &["my disk"]);
     assert_eq!(h.release(&a, pa, &[disk(&img)]), "OK");
     assert_eq!(h.acquire(&b, pb, &[disk(&img)]), "OK");
     // No log line of the daemon contains the raw newline of the path.
     assert!(
-        !d.log_text().contains("my disk\nimage"),
+        !d.log().contains("my disk\nimage"),
         "raw newline in the daemon log"
     );
 }
@@ -1351,8 +1275,8 @@ fn paths_with_spaces_and_newlines_work() {
 #[test]
 fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let d1 = image(dir.path(), "d1.img");
     let d2 = image(dir.path(), "d2.img");
     let d3 = image(dir.path(), "d3.img");
@@ -1362,7 +1286,7 @@ fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
         h.acquire(&a, pid, &[disk(&d1), disk(&d2)]),
         "OK",
         "log:\n{}",
-        d.log_text()
+        d.log()
     );
     // virDomainLockImageAttach: a fresh manager with only the new disk.
     assert_eq!(h.acquire(&a, pid, &[disk(&d3)]), "OK");
@@ -1387,17 +1311,12 @@ fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
 #[test]
 fn lifetime_handle_from_start_releases_on_exit() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let img = image(dir.path(), "life.img");
     let a = vm("life");
     let pid = h.start(&a, &[disk(&img)]);
-    assert_eq!(
-        h.acquire(&a, pid, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log_text()
-    );
+    assert_eq!(h.acquire(&a, pid, &[disk(&img)]), "OK", "log:\n{}", d.log());
     let b = vm("waiting");
     let pb = h.start(&b, &[]);
     parse_err(&h.acquire(&b, pb, &[disk(&img)]))
@@ -1413,7 +1332,7 @@ fn lifetime_handle_from_start_releases_on_exit() {
         assert!(
             Instant::now() < until,
             "lease not freed 10 s after the owner died; log:\n{}",
-            d.log_text()
+            d.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1422,8 +1341,8 @@ fn lifetime_handle_from_start_releases_on_exit() {
 #[test]
 fn raw_acquire_with_fd_returns_an_inheritable_handle() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let mut h = Host::new(&d.plugin_conf(dir.path(), ""));
+    let d = start_daemon(dir.path());
+    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
     let before = h.ok("fdcount");
     let a = vm("rawfd");
     let pid = h.start(&a, &[]);
@@ -1448,9 +1367,10 @@ fn raw_acquire_with_fd_returns_an_inheritable_handle() {
 #[test]
 fn leases_and_lockspace_directories() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
+    let d = start_daemon(dir.path());
     let lockspace = dir.path().join("lockspace");
-    let conf = d.plugin_conf(
+    let conf = plugin_conf(
+        &d,
         dir.path(),
         &format!("file_lockspace_dir = \"{}\"\n", lockspace.display()),
     );
@@ -1466,7 +1386,7 @@ fn leases_and_lockspace_directories() {
         h.acquire(&a, pa, &[lease.clone(), plain.clone(), disk(&img)]),
         "OK",
         "log:\n{}",
-        d.log_text()
+        d.log()
     );
     assert!(
         leases.join("ls1/key1").exists(),
@@ -1500,8 +1420,8 @@ fn leases_and_lockspace_directories() {
 #[test]
 fn require_lease_for_disks_without_auto_leases() {
     let dir = tempdir();
-    let d = Daemon::start(dir.path(), "d");
-    let conf = d.plugin_conf(dir.path(), "auto_disk_leases = 0\n");
+    let d = start_daemon(dir.path());
+    let conf = plugin_conf(&d, dir.path(), "auto_disk_leases = 0\n");
     let mut h = Host::new(&conf);
     let img = image(dir.path(), "rw.img");
     let a = vm("strict");
@@ -1535,9 +1455,9 @@ fn require_lease_for_disks_without_auto_leases() {
         h.acquire(&a, pid, &[lease, disk(&img)]),
         "OK",
         "log:\n{}",
-        d.log_text()
+        d.log()
     );
     // The disk itself was not locked: a host with automatic disk leases can take it.
-    let mut auto = Host::new(&d.plugin_conf(dir.path(), ""));
+    let mut auto = Host::new(&plugin_conf(&d, dir.path(), ""));
     assert_free(&mut auto, &disk(&img));
 }

@@ -173,3 +173,150 @@ pub trait Lockwardend {
         self.client().held(owner)
     }
 }
+
+/// What a suite may vary when it starts a daemon; everything else is [`Layout`]'s.
+#[derive(Default)]
+pub struct Opts<'a> {
+    /// lockwardend.conf text.
+    pub config: &'a str,
+    /// Extra environment variables.
+    pub env: Vec<(&'a str, std::ffi::OsString)>,
+    /// RLIMIT_NOFILE (soft, hard) for the daemon.
+    pub nofile: Option<(u64, u64)>,
+    /// `--verbose` (debug lines in the log).
+    pub verbose: bool,
+}
+
+/// The one bare-daemon harness: a `lockwardend` in a [`Layout`], serving both sockets when
+/// [`TestDaemon::start`] returns, killed (with its temporary directory removed) on drop.
+pub struct TestDaemon {
+    pub proc: Proc,
+    pub dir: tempfile::TempDir,
+    pub conf: PathBuf,
+    pub socket: PathBuf,
+    pub admin: PathBuf,
+    pub pid_file: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TestDaemon {
+    /// A daemon with `config` as its lockwardend.conf.
+    pub fn start(config: &str) -> TestDaemon {
+        TestDaemon::with(Opts {
+            config,
+            ..Opts::default()
+        })
+    }
+
+    pub fn with(opts: Opts<'_>) -> TestDaemon {
+        let at = Layout::new(opts.config);
+        let mut cmd = at.command();
+        if opts.verbose {
+            cmd.arg("--verbose");
+        }
+        cmd.env_remove("JOURNAL_STREAM").env_remove("INVOCATION_ID");
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        if let Some((soft, hard)) = opts.nofile {
+            // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
+        wait_serving(
+            &mut proc,
+            &[&at.socket, &at.admin],
+            &at.log,
+            super::proto::BOUND,
+        );
+        let Layout {
+            dir,
+            conf,
+            socket,
+            admin,
+            pid_file,
+            log,
+        } = at;
+        TestDaemon {
+            proc,
+            dir,
+            conf,
+            socket,
+            admin,
+            pid_file,
+            log,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics (with the log) if the daemon exited: a hostile client must never take it down.
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(st)) = self.proc.0.try_wait() {
+            panic!("lockwardend died ({st}):\n{}", self.log());
+        }
+    }
+
+    /// Admin Status; panics unless it answers one.
+    pub fn status(&self) -> lockwarden::protocol::StatusInfo {
+        match self.admin_client().call(&Request::Status) {
+            Response::Status(s) => s,
+            other => panic!("status failed: {other:?}"),
+        }
+    }
+
+    /// Is there a warning line in the log that mentions every one of `needles`?
+    pub fn warned(&self, needles: &[&str]) -> bool {
+        self.log()
+            .lines()
+            .any(|l| l.contains("WARN") && needles.iter().all(|n| l.contains(n)))
+    }
+
+    /// The daemon's descriptor numbers that resolve to `path` now.
+    pub fn fds_on(&self, path: &Path) -> Vec<String> {
+        let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let dir = format!("/proc/{}/fd", self.proc.pid());
+        fs::read_dir(&dir)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == want))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A graceful stop first (SIGTERM, at most 3 s: the daemon then tells an idle keeper to quit),
+/// so suites leave no keeper behind; [`Proc`]'s drop kills whatever is left.
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(self.proc.pid() as i32, libc::SIGTERM) };
+        let _ = self.proc.wait_for(Duration::from_secs(3));
+    }
+}
+
+impl Lockwardend for TestDaemon {
+    fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn admin_path(&self) -> &Path {
+        &self.admin
+    }
+}
