@@ -1164,8 +1164,8 @@ fn a_header_announcing_a_maximal_body_reserves_no_memory() {
     // Every poll round reads every readable connection; two more status round trips, sent
     // after all the bytes above, end only after a round that had them all readable (an event
     // the daemon answers, not a guessed sleep).
-    d.status().clients;
-    d.status().clients;
+    d.status();
+    d.status();
     let after = vm_size_kib(&d);
     eprintln!(
         "{N} connections announcing {MAX_BODY}-byte bodies: daemon VmSize {before} KiB -> \
