@@ -16,6 +16,7 @@ use super::lease::LeaseKey;
 use super::lost::{self, Verdict};
 use super::state::{JobFor, State};
 use super::storage::Work;
+use super::text::esc;
 use crate::protocol::FailureAction;
 use log::{error, warn};
 use nix::errno::Errno;
@@ -32,6 +33,28 @@ pub struct Fenced {
     pub mount: PathBuf,
     pub at: Instant,
     pub state: Stage,
+    /// Seconds since the epoch of the fence, and what was done to each VM (for `list`).
+    pub wall: u64,
+    pub action: String,
+}
+
+impl Fenced {
+    /// What `list` reports about it.
+    pub fn info(&self) -> crate::protocol::FenceInfo {
+        use crate::protocol::FenceStage;
+        crate::protocol::FenceInfo {
+            stage: match self.state {
+                Stage::Fenced => FenceStage::Fenced,
+                Stage::Checking => FenceStage::Checking,
+                Stage::Held => FenceStage::HeldAwaitingThaw,
+                Stage::Lost => FenceStage::Lost,
+            },
+            mount: self.mount.to_string_lossy().into_owned(),
+            since: self.wall,
+            age_ms: u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX),
+            action: self.action.clone(),
+        }
+    }
 }
 
 /// Where a fenced lease stands.
@@ -71,12 +94,28 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
         };
         let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
         let pids: Vec<u32> = l.owners.keys().copied().collect();
+        let applied: Vec<String> = pids
+            .iter()
+            .filter_map(|pid| state.owners.get(*pid))
+            .map(|e| {
+                let (sig, act) = match e.action {
+                    FailureAction::Ignore => ("nothing (UNPROTECTED)", "ignore"),
+                    FailureAction::Pause => ("SIGSTOP", "pause"),
+                    FailureAction::Poweroff => ("SIGKILL", "poweroff"),
+                    FailureAction::Restart => ("SIGKILL", "restart"),
+                    FailureAction::Default => ("SIGKILL", "default"),
+                };
+                format!("VM '{}': {sig} (on_lockfailure={act})", esc(&e.owner.name))
+            })
+            .collect();
         state.heartbeat.fenced.insert(
             key,
             Fenced {
                 mount: mount.to_path_buf(),
                 at: now,
                 state: Stage::Fenced,
+                wall: super::text::now_secs(),
+                action: applied.join(", "),
             },
         );
         for pid in pids {
@@ -195,8 +234,9 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
                 let advice = match e.action {
                     FailureAction::Pause => {
                         "it stays stopped: check that no other host used the disk meanwhile, then \
-                         resume it (SIGCONT to its process; virsh cannot resume a process \
-                         lockwardend stopped) or destroy it (virsh destroy)"
+                         resume it with `lockwarden thaw VM` (which re-verifies the lock first; \
+                         virsh resume cannot resume a process lockwardend stopped) or destroy it \
+                         (virsh destroy)"
                     }
                     FailureAction::Ignore => "it kept running; it is protected again",
                     _ => "it was killed; its lease goes when its process is gone",

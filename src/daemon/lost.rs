@@ -275,6 +275,7 @@ pub fn record(state: &mut State, key: LeaseKey) {
         lock_path: lock_path.to_string(),
         owners,
         since: now_secs(),
+        fence: None,
     });
     while state.recent_lost.len() > RECENT {
         state.recent_lost.pop_front();

@@ -1,0 +1,270 @@
+//! Operating fenced VMs (issue 15; docs/storage.md "Partitions", docs/operators.md "Storage
+//! outages"): `lockwarden thaw VM`, fenced leases in `status`, `list` and `--json`, and
+//! `lockwarden doctor`'s partition check. Real `lockwardend` and the real CLI on the FUSE
+//! stand-in (tests/fusefs/testfs.rs), where `hang 1` partitions a mount and `lost NAME` makes
+//! the "server" drop a lock. Needs root and /dev/fuse.
+
+mod common;
+
+use common::Daemon;
+use common::fuse::Fs;
+use common::proto::{Client, Vm, excl, vm};
+use lockwarden::protocol::{ErrorKind, FailureAction, Request, Response};
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Heartbeats every 50 ms, fence after 500 ms of silence: the whole file runs in seconds.
+const INTERVAL_MS: u64 = 50;
+const FENCE_AFTER_MS: u64 = 500;
+/// Generous bound for polls on a shared 2-core machine (not a measured claim).
+const BOUND: Duration = Duration::from_secs(15);
+
+fn prerequisites() {
+    common::fuse::prerequisites("tests/fence_ops.rs");
+}
+
+fn daemon() -> Daemon {
+    Daemon::start_with(&format!(
+        "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
+         lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
+    ))
+}
+
+fn mount() -> Fs {
+    Fs::mount("lw-fops", Duration::from_secs(20))
+}
+
+fn log(d: &Daemon) -> String {
+    fs::read_to_string(&d.log).unwrap_or_default()
+}
+
+fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < BOUND,
+            "{what}: not within {BOUND:?}; daemon log:\n{}",
+            log(d)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The state letter of /proc/PID/stat (R, S, T, Z...), None once gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim().chars().next()
+}
+
+fn acquire(d: &Daemon, v: &Vm, p: &Path, action: FailureAction) {
+    let r = Client::connect(&d.socket).call(&Request::Acquire {
+        owner: v.owner.clone(),
+        leases: vec![excl(p)],
+        action,
+        restrict: false,
+    });
+    assert!(matches!(r, Response::Ok { .. }), "acquire {p:?}: {r:?}");
+}
+
+/// Run the real CLI against `d`'s admin socket: (exit code, stdout, stderr).
+fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_lockwarden"))
+        .args(args)
+        .arg("--admin-socket")
+        .arg(&d.admin_socket)
+        .env_remove("LOCKWARDEN_MOUNTS_FILE")
+        .output()
+        .expect("running lockwarden");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The fence stage `list --json` reports for disk `p` (None: not fenced).
+fn json_stage(d: &Daemon, p: &Path) -> Option<String> {
+    let (code, out, err) = cli(d, &["list", "--json"]);
+    assert_eq!(code, 0, "list --json: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("list --json is JSON");
+    let lease = v["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .find(|l| l["name"] == p.to_string_lossy().as_ref())
+        .unwrap_or_else(|| panic!("{p:?} not listed: {out}"))
+        .clone();
+    let f = lease.get("fence")?;
+    for k in ["mount", "since", "age_ms", "action"] {
+        assert!(f.get(k).is_some(), "fence lacks {k}: {f}");
+    }
+    Some(f["stage"].as_str().expect("stage").to_string())
+}
+
+fn thaw(d: &Daemon, name: &str) -> Response {
+    Client::connect(&d.admin_socket).call(&Request::Thaw { vm: name.into() })
+}
+
+fn refused(r: Response, kind: ErrorKind) -> String {
+    match r {
+        Response::Error(e) if e.kind == kind => e.message,
+        other => panic!("expected a {kind:?} refusal, got {other:?}"),
+    }
+}
+
+/// Partition `x` until the paused VM `v` is stopped; returns when it is.
+fn fence(d: &Daemon, x: &Fs, v: &Vm) {
+    x.set("hang 1\n");
+    wait_for(d, "the paused VM stopped", || {
+        proc_state(v.proc.pid()) == Some('T')
+    });
+}
+
+/// The whole cycle: fenced while partitioned (thaw refused, nothing changes), re-checked after
+/// the heal (held-awaiting-thaw in list, --json and status), thawed by name (the process runs
+/// again, the stage is gone, status is clean). Each event is logged once. (Old code: `thaw`
+/// is an unknown op and the CLI an unknown command; list shows no fence at all.)
+#[test]
+fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
+    prerequisites();
+    let d = daemon();
+    let x = mount();
+    let v = vm("vm-thaw");
+    let p = x.image("thaw.img");
+    acquire(&d, &v, &p, FailureAction::Pause);
+    assert_eq!(json_stage(&d, &p), None);
+    let (code, out, _) = cli(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+
+    fence(&d, &x, &v);
+    // While the storage is silent: fenced, and thaw is refused without touching anything.
+    assert_eq!(json_stage(&d, &p).as_deref(), Some("fenced"));
+    let msg = refused(thaw(&d, "vm-thaw"), ErrorKind::Busy);
+    assert!(
+        msg.contains("stopped answering") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&*x.mnt.to_string_lossy()),
+        "names the mount: {msg}"
+    );
+    let (code, _, err) = cli(&d, &["thaw", "vm-thaw"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("stopped answering"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(proc_state(v.proc.pid()), Some('T'), "thaw changed nothing");
+    assert_eq!(json_stage(&d, &p).as_deref(), Some("fenced"));
+
+    // Heal: the lock is re-checked and still ours; the VM stays stopped, awaiting thaw.
+    x.set("");
+    wait_for(&d, "held-awaiting-thaw", || {
+        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
+    });
+    assert_eq!(proc_state(v.proc.pid()), Some('T'));
+    let (code, out, _) = cli(&d, &["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("held-awaiting-thaw") && out.contains("SIGSTOP (on_lockfailure=pause)"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&d, &["status"]);
+    assert_eq!(code, 1, "status exits 1 while a lease is fenced: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("fenced leases") && l.trim_end().ends_with(" 1")),
+        "{out}"
+    );
+    assert!(out.contains("held-awaiting-thaw"), "{out}");
+    let (_, out, _) = cli(&d, &["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        s["fenced"][0]["fence"]["stage"], "held-awaiting-thaw",
+        "{s}"
+    );
+
+    // Thaw (by UUID through the protocol would do too; by name through the CLI here).
+    let (code, out, err) = cli(&d, &["thaw", "vm-thaw"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", log(&d));
+    assert!(out.contains("thawed"), "{out}");
+    wait_for(&d, "the VM runs again", || {
+        matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
+    });
+    assert_eq!(json_stage(&d, &p), None, "the fence is cleared");
+    let (code, out, _) = cli(&d, &["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("held-awaiting-thaw"), "{out}");
+    // A second thaw: the VM is not fenced any more.
+    let msg = refused(thaw(&d, &v.owner.uuid), ErrorKind::Invalid);
+    assert!(msg.contains("is not fenced"), "{msg}");
+
+    // Each event once.
+    let text = log(&d);
+    assert_eq!(text.matches("FENCE:").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("is still held after the storage behind mount")
+            .count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("thaw: VM").count(), 1, "{text}");
+}
+
+/// Thaw of a VM the daemon does not know, and of one that holds leases but was never fenced:
+/// refused, nothing changed.
+#[test]
+fn thaw_of_an_unknown_or_unfenced_vm_is_refused() {
+    prerequisites();
+    let d = daemon();
+    let x = mount();
+    let v = vm("vm-healthy");
+    let p = x.image("healthy.img");
+    acquire(&d, &v, &p, FailureAction::Pause);
+    let msg = refused(thaw(&d, "no-such-vm"), ErrorKind::Invalid);
+    assert!(msg.contains("no VM named 'no-such-vm'"), "{msg}");
+    let (code, _, err) = cli(&d, &["thaw", "no-such-vm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no VM named"), "{err}");
+    let msg = refused(thaw(&d, "vm-healthy"), ErrorKind::Invalid);
+    assert!(msg.contains("is not fenced"), "{msg}");
+    assert!(matches!(proc_state(v.proc.pid()), Some('S' | 'R')));
+    // On the main socket thaw is denied.
+    let r = Client::connect(&d.socket).call(&Request::Thaw {
+        vm: "vm-healthy".into(),
+    });
+    let msg = refused(r, ErrorKind::Denied);
+    assert!(msg.contains("admin socket only"), "{msg}");
+    let (code, _, err) = cli(&d, &["thaw"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+/// The lock was found still ours after the heal, but the storage lost it before the operator
+/// ran thaw: thaw's own re-verification sees it, refuses, and the VM is killed (fence.rs's
+/// rule: another host may have written to the disk), recorded as lost.
+#[test]
+fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
+    prerequisites();
+    let d = daemon();
+    let x = mount();
+    let mut v = vm("vm-lost-later");
+    let p = x.image("later.img");
+    acquire(&d, &v, &p, FailureAction::Pause);
+    fence(&d, &x, &v);
+    x.set("");
+    wait_for(&d, "held-awaiting-thaw", || {
+        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
+    });
+    x.set("lost later.img\n");
+    let msg = refused(thaw(&d, "vm-lost-later"), ErrorKind::Io);
+    assert!(
+        msg.contains("is LOST") && msg.contains("killed") && msg.contains("later.img"),
+        "{msg}"
+    );
+    let st = v.proc.wait_for(BOUND).expect("the VM was killed");
+    assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
+    let lost = common::proto::ok(Client::connect(&d.admin_socket).call(&Request::Lost));
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(!log(&d).contains("thaw: VM"), "{}", log(&d));
+}
