@@ -268,3 +268,71 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(!log(&d).contains("thaw: VM"), "{}", log(&d));
 }
+
+/// `lockwarden doctor` checks each NFS mount against the running daemon's settings: with
+/// `fence_after_ms` too large for an NFSv4 server's default 90 s lease it warns and says what to
+/// set; with the defaults it is satisfied; for NFSv3 it says the server keeps a dead client's
+/// locks. The mount table is doctor's `--mounts` file (no NFS client on these machines).
+/// (Old code: no `partition` check at all.)
+#[test]
+fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
+    let table = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        table.path(),
+        "nas1:/vm /srv/vm nfs4 rw,relatime,vers=4.2,hard,timeo=600,retrans=2 0 0\n\
+         nas2:/old /srv/old nfs rw,vers=3,hard,timeo=600,retrans=2 0 0\n\
+         /dev/vda1 / ext4 rw 0 0\n",
+    )
+    .unwrap();
+    let doctor = |d: &Daemon| {
+        let mounts = table.path().to_string_lossy().into_owned();
+        let (_, out, err) = cli(
+            d,
+            &[
+                "doctor",
+                "--mounts",
+                &mounts,
+                "--no-publish",
+                "--config",
+                "/nonexistent/qemu-lockwarden.conf",
+                "--qemu-conf",
+                "/nonexistent/qemu.conf",
+            ],
+        );
+        let lines: Vec<String> = out
+            .lines()
+            .filter(|l| l.contains("partition"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            lines.len(),
+            2,
+            "one partition line per NFS mount:\n{out}{err}"
+        );
+        lines
+    };
+    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 85000\n");
+    let lines = doctor(&d);
+    assert!(
+        lines[0].starts_with("WARN") && lines[0].contains("/srv/vm"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[0].contains("fence_after_ms 85000")
+            && lines[0].contains("90000 ms")
+            && lines[0].contains("set fence_after_ms below 80000")
+            && lines[0].contains("timeo=600"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("OK") && lines[1].contains("until that host reboots"),
+        "{lines:?}"
+    );
+    drop(d);
+    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 60000\n");
+    let lines = doctor(&d);
+    assert!(
+        lines[0].starts_with("OK") && lines[0].contains("70000 ms < the server's lease"),
+        "{lines:?}"
+    );
+}
