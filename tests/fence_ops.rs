@@ -336,3 +336,173 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
         "{lines:?}"
     );
 }
+
+/// Another client's mount of the export `backing` (another host's view of the same storage).
+struct Second {
+    // Declared first: unmounted before the directory holding the mount point is removed.
+    _tfs: common::fuse::Testfs,
+    _dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+fn second_mount(backing: &Path) -> Second {
+    let dir = tempfile::Builder::new()
+        .prefix("lw-fops-b")
+        .tempdir()
+        .unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let tfs = common::fuse::Testfs::mount(
+        backing,
+        &mnt,
+        &dir.path().join("control"),
+        &dir.path().join("events"),
+        Duration::from_secs(20),
+    );
+    Second {
+        _tfs: tfs,
+        _dir: dir,
+        mnt,
+    }
+}
+
+/// A `lockwardend` in a UTS namespace of its own, so its host name (in its holder records and
+/// its heartbeat file) is `host`: another host as far as the shared storage can tell.
+fn daemon_named(host: &'static str, config: &str) -> (common::daemon::Layout, common::proto::Proc) {
+    use std::os::unix::process::CommandExt;
+    let l = common::daemon::Layout::new(config);
+    fs::create_dir_all(l.socket.parent().unwrap()).unwrap();
+    let mut cmd = l.command();
+    // SAFETY: unshare(2) and sethostname(2) only, between fork and exec: the child gets a UTS
+    // namespace of its own and names it `host` (a 'static string).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWUTS) != 0
+                || libc::sethostname(host.as_ptr().cast(), host.len()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut p = common::proto::Proc(cmd.spawn().expect("spawn lockwardend"));
+    common::daemon::wait_serving(&mut p, &[&l.socket, &l.admin], &l.log, BOUND);
+    (l, p)
+}
+
+/// Host "node-a" holds a disk and beats next to it; its storage goes silent (its VM is
+/// fenced, its lock stays on the "server"), and its heartbeat file is 12 minutes old when this
+/// host asks: the refusal and `lockwarden who` name the host and when it was last seen.
+/// (Old code: the refusal names host node-a and nothing more.)
+#[test]
+fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
+    prerequisites();
+    let cfg = format!(
+        "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
+         lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
+    );
+    let (la, _pa) = daemon_named("node-a", &cfg);
+    let xa = mount();
+    let backing = xa.backing.clone();
+    let img_a = xa.image("shared.img");
+    let va = vm("vm-on-a");
+    let r = Client::connect(&la.socket).call(&Request::Acquire {
+        owner: va.owner.clone(),
+        leases: vec![excl(&img_a)],
+        action: FailureAction::Pause,
+        restrict: false,
+    });
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    let beat = backing.join(".lockwarden/heartbeat@node-a");
+    let t0 = Instant::now();
+    while !beat.exists() {
+        assert!(t0.elapsed() < BOUND, "node-a never wrote {beat:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // node-a's storage goes silent: no more beats; its VM is fenced, its lock stays held.
+    xa.set("hang 1\n");
+    let t0 = Instant::now();
+    while proc_state(va.proc.pid()) != Some('T') {
+        assert!(t0.elapsed() < BOUND, "node-a's VM was not fenced");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The "server" 12 minutes later: the file's content time and mtime are that old.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let old = now - 12 * 60 - 5;
+    let text = fs::read_to_string(&beat).unwrap();
+    assert!(
+        text.starts_with("lockwarden heartbeat host=node-a "),
+        "{text:?}"
+    );
+    let text: String = text
+        .split(' ')
+        .map(|w| {
+            if w.starts_with("time=") {
+                format!("time={old}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    fs::write(&beat, text).unwrap();
+    let st = Command::new("touch")
+        .args(["-m", "-d", &format!("@{old}")])
+        .arg(&beat)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    // This host, through its own mount of the same export.
+    let xb = second_mount(&backing);
+    let img_b = xb.mnt.join("shared.img");
+    let d = daemon();
+    let vb = vm("vm-on-b");
+    let r = Client::connect(&d.socket).call(&Request::Acquire {
+        owner: vb.owner.clone(),
+        leases: vec![excl(&img_b)],
+        action: FailureAction::Pause,
+        restrict: false,
+    });
+    let msg = refused(r, ErrorKind::Busy);
+    assert!(
+        msg.contains("VM 'vm-on-a'")
+            && msg.contains("host node-a, last seen 12 min ago")
+            && msg.contains("clocks of the hosts"),
+        "{msg}"
+    );
+    let (code, out, err) = cli(
+        &d,
+        &[
+            "who",
+            &img_b.to_string_lossy(),
+            "--config",
+            "/nonexistent/qemu-lockwarden.conf",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("node-a") && out.contains("host node-a, last seen 12 min ago"),
+        "{out}{err}"
+    );
+    let (_, out, _) = cli(
+        &d,
+        &[
+            "who",
+            &img_b.to_string_lossy(),
+            "--json",
+            "--config",
+            "/nonexistent/qemu-lockwarden.conf",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["last_seen"][0]["host"], "node-a", "{v}");
+    assert!(
+        v["last_seen"][0]["age_secs"].as_u64().unwrap() >= 12 * 60,
+        "{v}"
+    );
+    xa.set("");
+}
