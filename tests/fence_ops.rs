@@ -133,8 +133,14 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
     let d = daemon();
     let x = mount();
     let v = vm("vm-thaw");
-    let p = x.image("thaw.img");
-    acquire(&d, &v, &p, FailureAction::Pause);
+    let (p, p2) = (x.image("thaw.img"), x.image("thaw-2.img"));
+    let r = Client::connect(&d.socket).call(&Request::Acquire {
+        owner: v.owner.clone(),
+        leases: vec![excl(&p), excl(&p2)],
+        action: FailureAction::Pause,
+        restrict: false,
+    });
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     assert_eq!(json_stage(&d, &p), None);
     let (code, out, _) = cli(&d, &["status"]);
     assert_eq!(code, 0, "{out}");
@@ -162,6 +168,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
     x.set("");
     wait_for(&d, "held-awaiting-thaw", || {
         json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
+            && json_stage(&d, &p2).as_deref() == Some("held-awaiting-thaw")
     });
     assert_eq!(proc_state(v.proc.pid()), Some('T'));
     let (code, out, _) = cli(&d, &["list"]);
@@ -174,7 +181,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
     assert_eq!(code, 1, "status exits 1 while a lease is fenced: {out}");
     assert!(
         out.lines()
-            .any(|l| l.starts_with("fenced leases") && l.trim_end().ends_with(" 1")),
+            .any(|l| l.starts_with("fenced leases") && l.trim_end().ends_with(" 2")),
         "{out}"
     );
     assert!(out.contains("held-awaiting-thaw"), "{out}");
@@ -193,6 +200,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
         matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
     });
     assert_eq!(json_stage(&d, &p), None, "the fence is cleared");
+    assert_eq!(json_stage(&d, &p2), None, "the fence is cleared");
     let (code, out, _) = cli(&d, &["status"]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains("held-awaiting-thaw"), "{out}");
@@ -200,13 +208,19 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
     let msg = refused(thaw(&d, &v.owner.uuid), ErrorKind::Invalid);
     assert!(msg.contains("is not fenced"), "{msg}");
 
-    // Each event once.
+    // Each event once: one FENCE line for the VM (naming both disks), one re-check line per
+    // lease, one thaw line.
     let text = log(&d);
     assert_eq!(text.matches("FENCE:").count(), 1, "{text}");
+    let fence = text.lines().find(|l| l.contains("FENCE:")).unwrap();
+    assert!(
+        fence.contains("thaw.img") && fence.contains("thaw-2.img"),
+        "{fence}"
+    );
     assert_eq!(
         text.matches("is still held after the storage behind mount")
             .count(),
-        1,
+        2,
         "{text}"
     );
     assert_eq!(text.matches("thaw: VM").count(), 1, "{text}");

@@ -21,7 +21,7 @@ use crate::protocol::FailureAction;
 use log::{error, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,12 +87,18 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
         })
         .map(|(k, _)| *k)
         .collect();
-    let mut done: HashSet<u32> = HashSet::new();
+    // The disks of each VM fenced now: one FENCE line and one signal per VM, whatever the
+    // number of its leases on this mount.
+    let mut per_vm: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for key in keys {
         let Some(l) = state.leases.get(&key) else {
             continue;
         };
-        let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
+        let disk = if l.name == l.lock_path {
+            format!("{:?}", l.name)
+        } else {
+            format!("{:?} ({:?})", l.name, l.lock_path)
+        };
         let pids: Vec<u32> = l.owners.keys().copied().collect();
         let applied: Vec<String> = pids
             .iter()
@@ -119,38 +125,40 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
             },
         );
         for pid in pids {
-            let Some(e) = state.owners.get(pid) else {
-                continue;
-            };
-            let vm = e.owner.name.clone();
-            let first = done.insert(pid);
-            let (sig, what) = match e.action {
-                FailureAction::Ignore => (
-                    None,
-                    "on_lockfailure=ignore: the VM keeps running and is now UNPROTECTED: if the \
-                     storage gives its lock to another host, two VMs may write this disk",
-                ),
-                FailureAction::Pause => (
-                    Some(Signal::SIGSTOP),
-                    "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest cannot \
-                     write; the lock is re-checked when the storage answers",
-                ),
-                FailureAction::Poweroff | FailureAction::Restart | FailureAction::Default => (
-                    Some(Signal::SIGKILL),
-                    "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
-                ),
-            };
-            error!(
-                "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
-                 (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {name:?} ({lock_path:?}) \
-                 there, and the storage may give that lock to another host once its own lease \
-                 expires; {what}",
-                age.as_millis(),
-                fence_after.as_millis()
-            );
-            if let (Some(sig), true) = (sig, first) {
-                signal(e, pid, &vm, sig);
-            }
+            per_vm.entry(pid).or_default().push(disk.clone());
+        }
+    }
+    for (pid, disks) in per_vm {
+        let Some(e) = state.owners.get(pid) else {
+            continue;
+        };
+        let vm = e.owner.name.clone();
+        let (sig, what) = match e.action {
+            FailureAction::Ignore => (
+                None,
+                "on_lockfailure=ignore: the VM keeps running and is now UNPROTECTED: if the \
+                 storage gives its lock to another host, two VMs may write this disk",
+            ),
+            FailureAction::Pause => (
+                Some(Signal::SIGSTOP),
+                "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest cannot \
+                 write; the lock is re-checked when the storage answers",
+            ),
+            FailureAction::Poweroff | FailureAction::Restart | FailureAction::Default => (
+                Some(Signal::SIGKILL),
+                "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
+            ),
+        };
+        error!(
+            "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
+             (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {} there, and the storage may \
+             give that lock to another host once its own lease expires; {what}",
+            age.as_millis(),
+            fence_after.as_millis(),
+            disks.join(", ")
+        );
+        if let Some(sig) = sig {
+            signal(e, pid, &vm, sig);
         }
     }
 }

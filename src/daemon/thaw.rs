@@ -80,7 +80,8 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
             ErrorKind::Invalid,
             format!(
                 "no VM named '{shown}' or with that UUID is known to this lockwardend (it holds \
-                 no leases here, or it is not running on this host); `lockwarden list` shows \
+                 no leases here, or it is not running on this host: a VM fenced with a killing \
+                 on_lockfailure action is gone once its process exited); `lockwarden list` shows \
                  the VMs holding leases; nothing was changed"
             ),
             None,
