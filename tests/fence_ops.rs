@@ -98,10 +98,32 @@ fn json_stage(d: &Daemon, p: &Path) -> Option<String> {
         .unwrap_or_else(|| panic!("{p:?} not listed: {out}"))
         .clone();
     let f = lease.get("fence")?;
-    for k in ["mount", "since", "age_ms", "action"] {
-        assert!(f.get(k).is_some(), "fence lacks {k}: {f}");
-    }
+    assert_matches_schema(f, "fence");
     Some(f["stage"].as_str().expect("stage").to_string())
+}
+
+/// `v` has exactly the fields docs/holders.schema.json lists for `definition` (the schema
+/// `list --json` and `who --json` are documented with), and its enums' values.
+fn assert_matches_schema(v: &serde_json::Value, definition: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/holders.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap();
+    let def = &schema["definitions"][definition];
+    let props = def["properties"].as_object().expect("properties");
+    let mut have: Vec<&String> = v.as_object().expect("object").keys().collect();
+    let mut want: Vec<&String> = props.keys().collect();
+    have.sort();
+    want.sort();
+    assert_eq!(have, want, "{definition}: {v}");
+    for (k, p) in props {
+        if let Some(e) = p.get("enum").and_then(|e| e.as_array()) {
+            assert!(
+                e.contains(&v[k]),
+                "{definition}.{k} = {} not in {e:?}",
+                v[k]
+            );
+        }
+    }
 }
 
 fn thaw(d: &Daemon, name: &str) -> Response {
@@ -514,6 +536,7 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
     );
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["last_seen"][0]["host"], "node-a", "{v}");
+    assert_matches_schema(&v["last_seen"][0], "last_seen");
     assert!(
         v["last_seen"][0]["age_secs"].as_u64().unwrap() >= 12 * 60,
         "{v}"
