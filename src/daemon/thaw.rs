@@ -87,6 +87,16 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
             None,
         )));
     }
+    if state.thaws.values().any(|t| t.pids == pids) {
+        return Err(Box::new(refuse(
+            ErrorKind::Busy,
+            format!(
+                "a thaw of VM '{shown}' is already in progress (waiting for the storage to \
+                 re-verify its locks); wait for its answer"
+            ),
+            None,
+        )));
+    }
     let mut keys: BTreeSet<LeaseKey> = BTreeSet::new();
     for pid in &pids {
         if let Some(e) = state.owners.get(*pid) {
@@ -287,6 +297,20 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
         let still_held = f.is_some_and(|f| f.state == Stage::Held)
             && !f.is_some_and(|f| heartbeat::silent(&state.heartbeat, &f.mount));
         let verdict = lost::classify(*result);
+        if f.is_none() {
+            refusal.get_or_insert_with(|| {
+                refuse(
+                    ErrorKind::Invalid,
+                    format!(
+                        "VM '{shown}': the fence of disk {name} was cleared while its lock was \
+                         re-verified (the lease was released, or the VM thawed by another \
+                         request); nothing more was changed"
+                    ),
+                    Some(l.name.to_string()),
+                )
+            });
+            continue;
+        }
         if same && matches!(verdict, Verdict::Conflict | Verdict::Lost) {
             lost_found.push((*key, Arc::clone(fd), *result));
             continue;
