@@ -543,3 +543,41 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
     );
     xa.set("");
 }
+
+/// The storage answers heartbeats but the re-verification of the lock does not come back
+/// within `storage_timeout_ms` (testfs delays lock calls): thaw is refused with `timeout`, the
+/// VM stays stopped and fenced; once lock calls are quick again, thaw works.
+#[test]
+fn thaw_whose_reverification_times_out_changes_nothing() {
+    prerequisites();
+    let d = daemon();
+    let x = mount();
+    let v = vm("vm-slow");
+    let p = x.image("slow.img");
+    acquire(&d, &v, &p, FailureAction::Pause);
+    fence(&d, &x, &v);
+    x.set("");
+    wait_for(&d, "held-awaiting-thaw", || {
+        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
+    });
+    x.set("delay_ms 3000\n");
+    let t0 = Instant::now();
+    let msg = refused(thaw(&d, "vm-slow"), ErrorKind::Timeout);
+    let took = t0.elapsed();
+    assert!(
+        msg.contains("did not answer the re-verification") && msg.contains("slow.img"),
+        "{msg}"
+    );
+    assert!(
+        took >= Duration::from_millis(1900),
+        "answered after {took:?}"
+    );
+    assert_eq!(proc_state(v.proc.pid()), Some('T'));
+    assert_eq!(json_stage(&d, &p).as_deref(), Some("held-awaiting-thaw"));
+    x.set("");
+    let r = thaw(&d, "vm-slow");
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}\n{}", log(&d));
+    wait_for(&d, "the VM runs again", || {
+        matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
+    });
+}
