@@ -303,6 +303,7 @@ fn bench_floor(dir: &Path, ndisks: usize, iters: usize) -> Result<(Stats, Stats,
             lock_path: p.display().to_string(),
             owners: vec![owner.clone()],
             since: 0,
+            fence: None,
         })
         .collect();
     let mut req = Vec::new();

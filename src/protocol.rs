@@ -128,6 +128,9 @@ pub enum Request {
     /// VMs that held it. Answered with `Response::Ok`. Added after version 1 shipped: an older
     /// daemon answers it with an `invalid` error.
     Lost,
+    /// Admin socket only (see the "Fencing" block below): resume VM `vm` (name or UUID), fenced
+    /// for a storage outage, after re-verifying each of its fenced leases' locks on the storage.
+    Thaw { vm: String },
 }
 
 /// Error classes; the plugin maps each to a libvirt error code.
@@ -187,6 +190,10 @@ pub struct LeaseInfo {
     pub owners: Vec<Owner>,
     /// Seconds since the Unix epoch.
     pub since: u64,
+    /// Set while the lease is fenced (see the "Fencing" block below); absent otherwise, and
+    /// from daemons that predate fencing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceInfo>,
 }
 
 /// Daemon status for `lockwarden status`.
@@ -199,7 +206,60 @@ pub struct StatusInfo {
     pub leases: usize,
     pub clients: usize,
     pub started: u64,
+    /// The daemon's `heartbeat_interval_ms` (0: fencing off) and `fence_after_ms`, for
+    /// `lockwarden doctor`; absent from daemons that predate fencing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_after_ms: Option<u64>,
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fencing (docs/storage.md "Partitions", docs/protocol.md "thaw"): what `list` reports about a
+// fenced lease, and the `thaw` request above. Added compatibly after version 1 shipped: the new
+// fields are optional, and an older daemon answers `thaw` with an `invalid` error.
+
+/// Where a fenced lease stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceStage {
+    /// Its VMs were stopped; the storage has not answered since.
+    Fenced,
+    /// The storage answers again; the lock is being re-checked.
+    Checking,
+    /// The lock was found still ours: its VMs stay stopped until `lockwarden thaw`.
+    HeldAwaitingThaw,
+    /// The lock was lost meanwhile: its VMs were killed.
+    Lost,
+}
+
+impl FenceStage {
+    /// The name `list`, `status` and `--json` show.
+    pub fn name(self) -> &'static str {
+        match self {
+            FenceStage::Fenced => "fenced",
+            FenceStage::Checking => "checking",
+            FenceStage::HeldAwaitingThaw => "held-awaiting-thaw",
+            FenceStage::Lost => "lost",
+        }
+    }
+}
+
+/// A fenced lease: why, since when, what was done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceInfo {
+    pub stage: FenceStage,
+    /// The mount whose storage stopped confirming heartbeats.
+    pub mount: String,
+    /// Seconds since the Unix epoch at which the lease was fenced.
+    pub since: u64,
+    /// Milliseconds from the fence to the answer.
+    pub age_ms: u64,
+    /// What was done to each VM holding it, e.g. `VM 'web1': SIGSTOP (on_lockfailure=pause)`.
+    pub action: String,
+}
+
+// ---------------------------------------------------------------------------------------------
 
 /// The daemon's answer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -398,6 +458,7 @@ mod flat {
         restrict: Option<bool>,
         leases: Option<Vec<LeaseSpec>>,
         action: Option<FailureAction>,
+        vm: Option<String>,
     }
 
     impl TryFrom<Request> for super::Request {
@@ -427,10 +488,13 @@ mod flat {
                 "status" => R::Status,
                 "list" => R::List,
                 "lost" => R::Lost,
+                "thaw" => R::Thaw {
+                    vm: need(r.vm, "vm", &what)?,
+                },
                 other => {
                     return Err(format!(
                         "unknown variant `{other}`, expected one of `register`, `acquire`, \
-                         `release`, `inquire`, `status`, `list`, `lost`"
+                         `release`, `inquire`, `status`, `list`, `lost`, `thaw`"
                     ));
                 }
             })
@@ -507,6 +571,7 @@ mod tests {
             Request::Status,
             Request::List,
             Request::Lost,
+            Request::Thaw { vm: "web1".into() },
         ];
         for r in all {
             let body = serde_json::to_vec(&r).unwrap();

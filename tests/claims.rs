@@ -927,7 +927,7 @@ fn the_admin_socket_serves_lost_and_status_shows_lost_leases() {
     assert_eq!(ok(c.call(&Request::Lost)), vec![]);
     let proto = flat(&repo("docs/protocol.md"));
     assert!(
-        proto.contains("accepts `status`, `list` and `lost` only"),
+        proto.contains("accepts `status`, `list`, `lost` and `thaw` only"),
         "docs/protocol.md: the admin socket's requests"
     );
     let man7 = flat(&repo(PROTO_MAN));
@@ -1198,6 +1198,7 @@ fn no_document_repeats_a_claim_the_audit_found_false_or_stale() {
         "still on the event loop: `release`",
         // the admin socket also serves `lost`
         "accepts `status` and `list` only",
+        "accepts `status`, `list` and `lost` only",
         "accepts only .b status and .br list",
         // the daemon sends `timeout` too
         "(plugin side)",

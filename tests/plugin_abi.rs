@@ -955,6 +955,8 @@ fn daemon_errors_pass_verbatim_and_version_mismatch_is_clear() {
                     leases: 0,
                     clients: 0,
                     started: 0,
+                    heartbeat_interval_ms: None,
+                    fence_after_ms: None,
                 }))
                 .unwrap()
             }),

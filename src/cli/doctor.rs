@@ -77,7 +77,10 @@ pub fn run(cli: &Cli) -> u8 {
         }
     }
     match mount_table(cli) {
-        Ok(mounts) => checks.extend(nfs_mounts(&mounts)),
+        Ok(mounts) => {
+            checks.extend(nfs_mounts(&mounts));
+            checks.extend(partition_checks(cli, &mounts));
+        }
         Err(e) => checks.push(check("nfs", Verdict::Warn, e)),
     }
 
@@ -563,9 +566,224 @@ pub fn nfs_mounts(proc_mounts: &str) -> Vec<Check> {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Partition safety (issue 15; docs/storage.md "Partitions", "Checking the inequality"): for each
+// NFS mount, whether lockwardend's fence can come before the server's lease runs out.
+
+/// Time the fence may take to stop a VM once `fence_after_ms` is over (event loop reaction,
+/// signal delivery), as docs/storage.md assumes.
+pub const STOP_BOUND_MS: u64 = 5_000;
+/// Clock slack between host and server (rates under NTP, the server's own timing).
+pub const CLOCK_SLACK_MS: u64 = 5_000;
+/// The lease time of a Linux NFSv4 server by default, used when the real one is not readable.
+pub const NFS4_DEFAULT_LEASE_S: u64 = 90;
+
+/// A Linux NFS server's current NFSv4 lease time (only readable where the server runs).
+const NFSD_LEASE_FILE: &str = "/proc/fs/nfsd/nfsv4leasetime";
+
+/// The NFS version of a mount: `vers=`/`nfsvers=`, else 4 for type nfs4, else unknown.
+fn nfs_version(fstype: &str, opts: &str) -> Option<String> {
+    opts.split(',')
+        .find_map(|o| {
+            o.strip_prefix("vers=")
+                .or_else(|| o.strip_prefix("nfsvers="))
+        })
+        .map(str::to_string)
+        .or_else(|| (fstype == "nfs4").then(|| "4".to_string()))
+}
+
+/// Is the server of `source` (`host:/path`) this host? Then its lease file is readable here.
+fn server_is_local(source: &str) -> bool {
+    let host = source
+        .rsplit_once(":/")
+        .map(|(h, _)| h)
+        .unwrap_or(source)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let me = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    host == "localhost"
+        || host.starts_with("127.")
+        || host == "::1"
+        || (!me.is_empty() && host == me)
+}
+
+/// The storage's lease time in seconds and where it came from.
+fn lease_time(source: &str) -> (u64, String) {
+    if server_is_local(source) {
+        if let Some(s) = std::fs::read_to_string(NFSD_LEASE_FILE)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+        {
+            return (s, format!("read from this host's {NFSD_LEASE_FILE}"));
+        }
+    }
+    (
+        NFS4_DEFAULT_LEASE_S,
+        "assumed: the Linux NFSv4 default; the server's own is not readable from here".into(),
+    )
+}
+
+/// The daemon's `heartbeat_interval_ms` and `fence_after_ms`, from its status.
+fn fence_settings(cli: &Cli) -> Result<(u64, u64), String> {
+    let s = fetch_status(cli)?;
+    match (s.heartbeat_interval_ms, s.fence_after_ms) {
+        (Some(i), Some(f)) => Ok((i, f)),
+        _ => Err(format!(
+            "lockwardend {} does not report heartbeat_interval_ms and fence_after_ms (it \
+             predates partition fencing)",
+            s.version
+        )),
+    }
+}
+
+/// One `partition` check per NFS mount in `proc_mounts` (the table doctor reads).
+pub fn partition_checks(cli: &Cli, proc_mounts: &str) -> Vec<Check> {
+    let mut settings = None;
+    let mut out = Vec::new();
+    for line in proc_mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(src), Some(target), Some(fstype), Some(opts)) =
+            (f.first(), f.get(1), f.get(2), f.get(3))
+        else {
+            continue;
+        };
+        if !fstype.starts_with("nfs") {
+            continue;
+        }
+        let settings = settings.get_or_insert_with(|| fence_settings(cli));
+        out.push(partition_check(src, target, fstype, opts, settings));
+    }
+    out
+}
+
+/// The partition check of one NFS mount, given the daemon's (interval, fence_after) in ms.
+pub fn partition_check(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    opts: &str,
+    settings: &Result<(u64, u64), String>,
+) -> Check {
+    let opt = |k: &str| {
+        opts.split(',')
+            .find_map(|o| o.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+    };
+    let has = |k: &str| opts.split(',').any(|o| o == k);
+    let vers = nfs_version(fstype, opts);
+    let mut facts = vec![format!("vers={}", vers.as_deref().unwrap_or("unknown"))];
+    facts.push(if has("soft") { "soft" } else { "hard" }.to_string());
+    for k in ["timeo", "retrans", "local_lock"] {
+        if let Some(v) = opt(k) {
+            facts.push(format!("{k}={v}"));
+        }
+    }
+    let head = format!("{target} ({src}: {})", facts.join(", "));
+    if vers
+        .as_deref()
+        .is_some_and(|v| v.starts_with('2') || v.starts_with('3'))
+    {
+        return check(
+            "partition",
+            Verdict::Ok,
+            format!(
+                "{head}: NFSv3 locks (NLM) have no client lease: the server keeps the locks of a \
+                 host that died or is cut off until that host reboots or an administrator clears \
+                 them (docs/operators.md, section 10), so no other host gets its disks meanwhile \
+                 and fencing is not needed for safety here"
+            ),
+        );
+    }
+    let (interval, fence_after) = match settings {
+        Ok(s) => *s,
+        Err(e) => {
+            return check(
+                "partition",
+                Verdict::Warn,
+                format!(
+                    "{head}: cannot learn lockwardend's heartbeat_interval_ms and fence_after_ms \
+                     ({e}), so whether its VMs are stopped before the server's lease runs out is \
+                     not checked"
+                ),
+            );
+        }
+    };
+    let (lease_s, lease_from) = lease_time(src);
+    let lease_ms = lease_s.saturating_mul(1000);
+    if interval == 0 {
+        return check(
+            "partition",
+            Verdict::Warn,
+            format!(
+                "{head}: heartbeat_interval_ms = 0 turns partition fencing off: if this host is \
+                 cut off from the server for longer than its lease ({lease_s} s, {lease_from}), \
+                 another host can take the disks while the VMs here still run; set \
+                 heartbeat_interval_ms (docs/storage.md, \"Partitions\")"
+            ),
+        );
+    }
+    let need = fence_after
+        .saturating_add(STOP_BOUND_MS)
+        .saturating_add(CLOCK_SLACK_MS);
+    let sum = format!(
+        "fence_after_ms {fence_after} + time to stop {STOP_BOUND_MS} ms + clock slack \
+         {CLOCK_SLACK_MS} ms = {need} ms"
+    );
+    if need >= lease_ms {
+        return check(
+            "partition",
+            Verdict::Warn,
+            format!(
+                "{head}: {sum} is not below the server's lease of {lease_ms} ms ({lease_from}): \
+                 a host cut off from the server may lose its locks to another host before its \
+                 VMs are stopped; set fence_after_ms below {} (docs/storage.md, \"Partitions\")",
+                lease_ms.saturating_sub(STOP_BOUND_MS + CLOCK_SLACK_MS)
+            ),
+        );
+    }
+    check(
+        "partition",
+        Verdict::Ok,
+        format!(
+            "{head}: {sum} < the server's lease of {lease_ms} ms ({lease_from}); heartbeat every \
+             {interval} ms"
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_check_reads_the_mount_and_the_inequality() {
+        let s: Result<(u64, u64), String> = Ok((5000, 60000));
+        let c = partition_check(
+            "srv:/e",
+            "/m",
+            "nfs4",
+            "rw,vers=4.2,hard,timeo=600,retrans=2",
+            &s,
+        );
+        assert_eq!(c.verdict, Verdict::Ok, "{}", c.detail);
+        assert!(c.detail.contains("timeo=600") && c.detail.contains("90000 ms"));
+        let big: Result<(u64, u64), String> = Ok((5000, 85000));
+        let c = partition_check("srv:/e", "/m", "nfs4", "rw,vers=4.2", &big);
+        assert_eq!(c.verdict, Verdict::Warn, "{}", c.detail);
+        assert!(
+            c.detail.contains("set fence_after_ms below 80000"),
+            "{}",
+            c.detail
+        );
+        let c = partition_check("srv:/e", "/m", "nfs", "rw,vers=3", &big);
+        assert_eq!(c.verdict, Verdict::Ok);
+        assert!(c.detail.contains("until that host reboots"), "{}", c.detail);
+        let off: Result<(u64, u64), String> = Ok((0, 60000));
+        let c = partition_check("srv:/e", "/m", "nfs4", "rw", &off);
+        assert_eq!(c.verdict, Verdict::Warn);
+        assert!(server_is_local("localhost:/x") && !server_is_local("nas1:/x"));
+    }
 
     #[test]
     fn soft_nfs_mounts_are_warned_about() {

@@ -11,6 +11,7 @@
 mod adopt;
 mod audit;
 mod doctor;
+mod fenced;
 mod running;
 mod table;
 mod who;
@@ -48,6 +49,8 @@ commands:
   adopt VM...|--all take the leases of running VMs that hold none (VMs started before
                     lockwarden was enabled, or under lockd), on behalf of their QEMU pid;
                     --dry-run shows what would be taken
+  thaw VM           resume a VM (name or UUID) lockwardend stopped for a storage outage,
+                    after re-verifying its locks on the storage (see docs/storage.md)
   version           print the version of this tool
 
 options:
@@ -92,7 +95,7 @@ struct Cli {
 /// How many positional arguments each command takes.
 fn operand_count(command: &str) -> usize {
     match command {
-        "who" => 1,
+        "who" | "thaw" => 1,
         "adopt" => usize::MAX,
         _ => 0,
     }
@@ -150,6 +153,9 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
         return Err("no command given".into());
     }
     if cli.operands.len() < operand_count(&cli.command) && cli.command != "adopt" {
+        if cli.command == "thaw" {
+            return Err("'thaw' needs a VM name or UUID".into());
+        }
         return Err(format!("'{}' needs a disk path", cli.command));
     }
     Ok(Some(cli))
@@ -175,6 +181,7 @@ pub fn run(args: &[String]) -> u8 {
         "who" => who::run(&cli),
         "audit" => audit::run(&cli),
         "adopt" => adopt::run(&cli),
+        "thaw" => fenced::thaw(&cli),
         "version" => {
             println!("lockwarden {}", env!("CARGO_PKG_VERSION"));
             EXIT_OK
@@ -245,8 +252,9 @@ fn fetch_lost(cli: &Cli) -> Result<Vec<LeaseInfo>, String> {
     }
 }
 
-/// Exit 0 when the daemon runs and has lost no lease; 1 when it found leases lost (the storage
-/// dropped a lock under a VM: the operator must look); 3 when it cannot be reached.
+/// Exit 0 when the daemon runs and has neither lost nor fenced a lease; 1 when it found leases
+/// lost or has leases fenced for a storage outage (the operator must look); 3 when it cannot be
+/// reached; 4 when the lost or fenced query failed.
 fn status(cli: &Cli) -> u8 {
     let s = match fetch_status(cli) {
         Ok(s) => s,
@@ -278,8 +286,28 @@ fn status(cli: &Cli) -> u8 {
             return EXIT_UNKNOWN;
         }
     };
+    // Fenced leases (docs/storage.md "Partitions"): from `list`; a failed query is not "none".
+    let fenced = match fenced::fetch(cli) {
+        Ok(f) => f,
+        Err(e) => {
+            let e = format!(
+                "lockwardend answered status but the query for fenced leases failed: {e}; run \
+                 `lockwarden status` again"
+            );
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "running": true, "status": s, "lost": lost, "fenced": null, "error": e
+                }));
+            } else {
+                eprintln!("lockwarden: {e}");
+            }
+            return EXIT_UNKNOWN;
+        }
+    };
     if cli.json {
-        print_json(&serde_json::json!({ "running": true, "status": s, "lost": lost }));
+        print_json(&serde_json::json!({
+            "running": true, "status": s, "lost": lost, "fenced": fenced
+        }));
     } else {
         let rows = vec![
             vec!["daemon".into(), "running".into()],
@@ -291,6 +319,7 @@ fn status(cli: &Cli) -> u8 {
             vec!["leases".into(), s.leases.to_string()],
             vec!["clients".into(), s.clients.to_string()],
             vec!["lost leases".into(), lost.len().to_string()],
+            vec!["fenced leases".into(), fenced.len().to_string()],
         ];
         print!("{}", table::render(&[], &rows));
         if !lost.is_empty() {
@@ -301,8 +330,9 @@ fn status(cli: &Cli) -> u8 {
                 table::render(&["DISK", "MODE", "VM", "UUID", "PID", "DETECTED"], &rows)
             );
         }
+        fenced::print_section(&fenced);
     }
-    if lost.is_empty() {
+    if lost.is_empty() && fenced.is_empty() {
         EXIT_OK
     } else {
         EXIT_PROBLEM
@@ -320,6 +350,9 @@ fn list(cli: &Cli) -> u8 {
                     "{}",
                     table::render(&["DISK", "MODE", "VM", "UUID", "PID", "SINCE"], &rows)
                 );
+                let fenced: Vec<LeaseInfo> =
+                    leases.into_iter().filter(|l| l.fence.is_some()).collect();
+                fenced::print_section(&fenced);
             }
             EXIT_OK
         }
@@ -394,6 +427,8 @@ mod tests {
                         owners: 0,
                         leases: 0,
                         clients: 0,
+                        heartbeat_interval_ms: None,
+                        fence_after_ms: None,
                     }),
                     _ => Response::Error(ErrorReply {
                         kind: ErrorKind::Internal,

@@ -236,13 +236,18 @@ fn message(report: &Report, held: bool) -> String {
         return format!("disk {} is free", report.disk.escape_debug());
     }
     let records: Vec<Record> = report.rows.iter().map(|r| r.record.clone()).collect();
-    holder::describe_refusal(
+    let mut m = holder::describe_refusal(
         ResourceKind::Disk,
         &report.disk,
         None,
         &records,
         report.found.lock.as_ref(),
-    )
+    );
+    // Dead-host visibility (daemon/holder/seen.rs).
+    for seen in &report.found.seen {
+        m.push_str(&format!(" ({})", seen.sentence()));
+    }
+    m
 }
 
 fn lock_json(lock: Option<&KernelLock>) -> Value {
@@ -289,6 +294,7 @@ fn to_json(report: &Report, held: bool) -> Value {
         "lock": lock_json(report.found.lock.as_ref()),
         "holders": holders,
         "ignored": report.found.ignored,
+        "last_seen": report.found.seen,
         "message": message(report, held),
     })
 }
@@ -342,6 +348,10 @@ fn print_human(report: &Report, held: bool) {
         );
         if report.rows.is_empty() {
             println!("{}", escape(&message(report, held)));
+        }
+        // Dead-host visibility (daemon/holder/seen.rs).
+        for seen in &report.found.seen {
+            println!("{}", escape(&seen.sentence()));
         }
     } else {
         println!("{}", escape(&message(report, held)));

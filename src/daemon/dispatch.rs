@@ -1,7 +1,7 @@
 //! Requests to responses: who may ask what, and which module answers.
 //!
 //! Rules (docs/interfaces.md §3, lockd's dispatch rules): a restricted connection may do nothing more;
-//! the admin socket serves only Status, List and Lost; Register from the owner's own pid makes the
+//! the admin socket serves only Status, List, Lost and Thaw; Register from the owner's own pid makes the
 //! connection the owner's lifetime handle; Acquire/Release/Inquire act for the owner named in
 //! the request (libvirtd acting for QEMU), not for the peer.
 
@@ -37,6 +37,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::List => "list",
         Request::Lost => "lost",
+        Request::Thaw { .. } => "thaw",
     }
 }
 
@@ -89,6 +90,10 @@ pub fn handle(
                 Err(e) => Some(Response::Error(*e)),
             }
         }
+        // Admin socket only; waits for the storage to re-verify the VM's locks (thaw.rs).
+        Request::Thaw { vm } if !s.restricted && s.admin => {
+            super::thaw::start(state, s.id, &vm).err().map(|r| *r)
+        }
         req => Some(answer(state, s, req, clients)),
     }
 }
@@ -117,6 +122,10 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
         Request::List => Response::Ok {
             leases: state.all_infos(),
         },
+        Request::Thaw { .. } => Response::error(
+            ErrorKind::Denied,
+            "'thaw' requests are accepted on the admin socket only (lockwarden thaw VM)",
+        ),
         req if s.admin => Response::error(
             ErrorKind::Denied,
             format!(

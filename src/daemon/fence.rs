@@ -16,11 +16,12 @@ use super::lease::LeaseKey;
 use super::lost::{self, Verdict};
 use super::state::{JobFor, State};
 use super::storage::Work;
+use super::text::esc;
 use crate::protocol::FailureAction;
 use log::{error, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,28 @@ pub struct Fenced {
     pub mount: PathBuf,
     pub at: Instant,
     pub state: Stage,
+    /// Seconds since the epoch of the fence, and what was done to each VM (for `list`).
+    pub wall: u64,
+    pub action: String,
+}
+
+impl Fenced {
+    /// What `list` reports about it.
+    pub fn info(&self) -> crate::protocol::FenceInfo {
+        use crate::protocol::FenceStage;
+        crate::protocol::FenceInfo {
+            stage: match self.state {
+                Stage::Fenced => FenceStage::Fenced,
+                Stage::Checking => FenceStage::Checking,
+                Stage::Held => FenceStage::HeldAwaitingThaw,
+                Stage::Lost => FenceStage::Lost,
+            },
+            mount: self.mount.to_string_lossy().into_owned(),
+            since: self.wall,
+            age_ms: u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX),
+            action: self.action.clone(),
+        }
+    }
 }
 
 /// Where a fenced lease stands.
@@ -64,54 +87,78 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
         })
         .map(|(k, _)| *k)
         .collect();
-    let mut done: HashSet<u32> = HashSet::new();
+    // The disks of each VM fenced now: one FENCE line and one signal per VM, whatever the
+    // number of its leases on this mount.
+    let mut per_vm: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for key in keys {
         let Some(l) = state.leases.get(&key) else {
             continue;
         };
-        let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
+        let disk = if l.name == l.lock_path {
+            format!("{:?}", l.name)
+        } else {
+            format!("{:?} ({:?})", l.name, l.lock_path)
+        };
         let pids: Vec<u32> = l.owners.keys().copied().collect();
+        let applied: Vec<String> = pids
+            .iter()
+            .filter_map(|pid| state.owners.get(*pid))
+            .map(|e| {
+                let (sig, act) = match e.action {
+                    FailureAction::Ignore => ("nothing (UNPROTECTED)", "ignore"),
+                    FailureAction::Pause => ("SIGSTOP", "pause"),
+                    FailureAction::Poweroff => ("SIGKILL", "poweroff"),
+                    FailureAction::Restart => ("SIGKILL", "restart"),
+                    FailureAction::Default => ("SIGKILL", "default"),
+                };
+                format!("VM '{}': {sig} (on_lockfailure={act})", esc(&e.owner.name))
+            })
+            .collect();
         state.heartbeat.fenced.insert(
             key,
             Fenced {
                 mount: mount.to_path_buf(),
                 at: now,
                 state: Stage::Fenced,
+                wall: super::text::now_secs(),
+                action: applied.join(", "),
             },
         );
         for pid in pids {
-            let Some(e) = state.owners.get(pid) else {
-                continue;
-            };
-            let vm = e.owner.name.clone();
-            let first = done.insert(pid);
-            let (sig, what) = match e.action {
-                FailureAction::Ignore => (
-                    None,
-                    "on_lockfailure=ignore: the VM keeps running and is now UNPROTECTED: if the \
-                     storage gives its lock to another host, two VMs may write this disk",
-                ),
-                FailureAction::Pause => (
-                    Some(Signal::SIGSTOP),
-                    "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest cannot \
-                     write; the lock is re-checked when the storage answers",
-                ),
-                FailureAction::Poweroff | FailureAction::Restart | FailureAction::Default => (
-                    Some(Signal::SIGKILL),
-                    "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
-                ),
-            };
-            error!(
-                "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
-                 (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {name:?} ({lock_path:?}) \
-                 there, and the storage may give that lock to another host once its own lease \
-                 expires; {what}",
-                age.as_millis(),
-                fence_after.as_millis()
-            );
-            if let (Some(sig), true) = (sig, first) {
-                signal(e, pid, &vm, sig);
-            }
+            per_vm.entry(pid).or_default().push(disk.clone());
+        }
+    }
+    for (pid, disks) in per_vm {
+        let Some(e) = state.owners.get(pid) else {
+            continue;
+        };
+        let vm = e.owner.name.clone();
+        let (sig, what) = match e.action {
+            FailureAction::Ignore => (
+                None,
+                "on_lockfailure=ignore: the VM keeps running and is now UNPROTECTED: if the \
+                 storage gives its lock to another host, two VMs may write this disk",
+            ),
+            FailureAction::Pause => (
+                Some(Signal::SIGSTOP),
+                "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest cannot \
+                 write; the lock is re-checked when the storage answers",
+            ),
+            FailureAction::Poweroff | FailureAction::Restart | FailureAction::Default => (
+                Some(Signal::SIGKILL),
+                "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
+            ),
+        };
+        error!(
+            "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
+             (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {} there, and the storage may \
+             give that lock to another host once its own lease expires; {what}",
+            age.as_millis(),
+            fence_after.as_millis(),
+            disks.join(", ")
+        );
+        if let Some(sig) = sig {
+            signal(e, pid, &vm, sig);
         }
     }
 }
@@ -195,8 +242,9 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
                 let advice = match e.action {
                     FailureAction::Pause => {
                         "it stays stopped: check that no other host used the disk meanwhile, then \
-                         resume it (SIGCONT to its process; virsh cannot resume a process \
-                         lockwardend stopped) or destroy it (virsh destroy)"
+                         resume it with `lockwarden thaw VM` (which re-verifies the lock first; \
+                         virsh resume cannot resume a process lockwardend stopped) or destroy it \
+                         (virsh destroy)"
                     }
                     FailureAction::Ignore => "it kept running; it is protected again",
                     _ => "it was killed; its lease goes when its process is gone",

@@ -275,6 +275,7 @@ pub fn record(state: &mut State, key: LeaseKey) {
         lock_path: lock_path.to_string(),
         owners,
         since: now_secs(),
+        fence: None,
     });
     while state.recent_lost.len() > RECENT {
         state.recent_lost.pop_front();
@@ -296,8 +297,9 @@ fn recheck(state: &mut State, key: LeaseKey, verdict: Verdict, result: Result<()
         warn!(
             "lock on {name:?} ({lock_path:?}) of {vms} is held again (taken back after {checks} \
              re-check(s) of the lost lock); a VM paused for it stays paused: check that no other \
-             host wrote to the disk meanwhile, then resume it (virsh resume, or SIGCONT to its \
-             process)"
+             host wrote to the disk meanwhile, then resume it with SIGCONT to its process \
+             (virsh resume refuses: libvirt did not pause it and considers it running; \
+             docs/operators.md, section 10)"
         );
         return;
     }

@@ -48,6 +48,7 @@ mod signals;
 mod state;
 mod storage;
 pub(crate) mod text;
+mod thaw;
 
 use args::Command;
 use log::{error, info, warn};

@@ -137,6 +137,7 @@ impl Server {
                 let since = *self.reexec_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= REEXEC_WAIT {
                     super::acquire::interrupt_all(&mut self.state);
+                    super::thaw::interrupt_all(&mut self.state);
                     self.deliver();
                     for id in self.conns.keys().copied().collect::<Vec<_>>() {
                         if let Some(c) = self.conns.get_mut(&id) {
@@ -435,6 +436,7 @@ impl Server {
             self.rehand(now);
         }
         super::acquire::expire(&mut self.state, now);
+        super::thaw::expire(&mut self.state, now);
         self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);
         super::heartbeat::tick(&mut self.state, now);
@@ -651,6 +653,7 @@ impl Server {
         debug!("client {id} disconnected");
         if conn.waiting {
             super::acquire::cancel_conn(&mut self.state, id);
+            super::thaw::cancel_conn(&mut self.state, id);
         }
         if let Some(pid) = conn.session.handle_of {
             self.state.handle_closed(pid, id, now);

@@ -69,6 +69,8 @@ pub struct State {
     pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
     pub heartbeat: super::heartbeat::Heartbeats,
+    /// `thaw` requests waiting for their re-checks (thaw.rs).
+    pub thaws: HashMap<OpId, super::thaw::ThawOp>,
 }
 
 /// Identifies a request waiting on storage.
@@ -91,6 +93,8 @@ pub enum JobFor {
     Heartbeat,
     /// A fenced lease's lock re-checked after its storage came back (fence.rs).
     Fence,
+    /// A fenced lease's lock re-verified for a `thaw` request (thaw.rs).
+    Thaw(OpId),
 }
 
 /// A storage job in flight, as a request sees it: its id, what it is about (for messages) and
@@ -159,6 +163,7 @@ impl State {
             lost_total: 0,
             recent_lost: VecDeque::new(),
             heartbeat: super::heartbeat::Heartbeats::default(),
+            thaws: HashMap::new(),
         }
     }
 
@@ -170,7 +175,7 @@ impl State {
 
     /// Requests waiting on storage.
     pub fn waiting(&self) -> usize {
-        self.acquires.len() + self.groups.len()
+        self.acquires.len() + self.groups.len() + self.thaws.len()
     }
 
     /// Storage jobs in flight that change storage (disposals, record writes, closes), as
@@ -400,6 +405,9 @@ impl State {
                 (JobFor::Fence, Outcome::Probe { key, fd, result }) => {
                     super::fence::on_recheck(self, key, &fd, result)
                 }
+                (JobFor::Thaw(op), Outcome::Probe { key, fd, result }) => {
+                    super::thaw::on_verify(self, op, done.id, key, &fd, result)
+                }
                 (why, Outcome::Published { label, result }) => {
                     if let Err(e) = result {
                         warn!(
@@ -601,7 +609,7 @@ impl State {
         }
     }
 
-    fn info(&self, lease: &Lease) -> LeaseInfo {
+    fn info(&self, key: &LeaseKey, lease: &Lease) -> LeaseInfo {
         LeaseInfo {
             name: lease.name.to_string(),
             kind: lease.kind,
@@ -613,6 +621,7 @@ impl State {
                 .filter_map(|pid| self.owners.get(*pid).map(|e| e.owner.clone()))
                 .collect(),
             since: lease.since,
+            fence: self.heartbeat.fenced.get(key).map(|f| f.info()),
         }
     }
 
@@ -624,14 +633,13 @@ impl State {
         entry
             .leases
             .iter()
-            .filter_map(|k| self.leases.get(k))
-            .map(|l| self.info(l))
+            .filter_map(|k| self.leases.get(k).map(|l| self.info(k, l)))
             .collect()
     }
 
     /// Every lease, sorted by the locked path.
     pub fn all_infos(&self) -> Vec<LeaseInfo> {
-        let mut all: Vec<LeaseInfo> = self.leases.iter().map(|(_, l)| self.info(l)).collect();
+        let mut all: Vec<LeaseInfo> = self.leases.iter().map(|(k, l)| self.info(k, l)).collect();
         all.sort_by(|a, b| a.lock_path.cmp(&b.lock_path));
         all
     }
@@ -645,6 +653,12 @@ impl State {
             leases: self.leases.len(),
             clients,
             started: self.started,
+            heartbeat_interval_ms: Some(
+                self.heartbeat
+                    .interval
+                    .map_or(0, |i| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
+            ),
+            fence_after_ms: u64::try_from(self.heartbeat.fence_after.as_millis()).ok(),
         }
     }
 
@@ -756,6 +770,7 @@ impl State {
             )
             .chain(self.next_check)
             .chain(self.heartbeat.next_deadline())
+            .chain(self.thaws.values().map(|t| t.deadline))
             .chain(self.owners.next_rewatch())
             .min()
     }

@@ -53,6 +53,8 @@ mod place;
 mod publish;
 mod read;
 mod refusal;
+// seen: when another host last wrote its heartbeat (issue 15).
+mod seen;
 
 pub use idle::{expire_idle, idle_deadline};
 pub use place::{SideFiles, host_label, side_files, stem};
@@ -65,6 +67,7 @@ pub use publish::{
 use publish::{is_regular, open_record_dir};
 pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, parse_record, read};
 pub use refusal::{Refusal, describe_refusal, holder_of, read_for_refusal};
+pub use seen::{LastSeen, ago, last_seen};
 
 /// Value of the `lockwarden_holder` field: the record format version.
 pub const FORMAT: u32 = 1;

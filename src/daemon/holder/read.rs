@@ -53,6 +53,9 @@ pub struct Found {
     /// Side files that were not read: more than [`MAX_SIDE_FILES`] (or the byte or time budget
     /// of one look) were found; at least 1 when the directory listing itself was cut short.
     pub unread: usize,
+    /// Other hosts named by believed records whose heartbeat file is next to the disk, and when
+    /// they last wrote it (seen.rs).
+    pub seen: Vec<super::LastSeen>,
 }
 
 impl Found {
@@ -125,7 +128,43 @@ pub fn read(target: Target<'_>) -> Found {
     found
         .believed
         .sort_by(|a, b| (a.record.since, &a.record.host).cmp(&(b.record.since, &b.record.host)));
+    found.seen = hosts_seen(target.fd, &found.believed);
     found
+}
+
+/// This host's name as records carry it.
+fn own_host() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// When the hosts of `believed` records (not this boot of this host) last wrote their
+/// heartbeat next to the file open as `fd` (seen.rs), at most `seen::MAX_HOSTS` of them.
+fn hosts_seen(fd: BorrowedFd<'_>, believed: &[Seen]) -> Vec<super::LastSeen> {
+    let here = boot_id();
+    let mut hosts: Vec<&str> = Vec::new();
+    for s in believed {
+        let r = &s.record;
+        // This host itself (same boot, same name) beats anyway; another name on the same kernel
+        // is another host as far as the records go (a container, a test).
+        let me = !here.is_empty() && r.boot_id == here && r.host == own_host();
+        if me || hosts.contains(&r.host.as_str()) {
+            continue;
+        }
+        hosts.push(&r.host);
+    }
+    if hosts.is_empty() {
+        return Vec::new();
+    }
+    let Ok(Some(side)) = side_files(fd) else {
+        return Vec::new();
+    };
+    hosts
+        .into_iter()
+        .take(super::seen::MAX_HOSTS)
+        .filter_map(|h| super::last_seen(&side.dir, h))
+        .collect()
 }
 
 fn judge(

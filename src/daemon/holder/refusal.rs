@@ -31,6 +31,10 @@ pub fn read_for_refusal(target: Target<'_>, name: &str) -> Refusal {
             found.unread
         ));
     }
+    // Dead-host visibility (seen.rs): when the holder's host last wrote its heartbeat here.
+    for seen in &found.seen {
+        message.push_str(&format!(" ({})", seen.sentence()));
+    }
     let holder = holder_of(&records, found.lock.as_ref());
     Refusal {
         message,

@@ -1,0 +1,86 @@
+//! When another host was last seen (docs/operators.md, section 10): the heartbeat file
+//! `.lockwarden/heartbeat@<host>` that host's lockwardend rewrites every
+//! `heartbeat_interval_ms` on each mount where it holds leases (daemon/heartbeat.rs), read by a
+//! refusal and by `lockwarden who` for the hosts their holder records name.
+//!
+//! The file is on shared storage and untrusted: opened only as a regular file without
+//! following links (`open_regular_at`), at most [`MAX_BEAT_BYTES`] read, at most
+//! [`MAX_HOSTS`] hosts per look, and everything from it escaped before it is printed.
+//!
+//! Which time: the later of the file's modification time and the `time=` its content carries.
+//! The modification time is set by the storage server when it handled the write (NFS), the
+//! content time by the writing host's clock; both are compared with this host's clock, so skew
+//! between the hosts and the server shifts the age either way. Taking the later one means a
+//! skewed clock can make a host look more recently alive than it was, never longer dead: the
+//! age is a hint for an operator, never a reason for lockwarden to act.
+
+use super::host_label;
+use super::publish::open_record_dir;
+use crate::daemon::text::{esc, now_secs};
+use crate::untrusted::{Access, open_regular_at, read_bounded};
+use serde::Serialize;
+use std::os::fd::AsFd;
+
+/// Bytes read of a heartbeat file (the daemon writes 160).
+const MAX_BEAT_BYTES: usize = 512;
+/// Hosts looked up per refusal or `who`.
+pub const MAX_HOSTS: usize = 4;
+
+/// When one host last wrote its heartbeat file next to a disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LastSeen {
+    pub host: String,
+    /// Seconds from the later of the two times below to now (0 when that is in the future).
+    pub age_secs: u64,
+    /// The file's modification time (storage server's clock), seconds since the epoch.
+    pub mtime: i64,
+    /// The `time=` of its content (the writing host's clock), when present.
+    pub content_time: Option<u64>,
+}
+
+impl LastSeen {
+    /// "host X, last seen N min ago (...)".
+    pub fn sentence(&self) -> String {
+        format!(
+            "host {}, last seen {} ago (its heartbeat file on the storage; clocks of the hosts \
+             and the storage server may differ)",
+            esc(&self.host),
+            ago(self.age_secs)
+        )
+    }
+}
+
+/// "42 s", "12 min", "3 h 5 min", "2 d 4 h".
+pub fn ago(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+        _ => format!("{} d {} h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// The heartbeat of `host` in the record directory `dir` (a `.lockwarden` directory), if any.
+pub fn last_seen(dir: &str, host: &str) -> Option<LastSeen> {
+    let dfd = open_record_dir(dir, false).ok()??;
+    let name = format!("heartbeat@{}", host_label(host));
+    let (fd, st, _) = open_regular_at(Some(dfd.as_fd()), &name, Access::Read, None).ok()?;
+    let bytes = read_bounded(fd.as_fd(), MAX_BEAT_BYTES)
+        .ok()?
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&bytes);
+    let content_time = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("time="))
+        .and_then(|t| t.parse::<u64>().ok());
+    let mtime = st.st_mtime;
+    let latest = u64::try_from(mtime)
+        .unwrap_or(0)
+        .max(content_time.unwrap_or(0));
+    Some(LastSeen {
+        host: host.to_string(),
+        age_secs: now_secs().saturating_sub(latest),
+        mtime,
+        content_time,
+    })
+}
