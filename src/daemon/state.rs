@@ -69,6 +69,8 @@ pub struct State {
     pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
     pub heartbeat: super::heartbeat::Heartbeats,
+    /// `watchdog_device`, open and fed while allowed (watchdog.rs).
+    pub watchdog: Option<super::watchdog::Watchdog>,
 }
 
 /// Identifies a request waiting on storage.
@@ -159,6 +161,7 @@ impl State {
             lost_total: 0,
             recent_lost: VecDeque::new(),
             heartbeat: super::heartbeat::Heartbeats::default(),
+            watchdog: None,
         }
     }
 
@@ -756,6 +759,7 @@ impl State {
             )
             .chain(self.next_check)
             .chain(self.heartbeat.next_deadline())
+            .chain(self.watchdog.as_ref().map(|w| w.next_deadline()))
             .chain(self.owners.next_rewatch())
             .min()
     }
