@@ -471,3 +471,74 @@ fn lockwardend_refuses_a_watchdog_device_that_is_not_one() {
         "nothing written to the file"
     );
 }
+
+/// `lockwarden doctor`'s watchdog line, from `lockwarden --admin-socket ... doctor` with a
+/// mount table (`--mounts`) that puts `dir` on NFS.
+fn doctor_watchdog_line(d: &Daemon, dir: &Path) -> String {
+    let mounts = dir.join("mounts");
+    fs::write(
+        &mounts,
+        format!(
+            "/dev/root / ext4 rw 0 0\nsrv:/export {} nfs4 rw,vers=4.2,hard 0 0\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockwarden"))
+        .arg("--admin-socket")
+        .arg(&d.admin_socket)
+        .arg("doctor")
+        .arg("--mounts")
+        .arg(&mounts)
+        .arg("--config")
+        .arg(dir.join("none.conf"))
+        .arg("--qemu-conf")
+        .arg(dir.join("none-qemu.conf"))
+        .arg("--no-publish")
+        .output()
+        .expect("run lockwarden doctor");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("watchdog"))
+        .unwrap_or_else(|| panic!("no watchdog line in:\n{text}"))
+        .to_string()
+}
+
+/// doctor: without `watchdog_device`, leases on network storage are reported unprotected
+/// against a VM that cannot be stopped; with one, it says the host resets instead.
+#[test]
+fn doctor_says_what_is_unprotected_without_a_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("vm.img");
+    fs::write(&img, vec![0u8; 4096]).unwrap();
+    let d = Daemon::start_with("heartbeat_interval_ms = 1000\n");
+    let line = doctor_watchdog_line(&d, dir.path());
+    assert!(
+        line.starts_with("OK") && line.contains("no lease is on network storage"),
+        "{line}"
+    );
+    let q = common::proto::sleeper();
+    acquire(
+        &d,
+        &owner_for(q.pid(), "vm-nfs"),
+        &img,
+        FailureAction::Default,
+    );
+    let line = doctor_watchdog_line(&d, dir.path());
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(
+        line.contains(
+            "a VM that cannot be killed during a partition is not stopped; set watchdog_device"
+        ) && line.contains("(nfs4)"),
+        "{line}"
+    );
+    drop(d);
+    let fifo = Fifo::new();
+    let d = Daemon::start_with(&conf(&fifo.path));
+    let line = doctor_watchdog_line(&d, dir.path());
+    assert!(
+        line.starts_with("OK") && line.contains(&fifo.path.display().to_string()),
+        "{line}"
+    );
+    drop(q);
+}

@@ -644,6 +644,10 @@ impl State {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             pid: std::process::id(),
+            watchdog_device: self
+                .watchdog
+                .as_ref()
+                .map(|w| w.path.to_string_lossy().into_owned()),
             owners: self.owners.len(),
             leases: self.leases.len(),
             clients,
