@@ -542,3 +542,31 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
     );
     drop(q);
 }
+
+/// A crash (SIGKILL) closes the device without the magic close, so a real watchdog stays
+/// armed; a restarted lockwardend opens it again and feeds it.
+#[test]
+fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
+    let fifo = Fifo::new();
+    let d = Daemon::start_with(&conf(&fifo.path));
+    let t0 = Instant::now();
+    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 3);
+    common::proto::signal(d.pid(), libc::SIGKILL);
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        fifo.all().iter().all(|(_, b)| *b == b'.'),
+        "a magic close after a crash"
+    );
+    let d2 = Daemon::start_with(&conf(&fifo.path));
+    wait_for(&d2, "keep-alives from the restarted daemon", || {
+        fifo.since(killed + Duration::from_millis(300)).len() >= 3
+    });
+    eprintln!(
+        "crash to the restarted daemon's first keep-alive (restart 300 ms after the crash): {:?}",
+        fifo.since(killed)
+            .first()
+            .map(|(t, _)| t.duration_since(killed))
+    );
+    drop(d);
+}
