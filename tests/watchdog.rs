@@ -570,3 +570,28 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
     );
     drop(d);
 }
+
+/// A live re-exec whose configuration no longer names the device disarms it (magic close).
+#[test]
+fn a_reexec_without_watchdog_device_disarms_it() {
+    let fifo = Fifo::new();
+    let d = Daemon::start_with(&conf(&fifo.path));
+    let t0 = Instant::now();
+    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 2);
+    fs::write(
+        d.dir.path().join("lockwardend.conf"),
+        format!("heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n"),
+    )
+    .unwrap();
+    common::proto::signal(d.pid(), libc::SIGUSR1);
+    wait_for(&d, "the re-exec", || {
+        log(&d).contains("live re-exec #1 complete")
+    });
+    wait_for(&d, "the magic close", || {
+        fifo.all().last().is_some_and(|(_, b)| *b == b'V')
+    });
+    let after = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(fifo.since(after).is_empty(), "fed after the magic close");
+    assert!(log(&d).contains("after the re-exec: closing watchdog_device"));
+}

@@ -242,6 +242,9 @@ fn open_watchdog(settings: &settings::Settings) -> Result<Option<watchdog::Watch
 /// disarm it when `watchdog_device` was unset; switch when it names another one.
 fn reconcile_watchdog(settings: &settings::Settings, server: &mut server::Server) {
     let same = match (&server.state.watchdog, &settings.watchdog_device) {
+        // Without heartbeats nothing could decide when to stop feeding it: reopening refuses
+        // (Watchdog::open says why) after the magic close below.
+        (Some(_), Some(_)) if settings.heartbeat_interval.is_none() => false,
         (Some(w), Some(p)) => &w.path == p,
         (None, None) => true,
         _ => false,
@@ -251,8 +254,11 @@ fn reconcile_watchdog(settings: &settings::Settings, server: &mut server::Server
     }
     if let Some(w) = server.state.watchdog.take() {
         info!(
-            "watchdog_device changed from {:?} to {:?} in the configuration",
-            w.path, settings.watchdog_device
+            "after the re-exec: closing watchdog_device {:?} (the configuration now names {:?}, \
+             heartbeat_interval_ms {})",
+            w.path,
+            settings.watchdog_device,
+            settings.heartbeat_interval.map_or(0, |d| d.as_millis())
         );
         w.magic_close();
     }
