@@ -394,7 +394,9 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     drop(vp);
 }
 
-/// A fenced VM that stops at once does not interrupt the keep-alives for more than a moment.
+/// A fenced VM that stops at once does not interrupt the keep-alives for more than a moment,
+/// and a VM with `on_lockfailure=ignore` (left running, logged UNPROTECTED) does not withhold
+/// them.
 #[test]
 fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     common::fuse::prerequisites("tests/watchdog.rs");
@@ -408,6 +410,9 @@ fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
         &x.image("s.img"),
         FailureAction::Pause,
     );
+    let qi = common::proto::sleeper();
+    let oi = owner_for(qi.pid(), "vm-ignores");
+    acquire(&d, &oi, &x.image("i.img"), FailureAction::Ignore);
     std::thread::sleep(Duration::from_millis(300));
     x.set("hang 1\n");
     let t0 = Instant::now();
@@ -417,6 +422,11 @@ fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     eprintln!("longest gap between keep-alives across a fence whose VM stopped: {gap:?}");
     assert!(gap < Duration::from_millis(600), "{gap:?}:\n{}", log(&d));
     assert!(!log(&d).contains("WATCHDOG:"), "{}", log(&d));
+    assert!(log(&d).contains("UNPROTECTED"), "{}", log(&d));
+    assert!(
+        states(qi.pid()).iter().all(|c| *c != 'T'),
+        "the ignoring VM runs on"
+    );
     x.set("");
 }
 
