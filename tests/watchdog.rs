@@ -605,3 +605,51 @@ fn a_reexec_without_watchdog_device_disarms_it() {
     assert!(fifo.since(after).is_empty(), "fed after the magic close");
     assert!(log(&d).contains("after the re-exec: closing watchdog_device"));
 }
+
+/// A lock the lost-lock probe found lost (not through a partition): the paused VM is stopped,
+/// so keep-alives go on; resumed by hand while the lock is still lost, it withholds them.
+#[test]
+fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
+    common::fuse::prerequisites("tests/watchdog.rs");
+    let fifo = Fifo::new();
+    let d = Daemon::start_with(&format!(
+        "{}lease_check_interval_ms = 200\n",
+        conf(&fifo.path).replace("lease_check_interval_ms = 0\n", "")
+    ));
+    let x = Fs::mount("lw-wd", BOUND);
+    let q = common::proto::sleeper();
+    acquire(
+        &d,
+        &owner_for(q.pid(), "vm-lost"),
+        &x.image("l.img"),
+        FailureAction::Pause,
+    );
+    x.set("lost l.img\n");
+    wait_for(&d, "the loss", || log(&d).contains("is LOST"));
+    wait_for(&d, "the VM stopped", || {
+        states(q.pid()).iter().all(|c| *c == 'T')
+    });
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        fifo.since(t0).len() >= 2,
+        "keep-alives stopped although the VM is stopped:\n{}",
+        log(&d)
+    );
+    // The operator resumes it while the lock is still lost.
+    common::proto::signal(q.pid(), libc::SIGCONT);
+    let resumed = Instant::now();
+    wait_for(&d, "the WATCHDOG error", || {
+        log(&d).contains("WATCHDOG: keep-alives")
+    });
+    let late = fifo.since(resumed + Duration::from_millis(200));
+    assert!(
+        late.is_empty(),
+        "fed while a VM runs on a lost lock: {late:?}"
+    );
+    assert!(
+        log(&d).contains("its lock was lost and has not been taken back"),
+        "{}",
+        log(&d)
+    );
+}

@@ -5,7 +5,7 @@
 //! with a host reset before the storage's lock lease runs out.
 //!
 //! The rule, checked at every keep-alive: for every lease whose mount has not confirmed a
-//! heartbeat for `fence_after_ms` (or whose lock was found lost after a fence), every VM
+//! heartbeat for `fence_after_ms` (or whose lock was found lost and not taken back), every VM
 //! holding it must be seen stopped or gone: every thread of its process in state `T`/`t`
 //! (stopped), `Z`/`X` (exiting), or the process absent. VMs with `on_lockfailure=ignore` are
 //! exempt (the operator chose to leave them running; the fence logs them UNPROTECTED). Anything
@@ -308,15 +308,18 @@ pub fn stopped(pid: u32) -> Result<(), char> {
 pub fn unprotected(state: &State) -> Option<String> {
     let boot = heartbeat::boot_now();
     for (k, l) in state.leases.iter() {
-        let Some(mount) = heartbeat::mount_of(state, k, &l.lock_path) else {
-            continue;
-        };
-        let silent = heartbeat::silent_for(&state.heartbeat, &mount, boot);
-        let lost = state
-            .heartbeat
-            .fenced
-            .get(k)
-            .is_some_and(|f| f.state == super::fence::Stage::Lost);
+        let mount = heartbeat::mount_of(state, k, &l.lock_path);
+        let silent = mount
+            .as_ref()
+            .and_then(|m| heartbeat::silent_for(&state.heartbeat, m, boot));
+        // Lost: found by a lost-lock probe (lost.rs) or by a fence's re-check, and not held
+        // again since (lost.rs clears the mark when a re-check takes the lock back).
+        let lost = l.lost
+            || state
+                .heartbeat
+                .fenced
+                .get(k)
+                .is_some_and(|f| f.state == super::fence::Stage::Lost);
         if silent.is_none() && !lost {
             continue;
         }
@@ -328,12 +331,12 @@ pub fn unprotected(state: &State) -> Option<String> {
                 continue;
             }
             if let Err(c) = stopped(*pid) {
-                let why = match silent {
-                    Some(age) => format!(
-                        "the storage behind mount {mount:?} has been silent for {} ms",
+                let why = match (silent, &mount) {
+                    (Some(age), Some(m)) => format!(
+                        "the storage behind mount {m:?} has been silent for {} ms",
                         age.as_millis()
                     ),
-                    None => "its lock was lost during a storage outage".into(),
+                    _ => "its lock was lost and has not been taken back".into(),
                 };
                 return Some(format!(
                     "VM {:?} (pid {pid}) holds {:?} and must be stopped ({why}), but its process \
