@@ -202,6 +202,10 @@ pub struct StatusInfo {
     pub version: String,
     pub protocol: u16,
     pub pid: u32,
+    /// The daemon's `watchdog_device` while it holds one open (docs/storage.md, "Watchdog"),
+    /// for `lockwarden doctor`; absent when unset, and from daemons that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog_device: Option<String>,
     pub owners: usize,
     pub leases: usize,
     pub clients: usize,

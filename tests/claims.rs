@@ -286,7 +286,7 @@ fn assert_same(what: &str, parser: &BTreeSet<String>, documented: &BTreeSet<Stri
 fn lockwardend_conf_keys_are_the_same_in_the_parser_the_man_page_the_shipped_file_the_lens_and_the_readme()
  {
     let parser = daemon_parser_keys();
-    assert_eq!(parser.len(), 15, "{parser:?}");
+    assert_eq!(parser.len(), 16, "{parser:?}");
     assert_same("lockwardend(8)", &parser, &daemon_man_keys());
     assert_same(DAEMON_CONF, &parser, &conf_keys(DAEMON_CONF));
     assert_same(DAEMON_LENS, &parser, &lens_keys(DAEMON_LENS));
@@ -418,7 +418,7 @@ enum Rule {
 fn rule(key: &str) -> Rule {
     match key {
         "socket" | "admin_socket" | "pid_file" | "file_lockspace_dir" | "lvm_lockspace_dir"
-        | "scsi_lockspace_dir" | "daemon_socket" => Rule::Path,
+        | "scsi_lockspace_dir" | "daemon_socket" | "lease_dir" | "watchdog_device" => Rule::Path,
         "auto_disk_leases" | "require_lease_for_disks" => Rule::Bool,
         "log_level" => Rule::Choice(&["error", "warn", "info", "debug"]),
         "readonly_disks" => Rule::Choice(&["shared", "ignore"]),

@@ -507,6 +507,13 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
     const LEASE_MS: u64 = 1000;
     const A_INTERVAL_MS: u64 = 40;
     const A_FENCE_MS: u64 = 300;
+    // The edges. Below: the silence the daemon sees is the partition plus up to one interval
+    // before it (the clock runs from the last confirmed beat's send) plus the round trips of
+    // the held beat and the fresh one after the heal; 80 ms are left for those and for
+    // scheduling on a loaded machine. Above: the fence is due at most `fence_after_ms` after
+    // the partition starts, 100 ms before the heal.
+    const EDGE_BELOW_MS: u64 = A_FENCE_MS - A_INTERVAL_MS - 80;
+    const EDGE_ABOVE_MS: u64 = A_FENCE_MS + 100;
     let rounds = env_u64("LW_PARTITION_ROUNDS", 20);
     let max_vms = env_u64("LW_PARTITION_MAX_VMS", 8).max(1);
     let seed = env_u64("LW_PARTITION_SEED", (wall_ns() as u64) | 1);
@@ -545,14 +552,15 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
     let mut violations = Vec::new();
     let mut fence_ms: Vec<u128> = Vec::new();
     let mut margins_ms: Vec<i128> = Vec::new();
-    let (mut grants_total, mut expiries) = (0usize, 0usize);
+    let (mut grants_total, mut expiries, mut releases) = (0usize, 0usize, 0usize);
     for round in 0..rounds {
         let n = 1 + rng.below(max_vms) as usize;
         let len_ms = match round {
-            0 => A_FENCE_MS - 150,
-            1 => A_FENCE_MS + 150,
+            0 => EDGE_BELOW_MS,
+            1 => EDGE_ABOVE_MS,
             _ => LEASE_MS * 3 / 10 + rng.below(LEASE_MS * 15 / 10),
         };
+        let fences_before = log(&a).matches("FENCE:").count();
         // A's VMs: disk name -> (VM process, action).
         let mut vms: Vec<(String, Qemu, FailureAction)> = Vec::new();
         for j in 0..n {
@@ -572,6 +580,18 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
             );
             vms.push((name, q, action));
         }
+        // Sometimes a release is issued while the mount is partitioned: A's first VM holds a
+        // second disk it gives up (a hot-unplug) right after the partition starts. The disk
+        // it keeps must still be fenced; the released one may go to B (the VM stopped using
+        // it), so it is outside the invariant; the release is answered within its deadline.
+        let releasing = (round >= 2 && rng.below(3) == 0).then(|| {
+            let name = format!("r{round}-0-unplugged.img");
+            fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
+            let (_, q, action) = &vms[0];
+            let o = owner(&format!("a-r{round}-0.img"), q);
+            acquire(&a, &o, &ma.mnt.join(&name), *action);
+            (name, o)
+        });
         // Sometimes an acquire is in flight when the partition starts.
         let in_flight = (rng.below(3) == 0).then(|| {
             let name = format!("r{round}-late.img");
@@ -624,6 +644,20 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         let t_p = wall_ns();
         ma.set(&format!("{lease_line}hang 1\n"));
         let t0 = Instant::now();
+        let release = releasing.as_ref().map(|(name, o)| {
+            let (sock, o, path) = (a.socket.clone(), o.clone(), ma.mnt.join(name));
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = call(
+                    &sock,
+                    &Request::Release {
+                        owner: o,
+                        leases: vec![excl(&path)],
+                    },
+                );
+                (r, t.elapsed())
+            })
+        });
         let mut b_owners: Vec<Qemu> = Vec::new();
         let mut b_held: std::collections::HashSet<String> = Default::default();
         let mut healed = false;
@@ -633,7 +667,8 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 ma.set(&lease_line);
                 healed = true;
             }
-            for (d, _, _) in &vms {
+            let unplugged = releasing.iter().map(|(d, _)| d);
+            for d in vms.iter().map(|(d, _, _)| d).chain(unplugged) {
                 if b_held.contains(d) {
                     continue;
                 }
@@ -653,6 +688,19 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(t) = release {
+            let (r, took) = t.join().unwrap();
+            releases += 1;
+            match r {
+                Response::Ok { .. } => {}
+                Response::Error(e) if e.kind == protocol::ErrorKind::Timeout => {}
+                other => violations.push(format!("round {round}: the release answered {other:?}")),
+            }
+            assert!(
+                took < Duration::from_millis(3000) + BOUND,
+                "round {round}: the release took {took:?}"
+            );
         }
         if let Some((d, q, t)) = in_flight {
             let r = t.join().unwrap();
@@ -720,8 +768,31 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 margins_ms.push((exp as i128 - s as i128) / 1_000_000);
             }
         }
+        // The edges: just below `fence_after_ms` nothing is fenced, just above everything is.
+        let fences = log(&a).matches("FENCE:").count() - fences_before;
+        let initial: Vec<&String> = watched.iter().take(n).map(|(d, _)| d).collect();
+        if round == 0 {
+            assert!(
+                fences == 0 && initial.iter().all(|d| !seen.contains_key(*d)),
+                "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} VM(s):\n{}",
+                log(&a)
+            );
+        }
+        if round == 1 {
+            assert!(
+                fences >= n && initial.iter().all(|d| seen.contains_key(*d)),
+                "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} of {n} \
+                 VM(s):\n{}",
+                log(&a)
+            );
+        }
         eprintln!(
-            "round {round}: {n} VM(s), partition {len_ms} ms, B got {} disk(s), stopped {}",
+            "round {round}: {n} VM(s), partition {len_ms} ms{}, B got {} disk(s), stopped {}",
+            if releasing.is_some() {
+                ", a release during it"
+            } else {
+                ""
+            },
             b_held.len(),
             watched.iter().filter(|(d, _)| seen.contains_key(d)).count()
         );
@@ -739,9 +810,11 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
     let mut m: Vec<u128> = margins_ms.iter().map(|m| (*m).max(0) as u128).collect();
     m.sort();
     eprintln!(
-        "{rounds} rounds: {grants_total} grants to B, {expiries} lease expiries, {} violation(s); \
-         partition to last VM stopped p50 {} ms, p99 {} ms (fence_after_ms {A_FENCE_MS}); \
-         margin before the simulated lease expired ({LEASE_MS} ms lease) min {} ms, p50 {} ms",
+        "RESULT {rounds} rounds: {grants_total} grants to B, {expiries} lease expiries, \
+         {releases} releases during a partition, {} violation(s); partition to last VM stopped \
+         p50 {} ms, p99 {} ms (fence_after_ms {A_FENCE_MS}, heartbeat {A_INTERVAL_MS} ms); \
+         margin before the simulated lease expired ({LEASE_MS} ms lease) min {} ms, p50 {} ms; \
+         edges {EDGE_BELOW_MS} ms (no fence) and {EDGE_ABOVE_MS} ms (fence) held",
         violations.len(),
         pct(&fence_ms, 50),
         pct(&fence_ms, 99),

@@ -951,6 +951,7 @@ fn daemon_errors_pass_verbatim_and_version_mismatch_is_clear() {
                     version: "x".into(),
                     protocol: 1,
                     pid: 1,
+                    watchdog_device: None,
                     owners: 0,
                     leases: 0,
                     clients: 0,

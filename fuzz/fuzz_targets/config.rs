@@ -61,7 +61,13 @@ fn plugin(text: &str) {
 
 fn daemon(text: &str) -> Result<(), ConfigError> {
     let mut conf = ConfFile::parse(Path::new(DAEMON_CONF), text)?;
-    for key in ["socket", "admin_socket", "pid_file", "lease_dir"] {
+    for key in [
+        "socket",
+        "admin_socket",
+        "pid_file",
+        "lease_dir",
+        "watchdog_device",
+    ] {
         if let Some(p) = conf.take_abs_path(key)? {
             assert!(p.is_absolute());
         }

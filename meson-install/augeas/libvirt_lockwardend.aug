@@ -41,6 +41,7 @@ module Libvirt_lockwardend =
                     | str_entry "admin_socket" abs_path
                     | str_entry "pid_file" abs_path
                     | str_entry "lease_dir" abs_path
+                    | str_entry "watchdog_device" abs_path
 
    let limit_entry = bare_entry "max_clients" int_1_1000000
                    | bare_entry "kill_grace_ms" int_0_600000

@@ -80,6 +80,7 @@ pub fn run(cli: &Cli) -> u8 {
         Ok(mounts) => {
             checks.extend(nfs_mounts(&mounts));
             checks.extend(partition_checks(cli, &mounts));
+            checks.push(watchdog_check(cli, &mounts));
         }
         Err(e) => checks.push(check("nfs", Verdict::Warn, e)),
     }
@@ -752,10 +753,147 @@ pub fn partition_check(
     )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Watchdog (issue 15 item 3; docs/storage.md, "Watchdog"): without `watchdog_device`, a VM that
+// cannot be stopped during a partition keeps running.
+
+/// File system types lockwardend treats as host-local (no heartbeat, nothing to partition
+/// from: docs/storage.md, "Partitions"); every other type holding a lease counts as network.
+const LOCAL_FS: [&str; 8] = [
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs", "overlay",
+];
+
+/// Undo the octal escapes of /proc/self/mounts (`\040` for a space).
+fn unescape_mount_field(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&c, tail)) = rest.split_first() {
+        let octal = match tail {
+            [a, b, d, ..] if c == b'\\' && [a, b, d].iter().all(|x| (b'0'..=b'7').contains(x)) => {
+                let v = u32::from(a - b'0') * 64 + u32::from(b - b'0') * 8 + u32::from(d - b'0');
+                u8::try_from(v).ok()
+            }
+            _ => None,
+        };
+        match octal {
+            Some(v) => {
+                out.push(v);
+                rest = tail.get(3..).unwrap_or_default();
+            }
+            None => {
+                out.push(c);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The type of the mount holding `path` in `proc_mounts` (the longest mount point that is a
+/// prefix of it, on path-component boundaries).
+fn fs_type_in(proc_mounts: &str, path: &str) -> Option<String> {
+    let mut best: Option<(usize, String)> = None;
+    for line in proc_mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(target), Some(fstype)) = (f.get(1), f.get(2)) else {
+            continue;
+        };
+        let t = unescape_mount_field(target);
+        let under = t == "/"
+            || path == t
+            || path
+                .strip_prefix(t.as_str())
+                .is_some_and(|r| r.starts_with('/'));
+        if under && best.as_ref().is_none_or(|(n, _)| t.len() >= *n) {
+            best = Some((t.len(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+/// One `watchdog` check: is a VM that cannot be stopped during a partition covered?
+pub fn watchdog_check(cli: &Cli, proc_mounts: &str) -> Check {
+    let status = match fetch_status(cli) {
+        Ok(s) => s,
+        Err(e) => {
+            return check(
+                "watchdog",
+                Verdict::Warn,
+                format!("cannot ask lockwardend whether it holds a watchdog: {e}"),
+            );
+        }
+    };
+    if let Some(dev) = status.watchdog_device {
+        return check(
+            "watchdog",
+            Verdict::Ok,
+            format!(
+                "lockwardend feeds {} only while every VM it had to stop for a silent storage is                  stopped: a VM that cannot be stopped resets this host",
+                crate::untrusted::escape(&dev)
+            ),
+        );
+    }
+    let leases = match super::fetch_leases(cli) {
+        Ok(l) => l,
+        Err(e) => {
+            return check(
+                "watchdog",
+                Verdict::Warn,
+                format!("no watchdog_device, and the leases cannot be listed: {e}"),
+            );
+        }
+    };
+    let mut network: Vec<String> = Vec::new();
+    for l in &leases {
+        let ty = fs_type_in(proc_mounts, &l.lock_path).unwrap_or_else(|| "unknown".into());
+        if !LOCAL_FS.contains(&ty.as_str()) {
+            let m = format!("{} ({ty})", crate::untrusted::escape(&l.lock_path));
+            if !network.contains(&m) {
+                network.push(m);
+            }
+        }
+    }
+    if network.is_empty() {
+        return check(
+            "watchdog",
+            Verdict::Ok,
+            "no watchdog_device; no lease is on network storage, so none can be cut off",
+        );
+    }
+    let shown: Vec<&str> = network.iter().take(3).map(String::as_str).collect();
+    check(
+        "watchdog",
+        Verdict::Warn,
+        format!(
+            "no watchdog_device, and {} lease(s) are on network storage ({}{}): a VM that \
+             cannot be killed during a partition is not stopped; set watchdog_device \
+             (docs/storage.md, \"Watchdog\")",
+            network.len(),
+            shown.join(", "),
+            if network.len() > 3 { ", ..." } else { "" }
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_lease_path_is_matched_to_its_mount() {
+        let t = "/dev/sda1 / ext4 rw 0 0\nsrv:/e /var/lib/libvirt/images nfs4 rw 0 0\n\
+                 srv:/f /mnt/with\\040space nfs rw 0 0\n";
+        assert_eq!(
+            fs_type_in(t, "/var/lib/libvirt/images/a.img").as_deref(),
+            Some("nfs4")
+        );
+        assert_eq!(
+            fs_type_in(t, "/var/lib/libvirt/imagesX/a").as_deref(),
+            Some("ext4")
+        );
+        assert_eq!(fs_type_in(t, "/mnt/with space/d").as_deref(), Some("nfs"));
+        assert_eq!(fs_type_in("", "/x"), None);
+    }
     #[test]
     fn partition_check_reads_the_mount_and_the_inequality() {
         let s: Result<(u64, u64), String> = Ok((5000, 60000));

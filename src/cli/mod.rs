@@ -423,6 +423,7 @@ mod tests {
                         version: "test".into(),
                         protocol: protocol::PROTOCOL_VERSION,
                         pid: 1,
+                        watchdog_device: None,
                         started: 0,
                         owners: 0,
                         leases: 0,

@@ -283,6 +283,14 @@ pub fn silent(hb: &Heartbeats, mount: &Path) -> bool {
     hb.mounts.get(mount).is_some_and(|m| m.fenced)
 }
 
+/// How long `mount` has been silent, when that is `fence_after_ms` or more (its VMs had to be
+/// stopped); None for a mount confirmed recently, not tracked, or with heartbeats off.
+pub fn silent_for(hb: &Heartbeats, mount: &Path, boot: Duration) -> Option<Duration> {
+    hb.interval?;
+    let age = boot.saturating_sub(hb.mounts.get(mount)?.confirmed);
+    (age >= hb.fence_after).then_some(age)
+}
+
 /// The mount key of lease `key` at `lock_path` for heartbeats, or None when it lives on
 /// host-local storage (nothing to partition from).
 pub fn mount_of(state: &State, key: &LeaseKey, lock_path: &str) -> Option<PathBuf> {

@@ -49,6 +49,7 @@ mod state;
 mod storage;
 pub(crate) mod text;
 mod thaw;
+mod watchdog;
 
 use args::Command;
 use log::{error, info, warn};
@@ -160,8 +161,21 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         exe_path(),
     );
     match reexec::take()? {
-        Some(doc) => reexec::restore(doc, &mut server)?,
-        None => start(settings, &mut server)?,
+        Some(doc) => {
+            reexec::restore(doc, &mut server, settings.heartbeat_interval)?;
+            reconcile_watchdog(settings, &mut server);
+        }
+        None => {
+            // Opened (and armed) before anything else, so a bad device stops the start before
+            // it serves; disarmed again if the start fails.
+            server.state.watchdog = open_watchdog(settings)?;
+            if let Err(e) = start(settings, &mut server) {
+                if let Some(w) = server.state.watchdog.take() {
+                    w.magic_close();
+                }
+                return Err(e);
+            }
+        }
     }
     if let Err(e) = notify::notify("READY=1") {
         warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
@@ -174,6 +188,18 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         server.state.keeper.pid
     );
     let result = server.run();
+    // A clean stop disarms the watchdog; a failed loop exits like a crash (docs/storage.md,
+    // "Watchdog"): the device closes without the magic close and stays armed until the
+    // restarted lockwardend feeds it.
+    if let Some(w) = server.state.watchdog.take() {
+        match &result {
+            Ok(_) => w.magic_close(),
+            Err(e) => error!(
+                "the event loop failed ({e}); watchdog_device {:?} is closed without the magic                  close and stays armed: this host resets unless lockwardend is started again                  within the watchdog's timeout",
+                w.path
+            ),
+        }
+    }
     if let Err(e) = notify::notify("STOPPING=1") {
         warn!("cannot notify systemd (NOTIFY_SOCKET): {e}");
     }
@@ -202,6 +228,47 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         p.remove();
     }
     result.map(|_| info!("lockwardend stopped"))
+}
+
+/// `watchdog_device`, opened (None when unset).
+fn open_watchdog(settings: &settings::Settings) -> Result<Option<watchdog::Watchdog>, String> {
+    settings
+        .watchdog_device
+        .as_deref()
+        .map(|p| watchdog::Watchdog::open(p, settings.heartbeat_interval, settings.fence_after))
+        .transpose()
+}
+
+/// After a live re-exec: keep the handed-over watchdog when the configuration still names it;
+/// disarm it when `watchdog_device` was unset; switch when it names another one.
+fn reconcile_watchdog(settings: &settings::Settings, server: &mut server::Server) {
+    let same = match (&server.state.watchdog, &settings.watchdog_device) {
+        // Without heartbeats nothing could decide when to stop feeding it: reopening refuses
+        // (Watchdog::open says why) after the magic close below.
+        (Some(_), Some(_)) if settings.heartbeat_interval.is_none() => false,
+        (Some(w), Some(p)) => &w.path == p,
+        (None, None) => true,
+        _ => false,
+    };
+    if same {
+        return;
+    }
+    if let Some(w) = server.state.watchdog.take() {
+        info!(
+            "after the re-exec: closing watchdog_device {:?} (the configuration now names {:?}, \
+             heartbeat_interval_ms {})",
+            w.path,
+            settings.watchdog_device,
+            settings.heartbeat_interval.map_or(0, |d| d.as_millis())
+        );
+        w.magic_close();
+    }
+    match open_watchdog(settings) {
+        Ok(w) => server.state.watchdog = w,
+        // Every lease and VM is already back in this image: serving on without a watchdog
+        // beats exiting (the keeper would hold the leases, but nobody would fence).
+        Err(e) => error!("{e}; serving on WITHOUT a watchdog"),
+    }
 }
 
 /// A fresh start: pid file, sockets, then the keeper (whose leases, if a previous lockwardend

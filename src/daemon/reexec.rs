@@ -26,6 +26,7 @@ use super::pidfile::PidFile;
 use super::record::{LeaseRecord, id_key, key_id};
 use super::recover;
 use super::server::Server;
+use super::watchdog::{Kind, Watchdog};
 use crate::protocol::{FailureAction, Owner};
 use log::{error, info, warn};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
@@ -74,6 +75,19 @@ pub struct Doc {
     pub leases: Vec<LeaseDoc>,
     #[serde(default)]
     pub kills: Vec<KillDoc>,
+    /// The open `watchdog_device` (watchdog.rs), fed right before the exec.
+    #[serde(default)]
+    pub watchdog: Option<WatchdogDoc>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WatchdogDoc {
+    pub fd: RawFd,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub fifo: bool,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -237,6 +251,15 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
             remaining_ms: k.deadline.saturating_duration_since(now).as_millis() as u64,
         })
         .collect();
+    let watchdog = state.watchdog.as_ref().map(|w| WatchdogDoc {
+        fd: fd(w.raw_fd()),
+        path: w.path.clone(),
+        fifo: w.kind == Kind::Fifo,
+        timeout_s: match w.kind {
+            Kind::Device { timeout } => timeout.map(|t| t.as_secs()),
+            Kind::Fifo => None,
+        },
+    });
     let doc = Doc {
         version: STATE_VERSION,
         pid: std::process::id(),
@@ -250,6 +273,7 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
         owners,
         leases,
         kills,
+        watchdog,
     };
     (doc, keep)
 }
@@ -285,6 +309,9 @@ pub fn reexec(server: &mut Server) {
         server.state.owners.len(),
         server.conns.len()
     );
+    // Fed right before the exec (when allowed): the new image feeds it again as soon as it
+    // has restored the state, so the gap is the exec and the restore (docs/storage.md).
+    super::watchdog::feed_now(&mut server.state);
     let (doc, keep) = export(server, generation);
     let err = match try_exec(&exe, &doc, &keep) {
         Ok(never) => match never {},
@@ -390,9 +417,24 @@ unsafe fn own(fd: RawFd) -> OwnedFd {
 }
 
 /// Rebuild the server the previous image wrote down. `server` is built from the new settings
-/// with no listeners, connections or state; the document fills it.
-pub fn restore(doc: Doc, server: &mut Server) -> Result<(), String> {
+/// with no listeners, connections or state; the document fills it. `heartbeat` is the new
+/// `heartbeat_interval_ms` (the watchdog's keep-alive interval follows it).
+pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Result<(), String> {
     let now = Instant::now();
+    if let Some(w) = doc.watchdog {
+        let kind = if w.fifo {
+            Kind::Fifo
+        } else {
+            Kind::Device {
+                timeout: w.timeout_s.map(Duration::from_secs),
+            }
+        };
+        // SAFETY: the previous image left this descriptor open for us (see `own` below).
+        let mut wd = unsafe { Watchdog::adopt(w.fd, w.path, kind, heartbeat) };
+        // Fed at once: the rule is checked once the tables are back, below.
+        wd.feed();
+        server.state.watchdog = Some(wd);
+    }
     // SAFETY (every `own` below): the numbers come from the document our previous image wrote
     // for exactly this purpose; each is taken over once.
     if let Some(p) = doc.pid_file {

@@ -440,6 +440,7 @@ impl Server {
         self.state.expire_groups(now);
         super::lost::tick(&mut self.state, now);
         super::heartbeat::tick(&mut self.state, now);
+        super::watchdog::tick(&mut self.state, now);
         for pid in self.state.run_timers(now) {
             self.owner_gone(pid);
         }

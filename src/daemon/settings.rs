@@ -56,6 +56,9 @@ pub struct Settings {
     /// `lease_dir`: the only directory (with its subdirectories) where `<lease>` lock files are
     /// created and locked; None refuses every `<lease>` (docs/hardening.md).
     pub lease_dir: Option<PathBuf>,
+    /// `watchdog_device`: a watchdog fed only while every VM that had to be stopped for a
+    /// silent storage is stopped (docs/storage.md, "Watchdog"); None: no watchdog.
+    pub watchdog_device: Option<PathBuf>,
 }
 
 /// The environment the defaults depend on, read once so tests can supply their own.
@@ -122,6 +125,7 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
     let lease_dir = conf.take_abs_path("lease_dir")?;
     let heartbeat_ms = conf.take_int("heartbeat_interval_ms", 0, 600_000)?;
     let fence_after_ms = conf.take_int("fence_after_ms", 100, 3_600_000)?;
+    let watchdog_device = conf.take_abs_path("watchdog_device")?;
     let config_file = conf.path().to_path_buf();
     let config_text = config_file.display().to_string();
     conf.finish()?;
@@ -183,6 +187,7 @@ pub fn resolve(mut conf: ConfFile, args: &Args, env: &Env) -> Result<Settings, C
             config_file: config_text,
         },
         lease_dir,
+        watchdog_device,
     })
 }
 
@@ -218,6 +223,7 @@ mod tests {
         assert_eq!(s.limits.request_read_timeout, Duration::from_millis(10_000));
         assert_eq!(s.limits.idle_timeout, Some(Duration::from_millis(300_000)));
         assert_eq!(s.lease_dir, None);
+        assert_eq!(s.watchdog_device, None);
         assert_eq!(s.heartbeat_interval, Some(Duration::from_millis(5000)));
         assert_eq!(s.fence_after, Duration::from_millis(60_000));
         assert_eq!(
@@ -252,7 +258,7 @@ mod tests {
              kill_grace_ms = 0\nlog_level = \"warn\"\npid_file = \"/x/p\"\n\
              max_owners = 3\nmax_leases_per_request = 5\nrequest_read_timeout_ms = 250\n\
              idle_timeout_ms = 0\nlease_dir = \"/srv/leases\"\nheartbeat_interval_ms = 0\n\
-             fence_after_ms = 1500\n",
+             fence_after_ms = 1500\nwatchdog_device = \"/dev/watchdog\"\n",
         );
         let args = Args {
             socket: Some("/cli.sock".into()),
@@ -273,6 +279,7 @@ mod tests {
         assert_eq!(s.lease_dir, Some(PathBuf::from("/srv/leases")));
         assert_eq!(s.heartbeat_interval, None);
         assert_eq!(s.fence_after, Duration::from_millis(1500));
+        assert_eq!(s.watchdog_device, Some(PathBuf::from("/dev/watchdog")));
         assert_eq!(s.limits.config_file, "/etc/libvirt/lockwardend.conf");
     }
 
@@ -291,6 +298,7 @@ mod tests {
             "request_read_timeout_ms = 10\n",
             "idle_timeout_ms = -5\n",
             "lease_dir = \"leases\"\n",
+            "watchdog_device = \"watchdog\"\n",
             "heartbeat_interval_ms = -1\n",
             "heartbeat_interval_ms = 600001\n",
             "fence_after_ms = 99\n",

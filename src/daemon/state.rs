@@ -71,6 +71,8 @@ pub struct State {
     pub heartbeat: super::heartbeat::Heartbeats,
     /// `thaw` requests waiting for their re-checks (thaw.rs).
     pub thaws: HashMap<OpId, super::thaw::ThawOp>,
+    /// `watchdog_device`, open and fed while allowed (watchdog.rs).
+    pub watchdog: Option<super::watchdog::Watchdog>,
 }
 
 /// Identifies a request waiting on storage.
@@ -164,6 +166,7 @@ impl State {
             recent_lost: VecDeque::new(),
             heartbeat: super::heartbeat::Heartbeats::default(),
             thaws: HashMap::new(),
+            watchdog: None,
         }
     }
 
@@ -649,6 +652,10 @@ impl State {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             pid: std::process::id(),
+            watchdog_device: self
+                .watchdog
+                .as_ref()
+                .map(|w| w.path.to_string_lossy().into_owned()),
             owners: self.owners.len(),
             leases: self.leases.len(),
             clients,
@@ -771,6 +778,7 @@ impl State {
             .chain(self.next_check)
             .chain(self.heartbeat.next_deadline())
             .chain(self.thaws.values().map(|t| t.deadline))
+            .chain(self.watchdog.as_ref().map(|w| w.next_deadline()))
             .chain(self.owners.next_rewatch())
             .min()
     }

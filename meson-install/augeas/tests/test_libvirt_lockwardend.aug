@@ -17,6 +17,7 @@ max_leases_per_request = 64
 request_read_timeout_ms = 10000
 idle_timeout_ms = 0
 lease_dir = \"/var/lib/libvirt/lockwarden/leases\"
+watchdog_device = \"/dev/watchdog\"
 log_level = \"debug\"   # while investigating
 "
 
@@ -37,6 +38,7 @@ log_level = \"debug\"   # while investigating
       { "request_read_timeout_ms" = "10000" }
       { "idle_timeout_ms" = "0" }
       { "lease_dir" = "/var/lib/libvirt/lockwarden/leases" }
+      { "watchdog_device" = "/dev/watchdog" }
       { "log_level" = "debug"
         { "#comment" = "while investigating" } }
 
