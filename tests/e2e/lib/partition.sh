@@ -110,14 +110,14 @@ s17_lockwardend() {
 # of /proc/PID/stat, so a reused pid counts as gone):
 #   gone      no such process (or a zombie: it has exited)
 #   stopped   every thread in state T/t (SIGSTOP): the guest cannot run
-#   dying     some thread not stopped, but the process is exiting (PF_EXITING on a thread) or
-#             has SIGKILL pending: it cannot return to the guest
+#   dying     some thread not stopped, but the process is exiting (PF_EXITING on every live
+#             thread) or has SIGKILL pending: it cannot return to the guest
 #   runnable  anything else (R, S, D threads of a live process: a thread in D waits in the
 #             kernel, e.g. for the storage, and carries on when it answers; SIGSTOP does not
 #             stop it until then, see s17_inflight_body)
 # followed by ":" and the thread states, e.g. "stopped:TTTTT".
 s17_pstate() {
-  local pid=$1 start=$2 t s rest st flags states='' exiting=0 line pnd
+  local pid=$1 start=$2 t s rest st flags states='' exiting=1 line pnd
   read -r s 2>/dev/null <"/proc/$pid/stat" || { echo gone: && return; }
   rest=${s##*) }
   # shellcheck disable=SC2086 # field splitting wanted
@@ -130,7 +130,9 @@ s17_pstate() {
     read -r st _ _ _ _ _ flags _ <<<"$rest"
     [ "$st" = Z ] || [ "$st" = X ] && continue
     states+=$st
-    ((flags & 4)) && exiting=1 # PF_EXITING
+    # PF_EXITING on every live thread (QEMU's idle pool threads exit on their own while the
+    # rest of the process runs on).
+    ((flags & 4)) || exiting=0
   done
   [ -n "$states" ] || { echo gone:Z && return; }
   while read -r line; do
