@@ -3,8 +3,11 @@
 # sharing one image directory. See tests/e2e/README.md.
 #
 # usage: tests/e2e/run.sh [--plugin LIBLOCKWARDEN.so] [--daemon LOCKWARDEND]
+#                         [--cli LOCKWARDEN] [--testfs TESTFS]
 #                         [--baseline-lockd] [--only "N N ..."] [--keep]
 #   --plugin/--daemon  what to test (default: target/debug/liblockwarden.so and lockwardend)
+#   --cli/--testfs     the admin CLI and the FUSE lock server of scenario 17 (default:
+#                      target/debug/lockwarden and target/debug/examples/testfs)
 #   --baseline-lockd   run the scenarios with Debian's lockd + virtlockd on both hosts instead
 #                      (validates the testbed itself; scenarios about lockwarden are skipped)
 #   --only             run only these scenario numbers
@@ -19,6 +22,7 @@ ROOT=$(cd "$E2E_DIR/../.." && pwd)
 LW_SO=$ROOT/target/debug/liblockwarden.so
 LW_DAEMON=$ROOT/target/debug/lockwardend
 LW_CLI_SRC=$ROOT/target/debug/lockwarden
+LW_TESTFS_SRC=$ROOT/target/debug/examples/testfs
 MODE=lockwarden
 ONLY=''
 KEEP=0
@@ -28,11 +32,12 @@ while [ $# -gt 0 ]; do
   --plugin) LW_SO=$2 && shift ;;
   --daemon) LW_DAEMON=$2 && shift ;;
   --cli) LW_CLI_SRC=$2 && shift ;;
+  --testfs) LW_TESTFS_SRC=$2 && shift ;;
   --baseline-lockd) MODE=lockd ;;
   --only) ONLY=$2 && shift ;;
   --keep) KEEP=1 ;;
   -h | --help)
-    sed -n '2,13p' "$0"
+    sed -n '2,16p' "$0"
     exit 0
     ;;
   *)
@@ -81,6 +86,14 @@ if [ "$MODE" = lockwarden ]; then
     echo "e2e: admin CLI $LW_CLI_SRC not found (run cargo build)" >&2
     exit 1
   }
+  [ -x "$LW_TESTFS_SRC" ] || {
+    echo "e2e: FUSE lock server $LW_TESTFS_SRC not found (run cargo build --example testfs)" >&2
+    exit 1
+  }
+  [ -e /dev/fuse ] || {
+    echo "e2e: /dev/fuse is missing (modprobe fuse): scenario 17 mounts a FUSE lock server" >&2
+    exit 1
+  }
 fi
 
 # --- run under a child subreaper (prompt reaping of QEMU; nothing outlives the suite) ------
@@ -98,6 +111,8 @@ IMG=$W/images
 source "$E2E_DIR/lib/testbed.sh"
 # shellcheck source=lib/scenarios.sh
 source "$E2E_DIR/lib/scenarios.sh"
+# shellcheck source=lib/partition.sh
+source "$E2E_DIR/lib/partition.sh"
 T_START=$(now_ms)
 if [ -n "${LW_E2E_TRACE:-}" ]; then # debugging aid: a timestamped trace on stderr
   exec 9>&2
@@ -128,8 +143,10 @@ if [ "$MODE" = lockwarden ]; then
   cp "$LW_SO" "$W/plugins/lockwarden.so"
   cp "$LW_DAEMON" "$W/bin/lockwardend"
   cp "$LW_CLI_SRC" "$W/bin/lockwarden"
+  cp "$LW_TESTFS_SRC" "$W/bin/testfs"
 fi
 LW_CLI=$W/bin/lockwarden
+LW_TESTFS=$W/bin/testfs
 
 echo "# e2e: mode $MODE, work dir $W, $(libvirtd --version | head -1), $(qemu-system-x86_64 --version | head -1)"
 ensure_mountpoints

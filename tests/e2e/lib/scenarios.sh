@@ -769,4 +769,6 @@ run_all_scenarios() {
   # Issue 20: VMs that were running before lockwarden was enabled.
   run_scenario 15 "audit and adopt VMs started under lock_manager nop"
   run_scenario 16 "lockd -> lockwarden without restarting a running VM"
+  # Issue 15: partition safety on the FUSE lock server (lib/partition.sh).
+  run_scenario 17 "partition: host A's VM is stopped before its lease expires, B takes the disk, A's VM never runs again"
 }
