@@ -141,8 +141,10 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
             ),
             FailureAction::Pause => (
                 Some(Signal::SIGSTOP),
-                "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest cannot \
-                 write; the lock is re-checked when the storage answers",
+                "on_lockfailure=pause: stopping its process (SIGSTOP) so the guest issues no \
+                 new write (a write already queued in the kernel may still reach the storage \
+                 when it answers: docs/storage.md, \"Limits\"; only watchdog_device covers \
+                 that); the lock is re-checked when the storage answers",
             ),
             FailureAction::Poweroff | FailureAction::Restart | FailureAction::Default => (
                 Some(Signal::SIGKILL),
