@@ -128,6 +128,11 @@ pub enum Request {
     /// VMs that held it. Answered with `Response::Ok`. Added after version 1 shipped: an older
     /// daemon answers it with an `invalid` error.
     Lost,
+    // -- metrics (issue 18) --
+    /// Admin: counters and gauges for monitoring (docs/operators.md §10), answered with
+    /// `Response::Metrics`. Added after version 1 shipped: an older daemon answers it with an
+    /// `invalid` error.
+    Metrics,
 }
 
 /// Error classes; the plugin maps each to a libvirt error code.
@@ -213,6 +218,9 @@ pub enum Response {
     },
     Status(StatusInfo),
     Error(ErrorReply),
+    // -- metrics (issue 18) --
+    /// The answer to `Request::Metrics`.
+    Metrics(Box<crate::metrics::Snapshot>),
 }
 
 impl Response {
@@ -427,10 +435,12 @@ mod flat {
                 "status" => R::Status,
                 "list" => R::List,
                 "lost" => R::Lost,
+                // -- metrics (issue 18) --
+                "metrics" => R::Metrics,
                 other => {
                     return Err(format!(
                         "unknown variant `{other}`, expected one of `register`, `acquire`, \
-                         `release`, `inquire`, `status`, `list`, `lost`"
+                         `release`, `inquire`, `status`, `list`, `lost`, `metrics`"
                     ));
                 }
             })
@@ -507,6 +517,7 @@ mod tests {
             Request::Status,
             Request::List,
             Request::Lost,
+            Request::Metrics,
         ];
         for r in all {
             let body = serde_json::to_vec(&r).unwrap();

@@ -1,7 +1,7 @@
 //! Requests to responses: who may ask what, and which module answers.
 //!
 //! Rules (docs/interfaces.md §3, lockd's dispatch rules): a restricted connection may do nothing more;
-//! the admin socket serves only Status, List and Lost; Register from the owner's own pid makes the
+//! the admin socket serves only Status, List, Lost and Metrics; Register from the owner's own pid makes the
 //! connection the owner's lifetime handle; Acquire/Release/Inquire act for the owner named in
 //! the request (libvirtd acting for QEMU), not for the peer.
 
@@ -37,6 +37,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::List => "list",
         Request::Lost => "lost",
+        Request::Metrics => "metrics",
     }
 }
 
@@ -52,6 +53,9 @@ pub fn handle(
     if !s.restricted && !s.admin {
         if let Err(e) = super::limits::admit(&state.owners, &req, super::limits::get()) {
             debug!("client {}: {}", s.id, e.message);
+            if matches!(req, Request::Acquire { .. }) {
+                super::metrics::refused(&mut state.metrics, e.kind, None);
+            }
             return Some(Response::Error(*e));
         }
     }
@@ -62,12 +66,14 @@ pub fn handle(
             action,
             restrict,
         } if !s.restricted && !s.admin => {
-            if let Err(e) = check_owner(&owner) {
-                return Some(Response::Error(*e));
-            }
-            match acquire::start(state, s.id, &owner, &leases, action, restrict) {
+            let started = acquire::start_checked(state, s.id, &owner, &leases, action, restrict);
+            match started {
                 Ok(()) => None,
-                Err(e) => Some(Response::Error(*e)),
+                Err(e) => {
+                    acquire::refused_event(&owner, &leases, &e);
+                    super::metrics::refused(&mut state.metrics, e.kind, None);
+                    Some(Response::Error(*e))
+                }
             }
         }
         // Waits for the storage threads that drop the locks.
@@ -85,6 +91,10 @@ pub fn handle(
 }
 
 fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> Response {
+    if matches!(req, Request::Acquire { .. }) {
+        // Refused below: on a restricted connection or the admin socket.
+        super::metrics::refused(&mut state.metrics, ErrorKind::Denied, None);
+    }
     if s.restricted {
         let vm = s
             .handle_of
@@ -108,6 +118,8 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
         Request::List => Response::Ok {
             leases: state.all_infos(),
         },
+        // metrics (issue 18)
+        Request::Metrics => Response::Metrics(Box::new(super::metrics::snapshot(state))),
         req if s.admin => Response::error(
             ErrorKind::Denied,
             format!(
@@ -137,7 +149,7 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
 }
 
 /// The owner description must be usable: every message names the VM and the pid is the key.
-fn check_owner(owner: &Owner) -> Result<(), Failure> {
+pub(super) fn check_owner(owner: &Owner) -> Result<(), Failure> {
     let problem = if owner.pid == 0 || i32::try_from(owner.pid).is_err() {
         format!("owner pid {} is not a valid process id", owner.pid)
     } else if owner.name.is_empty() {

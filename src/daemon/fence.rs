@@ -84,6 +84,7 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
                 continue;
             };
             let vm = e.owner.name.clone();
+            let uuid = e.owner.uuid.clone();
             let first = done.insert(pid);
             let (sig, what) = match e.action {
                 FailureAction::Ignore => (
@@ -101,14 +102,28 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
                     "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
                 ),
             };
-            error!(
-                "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
-                 (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {name:?} ({lock_path:?}) \
-                 there, and the storage may give that lock to another host once its own lease \
-                 expires; {what}",
-                age.as_millis(),
-                fence_after.as_millis()
+            let mount_text = mount.to_string_lossy();
+            super::logging::event(
+                log::Level::Error,
+                super::logging::Event::Fenced,
+                &[
+                    ("VM_NAME", &vm),
+                    ("VM_UUID", &uuid),
+                    ("DISK", &name),
+                    ("MOUNT", &mount_text),
+                ],
+                format_args!(
+                    "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for \
+                     {} ms (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {name:?} \
+                     ({lock_path:?}) there, and the storage may give that lock to another host \
+                     once its own lease expires; {what}",
+                    age.as_millis(),
+                    fence_after.as_millis()
+                ),
             );
+            if first {
+                state.metrics.fences += 1;
+            }
             if let (Some(sig), true) = (sig, first) {
                 signal(e, pid, &vm, sig);
             }
@@ -228,12 +243,21 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
                     continue;
                 };
                 let vm = o.owner.name.clone();
-                error!(
-                    "the lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) was LOST while \
-                     the storage behind mount {mount:?} did not answer ({}, {e}): another host \
-                     may have used the disk; killing the VM (SIGKILL) whatever its \
-                     on_lockfailure, it must never run on this disk again",
-                    e.desc()
+                super::logging::event(
+                    log::Level::Error,
+                    super::logging::Event::Lost,
+                    &[
+                        ("VM_NAME", &vm),
+                        ("VM_UUID", &o.owner.uuid),
+                        ("DISK", &name),
+                    ],
+                    format_args!(
+                        "the lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) was LOST \
+                         while the storage behind mount {mount:?} did not answer ({}, {e}): \
+                         another host may have used the disk; killing the VM (SIGKILL) whatever \
+                         its on_lockfailure, it must never run on this disk again",
+                        e.desc()
+                    ),
                 );
                 signal(o, pid, &vm, Signal::SIGKILL);
             }

@@ -74,6 +74,9 @@ pub struct Doc {
     pub leases: Vec<LeaseDoc>,
     #[serde(default)]
     pub kills: Vec<KillDoc>,
+    /// What `lockwarden metrics` counts (issue 18): a reload keeps counting.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::Counters>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -250,6 +253,7 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
         owners,
         leases,
         kills,
+        metrics: Some(state.metrics.clone()),
     };
     (doc, keep)
 }
@@ -419,6 +423,10 @@ pub fn restore(doc: Doc, server: &mut Server) -> Result<(), String> {
     }
     let state = &mut server.state;
     state.started = doc.started;
+    if let Some(m) = doc.metrics {
+        state.metrics = m;
+    }
+    state.metrics.reexecs = doc.generation;
     for o in doc.owners {
         let pid = o.owner.pid;
         let fd = o.pidfd.map(|fd| unsafe { own(fd) });
@@ -461,12 +469,18 @@ pub fn restore(doc: Doc, server: &mut Server) -> Result<(), String> {
     server.generation = doc.generation;
     recover::release_dead(&mut server.state, dead);
     server.state.publish_all_holders();
-    info!(
-        "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
-        server.generation,
-        server.state.leases.len(),
-        server.state.owners.len(),
-        server.conns.len()
+    let generation = server.generation.to_string();
+    super::logging::event(
+        log::Level::Info,
+        super::logging::Event::Reexec,
+        &[("REEXEC_GENERATION", &generation)],
+        format_args!(
+            "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
+            server.generation,
+            server.state.leases.len(),
+            server.state.owners.len(),
+            server.conns.len()
+        ),
     );
     Ok(())
 }

@@ -69,6 +69,8 @@ pub struct State {
     pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
     pub heartbeat: super::heartbeat::Heartbeats,
+    /// What `lockwarden metrics` reports (metrics.rs); carried across a live re-exec.
+    pub metrics: crate::metrics::Counters,
 }
 
 /// Identifies a request waiting on storage.
@@ -159,6 +161,10 @@ impl State {
             lost_total: 0,
             recent_lost: VecDeque::new(),
             heartbeat: super::heartbeat::Heartbeats::default(),
+            metrics: crate::metrics::Counters {
+                started_boot_ms: super::metrics::boot_ms(),
+                ..Default::default()
+            },
         }
     }
 
@@ -271,6 +277,11 @@ impl State {
                 let mut stuck: Vec<&(String, PathBuf)> = g.jobs.values().collect();
                 stuck.sort();
                 let ms = g.started.elapsed().as_millis();
+                let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
+                pools.dedup();
+                for p in pools {
+                    super::metrics::stalled(&mut self.metrics, p);
+                }
                 let (what, mount) = stuck
                     .first()
                     .map(|(w, m)| (w.clone(), m.to_string_lossy().into_owned()))
@@ -536,6 +547,21 @@ impl State {
     /// When the link broke, reconnect (or start a new keeper) and tell it everything again.
     pub fn protect(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
         let fresh = self.keeper.ensure()?;
+        if fresh && self.keeper.started_new {
+            // metrics (issue 18): the previous keeper went away and a new one was started.
+            self.metrics.keeper_restarts += 1;
+            super::logging::event(
+                log::Level::Warn,
+                super::logging::Event::KeeperReplaced,
+                &[("KEEPER_PID", &self.keeper.pid.to_string())],
+                format_args!(
+                    "started a new keeper (pid {}) at {:?}: the previous one went away; \
+                     handing every lease to it",
+                    self.keeper.pid,
+                    self.keeper.path()
+                ),
+            );
+        }
         if !fresh {
             match self.send_holds(keys) {
                 Ok(()) => return Ok(()),
@@ -648,15 +674,17 @@ impl State {
         }
     }
 
-    /// Release every lease of `pid`; returns how many it held.
-    fn release_all(&mut self, pid: u32, why: &str) -> usize {
+    /// Release every lease of `pid`; returns how many it held, and their names.
+    fn release_all(&mut self, pid: u32, why: &str) -> (usize, Vec<String>) {
         let keys: Vec<LeaseKey> = match self.owners.get(pid) {
             Some(e) => e.leases.iter().copied().collect(),
-            None => return 0,
+            None => return (0, Vec::new()),
         };
         let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
+        let names = release::names_of(self, &leases);
         release::leave_many(self, pid, &leases, why);
-        keys.len()
+        self.metrics.releases += keys.len() as u64;
+        (keys.len(), names)
     }
 
     /// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
@@ -678,9 +706,16 @@ impl State {
             return;
         }
         if entry.proc.exited() {
-            let released = self.release_all(pid, "lifetime handle closed");
+            let owner = entry.owner.clone();
+            let (released, names) = self.release_all(pid, "lifetime handle closed");
             self.owners.remove(pid);
-            info!("lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)");
+            release::released_event(
+                &owner,
+                &names,
+                format_args!(
+                    "lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)"
+                ),
+            );
             return;
         }
         if !self.kills.iter().any(|k| k.pid == pid) {
@@ -696,14 +731,18 @@ impl State {
             Some(i) => self.kills.swap_remove(i).ending(),
             None => "exited",
         };
-        let held = self.release_all(pid, "VM exited");
+        let (held, names) = self.release_all(pid, "VM exited");
         let Some(entry) = self.owners.remove(pid) else {
             return Vec::new();
         };
         if held > 0 {
-            info!(
-                "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
-                entry.owner.name
+            release::released_event(
+                &entry.owner,
+                &names,
+                format_args!(
+                    "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
+                    entry.owner.name
+                ),
             );
         } else {
             debug!("VM {:?} (pid {pid}) {ending}", entry.owner.name);
