@@ -3,7 +3,7 @@
 //!
 //! Journal (issue 18): when `JOURNAL_STREAM` names our stderr (systemd's own test, made by
 //! `systemd_journal_logger::connected_to_journal`) and the journal socket answers, every line
-//! goes to the journal as an entry with its priority (error 3, warning 4, info 5, debug 6),
+//! goes to the journal as an entry with its priority (error 3, warning 4, info 6, debug 7),
 //! and the events operators alert on ([`Event`]) carry a fixed `MESSAGE_ID` plus `VM_NAME`,
 //! `VM_UUID`, `DISK` (once per disk), `HOLDER_HOST` and the like as fields of their own
 //! (docs/operators.md §10), so `journalctl MESSAGE_ID=<id>` lists them. The framing is the
@@ -100,13 +100,45 @@ pub fn event(level: Level, ev: Event, fields: &[(&str, &str)], args: std::fmt::A
 
 /// The journal's native protocol, when stderr is connected to the journal and its socket
 /// answers; None otherwise.
-fn journal() -> Option<systemd_journal_logger::JournalLog> {
+fn journal() -> Option<Journal> {
     if !systemd_journal_logger::connected_to_journal() {
         return None;
     }
     systemd_journal_logger::JournalLog::new()
         .ok()
-        .map(|j| j.with_syslog_identifier("lockwardend".to_string()))
+        .map(|j| Journal(j.with_syslog_identifier("lockwardend".to_string())))
+}
+
+/// The journal logger with the priorities lockwardend has always used (info 6, debug 7, as
+/// the `<N>` prefixes said): the crate writes info as notice (5) and debug as info (6), so
+/// each record goes to it one level lower (info as debug → 6, debug as trace → 7).
+struct Journal(systemd_journal_logger::JournalLog);
+
+impl log::Log for Journal {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = match record.level() {
+            Level::Info => Level::Debug,
+            Level::Debug | Level::Trace => Level::Trace,
+            l => l,
+        };
+        let shifted = log::Record::builder()
+            .level(level)
+            .target(record.target())
+            .args(*record.args())
+            .module_path(record.module_path())
+            .file(record.file())
+            .line(record.line())
+            .key_values(record.key_values())
+            .build();
+        // A journal that does not take the entry has nowhere to report that either.
+        let _ = self.0.journal_send(&shifted);
+    }
+
+    fn flush(&self) {}
 }
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -148,7 +180,7 @@ pub fn priority(level: Level) -> u8 {
 /// Install the logger. Safe to call once; a second call is ignored.
 pub fn init(level: LevelFilter, under_systemd: bool) {
     if let Some(j) = journal() {
-        if j.install().is_ok() {
+        if log::set_boxed_logger(Box::new(j)).is_ok() {
             log::set_max_level(level);
         }
         return;
