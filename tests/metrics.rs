@@ -687,3 +687,72 @@ fn the_plugin_does_not_contain_the_journal_client() {
     );
     assert!(!has(&so), "{} contains the journal client", so.display());
 }
+
+/// docs/operators.md §10's table lists exactly the families `lockwarden metrics` writes.
+#[test]
+fn the_metrics_table_of_operators_md_is_what_lockwarden_metrics_writes() {
+    let doc =
+        fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operators.md")).unwrap();
+    let (_, section) = doc.split_once("### Metrics").unwrap();
+    let (section, _) = section.split_once("### The textfile timer").unwrap();
+    let mut documented: Vec<String> = section
+        .lines()
+        .filter(|l| l.starts_with("| `lockwarden_"))
+        .flat_map(|l| {
+            let first = l.split('|').nth(1).unwrap();
+            first
+                .split('`')
+                .filter(|w| w.starts_with("lockwarden_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    let d = Daemon::start_with("heartbeat_interval_ms = 5000\n");
+    let (text, _) = cli_metrics(&d, &["--format", "prometheus"]);
+    let mut written: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    written.sort();
+    assert_eq!(documented, written);
+}
+
+/// The shipped units say what docs/operators.md says: the timer every 30 s, the service
+/// writing the textfile into Debian's node_exporter directory unless a drop-in says otherwise,
+/// and nothing enabled by the units themselves (the service has no [Install]).
+#[test]
+fn the_metrics_units_match_the_operator_guide() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let service = fs::read_to_string(format!(
+        "{root}/meson-install/systemd/lockwarden-metrics.service.in"
+    ))
+    .unwrap();
+    let timer = fs::read_to_string(format!(
+        "{root}/meson-install/systemd/lockwarden-metrics.timer.in"
+    ))
+    .unwrap();
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+    assert!(has(
+        &service,
+        "Environment=LOCKWARDEN_TEXTFILE_DIR=/var/lib/prometheus/node-exporter"
+    ));
+    assert!(has(
+        &service,
+        "ExecStart=@bindir@/lockwarden metrics --textfile ${LOCKWARDEN_TEXTFILE_DIR}"
+    ));
+    assert!(has(&service, "Type=oneshot") && !service.contains("[Install]"));
+    assert!(has(&timer, "OnUnitActiveSec=30s") && has(&timer, "WantedBy=timers.target"));
+    let guide = fs::read_to_string(format!("{root}/docs/operators.md")).unwrap();
+    for claim in [
+        "runs the service every 30 s",
+        "`lockwarden metrics --textfile $LOCKWARDEN_TEXTFILE_DIR`",
+        "`/var/lib/prometheus/node-exporter`",
+        "Environment=LOCKWARDEN_TEXTFILE_DIR=",
+    ] {
+        assert!(guide.contains(claim), "docs/operators.md: {claim}");
+    }
+    let rules = fs::read_to_string(format!("{root}/packaging/debian/rules")).unwrap();
+    assert!(rules.contains("dh_installsystemd --no-enable --no-start lockwarden-metrics.timer"));
+}
