@@ -222,6 +222,14 @@ mod tests {
             std::fs::read_to_string(format!("{root}/docs/operators.md")).unwrap(),
             std::fs::read_to_string(format!("{root}/meson-install/man/lockwardend.8.in")).unwrap(),
         ];
+        let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+        assert!(
+            readme.contains(&format!(
+                "MESSAGE_ID={}` lists refusals",
+                Event::Refused.message_id()
+            )),
+            "README: the refused id"
+        );
         let mut ids: Vec<&str> = Event::ALL.iter().map(|e| e.message_id()).collect();
         ids.sort();
         ids.dedup();
