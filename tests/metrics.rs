@@ -754,5 +754,5 @@ fn the_metrics_units_match_the_operator_guide() {
         assert!(guide.contains(claim), "docs/operators.md: {claim}");
     }
     let rules = fs::read_to_string(format!("{root}/packaging/debian/rules")).unwrap();
-    assert!(rules.contains("dh_installsystemd --no-enable --no-start lockwarden-metrics.timer"));
+    assert!(rules.contains("dh_installsystemd --no-enable lockwarden-metrics.timer"));
 }
