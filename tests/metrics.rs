@@ -272,6 +272,32 @@ impl HostileMount {
     }
 }
 
+/// A tmpfs mounted at a directory whose name is not UTF-8 (byte 0xff), unmounted on drop: its
+/// line in /proc/self/mountinfo must not keep lockwardend from reading the others.
+struct NonUtf8Mount(PathBuf);
+
+impl NonUtf8Mount {
+    fn new(dir: &Path) -> NonUtf8Mount {
+        use std::os::unix::ffi::OsStrExt;
+        let p = dir.join(std::ffi::OsStr::from_bytes(b"not-utf8-\xff"));
+        fs::create_dir(&p).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "lw-metrics-nonutf8"])
+            .arg(&p)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount -t tmpfs at {p:?}");
+        NonUtf8Mount(p)
+    }
+}
+
+impl Drop for NonUtf8Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// Wait (bounded) for `cond`.
 fn wait_for(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
@@ -293,6 +319,8 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     // as \u{..} text), and the strict parser gives back exactly that text.
     let label = lockwarden::untrusted::escape(&mount);
     assert!(label.contains("\\n") && label.contains("\\u{1b}") && label.contains('"'));
+    let other = tempfile::tempdir().unwrap();
+    let _non_utf8 = NonUtf8Mount::new(other.path());
     let d = Daemon::start_with("lease_check_interval_ms = 200\n");
     let before = scrape(&d);
     assert_eq!(value(&before, "lockwarden_up", &[]), 1.0);
