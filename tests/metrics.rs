@@ -784,3 +784,73 @@ fn the_metrics_units_match_the_operator_guide() {
     let rules = fs::read_to_string(format!("{root}/packaging/debian/rules")).unwrap();
     assert!(rules.contains("dh_installsystemd --no-enable lockwarden-metrics.timer"));
 }
+
+/// A partition of the hostile mount: the paused VM is fenced, and the metrics say so —
+/// `lockwarden_fences_total` 1, `lockwarden_fenced_vms` 1, the mount fenced, one heartbeat stall,
+/// its heartbeat age past `fence_after_ms`; after the heal the mount is no longer fenced, while
+/// the VM (its lock still ours, waiting for the operator) still counts as fenced.
+#[test]
+fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
+    need_python_client();
+    let m = hostile_mount();
+    let label = lockwarden::untrusted::escape(&m.tfs.mnt.to_string_lossy());
+    let d = Daemon::start_with(
+        "heartbeat_interval_ms = 100\nfence_after_ms = 1000\nlease_check_interval_ms = 0\n\
+         storage_timeout_ms = 2000\n",
+    );
+    let img = m.image("p.img");
+    let q = Qemu::spawn();
+    let o = q.owner("vm-pause");
+    let r = acquire(&d, &o, &img, FailureAction::Pause);
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    wait_for("the mount's heartbeats", Duration::from_secs(10), || {
+        snapshot(&d).mounts.iter().any(|h| h.heartbeat_age_ms < 500)
+    });
+    let s = scrape(&d);
+    assert_eq!(value(&s, "lockwarden_fence_after_seconds", &[]), 1.0);
+    assert_eq!(value(&s, "lockwarden_heartbeat_interval_seconds", &[]), 0.1);
+    assert_eq!(value(&s, "lockwarden_fences_total", &[]), 0.0);
+    assert_eq!(
+        value(&s, "lockwarden_mount_fenced", &[("mount", &label)]),
+        0.0
+    );
+
+    m.tfs.set("hang 1\n");
+    wait_for("the fence", Duration::from_secs(15), || {
+        snapshot(&d).counters.fences == 1
+    });
+    let s = scrape(&d);
+    assert_eq!(value(&s, "lockwarden_fences_total", &[]), 1.0);
+    assert_eq!(value(&s, "lockwarden_fenced_vms", &[]), 1.0);
+    assert_eq!(
+        value(&s, "lockwarden_mount_fenced", &[("mount", &label)]),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "lockwarden_storage_stalls_total",
+            &[("kind", "heartbeat"), ("mount", &label)]
+        ),
+        1.0
+    );
+    assert!(value(&s, "lockwarden_heartbeat_age_seconds", &[("mount", &label)]) >= 1.0);
+
+    m.tfs.set("");
+    wait_for("the heal", Duration::from_secs(15), || {
+        snapshot(&d).mounts.iter().all(|h| !h.fenced)
+    });
+    d.wait_log("is still held after the storage behind mount");
+    let s = scrape(&d);
+    assert_eq!(
+        value(&s, "lockwarden_mount_fenced", &[("mount", &label)]),
+        0.0
+    );
+    assert_eq!(value(&s, "lockwarden_fences_total", &[]), 1.0);
+    assert_eq!(
+        value(&s, "lockwarden_fenced_vms", &[]),
+        1.0,
+        "stopped, waiting for the operator"
+    );
+    assert_eq!(value(&s, "lockwarden_leases_lost_total", &[]), 0.0);
+}
