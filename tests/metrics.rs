@@ -835,6 +835,31 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
         1.0
     );
     assert!(value(&s, "lockwarden_heartbeat_age_seconds", &[("mount", &label)]) >= 1.0);
+    // A VM starting meanwhile on the hung mount: its acquire times out (storage_timeout_ms),
+    // a request stall of that mount.
+    let q2 = Qemu::spawn();
+    match acquire(
+        &d,
+        &q2.owner("vm-late"),
+        &m.tfs.mnt.join("late.img"),
+        FailureAction::Default,
+    ) {
+        Response::Error(e) => assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}"),
+        other => panic!("expected a timeout: {other:?}"),
+    }
+    let s = scrape(&d);
+    assert_eq!(
+        value(
+            &s,
+            "lockwarden_storage_stalls_total",
+            &[("kind", "request"), ("mount", &label)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&s, "lockwarden_refusals_total", &[("reason", "timeout")]),
+        1.0
+    );
 
     m.tfs.set("");
     wait_for("the heal", Duration::from_secs(15), || {
