@@ -98,6 +98,8 @@ expected=$(
 644 usr/lib/systemd/system/lockwardend.service
 644 usr/lib/systemd/system/lockwardend.socket
 644 usr/lib/systemd/system/lockwardend-admin.socket
+644 usr/lib/systemd/system/lockwarden-metrics.service
+644 usr/lib/systemd/system/lockwarden-metrics.timer
 644 usr/lib/systemd/system/libvirtd.service.d/lockwarden.conf
 644 usr/lib/systemd/system/virtqemud.service.d/lockwarden.conf
 644 usr/share/man/man1/lockwarden.1
@@ -151,6 +153,7 @@ if need systemd-analyze systemd "systemd-analyze verify"; then
   cp -r "$DEST/usr/lib/systemd/system/." "$units/"
   # Point ExecStart at the staged binary (verify checks that it is executable).
   sed -i "s|^ExecStart=/usr/sbin/lockwardend|ExecStart=$DEST/usr/sbin/lockwardend|" "$units/lockwardend.service"
+  sed -i "s|^ExecStart=/usr/bin/lockwarden|ExecStart=$DEST/usr/bin/lockwarden|" "$units/lockwarden-metrics.service"
   # Debian 12 has no virtqemud.service; a stub lets the drop-in be loaded and checked.
   for svc in libvirtd virtqemud; do
     if [ ! -e "/lib/systemd/system/$svc.service" ] && [ ! -e "/usr/lib/systemd/system/$svc.service" ] &&
@@ -160,12 +163,13 @@ if need systemd-analyze systemd "systemd-analyze verify"; then
   done
   out=$(cd "$W" && SYSTEMD_UNIT_PATH=$units: systemd-analyze verify --man=no \
     lockwardend.service lockwardend.socket lockwardend-admin.socket \
+    lockwarden-metrics.service lockwarden-metrics.timer \
     libvirtd.service virtqemud.service 2>&1)
   rc=$?
   # Only messages about our files count; Debian's own libvirtd.service is not ours to judge.
   ours=$(printf '%s\n' "$out" | grep -E 'lockwarden' || true)
   if [ "$rc" -eq 0 ] && [ -z "$ours" ]; then
-    pass "systemd-analyze verify (lockwardend.service, .socket, -admin.socket, both drop-ins)"
+    pass "systemd-analyze verify (lockwardend.service, .socket, -admin.socket, lockwarden-metrics.service, .timer, both drop-ins)"
   else
     fail "systemd-analyze verify (exit $rc)" "$out"
   fi

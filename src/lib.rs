@@ -25,6 +25,8 @@ pub mod abi;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+// metrics (issue 18): the snapshot and its text formats, shared by lockwardend and lockwarden.
+pub mod metrics;
 pub mod paths;
 pub mod plugin;
 pub mod protocol;

@@ -131,6 +131,11 @@ pub enum Request {
     /// Admin socket only (see the "Fencing" block below): resume VM `vm` (name or UUID), fenced
     /// for a storage outage, after re-verifying each of its fenced leases' locks on the storage.
     Thaw { vm: String },
+    // -- metrics (issue 18) --
+    /// Admin: counters and gauges for monitoring (docs/operators.md §11), answered with
+    /// `Response::Metrics`. Added after version 1 shipped: an older daemon answers it with an
+    /// `invalid` error.
+    Metrics,
 }
 
 /// Error classes; the plugin maps each to a libvirt error code.
@@ -277,6 +282,9 @@ pub enum Response {
     },
     Status(StatusInfo),
     Error(ErrorReply),
+    // -- metrics (issue 18) --
+    /// The answer to `Request::Metrics`.
+    Metrics(Box<crate::metrics::Snapshot>),
 }
 
 impl Response {
@@ -495,10 +503,12 @@ mod flat {
                 "thaw" => R::Thaw {
                     vm: need(r.vm, "vm", &what)?,
                 },
+                // -- metrics (issue 18) --
+                "metrics" => R::Metrics,
                 other => {
                     return Err(format!(
                         "unknown variant `{other}`, expected one of `register`, `acquire`, \
-                         `release`, `inquire`, `status`, `list`, `lost`, `thaw`"
+                         `release`, `inquire`, `status`, `list`, `lost`, `thaw`, `metrics`"
                     ));
                 }
             })
@@ -576,6 +586,7 @@ mod tests {
             Request::List,
             Request::Lost,
             Request::Thaw { vm: "web1".into() },
+            Request::Metrics,
         ];
         for r in all {
             let body = serde_json::to_vec(&r).unwrap();

@@ -927,7 +927,7 @@ fn the_admin_socket_serves_lost_and_status_shows_lost_leases() {
     assert_eq!(ok(c.call(&Request::Lost)), vec![]);
     let proto = flat(&repo("docs/protocol.md"));
     assert!(
-        proto.contains("accepts `status`, `list`, `lost` and `thaw` only"),
+        proto.contains("accepts `status`, `list`, `lost`, `thaw` and `metrics` only"),
         "docs/protocol.md: the admin socket's requests"
     );
     let man7 = flat(&repo(PROTO_MAN));

@@ -81,6 +81,8 @@ pub fn thaw(cli: &Cli) -> u8 {
         status_dir: cli.status_dir.clone(),
         all: false,
         dry_run: false,
+        format: None,
+        textfile: None,
     };
     c.operands.clone_from(&cli.operands);
     match ask(&c, &Request::Thaw { vm: vm.clone() }) {

@@ -12,6 +12,8 @@ mod adopt;
 mod audit;
 mod doctor;
 mod fenced;
+// metrics (issue 18)
+mod metrics;
 mod running;
 mod table;
 mod who;
@@ -52,6 +54,9 @@ commands:
   thaw VM           resume a VM (name or UUID) lockwardend stopped for a storage outage,
                     after re-verifying its locks on the storage (see docs/storage.md)
   version           print the version of this tool
+  metrics           lockwardend's counters in the OpenMetrics text format, or with --format
+                    prometheus in the Prometheus text format 0.0.4; --textfile DIR writes them
+                    atomically to DIR/lockwarden.prom for node_exporter's textfile collector
 
 options:
   --admin-socket PATH   lockwardend's admin socket (default /run/lockwarden/lockwardend-admin.sock
@@ -66,6 +71,10 @@ options:
   --all                 adopt: every running VM
   --dry-run             adopt: only show what would be taken
   --timeout-ms N        how long to wait for the daemon (default 5000)
+  --format FORMAT       metrics: openmetrics, the default on stdout, or prometheus, the
+                        default with --textfile
+  --textfile DIR        metrics: write DIR/lockwarden.prom (temporary file + rename) instead of
+                        printing; written with lockwarden_up 0 when lockwardend is down
   --json                machine-readable output (stable field names)
 ";
 
@@ -90,6 +99,11 @@ struct Cli {
     all: bool,
     /// `adopt --dry-run`.
     dry_run: bool,
+    // -- metrics (issue 18) --
+    /// `metrics --format`.
+    format: Option<crate::metrics::Format>,
+    /// `metrics --textfile DIR`.
+    textfile: Option<PathBuf>,
 }
 
 /// How many positional arguments each command takes.
@@ -115,6 +129,8 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
         status_dir: PathBuf::from(running::STATUS_DIR),
         all: false,
         dry_run: false,
+        format: None,
+        textfile: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -134,6 +150,9 @@ fn parse(args: &[String]) -> Result<Option<Cli>, String> {
             "--status-dir" => cli.status_dir = PathBuf::from(value(arg)?),
             "--all" => cli.all = true,
             "--dry-run" => cli.dry_run = true,
+            // metrics (issue 18)
+            "--format" => cli.format = Some(metrics::parse_format(&value(arg)?)?),
+            "--textfile" => cli.textfile = Some(PathBuf::from(value(arg)?)),
             "--timeout-ms" => {
                 let v = value(arg)?;
                 let ms: u64 = v
@@ -182,6 +201,8 @@ pub fn run(args: &[String]) -> u8 {
         "audit" => audit::run(&cli),
         "adopt" => adopt::run(&cli),
         "thaw" => fenced::thaw(&cli),
+        // metrics (issue 18)
+        "metrics" => metrics::run(&cli),
         "version" => {
             println!("lockwarden {}", env!("CARGO_PKG_VERSION"));
             EXIT_OK

@@ -69,8 +69,9 @@ pub struct AcquireOp {
     failure: Option<Failure>,
     pub deadline: Instant,
     started: Instant,
-    /// How many leases the request named.
+    /// How many leases the request named, and their names (journal events).
     requested: usize,
+    disks: Vec<String>,
     /// When the leases this request creates are taken (seconds since the epoch).
     since: u64,
     /// Storage jobs the answer also waits for (holder records of shared leases).
@@ -84,6 +85,48 @@ pub struct Finished {
     pub response: Response,
     /// Restrict the connection (an Acquire with `restrict` that succeeded).
     pub restrict: bool,
+}
+
+/// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
+fn fields<'a>(
+    owner: &'a Owner,
+    disks: impl Iterator<Item = &'a str>,
+) -> Vec<(&'static str, &'a str)> {
+    let mut f = vec![
+        ("VM_NAME", owner.name.as_str()),
+        ("VM_UUID", owner.uuid.as_str()),
+    ];
+    f.extend(disks.map(|d| ("DISK", d)));
+    f
+}
+
+/// Log a refusal as the `refused` journal event (docs/operators.md §11): the VM, every disk
+/// of the request (or the one refused, when the refusal names it) and the holder's host.
+pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &ErrorReply) {
+    refused_log(owner, specs.iter().map(|s| s.name.as_str()), e);
+}
+
+fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a ErrorReply) {
+    let mut f = match &e.resource {
+        Some(r) => fields(owner, std::iter::once(r.as_str())),
+        None => fields(owner, disks),
+    };
+    if let Some(h) = e.holder.as_ref().and_then(|h| h.host.as_deref()) {
+        f.push(("HOLDER_HOST", h));
+    }
+    if let Some(vm) = e.holder.as_ref().and_then(|h| h.vm_name.as_deref()) {
+        f.push(("HOLDER_VM_NAME", vm));
+    }
+    f.push(("REASON", super::metrics::reason(e.kind)));
+    super::logging::event(
+        log::Level::Info,
+        super::logging::Event::Refused,
+        &f,
+        format_args!(
+            "refused acquire for VM {:?} (pid {}): {}",
+            owner.name, owner.pid, e.message
+        ),
+    );
 }
 
 /// Start taking every lease in `specs` for `owner`, or none of the new ones. The answer comes
@@ -140,6 +183,7 @@ pub fn start(
         deadline: now + state.storage_timeout,
         started: now,
         requested: specs.len(),
+        disks: specs.iter().map(|s| s.name.clone()).collect(),
         since: now_secs(),
         group: None,
     };
@@ -478,6 +522,12 @@ pub fn expire(state: &mut State, now: Instant) {
             mount
         );
         let failure = reply(ErrorKind::Timeout, spec, message, None);
+        let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
+        pools.sort();
+        pools.dedup();
+        for p in pools {
+            super::metrics::stalled(&mut state.metrics, p);
+        }
         fail(state, op, *failure);
     }
 }
@@ -535,10 +585,8 @@ pub fn cancel_conn(state: &mut State, conn: ConnId) {
 }
 
 fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
-    info!(
-        "refused acquire for VM {:?} (pid {}): {}",
-        op.owner.name, op.owner.pid, e.message
-    );
+    refused_log(&op.owner, op.disks.iter().map(String::as_str), &e);
+    super::metrics::refused(&mut state.metrics, e.kind, Some(op.started.elapsed()));
     let pid = op.owner.pid;
     let jobs = rollback(state, pid, std::mem::take(&mut op.undo));
     state.owners.prune(pid);
@@ -591,14 +639,21 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
         Undo::Created { .. } => (n + 1, j),
         Undo::Joined(_) => (n, j + 1),
     });
-    info!(
-        "VM {:?} (pid {}) acquired {} lease(s) ({new} new, {joined} joined shared, {} already \
-         held) in {} us",
-        owner.name,
-        owner.pid,
-        op.requested,
-        op.requested.saturating_sub(new + joined),
-        op.started.elapsed().as_micros()
+    let took = op.started.elapsed();
+    super::metrics::acquired(&mut state.metrics, took);
+    super::logging::event(
+        log::Level::Info,
+        super::logging::Event::Acquired,
+        &fields(&owner, op.disks.iter().map(String::as_str)),
+        format_args!(
+            "VM {:?} (pid {}) acquired {} lease(s) ({new} new, {joined} joined shared, {} \
+             already held) in {} us",
+            owner.name,
+            owner.pid,
+            op.requested,
+            op.requested.saturating_sub(new + joined),
+            took.as_micros()
+        ),
     );
     match op.group {
         Some(g) => state.settle(

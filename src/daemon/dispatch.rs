@@ -1,9 +1,10 @@
 //! Requests to responses: who may ask what, and which module answers.
 //!
-//! Rules (docs/interfaces.md §3, lockd's dispatch rules): a restricted connection may do nothing more;
-//! the admin socket serves only Status, List, Lost and Thaw; Register from the owner's own pid makes the
-//! connection the owner's lifetime handle; Acquire/Release/Inquire act for the owner named in
-//! the request (libvirtd acting for QEMU), not for the peer.
+//! Rules (docs/interfaces.md §3, lockd's dispatch rules): a restricted connection may do nothing
+//! more; the admin socket serves only Status, List, Lost, Thaw and Metrics; Register, or an
+//! Acquire with restrict, from the owner's own pid makes the connection the owner's lifetime
+//! handle; Acquire/Release/Inquire act for the owner named in the request (libvirtd acting for
+//! QEMU), not for the peer.
 
 use super::Failure;
 use super::acquire;
@@ -38,6 +39,7 @@ fn op_name(req: &Request) -> &'static str {
         Request::List => "list",
         Request::Lost => "lost",
         Request::Thaw { .. } => "thaw",
+        Request::Metrics => "metrics",
     }
 }
 
@@ -53,6 +55,9 @@ pub fn handle(
     if !s.restricted && !s.admin {
         if let Err(e) = super::limits::admit(&state.owners, &req, super::limits::get()) {
             debug!("client {}: {}", s.id, e.message);
+            if matches!(req, Request::Acquire { .. }) {
+                super::metrics::refused(&mut state.metrics, e.kind, None);
+            }
             return Some(Response::Error(*e));
         }
     }
@@ -63,21 +68,23 @@ pub fn handle(
             action,
             restrict,
         } if !s.restricted && !s.admin => {
-            if let Err(e) = check_owner(&owner) {
-                return Some(Response::Error(*e));
-            }
             // libvirt's not-paused start: the forked child acquires the disks itself, with
             // RESTRICT and no Register before, and keeps the connection as QEMU's lifetime
             // handle. Bind it as Register would, before the acquire (lockd's client registers
             // first on every connection), so closing it ends the VM's hold on its disks.
-            if restrict && is_own_peer(s, &owner) && s.handle_of.is_none() {
-                if let Err(e) = bind_handle(state, s, &owner) {
-                    return Some(Response::Error(*e));
+            let started = check_owner(&owner).and_then(|()| {
+                if restrict && is_own_peer(s, &owner) && s.handle_of.is_none() {
+                    bind_handle(state, s, &owner)?;
                 }
-            }
-            match acquire::start(state, s.id, &owner, &leases, action, restrict) {
+                acquire::start(state, s.id, &owner, &leases, action, restrict)
+            });
+            match started {
                 Ok(()) => None,
-                Err(e) => Some(Response::Error(*e)),
+                Err(e) => {
+                    acquire::refused_event(&owner, &leases, &e);
+                    super::metrics::refused(&mut state.metrics, e.kind, None);
+                    Some(Response::Error(*e))
+                }
             }
         }
         // Waits for the storage threads that drop the locks.
@@ -99,6 +106,10 @@ pub fn handle(
 }
 
 fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> Response {
+    if matches!(req, Request::Acquire { .. }) {
+        // Refused below: on a restricted connection or the admin socket.
+        super::metrics::refused(&mut state.metrics, ErrorKind::Denied, None);
+    }
     if s.restricted {
         let vm = s
             .handle_of
@@ -126,6 +137,8 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
             ErrorKind::Denied,
             "'thaw' requests are accepted on the admin socket only (lockwarden thaw VM)",
         ),
+        // metrics (issue 18)
+        Request::Metrics => Response::Metrics(Box::new(super::metrics::snapshot(state))),
         req if s.admin => Response::error(
             ErrorKind::Denied,
             format!(
@@ -155,7 +168,7 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
 }
 
 /// The owner description must be usable: every message names the VM and the pid is the key.
-fn check_owner(owner: &Owner) -> Result<(), Failure> {
+pub(super) fn check_owner(owner: &Owner) -> Result<(), Failure> {
     let problem = if owner.pid == 0 || i32::try_from(owner.pid).is_err() {
         format!("owner pid {} is not a valid process id", owner.pid)
     } else if owner.name.is_empty() {

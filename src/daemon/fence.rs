@@ -151,17 +151,31 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
                 "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
             ),
         };
-        error!(
-            "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} ms \
-             (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {} there, and the storage may \
-             give that lock to another host once its own lease expires; {what}",
-            age.as_millis(),
-            fence_after.as_millis(),
-            disks.join(", ")
+        let uuid = e.owner.uuid.clone();
+        let mount_text = mount.to_string_lossy();
+        let disk_list = disks.join(", ");
+        super::logging::event(
+            log::Level::Error,
+            super::logging::Event::Fenced,
+            &[
+                ("VM_NAME", &vm),
+                ("VM_UUID", &uuid),
+                ("DISK", &disk_list),
+                ("MOUNT", &mount_text),
+            ],
+            format_args!(
+                "FENCE: the storage behind mount {mount:?} has not confirmed a heartbeat for {} \
+                 ms (fence_after_ms = {}): VM {vm:?} (pid {pid}) holds {disk_list} there, and \
+                 the storage may give that lock to another host once its own lease expires; \
+                 {what}",
+                age.as_millis(),
+                fence_after.as_millis(),
+            ),
         );
         if let Some(sig) = sig {
             signal(e, pid, &vm, sig);
         }
+        state.metrics.fences += 1;
     }
 }
 
@@ -278,12 +292,21 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
                     continue;
                 };
                 let vm = o.owner.name.clone();
-                error!(
-                    "the lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) was LOST while \
-                     the storage behind mount {mount:?} did not answer ({}, {e}): another host \
-                     may have used the disk; killing the VM (SIGKILL) whatever its \
-                     on_lockfailure, it must never run on this disk again",
-                    e.desc()
+                super::logging::event(
+                    log::Level::Error,
+                    super::logging::Event::Lost,
+                    &[
+                        ("VM_NAME", &vm),
+                        ("VM_UUID", &o.owner.uuid),
+                        ("DISK", &name),
+                    ],
+                    format_args!(
+                        "the lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) was LOST \
+                         while the storage behind mount {mount:?} did not answer ({}, {e}): \
+                         another host may have used the disk; killing the VM (SIGKILL) whatever \
+                         its on_lockfailure, it must never run on this disk again",
+                        e.desc()
+                    ),
                 );
                 signal(o, pid, &vm, Signal::SIGKILL);
             }

@@ -270,6 +270,16 @@ impl Heartbeats {
             .min()
     }
 
+    /// Every mount with leases: time since its storage last confirmed a heartbeat, and whether
+    /// its VMs are fenced (metrics).
+    pub fn mount_health(&self) -> Vec<(PathBuf, Duration, bool)> {
+        let boot = boot_now();
+        self.mounts
+            .iter()
+            .map(|(p, m)| (p.clone(), boot.saturating_sub(m.confirmed), m.fenced))
+            .collect()
+    }
+
     /// How long ago mount `mount` was last confirmed (for messages).
     fn age(&self, mount: &PathBuf, boot: Duration) -> Option<Duration> {
         self.mounts
@@ -318,11 +328,16 @@ pub fn tick(state: &mut State, now: Instant) {
     let fence_after = state.heartbeat.fence_after;
     let mut due = Vec::new();
     let mut stale = Vec::new();
+    let stalls = &mut state.metrics.heartbeat_stalls;
     for (path, m) in &mut state.heartbeat.mounts {
         if m.in_flight.is_none() && m.next_beat <= now {
             due.push(path.clone());
         }
         let age = boot.saturating_sub(m.confirmed);
+        if !m.warned && age >= fence_after / 2 {
+            // metrics (issue 18): one heartbeat stall per outage of the mount.
+            *stalls.entry(super::metrics::mount_label(path)).or_default() += 1;
+        }
         if !m.warned && age >= fence_after / 2 && age < fence_after {
             m.warned = true;
             warn!(

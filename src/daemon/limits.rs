@@ -106,7 +106,11 @@ pub fn admit(owners: &Owners, req: &Request, limits: &Limits) -> Result<(), Box<
         Request::Release { owner, leases } => (owner, leases.len(), false, "release"),
         Request::Register { owner, .. } => (owner, 0, true, "register"),
         Request::Inquire { owner } => (owner, 0, false, "inquire"),
-        Request::Status | Request::List | Request::Lost | Request::Thaw { .. } => return Ok(()),
+        Request::Status
+        | Request::List
+        | Request::Lost
+        | Request::Thaw { .. }
+        | Request::Metrics => return Ok(()),
     };
     if leases > limits.max_leases_per_request {
         return Err(invalid(format!(

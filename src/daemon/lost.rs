@@ -226,6 +226,7 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
             continue;
         };
         let vm = e.owner.name.clone();
+        let uuid = e.owner.uuid.clone();
         let (sig, what) = match e.action {
             FailureAction::Ignore => (None, "on_lockfailure=ignore: leaving it running"),
             FailureAction::Pause => (
@@ -238,9 +239,14 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
                 "on_lockfailure=poweroff/restart/default: killing its process (SIGKILL)",
             ),
         };
-        error!(
-            "lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) is LOST: {why}; another \
-             host may now write to it; {what}"
+        super::logging::event(
+            log::Level::Error,
+            super::logging::Event::Lost,
+            &[("VM_NAME", &vm), ("VM_UUID", &uuid), ("DISK", &name)],
+            format_args!(
+                "lock on {name:?} ({lock_path:?}) of VM {vm:?} (pid {pid}) is LOST: {why}; \
+                 another host may now write to it; {what}"
+            ),
         );
         if let Some(sig) = sig {
             if let Err(e2) = e.proc.signal(sig) {
@@ -268,6 +274,7 @@ pub fn record(state: &mut State, key: LeaseKey) {
         .filter_map(|pid| state.owners.get(*pid).map(|e| e.owner.clone()))
         .collect();
     state.lost_total += 1;
+    state.metrics.lost += 1;
     state.recent_lost.push_back(LeaseInfo {
         name: name.to_string(),
         kind,

@@ -34,6 +34,8 @@ mod lock;
 mod lockfile;
 mod logging;
 mod lost;
+// metrics (issue 18)
+mod metrics;
 mod notify;
 mod owner;
 mod pidfd;

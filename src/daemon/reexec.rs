@@ -78,6 +78,9 @@ pub struct Doc {
     /// The open `watchdog_device` (watchdog.rs), fed right before the exec.
     #[serde(default)]
     pub watchdog: Option<WatchdogDoc>,
+    /// What `lockwarden metrics` counts (issue 18): a reload keeps counting.
+    #[serde(default)]
+    pub metrics: Option<crate::metrics::Counters>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -274,6 +277,7 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
         leases,
         kills,
         watchdog,
+        metrics: Some(state.metrics.clone()),
     };
     (doc, keep)
 }
@@ -461,6 +465,10 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
     }
     let state = &mut server.state;
     state.started = doc.started;
+    if let Some(m) = doc.metrics {
+        state.metrics = m;
+    }
+    state.metrics.reexecs = doc.generation;
     for o in doc.owners {
         let pid = o.owner.pid;
         let fd = o.pidfd.map(|fd| unsafe { own(fd) });
@@ -503,12 +511,18 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
     server.generation = doc.generation;
     recover::release_dead(&mut server.state, dead);
     server.state.publish_all_holders();
-    info!(
-        "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
-        server.generation,
-        server.state.leases.len(),
-        server.state.owners.len(),
-        server.conns.len()
+    let generation = server.generation.to_string();
+    super::logging::event(
+        log::Level::Info,
+        super::logging::Event::Reexec,
+        &[("REEXEC_GENERATION", &generation)],
+        format_args!(
+            "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
+            server.generation,
+            server.state.leases.len(),
+            server.state.owners.len(),
+            server.conns.len()
+        ),
     );
     Ok(())
 }

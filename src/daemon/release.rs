@@ -13,7 +13,7 @@ use super::owner::ConnId;
 use super::state::{Pending, State, Then};
 use super::text::what;
 use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner, Response};
-use log::{debug, info, warn};
+use log::{debug, warn};
 use std::collections::BTreeSet;
 use std::time::Instant;
 
@@ -111,17 +111,41 @@ pub fn release(
         }
     }
     let leases: Vec<(LeaseKey, bool)> = keys.into_iter().map(|k| (k, false)).collect();
+    let names = names_of(state, &leases);
     let left = leave_many(state, pid, &leases, "");
     if left.count > 0 {
-        info!(
-            "VM {:?} (pid {pid}) released {} of {} lease(s) named",
-            owner.name,
-            left.count,
-            specs.len()
+        state.metrics.releases += left.count as u64;
+        released_event(
+            owner,
+            &names,
+            format_args!(
+                "VM {:?} (pid {pid}) released {} of {} lease(s) named",
+                owner.name,
+                left.count,
+                specs.len()
+            ),
         );
     }
     state.owners.prune(pid);
     Ok(left.jobs)
+}
+
+/// The names of `leases` (journal events).
+pub fn names_of(state: &State, leases: &[(LeaseKey, bool)]) -> Vec<String> {
+    leases
+        .iter()
+        .filter_map(|(k, _)| state.leases.get(k).map(|l| l.name.to_string()))
+        .collect()
+}
+
+/// Log `args` as the `released` journal event (docs/operators.md §11), one `DISK` per lease.
+pub fn released_event(owner: &Owner, disks: &[String], args: std::fmt::Arguments<'_>) {
+    let mut f = vec![
+        ("VM_NAME", owner.name.as_str()),
+        ("VM_UUID", owner.uuid.as_str()),
+    ];
+    f.extend(disks.iter().map(|d| ("DISK", d.as_str())));
+    super::logging::event(log::Level::Info, super::logging::Event::Released, &f, args);
 }
 
 /// What `leave_many` did.

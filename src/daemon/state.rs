@@ -73,6 +73,8 @@ pub struct State {
     pub thaws: HashMap<OpId, super::thaw::ThawOp>,
     /// `watchdog_device`, open and fed while allowed (watchdog.rs).
     pub watchdog: Option<super::watchdog::Watchdog>,
+    /// What `lockwarden metrics` reports (metrics.rs); carried across a live re-exec.
+    pub metrics: crate::metrics::Counters,
 }
 
 /// Identifies a request waiting on storage.
@@ -167,6 +169,10 @@ impl State {
             heartbeat: super::heartbeat::Heartbeats::default(),
             thaws: HashMap::new(),
             watchdog: None,
+            metrics: crate::metrics::Counters {
+                started_boot_ms: super::metrics::boot_ms(),
+                ..Default::default()
+            },
         }
     }
 
@@ -279,6 +285,11 @@ impl State {
                 let mut stuck: Vec<&(String, PathBuf)> = g.jobs.values().collect();
                 stuck.sort();
                 let ms = g.started.elapsed().as_millis();
+                let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
+                pools.dedup();
+                for p in pools {
+                    super::metrics::stalled(&mut self.metrics, p);
+                }
                 let (what, mount) = stuck
                     .first()
                     .map(|(w, m)| (w.clone(), m.to_string_lossy().into_owned()))
@@ -547,6 +558,21 @@ impl State {
     /// When the link broke, reconnect (or start a new keeper) and tell it everything again.
     pub fn protect(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
         let fresh = self.keeper.ensure()?;
+        if fresh && self.keeper.started_new {
+            // metrics (issue 18): the previous keeper went away and a new one was started.
+            self.metrics.keeper_restarts += 1;
+            super::logging::event(
+                log::Level::Warn,
+                super::logging::Event::KeeperReplaced,
+                &[("KEEPER_PID", &self.keeper.pid.to_string())],
+                format_args!(
+                    "started a new keeper (pid {}) at {:?}: the previous one went away; \
+                     handing every lease to it",
+                    self.keeper.pid,
+                    self.keeper.path()
+                ),
+            );
+        }
         if !fresh {
             match self.send_holds(keys) {
                 Ok(()) => return Ok(()),
@@ -669,15 +695,17 @@ impl State {
         }
     }
 
-    /// Release every lease of `pid`; returns how many it held.
-    fn release_all(&mut self, pid: u32, why: &str) -> usize {
+    /// Release every lease of `pid`; returns how many it held, and their names.
+    fn release_all(&mut self, pid: u32, why: &str) -> (usize, Vec<String>) {
         let keys: Vec<LeaseKey> = match self.owners.get(pid) {
             Some(e) => e.leases.iter().copied().collect(),
-            None => return 0,
+            None => return (0, Vec::new()),
         };
         let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
+        let names = release::names_of(self, &leases);
         release::leave_many(self, pid, &leases, why);
-        keys.len()
+        self.metrics.releases += keys.len() as u64;
+        (keys.len(), names)
     }
 
     /// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
@@ -699,9 +727,16 @@ impl State {
             return;
         }
         if entry.proc.exited() {
-            let released = self.release_all(pid, "lifetime handle closed");
+            let owner = entry.owner.clone();
+            let (released, names) = self.release_all(pid, "lifetime handle closed");
             self.owners.remove(pid);
-            info!("lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)");
+            release::released_event(
+                &owner,
+                &names,
+                format_args!(
+                    "lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)"
+                ),
+            );
             return;
         }
         if !self.kills.iter().any(|k| k.pid == pid) {
@@ -717,14 +752,18 @@ impl State {
             Some(i) => self.kills.swap_remove(i).ending(),
             None => "exited",
         };
-        let held = self.release_all(pid, "VM exited");
+        let (held, names) = self.release_all(pid, "VM exited");
         let Some(entry) = self.owners.remove(pid) else {
             return Vec::new();
         };
         if held > 0 {
-            info!(
-                "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
-                entry.owner.name
+            release::released_event(
+                &entry.owner,
+                &names,
+                format_args!(
+                    "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
+                    entry.owner.name
+                ),
             );
         } else {
             debug!("VM {:?} (pid {pid}) {ending}", entry.owner.name);

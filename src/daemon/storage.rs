@@ -536,14 +536,16 @@ impl Mounts {
     pub fn load() -> Mounts {
         use std::io::Read;
         let mut watch = std::fs::File::open("/proc/self/mountinfo").ok();
-        let mut text = String::new();
+        // Bytes, not a String: a mount point whose name is not UTF-8 (anyone may mount one)
+        // made read_to_string fail and left the whole table empty, every path on "/".
+        let mut bytes = Vec::new();
         if let Some(f) = watch.as_mut() {
-            if f.read_to_string(&mut text).is_err() {
-                text.clear();
+            if f.read_to_end(&mut bytes).is_err() {
+                bytes.clear();
                 watch = None;
             }
         }
-        let mut m = Mounts::parse(&text);
+        let mut m = Mounts::parse(&String::from_utf8_lossy(&bytes));
         m.watch = watch;
         m
     }

@@ -37,11 +37,20 @@ pub fn testfs_path() -> PathBuf {
     p
 }
 
-/// Whether `mnt` is a mount point (field 5 of /proc/self/mountinfo).
+/// Whether `mnt` is a mount point (field 5 of /proc/self/mountinfo, where the kernel writes
+/// space, tab, newline and backslash as octal escapes).
 pub fn mounted(mnt: &Path) -> bool {
-    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let m = mnt.to_string_lossy();
-    text.lines().any(|l| l.split(' ').nth(4) == Some(&*m))
+    use std::os::unix::ffi::OsStrExt;
+    let text = fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let mut m = Vec::new();
+    for &b in mnt.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => m.extend_from_slice(format!("\\{b:03o}").as_bytes()),
+            b => m.push(b),
+        }
+    }
+    text.split(|b| *b == b'\n')
+        .any(|l| l.split(|b| *b == b' ').nth(4) == Some(&m[..]))
 }
 
 /// A running `testfs` mounted on `mnt`, controlled through `ctl`, logging to `events`; un-hung

@@ -1009,6 +1009,7 @@ fn roundtrip(conn: &mut Option<UnixStream>, req: &Request) -> String {
     match protocol::read_message::<_, Response>(s) {
         Ok(Response::Ok { leases }) => format!("OK {}", leases.len()),
         Ok(Response::Status(st)) => format!("OK status pid {}", st.pid),
+        Ok(Response::Metrics(m)) => format!("OK metrics pid {}", m.pid),
         Ok(Response::Error(e)) => format!(
             "ERR {} {}",
             serde_json::to_string(&e.kind).unwrap_or_default(),

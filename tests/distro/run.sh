@@ -76,7 +76,7 @@ die() {
 [ "$(id -u)" = 0 ] || die "must run as root (debootstrap, systemd-nspawn, overlay mounts)"
 missing=()
 for c in debootstrap:debootstrap systemd-nspawn:systemd-container nsenter:util-linux \
-  python3:python3 dpkg-deb:dpkg mount:mount; do
+  python3:python3 dpkg-deb:dpkg mount:mount promtool:prometheus; do
   command -v "${c%%:*}" >/dev/null 2>&1 || missing+=("${c%%:*} (Debian package ${c#*:})")
 done
 [ ${#missing[@]} -eq 0 ] || die "missing: ${missing[*]}; run .ci/install-deps as root"
@@ -592,6 +592,64 @@ sys.exit(1 if missing else 0)' <<<"$ja"); then
   else
     fail "$suite: A's journal (-u lockwardend) logs the lifecycle" "missing: $r"
   fi
+  # --- journal fields (issue 18): the refusal is an entry with its own MESSAGE_ID and fields
+  local refused_id=123b73ac354b4bc2b4534b8d732fb4ab
+  if r=$(on "$B" "journalctl -b --no-pager -o json MESSAGE_ID=$refused_id" 2>/dev/null | python3 -c '
+import json, sys
+def one(v):
+    return v if isinstance(v, str) else (v or [None])[0] if isinstance(v, list) else v
+for line in sys.stdin:
+    e = json.loads(line)
+    disk = e.get("DISK")
+    disks = disk if isinstance(disk, list) else [disk]
+    if (e.get("VM_NAME") == "lw-vm-b-nolock" and "/var/lib/libvirt/images/disk.qcow2" in disks
+            and e.get("VM_UUID") == "3b5a8f9e-0000-4000-8000-00000000000c"
+            and e.get("SYSLOG_IDENTIFIER") == "lockwardend"):
+        print("VM_NAME=%s DISK=%s HOLDER_HOST=%s REASON=%s PRIORITY=%s" % (e["VM_NAME"], disks[0],
+              one(e.get("HOLDER_HOST")), one(e.get("REASON")), e.get("PRIORITY")))
+        sys.exit(0)
+sys.exit(1)'); then
+    pass "$suite: journalctl MESSAGE_ID=$refused_id on B lists the refusal with its fields: $r"
+  else
+    fail "$suite: journalctl MESSAGE_ID=$refused_id on B lists the refusal with VM_NAME, VM_UUID, DISK" \
+      "$(on "$B" "journalctl -b --no-pager -o verbose -u lockwardend.service | grep -B3 -A25 'refused acquire' | tail -40" 2>&1)"
+  fi
+  local acquired_id=7e1efc46dd434ecbabb3cd01ba8211db
+  if on "$A" "journalctl -b --no-pager -o json MESSAGE_ID=$acquired_id VM_NAME=lw-vm" 2>/dev/null | grep -q .; then
+    pass "$suite: journalctl MESSAGE_ID=$acquired_id VM_NAME=lw-vm on A lists lw-vm's acquires"
+  else
+    fail "$suite: journalctl MESSAGE_ID=$acquired_id VM_NAME=lw-vm on A lists lw-vm's acquires"
+  fi
+
+  # --- the metrics timer (issue 18): shipped disabled; enabled, it writes node_exporter's
+  # textfile atomically, in a format promtool (and so node_exporter) reads
+  st=$(on "$A" 'systemctl is-enabled lockwarden-metrics.timer 2>&1; systemctl is-active lockwarden-metrics.timer 2>&1')
+  if [ "$(tr '\n' ' ' <<<"$st")" = 'disabled inactive ' ]; then
+    pass "$suite: lockwarden-metrics.timer is installed disabled"
+  else
+    fail "$suite: lockwarden-metrics.timer is installed disabled" "$st"
+  fi
+  local tf=$W/a/root/var/lib/prometheus/node-exporter/lockwarden.prom
+  if out=$(on "$A" 'mkdir -p /var/lib/prometheus/node-exporter &&
+      systemctl enable --now lockwarden-metrics.timer &&
+      systemctl start lockwarden-metrics.service &&
+      systemctl is-active lockwarden-metrics.timer' 2>&1) && [ -s "$tf" ]; then
+    local pt
+    if pt=$(promtool check metrics <"$tf" 2>&1) &&
+      grep -qx 'lockwarden_up 1' "$tf" && grep -qx 'lockwarden_keeper_up 1' "$tf" &&
+      grep -qx '# TYPE lockwarden_acquires_total counter' "$tf" &&
+      ! grep -q '^# EOF' "$tf"; then
+      pass "$suite: lockwarden-metrics.timer enabled: the service wrote lockwarden.prom ($(wc -l <"$tf") lines; promtool check metrics: ok; $(grep -E '^lockwarden_(acquires_total|leases\{)' "$tf" | tr '\n' ' '))"
+    else
+      fail "$suite: lockwarden.prom written by the service parses" "$pt" "$(head -30 "$tf")"
+    fi
+  else
+    fail "$suite: lockwarden-metrics.timer enabled writes lockwarden.prom" "$out" \
+      "$(on "$A" 'systemctl status --no-pager lockwarden-metrics.service; journalctl -b --no-pager -u lockwarden-metrics.service | tail' 2>&1)"
+  fi
+  # The timer stays enabled: the removal and purge checks below then also prove that an
+  # operator-enabled timer is stopped with the package and leaves nothing behind.
+
   if on "$A" 'test -x /usr/sbin/virtqemud'; then
     info "$suite ships virtqemud: this suite runs against libvirtd only (not yet against virtqemud)"
   else

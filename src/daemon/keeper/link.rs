@@ -21,6 +21,9 @@ pub struct Keeper {
     /// The link broke on our side (a send or receive failed) since the last `take_broken`:
     /// the event loop hands every lease over again by itself (docs/reliability.md).
     pub(super) broke: bool,
+    /// This link's keeper was started by this process (not found running): after a lost
+    /// link, a keeper replaced (metrics, journal event).
+    pub started_new: bool,
 }
 
 impl Keeper {
@@ -49,6 +52,7 @@ impl Keeper {
             version: 1,
             rx: Receiver::new(),
             broke: false,
+            started_new: false,
         };
         let held = k.hello()?;
         if peer.is_some_and(|p| p != k.pid) {
@@ -59,6 +63,7 @@ impl Keeper {
                 peer.unwrap_or(0)
             ));
         }
+        k.started_new = !existing;
         let entries = if existing && held > 0 {
             k.dump()?
         } else {
@@ -96,6 +101,7 @@ impl Keeper {
             version: 1,
             rx: Receiver::new(),
             broke: false,
+            started_new: false,
         }
     }
 
@@ -120,6 +126,7 @@ impl Keeper {
             version: 1,
             rx: Receiver::new(),
             broke: false,
+            started_new: false,
         };
         if let Err(e) = k.hello() {
             warn!("{e}; lockwardend reconnects and re-sends every lease by itself");

@@ -283,6 +283,7 @@ mod tests {
             version,
             rx: Receiver::new(),
             broke: false,
+            started_new: false,
         };
         (k, server)
     }

@@ -174,6 +174,10 @@ pub fn become_keeper_if_asked() {
     }
     match keeper_args(args.get(2..).unwrap_or_default()) {
         Ok((listener, ready, path, ident, level)) => {
+            // Every inherited descriptor but these two is closed before the logger starts:
+            // the journal logger opens a socket of its own, which must not be closed under it
+            // (its number would be reused by the daemon link, and log entries sent there).
+            close_all_but(&[listener, ready]);
             crate::daemon::logging::init(level, crate::daemon::logging::under_systemd());
             // SAFETY: the daemon's spawn passed these two descriptors open (checked with
             // F_GETFD in keeper_args) to this fresh process, where nothing else owns them.
@@ -312,7 +316,6 @@ fn close_all_but(keep: &[RawFd]) {
 
 fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u64)) -> ! {
     crate::daemon::logging::forget_pid();
-    close_all_but(&[listener.as_raw_fd(), ready.as_raw_fd()]);
     if let Ok(null) = fs::File::options().read(true).write(true).open("/dev/null") {
         // SAFETY: dup2 onto stdin and stdout; stderr stays for the log.
         unsafe {
