@@ -515,7 +515,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
     const EDGE_BELOW_MS: u64 = A_FENCE_MS - A_INTERVAL_MS - 80;
     const EDGE_ABOVE_MS: u64 = A_FENCE_MS + 100;
     let rounds = env_u64("LW_PARTITION_ROUNDS", 20);
-    let max_vms = env_u64("LW_PARTITION_MAX_VMS", 8).max(1);
+    let max_vms = env_u64("LW_PARTITION_MAX_VMS", 20).max(1);
     let seed = env_u64("LW_PARTITION_SEED", (wall_ns() as u64) | 1);
     eprintln!("seed {seed} (LW_PARTITION_SEED), {rounds} rounds, up to {max_vms} VMs");
     let mut rng = Rng(seed);

@@ -901,13 +901,18 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
             restrict: false,
         })
     });
-    // The daemon opened the lock file (testfs now has the backing file open) and waits in its
-    // lock call: virtlockd's release deletes the file now.
+    // The daemon opened the lock file (testfs has the backing file open) and its lock call is
+    // held back by the file system (testfs logged it): virtlockd's release deletes the file now.
     let t0 = Instant::now();
-    while !has_open(f.tfs.pid(), &backing_file) {
+    while !(has_open(f.tfs.pid(), &backing_file)
+        && f.events()
+            .lines()
+            .any(|l| l.starts_with("setlk-delayed vm-disk ")))
+    {
         assert!(
             t0.elapsed() < BOUND,
-            "the daemon never opened the lock file"
+            "the daemon never opened and locked the lock file:\n{}",
+            f.events()
         );
         std::thread::sleep(Duration::from_millis(1));
     }

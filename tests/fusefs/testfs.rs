@@ -11,7 +11,8 @@
 //! below); closing the last descriptor (FUSE release) closes the backing one and drops its lock.
 //!
 //! CONTROL_FILE is re-read on every operation (a missing file = normal behaviour). Lines:
-//! - `delay_ms N`: every lock call (setlk/getlk) waits N ms before it is served;
+//! - `delay_ms N`: every lock call (setlk/getlk) waits N ms before it is served (a setlk held
+//!   back logs `setlk-delayed NAME T0` when it arrives);
 //! - `hang 1`: every operation (lookup, getattr, open, create, lock calls, read, write, flush,
 //!   unlink) waits until the line is gone or says `hang 0`, like a hard NFS mount whose server
 //!   went away; waiting calls are served, in order of arrival, once released;
@@ -640,6 +641,14 @@ impl fuser::Filesystem for TestFs {
         reply: ReplyEmpty,
     ) {
         let t0 = now_ns();
+        if typ != libc::F_UNLCK && self.inner.control().delay_ms > 0 {
+            // A test can wait for this line to know the lock call is in flight (held back).
+            if let Some((_, p)) = self.inner.file(fh) {
+                let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                self.inner
+                    .log(format!("setlk-delayed {} {t0}\n", name.unwrap_or_default()));
+            }
+        }
         self.inner.gate(typ != libc::F_UNLCK, move |i| {
             let Some((f, p)) = i.file(fh) else {
                 return reply.error(Errno::EBADF);
