@@ -222,6 +222,14 @@ daemon=$DEST/usr/sbin/lockwardend
 # Every documented setting, uncommented, with its documented default.
 conf=$W/lockwardend-all-keys.conf
 sed -n 's/^#\([a-z_][a-z_]*\) = /\1 = /p' "$DEST/etc/libvirt/lockwardend.conf" >"$conf"
+# watchdog_device: this machine has no watchdog to spare (and a test must never arm a real
+# one), so the documented example path is replaced by a FIFO with a reader, the stand-in
+# lockwardend accepts (docs/storage.md, "Watchdog"). This shell holds the reader end open for
+# both daemons started below.
+mkfifo "$W/watchdog.fifo"
+exec 9<>"$W/watchdog.fifo"
+sed -i "s|^watchdog_device = .*|watchdog_device = \"$W/watchdog.fifo\"|" "$conf"
+grep -q '^watchdog_device = ' "$conf" || fail "lockwardend.conf documents watchdog_device" "not in $conf"
 # A datagram socket that records what the daemon sends to NOTIFY_SOCKET.
 notify_listen() {
   python3 - "$1" "$2" <<'EOF' &

@@ -11,14 +11,11 @@ mod common;
 
 use common::Daemon;
 use common::fuse::Testfs;
-use lockwarden::protocol::{
-    self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
-    Response,
-};
+use common::proto::{Client, Proc, excl as disk, owner_for, sleeper};
+use lockwarden::protocol::{self, ErrorKind, FailureAction, Owner, Request, Response};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -165,51 +162,13 @@ fn scrape(d: &Daemon) -> Vec<Sample> {
     parse_openmetrics(&text).0
 }
 
-/// A process standing in for QEMU.
-struct Qemu(Child);
-
-impl Qemu {
-    fn spawn() -> Qemu {
-        Qemu(
-            Command::new("sleep")
-                .arg("1000")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-    fn owner(&self, name: &str) -> Owner {
-        Owner {
-            uuid: format!("00000000-0000-4000-8000-{:012x}", self.0.id()),
-            name: name.into(),
-            id: 1,
-            pid: self.0.id(),
-        }
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn disk(p: &Path) -> LeaseSpec {
-    let path = p.to_string_lossy().into_owned();
-    LeaseSpec {
-        name: path.clone(),
-        kind: ResourceKind::Disk,
-        mode: LeaseMode::Exclusive,
-        target: LockTarget::File { path },
-    }
+/// The owner a sleeping stand-in for QEMU is.
+fn owner_for_proc(q: &Proc, name: &str) -> Owner {
+    owner_for(q.pid(), name)
 }
 
 fn call(sock: &Path, req: &Request) -> Response {
-    let mut s = UnixStream::connect(sock).expect("connect to lockwardend");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    protocol::write_message(&mut s, req).expect("send");
-    protocol::read_message(&mut s).expect("answer")
+    Client::connect(sock).call(req)
 }
 
 fn acquire(d: &Daemon, o: &Owner, img: &Path, action: FailureAction) -> Response {
@@ -327,8 +286,12 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     assert_eq!(value(&before, "lockwarden_acquires_total", &[]), 0.0);
 
     let (a, b, c) = (m.image("a.img"), m.image("b.img"), m.image("c.img"));
-    let (q1, q2, q3) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
-    let (one, two, three) = (q1.owner("vm-one"), q2.owner("vm-two"), q3.owner("vm-three"));
+    let (q1, q2, q3) = (sleeper(), sleeper(), sleeper());
+    let (one, two, three) = (
+        owner_for_proc(&q1, "vm-one"),
+        owner_for_proc(&q2, "vm-two"),
+        owner_for_proc(&q3, "vm-three"),
+    );
     // Three VMs start: one, two (on b) and three (on c, on_lockfailure=ignore so that it keeps
     // its lease when the lock is lost).
     for (o, img, action) in [
@@ -799,8 +762,8 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
          storage_timeout_ms = 2000\n",
     );
     let img = m.image("p.img");
-    let q = Qemu::spawn();
-    let o = q.owner("vm-pause");
+    let q = sleeper();
+    let o = owner_for_proc(&q, "vm-pause");
     let r = acquire(&d, &o, &img, FailureAction::Pause);
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     wait_for("the mount's heartbeats", Duration::from_secs(10), || {
@@ -837,10 +800,10 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     assert!(value(&s, "lockwarden_heartbeat_age_seconds", &[("mount", &label)]) >= 1.0);
     // A VM starting meanwhile on the hung mount: its acquire times out (storage_timeout_ms),
     // a request stall of that mount.
-    let q2 = Qemu::spawn();
+    let q2 = sleeper();
     match acquire(
         &d,
-        &q2.owner("vm-late"),
+        &owner_for_proc(&q2, "vm-late"),
         &m.tfs.mnt.join("late.img"),
         FailureAction::Default,
     ) {
