@@ -28,4 +28,5 @@ pub mod daemon;
 pub mod paths;
 pub mod plugin;
 pub mod protocol;
+pub mod text;
 pub mod untrusted;

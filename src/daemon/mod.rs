@@ -47,7 +47,6 @@ mod settings;
 mod signals;
 mod state;
 mod storage;
-pub(crate) mod text;
 mod thaw;
 
 use args::Command;
@@ -136,7 +135,7 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
     let storage = storage::Storage::new()?;
     let mut state = state::State::new(
         hostname,
-        text::now_secs(),
+        crate::text::now_secs(),
         settings.kill_grace,
         detached,
         storage,
