@@ -134,7 +134,7 @@ pub fn init(config: Option<&Path>) -> Result<(), PluginError> {
     let settings = Settings::load(config, crate::paths::default_socket())?;
     // sha2 detects CPU features once and caches the answer in an atomic; do that here rather
     // than for the first disk in a forked child.
-    let _ = resources::sha256_hex("");
+    let _ = crate::naming::sha256_hex("");
     if GLOBALS.set(Globals { settings, panic_at }).is_ok() {
         install_panic_hook();
     }

@@ -102,7 +102,7 @@ pub fn stem(base: &str) -> String {
     if base.len() <= MAX_STEM {
         base.to_string()
     } else {
-        format!("sha256-{}", crate::plugin::resources::sha256_hex(base))
+        format!("sha256-{}", crate::naming::sha256_hex(base))
     }
 }
 
