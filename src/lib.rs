@@ -28,6 +28,7 @@ pub mod daemon;
 pub mod naming;
 pub mod paths;
 pub mod plugin;
+pub mod plugin_conf;
 pub mod protocol;
 pub mod text;
 pub mod untrusted;

@@ -15,7 +15,7 @@ use common::proto::acquire_request as acquire;
 use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::{Daemon, image, tempdir};
 use lockwarden::config::ConfFile;
-use lockwarden::plugin::settings::Settings as PluginSettings;
+use lockwarden::plugin_conf::Settings as PluginSettings;
 use lockwarden::protocol::{
     ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
@@ -137,7 +137,7 @@ fn daemon_parser_keys() -> BTreeSet<String> {
 }
 
 fn plugin_parser_keys() -> BTreeSet<String> {
-    parser_keys("src/plugin/settings.rs", "pub fn from_conf(")
+    parser_keys("src/plugin_conf.rs", "pub fn from_conf(")
 }
 
 /// Lines of `text` from the one starting with `from` up to (not including) the next line

@@ -13,7 +13,7 @@
 
 use super::{Cli, EXIT_OK, EXIT_PROBLEM, fetch_status, print_json, table};
 use crate::config::ConfFile;
-use crate::plugin::settings::{ReadonlyDisks, Settings};
+use crate::plugin_conf::{ReadonlyDisks, Settings};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};

@@ -97,6 +97,12 @@ impl std::fmt::Display for PluginError {
 
 impl std::error::Error for PluginError {}
 
+impl From<crate::plugin_conf::SettingsError> for PluginError {
+    fn from(e: crate::plugin_conf::SettingsError) -> Self {
+        Self::config(e.message)
+    }
+}
+
 /// Address of libvirt's `virReportErrorHelper`, 0 when unresolved or absent.
 static REPORT_HELPER: AtomicUsize = AtomicUsize::new(0);
 

@@ -8,8 +8,8 @@
 use super::client::Client;
 use super::error::PluginError;
 use super::params::{self, Param, show};
-use super::settings::Settings;
 use crate::abi;
+use crate::plugin_conf::Settings;
 use crate::protocol::{FailureAction, LeaseSpec, Owner, Request, ResourceKind};
 use std::os::fd::OwnedFd;
 

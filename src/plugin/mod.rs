@@ -19,11 +19,10 @@ pub mod ffi;
 pub mod manager;
 pub mod params;
 pub mod resources;
-pub mod settings;
 pub mod tool;
 
+use crate::plugin_conf::Settings;
 use error::PluginError;
-use settings::Settings;
 use std::path::Path;
 use std::sync::OnceLock;
 

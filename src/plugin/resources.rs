@@ -20,10 +20,10 @@
 use super::error::PluginError;
 use super::manager::Manager;
 use super::params::{Param, Value, lookup, show, wrong_type};
-use super::settings::{ReadonlyDisks, Settings};
 use super::tool::{self, ToolOutcome};
 use crate::abi;
 use crate::naming::sha256_hex;
+use crate::plugin_conf::{ReadonlyDisks, Settings};
 use crate::protocol::{LeaseMode, LeaseSpec, LockTarget, ResourceKind};
 use std::time::Duration;
 
