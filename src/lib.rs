@@ -25,6 +25,7 @@ pub mod abi;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod holder_record;
 pub mod naming;
 pub mod paths;
 pub mod plugin;

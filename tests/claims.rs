@@ -1065,7 +1065,7 @@ fn doctor_writes_this_hosts_config_to_the_lockspace_unless_no_publish_as_documen
         args.extend_from_slice(extra);
         cli(&args)
     };
-    let label = lockwarden::daemon::holder::host_label(&common::proto::hostname());
+    let label = lockwarden::holder_record::host_label(&common::proto::hostname());
     let published = dir.path().join("published");
     fs::create_dir(&published).expect("mkdir");
     run(&published, &[]);

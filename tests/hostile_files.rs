@@ -12,7 +12,7 @@ mod common;
 use common::daemon::{Lockwardend, TestDaemon};
 use common::image;
 use common::proto::{Proc, err, hostname, ok, owner_for, sleeper};
-use lockwarden::daemon::holder::host_label;
+use lockwarden::holder_record::host_label;
 use lockwarden::naming::sha256_hex;
 use lockwarden::protocol::{ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, ResourceKind};
 use std::ffi::CString;

@@ -106,26 +106,6 @@ pub fn stem(base: &str) -> String {
     }
 }
 
-/// A host name as it may appear in a file name: `[A-Za-z0-9._-]`, at most 64 bytes.
-pub fn host_label(host: &str) -> String {
-    let label: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if label.is_empty() || label == "." || label == ".." {
-        "unknown".into()
-    } else {
-        label
-    }
-}
-
 /// The host part of side file `file_name` when it is a side file of `stem`.
 pub(super) fn side_file_host<'n>(file_name: &'n str, stem: &str) -> Option<&'n str> {
     let rest = file_name.strip_suffix(".json")?;
