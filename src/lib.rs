@@ -23,6 +23,7 @@
 
 pub mod abi;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod holder_record;

@@ -13,7 +13,6 @@
 //! `std::io::stderr`), starts no thread, and only reads what `drvInit` stored once in a
 //! `OnceLock` and an atomic.
 
-pub mod client;
 pub mod error;
 pub mod ffi;
 pub mod manager;
