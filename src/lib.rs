@@ -23,11 +23,16 @@
 
 pub mod abi;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod holder_record;
 // metrics (issue 18): the snapshot and its text formats, shared by lockwardend and lockwarden.
 pub mod metrics;
+pub mod naming;
 pub mod paths;
 pub mod plugin;
+pub mod plugin_conf;
 pub mod protocol;
+pub mod text;
 pub mod untrusted;

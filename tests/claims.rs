@@ -15,7 +15,7 @@ use common::proto::acquire_request as acquire;
 use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
 use common::{Daemon, image, tempdir};
 use lockwarden::config::ConfFile;
-use lockwarden::plugin::settings::Settings as PluginSettings;
+use lockwarden::plugin_conf::Settings as PluginSettings;
 use lockwarden::protocol::{
     ErrorKind, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
 };
@@ -137,7 +137,7 @@ fn daemon_parser_keys() -> BTreeSet<String> {
 }
 
 fn plugin_parser_keys() -> BTreeSet<String> {
-    parser_keys("src/plugin/settings.rs", "pub fn from_conf(")
+    parser_keys("src/plugin_conf.rs", "pub fn from_conf(")
 }
 
 /// Lines of `text` from the one starting with `from` up to (not including) the next line
@@ -1065,7 +1065,7 @@ fn doctor_writes_this_hosts_config_to_the_lockspace_unless_no_publish_as_documen
         args.extend_from_slice(extra);
         cli(&args)
     };
-    let label = lockwarden::daemon::holder::host_label(&common::proto::hostname());
+    let label = lockwarden::holder_record::host_label(&common::proto::hostname());
     let published = dir.path().join("published");
     fs::create_dir(&published).expect("mkdir");
     run(&published, &[]);

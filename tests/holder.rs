@@ -424,9 +424,7 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
 fn lockspace_exclusive_record_lives_in_the_lock_file() {
     let dir = tempfile::tempdir().unwrap();
     let disk = "/images/web1.qcow2";
-    let lockfile = dir
-        .path()
-        .join(lockwarden::plugin::resources::sha256_hex(disk));
+    let lockfile = dir.path().join(lockwarden::naming::sha256_hex(disk));
     fs::write(&lockfile, b"").unwrap();
     fs::set_permissions(&lockfile, fs::Permissions::from_mode(0o600)).unwrap();
     let lp = lockfile.to_str().unwrap();
@@ -693,7 +691,7 @@ fn setup(lockspace: bool) -> Setup {
         (
             LockTarget::Lockspace {
                 dir: ls.to_str().unwrap().into(),
-                file: lockwarden::plugin::resources::sha256_hex(&p),
+                file: lockwarden::naming::sha256_hex(&p),
                 create_dir: true,
             },
             Some(ls),

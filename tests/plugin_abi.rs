@@ -1396,7 +1396,7 @@ fn leases_and_lockspace_directories() {
         "lease file <path>/<lockspace>/<key>"
     );
     assert!(leases.join("key2").exists(), "lease file <path>/<key>");
-    let sha = lockwarden::plugin::resources::sha256_hex(img.to_str().unwrap());
+    let sha = lockwarden::naming::sha256_hex(img.to_str().unwrap());
     assert!(
         lockspace.join(&sha).exists(),
         "lock file named by the SHA-256 of the path in file_lockspace_dir"

@@ -21,7 +21,7 @@ use lockwarden::plugin::ffi::virLockDriverImpl;
 use lockwarden::plugin::manager::Manager;
 use lockwarden::plugin::params::{Param, Value};
 use lockwarden::plugin::resources;
-use lockwarden::plugin::settings::{ReadonlyDisks, Settings};
+use lockwarden::plugin_conf::{ReadonlyDisks, Settings};
 use std::ffi::{CString, c_char, c_int};
 use std::ptr;
 use std::sync::OnceLock;

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lockwarden::config::{ConfFile, ConfigError};
-use lockwarden::plugin::settings::{MAX_TIMEOUT_MS, Settings};
+use lockwarden::plugin_conf::{MAX_TIMEOUT_MS, Settings};
 use std::path::{Path, PathBuf};
 
 const PLUGIN_CONF: &str = "/etc/libvirt/qemu-lockwarden.conf";

@@ -25,7 +25,7 @@ module Libvirt_lockwarden =
 
    let quoted (r:regexp) = del "\"" "\"" . store r . del "\"" "\""
 
-   (* Values, as the plugin's parser (src/plugin/settings.rs) accepts them *)
+   (* Values, as the plugin's parser (src/plugin_conf.rs) accepts them *)
    let abs_path    = /\/[^\"\n]*/
    (* A Unix socket address holds at most 107 bytes and a NUL *)
    let socket_path = /\/[^\"\n]{0,106}/

@@ -20,7 +20,7 @@
 use super::audit::{self, Holding, VmReport};
 use super::running;
 use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, print_json};
-use crate::plugin::client::Client;
+use crate::client::Client;
 use crate::protocol::{LeaseMode, Request};
 use crate::untrusted::escape;
 use serde_json::{Value, json};

@@ -22,7 +22,7 @@ use crate::daemon::holder::{self, Target};
 use crate::plugin::manager::Manager;
 use crate::plugin::params::{Param, Value};
 use crate::plugin::resources;
-use crate::plugin::settings::{ReadonlyDisks, Settings};
+use crate::plugin_conf::{ReadonlyDisks, Settings};
 use crate::protocol::{FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
 use crate::untrusted::escape;
 use serde_json::{Value as Json, json};

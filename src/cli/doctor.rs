@@ -13,7 +13,7 @@
 
 use super::{Cli, EXIT_OK, EXIT_PROBLEM, fetch_status, print_json, table};
 use crate::config::ConfFile;
-use crate::plugin::settings::{ReadonlyDisks, Settings};
+use crate::plugin_conf::{ReadonlyDisks, Settings};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use serde::{Deserialize, Serialize};
@@ -295,7 +295,7 @@ impl PublishedConfig {
 /// `<dir>/.lockwarden/config`: one `<host>.json` per host (a directory of its own, so no
 /// name can collide with a holder side file `<name>@<host>.json`).
 fn config_dir(dir: &Path) -> PathBuf {
-    dir.join(crate::daemon::holder::RECORD_DIR).join("config")
+    dir.join(crate::holder_record::RECORD_DIR).join("config")
 }
 
 /// Publish `mine` as `<dir>/.lockwarden/config/<host>.json` (temp + rename, 0644).
@@ -303,7 +303,7 @@ fn publish_config(mine: &PublishedConfig, dir: &Path) -> Result<PathBuf, String>
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let rdir = config_dir(dir);
-    for d in [dir.join(crate::daemon::holder::RECORD_DIR), rdir.clone()] {
+    for d in [dir.join(crate::holder_record::RECORD_DIR), rdir.clone()] {
         match std::fs::symlink_metadata(&d) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(format!("{} is not a directory", d.display())),
@@ -313,7 +313,7 @@ fn publish_config(mine: &PublishedConfig, dir: &Path) -> Result<PathBuf, String>
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?,
         }
     }
-    let name = format!("{}.json", crate::daemon::holder::host_label(&mine.host));
+    let name = format!("{}.json", crate::holder_record::host_label(&mine.host));
     let path = rdir.join(&name);
     let tmp = rdir.join(format!("{name}.tmp{}", std::process::id()));
     let body = serde_json::to_vec_pretty(mine).map_err(|e| e.to_string())?;
@@ -344,7 +344,7 @@ const MAX_CONFIG_BYTES: usize = 64 * 1024;
 fn published_configs(dir: &Path, me: &str) -> Vec<(PathBuf, Result<PublishedConfig, String>)> {
     use crate::untrusted::{Access, open_regular_at, read_bounded};
     let rdir = config_dir(dir);
-    let mine = format!("{}.json", crate::daemon::holder::host_label(me));
+    let mine = format!("{}.json", crate::holder_record::host_label(me));
     let dflags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let Ok(dirfd) = nix::fcntl::open(rdir.as_path(), dflags, Mode::empty()) else {
         return Vec::new();

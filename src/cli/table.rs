@@ -41,7 +41,7 @@ pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 
 /// One table row per owner of a lease.
 pub fn lease_rows(lease: &LeaseInfo) -> Vec<Vec<String>> {
-    let mode = crate::daemon::text::mode_word(lease.mode);
+    let mode = crate::text::mode_word(lease.mode);
     let disk = lease.name.escape_debug().to_string();
     if lease.owners.is_empty() {
         return vec![vec![
@@ -71,7 +71,7 @@ pub fn lease_rows(lease: &LeaseInfo) -> Vec<Vec<String>> {
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (the daemon's formatter, so the CLI
 /// and the refusal messages print times identically).
-pub use crate::daemon::text::utc;
+pub use crate::text::utc;
 
 #[cfg(test)]
 mod tests {

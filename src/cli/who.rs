@@ -15,7 +15,7 @@ use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, fetch_leases, print_json, t
 use crate::daemon::holder::{self, Found, KernelLock, Record, Target, Vm};
 use crate::plugin::manager::Manager;
 use crate::plugin::resources;
-use crate::plugin::settings::Settings;
+use crate::plugin_conf::Settings;
 use crate::protocol::{LeaseInfo, LeaseMode, LockTarget, Owner, ResourceKind};
 use crate::untrusted::{Access, OpenFailure, escape};
 use nix::errno::Errno;

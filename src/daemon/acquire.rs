@@ -16,11 +16,11 @@ use super::owner::ConnId;
 use super::release;
 use super::state::{JobFor, OpId, Pending, State, Then};
 use super::storage::{Busy, Disposing, JobId, Taken, Work};
-use super::text::{esc, mode_word, now_secs, subject, utc, what};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
     Response,
 };
+use crate::text::{esc, mode_word, now_secs, subject, utc, what};
 use log::{debug, error, info};
 use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};

@@ -11,8 +11,8 @@ use super::acquire;
 use super::owner::ConnId;
 use super::release;
 use super::state::State;
-use super::text::esc;
 use crate::protocol::{ErrorKind, ErrorReply, Owner, Request, Response};
+use crate::text::esc;
 use log::{debug, info};
 
 /// What the daemon knows about one connection, apart from its buffers.

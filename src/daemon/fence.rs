@@ -16,8 +16,8 @@ use super::lease::LeaseKey;
 use super::lost::{self, Verdict};
 use super::state::{JobFor, State};
 use super::storage::Work;
-use super::text::esc;
 use crate::protocol::FailureAction;
+use crate::text::esc;
 use log::{error, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -120,7 +120,7 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
                 mount: mount.to_path_buf(),
                 at: now,
                 state: Stage::Fenced,
-                wall: super::text::now_secs(),
+                wall: crate::text::now_secs(),
                 action: applied.join(", "),
             },
         );

@@ -147,7 +147,7 @@ fn write(f: &OwnedFd, host: &str, seq: u64) -> Result<(), String> {
         .map_err(|e| format!("cannot examine the heartbeat file: {}", e.desc()))?;
     crate::untrusted::check_writable(&st, BEAT_LEN as u64)
         .map_err(|e| format!("the heartbeat file is not written: {e}"))?;
-    let wall = super::text::now_secs();
+    let wall = crate::text::now_secs();
     let mut line = format!(
         "lockwarden heartbeat host={} boot={} pid={} seq={seq} time={wall}",
         super::holder::host_label(host),

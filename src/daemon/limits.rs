@@ -117,7 +117,7 @@ pub fn admit(owners: &Owners, req: &Request, limits: &Limits) -> Result<(), Box<
             "the {op} request for VM '{}' (pid {}) names {leases} leases, more than the \
              limit of {} per request; raise max_leases_per_request in {} or give the VM fewer \
              disks",
-            super::text::esc(&owner.name),
+            crate::text::esc(&owner.name),
             owner.pid,
             limits.max_leases_per_request,
             limits.config_file

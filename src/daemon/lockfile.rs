@@ -25,8 +25,8 @@
 //! made on the opened directory descriptor, so it judges the directory actually used.
 
 use super::lease::LeaseKey;
-use super::text::{esc, subject, what};
 use crate::protocol::{LeaseMode, LeaseSpec, LockTarget, ResourceKind};
+use crate::text::{esc, subject, what};
 use crate::untrusted::{self, Access, OpenFailure};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, open};

@@ -37,8 +37,8 @@
 use super::lease::LeaseKey;
 use super::state::{JobFor, State};
 use super::storage::Work;
-use super::text::now_secs;
 use crate::protocol::{FailureAction, LeaseInfo, LeaseMode, Owner};
+use crate::text::now_secs;
 use log::{error, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;

@@ -49,7 +49,6 @@ mod settings;
 mod signals;
 mod state;
 mod storage;
-pub(crate) mod text;
 mod thaw;
 mod watchdog;
 
@@ -139,7 +138,7 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
     let storage = storage::Storage::new()?;
     let mut state = state::State::new(
         hostname,
-        text::now_secs(),
+        crate::text::now_secs(),
         settings.kill_grace,
         detached,
         storage,

@@ -6,8 +6,8 @@
 
 use super::lease::LeaseKey;
 use super::pidfd::Proc;
-use super::text::esc;
 use crate::protocol::{FailureAction, Owner};
+use crate::text::esc;
 use log::{info, warn};
 use nix::errno::Errno;
 use std::collections::hash_map::Entry;

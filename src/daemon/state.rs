@@ -16,8 +16,8 @@ use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
 use super::release;
 use super::storage::{Disposing, JobId, Mounts, Outcome, Storage, Work};
-use super::text::esc;
 use crate::protocol::{ErrorKind, ErrorReply, LeaseInfo, PROTOCOL_VERSION, Response, StatusInfo};
+use crate::text::esc;
 use log::{debug, error, info, warn};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
@@ -503,7 +503,7 @@ impl State {
             slot,
             record,
         };
-        let what = format!("{} {}", super::text::what(l.kind), l.name);
+        let what = format!("{} {}", crate::text::what(l.kind), l.name);
         Some(self.submit_other(mount, what, work))
     }
 
@@ -537,8 +537,8 @@ impl State {
     /// of its mount: withdraw its record, delete its lock file when `delete`, unlock, close.
     pub fn dispose(&mut self, key: LeaseKey, delete: bool, why: &str) -> Option<Pending> {
         let l = self.leases.take_for_disposal(&key)?;
-        let what = format!("{} {}", super::text::what(l.kind), l.name);
-        let label = format!("{} {:?} released{why}", super::text::what(l.kind), l.name);
+        let what = format!("{} {}", crate::text::what(l.kind), l.name);
+        let label = format!("{} {:?} released{why}", crate::text::what(l.kind), l.name);
         let mount = self.mounts.of(&l.lock_path);
         let work = Work::Dispose(Box::new(Disposing {
             key,

@@ -417,7 +417,7 @@ fn take(
     record: Option<Record>,
     defer: bool,
 ) -> Result<Taken, Failure> {
-    use super::text::subject;
+    use crate::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
             OpenError::Invalid(m) => reply(ErrorKind::Invalid, spec, m),

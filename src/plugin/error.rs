@@ -97,6 +97,21 @@ impl std::fmt::Display for PluginError {
 
 impl std::error::Error for PluginError {}
 
+impl From<crate::client::ClientError> for PluginError {
+    fn from(e: crate::client::ClientError) -> Self {
+        match e.kind {
+            Some(kind) => Self::new(Code::from_kind(kind), e.message),
+            None => Self::internal(e.message),
+        }
+    }
+}
+
+impl From<crate::plugin_conf::SettingsError> for PluginError {
+    fn from(e: crate::plugin_conf::SettingsError) -> Self {
+        Self::config(e.message)
+    }
+}
+
 /// Address of libvirt's `virReportErrorHelper`, 0 when unresolved or absent.
 static REPORT_HELPER: AtomicUsize = AtomicUsize::new(0);
 

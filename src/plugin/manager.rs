@@ -5,11 +5,11 @@
 //! Acquire/Release/Inquire → Free), so nothing here lives longer than one operation: the daemon
 //! is the source of truth about what is held.
 
-use super::client::Client;
 use super::error::PluginError;
 use super::params::{self, Param, show};
-use super::settings::Settings;
 use crate::abi;
+use crate::client::Client;
+use crate::plugin_conf::Settings;
 use crate::protocol::{FailureAction, LeaseSpec, Owner, Request, ResourceKind};
 use std::os::fd::OwnedFd;
 

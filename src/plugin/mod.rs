@@ -13,17 +13,15 @@
 //! `std::io::stderr`), starts no thread, and only reads what `drvInit` stored once in a
 //! `OnceLock` and an atomic.
 
-pub mod client;
 pub mod error;
 pub mod ffi;
 pub mod manager;
 pub mod params;
 pub mod resources;
-pub mod settings;
 pub mod tool;
 
+use crate::plugin_conf::Settings;
 use error::PluginError;
-use settings::Settings;
 use std::path::Path;
 use std::sync::OnceLock;
 
@@ -134,7 +132,7 @@ pub fn init(config: Option<&Path>) -> Result<(), PluginError> {
     let settings = Settings::load(config, crate::paths::default_socket())?;
     // sha2 detects CPU features once and caches the answer in an atomic; do that here rather
     // than for the first disk in a forked child.
-    let _ = resources::sha256_hex("");
+    let _ = crate::naming::sha256_hex("");
     if GLOBALS.set(Globals { settings, panic_at }).is_ok() {
         install_panic_hook();
     }

@@ -20,11 +20,11 @@
 use super::error::PluginError;
 use super::manager::Manager;
 use super::params::{Param, Value, lookup, show, wrong_type};
-use super::settings::{ReadonlyDisks, Settings};
 use super::tool::{self, ToolOutcome};
 use crate::abi;
+use crate::naming::sha256_hex;
+use crate::plugin_conf::{ReadonlyDisks, Settings};
 use crate::protocol::{LeaseMode, LeaseSpec, LockTarget, ResourceKind};
-use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 /// Linux `PATH_MAX`, including the terminating NUL: a path of this many bytes or more cannot be
@@ -151,12 +151,6 @@ fn add_disk(
         target,
     });
     Ok(())
-}
-
-/// The lower-case hex SHA-256 of the exact path bytes (lockd's lock file name).
-pub fn sha256_hex(path: &str) -> String {
-    let digest = Sha256::digest(path.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Which file locks the disk at `path`.

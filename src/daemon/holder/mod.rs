@@ -57,7 +57,7 @@ mod refusal;
 mod seen;
 
 pub use idle::{expire_idle, idle_deadline};
-pub use place::{SideFiles, host_label, side_files, stem};
+pub use place::{SideFiles, side_files, stem};
 use place::{side_file_host, side_files_for_publish};
 pub(crate) use publish::open_publish_dir;
 pub use publish::{
@@ -69,10 +69,7 @@ pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, parse_record, read
 pub use refusal::{Refusal, describe_refusal, holder_of, read_for_refusal};
 pub use seen::{LastSeen, ago, last_seen};
 
-/// Value of the `lockwarden_holder` field: the record format version.
-pub const FORMAT: u32 = 1;
-/// The hidden directory holding side files, next to the locked file.
-pub const RECORD_DIR: &str = ".lockwarden";
+pub use crate::holder_record::{FORMAT, RECORD_DIR, host_label};
 /// Records larger than this are not lockwarden records.
 pub(crate) const MAX_RECORD: usize = 64 * 1024;
 /// Byte of an in-file record's lock file that carries the publisher's liveness lock.

@@ -102,27 +102,7 @@ pub fn stem(base: &str) -> String {
     if base.len() <= MAX_STEM {
         base.to_string()
     } else {
-        format!("sha256-{}", crate::plugin::resources::sha256_hex(base))
-    }
-}
-
-/// A host name as it may appear in a file name: `[A-Za-z0-9._-]`, at most 64 bytes.
-pub fn host_label(host: &str) -> String {
-    let label: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(64)
-        .collect();
-    if label.is_empty() || label == "." || label == ".." {
-        "unknown".into()
-    } else {
-        label
+        format!("sha256-{}", crate::naming::sha256_hex(base))
     }
 }
 

@@ -3,8 +3,8 @@
 use super::*;
 use crate::daemon::lock::{self, Conflict};
 use crate::daemon::pidfd::comm;
-use crate::daemon::text::mode_word;
 use crate::protocol::LeaseMode;
+use crate::text::mode_word;
 use crate::untrusted::{Access, OpenFailure, open_regular_at, read_bounded};
 use nix::errno::Errno;
 use nix::sys::stat::fstat;

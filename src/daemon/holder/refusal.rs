@@ -2,8 +2,8 @@
 
 use super::read::MAX_SIDE_FILES;
 use super::*;
-use crate::daemon::text::{esc, mode_word, subject, utc, what};
 use crate::protocol::{Holder, ResourceKind};
+use crate::text::{esc, mode_word, subject, utc, what};
 
 /// The busy message and holder for a refused acquire of `name`, whose lock target is open as
 /// `target.fd` (not locked by this descriptor): reads the records and the kernel's view.

@@ -16,7 +16,7 @@
 
 use super::host_label;
 use super::publish::open_record_dir;
-use crate::daemon::text::{esc, now_secs};
+use crate::text::{esc, now_secs};
 use crate::untrusted::{Access, open_regular_at, read_bounded};
 use serde::Serialize;
 use std::os::fd::AsFd;

@@ -4,9 +4,27 @@
 //! `qemu-lockd.conf`; the other keys are ours. Read once, in `drvInit`; a missing file means
 //! defaults; an unknown key or a bad value is an error naming the file, the line and the key.
 
-use super::error::PluginError;
+//!
+//! It lives below the plugin, the daemon and the CLI because `lockwarden who`, `audit` and
+//! `doctor` read the same file to find the lock files the plugin would use.
+
 use crate::config::{ConfFile, ConfigError};
 use std::path::{Path, PathBuf};
+
+/// A problem with the plugin configuration file, as one sentence for the operator (the plugin
+/// reports it to libvirt as a configuration error).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingsError {
+    pub message: String,
+}
+
+impl std::fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SettingsError {}
 
 /// What a `<readonly/>` disk gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +75,7 @@ impl Settings {
     }
 
     /// Load `path` (libvirt's `configFile`; `None` = defaults). A missing file is defaults.
-    pub fn load(path: Option<&Path>, default_socket: PathBuf) -> Result<Settings, PluginError> {
+    pub fn load(path: Option<&Path>, default_socket: PathBuf) -> Result<Settings, SettingsError> {
         let Some(path) = path else {
             return Ok(Settings::defaults(default_socket));
         };
@@ -125,10 +143,10 @@ fn lockspace_dir(conf: &mut ConfFile, key: &str) -> Result<Option<String>, Confi
         .map(|p| p.to_string_lossy().into_owned()))
 }
 
-fn config_error(e: ConfigError) -> PluginError {
-    PluginError::config(format!(
-        "lockwarden plugin configuration: {e}; fix the file and restart libvirtd"
-    ))
+fn config_error(e: ConfigError) -> SettingsError {
+    SettingsError {
+        message: format!("lockwarden plugin configuration: {e}; fix the file and restart libvirtd"),
+    }
 }
 
 #[cfg(test)]

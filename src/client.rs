@@ -1,4 +1,5 @@
-//! One connection to lockwardend, one request, one response.
+//! One connection to lockwardend's plugin socket, one request, one response (used by the plugin
+//! and by `lockwarden adopt`, which asks as the plugin would).
 //!
 //! Fork-safe by construction (it runs in the forked child during a domain start): a socket made
 //! with raw system calls inside the call (so it gets the VM's SELinux socket label, which libvirt
@@ -8,8 +9,7 @@
 //! libvirt longer than that. Writes use `MSG_NOSIGNAL`: a daemon that went away must not kill
 //! the caller with SIGPIPE.
 
-use super::error::{Code, PluginError};
-use crate::protocol::{self, FrameError, Request, Response};
+use crate::protocol::{self, ErrorKind, FrameError, Request, Response};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{
@@ -20,6 +20,32 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// A failed exchange with lockwardend: the daemon's error kind when it answered with an error
+/// (`None` when connecting, sending or reading failed, or the answer did not fit), and one
+/// sentence for the operator. The plugin turns it into a libvirt error (`plugin::error`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientError {
+    pub kind: Option<ErrorKind>,
+    pub message: String,
+}
+
+impl ClientError {
+    fn internal(message: String) -> Self {
+        ClientError {
+            kind: None,
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ClientError {}
 
 /// An open connection to the daemon.
 pub struct Client<'a> {
@@ -44,10 +70,10 @@ impl<'a> Client<'a> {
         socket: &Path,
         timeout_ms: u32,
         context: &'a dyn Fn() -> String,
-    ) -> Result<Client<'a>, PluginError> {
+    ) -> Result<Client<'a>, ClientError> {
         let deadline = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
         let cannot = |e: Errno| {
-            PluginError::internal(format!(
+            ClientError::internal(format!(
                 "{}: cannot connect to lockwardend at {:?}: {}; {}",
                 context(),
                 socket,
@@ -102,8 +128,8 @@ impl<'a> Client<'a> {
         r.map_err(io::Error::from)
     }
 
-    fn timeout_error(&self) -> PluginError {
-        PluginError::internal(format!(
+    fn timeout_error(&self) -> ClientError {
+        ClientError::internal(format!(
             "{}: lockwardend at {:?} did not answer within {} ms (request_timeout_ms); check \
              `systemctl status lockwardend` and the storage holding the disks (a hung NFS mount \
              stalls the leases on it)",
@@ -113,10 +139,10 @@ impl<'a> Client<'a> {
         ))
     }
 
-    fn io_error(&self, e: io::Error) -> PluginError {
+    fn io_error(&self, e: io::Error) -> ClientError {
         match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => self.timeout_error(),
-            _ => PluginError::internal(format!(
+            _ => ClientError::internal(format!(
                 "{}: talking to lockwardend at {:?} failed: {e}; check `systemctl status \
                  lockwardend`",
                 (self.context)(),
@@ -125,16 +151,16 @@ impl<'a> Client<'a> {
         }
     }
 
-    fn frame_error(&self, e: FrameError) -> PluginError {
+    fn frame_error(&self, e: FrameError) -> ClientError {
         match e {
             FrameError::Io(e) => self.io_error(e),
-            FrameError::Eof => PluginError::internal(format!(
+            FrameError::Eof => ClientError::internal(format!(
                 "{}: lockwardend at {:?} closed the connection without answering; check \
                  `journalctl -u lockwardend` for the reason",
                 (self.context)(),
                 self.socket
             )),
-            FrameError::Version(v) => PluginError::internal(format!(
+            FrameError::Version(v) => ClientError::internal(format!(
                 "{}: lockwardend at {:?} speaks lockwarden protocol version {v}, this plugin \
                  speaks version {}; install matching versions of lockwarden.so and lockwardend \
                  and restart both",
@@ -142,13 +168,13 @@ impl<'a> Client<'a> {
                 self.socket,
                 protocol::PROTOCOL_VERSION
             )),
-            FrameError::BadMagic(_) => PluginError::internal(format!(
+            FrameError::BadMagic(_) => ClientError::internal(format!(
                 "{}: {:?} is not a lockwardend socket (the answer is not a lockwarden frame); \
                  fix daemon_socket in the plugin configuration",
                 (self.context)(),
                 self.socket
             )),
-            other => PluginError::internal(format!(
+            other => ClientError::internal(format!(
                 "{}: bad answer from lockwardend at {:?}: {other}",
                 (self.context)(),
                 self.socket
@@ -156,11 +182,11 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// Send `req` and read the answer. A daemon error comes back as a `PluginError` carrying the
-    /// daemon's message verbatim and the libvirt code of its kind.
-    pub fn call(&mut self, req: &Request) -> Result<Response, PluginError> {
+    /// Send `req` and read the answer. A daemon error comes back as a `ClientError` carrying the
+    /// daemon's message verbatim and its kind.
+    pub fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
         let frame = protocol::encode(req).map_err(|e| {
-            PluginError::internal(format!(
+            ClientError::internal(format!(
                 "{}: cannot encode the request for lockwardend: {e}",
                 (self.context)()
             ))
@@ -172,9 +198,12 @@ impl<'a> Client<'a> {
         }
         .map_err(|e| self.frame_error(e))?;
         match resp {
-            Response::Error(err) => Err(PluginError::new(Code::from_kind(err.kind), err.message)),
+            Response::Error(err) => Err(ClientError {
+                kind: Some(err.kind),
+                message: err.message,
+            }),
             ok @ Response::Ok { .. } => Ok(ok),
-            other => Err(PluginError::internal(format!(
+            other => Err(ClientError::internal(format!(
                 "{}: lockwardend at {:?} gave an answer that does not fit the request \
                  ({other:?}); install matching versions of lockwarden.so and lockwardend",
                 (self.context)(),
@@ -198,9 +227,9 @@ impl<'a> Client<'a> {
 
     /// Keep the connection as a lifetime handle: clear `FD_CLOEXEC` so it survives `exec` into
     /// QEMU, and give up ownership of the descriptor.
-    pub fn into_inheritable_fd(self) -> Result<OwnedFd, PluginError> {
+    pub fn into_inheritable_fd(self) -> Result<OwnedFd, ClientError> {
         fcntl(&self.fd, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| {
-            PluginError::internal(format!(
+            ClientError::internal(format!(
                 "{}: cannot make the lockwardend connection inheritable: {}",
                 (self.context)(),
                 e.desc()
@@ -298,7 +327,7 @@ mod tests {
             .unwrap()
             .call(&req)
             .unwrap_err();
-        assert_eq!(e.code, Code::Busy);
+        assert_eq!(e.kind, Some(ErrorKind::Busy));
         assert_eq!(e.message, "disk '/x' is held by VM 'other'");
         let e = Client::connect(&sock, 2000, &|| "ctx".to_string())
             .unwrap()

@@ -1,4 +1,4 @@
-//! Small text helpers shared by every message the daemon writes.
+//! Small text helpers shared by every message the daemon, the plugin and the CLI write.
 //!
 //! Why here: the error texts reach a person through libvirt ("error: Failed to start domain"),
 //! so the wording rules (name the disk, say what to do, show times in UTC) live in one place.
