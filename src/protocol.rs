@@ -96,6 +96,19 @@ pub enum FailureAction {
     Ignore,
 }
 
+impl FailureAction {
+    /// The word libvirt's domain XML uses (`<on_lockfailure>`), also the wire name.
+    pub fn word(self) -> &'static str {
+        match self {
+            FailureAction::Default => "default",
+            FailureAction::Poweroff => "poweroff",
+            FailureAction::Restart => "restart",
+            FailureAction::Pause => "pause",
+            FailureAction::Ignore => "ignore",
+        }
+    }
+}
+
 /// A request sent on the main socket (plugin) or the admin socket (CLI).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", try_from = "flat::Request")]

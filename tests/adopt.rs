@@ -34,11 +34,16 @@ fn status_xml(name: &str, pid: u32, disk: &Path, shared: &Path) -> String {
 }
 
 /// A process that looks like libvirt's QEMU for `name` (its argv has `-name guest=NAME`).
+/// It waits in the shell's own `read` on a pipe the `Child` holds, so it starts no process
+/// of its own: killing it (or dropping the `Child`) leaves nothing behind, and no orphan keeps
+/// the test's stdout open.
 fn fake_qemu(name: &str) -> Child {
     Command::new("sh")
-        .args(["-c", "sleep 1000; :", "-name"])
+        .args(["-c", "read x; :", "-name"])
         .arg(format!("guest={name},debug-threads=on"))
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .expect("spawning the stand-in QEMU")
 }

@@ -59,7 +59,7 @@ fn adopt_one(cli: &Cli, ctx: &audit::Context, r: &VmReport) -> Outcome {
         message: String::new(),
         leases: lease_list(r),
     };
-    let action = audit::action_word(d.action);
+    let action = d.action.word();
     match r.verdict() {
         "paused" => {
             out.result = "paused";

@@ -23,7 +23,7 @@ use crate::plugin::manager::Manager;
 use crate::plugin::params::{Param, Value};
 use crate::plugin::resources;
 use crate::plugin_conf::{ReadonlyDisks, Settings};
-use crate::protocol::{FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
+use crate::protocol::{LeaseInfo, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
 use crate::untrusted::escape;
 use serde_json::{Value as Json, json};
 use std::os::fd::AsFd;
@@ -362,16 +362,6 @@ pub fn examine(ctx: &Context, dom: &Domain) -> VmReport {
     }
 }
 
-pub fn action_word(a: FailureAction) -> &'static str {
-    match a {
-        FailureAction::Default => "default",
-        FailureAction::Poweroff => "poweroff",
-        FailureAction::Restart => "restart",
-        FailureAction::Pause => "pause",
-        FailureAction::Ignore => "ignore",
-    }
-}
-
 fn mode_word(spec: Option<&LeaseSpec>) -> &'static str {
     match spec.map(|s| s.mode) {
         Some(LeaseMode::Exclusive) => "exclusive",
@@ -388,7 +378,7 @@ pub fn vm_json(r: &VmReport) -> Json {
         "id": d.owner.id,
         "pid": d.owner.pid,
         "state": d.state,
-        "on_lockfailure": action_word(d.action),
+        "on_lockfailure": d.action.word(),
         "status_file": d.status_file.display().to_string(),
         "verdict": r.verdict(),
         "problem": r.problem,

@@ -55,16 +55,6 @@ fn refuse(kind: ErrorKind, message: String, resource: Option<String>) -> Respons
     })
 }
 
-fn action_name(a: FailureAction) -> &'static str {
-    match a {
-        FailureAction::Default => "default",
-        FailureAction::Poweroff => "poweroff",
-        FailureAction::Restart => "restart",
-        FailureAction::Pause => "pause",
-        FailureAction::Ignore => "ignore",
-    }
-}
-
 /// Start a `thaw` of `vm` (name or UUID). `Err`: the answer, now (nothing was changed).
 pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Response>> {
     let shown = esc(vm);
@@ -135,7 +125,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
                     "VM '{shown}' (pid {pid}) was fenced with on_lockfailure={}: its process was \
                      killed (SIGKILL), there is nothing to resume; once it is gone, start the VM \
                      again (virsh start) when its storage answers; nothing was changed",
-                    action_name(e.action)
+                    e.action.word()
                 ),
                 None,
             )));
