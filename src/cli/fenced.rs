@@ -6,7 +6,7 @@
 //! nothing was changed unless it says the VM was killed), 2 usage, 3 the daemon cannot be
 //! reached.
 
-use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, ask, fetch_leases, print_json, table};
+use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, ask_within, fetch_leases, print_json, table};
 use crate::protocol::{LeaseInfo, Request, Response};
 use std::time::Duration;
 
@@ -68,24 +68,11 @@ pub fn thaw(cli: &Cli) -> u8 {
         eprintln!("lockwarden: thaw needs a VM name or UUID");
         return super::EXIT_USAGE;
     };
-    let mut c = Cli {
-        admin_socket: cli.admin_socket.clone(),
-        plugin_conf: cli.plugin_conf.clone(),
-        qemu_conf: cli.qemu_conf.clone(),
-        timeout: cli.timeout.max(THAW_WAIT),
-        json: cli.json,
-        mounts: None,
-        no_publish: cli.no_publish,
-        command: cli.command.clone(),
-        operands: Vec::new(),
-        status_dir: cli.status_dir.clone(),
-        all: false,
-        dry_run: false,
-        format: None,
-        textfile: None,
-    };
-    c.operands.clone_from(&cli.operands);
-    match ask(&c, &Request::Thaw { vm: vm.clone() }) {
+    match ask_within(
+        cli,
+        &Request::Thaw { vm: vm.clone() },
+        cli.timeout.max(THAW_WAIT),
+    ) {
         Ok(Response::Ok { leases }) => {
             if cli.json {
                 print_json(&serde_json::json!({ "thawed": true, "vm": vm, "leases": leases }));

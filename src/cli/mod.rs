@@ -216,6 +216,11 @@ pub fn run(args: &[String]) -> u8 {
 
 /// One request/response round trip on the admin socket.
 fn ask(cli: &Cli, req: &Request) -> Result<Response, String> {
+    ask_within(cli, req, cli.timeout)
+}
+
+/// [`ask`], waiting at most `timeout` for the answer (a request that waits on storage).
+fn ask_within(cli: &Cli, req: &Request, timeout: Duration) -> Result<Response, String> {
     let sock = cli.admin_socket.display();
     let mut stream = UnixStream::connect(&cli.admin_socket).map_err(|e| {
         format!(
@@ -223,8 +228,8 @@ fn ask(cli: &Cli, req: &Request) -> Result<Response, String> {
              (systemctl status lockwardend) and are you root?"
         )
     })?;
-    let _ = stream.set_read_timeout(Some(cli.timeout));
-    let _ = stream.set_write_timeout(Some(cli.timeout));
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
     protocol::write_message(&mut stream, req)
         .map_err(|e| format!("sending to lockwardend at {sock}: {e}"))?;
     protocol::read_message(&mut stream).map_err(|e| match e {
@@ -236,7 +241,7 @@ fn ask(cli: &Cli, req: &Request) -> Result<Response, String> {
         {
             format!(
                 "lockwardend at {sock} did not answer within {} ms",
-                cli.timeout.as_millis()
+                timeout.as_millis()
             )
         }
         other => format!("reading from lockwardend at {sock}: {other}"),

@@ -15,7 +15,6 @@ use super::heartbeat;
 use super::lease::LeaseKey;
 use super::lost::{self, Verdict};
 use super::state::{JobFor, State};
-use super::storage::Work;
 use crate::protocol::FailureAction;
 use crate::text::esc;
 use log::{error, warn};
@@ -192,25 +191,17 @@ fn signal(e: &super::owner::OwnerEntry, pid: u32, vm: &str, sig: Signal) {
 
 /// The storage behind `mount` answers again: re-check every lease fenced for it.
 pub fn healed(state: &mut State, mount: &Path) {
-    let todo: Vec<(LeaseKey, Arc<OwnedFd>, crate::protocol::LeaseMode, Arc<str>)> = state
+    let todo: Vec<LeaseKey> = state
         .heartbeat
         .fenced
         .iter()
         .filter(|(_, f)| f.mount == mount && f.state == Stage::Fenced)
-        .filter_map(|(k, _)| {
-            let l = state.leases.get(k)?;
-            Some((*k, Arc::clone(&l.fd), l.mode, l.lock_path.clone()))
-        })
+        .map(|(k, _)| *k)
         .collect();
-    for (key, fd, mode, path) in todo {
-        let pool = state.mounts.of(&path);
-        let job = state.storage.submit(
-            &pool,
-            state.mounts.threads(&pool),
-            false,
-            Work::Probe { key, fd, mode },
-        );
-        state.jobs.insert(job, JobFor::Fence);
+    for key in todo {
+        if lost::probe(state, key, JobFor::Fence).is_none() {
+            continue;
+        }
         if let Some(f) = state.heartbeat.fenced.get_mut(&key) {
             f.state = Stage::Checking;
         }

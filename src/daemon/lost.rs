@@ -36,8 +36,8 @@
 
 use super::lease::LeaseKey;
 use super::state::{JobFor, State};
-use super::storage::Work;
-use crate::protocol::{FailureAction, LeaseInfo, LeaseMode, Owner};
+use super::storage::{JobId, Work};
+use crate::protocol::{FailureAction, LeaseInfo, Owner};
 use crate::text::now_secs;
 use log::{error, info, warn};
 use nix::errno::Errno;
@@ -108,23 +108,35 @@ pub fn tick(state: &mut State, now: Instant) {
     let leases = &state.leases;
     state.health.map.retain(|k, _| leases.get(k).is_some());
     // Lost leases too: a paused (or ignoring) VM's lock is re-checked and taken back.
-    let todo: Vec<(LeaseKey, Arc<OwnedFd>, LeaseMode, Arc<str>)> = state
+    let todo: Vec<LeaseKey> = state
         .leases
         .iter()
-        .filter(|(k, _)| !state.probing.contains(k))
-        .map(|(k, l)| (*k, Arc::clone(&l.fd), l.mode, l.lock_path.clone()))
+        .map(|(k, _)| *k)
+        .filter(|k| !state.probing.contains(k))
         .collect();
-    for (key, fd, mode, path) in todo {
-        let mount = state.mounts.of(&path);
-        let job = state.storage.submit(
-            &mount,
-            state.mounts.threads(&mount),
-            state.mounts.is_local(&mount),
-            Work::Probe { key, fd, mode },
-        );
-        state.jobs.insert(job, JobFor::Probe);
-        state.probing.insert(key);
+    for key in todo {
+        if probe(state, key, JobFor::Probe).is_some() {
+            state.probing.insert(key);
+        }
     }
+}
+
+/// Re-issue lease `key`'s own lock on its descriptor, as a job on its mount's storage threads
+/// (inline only on a proven host-local mount), its result routed by `for_`: the lost-lock
+/// probe, a fence's re-check after the storage answers, and `thaw`'s re-verification all ask
+/// the storage the same question. `None`: no such lease.
+pub fn probe(state: &mut State, key: LeaseKey, for_: JobFor) -> Option<JobId> {
+    let l = state.leases.get(&key)?;
+    let (fd, mode) = (Arc::clone(&l.fd), l.mode);
+    let mount = state.mounts.of(&l.lock_path);
+    let job = state.storage.submit(
+        &mount,
+        state.mounts.threads(&mount),
+        state.mounts.is_local(&mount),
+        Work::Probe { key, fd, mode },
+    );
+    state.jobs.insert(job, for_);
+    Some(job)
 }
 
 /// A probe came back.

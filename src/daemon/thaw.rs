@@ -20,7 +20,7 @@ use super::lease::LeaseKey;
 use super::lost::{self, Verdict};
 use super::owner::ConnId;
 use super::state::{JobFor, OpId, State};
-use super::storage::{JobId, Work};
+use super::storage::JobId;
 use crate::protocol::{ErrorKind, ErrorReply, FailureAction, Response};
 use crate::text::esc;
 use log::{error, info, warn};
@@ -189,24 +189,10 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
     let op = state.next_op_id();
     let now = Instant::now();
     let mut jobs = HashMap::new();
-    for (key, path) in &fenced {
-        let Some(l) = state.leases.get(key) else {
-            continue;
-        };
-        let (fd, mode) = (Arc::clone(&l.fd), l.mode);
-        let pool = state.mounts.of(path);
-        let job = state.storage.submit(
-            &pool,
-            state.mounts.threads(&pool),
-            false,
-            Work::Probe {
-                key: *key,
-                fd,
-                mode,
-            },
-        );
-        state.jobs.insert(job, JobFor::Thaw(op));
-        jobs.insert(job, *key);
+    for (key, _) in &fenced {
+        if let Some(job) = lost::probe(state, *key, JobFor::Thaw(op)) {
+            jobs.insert(job, *key);
+        }
     }
     info!(
         "thaw of VM {vm:?} (pid(s) {pids:?}) requested: re-verifying {} fenced lease(s) on the \

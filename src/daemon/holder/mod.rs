@@ -67,7 +67,7 @@ pub use publish::{
 use publish::{is_regular, open_record_dir};
 pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, parse_record, read};
 pub use refusal::{Refusal, describe_refusal, holder_of, read_for_refusal};
-pub use seen::{LastSeen, ago, last_seen};
+pub use seen::{LastSeen, ago};
 
 pub use crate::holder_record::{FORMAT, RECORD_DIR, host_label};
 /// Records larger than this are not lockwarden records.

@@ -160,11 +160,7 @@ fn hosts_seen(fd: BorrowedFd<'_>, believed: &[Seen]) -> Vec<super::LastSeen> {
     let Ok(Some(side)) = side_files(fd) else {
         return Vec::new();
     };
-    hosts
-        .into_iter()
-        .take(super::seen::MAX_HOSTS)
-        .filter_map(|h| super::last_seen(&side.dir, h))
-        .collect()
+    super::seen::hosts_last_seen(&side.dir, &hosts)
 }
 
 fn judge(

@@ -19,7 +19,7 @@ use super::publish::open_record_dir;
 use crate::text::{esc, now_secs};
 use crate::untrusted::{Access, open_regular_at, read_bounded};
 use serde::Serialize;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 /// Bytes read of a heartbeat file (the daemon writes 160).
 const MAX_BEAT_BYTES: usize = 512;
@@ -60,11 +60,23 @@ pub fn ago(s: u64) -> String {
     }
 }
 
-/// The heartbeat of `host` in the record directory `dir` (a `.lockwarden` directory), if any.
-pub fn last_seen(dir: &str, host: &str) -> Option<LastSeen> {
-    let dfd = open_record_dir(dir, false).ok()??;
+/// When each of `hosts` last wrote its heartbeat in the record directory `dir` (a
+/// `.lockwarden` directory), at most [`MAX_HOSTS`] of them; the directory is opened once.
+pub fn hosts_last_seen(dir: &str, hosts: &[&str]) -> Vec<LastSeen> {
+    let Ok(Some(dfd)) = open_record_dir(dir, false) else {
+        return Vec::new();
+    };
+    hosts
+        .iter()
+        .take(MAX_HOSTS)
+        .filter_map(|h| last_seen(dfd.as_fd(), h))
+        .collect()
+}
+
+/// The heartbeat of `host` in the record directory open as `dir`, if any.
+fn last_seen(dir: BorrowedFd<'_>, host: &str) -> Option<LastSeen> {
     let name = format!("heartbeat@{}", host_label(host));
-    let (fd, st, _) = open_regular_at(Some(dfd.as_fd()), &name, Access::Read, None).ok()?;
+    let (fd, st, _) = open_regular_at(Some(dir), &name, Access::Read, None).ok()?;
     let bytes = read_bounded(fd.as_fd(), MAX_BEAT_BYTES)
         .ok()?
         .unwrap_or_default();
