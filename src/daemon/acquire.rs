@@ -24,7 +24,6 @@ use crate::text::{esc, mode_word, now_secs, subject, utc, what};
 use log::{debug, error, info};
 use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -910,17 +909,4 @@ fn busy_owner(
             mode: Some(mode),
         }),
     )
-}
-
-/// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
-/// the holder records on the shared storage, or say what the kernel knows (a local pid).
-pub(super) fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
-    let target = holder::Target {
-        fd: opened.fd.as_fd(),
-        kind: spec.kind,
-        lock_path: &opened.lock_path,
-        lockspace: opened.dir.is_some(),
-    };
-    let r = holder::read_for_refusal(target, &spec.name);
-    reply(ErrorKind::Busy, spec, r.message, Some(r.holder))
 }

@@ -138,7 +138,7 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
             "'thaw' requests are accepted on the admin socket only (lockwarden thaw VM)",
         ),
         // metrics (issue 18)
-        Request::Metrics => Response::Metrics(Box::new(super::metrics::snapshot(state))),
+        Request::Metrics => Response::Metrics(Box::new(state.metrics_snapshot())),
         req if s.admin => Response::error(
             ErrorKind::Denied,
             format!(

@@ -19,9 +19,11 @@
 
 mod acquire;
 mod args;
+mod beat;
 mod conn;
 mod dispatch;
 mod fence;
+mod health;
 mod heartbeat;
 pub mod holder;
 mod keeper;
@@ -30,6 +32,7 @@ mod kill;
 mod lease;
 mod limits;
 mod listen;
+mod liveness;
 mod lock;
 mod lockfile;
 mod logging;

@@ -10,7 +10,7 @@
 use super::keeper::Entry;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::lock;
-use super::lockfile::LockDir;
+use super::lease::LockDir;
 use super::owner::{OwnerEntry, Owners};
 use super::pidfd::Proc;
 use super::record::LeaseRecord;

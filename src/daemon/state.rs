@@ -9,17 +9,18 @@ use super::acquire::{self, AcquireOp, Finished};
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
-use super::lease::Disposal;
+use super::lockfile::Disposal;
 use super::lease::{Lease, LeaseKey, Leases};
 use super::lost;
 use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
 use super::release;
 use super::storage::{Disposing, JobId, Mounts, Outcome, Storage, Work};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseInfo, PROTOCOL_VERSION, Response, StatusInfo};
+use crate::metrics::{LeaseCount, MountHealth, Snapshot};
+use crate::protocol::{ErrorKind, ErrorReply, LeaseInfo, LeaseMode, PROTOCOL_VERSION, Response, StatusInfo};
 use crate::text::esc;
 use log::{debug, error, info, warn};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -63,12 +64,12 @@ pub struct State {
     /// Leases whose probe is in flight (a stuck probe is not sent again).
     pub probing: HashSet<LeaseKey>,
     /// What the lost-lock probes found per lease (lost.rs: transient errors in a row, loss).
-    pub health: lost::Health,
+    pub health: super::health::Health,
     /// Lost leases found since start, and the latest ones.
     pub lost_total: u64,
     pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
-    pub heartbeat: super::heartbeat::Heartbeats,
+    pub heartbeat: super::liveness::Heartbeats,
     /// `thaw` requests waiting for their re-checks (thaw.rs).
     pub thaws: HashMap<OpId, super::thaw::ThawOp>,
     /// `watchdog_device`, open and fed while allowed (watchdog.rs).
@@ -163,10 +164,10 @@ impl State {
             check_interval: None,
             next_check: None,
             probing: HashSet::new(),
-            health: lost::Health::default(),
+            health: super::health::Health::default(),
             lost_total: 0,
             recent_lost: VecDeque::new(),
-            heartbeat: super::heartbeat::Heartbeats::default(),
+            heartbeat: super::liveness::Heartbeats::default(),
             thaws: HashMap::new(),
             watchdog: None,
             metrics: crate::metrics::Counters {
@@ -692,6 +693,65 @@ impl State {
                     .map_or(0, |i| u64::try_from(i.as_millis()).unwrap_or(u64::MAX)),
             ),
             fence_after_ms: u64::try_from(self.heartbeat.fence_after.as_millis()).ok(),
+        }
+    }
+
+    /// The answer to a `metrics` request.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let mut leases: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for (k, l) in self.leases.iter() {
+            let mount = match self.mounts.of_dev(k.dev) {
+                Some((m, _)) => m.to_string_lossy().into_owned(),
+                None => super::metrics::mount_label(&self.mounts.of(&l.lock_path)),
+            };
+            *leases
+                .entry((mount, l.mode == LeaseMode::Shared))
+                .or_default() += 1;
+        }
+        let leases = leases
+            .into_iter()
+            .map(|((mount, shared), count)| LeaseCount {
+                mount,
+                mode: if shared {
+                    LeaseMode::Shared
+                } else {
+                    LeaseMode::Exclusive
+                },
+                count,
+            })
+            .collect();
+        let mut fenced_pids = std::collections::BTreeSet::new();
+        for key in self.heartbeat.fenced.keys() {
+            if let Some(l) = self.leases.get(key) {
+                fenced_pids.extend(l.owners.keys().copied());
+            }
+        }
+        let mounts = self
+            .heartbeat
+            .mount_health()
+            .into_iter()
+            .map(|(m, age, fenced)| MountHealth {
+                mount: m.to_string_lossy().into_owned(),
+                heartbeat_age_ms: super::metrics::micros(age) / 1000,
+                fenced,
+            })
+            .collect();
+        let c = &self.metrics;
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            started: self.started,
+            uptime_ms: super::metrics::boot_ms().saturating_sub(c.started_boot_ms),
+            owners: self.owners.len() as u64,
+            leases,
+            fenced_vms: fenced_pids.len() as u64,
+            mounts,
+            heartbeat_interval_ms: self.heartbeat.interval.map(|i| super::metrics::micros(i) / 1000),
+            fence_after_ms: super::metrics::micros(self.heartbeat.fence_after) / 1000,
+            keeper_up: self.keeper.connected(),
+            keeper_pid: self.keeper.pid,
+            counters: c.clone(),
         }
     }
 

@@ -24,9 +24,9 @@
 
 use super::Failure;
 use super::holder::{self, Published, Record, Slot};
-use super::lease::{self, Disposal, HeldKeys, LeaseKey, Seen};
+use super::lease::{HeldKeys, LeaseKey, LockDir, Seen};
 use super::lock;
-use super::lockfile::{self, LockDir, OpenError, Opened};
+use super::lockfile::{self, Disposal, OpenError, Opened};
 use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec, ResourceKind};
 use log::{debug, warn};
 use nix::errno::Errno;
@@ -106,7 +106,7 @@ pub enum Work {
     Close(Vec<OwnedFd>),
     /// Prove that the storage server behind a mount answers (heartbeat.rs): write and fsync
     /// the host's heartbeat file there, or re-request a lease's lock when no file can be kept.
-    Heartbeat(Box<super::heartbeat::Beat>),
+    Heartbeat(Box<super::beat::Beat>),
 }
 
 /// A lease on its way out (see `Work::Dispose`).
@@ -153,7 +153,7 @@ pub enum Outcome {
     },
     Closed,
     /// A heartbeat came back (`Ok`: the server answered).
-    Heartbeat(Box<super::heartbeat::Beaten>),
+    Heartbeat(Box<super::beat::Beaten>),
     Published {
         label: String,
         result: Result<(), String>,
@@ -328,7 +328,7 @@ fn run(work: Work) -> Outcome {
             defer,
         } => Outcome::Take(take(&spec, &held, record, defer)),
         Work::Describe { spec, opened } => {
-            let busy = super::acquire::kernel_busy(&spec, &opened);
+            let busy = kernel_busy(&spec, &opened);
             Outcome::Take(Ok(Taken::Conflict {
                 key: opened.key,
                 busy: Busy::Told(busy),
@@ -366,7 +366,7 @@ fn run(work: Work) -> Outcome {
             drop(fds);
             Outcome::Closed
         }
-        Work::Heartbeat(beat) => Outcome::Heartbeat(Box::new(super::heartbeat::beat(*beat))),
+        Work::Heartbeat(beat) => Outcome::Heartbeat(Box::new(super::beat::beat(*beat))),
     }
 }
 
@@ -376,6 +376,24 @@ fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
         message,
         resource: Some(spec.name.clone()),
         holder: None,
+    })
+}
+
+/// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
+/// the holder records on the shared storage, or say what the kernel knows (a local pid).
+fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
+    let target = holder::Target {
+        fd: opened.fd.as_fd(),
+        kind: spec.kind,
+        lock_path: &opened.lock_path,
+        lockspace: opened.dir.is_some(),
+    };
+    let r = holder::read_for_refusal(target, &spec.name);
+    Box::new(ErrorReply {
+        kind: ErrorKind::Busy,
+        message: r.message,
+        resource: Some(spec.name.clone()),
+        holder: Some(r.holder),
     })
 }
 
@@ -397,7 +415,7 @@ fn dispose(d: Disposing) -> Outcome {
         },
         None => Ok(()),
     };
-    let disposal = lease::dispose(key, &fd, dir.as_ref(), mode, delete);
+    let disposal = lockfile::dispose(key, &fd, dir.as_ref(), mode, delete);
     drop(dir);
     drop(fd);
     if let Some(h) = held {
@@ -432,7 +450,7 @@ fn take(
                 let busy = if defer {
                     Busy::Unread(Box::new(opened))
                 } else {
-                    Busy::Told(super::acquire::kernel_busy(spec, &opened))
+                    Busy::Told(kernel_busy(spec, &opened))
                 };
                 return Ok(Taken::Conflict { key, busy });
             }

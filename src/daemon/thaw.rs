@@ -14,10 +14,10 @@
 //! a SIGKILL action (nothing to resume), a fenced lease whose storage has not answered since
 //! (stage Fenced or Checking) or whose lock was already found lost.
 
-use super::fence::Stage;
-use super::heartbeat;
+use super::liveness::{self, Stage};
 use super::lease::LeaseKey;
-use super::lost::{self, Verdict};
+use super::health::{self, Verdict};
+use super::lost;
 use super::owner::ConnId;
 use super::state::{JobFor, OpId, State};
 use super::storage::JobId;
@@ -138,7 +138,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
         let name = esc(&l.name);
         let mount = esc(&f.mount.to_string_lossy());
         let ago = f.at.elapsed().as_secs();
-        let silent = heartbeat::silent(&state.heartbeat, &f.mount);
+        let silent = liveness::silent(&state.heartbeat, &f.mount);
         match f.state {
             Stage::Fenced | Stage::Checking => {
                 let stage = if f.state == Stage::Checking && !silent {
@@ -271,8 +271,8 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
             .map(|f| esc(&f.mount.to_string_lossy()))
             .unwrap_or_default();
         let still_held = f.is_some_and(|f| f.state == Stage::Held)
-            && !f.is_some_and(|f| heartbeat::silent(&state.heartbeat, &f.mount));
-        let verdict = lost::classify(*result);
+            && !f.is_some_and(|f| liveness::silent(&state.heartbeat, &f.mount));
+        let verdict = health::classify(*result);
         if f.is_none() {
             refusal.get_or_insert_with(|| {
                 refuse(
@@ -330,11 +330,11 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
             .map(|l| l.name.to_string())
             .unwrap_or_default();
         let e = result.err().unwrap_or(Errno::EIO);
-        let found = match lost::classify(*result) {
+        let found = match health::classify(*result) {
             Verdict::Conflict => format!("somebody else holds it now ({}, {e})", e.desc()),
             _ => format!("the storage no longer grants it ({}, {e})", e.desc()),
         };
-        let kind = if lost::classify(*result) == Verdict::Conflict {
+        let kind = if health::classify(*result) == Verdict::Conflict {
             ErrorKind::Busy
         } else {
             ErrorKind::Io

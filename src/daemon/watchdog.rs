@@ -29,7 +29,7 @@
 //! (reexec.rs) and feeds it right before `execve` and right after the new image restored its
 //! state.
 
-use super::heartbeat;
+use super::liveness;
 use super::state::State;
 use crate::protocol::FailureAction;
 use log::{error, info, warn};
@@ -306,12 +306,12 @@ pub fn stopped(pid: u32) -> Result<(), char> {
 
 /// Why a keep-alive must be withheld now, if it must.
 pub fn unprotected(state: &State) -> Option<String> {
-    let boot = heartbeat::boot_now();
+    let boot = super::beat::boot_now();
     for (k, l) in state.leases.iter() {
-        let mount = heartbeat::mount_of(state, k, &l.lock_path);
+        let mount = liveness::mount_of(&state.mounts, k, &l.lock_path);
         let silent = mount
             .as_ref()
-            .and_then(|m| heartbeat::silent_for(&state.heartbeat, m, boot));
+            .and_then(|m| liveness::silent_for(&state.heartbeat, m, boot));
         // Lost: found by a lost-lock probe (lost.rs) or by a fence's re-check, and not held
         // again since (lost.rs clears the mark when a re-check takes the lock back).
         let lost = l.lost
@@ -319,7 +319,7 @@ pub fn unprotected(state: &State) -> Option<String> {
                 .heartbeat
                 .fenced
                 .get(k)
-                .is_some_and(|f| f.state == super::fence::Stage::Lost);
+                .is_some_and(|f| f.state == liveness::Stage::Lost);
         if silent.is_none() && !lost {
             continue;
         }
