@@ -11,10 +11,11 @@
 use super::Failure;
 use super::holder;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
+use super::ledger::{AcquireOp, Finished, JobFor, OpId, Pending, Then, Undo, Wait};
 use super::lockfile::{self, Opened};
 use super::owner::ConnId;
 use super::release;
-use super::state::{JobFor, OpId, Pending, State, Then};
+use super::state::State;
 use super::storage::{Busy, Disposing, JobId, Taken, Work};
 use crate::protocol::{
     ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
@@ -31,15 +32,6 @@ use std::time::Instant;
 /// How often one disk's job is started again because the table changed under it.
 const RESUBMITS: usize = 8;
 
-/// How to take back one step of a request.
-#[derive(Debug)]
-enum Undo {
-    /// The owner joined an existing shared lease.
-    Joined(LeaseKey),
-    /// A new lease was created; `created_file`: this request created its lock file.
-    Created { key: LeaseKey, created_file: bool },
-}
-
 fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Holder>) -> Failure {
     Box::new(ErrorReply {
         kind,
@@ -47,43 +39,6 @@ fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Hold
         resource: Some(spec.name.clone()),
         holder,
     })
-}
-
-/// One Acquire in progress: its files are being opened and locked on storage threads
-/// (docs/storage.md). All or nothing still holds: whatever a phase took is rolled back when any
-/// file fails, and the client hears "taken" only after the keeper holds every new lease.
-#[derive(Debug)]
-pub struct AcquireOp {
-    pub conn: ConnId,
-    owner: Owner,
-    pub restrict: bool,
-    /// Phases still to run: exclusive leases first, then shared ones.
-    phases: VecDeque<Vec<LeaseSpec>>,
-    /// Jobs of the running phase: the spec, its mount and how often it was started again.
-    inflight: HashMap<JobId, (LeaseSpec, PathBuf, usize)>,
-    /// Conflicts of the running phase, judged once every job of the phase is back (another disk
-    /// of the same request may be the holder).
-    conflicts: Vec<(LeaseSpec, LeaseKey, Failure)>,
-    undo: Vec<Undo>,
-    failure: Option<Failure>,
-    pub deadline: Instant,
-    started: Instant,
-    /// How many leases the request named, and their names (journal events).
-    requested: usize,
-    disks: Vec<String>,
-    /// When the leases this request creates are taken (seconds since the epoch).
-    since: u64,
-    /// Storage jobs the answer also waits for (holder records of shared leases).
-    group: Option<OpId>,
-}
-
-/// An answer for a client whose request waited on storage.
-#[derive(Debug)]
-pub struct Finished {
-    pub conn: ConnId,
-    pub response: Response,
-    /// Restrict the connection (an Acquire with `restrict` that succeeded).
-    pub restrict: bool,
 }
 
 /// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
@@ -170,7 +125,7 @@ pub fn start(
         .cloned()
         .collect();
     let now = Instant::now();
-    let op = AcquireOp {
+    let op = Box::new(AcquireOp {
         conn,
         owner: owner.clone(),
         restrict,
@@ -185,8 +140,8 @@ pub fn start(
         disks: specs.iter().map(|s| s.name.clone()).collect(),
         since: now_secs(),
         group: None,
-    };
-    let id = state.next_op_id();
+    });
+    let id = state.ledger.next_id();
     advance(state, id, op);
     Ok(())
 }
@@ -212,26 +167,22 @@ fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, trie
             vec![holder::Vm::of(&op.owner, op.since)],
         )
     });
-    let job = state.storage.submit(
-        &mount,
-        state.mounts.threads(&mount),
-        inline,
-        Work::Take {
-            spec: spec.clone(),
-            held,
-            record,
-            defer: inline,
-        },
-    );
-    state.jobs.insert(job, JobFor::Take(id));
+    let threads = state.mounts.threads(&mount);
+    let work = Work::Take {
+        spec: spec.clone(),
+        held,
+        record,
+        defer: inline,
+    };
+    let job = state.submit_to(&mount, threads, inline, work, JobFor::Take(id));
     op.inflight.insert(job, (spec, mount, tries));
 }
 
 /// Move `op` on: judge a finished phase, start the next, or answer.
-fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
+fn advance(state: &mut State, id: OpId, mut op: Box<AcquireOp>) {
     loop {
         if !op.inflight.is_empty() {
-            state.acquires.insert(id, op);
+            state.ledger.park(id, Wait::Acquire(op));
             return;
         }
         for (spec, key, busy) in std::mem::take(&mut op.conflicts) {
@@ -269,12 +220,12 @@ fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
 
 /// A Take job of `id` came back.
 pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Failure>) {
-    let Some(mut op) = state.acquires.remove(&id) else {
+    let Some(mut op) = state.ledger.take_acquire(id) else {
         orphan(state, job, result);
         return;
     };
     let Some((spec, mount, tries)) = op.inflight.remove(&job) else {
-        state.acquires.insert(id, op);
+        state.ledger.park(id, Wait::Acquire(op));
         orphan(state, job, result);
         return;
     };
@@ -385,16 +336,11 @@ fn describe(
     tries: usize,
 ) {
     let pool = PathBuf::from(format!("{} (holder records)", mount.display()));
-    let job = state.storage.submit(
-        &pool,
-        DESCRIBE_THREADS,
-        false,
-        Work::Describe {
-            spec: spec.clone(),
-            opened: Box::new(opened),
-        },
-    );
-    state.jobs.insert(job, JobFor::Take(id));
+    let work = Work::Describe {
+        spec: spec.clone(),
+        opened: Box::new(opened),
+    };
+    let job = state.submit_to(&pool, DESCRIBE_THREADS, false, work, JobFor::Take(id));
     op.inflight.insert(job, (spec, pool, tries));
 }
 
@@ -449,13 +395,7 @@ fn close(
             Work::Close(fds)
         }
     };
-    let job = state.storage.submit(
-        mount,
-        state.mounts.threads(mount),
-        state.mounts.is_local(mount),
-        work,
-    );
-    state.jobs.insert(job, JobFor::Other);
+    state.submit(mount, work, JobFor::Other);
 }
 
 /// The answer of `op` also waits for these jobs.
@@ -474,116 +414,86 @@ fn track(state: &mut State, op: &mut AcquireOp, pending: Vec<Pending>) {
     state.track(group, pending);
 }
 
-/// Requests whose storage did not answer in time get a Timeout answer; what they took is rolled
-/// back and what is still running is cleaned up when it comes back.
-pub fn expire(state: &mut State, now: Instant) {
-    let late: Vec<OpId> = state
-        .acquires
-        .iter()
-        .filter(|(_, op)| op.deadline <= now)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in late {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        let waiting = op.inflight.len();
-        let mut stuck: Vec<(LeaseSpec, PathBuf)> = Vec::new();
-        for (job, (spec, mount, _)) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-            stuck.push((spec, mount));
-        }
-        stuck.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let Some((spec, mount)) = stuck.first() else {
-            // Nothing outstanding: the deadline passed between two steps; finish normally.
-            advance(state, id, op);
-            continue;
-        };
-        let ms = now.saturating_duration_since(op.started).as_millis();
-        let message = format!(
-            "storage holding {} {} (mount {}) is not answering: no reply within {ms} ms ({waiting} \
-             file(s) of this request still waiting); nothing was locked for VM '{}'; check the \
-             storage (NFS server, network) behind {} and retry; lockwardend keeps serving other \
-             storage",
-            what(spec.kind),
-            esc(&spec.name),
-            esc(&mount.to_string_lossy()),
-            esc(&op.owner.name),
-            esc(&mount.to_string_lossy()),
-        );
-        error!(
-            "acquire for VM {:?} (pid {}) timed out: {} {:?} on mount {:?} is not answering after \
-             {ms} ms",
-            op.owner.name,
-            op.owner.pid,
-            what(spec.kind),
-            spec.name,
-            mount
-        );
-        let failure = reply(ErrorKind::Timeout, spec, message, None);
-        let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
-        pools.sort();
-        pools.dedup();
-        for p in pools {
-            super::metrics::stalled(&mut state.metrics, p);
-        }
-        fail(state, op, *failure);
+/// Request `id`, whose storage did not answer in time (route.rs), gets a Timeout answer; what it
+/// took is rolled back and what is still running is cleaned up when it comes back.
+pub fn expired(state: &mut State, id: OpId, mut op: Box<AcquireOp>, now: Instant) {
+    let waiting = op.inflight.len();
+    let mut stuck: Vec<(LeaseSpec, PathBuf)> = Vec::new();
+    for (job, (spec, mount, _)) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
+        stuck.push((spec, mount));
     }
+    stuck.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let Some((spec, mount)) = stuck.first() else {
+        // Nothing outstanding: the deadline passed between two steps; finish normally.
+        advance(state, id, op);
+        return;
+    };
+    let ms = now.saturating_duration_since(op.started).as_millis();
+    let message = format!(
+        "storage holding {} {} (mount {}) is not answering: no reply within {ms} ms ({waiting} \
+         file(s) of this request still waiting); nothing was locked for VM '{}'; check the \
+         storage (NFS server, network) behind {} and retry; lockwardend keeps serving other \
+         storage",
+        what(spec.kind),
+        esc(&spec.name),
+        esc(&mount.to_string_lossy()),
+        esc(&op.owner.name),
+        esc(&mount.to_string_lossy()),
+    );
+    error!(
+        "acquire for VM {:?} (pid {}) timed out: {} {:?} on mount {:?} is not answering after \
+         {ms} ms",
+        op.owner.name,
+        op.owner.pid,
+        what(spec.kind),
+        spec.name,
+        mount
+    );
+    let failure = reply(ErrorKind::Timeout, spec, message, None);
+    let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
+    pools.sort();
+    pools.dedup();
+    for p in pools {
+        super::metrics::stalled(&mut state.metrics, p);
+    }
+    fail(state, op, *failure);
 }
 
-/// A live re-exec cannot wait any longer: fail every waiting request (rolled back, answered).
-pub fn interrupt_all(state: &mut State) {
-    let ids: Vec<OpId> = state.acquires.keys().copied().collect();
-    for id in ids {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        for (job, _) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-        }
-        let f = Box::new(ErrorReply {
-            kind: ErrorKind::Timeout,
-            message: format!(
-                "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
-                 answered; nothing was locked; retry",
-                esc(&op.owner.name)
-            ),
-            resource: None,
-            holder: None,
-        });
-        fail(state, op, *f);
+/// A live re-exec cannot wait any longer (route.rs): fail the request (rolled back, answered).
+pub fn interrupted(state: &mut State, mut op: Box<AcquireOp>) {
+    for (job, _) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
     }
-    state.interrupt_groups();
+    let f = Box::new(ErrorReply {
+        kind: ErrorKind::Timeout,
+        message: format!(
+            "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
+             answered; nothing was locked; retry",
+            esc(&op.owner.name)
+        ),
+        resource: None,
+        holder: None,
+    });
+    fail(state, op, *f);
 }
 
-/// The client of these requests went away: roll them back without an answer.
-pub fn cancel_conn(state: &mut State, conn: ConnId) {
-    let gone: Vec<OpId> = state
-        .acquires
-        .iter()
-        .filter(|(_, op)| op.conn == conn)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in gone {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        for (job, _) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-        }
-        info!(
-            "client of the acquire for VM {:?} (pid {}) went away before storage answered; \
-             rolling it back",
-            op.owner.name, op.owner.pid
-        );
-        let pid = op.owner.pid;
-        rollback(state, pid, std::mem::take(&mut op.undo));
-        state.owners.prune(pid);
+/// The client of the request went away (route.rs): roll it back without an answer.
+pub fn cancelled(state: &mut State, mut op: Box<AcquireOp>) {
+    for (job, _) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
     }
-    state.cancel_groups(conn);
+    info!(
+        "client of the acquire for VM {:?} (pid {}) went away before storage answered; \
+         rolling it back",
+        op.owner.name, op.owner.pid
+    );
+    let pid = op.owner.pid;
+    rollback(state, pid, std::mem::take(&mut op.undo));
+    state.owners.prune(pid);
 }
 
-fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
+fn fail(state: &mut State, mut op: Box<AcquireOp>, e: ErrorReply) {
     refused_log(&op.owner, op.disks.iter().map(String::as_str), &e);
     super::metrics::refused(&mut state.metrics, e.kind, Some(op.started.elapsed()));
     let pid = op.owner.pid;
@@ -594,7 +504,7 @@ fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
     track(state, &mut op, jobs);
     match op.group {
         Some(g) => state.settle(g, Then::Respond(Response::Error(e)), op.deadline),
-        None => state.finished.push(Finished {
+        None => state.ledger.answer(Finished {
             conn: op.conn,
             response: Response::Error(e),
             restrict: false,
@@ -602,7 +512,7 @@ fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
     }
 }
 
-fn succeed(state: &mut State, mut op: AcquireOp) {
+fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
     // Only once the new leases are in the keeper's socket may the client hear they are taken: a crash
     // before this point drops them with our descriptors, and nobody was told they were held.
     let keys: Vec<LeaseKey> = op
@@ -663,7 +573,7 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
             },
             op.deadline,
         ),
-        None => state.finished.push(Finished {
+        None => state.ledger.answer(Finished {
             conn: op.conn,
             response: Response::Ok {
                 // Acquire/Release answers carry no lease list (docs/protocol.md).

@@ -169,6 +169,7 @@ pub fn boot_now() -> Duration {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
 
     fn lease_fd(p: &Path) -> Arc<OwnedFd> {
         let f = std::fs::OpenOptions::new()

@@ -11,11 +11,12 @@
 //! written to the disk meanwhile and the VM must never run on it again. Every event is logged
 //! once per lease.
 
-use super::liveness::{self, Fenced, Stage};
-use super::lease::LeaseKey;
 use super::health::{self, Verdict};
+use super::lease::LeaseKey;
+use super::ledger::JobFor;
+use super::liveness::{self, Fenced, Stage};
 use super::lost;
-use super::state::{JobFor, State};
+use super::state::State;
 use crate::protocol::FailureAction;
 use crate::text::esc;
 use log::{error, warn};

@@ -29,9 +29,10 @@
 
 use super::beat::{Beat, Beaten, boot_now};
 use super::fence;
-use super::liveness::{Mount, mount_of};
 use super::lease::LeaseKey;
-use super::state::{JobFor, State};
+use super::ledger::JobFor;
+use super::liveness::{Mount, mount_of};
+use super::state::State;
 use super::storage::{JobId, Work};
 use log::{error, info, warn};
 use std::collections::HashMap;
@@ -141,10 +142,7 @@ fn scan(state: &mut State, now: Instant, boot: Duration) {
         .retain(|k, _| leases.get(k).is_some());
     // Heartbeat files of mounts without leases any more: closed on their heartbeat thread.
     for (m, f) in files {
-        let job = state
-            .storage
-            .submit(&pool_of(&m), 1, false, Work::Close(vec![f]));
-        state.jobs.insert(job, JobFor::Other);
+        state.submit_to(&pool_of(&m), 1, false, Work::Close(vec![f]), JobFor::Other);
     }
 }
 
@@ -170,10 +168,11 @@ fn send(state: &mut State, path: &PathBuf, now: Instant) {
         host,
         seq,
     }));
-    let job = state.storage.submit(&pool_of(path), 1, false, work);
-    m.in_flight = Some((job, boot_now()));
-    m.next_beat = now + interval;
-    state.jobs.insert(job, JobFor::Heartbeat);
+    let job = state.submit_to(&pool_of(path), 1, false, work, JobFor::Heartbeat);
+    if let Some(m) = state.heartbeat.mounts.get_mut(path) {
+        m.in_flight = Some((job, boot_now()));
+        m.next_beat = now + interval;
+    }
 }
 
 /// The storage pool key of `mount`'s heartbeat thread.
@@ -195,10 +194,8 @@ pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
     let Some(m) = state.heartbeat.mounts.get_mut(&b.mount).filter(|_| mine) else {
         // The mount has no leases any more: close its file on its heartbeat thread.
         if let Some(f) = b.file {
-            let job = state
-                .storage
-                .submit(&pool_of(&b.mount), 1, false, Work::Close(vec![f]));
-            state.jobs.insert(job, JobFor::Other);
+            let pool = pool_of(&b.mount);
+            state.submit_to(&pool, 1, false, Work::Close(vec![f]), JobFor::Other);
         }
         return;
     };

@@ -298,4 +298,3 @@ impl Leases {
         self.map.iter().map(|(k, l)| (k, &**l))
     }
 }
-

@@ -36,7 +36,8 @@
 
 use super::health::{Verdict, classify};
 use super::lease::LeaseKey;
-use super::state::{JobFor, State};
+use super::ledger::JobFor;
+use super::state::State;
 use super::storage::{JobId, Work};
 use crate::protocol::{FailureAction, LeaseInfo, Owner};
 use crate::text::now_secs;
@@ -90,14 +91,7 @@ pub fn probe(state: &mut State, key: LeaseKey, for_: JobFor) -> Option<JobId> {
     let l = state.leases.get(&key)?;
     let (fd, mode) = (Arc::clone(&l.fd), l.mode);
     let mount = state.mounts.of(&l.lock_path);
-    let job = state.storage.submit(
-        &mount,
-        state.mounts.threads(&mount),
-        state.mounts.is_local(&mount),
-        Work::Probe { key, fd, mode },
-    );
-    state.jobs.insert(job, for_);
-    Some(job)
+    Some(state.submit(&mount, Work::Probe { key, fd, mode }, for_))
 }
 
 /// A probe came back.
