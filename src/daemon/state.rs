@@ -106,6 +106,20 @@ impl State {
         }
     }
 
+    /// A state for the core's unit tests (core_tests.rs): `keeper` (a recording link), fresh
+    /// storage pools, this host's mount table, a kill grace of one second.
+    #[cfg(test)]
+    pub fn for_test(keeper: Keeper) -> State {
+        let storage = Storage::new().expect("a pipe for the storage wake-ups");
+        State::new(
+            "test-host".into(),
+            0,
+            Duration::from_secs(1),
+            keeper,
+            storage,
+        )
+    }
+
     /// Requests waiting on storage.
     pub fn waiting(&self) -> usize {
         self.ledger.waiting()

@@ -24,6 +24,9 @@ pub struct Keeper {
     /// This link's keeper was started by this process (not found running): after a lost
     /// link, a keeper replaced (metrics, journal event).
     pub started_new: bool,
+    /// Test seam: a link that only records what it is told (recording.rs).
+    #[cfg(test)]
+    pub(super) recording: Option<Box<super::recording::Recording>>,
 }
 
 impl Keeper {
@@ -53,6 +56,8 @@ impl Keeper {
             rx: Receiver::new(),
             broke: false,
             started_new: false,
+            #[cfg(test)]
+            recording: None,
         };
         let held = k.hello()?;
         if peer.is_some_and(|p| p != k.pid) {
@@ -102,7 +107,30 @@ impl Keeper {
             rx: Receiver::new(),
             broke: false,
             started_new: false,
+            #[cfg(test)]
+            recording: None,
         }
+    }
+
+    /// Test seam: a link to no process that records what it is told (recording.rs).
+    #[cfg(test)]
+    pub fn recording() -> Keeper {
+        let mut k = Keeper::detached(PathBuf::from("(recording keeper)"));
+        k.version = KEEPER_PROTOCOL;
+        k.recording = Some(Box::default());
+        k
+    }
+
+    /// What a recording link was told (None for a real one).
+    #[cfg(test)]
+    pub fn recorded(&self) -> Option<&super::recording::Recording> {
+        self.recording.as_deref()
+    }
+
+    /// The recording link's state, to make it fail (None for a real one).
+    #[cfg(test)]
+    pub fn recorded_mut(&mut self) -> Option<&mut super::recording::Recording> {
+        self.recording.as_deref_mut()
     }
 
     /// Forget a link that failed (the peer hung up); the next `ensure` reconnects.
@@ -127,6 +155,8 @@ impl Keeper {
             rx: Receiver::new(),
             broke: false,
             started_new: false,
+            #[cfg(test)]
+            recording: None,
         };
         if let Err(e) = k.hello() {
             warn!("{e}; lockwardend reconnects and re-sends every lease by itself");
@@ -141,6 +171,10 @@ impl Keeper {
 
     /// Is a keeper connected?
     pub fn connected(&self) -> bool {
+        #[cfg(test)]
+        if let Some(r) = &self.recording {
+            return r.up;
+        }
         self.conn.is_some()
     }
 
@@ -155,6 +189,10 @@ impl Keeper {
     /// Reconnect (or start a new keeper) after the link broke. Ok(true): the link is new and
     /// the keeper must be told everything again.
     pub fn ensure(&mut self) -> Result<bool, String> {
+        #[cfg(test)]
+        if let Some(r) = self.recording.as_mut() {
+            return r.ensure();
+        }
         if self.conn.is_some() {
             return Ok(false);
         }
@@ -167,6 +205,12 @@ impl Keeper {
     /// the module doc), one message and one acknowledgement per batch (version 2), or one of
     /// each per lease for a version 1 keeper.
     pub fn hold(&mut self, holds: &[Hold<'_>]) -> Result<(), String> {
+        #[cfg(test)]
+        if let Some(r) = self.recording.as_mut() {
+            let sent = r.hold(holds);
+            self.broke |= sent.is_err();
+            return sent;
+        }
         if holds.is_empty() {
             return Ok(());
         }
@@ -229,6 +273,10 @@ impl Keeper {
     /// Tell the keeper to close its copies of `keys` (and, before version 3, wait until it
     /// did; the daemon's own explicit unlock is what drops the lock either way).
     pub fn release(&mut self, keys: &[LeaseKey]) -> Result<(), String> {
+        #[cfg(test)]
+        if let Some(r) = self.recording.as_mut() {
+            return r.release(keys);
+        }
         if self.conn.is_none() || keys.is_empty() {
             return Ok(());
         }
@@ -262,6 +310,10 @@ impl Keeper {
     }
 
     pub fn reset(&mut self) -> Result<(), String> {
+        #[cfg(test)]
+        if let Some(r) = self.recording.as_mut() {
+            return r.reset();
+        }
         self.call(&ToKeeper::Reset).map(drop)
     }
 

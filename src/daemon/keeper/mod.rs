@@ -49,6 +49,9 @@ use std::time::Duration;
 // link: the daemon's side; process: the keeper itself; wire: socket and messages.
 mod link;
 mod process;
+// recording: a link that records what it is told, for the core's unit tests.
+#[cfg(test)]
+pub mod recording;
 mod wire;
 
 pub use link::Keeper;
@@ -284,6 +287,7 @@ mod tests {
             rx: Receiver::new(),
             broke: false,
             started_new: false,
+            recording: None,
         };
         (k, server)
     }
