@@ -58,6 +58,10 @@ mod storage;
 mod thaw;
 mod watchdog;
 
+// The core's rules against a recording keeper, with real files and locks.
+#[cfg(test)]
+mod core_tests;
+
 use args::Command;
 use log::{error, info, warn};
 use std::process::ExitCode;
