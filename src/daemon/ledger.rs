@@ -307,3 +307,170 @@ impl Ledger {
         !self.finished.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn group(conn: ConnId, deadline: Instant, settled: bool) -> Wait {
+        Wait::Group(Group {
+            conn,
+            jobs: HashMap::new(),
+            then: settled.then(|| Then::Respond(Response::Ok { leases: Vec::new() })),
+            deadline,
+            started: deadline,
+        })
+    }
+
+    fn acquire(conn: ConnId, deadline: Instant) -> Wait {
+        Wait::Acquire(Box::new(AcquireOp {
+            conn,
+            owner: Owner {
+                uuid: "00000000-0000-4000-8000-000000000001".into(),
+                name: "vm".into(),
+                id: 1,
+                pid: 1,
+            },
+            restrict: false,
+            phases: VecDeque::new(),
+            inflight: HashMap::new(),
+            conflicts: Vec::new(),
+            undo: Vec::new(),
+            failure: None,
+            deadline,
+            started: deadline,
+            requested: 0,
+            disks: Vec::new(),
+            since: 0,
+            group: None,
+        }))
+    }
+
+    fn thaw(conn: ConnId, deadline: Instant) -> Wait {
+        Wait::Thaw(ThawOp {
+            conn,
+            vm: "vm".into(),
+            pids: Vec::new(),
+            jobs: HashMap::new(),
+            results: Vec::new(),
+            deadline,
+            started: deadline,
+        })
+    }
+
+    #[test]
+    fn due_of_conn_and_all_pick_by_deadline_and_client_in_id_order() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut l = Ledger::default();
+        let ids: Vec<OpId> = (0..5).map(|_| l.next_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+        // Parked out of order, so the sorting is what is tested.
+        l.park(ids[3], thaw(2, t0 + s));
+        l.park(ids[0], acquire(1, t0 + 2 * s));
+        l.park(ids[4], group(1, t0, false));
+        l.park(ids[1], group(2, t0, true));
+        l.park(ids[2], acquire(1, t0));
+        assert_eq!(l.waiting(), 5);
+        // A group still being worked on has no deadline of its own.
+        assert_eq!(l.due(t0), vec![ids[1], ids[2]]);
+        assert_eq!(l.due(t0 + s), vec![ids[1], ids[2], ids[3]]);
+        assert_eq!(l.due(t0 + 2 * s), vec![ids[0], ids[1], ids[2], ids[3]]);
+        assert!(l.due(t0 - Duration::from_millis(1)).is_empty());
+        assert_eq!(l.next_deadline(), Some(t0));
+        assert_eq!(l.of_conn(1), vec![ids[0], ids[2], ids[4]]);
+        assert_eq!(l.of_conn(2), vec![ids[1], ids[3]]);
+        assert!(l.of_conn(3).is_empty());
+        assert_eq!(l.all(), ids);
+        // Taking a request out removes it from every selection.
+        assert!(matches!(l.take(ids[2]), Some(Wait::Acquire(_))));
+        assert_eq!(l.due(t0), vec![ids[1]]);
+        assert_eq!(l.take(ids[2]).map(|w| w.conn()), None);
+        assert_eq!(l.waiting(), 4);
+    }
+
+    #[test]
+    fn take_acquire_and_group_mut_leave_other_kinds_in_place() {
+        let t0 = Instant::now();
+        let mut l = Ledger::default();
+        let (a, g, t) = (l.next_id(), l.next_id(), l.next_id());
+        l.park(a, acquire(1, t0));
+        l.park(g, group(1, t0, false));
+        l.park(t, thaw(1, t0));
+        assert!(l.take_acquire(g).is_none());
+        assert!(l.take_acquire(t).is_none());
+        assert!(l.group_mut(a).is_none());
+        assert!(l.thaw_mut(g).is_none());
+        assert_eq!(
+            l.waiting(),
+            3,
+            "nothing was lost by asking for the wrong kind"
+        );
+        assert!(l.group_mut(g).is_some());
+        assert!(l.thaw_mut(t).is_some());
+        assert_eq!(l.thaws().count(), 1);
+        assert_eq!(l.take_acquire(a).map(|op| op.conn), Some(1));
+        assert!(l.take_acquire(a).is_none());
+        assert_eq!(l.waiting(), 2);
+    }
+
+    #[test]
+    fn jobs_come_back_once_and_can_be_reassigned_while_in_flight() {
+        let mut l = Ledger::default();
+        l.submitted(1, JobFor::Take(7));
+        l.submitted(2, JobFor::Probe);
+        assert!(l.reassign(1, JobFor::Orphan));
+        assert_eq!(l.came_back(1), Some(JobFor::Orphan));
+        // Back already: nobody knows it any more, and it cannot be reassigned.
+        assert_eq!(l.came_back(1), None);
+        assert!(!l.reassign(1, JobFor::Group(3)));
+        assert_eq!(l.came_back(1), None);
+        // Unknown jobs (a previous process's, after a re-exec) are ignored.
+        assert_eq!(l.came_back(99), None);
+        assert_eq!(l.came_back(2), Some(JobFor::Probe));
+    }
+
+    #[test]
+    fn background_jobs_count_only_work_that_changes_storage() {
+        let mut l = Ledger::default();
+        for (job, why) in [
+            (1, JobFor::Take(1)),
+            (2, JobFor::Orphan),
+            (3, JobFor::Probe),
+            (4, JobFor::Other),
+            (5, JobFor::Group(1)),
+            (6, JobFor::Heartbeat),
+            (7, JobFor::Fence),
+            (8, JobFor::Thaw(2)),
+            (9, JobFor::Other),
+        ] {
+            l.submitted(job, why);
+        }
+        assert_eq!(l.background_jobs(), 3);
+        // A Take whose request went away becomes background work once a group takes it over.
+        assert!(l.reassign(1, JobFor::Group(4)));
+        assert_eq!(l.background_jobs(), 4);
+        l.came_back(4);
+        l.came_back(5);
+        assert_eq!(l.background_jobs(), 2);
+    }
+
+    #[test]
+    fn answers_are_handed_out_once() {
+        let mut l = Ledger::default();
+        assert!(!l.has_finished());
+        for conn in [3, 1] {
+            l.answer(Finished {
+                conn,
+                response: Response::Ok { leases: Vec::new() },
+                restrict: false,
+            });
+        }
+        assert!(l.has_finished());
+        let conns: Vec<ConnId> = l.take_finished().iter().map(|f| f.conn).collect();
+        assert_eq!(conns, vec![3, 1], "in the order they were ready");
+        assert!(!l.has_finished());
+        assert!(l.take_finished().is_empty());
+    }
+}
