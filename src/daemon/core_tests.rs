@@ -21,7 +21,7 @@ use nix::fcntl::{FcntlArg, fcntl};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -895,4 +895,169 @@ fn a_job_already_back_is_not_waited_for() {
     assert_eq!(s.waiting(), 0);
     assert_eq!(s.ledger.came_back(4002), Some(JobFor::Other));
     assert!(!s.ledger.has_finished());
+}
+
+#[test]
+fn one_image_named_writable_and_read_only_in_one_request_is_one_exclusive_lease() {
+    let disks = Disks::new();
+    let d = disks.image("d.img");
+    let vm = Vm::start("vm-a");
+    let mut s = state();
+    // Shared entry first: exclusive leases are still taken first.
+    ok(&acquire(
+        &mut s,
+        1,
+        &vm,
+        &[spec(&d, LeaseMode::Shared), spec(&d, LeaseMode::Exclusive)],
+    ));
+    assert_eq!(s.leases.len(), 1);
+    assert_eq!(
+        s.leases.get(&key_of(&d)).unwrap().mode,
+        LeaseMode::Exclusive
+    );
+    assert_eq!(holds(&s).concat().len(), 1, "{:?}", told(&s));
+    assert_eq!(
+        try_lock_from_outside(&d, libc::F_RDLCK),
+        Err(Errno::EAGAIN),
+        "readers are shut out too"
+    );
+}
+
+#[test]
+fn a_vm_holding_a_disk_shared_cannot_also_take_it_writable() {
+    let disks = Disks::new();
+    let d = disks.image("d.img");
+    let vm = Vm::start("vm-a");
+    let mut s = state();
+    ok(&acquire(&mut s, 1, &vm, &[spec(&d, LeaseMode::Shared)]));
+    let e = error(acquire(&mut s, 2, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
+    assert!(e.message.contains("shared mode"), "{}", e.message);
+    // The shared lease it had before the refused request stays.
+    assert_eq!(s.leases.get(&key_of(&d)).unwrap().mode, LeaseMode::Shared);
+    assert_eq!(held_by(&s, &key_of(&d)), vec![vm.pid()]);
+    assert_eq!(try_lock_from_outside(&d, libc::F_RDLCK), Ok(()));
+    assert_locked(&d);
+}
+
+#[test]
+fn two_paths_to_one_image_are_one_lease_released_by_either() {
+    let disks = Disks::new();
+    let d = disks.image("d.img");
+    let link = disks.dir.path().join("link.img");
+    std::os::unix::fs::symlink(&d, &link).unwrap();
+    let link = link.to_str().unwrap().to_string();
+    let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
+    let mut s = state();
+    ok(&acquire(
+        &mut s,
+        1,
+        &a,
+        &[
+            spec(&d, LeaseMode::Exclusive),
+            spec(&link, LeaseMode::Exclusive),
+        ],
+    ));
+    assert_eq!(s.leases.len(), 1);
+    let e = error(acquire(&mut s, 2, &b, &[spec(&link, LeaseMode::Exclusive)]));
+    assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
+    ok_response(release(&mut s, 3, &a, &[spec(&link, LeaseMode::Exclusive)]));
+    assert_eq!(s.leases.len(), 0);
+    assert_unlocked(&d);
+}
+
+#[test]
+fn a_deleted_image_can_still_be_released() {
+    let disks = Disks::new();
+    let d = disks.image("d.img");
+    let vm = Vm::start("vm-a");
+    let mut s = state();
+    ok(&acquire(&mut s, 1, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    let key = key_of(&d);
+    std::fs::remove_file(&d).unwrap();
+    ok_response(release(&mut s, 2, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    assert!(s.leases.get(&key).is_none());
+    assert_eq!(told(&s).last(), Some(&Told::Release(vec![key])));
+}
+
+#[test]
+fn a_lockspace_lock_file_is_gone_when_its_disk_is_free_or_its_acquire_refused() {
+    let disks = Disks::new();
+    let busy = disks.image("busy.img");
+    let locks = disks.dir.path().join("locks");
+    let locks = locks.to_str().unwrap().to_string();
+    let lockspace = |file: &str| LeaseSpec {
+        name: format!("/images/{file}.img"),
+        kind: ResourceKind::Disk,
+        mode: LeaseMode::Exclusive,
+        target: LockTarget::Lockspace {
+            dir: locks.clone(),
+            file: file.into(),
+            create_dir: true,
+        },
+    };
+    let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
+    let mut s = state();
+    ok(&acquire(
+        &mut s,
+        1,
+        &a,
+        &[lockspace("0a1b"), spec(&busy, LeaseMode::Exclusive)],
+    ));
+    let lock_file = format!("{locks}/0a1b");
+    assert_locked(&lock_file);
+    assert_eq!(
+        s.leases.get(&key_of(&lock_file)).unwrap().name.as_ref(),
+        "/images/0a1b.img"
+    );
+    ok_response(release(&mut s, 2, &a, &[lockspace("0a1b")]));
+    assert!(
+        !Path::new(&lock_file).exists(),
+        "a lockd-style disk lock file is deleted when its disk is free"
+    );
+    // A refused acquire does not leave the lock file it created behind.
+    let e = error(acquire(
+        &mut s,
+        3,
+        &b,
+        &[lockspace("2c3d"), spec(&busy, LeaseMode::Exclusive)],
+    ));
+    assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
+    assert!(!Path::new(&format!("{locks}/2c3d")).exists());
+    assert_locked(&busy);
+}
+
+#[test]
+fn a_deadline_in_the_second_phase_rolls_back_the_first() {
+    let disks = Disks::new();
+    let (d1, d2) = (disks.image("d1.img"), disks.image("d2.img"));
+    let vm = Vm::start("vm-a");
+    let mut s = state();
+    s.storage_timeout = Duration::ZERO;
+    acquire::start(
+        &mut s,
+        1,
+        &vm.owner,
+        &[
+            spec(&d1, LeaseMode::Exclusive),
+            spec(&d2, LeaseMode::Shared),
+        ],
+        FailureAction::Default,
+        false,
+    )
+    .unwrap();
+    // One round: the exclusive phase is judged (d1 goes into the table) and the shared one
+    // starts; then the deadline passes.
+    route::storage_results(&mut s);
+    assert_eq!(s.leases.len(), 1, "d1 taken in the first phase");
+    route::expire(&mut s, Instant::now() + Duration::from_millis(1));
+    let e = error(one_answer(&mut s, 1));
+    assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);
+    assert_eq!(e.resource.as_deref(), Some(d2.as_str()));
+    drive(&mut s);
+    assert!(s.ledger.take_finished().is_empty());
+    assert_eq!(s.leases.len(), 0);
+    assert!(holds(&s).is_empty());
+    assert_unlocked(&d1);
+    assert_unlocked(&d2);
 }
