@@ -639,16 +639,7 @@ fn commit(
     let key = opened.key;
     if state.owners.get(owner.pid).is_none() {
         close(state, mount, opened, published);
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
-                "VM '{}' (pid {}) exited while its disks were being locked",
-                esc(&owner.name),
-                owner.pid
-            ),
-            resource: Some(spec.name.clone()),
-            holder: None,
-        }));
+        return Err(exited(&owner, spec));
     }
     if state.leases.get(&key).is_some() {
         // Taken shared by another request meanwhile: our second description goes.
@@ -718,6 +709,12 @@ fn join(
 ) -> Result<(), Failure> {
     let owner = &op.owner;
     let pid = owner.pid;
+    if state.owners.get(pid).is_none() {
+        // Its exit was handled while this request waited on storage: joining now would leave
+        // its pid among the lease's owners with nobody left to remove it (the lock would stay
+        // held after every other owner left).
+        return Err(exited(owner, spec));
+    }
     let Some(lease) = state.leases.get_mut(&key) else {
         return Err(reply(
             ErrorKind::Internal,
@@ -775,6 +772,20 @@ fn join(
         ));
     };
     Err(busy_owner(state, spec, key, other, since))
+}
+
+/// The owner's process exited (its exit was handled) while its request waited on storage.
+fn exited(owner: &Owner, spec: &LeaseSpec) -> Failure {
+    reply(
+        ErrorKind::Invalid,
+        spec,
+        format!(
+            "VM '{}' (pid {}) exited while its disks were being locked",
+            esc(&owner.name),
+            owner.pid
+        ),
+        None,
+    )
 }
 
 /// Busy because another owner of this daemon holds the lease: say who, where and since when.

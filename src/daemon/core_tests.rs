@@ -1061,3 +1061,42 @@ fn a_deadline_in_the_second_phase_rolls_back_the_first() {
     assert_unlocked(&d1);
     assert_unlocked(&d2);
 }
+
+#[test]
+fn a_vm_that_exits_while_joining_a_shared_lease_does_not_keep_it() {
+    let disks = Disks::new();
+    let d = disks.image("shared.img");
+    let (a, mut b) = (Vm::start("vm-a"), Vm::start("vm-b"));
+    let mut s = state();
+    ok(&acquire(&mut s, 1, &a, &[spec(&d, LeaseMode::Shared)]));
+    acquire::start(
+        &mut s,
+        2,
+        &b.owner,
+        &[spec(&d, LeaseMode::Shared)],
+        FailureAction::Default,
+        false,
+    )
+    .unwrap();
+    // B exits while its Take is out (the event loop sees its pidfd before the result).
+    b.kill();
+    assert!(release::owner_exited(&mut s, b.pid()).is_empty());
+    drive(&mut s);
+    // An owner that exited cannot be told it holds a lease.
+    let e = error(one_answer(&mut s, 2));
+    assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
+    assert!(e.message.contains("exited while"), "{}", e.message);
+    assert!(
+        holds(&s)
+            .iter()
+            .flatten()
+            .all(|h| !h.pids.contains(&b.pid())),
+        "the keeper was never told to watch the exited VM for this lease: {:?}",
+        told(&s)
+    );
+    assert_eq!(held_by(&s, &key_of(&d)), vec![a.pid()]);
+    // A leaves: nobody holds the disk any more.
+    ok_response(release(&mut s, 3, &a, &[spec(&d, LeaseMode::Shared)]));
+    assert_eq!(s.leases.len(), 0, "a lease kept for an exited VM");
+    assert_unlocked(&d);
+}
