@@ -451,12 +451,7 @@ pub fn expired(state: &mut State, id: OpId, mut op: Box<AcquireOp>, now: Instant
         mount
     );
     let failure = reply(ErrorKind::Timeout, spec, message, None);
-    let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
-    pools.sort();
-    pools.dedup();
-    for p in pools {
-        super::metrics::stalled(&mut state.metrics, p);
-    }
+    super::metrics::stalled(&mut state.metrics, stuck.iter().map(|(_, m)| m.as_path()));
     fail(state, op, *failure);
 }
 

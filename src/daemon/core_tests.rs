@@ -1100,3 +1100,39 @@ fn a_vm_that_exits_while_joining_a_shared_lease_does_not_keep_it() {
     assert_eq!(s.leases.len(), 0, "a lease kept for an exited VM");
     assert_unlocked(&d);
 }
+
+#[test]
+fn a_timed_out_release_counts_one_stall_per_mount() {
+    let mut s = State::for_test(Keeper::recording());
+    let g = s.new_group(3);
+    // Disks in name order alternate between two mounts.
+    let jobs = [("a", "/srv/m1"), ("b", "/srv/m2"), ("c", "/srv/m1")]
+        .iter()
+        .enumerate()
+        .map(|(i, (disk, mount))| {
+            let job = 5001 + i as u64;
+            s.ledger.submitted(job, JobFor::Other);
+            Pending {
+                job,
+                what: format!("disk /images/{disk}.img"),
+                mount: PathBuf::from(mount),
+            }
+        })
+        .collect();
+    s.track(g, jobs);
+    let t0 = Instant::now();
+    s.settle(g, released("vm-a"), t0);
+    route::expire(&mut s, t0);
+    let e = error(one_answer(&mut s, 3));
+    assert!(
+        e.message.contains("3 file(s) still waiting"),
+        "{}",
+        e.message
+    );
+    let stalls = &s.metrics.request_stalls;
+    assert_eq!(
+        (stalls.get("/srv/m1"), stalls.get("/srv/m2")),
+        (Some(&1), Some(&1)),
+        "one request timed out on each mount: {stalls:?}"
+    );
+}

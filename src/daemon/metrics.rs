@@ -57,9 +57,13 @@ pub fn acquired(c: &mut Counters, took: Duration) {
     c.acquire_latency.observe(micros(took));
 }
 
-/// A request timed out on the storage behind pool `pool`.
-pub fn stalled(c: &mut Counters, pool: &Path) {
-    *c.request_stalls.entry(mount_label(pool)).or_default() += 1;
+/// A request timed out on the storage behind `pools`: one stall per mount, however many of
+/// its files waited there (and whichever pools of that mount they waited on).
+pub fn stalled<'a>(c: &mut Counters, pools: impl IntoIterator<Item = &'a Path>) {
+    let mounts: std::collections::BTreeSet<String> = pools.into_iter().map(mount_label).collect();
+    for m in mounts {
+        *c.request_stalls.entry(m).or_default() += 1;
+    }
 }
 
 pub fn micros(d: Duration) -> u64 {

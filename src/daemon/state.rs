@@ -222,11 +222,7 @@ impl State {
                 let mut stuck: Vec<&(String, PathBuf)> = g.jobs.values().collect();
                 stuck.sort();
                 let ms = g.started.elapsed().as_millis();
-                let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
-                pools.dedup();
-                for p in pools {
-                    super::metrics::stalled(&mut self.metrics, p);
-                }
+                super::metrics::stalled(&mut self.metrics, stuck.iter().map(|(_, m)| m.as_path()));
                 let (what, mount) = stuck
                     .first()
                     .map(|(w, m)| (w.clone(), m.to_string_lossy().into_owned()))
