@@ -9,6 +9,7 @@
 //! writable, once read-only) locks it exclusively and the shared entry then finds it held.
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::ledger::{AcquireOp, Finished, JobFor, OpId, Pending, Then, Undo, Wait};
@@ -18,8 +19,7 @@ use super::release;
 use super::state::State;
 use super::storage::{Busy, Disposing, JobId, Taken, Work};
 use crate::protocol::{
-    ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
-    Response,
+    ErrorKind, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind, Response,
 };
 use crate::text::{esc, mode_word, now_secs, subject, utc, what};
 use log::{debug, error, info};
@@ -33,12 +33,11 @@ use std::time::Instant;
 const RESUBMITS: usize = 8;
 
 fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Holder>) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder,
-    })
+    Box::new(
+        DaemonError::of(kind, message)
+            .about(&spec.name)
+            .held_by(holder),
+    )
 }
 
 /// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
@@ -56,29 +55,31 @@ fn fields<'a>(
 
 /// Log a refusal as the `refused` journal event (docs/operators.md §11): the VM, every disk
 /// of the request (or the one refused, when the refusal names it) and the holder's host.
-pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &ErrorReply) {
+pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &DaemonError) {
     refused_log(owner, specs.iter().map(|s| s.name.as_str()), e);
 }
 
-fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a ErrorReply) {
-    let mut f = match &e.resource {
-        Some(r) => fields(owner, std::iter::once(r.as_str())),
+fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a DaemonError) {
+    let mut f = match e.resource() {
+        Some(r) => fields(owner, std::iter::once(r)),
         None => fields(owner, disks),
     };
-    if let Some(h) = e.holder.as_ref().and_then(|h| h.host.as_deref()) {
+    if let Some(h) = e.holder().and_then(|h| h.host.as_deref()) {
         f.push(("HOLDER_HOST", h));
     }
-    if let Some(vm) = e.holder.as_ref().and_then(|h| h.vm_name.as_deref()) {
+    if let Some(vm) = e.holder().and_then(|h| h.vm_name.as_deref()) {
         f.push(("HOLDER_VM_NAME", vm));
     }
-    f.push(("REASON", super::metrics::reason(e.kind)));
+    f.push(("REASON", super::metrics::reason(e.kind())));
     super::logging::event(
         log::Level::Info,
         super::logging::Event::Refused,
         &f,
         format_args!(
             "refused acquire for VM {:?} (pid {}): {}",
-            owner.name, owner.pid, e.message
+            owner.name,
+            owner.pid,
+            e.message()
         ),
     );
 }
@@ -97,17 +98,12 @@ pub fn start(
         lockfile::validate(spec).map_err(|m| reply(ErrorKind::Invalid, spec, m, None))?;
     }
     if state.terminating(owner.pid) {
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
-                "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
+        return Err(Box::new(DaemonError::invalid(format!(
+            "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
                  it held leases; it cannot take new ones",
-                esc(&owner.name),
-                owner.pid
-            ),
-            resource: None,
-            holder: None,
-        }));
+            esc(&owner.name),
+            owner.pid
+        ))));
     }
     let entry = state
         .owners
@@ -465,16 +461,11 @@ pub fn interrupted(state: &mut State, mut op: Box<AcquireOp>) {
     for (job, _) in op.inflight.drain() {
         state.ledger.reassign(job, JobFor::Orphan);
     }
-    let f = Box::new(ErrorReply {
-        kind: ErrorKind::Timeout,
-        message: format!(
-            "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
+    let f = Box::new(DaemonError::timeout(format!(
+        "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
              answered; nothing was locked; retry",
-            esc(&op.owner.name)
-        ),
-        resource: None,
-        holder: None,
-    });
+        esc(&op.owner.name)
+    )));
     fail(state, op, *f);
 }
 
@@ -493,9 +484,9 @@ pub fn cancelled(state: &mut State, mut op: Box<AcquireOp>) {
     state.owners.prune(pid);
 }
 
-fn fail(state: &mut State, mut op: Box<AcquireOp>, e: ErrorReply) {
+fn fail(state: &mut State, mut op: Box<AcquireOp>, e: DaemonError) {
     refused_log(&op.owner, op.disks.iter().map(String::as_str), &e);
-    super::metrics::refused(&mut state.metrics, e.kind, Some(op.started.elapsed()));
+    super::metrics::refused(&mut state.metrics, e.kind(), Some(op.started.elapsed()));
     let pid = op.owner.pid;
     let jobs = rollback(state, pid, std::mem::take(&mut op.undo));
     state.owners.prune(pid);
@@ -503,10 +494,10 @@ fn fail(state: &mut State, mut op: Box<AcquireOp>, e: ErrorReply) {
     // but never beyond the request's deadline.
     track(state, &mut op, jobs);
     match op.group {
-        Some(g) => state.settle(g, Then::Respond(Response::Error(e)), op.deadline),
+        Some(g) => state.settle(g, Then::Respond(e.into_response()), op.deadline),
         None => state.ledger.answer(Finished {
             conn: op.conn,
-            response: Response::Error(e),
+            response: e.into_response(),
             restrict: false,
         }),
     }
@@ -528,18 +519,13 @@ fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
             "cannot hand the leases of VM {:?} (pid {}) to the keeper: {e}",
             owner.name, owner.pid
         );
-        let f = Box::new(ErrorReply {
-            kind: ErrorKind::Internal,
-            message: format!(
-                "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
+        let f = Box::new(DaemonError::internal(format!(
+            "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
                  nothing was locked; check lockwardend's log (descriptor limit? /run full?) and \
                  retry",
-                esc(&owner.name),
-                esc(&e)
-            ),
-            resource: None,
-            holder: None,
-        });
+            esc(&owner.name),
+            esc(&e)
+        )));
         op.failure = None;
         fail(state, op, *f);
         return;
@@ -586,7 +572,7 @@ fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
 
 /// A request for a pid that does not exist (or cannot be watched) cannot be honoured: nothing
 /// would ever release what it takes. Shared by Acquire and Register.
-pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
+pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> DaemonError {
     let (kind, message) = match e {
         Errno::ESRCH => (
             ErrorKind::Invalid,
@@ -606,12 +592,7 @@ pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
             ),
         ),
     };
-    ErrorReply {
-        kind,
-        message,
-        resource: None,
-        holder: None,
-    }
+    DaemonError::of(kind, message)
 }
 
 fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) -> Vec<Pending> {
@@ -639,16 +620,14 @@ fn commit(
     let key = opened.key;
     if state.owners.get(owner.pid).is_none() {
         close(state, mount, opened, published);
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
+        return Err(Box::new(
+            DaemonError::invalid(format!(
                 "VM '{}' (pid {}) exited while its disks were being locked",
                 esc(&owner.name),
                 owner.pid
-            ),
-            resource: Some(spec.name.clone()),
-            holder: None,
-        }));
+            ))
+            .about(&spec.name.clone()),
+        ));
     }
     if state.leases.get(&key).is_some() {
         // Taken shared by another request meanwhile: our second description goes.

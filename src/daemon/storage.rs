@@ -23,11 +23,12 @@
 //! cleaned up by the loop (a lock nobody waits for any more is dropped again).
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder::{self, Published, Record, Slot};
 use super::lease::{HeldKeys, LeaseKey, LockDir, Seen};
 use super::lock;
 use super::lockfile::{self, Disposal, OpenError, Opened};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec, ResourceKind};
+use crate::protocol::{ErrorKind, LeaseMode, LeaseSpec, ResourceKind};
 use log::{debug, warn};
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -371,12 +372,7 @@ fn run(work: Work) -> Outcome {
 }
 
 fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder: None,
-    })
+    Box::new(DaemonError::of(kind, message).about(&spec.name))
 }
 
 /// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
@@ -389,12 +385,7 @@ fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
         lockspace: opened.dir.is_some(),
     };
     let r = holder::read_for_refusal(target, &spec.name);
-    Box::new(ErrorReply {
-        kind: ErrorKind::Busy,
-        message: r.message,
-        resource: Some(spec.name.clone()),
-        holder: Some(r.holder),
-    })
+    Box::new(DaemonError::busy(r.message, Some(r.holder)).about(&spec.name))
 }
 
 fn dispose(d: Disposing) -> Outcome {
