@@ -32,14 +32,6 @@ use std::time::Instant;
 /// How often one disk's job is started again because the table changed under it.
 const RESUBMITS: usize = 8;
 
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Holder>) -> Failure {
-    Box::new(
-        DaemonError::of(kind, message)
-            .about(&spec.name)
-            .held_by(holder),
-    )
-}
-
 /// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
 fn fields<'a>(
     owner: &'a Owner,
@@ -95,7 +87,7 @@ pub fn start(
     restrict: bool,
 ) -> Result<(), Failure> {
     for spec in specs {
-        lockfile::validate(spec).map_err(|m| reply(ErrorKind::Invalid, spec, m, None))?;
+        lockfile::validate(spec).map_err(|m| DaemonError::on(ErrorKind::Invalid, spec, m))?;
     }
     if state.terminating(owner.pid) {
         return Err(Box::new(DaemonError::invalid(format!(
@@ -249,7 +241,7 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     None,
                 );
                 close(state, &mount, *opened, None);
-                let busy = reply(ErrorKind::Busy, &spec, m, None);
+                let busy = DaemonError::on(ErrorKind::Busy, &spec, m);
                 op.conflicts.push((spec, key, busy));
             } else if op.failure.is_none() {
                 // Other hosts' records are read on a worker, never on the event loop: a
@@ -272,11 +264,10 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     // Released meanwhile: take it afresh.
                     submit(state, id, &mut op, spec, tries + 1);
                 } else {
-                    op.failure = Some(reply(
+                    op.failure = Some(DaemonError::on(
                         ErrorKind::Internal,
                         &spec,
                         "its lease kept changing while being taken; retry".into(),
-                        None,
                     ));
                 }
             }
@@ -446,7 +437,7 @@ pub fn expired(state: &mut State, id: OpId, mut op: Box<AcquireOp>, now: Instant
         spec.name,
         mount
     );
-    let failure = reply(ErrorKind::Timeout, spec, message, None);
+    let failure = DaemonError::on(ErrorKind::Timeout, spec, message);
     let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
     pools.sort();
     pools.dedup();
@@ -698,11 +689,10 @@ fn join(
     let owner = &op.owner;
     let pid = owner.pid;
     let Some(lease) = state.leases.get_mut(&key) else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "lease table changed unexpectedly".into(),
-            None,
         ));
     };
     if lease.owners.contains_key(&pid) {
@@ -726,7 +716,7 @@ fn join(
             subject(spec.kind, &spec.name, &lease.lock_path),
             esc(&owner.name)
         );
-        return Err(reply(ErrorKind::Invalid, spec, m, None));
+        return Err(DaemonError::on(ErrorKind::Invalid, spec, m));
     }
     if lease.mode == LeaseMode::Shared && spec.mode == LeaseMode::Shared {
         lease.owners.insert(pid, now_secs());
@@ -746,11 +736,10 @@ fn join(
         return Ok(());
     }
     let Some((&other, &since)) = lease.owners.iter().next() else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "a lease without owners".into(),
-            None,
         ));
     };
     Err(busy_owner(state, spec, key, other, since))
@@ -785,17 +774,13 @@ fn busy_owner(
         mode_word(mode),
         what(spec.kind)
     );
-    reply(
-        ErrorKind::Busy,
-        spec,
-        m,
-        Some(Holder {
-            vm_name: Some(vm),
-            vm_uuid: Some(uuid),
-            host: Some(state.hostname.clone()),
-            pid: i32::try_from(holder_pid).ok(),
-            since: Some(since),
-            mode: Some(mode),
-        }),
-    )
+    let holder = Holder {
+        vm_name: Some(vm),
+        vm_uuid: Some(uuid),
+        host: Some(state.hostname.clone()),
+        pid: i32::try_from(holder_pid).ok(),
+        since: Some(since),
+        mode: Some(mode),
+    };
+    Box::new(DaemonError::busy(m, Some(holder)).about(&spec.name))
 }

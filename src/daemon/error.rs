@@ -6,7 +6,7 @@
 //! one place (`into_reply`). Every message is a complete sentence for the operator: what
 //! failed, on which disk or VM, and what to do (docs/hardening.md).
 
-use crate::protocol::{ErrorKind, ErrorReply, Holder, Response};
+use crate::protocol::{ErrorKind, ErrorReply, Holder, LeaseSpec, Response};
 use std::fmt;
 
 /// A refused request.
@@ -61,15 +61,14 @@ impl DaemonError {
         Self::new(kind, message)
     }
 
+    /// A refusal about disk `spec`, boxed as it travels up (`Failure`).
+    pub fn on(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Box<DaemonError> {
+        Box::new(Self::new(kind, message).about(&spec.name))
+    }
+
     /// The disk or lease this refusal is about.
     pub fn about(mut self, resource: &str) -> DaemonError {
         self.resource = Some(resource.to_string());
-        self
-    }
-
-    /// The VM (and host) holding the disk, when its record could be read.
-    pub fn held_by(mut self, holder: Option<Holder>) -> DaemonError {
-        self.holder = holder;
         self
     }
 

@@ -178,7 +178,9 @@ pub fn check_fd_limit(max_clients: usize, max_owners: usize) -> Option<(u64, u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
+    use crate::protocol::{
+        ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, ResourceKind,
+    };
 
     fn owner(pid: u32, uuid: &str) -> Owner {
         Owner {

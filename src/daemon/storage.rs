@@ -371,10 +371,6 @@ fn run(work: Work) -> Outcome {
     }
 }
 
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
-    Box::new(DaemonError::of(kind, message).about(&spec.name))
-}
-
 /// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
 /// the holder records on the shared storage, or say what the kernel knows (a local pid).
 fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
@@ -429,8 +425,8 @@ fn take(
     use crate::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
-            OpenError::Invalid(m) => reply(ErrorKind::Invalid, spec, m),
-            OpenError::Io(m) => reply(ErrorKind::Io, spec, m),
+            OpenError::Invalid(m) => DaemonError::on(ErrorKind::Invalid, spec, m),
+            OpenError::Io(m) => DaemonError::on(ErrorKind::Io, spec, m),
         })?;
         if held.check(&opened.key, DISPOSAL_WAIT) == Seen::Held {
             return Ok(Taken::Held(opened));
@@ -451,7 +447,7 @@ fn take(
                 subject(spec.kind, &spec.name, &opened.lock_path),
                 e.desc()
             );
-            return Err(reply(ErrorKind::Io, spec, m));
+            return Err(DaemonError::on(ErrorKind::Io, spec, m));
         }
         if let Some(dir) = &opened.dir {
             if !lockfile::still_named(dir, opened.key) {
@@ -483,7 +479,7 @@ fn take(
         });
         return Ok(Taken::Locked(opened, published));
     }
-    Err(reply(
+    Err(DaemonError::on(
         ErrorKind::Io,
         spec,
         format!(
