@@ -14,8 +14,7 @@
 //! skewed clock can make a host look more recently alive than it was, never longer dead: the
 //! age is a hint for an operator, never a reason for lockwarden to act.
 
-use super::host_label;
-use super::publish::open_record_dir;
+use super::{host_label, open_record_dir};
 use crate::text::{esc, now_secs};
 use crate::untrusted::{Access, open_regular_at, read_bounded};
 use serde::Serialize;
@@ -63,7 +62,7 @@ pub fn ago(s: u64) -> String {
 /// When each of `hosts` last wrote its heartbeat in the record directory `dir` (a
 /// `.lockwarden` directory), at most [`MAX_HOSTS`] of them; the directory is opened once.
 pub fn hosts_last_seen(dir: &str, hosts: &[&str]) -> Vec<LastSeen> {
-    let Ok(Some(dfd)) = open_record_dir(dir, false) else {
+    let Ok(Some(dfd)) = open_record_dir(dir) else {
         return Vec::new();
     };
     hosts

@@ -1,8 +1,6 @@
 //! Reading records and judging whether to believe them.
 
 use super::*;
-use crate::daemon::lock::{self, Conflict};
-use crate::daemon::pidfd::comm;
 use crate::protocol::LeaseMode;
 use crate::text::mode_word;
 use crate::untrusted::{Access, OpenFailure, open_regular_at, read_bounded};
@@ -66,7 +64,12 @@ impl Found {
 
 /// What the kernel says holds byte 0 of `fd` (which must not hold a lock itself).
 pub fn kernel_lock(fd: BorrowedFd<'_>) -> Option<KernelLock> {
-    let Conflict { pid, mode } = lock::conflict(fd, LeaseMode::Exclusive)?;
+    let (l_type, pid) = ofd_getlk(fd, 0)?;
+    let mode = if l_type == libc::F_RDLCK {
+        LeaseMode::Shared
+    } else {
+        LeaseMode::Exclusive
+    };
     let nfs = fstatfs(fd)
         .map(|s| s.filesystem_type() == NFS_SUPER_MAGIC)
         .unwrap_or(false);
@@ -76,6 +79,23 @@ pub fn kernel_lock(fd: BorrowedFd<'_>) -> Option<KernelLock> {
         comm: pid.filter(|_| !nfs).and_then(comm),
         nfs,
     })
+}
+
+/// `/proc/PID/comm` of a local process (at most 64 bytes read), for messages that name a lock
+/// holder.
+fn comm(pid: i32) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/comm"))
+        .ok()?
+        .take(64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\n')
+            .to_string(),
+    )
 }
 
 /// Read and judge every record about the file open as `target.fd`. Never writes or deletes.
@@ -253,7 +273,7 @@ fn read_side(
     ignored: &mut Vec<Ignored>,
 ) -> usize {
     let started = Instant::now();
-    let dir = match open_record_dir(&side.dir, false) {
+    let dir = match open_record_dir(&side.dir) {
         Ok(Some(d)) => d,
         Ok(None) => return 0,
         Err(e) => {
