@@ -68,9 +68,9 @@ def edges():
                     base, parts = base[:-1], parts[1:]
                 targets = [base + parts]
                 if group and len(parts) < 2:
-                    # `use crate::{abi as a, protocol::Owner}`: the first name of each entry.
-                    names = [g.strip().split("::")[0].split()[0] for g in group.split(",") if g.strip()]
-                    targets = [base + parts + [n] for n in names]
+                    # `use crate::{abi as a, plugin::params}`: each entry's path, without `as x`.
+                    entries = [re.findall(r"\w+", g.split(" as ")[0]) for g in group.split(",")]
+                    targets = [base + parts + e for e in entries if e]
                 for t in targets:
                     t = [x for x in t if x not in ("self",)]
                     # `crate::protocol::Request` names an item of the module `protocol`.
