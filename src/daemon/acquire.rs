@@ -9,6 +9,7 @@
 //! writable, once read-only) locks it exclusively and the shared entry then finds it held.
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::ledger::{AcquireOp, Finished, JobFor, OpId, Pending, Then, Undo, Wait};
@@ -18,8 +19,7 @@ use super::release;
 use super::state::State;
 use super::storage::{Busy, Disposing, JobId, Taken, Work};
 use crate::protocol::{
-    ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
-    Response,
+    ErrorKind, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind, Response,
 };
 use crate::text::{esc, mode_word, now_secs, subject, utc, what};
 use log::{debug, error, info};
@@ -31,15 +31,6 @@ use std::time::Instant;
 
 /// How often one disk's job is started again because the table changed under it.
 const RESUBMITS: usize = 8;
-
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Holder>) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder,
-    })
-}
 
 /// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
 fn fields<'a>(
@@ -56,29 +47,31 @@ fn fields<'a>(
 
 /// Log a refusal as the `refused` journal event (docs/operators.md §11): the VM, every disk
 /// of the request (or the one refused, when the refusal names it) and the holder's host.
-pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &ErrorReply) {
+pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &DaemonError) {
     refused_log(owner, specs.iter().map(|s| s.name.as_str()), e);
 }
 
-fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a ErrorReply) {
-    let mut f = match &e.resource {
-        Some(r) => fields(owner, std::iter::once(r.as_str())),
+fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a DaemonError) {
+    let mut f = match e.resource() {
+        Some(r) => fields(owner, std::iter::once(r)),
         None => fields(owner, disks),
     };
-    if let Some(h) = e.holder.as_ref().and_then(|h| h.host.as_deref()) {
+    if let Some(h) = e.holder().and_then(|h| h.host.as_deref()) {
         f.push(("HOLDER_HOST", h));
     }
-    if let Some(vm) = e.holder.as_ref().and_then(|h| h.vm_name.as_deref()) {
+    if let Some(vm) = e.holder().and_then(|h| h.vm_name.as_deref()) {
         f.push(("HOLDER_VM_NAME", vm));
     }
-    f.push(("REASON", super::metrics::reason(e.kind)));
+    f.push(("REASON", super::metrics::reason(e.kind())));
     super::logging::event(
         log::Level::Info,
         super::logging::Event::Refused,
         &f,
         format_args!(
             "refused acquire for VM {:?} (pid {}): {}",
-            owner.name, owner.pid, e.message
+            owner.name,
+            owner.pid,
+            e.message()
         ),
     );
 }
@@ -94,20 +87,15 @@ pub fn start(
     restrict: bool,
 ) -> Result<(), Failure> {
     for spec in specs {
-        lockfile::validate(spec).map_err(|m| reply(ErrorKind::Invalid, spec, m, None))?;
+        lockfile::validate(spec).map_err(|m| DaemonError::on(ErrorKind::Invalid, spec, m))?;
     }
     if state.terminating(owner.pid) {
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
-                "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
+        return Err(Box::new(DaemonError::invalid(format!(
+            "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
                  it held leases; it cannot take new ones",
-                esc(&owner.name),
-                owner.pid
-            ),
-            resource: None,
-            holder: None,
-        }));
+            esc(&owner.name),
+            owner.pid
+        ))));
     }
     let entry = state
         .owners
@@ -253,7 +241,7 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     None,
                 );
                 close(state, &mount, *opened, None);
-                let busy = reply(ErrorKind::Busy, &spec, m, None);
+                let busy = DaemonError::on(ErrorKind::Busy, &spec, m);
                 op.conflicts.push((spec, key, busy));
             } else if op.failure.is_none() {
                 // Other hosts' records are read on a worker, never on the event loop: a
@@ -276,11 +264,10 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     // Released meanwhile: take it afresh.
                     submit(state, id, &mut op, spec, tries + 1);
                 } else {
-                    op.failure = Some(reply(
+                    op.failure = Some(DaemonError::on(
                         ErrorKind::Internal,
                         &spec,
                         "its lease kept changing while being taken; retry".into(),
-                        None,
                     ));
                 }
             }
@@ -450,7 +437,7 @@ pub fn expired(state: &mut State, id: OpId, mut op: Box<AcquireOp>, now: Instant
         spec.name,
         mount
     );
-    let failure = reply(ErrorKind::Timeout, spec, message, None);
+    let failure = DaemonError::on(ErrorKind::Timeout, spec, message);
     super::metrics::stalled(&mut state.metrics, stuck.iter().map(|(_, m)| m.as_path()));
     fail(state, op, *failure);
 }
@@ -460,16 +447,11 @@ pub fn interrupted(state: &mut State, mut op: Box<AcquireOp>) {
     for (job, _) in op.inflight.drain() {
         state.ledger.reassign(job, JobFor::Orphan);
     }
-    let f = Box::new(ErrorReply {
-        kind: ErrorKind::Timeout,
-        message: format!(
-            "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
+    let f = Box::new(DaemonError::timeout(format!(
+        "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
              answered; nothing was locked; retry",
-            esc(&op.owner.name)
-        ),
-        resource: None,
-        holder: None,
-    });
+        esc(&op.owner.name)
+    )));
     fail(state, op, *f);
 }
 
@@ -488,9 +470,9 @@ pub fn cancelled(state: &mut State, mut op: Box<AcquireOp>) {
     state.owners.prune(pid);
 }
 
-fn fail(state: &mut State, mut op: Box<AcquireOp>, e: ErrorReply) {
+fn fail(state: &mut State, mut op: Box<AcquireOp>, e: DaemonError) {
     refused_log(&op.owner, op.disks.iter().map(String::as_str), &e);
-    super::metrics::refused(&mut state.metrics, e.kind, Some(op.started.elapsed()));
+    super::metrics::refused(&mut state.metrics, e.kind(), Some(op.started.elapsed()));
     let pid = op.owner.pid;
     let jobs = rollback(state, pid, std::mem::take(&mut op.undo));
     state.owners.prune(pid);
@@ -498,10 +480,10 @@ fn fail(state: &mut State, mut op: Box<AcquireOp>, e: ErrorReply) {
     // but never beyond the request's deadline.
     track(state, &mut op, jobs);
     match op.group {
-        Some(g) => state.settle(g, Then::Respond(Response::Error(e)), op.deadline),
+        Some(g) => state.settle(g, Then::Respond(e.into_response()), op.deadline),
         None => state.ledger.answer(Finished {
             conn: op.conn,
-            response: Response::Error(e),
+            response: e.into_response(),
             restrict: false,
         }),
     }
@@ -523,18 +505,13 @@ fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
             "cannot hand the leases of VM {:?} (pid {}) to the keeper: {e}",
             owner.name, owner.pid
         );
-        let f = Box::new(ErrorReply {
-            kind: ErrorKind::Internal,
-            message: format!(
-                "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
+        let f = Box::new(DaemonError::internal(format!(
+            "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
                  nothing was locked; check lockwardend's log (descriptor limit? /run full?) and \
                  retry",
-                esc(&owner.name),
-                esc(&e)
-            ),
-            resource: None,
-            holder: None,
-        });
+            esc(&owner.name),
+            esc(&e)
+        )));
         op.failure = None;
         fail(state, op, *f);
         return;
@@ -581,7 +558,7 @@ fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
 
 /// A request for a pid that does not exist (or cannot be watched) cannot be honoured: nothing
 /// would ever release what it takes. Shared by Acquire and Register.
-pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
+pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> DaemonError {
     let (kind, message) = match e {
         Errno::ESRCH => (
             ErrorKind::Invalid,
@@ -601,12 +578,7 @@ pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
             ),
         ),
     };
-    ErrorReply {
-        kind,
-        message,
-        resource: None,
-        holder: None,
-    }
+    DaemonError::of(kind, message)
 }
 
 fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) -> Vec<Pending> {
@@ -711,11 +683,10 @@ fn join(
         return Err(exited(owner, spec));
     }
     let Some(lease) = state.leases.get_mut(&key) else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "lease table changed unexpectedly".into(),
-            None,
         ));
     };
     if lease.owners.contains_key(&pid) {
@@ -739,7 +710,7 @@ fn join(
             subject(spec.kind, &spec.name, &lease.lock_path),
             esc(&owner.name)
         );
-        return Err(reply(ErrorKind::Invalid, spec, m, None));
+        return Err(DaemonError::on(ErrorKind::Invalid, spec, m));
     }
     if lease.mode == LeaseMode::Shared && spec.mode == LeaseMode::Shared {
         lease.owners.insert(pid, now_secs());
@@ -759,11 +730,10 @@ fn join(
         return Ok(());
     }
     let Some((&other, &since)) = lease.owners.iter().next() else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "a lease without owners".into(),
-            None,
         ));
     };
     Err(busy_owner(state, spec, key, other, since))
@@ -771,7 +741,7 @@ fn join(
 
 /// The owner's process exited (its exit was handled) while its request waited on storage.
 fn exited(owner: &Owner, spec: &LeaseSpec) -> Failure {
-    reply(
+    DaemonError::on(
         ErrorKind::Invalid,
         spec,
         format!(
@@ -779,7 +749,6 @@ fn exited(owner: &Owner, spec: &LeaseSpec) -> Failure {
             esc(&owner.name),
             owner.pid
         ),
-        None,
     )
 }
 
@@ -812,17 +781,13 @@ fn busy_owner(
         mode_word(mode),
         what(spec.kind)
     );
-    reply(
-        ErrorKind::Busy,
-        spec,
-        m,
-        Some(Holder {
-            vm_name: Some(vm),
-            vm_uuid: Some(uuid),
-            host: Some(state.hostname.clone()),
-            pid: i32::try_from(holder_pid).ok(),
-            since: Some(since),
-            mode: Some(mode),
-        }),
-    )
+    let holder = Holder {
+        vm_name: Some(vm),
+        vm_uuid: Some(uuid),
+        host: Some(state.hostname.clone()),
+        pid: i32::try_from(holder_pid).ok(),
+        since: Some(since),
+        mode: Some(mode),
+    };
+    Box::new(DaemonError::busy(m, Some(holder)).about(&spec.name))
 }

@@ -197,7 +197,7 @@ fn drive(state: &mut State) {
 /// Start an acquire, route its storage work and return the one answer it got.
 fn acquire(state: &mut State, conn: ConnId, vm: &Vm, specs: &[LeaseSpec]) -> Finished {
     acquire::start(state, conn, &vm.owner, specs, FailureAction::Default, false)
-        .unwrap_or_else(|e| panic!("acquire refused at once: {}", e.message));
+        .unwrap_or_else(|e| panic!("acquire refused at once: {}", e.message()));
     drive(state);
     one_answer(state, conn)
 }
@@ -228,7 +228,7 @@ fn error(f: Finished) -> ErrorReply {
 /// Release `specs` for `vm`, routing the storage work; the answer, at once or later.
 fn release(state: &mut State, conn: ConnId, vm: &Vm, specs: &[LeaseSpec]) -> Response {
     let now = release::start(state, conn, &vm.owner, specs)
-        .unwrap_or_else(|e| panic!("release refused: {}", e.message));
+        .unwrap_or_else(|e| panic!("release refused: {}", e.message()));
     drive(state);
     match now {
         Some(r) => {
@@ -501,7 +501,7 @@ fn releasing_what_is_not_held_succeeds_and_changes_nothing() {
         &[spec("relative.img", LeaseMode::Exclusive)],
     )
     .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{}", e.message());
     assert_eq!(held_by(&s, &key_of(&d1)), vec![a.pid()]);
 }
 
@@ -589,8 +589,8 @@ fn closing_the_handle_of_a_running_vm_terminates_it_before_its_leases_go() {
         false,
     )
     .unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
-    assert!(e.message.contains("being terminated"), "{}", e.message);
+    assert_eq!(e.kind(), ErrorKind::Invalid, "{}", e.message());
+    assert!(e.message().contains("being terminated"), "{}", e.message());
 
     // After the settle delay the daemon sends SIGTERM; `sleep` dies of it.
     assert!(s.run_timers(t0 + Duration::from_millis(100)).is_empty());

@@ -22,6 +22,7 @@ mod args;
 mod beat;
 mod conn;
 mod dispatch;
+mod error;
 mod fence;
 mod health;
 mod heartbeat;
@@ -67,7 +68,7 @@ use log::{error, info, warn};
 use std::process::ExitCode;
 
 /// A refused request, boxed because it travels up through several returns.
-type Failure = Box<crate::protocol::ErrorReply>;
+type Failure = Box<error::DaemonError>;
 
 /// Exit status for a command line that cannot be understood.
 const EXIT_USAGE: u8 = 2;

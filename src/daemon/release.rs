@@ -7,13 +7,14 @@
 //! replaced image can still be released.
 
 use super::Failure;
+use super::error::DaemonError;
 use super::kill::Kill;
 use super::lease::LeaseKey;
 use super::ledger::{Pending, Then};
 use super::lockfile;
 use super::owner::ConnId;
 use super::state::State;
-use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner, Response};
+use crate::protocol::{LeaseSpec, Owner, Response};
 use crate::text::what;
 use log::{debug, info, warn};
 use std::collections::BTreeSet;
@@ -57,14 +58,8 @@ pub fn release(
     specs: &[LeaseSpec],
 ) -> Result<Vec<Pending>, Failure> {
     for spec in specs {
-        lockfile::validate(spec).map_err(|message| {
-            Box::new(ErrorReply {
-                kind: ErrorKind::Invalid,
-                message,
-                resource: Some(spec.name.clone()),
-                holder: None,
-            })
-        })?;
+        lockfile::validate(spec)
+            .map_err(|message| Box::new(DaemonError::invalid(message).about(&spec.name.clone())))?;
     }
     let pid = owner.pid;
     let Some(entry) = state.owners.get(pid) else {

@@ -5,6 +5,7 @@
 //! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
 //! leases by key, leases to owners by pid.
 
+use super::error::DaemonError;
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
@@ -14,9 +15,7 @@ use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
 use super::storage::{Disposing, JobId, Mounts, Storage, Work};
 use crate::metrics::{LeaseCount, MountHealth, Snapshot};
-use crate::protocol::{
-    ErrorKind, ErrorReply, LeaseInfo, LeaseMode, PROTOCOL_VERSION, Response, StatusInfo,
-};
+use crate::protocol::{LeaseInfo, LeaseMode, PROTOCOL_VERSION, Response, StatusInfo};
 use crate::text::esc;
 use log::{error, info, warn};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -242,15 +241,7 @@ impl State {
                     esc(&vm),
                     esc(&mount)
                 );
-                (
-                    Response::Error(ErrorReply {
-                        kind: ErrorKind::Timeout,
-                        message,
-                        resource: None,
-                        holder: None,
-                    }),
-                    false,
-                )
+                (DaemonError::timeout(message).into_response(), false)
             }
             Then::Released { .. } => (
                 Response::Ok {

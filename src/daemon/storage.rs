@@ -23,11 +23,12 @@
 //! cleaned up by the loop (a lock nobody waits for any more is dropped again).
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder::{self, Published, Record, Slot};
 use super::lease::{HeldKeys, LeaseKey, LockDir, Seen};
 use super::lock;
 use super::lockfile::{self, Disposal, OpenError, Opened};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec, ResourceKind};
+use crate::protocol::{ErrorKind, LeaseMode, LeaseSpec, ResourceKind};
 use log::{debug, warn};
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -370,15 +371,6 @@ fn run(work: Work) -> Outcome {
     }
 }
 
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder: None,
-    })
-}
-
 /// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
 /// the holder records on the shared storage, or say what the kernel knows (a local pid).
 fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
@@ -389,12 +381,7 @@ fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
         lockspace: opened.dir.is_some(),
     };
     let r = holder::read_for_refusal(target, &spec.name);
-    Box::new(ErrorReply {
-        kind: ErrorKind::Busy,
-        message: r.message,
-        resource: Some(spec.name.clone()),
-        holder: Some(r.holder),
-    })
+    Box::new(DaemonError::busy(r.message, Some(r.holder)).about(&spec.name))
 }
 
 fn dispose(d: Disposing) -> Outcome {
@@ -438,8 +425,8 @@ fn take(
     use crate::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
-            OpenError::Invalid(m) => reply(ErrorKind::Invalid, spec, m),
-            OpenError::Io(m) => reply(ErrorKind::Io, spec, m),
+            OpenError::Invalid(m) => DaemonError::on(ErrorKind::Invalid, spec, m),
+            OpenError::Io(m) => DaemonError::on(ErrorKind::Io, spec, m),
         })?;
         if held.check(&opened.key, DISPOSAL_WAIT) == Seen::Held {
             return Ok(Taken::Held(opened));
@@ -460,7 +447,7 @@ fn take(
                 subject(spec.kind, &spec.name, &opened.lock_path),
                 e.desc()
             );
-            return Err(reply(ErrorKind::Io, spec, m));
+            return Err(DaemonError::on(ErrorKind::Io, spec, m));
         }
         if let Some(dir) = &opened.dir {
             if !lockfile::still_named(dir, opened.key) {
@@ -492,7 +479,7 @@ fn take(
         });
         return Ok(Taken::Locked(opened, published));
     }
-    Err(reply(
+    Err(DaemonError::on(
         ErrorKind::Io,
         spec,
         format!(

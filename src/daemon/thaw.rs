@@ -14,6 +14,7 @@
 //! a SIGKILL action (nothing to resume), a fenced lease whose storage has not answered since
 //! (stage Fenced or Checking) or whose lock was already found lost.
 
+use super::error::DaemonError;
 use super::health::{self, Verdict};
 use super::lease::LeaseKey;
 use super::ledger::{Finished, JobFor, OpId, ThawOp, Wait};
@@ -22,7 +23,7 @@ use super::lost;
 use super::owner::ConnId;
 use super::state::State;
 use super::storage::JobId;
-use crate::protocol::{ErrorKind, ErrorReply, FailureAction, Response};
+use crate::protocol::{ErrorKind, FailureAction, Response};
 use crate::text::esc;
 use log::{error, info, warn};
 use nix::errno::Errno;
@@ -33,12 +34,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn refuse(kind: ErrorKind, message: String, resource: Option<String>) -> Response {
-    Response::Error(ErrorReply {
-        kind,
-        message,
-        resource,
-        holder: None,
-    })
+    let e = DaemonError::of(kind, message);
+    match resource {
+        Some(r) => e.about(&r),
+        None => e,
+    }
+    .into_response()
 }
 
 /// Start a `thaw` of `vm` (name or UUID). `Err`: the answer, now (nothing was changed).
