@@ -14,6 +14,7 @@
 
 use super::dispatch::Session;
 use super::limits::{Limits, READ_PER_ROUND};
+use super::sys::Interest;
 use crate::protocol::{
     self, ErrorKind, FrameError, HEADER_LEN, MAX_BODY, PROTOCOL_VERSION, Response,
 };
@@ -122,6 +123,9 @@ pub struct Conn {
     last_active: Instant,
     /// The poll round that last served this connection (one budget per round).
     pub served: u64,
+    /// What the event loop's epoll registration of this connection asks for (None: not
+    /// registered yet); changed only when the wanted readiness changes (server.rs).
+    pub interest: Option<Interest>,
 }
 
 impl Conn {
@@ -140,6 +144,7 @@ impl Conn {
             partial_since: None,
             last_active: Instant::now(),
             served: 0,
+            interest: None,
         }
     }
 

@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// A process we watch and may signal.
 #[derive(Debug)]
@@ -33,15 +33,7 @@ pub struct Proc {
 
 /// `pidfd_open(2)`: a descriptor that refers to process `pid`, or the errno.
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1;
-    // no memory is passed.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if ret >= 0 {
-        // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
-    } else {
-        Err(Errno::last())
-    }
+    super::sys::pidfd_open(pid)
 }
 
 impl Proc {
