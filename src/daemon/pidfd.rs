@@ -177,20 +177,7 @@ impl Proc {
     /// differs (the pid was reused), the read's error (EMFILE, say) when it cannot be checked.
     pub fn signal(&self, sig: Signal) -> Result<(), Errno> {
         match &self.fd {
-            Some(fd) => {
-                // SAFETY: pidfd_send_signal(pidfd, sig, NULL, 0): a valid descriptor we own, a
-                // signal number, a NULL siginfo (the kernel fills in SI_USER) and no flags.
-                let ret = unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        sig as libc::c_int,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    )
-                };
-                if ret == 0 { Ok(()) } else { Err(Errno::last()) }
-            }
+            Some(fd) => super::sys::pidfd_send_signal(fd, sig as libc::c_int),
             None => {
                 if let Some(want) = self.start {
                     if read_start(self.pid as u32)? != want {

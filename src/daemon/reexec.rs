@@ -29,13 +29,12 @@ use super::state::State;
 use super::watchdog::{Kind, Watchdog};
 use crate::protocol::{FailureAction, Owner};
 use log::{error, info, warn};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -231,7 +230,7 @@ fn export(server: &Parts<'_>, generation: u64) -> (Doc, Vec<RawFd>) {
                 handle_of: c.session.handle_of,
                 input: input.to_vec(),
                 output: output.to_vec(),
-                closing: c.closing,
+                closing: c.closing(),
             }
         })
         .collect();
@@ -297,16 +296,8 @@ fn export(server: &Parts<'_>, generation: u64) -> (Doc, Vec<RawFd>) {
 
 fn set_cloexec(fds: &[RawFd], on: bool) -> Result<(), String> {
     for raw in fds {
-        // SAFETY: every number comes from an object the server owns and keeps open for the
-        // duration of this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(*raw) };
-        let flags = if on {
-            FdFlag::FD_CLOEXEC
-        } else {
-            FdFlag::empty()
-        };
-        fcntl(fd, FcntlArg::F_SETFD(flags))
-            .map_err(|e| format!("cannot change close-on-exec of fd {raw}: {}", e.desc()))?;
+        super::sys::set_cloexec(*raw, on)
+            .map_err(|e| format!("cannot change close-on-exec of fd {raw}: {e}"))?;
     }
     Ok(())
 }

@@ -458,7 +458,8 @@ impl Server {
         };
         let want = if c.wants_write() {
             Interest::WRITE
-        } else if c.waiting || self.reexec.requested() || c.eof || c.actionable() {
+        } else if c.waiting() || c.closing() || self.reexec.requested() || c.eof() || c.actionable()
+        {
             Interest::NONE
         } else {
             Interest::READ
@@ -630,7 +631,7 @@ impl Server {
             let Some(conn) = self.conns.get_mut(&f.conn) else {
                 continue;
             };
-            conn.waiting = false;
+            conn.answered();
             self.touched.push(f.conn);
             if f.restrict && matches!(f.response, Response::Ok { .. }) {
                 conn.session.restricted = true;
@@ -639,7 +640,7 @@ impl Server {
             serve(&mut self.state, conn, clients);
             // Send now rather than after another poll round: the client is waiting for it.
             match conn.flush() {
-                Ok(true) if conn.closing => failed.push(f.conn),
+                Ok(true) if conn.closing() => failed.push(f.conn),
                 Ok(_) => {}
                 Err(e) => {
                     debug!("client {}: write failed: {e}", f.conn);
@@ -829,7 +830,7 @@ impl Server {
         let ev = Ready { token: 0, events };
         let readable = ev.readable();
         let mut close = false;
-        if conn.waiting {
+        if conn.waiting() {
             if ev.hangup() {
                 debug!("client {id} hung up while its request waited on storage");
                 self.close(id, now);
@@ -837,12 +838,12 @@ impl Server {
             return;
         }
         conn.served = self.round;
-        if !conn.closing && !conn.wants_write() {
+        if !conn.closing() && !conn.wants_write() {
             // Read only when the buffered frames are answered (limits.rs); serve within the
             // round's budget, whether or not anything new arrived.
-            if readable && !conn.eof && !conn.actionable() {
+            if readable && !conn.eof() && !conn.actionable() {
                 match conn.fill(&mut self.scratch, now) {
-                    Ok(Fill::Eof) => conn.eof = true,
+                    Ok(Fill::Eof) => conn.end_of_file(),
                     Ok(Fill::Open) => {}
                     Err(e) => {
                         debug!("client {id}: read failed: {e}");
@@ -856,7 +857,7 @@ impl Server {
         }
         if !close {
             match conn.flush() {
-                Ok(true) => close = conn.closing,
+                Ok(true) => close = conn.closing(),
                 Ok(false) => {}
                 Err(e) => {
                     debug!("client {id}: write failed: {e}");
@@ -881,7 +882,7 @@ impl Server {
             }
         }
         debug!("client {id} disconnected");
-        if conn.waiting {
+        if conn.waiting() {
             super::acquire::cancel_conn(&mut self.state, id);
             super::thaw::cancel_conn(&mut self.state, id);
         }
@@ -918,7 +919,7 @@ fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
 
 fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
     for _ in 0..super::limits::FRAMES_PER_ROUND {
-        if conn.closing || conn.waiting {
+        if conn.closing() || conn.waiting() {
             return;
         }
         let next = conn.next();
@@ -927,7 +928,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
         }
         if let Some(refusal) = conn.refusal.take() {
             conn.queue(&refusal);
-            conn.closing = true;
+            conn.close_after_flush();
             return;
         }
         let (version, len) = match next {
@@ -938,7 +939,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
                     ErrorKind::Invalid,
                     format!("{e}; closing the connection"),
                 ));
-                conn.closing = true;
+                conn.close_after_flush();
                 return;
             }
             Next::Header { version, len } => (version, len),
@@ -952,7 +953,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
                 ErrorKind::Version,
                 FrameError::Version(version).to_string(),
             ));
-            conn.closing = true;
+            conn.close_after_flush();
             return;
         }
         let Some(body) = conn.body(len) else {
@@ -964,7 +965,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
             Ok(req) => match dispatch::handle(state, &mut conn.session, req, clients) {
                 Some(r) => r,
                 None => {
-                    conn.waiting = true;
+                    conn.wait();
                     return;
                 }
             },

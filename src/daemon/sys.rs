@@ -211,6 +211,35 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// pidfd_send_signal(2): send `sig` to the process `pidfd` refers to.
+pub fn pidfd_send_signal(pidfd: &impl AsFd, sig: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: a descriptor number, a signal number, a NULL siginfo (the kernel fills in
+    // SI_USER) and no flags; no memory of ours is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_fd().as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if ret == 0 { Ok(()) } else { Err(Errno::last()) }
+}
+
+/// Set or clear the close-on-exec flag of descriptor number `fd` (a live re-exec clears it on
+/// the descriptors it hands over, and sets it again when the exec failed).
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    let flags = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD takes a descriptor number and an integer; no memory is passed.
+    let r = unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Is `fd` an open descriptor of this process?
 pub fn is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the flags of a descriptor number; no memory is passed.

@@ -382,6 +382,13 @@ impl KeeperProc {
         std::process::id()
     }
 
+    /// The keeper's loop: poll(2) over its link (or its listener) and the pidfds of the owners
+    /// it watches, the set rebuilt each round (`sys::poll_set`). It stays on poll rather than
+    /// the daemon's epoll `Poller` (daemon/sys.rs) because its rounds are off every request's
+    /// path and few: the daemon sends holds and drops as quiet batches it does not wait for
+    /// (mod.rs), and a round drains up to [`DRAIN_MAX`] messages and then sleeps
+    /// [`QUIET_WINDOW`], so the rebuild (one entry per watched owner, not per lease) is paid at
+    /// most a few hundred times a second under load, and never while a client waits.
     fn run(&mut self) -> ! {
         let mut pfds: Vec<libc::pollfd> = Vec::new();
         let mut toks: Vec<Tok> = Vec::new();
