@@ -264,12 +264,7 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     fn owner() -> Owner {
-        Owner {
-            uuid: "c7a5fdbd-cdaf-9455-926a-d65c16db1809".into(),
-            name: "web1".into(),
-            id: 1,
-            pid: 1,
-        }
+        crate::protocol::sample_owner(1)
     }
 
     #[test]

@@ -529,17 +529,23 @@ mod flat {
     }
 }
 
+/// A VM as unit tests of the wire format and its clients use it.
+#[cfg(test)]
+pub(crate) fn sample_owner(pid: u32) -> Owner {
+    Owner {
+        uuid: "c7a5fdbd-cdaf-9455-926a-d65c16db1809".into(),
+        name: "web1".into(),
+        id: 1,
+        pid,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn owner() -> Owner {
-        Owner {
-            uuid: "c7a5fdbd-cdaf-9455-926a-d65c16db1809".into(),
-            name: "web1".into(),
-            id: 1,
-            pid: 4242,
-        }
+        sample_owner(4242)
     }
 
     #[test]

@@ -451,7 +451,8 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     let beat = backing.join(".lockwarden/heartbeat@node-a");
     let t0 = Instant::now();
-    while !beat.exists() {
+    // Created empty, then written: wait for the first record, not for the name.
+    while !fs::read_to_string(&beat).is_ok_and(|t| t.starts_with("lockwarden heartbeat ")) {
         assert!(t0.elapsed() < BOUND, "node-a never wrote {beat:?}");
         std::thread::sleep(Duration::from_millis(5));
     }

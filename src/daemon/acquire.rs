@@ -9,83 +9,28 @@
 //! writable, once read-only) locks it exclusively and the shared entry then finds it held.
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
+use super::ledger::{AcquireOp, Finished, JobFor, OpId, Pending, Then, Undo, Wait};
 use super::lockfile::{self, Opened};
 use super::owner::ConnId;
 use super::release;
-use super::state::{JobFor, OpId, Pending, State, Then};
+use super::state::State;
 use super::storage::{Busy, Disposing, JobId, Taken, Work};
 use crate::protocol::{
-    ErrorKind, ErrorReply, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind,
-    Response,
+    ErrorKind, FailureAction, Holder, LeaseMode, LeaseSpec, Owner, ResourceKind, Response,
 };
 use crate::text::{esc, mode_word, now_secs, subject, utc, what};
 use log::{debug, error, info};
 use nix::errno::Errno;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// How often one disk's job is started again because the table changed under it.
 const RESUBMITS: usize = 8;
-
-/// How to take back one step of a request.
-#[derive(Debug)]
-enum Undo {
-    /// The owner joined an existing shared lease.
-    Joined(LeaseKey),
-    /// A new lease was created; `created_file`: this request created its lock file.
-    Created { key: LeaseKey, created_file: bool },
-}
-
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String, holder: Option<Holder>) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder,
-    })
-}
-
-/// One Acquire in progress: its files are being opened and locked on storage threads
-/// (docs/storage.md). All or nothing still holds: whatever a phase took is rolled back when any
-/// file fails, and the client hears "taken" only after the keeper holds every new lease.
-#[derive(Debug)]
-pub struct AcquireOp {
-    pub conn: ConnId,
-    owner: Owner,
-    pub restrict: bool,
-    /// Phases still to run: exclusive leases first, then shared ones.
-    phases: VecDeque<Vec<LeaseSpec>>,
-    /// Jobs of the running phase: the spec, its mount and how often it was started again.
-    inflight: HashMap<JobId, (LeaseSpec, PathBuf, usize)>,
-    /// Conflicts of the running phase, judged once every job of the phase is back (another disk
-    /// of the same request may be the holder).
-    conflicts: Vec<(LeaseSpec, LeaseKey, Failure)>,
-    undo: Vec<Undo>,
-    failure: Option<Failure>,
-    pub deadline: Instant,
-    started: Instant,
-    /// How many leases the request named, and their names (journal events).
-    requested: usize,
-    disks: Vec<String>,
-    /// When the leases this request creates are taken (seconds since the epoch).
-    since: u64,
-    /// Storage jobs the answer also waits for (holder records of shared leases).
-    group: Option<OpId>,
-}
-
-/// An answer for a client whose request waited on storage.
-#[derive(Debug)]
-pub struct Finished {
-    pub conn: ConnId,
-    pub response: Response,
-    /// Restrict the connection (an Acquire with `restrict` that succeeded).
-    pub restrict: bool,
-}
 
 /// The journal fields of an acquire's event: the VM, then one `DISK` per lease named.
 fn fields<'a>(
@@ -102,29 +47,31 @@ fn fields<'a>(
 
 /// Log a refusal as the `refused` journal event (docs/operators.md §11): the VM, every disk
 /// of the request (or the one refused, when the refusal names it) and the holder's host.
-pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &ErrorReply) {
+pub fn refused_event(owner: &Owner, specs: &[LeaseSpec], e: &DaemonError) {
     refused_log(owner, specs.iter().map(|s| s.name.as_str()), e);
 }
 
-fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a ErrorReply) {
-    let mut f = match &e.resource {
-        Some(r) => fields(owner, std::iter::once(r.as_str())),
+fn refused_log<'a>(owner: &'a Owner, disks: impl Iterator<Item = &'a str>, e: &'a DaemonError) {
+    let mut f = match e.resource() {
+        Some(r) => fields(owner, std::iter::once(r)),
         None => fields(owner, disks),
     };
-    if let Some(h) = e.holder.as_ref().and_then(|h| h.host.as_deref()) {
+    if let Some(h) = e.holder().and_then(|h| h.host.as_deref()) {
         f.push(("HOLDER_HOST", h));
     }
-    if let Some(vm) = e.holder.as_ref().and_then(|h| h.vm_name.as_deref()) {
+    if let Some(vm) = e.holder().and_then(|h| h.vm_name.as_deref()) {
         f.push(("HOLDER_VM_NAME", vm));
     }
-    f.push(("REASON", super::metrics::reason(e.kind)));
+    f.push(("REASON", super::metrics::reason(e.kind())));
     super::logging::event(
         log::Level::Info,
         super::logging::Event::Refused,
         &f,
         format_args!(
             "refused acquire for VM {:?} (pid {}): {}",
-            owner.name, owner.pid, e.message
+            owner.name,
+            owner.pid,
+            e.message()
         ),
     );
 }
@@ -140,20 +87,15 @@ pub fn start(
     restrict: bool,
 ) -> Result<(), Failure> {
     for spec in specs {
-        lockfile::validate(spec).map_err(|m| reply(ErrorKind::Invalid, spec, m, None))?;
+        lockfile::validate(spec).map_err(|m| DaemonError::on(ErrorKind::Invalid, spec, m))?;
     }
     if state.terminating(owner.pid) {
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
-                "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
+        return Err(Box::new(DaemonError::invalid(format!(
+            "VM '{}' (pid {}) is being terminated because its lifetime handle closed while \
                  it held leases; it cannot take new ones",
-                esc(&owner.name),
-                owner.pid
-            ),
-            resource: None,
-            holder: None,
-        }));
+            esc(&owner.name),
+            owner.pid
+        ))));
     }
     let entry = state
         .owners
@@ -171,7 +113,7 @@ pub fn start(
         .cloned()
         .collect();
     let now = Instant::now();
-    let op = AcquireOp {
+    let op = Box::new(AcquireOp {
         conn,
         owner: owner.clone(),
         restrict,
@@ -186,8 +128,8 @@ pub fn start(
         disks: specs.iter().map(|s| s.name.clone()).collect(),
         since: now_secs(),
         group: None,
-    };
-    let id = state.next_op_id();
+    });
+    let id = state.ledger.next_id();
     advance(state, id, op);
     Ok(())
 }
@@ -213,26 +155,22 @@ fn submit(state: &mut State, id: OpId, op: &mut AcquireOp, spec: LeaseSpec, trie
             vec![holder::Vm::of(&op.owner, op.since)],
         )
     });
-    let job = state.storage.submit(
-        &mount,
-        state.mounts.threads(&mount),
-        inline,
-        Work::Take {
-            spec: spec.clone(),
-            held,
-            record,
-            defer: inline,
-        },
-    );
-    state.jobs.insert(job, JobFor::Take(id));
+    let threads = state.mounts.threads(&mount);
+    let work = Work::Take {
+        spec: spec.clone(),
+        held,
+        record,
+        defer: inline,
+    };
+    let job = state.submit_to(&mount, threads, inline, work, JobFor::Take(id));
     op.inflight.insert(job, (spec, mount, tries));
 }
 
 /// Move `op` on: judge a finished phase, start the next, or answer.
-fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
+fn advance(state: &mut State, id: OpId, mut op: Box<AcquireOp>) {
     loop {
         if !op.inflight.is_empty() {
-            state.acquires.insert(id, op);
+            state.ledger.park(id, Wait::Acquire(op));
             return;
         }
         for (spec, key, busy) in std::mem::take(&mut op.conflicts) {
@@ -270,12 +208,12 @@ fn advance(state: &mut State, id: OpId, mut op: AcquireOp) {
 
 /// A Take job of `id` came back.
 pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Failure>) {
-    let Some(mut op) = state.acquires.remove(&id) else {
+    let Some(mut op) = state.ledger.take_acquire(id) else {
         orphan(state, job, result);
         return;
     };
     let Some((spec, mount, tries)) = op.inflight.remove(&job) else {
-        state.acquires.insert(id, op);
+        state.ledger.park(id, Wait::Acquire(op));
         orphan(state, job, result);
         return;
     };
@@ -303,7 +241,7 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     None,
                 );
                 close(state, &mount, *opened, None);
-                let busy = reply(ErrorKind::Busy, &spec, m, None);
+                let busy = DaemonError::on(ErrorKind::Busy, &spec, m);
                 op.conflicts.push((spec, key, busy));
             } else if op.failure.is_none() {
                 // Other hosts' records are read on a worker, never on the event loop: a
@@ -326,11 +264,10 @@ pub fn on_take(state: &mut State, id: OpId, job: JobId, result: Result<Taken, Fa
                     // Released meanwhile: take it afresh.
                     submit(state, id, &mut op, spec, tries + 1);
                 } else {
-                    op.failure = Some(reply(
+                    op.failure = Some(DaemonError::on(
                         ErrorKind::Internal,
                         &spec,
                         "its lease kept changing while being taken; retry".into(),
-                        None,
                     ));
                 }
             }
@@ -386,16 +323,11 @@ fn describe(
     tries: usize,
 ) {
     let pool = PathBuf::from(format!("{} (holder records)", mount.display()));
-    let job = state.storage.submit(
-        &pool,
-        DESCRIBE_THREADS,
-        false,
-        Work::Describe {
-            spec: spec.clone(),
-            opened: Box::new(opened),
-        },
-    );
-    state.jobs.insert(job, JobFor::Take(id));
+    let work = Work::Describe {
+        spec: spec.clone(),
+        opened: Box::new(opened),
+    };
+    let job = state.submit_to(&pool, DESCRIBE_THREADS, false, work, JobFor::Take(id));
     op.inflight.insert(job, (spec, pool, tries));
 }
 
@@ -450,13 +382,7 @@ fn close(
             Work::Close(fds)
         }
     };
-    let job = state.storage.submit(
-        mount,
-        state.mounts.threads(mount),
-        state.mounts.is_local(mount),
-        work,
-    );
-    state.jobs.insert(job, JobFor::Other);
+    state.submit(mount, work, JobFor::Other);
 }
 
 /// The answer of `op` also waits for these jobs.
@@ -475,118 +401,83 @@ fn track(state: &mut State, op: &mut AcquireOp, pending: Vec<Pending>) {
     state.track(group, pending);
 }
 
-/// Requests whose storage did not answer in time get a Timeout answer; what they took is rolled
-/// back and what is still running is cleaned up when it comes back.
-pub fn expire(state: &mut State, now: Instant) {
-    let late: Vec<OpId> = state
-        .acquires
-        .iter()
-        .filter(|(_, op)| op.deadline <= now)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in late {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        let waiting = op.inflight.len();
-        let mut stuck: Vec<(LeaseSpec, PathBuf)> = Vec::new();
-        for (job, (spec, mount, _)) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-            stuck.push((spec, mount));
-        }
-        stuck.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-        let Some((spec, mount)) = stuck.first() else {
-            // Nothing outstanding: the deadline passed between two steps; finish normally.
-            advance(state, id, op);
-            continue;
-        };
-        let ms = now.saturating_duration_since(op.started).as_millis();
-        let message = format!(
-            "storage holding {} {} (mount {}) is not answering: no reply within {ms} ms ({waiting} \
-             file(s) of this request still waiting); nothing was locked for VM '{}'; check the \
-             storage (NFS server, network) behind {} and retry; lockwardend keeps serving other \
-             storage",
-            what(spec.kind),
-            esc(&spec.name),
-            esc(&mount.to_string_lossy()),
-            esc(&op.owner.name),
-            esc(&mount.to_string_lossy()),
-        );
-        error!(
-            "acquire for VM {:?} (pid {}) timed out: {} {:?} on mount {:?} is not answering after \
-             {ms} ms",
-            op.owner.name,
-            op.owner.pid,
-            what(spec.kind),
-            spec.name,
-            mount
-        );
-        let failure = reply(ErrorKind::Timeout, spec, message, None);
-        let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
-        pools.sort();
-        pools.dedup();
-        for p in pools {
-            super::metrics::stalled(&mut state.metrics, p);
-        }
-        fail(state, op, *failure);
+/// Request `id`, whose storage did not answer in time (route.rs), gets a Timeout answer; what it
+/// took is rolled back and what is still running is cleaned up when it comes back.
+pub fn expired(state: &mut State, id: OpId, mut op: Box<AcquireOp>, now: Instant) {
+    let waiting = op.inflight.len();
+    let mut stuck: Vec<(LeaseSpec, PathBuf)> = Vec::new();
+    for (job, (spec, mount, _)) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
+        stuck.push((spec, mount));
     }
+    stuck.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let Some((spec, mount)) = stuck.first() else {
+        // Nothing outstanding: the deadline passed between two steps; finish normally.
+        advance(state, id, op);
+        return;
+    };
+    let ms = now.saturating_duration_since(op.started).as_millis();
+    let message = format!(
+        "storage holding {} {} (mount {}) is not answering: no reply within {ms} ms ({waiting} \
+         file(s) of this request still waiting); nothing was locked for VM '{}'; check the \
+         storage (NFS server, network) behind {} and retry; lockwardend keeps serving other \
+         storage",
+        what(spec.kind),
+        esc(&spec.name),
+        esc(&mount.to_string_lossy()),
+        esc(&op.owner.name),
+        esc(&mount.to_string_lossy()),
+    );
+    error!(
+        "acquire for VM {:?} (pid {}) timed out: {} {:?} on mount {:?} is not answering after \
+         {ms} ms",
+        op.owner.name,
+        op.owner.pid,
+        what(spec.kind),
+        spec.name,
+        mount
+    );
+    let failure = DaemonError::on(ErrorKind::Timeout, spec, message);
+    let mut pools: Vec<&PathBuf> = stuck.iter().map(|(_, m)| m).collect();
+    pools.sort();
+    pools.dedup();
+    for p in pools {
+        super::metrics::stalled(&mut state.metrics, p);
+    }
+    fail(state, op, *failure);
 }
 
-/// A live re-exec cannot wait any longer: fail every waiting request (rolled back, answered).
-pub fn interrupt_all(state: &mut State) {
-    let ids: Vec<OpId> = state.acquires.keys().copied().collect();
-    for id in ids {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        for (job, _) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-        }
-        let f = Box::new(ErrorReply {
-            kind: ErrorKind::Timeout,
-            message: format!(
-                "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
-                 answered; nothing was locked; retry",
-                esc(&op.owner.name)
-            ),
-            resource: None,
-            holder: None,
-        });
-        fail(state, op, *f);
+/// A live re-exec cannot wait any longer (route.rs): fail the request (rolled back, answered).
+pub fn interrupted(state: &mut State, mut op: Box<AcquireOp>) {
+    for (job, _) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
     }
-    state.interrupt_groups();
+    let f = Box::new(DaemonError::timeout(format!(
+        "lockwardend is re-executing (live upgrade) while storage for VM '{}' had not \
+             answered; nothing was locked; retry",
+        esc(&op.owner.name)
+    )));
+    fail(state, op, *f);
 }
 
-/// The client of these requests went away: roll them back without an answer.
-pub fn cancel_conn(state: &mut State, conn: ConnId) {
-    let gone: Vec<OpId> = state
-        .acquires
-        .iter()
-        .filter(|(_, op)| op.conn == conn)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in gone {
-        let Some(mut op) = state.acquires.remove(&id) else {
-            continue;
-        };
-        for (job, _) in op.inflight.drain() {
-            state.jobs.insert(job, JobFor::Orphan);
-        }
-        info!(
-            "client of the acquire for VM {:?} (pid {}) went away before storage answered; \
-             rolling it back",
-            op.owner.name, op.owner.pid
-        );
-        let pid = op.owner.pid;
-        rollback(state, pid, std::mem::take(&mut op.undo));
-        state.owners.prune(pid);
+/// The client of the request went away (route.rs): roll it back without an answer.
+pub fn cancelled(state: &mut State, mut op: Box<AcquireOp>) {
+    for (job, _) in op.inflight.drain() {
+        state.ledger.reassign(job, JobFor::Orphan);
     }
-    state.cancel_groups(conn);
+    info!(
+        "client of the acquire for VM {:?} (pid {}) went away before storage answered; \
+         rolling it back",
+        op.owner.name, op.owner.pid
+    );
+    let pid = op.owner.pid;
+    rollback(state, pid, std::mem::take(&mut op.undo));
+    state.owners.prune(pid);
 }
 
-fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
+fn fail(state: &mut State, mut op: Box<AcquireOp>, e: DaemonError) {
     refused_log(&op.owner, op.disks.iter().map(String::as_str), &e);
-    super::metrics::refused(&mut state.metrics, e.kind, Some(op.started.elapsed()));
+    super::metrics::refused(&mut state.metrics, e.kind(), Some(op.started.elapsed()));
     let pid = op.owner.pid;
     let jobs = rollback(state, pid, std::mem::take(&mut op.undo));
     state.owners.prune(pid);
@@ -594,16 +485,16 @@ fn fail(state: &mut State, mut op: AcquireOp, e: ErrorReply) {
     // but never beyond the request's deadline.
     track(state, &mut op, jobs);
     match op.group {
-        Some(g) => state.settle(g, Then::Respond(Response::Error(e)), op.deadline),
-        None => state.finished.push(Finished {
+        Some(g) => state.settle(g, Then::Respond(e.into_response()), op.deadline),
+        None => state.ledger.answer(Finished {
             conn: op.conn,
-            response: Response::Error(e),
+            response: e.into_response(),
             restrict: false,
         }),
     }
 }
 
-fn succeed(state: &mut State, mut op: AcquireOp) {
+fn succeed(state: &mut State, mut op: Box<AcquireOp>) {
     // Only once the new leases are in the keeper's socket may the client hear they are taken: a crash
     // before this point drops them with our descriptors, and nobody was told they were held.
     let keys: Vec<LeaseKey> = op
@@ -619,18 +510,13 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
             "cannot hand the leases of VM {:?} (pid {}) to the keeper: {e}",
             owner.name, owner.pid
         );
-        let f = Box::new(ErrorReply {
-            kind: ErrorKind::Internal,
-            message: format!(
-                "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
+        let f = Box::new(DaemonError::internal(format!(
+            "lockwardend cannot protect the leases of VM '{}' against its own crash ({}); \
                  nothing was locked; check lockwardend's log (descriptor limit? /run full?) and \
                  retry",
-                esc(&owner.name),
-                esc(&e)
-            ),
-            resource: None,
-            holder: None,
-        });
+            esc(&owner.name),
+            esc(&e)
+        )));
         op.failure = None;
         fail(state, op, *f);
         return;
@@ -664,7 +550,7 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
             },
             op.deadline,
         ),
-        None => state.finished.push(Finished {
+        None => state.ledger.answer(Finished {
             conn: op.conn,
             response: Response::Ok {
                 // Acquire/Release answers carry no lease list (docs/protocol.md).
@@ -677,7 +563,7 @@ fn succeed(state: &mut State, mut op: AcquireOp) {
 
 /// A request for a pid that does not exist (or cannot be watched) cannot be honoured: nothing
 /// would ever release what it takes. Shared by Acquire and Register.
-pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
+pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> DaemonError {
     let (kind, message) = match e {
         Errno::ESRCH => (
             ErrorKind::Invalid,
@@ -697,12 +583,7 @@ pub(super) fn owner_unwatchable(owner: &Owner, e: Errno) -> ErrorReply {
             ),
         ),
     };
-    ErrorReply {
-        kind,
-        message,
-        resource: None,
-        holder: None,
-    }
+    DaemonError::of(kind, message)
 }
 
 fn rollback(state: &mut State, pid: u32, undo: Vec<Undo>) -> Vec<Pending> {
@@ -730,16 +611,14 @@ fn commit(
     let key = opened.key;
     if state.owners.get(owner.pid).is_none() {
         close(state, mount, opened, published);
-        return Err(Box::new(ErrorReply {
-            kind: ErrorKind::Invalid,
-            message: format!(
+        return Err(Box::new(
+            DaemonError::invalid(format!(
                 "VM '{}' (pid {}) exited while its disks were being locked",
                 esc(&owner.name),
                 owner.pid
-            ),
-            resource: Some(spec.name.clone()),
-            holder: None,
-        }));
+            ))
+            .about(&spec.name.clone()),
+        ));
     }
     if state.leases.get(&key).is_some() {
         // Taken shared by another request meanwhile: our second description goes.
@@ -810,11 +689,10 @@ fn join(
     let owner = &op.owner;
     let pid = owner.pid;
     let Some(lease) = state.leases.get_mut(&key) else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "lease table changed unexpectedly".into(),
-            None,
         ));
     };
     if lease.owners.contains_key(&pid) {
@@ -838,7 +716,7 @@ fn join(
             subject(spec.kind, &spec.name, &lease.lock_path),
             esc(&owner.name)
         );
-        return Err(reply(ErrorKind::Invalid, spec, m, None));
+        return Err(DaemonError::on(ErrorKind::Invalid, spec, m));
     }
     if lease.mode == LeaseMode::Shared && spec.mode == LeaseMode::Shared {
         lease.owners.insert(pid, now_secs());
@@ -858,11 +736,10 @@ fn join(
         return Ok(());
     }
     let Some((&other, &since)) = lease.owners.iter().next() else {
-        return Err(reply(
+        return Err(DaemonError::on(
             ErrorKind::Internal,
             spec,
             "a lease without owners".into(),
-            None,
         ));
     };
     Err(busy_owner(state, spec, key, other, since))
@@ -897,30 +774,13 @@ fn busy_owner(
         mode_word(mode),
         what(spec.kind)
     );
-    reply(
-        ErrorKind::Busy,
-        spec,
-        m,
-        Some(Holder {
-            vm_name: Some(vm),
-            vm_uuid: Some(uuid),
-            host: Some(state.hostname.clone()),
-            pid: i32::try_from(holder_pid).ok(),
-            since: Some(since),
-            mode: Some(mode),
-        }),
-    )
-}
-
-/// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
-/// the holder records on the shared storage, or say what the kernel knows (a local pid).
-pub(super) fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
-    let target = holder::Target {
-        fd: opened.fd.as_fd(),
-        kind: spec.kind,
-        lock_path: &opened.lock_path,
-        lockspace: opened.dir.is_some(),
+    let holder = Holder {
+        vm_name: Some(vm),
+        vm_uuid: Some(uuid),
+        host: Some(state.hostname.clone()),
+        pid: i32::try_from(holder_pid).ok(),
+        since: Some(since),
+        mode: Some(mode),
     };
-    let r = holder::read_for_refusal(target, &spec.name);
-    reply(ErrorKind::Busy, spec, r.message, Some(r.holder))
+    Box::new(DaemonError::busy(m, Some(holder)).about(&spec.name))
 }

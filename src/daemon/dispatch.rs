@@ -8,10 +8,11 @@
 
 use super::Failure;
 use super::acquire;
+use super::error::DaemonError;
 use super::owner::ConnId;
 use super::release;
 use super::state::State;
-use crate::protocol::{ErrorKind, ErrorReply, Owner, Request, Response};
+use crate::protocol::{ErrorKind, Owner, Request, Response};
 use crate::text::esc;
 use log::{debug, info};
 
@@ -54,11 +55,11 @@ pub fn handle(
     // refused below whatever they ask.
     if !s.restricted && !s.admin {
         if let Err(e) = super::limits::admit(&state.owners, &req, super::limits::get()) {
-            debug!("client {}: {}", s.id, e.message);
+            debug!("client {}: {}", s.id, e.message());
             if matches!(req, Request::Acquire { .. }) {
-                super::metrics::refused(&mut state.metrics, e.kind, None);
+                super::metrics::refused(&mut state.metrics, e.kind(), None);
             }
-            return Some(Response::Error(*e));
+            return Some(e.into_response());
         }
     }
     match req {
@@ -82,19 +83,19 @@ pub fn handle(
                 Ok(()) => None,
                 Err(e) => {
                     acquire::refused_event(&owner, &leases, &e);
-                    super::metrics::refused(&mut state.metrics, e.kind, None);
-                    Some(Response::Error(*e))
+                    super::metrics::refused(&mut state.metrics, e.kind(), None);
+                    Some(e.into_response())
                 }
             }
         }
         // Waits for the storage threads that drop the locks.
         Request::Release { owner, leases } if !s.restricted && !s.admin => {
             if let Err(e) = check_owner(&owner) {
-                return Some(Response::Error(*e));
+                return Some(e.into_response());
             }
             match release::start(state, s.id, &owner, &leases) {
                 Ok(answer) => answer,
-                Err(e) => Some(Response::Error(*e)),
+                Err(e) => Some(e.into_response()),
             }
         }
         // Admin socket only; waits for the storage to re-verify the VM's locks (thaw.rs).
@@ -116,14 +117,12 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
             .and_then(|pid| state.owners.get(pid))
             .map(|e| format!(" (lifetime handle of VM '{}')", esc(&e.owner.name)))
             .unwrap_or_default();
-        return Response::error(
-            ErrorKind::Denied,
-            format!(
-                "lock manager connection has been restricted{vm}: it accepts no further requests \
+        return DaemonError::denied(format!(
+            "lock manager connection has been restricted{vm}: it accepts no further requests \
                  ('{}' refused); open a new connection",
-                op_name(&req)
-            ),
-        );
+            op_name(&req)
+        ))
+        .into_response();
     }
     match req {
         Request::Status => Response::Status(state.status(clients)),
@@ -133,20 +132,19 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
         Request::List => Response::Ok {
             leases: state.all_infos(),
         },
-        Request::Thaw { .. } => Response::error(
-            ErrorKind::Denied,
-            "'thaw' requests are accepted on the admin socket only (lockwarden thaw VM)",
-        ),
+        Request::Thaw { .. } => DaemonError::denied(
+            "'thaw' requests are accepted on the admin socket only (lockwarden thaw VM)"
+                .to_string(),
+        )
+        .into_response(),
         // metrics (issue 18)
-        Request::Metrics => Response::Metrics(Box::new(super::metrics::snapshot(state))),
-        req if s.admin => Response::error(
-            ErrorKind::Denied,
-            format!(
-                "'{}' requests are not accepted on the admin socket; lock requests go to the \
+        Request::Metrics => Response::Metrics(Box::new(state.metrics_snapshot())),
+        req if s.admin => DaemonError::denied(format!(
+            "'{}' requests are not accepted on the admin socket; lock requests go to the \
                  main socket",
-                op_name(&req)
-            ),
-        ),
+            op_name(&req)
+        ))
+        .into_response(),
         Request::Register { owner, restrict } => register(state, s, &owner, restrict),
         // Handled by `handle` (it waits on storage).
         Request::Acquire { .. } => Response::error(
@@ -162,7 +160,7 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
             Ok(()) => Response::Ok {
                 leases: state.infos_of(owner.pid),
             },
-            Err(e) => Response::Error(*e),
+            Err(e) => e.into_response(),
         },
     }
 }
@@ -178,21 +176,18 @@ pub(super) fn check_owner(owner: &Owner) -> Result<(), Failure> {
     } else {
         return Ok(());
     };
-    Err(Box::new(ErrorReply {
-        kind: ErrorKind::Invalid,
-        message: format!("{problem}; this is a bug in the client"),
-        resource: None,
-        holder: None,
-    }))
+    Err(Box::new(DaemonError::invalid(format!(
+        "{problem}; this is a bug in the client"
+    ))))
 }
 
 fn register(state: &mut State, s: &mut Session, owner: &Owner, restrict: bool) -> Response {
     if let Err(e) = check_owner(owner) {
-        return Response::Error(*e);
+        return e.into_response();
     }
     if is_own_peer(s, owner) && s.handle_of.is_none() {
         if let Err(e) = bind_handle(state, s, owner) {
-            return Response::Error(*e);
+            return e.into_response();
         }
     } else {
         match state.owners.ensure(owner) {
@@ -200,7 +195,7 @@ fn register(state: &mut State, s: &mut Session, owner: &Owner, restrict: bool) -
                 "VM {:?} (uuid {}, pid {}) registered by pid {}",
                 owner.name, owner.uuid, owner.pid, s.peer_pid
             ),
-            Err(e) => return Response::Error(super::acquire::owner_unwatchable(owner, e)),
+            Err(e) => return super::acquire::owner_unwatchable(owner, e).into_response(),
         }
     }
     state.owners.prune(owner.pid);

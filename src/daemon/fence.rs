@@ -11,10 +11,12 @@
 //! written to the disk meanwhile and the VM must never run on it again. Every event is logged
 //! once per lease.
 
-use super::heartbeat;
+use super::health::{self, Verdict};
 use super::lease::LeaseKey;
-use super::lost::{self, Verdict};
-use super::state::{JobFor, State};
+use super::ledger::JobFor;
+use super::liveness::{self, Fenced, Stage};
+use super::lost;
+use super::state::State;
 use crate::protocol::FailureAction;
 use crate::text::esc;
 use log::{error, warn};
@@ -22,52 +24,9 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A fenced lease.
-#[derive(Debug)]
-pub struct Fenced {
-    pub mount: PathBuf,
-    pub at: Instant,
-    pub state: Stage,
-    /// Seconds since the epoch of the fence, and what was done to each VM (for `list`).
-    pub wall: u64,
-    pub action: String,
-}
-
-impl Fenced {
-    /// What `list` reports about it.
-    pub fn info(&self) -> crate::protocol::FenceInfo {
-        use crate::protocol::FenceStage;
-        crate::protocol::FenceInfo {
-            stage: match self.state {
-                Stage::Fenced => FenceStage::Fenced,
-                Stage::Checking => FenceStage::Checking,
-                Stage::Held => FenceStage::HeldAwaitingThaw,
-                Stage::Lost => FenceStage::Lost,
-            },
-            mount: self.mount.to_string_lossy().into_owned(),
-            since: self.wall,
-            age_ms: u64::try_from(self.at.elapsed().as_millis()).unwrap_or(u64::MAX),
-            action: self.action.clone(),
-        }
-    }
-}
-
-/// Where a fenced lease stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// Its VMs were stopped; the storage has not answered yet.
-    Fenced,
-    /// The storage answers; the lock is being re-checked (job in flight).
-    Checking,
-    /// The lock was found still ours: its VMs stay as they are until an operator acts.
-    Held,
-    /// The lock was lost: its VMs were killed.
-    Lost,
-}
 
 /// Apply the `on_lockfailure` action to every VM holding a lease on `mount`, silent for `age`.
 pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
@@ -77,7 +36,7 @@ pub fn fence_mount(state: &mut State, mount: &Path, age: Duration) {
         .leases
         .iter()
         .filter(|(k, l)| {
-            heartbeat::mount_of(state, k, &l.lock_path).as_deref() == Some(mount)
+            liveness::mount_of(&state.mounts, k, &l.lock_path).as_deref() == Some(mount)
                 && state
                     .heartbeat
                     .fenced
@@ -224,8 +183,8 @@ pub fn on_recheck(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: R
     };
     let silent = f.at.elapsed();
     let mount = f.mount.clone();
-    let verdict = lost::classify(result);
-    if heartbeat::silent(&state.heartbeat, &mount)
+    let verdict = health::classify(result);
+    if liveness::silent(&state.heartbeat, &mount)
         && !matches!(verdict, Verdict::Conflict | Verdict::Lost)
     {
         // The storage went silent again meanwhile (this lease was fenced again): an answer

@@ -27,292 +27,18 @@
 //! saw it after that. The event loop's timer compares that time with `fence_after_ms`; nothing
 //! waits for a hung beat to return.
 
+use super::beat::{Beat, Beaten, boot_now};
 use super::fence;
 use super::lease::LeaseKey;
-use super::state::{JobFor, State};
+use super::ledger::JobFor;
+use super::liveness::{Mount, mount_of};
+use super::state::State;
 use super::storage::{JobId, Work};
-use crate::protocol::LeaseMode;
 use log::{error, info, warn};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Bytes of a heartbeat record (fixed, so every beat rewrites the same block).
-const BEAT_LEN: usize = 160;
-
-/// One beat, run on a storage thread (`Work::Heartbeat`).
-#[derive(Debug)]
-pub struct Beat {
-    pub mount: PathBuf,
-    /// The heartbeat file, once opened by an earlier beat (moved to the job and back, so it
-    /// is only ever closed on a storage thread: a close on NFS can block).
-    pub file: Option<OwnedFd>,
-    /// A lease on this mount: where the heartbeat file goes (next to it), and the lock the
-    /// fallback beat tests.
-    pub lease: Arc<OwnedFd>,
-    pub mode: LeaseMode,
-    pub host: String,
-    pub seq: u64,
-}
-
-/// What a beat found.
-#[derive(Debug)]
-pub struct Beaten {
-    pub mount: PathBuf,
-    /// The heartbeat file to keep for the next beats (None: none could be kept).
-    pub file: Option<OwnedFd>,
-    /// Why the heartbeat file could not be used (the lock was re-requested instead).
-    pub no_file: Option<String>,
-    /// Ok: the server answered.
-    pub result: Result<(), String>,
-}
-
-/// Run one beat (on a storage thread).
-pub fn beat(b: Beat) -> Beaten {
-    let Beat {
-        mount,
-        file,
-        lease,
-        mode,
-        host,
-        seq,
-    } = b;
-    let opened = match file {
-        Some(f) => Ok(f),
-        None => open_file(&lease, &host),
-    };
-    let (file, no_file) = match opened {
-        Ok(f) => match write(&f, &host, seq) {
-            Ok(()) => {
-                return Beaten {
-                    mount,
-                    file: Some(f),
-                    no_file: None,
-                    result: Ok(()),
-                };
-            }
-            Err(e) => (None, Some(e)),
-        },
-        Err(e) => (None, Some(e)),
-    };
-    // A lock test goes to the server too (NLM TEST, NFSv4 LOCKT: the client's own locks do
-    // not conflict with the lease's own descriptor, so nothing local answers it), and changes
-    // nothing: unlike a lock request it cannot take a lock back on a lease being released.
-    let mut fl = libc::flock {
-        l_type: match mode {
-            LeaseMode::Exclusive => libc::F_WRLCK,
-            LeaseMode::Shared => libc::F_RDLCK,
-        } as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    let result = match nix::fcntl::fcntl(lease.as_fd(), nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
-    {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("testing a lease's lock failed: {} ({e})", e.desc())),
-    };
-    Beaten {
-        mount,
-        file,
-        no_file,
-        result,
-    }
-}
-
-/// Open (create) `heartbeat@<host>` in the `.lockwarden` directory next to the file `lease`.
-fn open_file(lease: &OwnedFd, host: &str) -> Result<OwnedFd, String> {
-    let side = super::holder::side_files(lease.as_fd())?
-        .ok_or_else(|| "the leased file is not a regular file with a name".to_string())?;
-    let dir = super::holder::open_publish_dir(&side.dir)?;
-    let name = format!("heartbeat@{}", super::holder::host_label(host));
-    let (fd, st, _) = crate::untrusted::open_regular_at(
-        Some(dir.as_fd()),
-        &name,
-        crate::untrusted::Access::ReadWrite,
-        Some(0o644),
-    )
-    .map_err(|e| format!("cannot open {}/{name}: {}", side.dir, e.describe()))?;
-    crate::untrusted::check_writable(&st, BEAT_LEN as u64)
-        .map_err(|e| format!("{}/{name} is not written: {e}", side.dir))?;
-    Ok(fd)
-}
-
-/// Write beat `seq` at offset 0 and fsync (the write rule is checked again right before).
-fn write(f: &OwnedFd, host: &str, seq: u64) -> Result<(), String> {
-    let st = nix::sys::stat::fstat(f.as_fd())
-        .map_err(|e| format!("cannot examine the heartbeat file: {}", e.desc()))?;
-    crate::untrusted::check_writable(&st, BEAT_LEN as u64)
-        .map_err(|e| format!("the heartbeat file is not written: {e}"))?;
-    let wall = crate::text::now_secs();
-    let mut line = format!(
-        "lockwarden heartbeat host={} boot={} pid={} seq={seq} time={wall}",
-        super::holder::host_label(host),
-        super::holder::boot_id(),
-        std::process::id()
-    );
-    line.truncate(BEAT_LEN - 1);
-    while line.len() < BEAT_LEN - 1 {
-        line.push(' ');
-    }
-    line.push('\n');
-    let n = nix::sys::uio::pwrite(f.as_fd(), line.as_bytes(), 0)
-        .map_err(|e| format!("writing the heartbeat file failed: {} ({e})", e.desc()))?;
-    if n != line.len() {
-        return Err(format!(
-            "writing the heartbeat file stopped after {n} of {} bytes",
-            line.len()
-        ));
-    }
-    nix::unistd::fsync(f.as_fd())
-        .map_err(|e| format!("fsync of the heartbeat file failed: {} ({e})", e.desc()))
-}
-
-/// Heartbeat state of every mount with leases.
-#[derive(Debug, Default)]
-pub struct Heartbeats {
-    /// `heartbeat_interval_ms` (None: no heartbeats, no fencing).
-    pub interval: Option<Duration>,
-    /// `fence_after_ms`.
-    pub fence_after: Duration,
-    mounts: HashMap<PathBuf, Mount>,
-    /// Leases fenced (their VMs stopped) and what became of them (fence.rs).
-    pub fenced: HashMap<LeaseKey, fence::Fenced>,
-    seq: u64,
-    /// When the lease table is next scanned for mounts.
-    next_scan: Option<Instant>,
-    /// The previous scan: a mount first seen now got its first lease after it.
-    last_scan: Option<Duration>,
-}
-
-/// Time since boot, suspend included (`CLOCK_BOOTTIME`): monotonic like `Instant`, but it keeps
-/// running while the host is suspended or frozen, as the storage server's lease clock does, so
-/// a host that wakes up after the server's lease ran out fences at once instead of
-/// `fence_after_ms` later. Falls back to `CLOCK_MONOTONIC`.
-pub fn boot_now() -> Duration {
-    let read = |clock: libc::clockid_t| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec into the valid, exclusively borrowed `ts`.
-        let r = unsafe { libc::clock_gettime(clock, &mut ts) };
-        (r == 0).then(|| {
-            Duration::new(
-                u64::try_from(ts.tv_sec).unwrap_or(0),
-                u32::try_from(ts.tv_nsec).unwrap_or(0),
-            )
-        })
-    };
-    read(libc::CLOCK_BOOTTIME)
-        .or_else(|| read(libc::CLOCK_MONOTONIC))
-        .unwrap_or_default()
-}
-
-#[derive(Debug)]
-struct Mount {
-    /// Send time (`boot_now`) of the last beat the server answered (or when tracking began).
-    confirmed: Duration,
-    in_flight: Option<(JobId, Duration)>,
-    next_beat: Instant,
-    file: Option<OwnedFd>,
-    /// The VMs of this mount were fenced for the current outage.
-    fenced: bool,
-    /// The outage was reported (warning at half of fence_after).
-    warned: bool,
-    /// The last beat error logged (each distinct one once per outage).
-    error: Option<String>,
-    /// Why no heartbeat file is kept (logged once).
-    no_file: Option<String>,
-    /// A lease of the mount (for the beat's file place and the fallback lock test).
-    lease: LeaseKey,
-}
-
-impl Heartbeats {
-    /// Apply the settings; tracking starts at `now`.
-    pub fn configure(&mut self, interval: Option<Duration>, fence_after: Duration, now: Instant) {
-        self.interval = interval;
-        self.fence_after = fence_after;
-        self.next_scan = interval.map(|_| now);
-        self.last_scan = Some(boot_now());
-        if let Some(i) = interval {
-            if fence_after <= i * 2 {
-                warn!(
-                    "fence_after_ms ({} ms) is not more than twice heartbeat_interval_ms ({} ms): \
-                     a single slow heartbeat can stop VMs; set fence_after_ms to several \
-                     intervals (docs/storage.md, \"Partitions\")",
-                    fence_after.as_millis(),
-                    i.as_millis()
-                );
-            }
-        }
-    }
-
-    /// The next time `tick` has something to do.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.interval?;
-        let fence_after = self.fence_after;
-        let (now, boot) = (Instant::now(), boot_now());
-        let at = |t: Duration| now + t.saturating_sub(boot);
-        self.mounts
-            .values()
-            .flat_map(|m| {
-                let beat = m.in_flight.is_none().then_some(m.next_beat);
-                let fence = (!m.fenced).then(|| at(m.confirmed + fence_after));
-                let warn = (!m.warned).then(|| at(m.confirmed + fence_after / 2));
-                [beat, fence, warn]
-            })
-            .flatten()
-            .chain(self.next_scan)
-            .min()
-    }
-
-    /// Every mount with leases: time since its storage last confirmed a heartbeat, and whether
-    /// its VMs are fenced (metrics).
-    pub fn mount_health(&self) -> Vec<(PathBuf, Duration, bool)> {
-        let boot = boot_now();
-        self.mounts
-            .iter()
-            .map(|(p, m)| (p.clone(), boot.saturating_sub(m.confirmed), m.fenced))
-            .collect()
-    }
-
-    /// How long ago mount `mount` was last confirmed (for messages).
-    fn age(&self, mount: &PathBuf, boot: Duration) -> Option<Duration> {
-        self.mounts
-            .get(mount)
-            .map(|m| boot.saturating_sub(m.confirmed))
-    }
-}
-
-/// Is `mount` fenced for an outage that has not ended (no beat confirmed since)?
-pub fn silent(hb: &Heartbeats, mount: &Path) -> bool {
-    hb.mounts.get(mount).is_some_and(|m| m.fenced)
-}
-
-/// How long `mount` has been silent, when that is `fence_after_ms` or more (its VMs had to be
-/// stopped); None for a mount confirmed recently, not tracked, or with heartbeats off.
-pub fn silent_for(hb: &Heartbeats, mount: &Path, boot: Duration) -> Option<Duration> {
-    hb.interval?;
-    let age = boot.saturating_sub(hb.mounts.get(mount)?.confirmed);
-    (age >= hb.fence_after).then_some(age)
-}
-
-/// The mount key of lease `key` at `lock_path` for heartbeats, or None when it lives on
-/// host-local storage (nothing to partition from).
-pub fn mount_of(state: &State, key: &LeaseKey, lock_path: &str) -> Option<PathBuf> {
-    match state.mounts.of_dev(key.dev) {
-        Some((_, true)) => None,
-        Some((m, false)) => Some(m.clone()),
-        // Devices mountinfo does not list are btrfs subvolumes and overlayfs layers (local);
-        // a network file system's device is always listed.
-        None if state.mounts.text_is_local(lock_path) => None,
-        None => Some(state.mounts.of(lock_path)),
-    }
-}
 
 /// The event loop's timer: scan for mounts with leases, send beats that are due, warn, fence.
 pub fn tick(state: &mut State, now: Instant) {
@@ -367,7 +93,7 @@ fn scan(state: &mut State, now: Instant, boot: Duration) {
     state.mounts.refresh();
     let mut seen: HashMap<PathBuf, LeaseKey> = HashMap::new();
     for (k, l) in state.leases.iter() {
-        if let Some(m) = mount_of(state, k, &l.lock_path) {
+        if let Some(m) = mount_of(&state.mounts, k, &l.lock_path) {
             seen.entry(m).or_insert(*k);
         }
     }
@@ -416,10 +142,7 @@ fn scan(state: &mut State, now: Instant, boot: Duration) {
         .retain(|k, _| leases.get(k).is_some());
     // Heartbeat files of mounts without leases any more: closed on their heartbeat thread.
     for (m, f) in files {
-        let job = state
-            .storage
-            .submit(&pool_of(&m), 1, false, Work::Close(vec![f]));
-        state.jobs.insert(job, JobFor::Other);
+        state.submit_to(&pool_of(&m), 1, false, Work::Close(vec![f]), JobFor::Other);
     }
 }
 
@@ -445,10 +168,11 @@ fn send(state: &mut State, path: &PathBuf, now: Instant) {
         host,
         seq,
     }));
-    let job = state.storage.submit(&pool_of(path), 1, false, work);
-    m.in_flight = Some((job, boot_now()));
-    m.next_beat = now + interval;
-    state.jobs.insert(job, JobFor::Heartbeat);
+    let job = state.submit_to(&pool_of(path), 1, false, work, JobFor::Heartbeat);
+    if let Some(m) = state.heartbeat.mounts.get_mut(path) {
+        m.in_flight = Some((job, boot_now()));
+        m.next_beat = now + interval;
+    }
 }
 
 /// The storage pool key of `mount`'s heartbeat thread.
@@ -470,10 +194,8 @@ pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
     let Some(m) = state.heartbeat.mounts.get_mut(&b.mount).filter(|_| mine) else {
         // The mount has no leases any more: close its file on its heartbeat thread.
         if let Some(f) = b.file {
-            let job = state
-                .storage
-                .submit(&pool_of(&b.mount), 1, false, Work::Close(vec![f]));
-            state.jobs.insert(job, JobFor::Other);
+            let pool = pool_of(&b.mount);
+            state.submit_to(&pool, 1, false, Work::Close(vec![f]), JobFor::Other);
         }
         return;
     };
@@ -542,72 +264,5 @@ pub fn on_beat(state: &mut State, job: JobId, b: Beaten) {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    fn lease_fd(p: &Path) -> Arc<OwnedFd> {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .unwrap();
-        Arc::new(OwnedFd::from(f))
-    }
-
-    fn one(lease: &Arc<OwnedFd>, file: Option<OwnedFd>, seq: u64) -> Beaten {
-        beat(Beat {
-            mount: PathBuf::from("/m"),
-            file,
-            lease: Arc::clone(lease),
-            mode: LeaseMode::Exclusive,
-            host: "host a/b".into(),
-            seq,
-        })
-    }
-
-    #[test]
-    fn a_beat_rewrites_one_fixed_size_record_and_never_writes_through_a_link() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let disk = dir.path().join("disk.img");
-        std::fs::write(&disk, vec![7u8; 8192]).unwrap();
-        let lease = lease_fd(&disk);
-        let b = one(&lease, None, 1);
-        assert!(b.result.is_ok() && b.no_file.is_none(), "{b:?}");
-        let hb = dir.path().join(".lockwarden/heartbeat@host_a_b");
-        let text = std::fs::read_to_string(&hb).unwrap();
-        assert_eq!(text.len(), BEAT_LEN);
-        assert!(
-            text.starts_with("lockwarden heartbeat host=host_a_b "),
-            "{text:?}"
-        );
-        assert!(text.contains(" seq=1 "), "{text:?}");
-        // The kept file is rewritten in place by the next beat.
-        let b = one(&lease, b.file, 2);
-        assert!(b.result.is_ok() && b.file.is_some());
-        let text = std::fs::read_to_string(&hb).unwrap();
-        assert_eq!(text.len(), BEAT_LEN);
-        assert!(text.contains(" seq=2 "), "{text:?}");
-        // The heartbeat file replaced by a hard link to the image: never written (the image is
-        // intact), the beat falls back to testing the lease's lock.
-        std::fs::remove_file(&hb).unwrap();
-        std::fs::hard_link(&disk, &hb).unwrap();
-        let b = one(&lease, b.file, 3);
-        assert!(b.result.is_ok(), "{b:?}");
-        let b = one(&lease, None, 4);
-        assert!(b.result.is_ok(), "{b:?}");
-        assert!(b.file.is_none());
-        assert!(
-            b.no_file
-                .as_deref()
-                .is_some_and(|w| w.contains("hard link")),
-            "{b:?}"
-        );
-        assert_eq!(std::fs::read(&disk).unwrap(), vec![7u8; 8192]);
     }
 }

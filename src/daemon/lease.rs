@@ -4,11 +4,9 @@
 //! must be one lease, or the daemon would "lock" the same byte twice and let two VMs in.
 //! Several owners share an entry only for shared leases; the kernel lock is taken once.
 
-use super::lock;
-use super::lockfile::{self, LockDir};
 use crate::protocol::{LeaseMode, ResourceKind};
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +15,13 @@ use std::time::{Duration, Instant};
 pub struct LeaseKey {
     pub dev: u64,
     pub ino: u64,
+}
+
+/// A lockspace directory held open, and the lock file's name in it (made by lockfile.rs).
+#[derive(Debug)]
+pub struct LockDir {
+    pub fd: OwnedFd,
+    pub file: String,
 }
 
 /// One held lease. Kept small: a host may hold thousands (the name and the lock path are one
@@ -292,41 +297,4 @@ impl Leases {
     pub fn iter(&self) -> impl Iterator<Item = (&LeaseKey, &Lease)> {
         self.map.iter().map(|(k, l)| (k, &**l))
     }
-}
-
-/// What happened to a lock file when its lease was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposal {
-    /// Lock dropped; no file to delete (direct image, lease key file, or kept on purpose).
-    Closed,
-    /// Lock dropped and the lock file deleted.
-    Deleted,
-    /// The lock file was kept because another host still holds a lock on it.
-    KeptInUse,
-}
-
-/// Drop a lease whose last owner left: delete its lock file when `delete` (only under an
-/// exclusive lock and only if the name still points at our inode, as virtlockd does), then
-/// unlock the descriptor (the caller closes it). Runs on the lease's mount's storage thread.
-pub fn dispose(
-    key: LeaseKey,
-    fd: &OwnedFd,
-    dir: Option<&LockDir>,
-    mode: LeaseMode,
-    delete: bool,
-) -> Disposal {
-    let mut outcome = Disposal::Closed;
-    if let (true, Some(dir)) = (delete, dir) {
-        let exclusive = mode == LeaseMode::Exclusive
-            || lock::try_lock(fd.as_fd(), LeaseMode::Exclusive).is_ok();
-        if !exclusive {
-            outcome = Disposal::KeptInUse;
-        } else if let Ok(true) = lockfile::unlink_if_named(dir, key) {
-            outcome = Disposal::Deleted;
-        }
-    }
-    // Unlock explicitly: closing our descriptor alone would not drop the lock if the keeper
-    // (or a lost-lock probe) still held a duplicate of this open file description.
-    let _ = lock::unlock(fd.as_fd());
-    outcome
 }

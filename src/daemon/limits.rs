@@ -14,8 +14,9 @@
 //! because every connection and every request reads them and nothing changes them later (a
 //! live re-exec starts a new process that reads the configuration again).
 
+use super::error::DaemonError;
 use super::owner::Owners;
-use crate::protocol::{ErrorKind, ErrorReply, Owner, Request};
+use crate::protocol::{Owner, Request};
 use log::{info, warn};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -88,19 +89,14 @@ pub fn get() -> &'static Limits {
     LIMITS.get_or_init(Limits::default)
 }
 
-fn invalid(message: String) -> Box<ErrorReply> {
-    Box::new(ErrorReply {
-        kind: ErrorKind::Invalid,
-        message,
-        resource: None,
-        holder: None,
-    })
+fn invalid(message: String) -> Box<DaemonError> {
+    Box::new(DaemonError::invalid(message))
 }
 
 /// Check a lock request against the limits and the owner table before anything is done for it:
 /// how many leases it names, whether the owner it names is the owner registered for that pid,
 /// and whether a new owner still fits.
-pub fn admit(owners: &Owners, req: &Request, limits: &Limits) -> Result<(), Box<ErrorReply>> {
+pub fn admit(owners: &Owners, req: &Request, limits: &Limits) -> Result<(), Box<DaemonError>> {
     let (owner, leases, creates, op): (&Owner, usize, bool, &str) = match req {
         Request::Acquire { owner, leases, .. } => (owner, leases.len(), true, "acquire"),
         Request::Release { owner, leases } => (owner, leases.len(), false, "release"),
@@ -127,14 +123,7 @@ pub fn admit(owners: &Owners, req: &Request, limits: &Limits) -> Result<(), Box<
     if creates {
         owners
             .check_room(owner, limits.max_owners, &limits.config_file)
-            .map_err(|m| {
-                Box::new(ErrorReply {
-                    kind: ErrorKind::Internal,
-                    message: m,
-                    resource: None,
-                    holder: None,
-                })
-            })?;
+            .map_err(|m| Box::new(DaemonError::internal(m)))?;
     }
     Ok(())
 }
@@ -189,7 +178,9 @@ pub fn check_fd_limit(max_clients: usize, max_owners: usize) -> Option<(u64, u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{FailureAction, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
+    use crate::protocol::{
+        ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, ResourceKind,
+    };
 
     fn owner(pid: u32, uuid: &str) -> Owner {
         Owner {
@@ -227,13 +218,13 @@ mod tests {
         let owners = Owners::default();
         assert!(admit(&owners, &req(2), &limits).is_ok());
         let e = admit(&owners, &req(3), &limits).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert_eq!(e.kind(), ErrorKind::Invalid);
         assert!(
-            e.message.contains("max_leases_per_request"),
+            e.message().contains("max_leases_per_request"),
             "{}",
-            e.message
+            e.message()
         );
-        assert!(e.message.contains("3 leases"), "{}", e.message);
+        assert!(e.message().contains("3 leases"), "{}", e.message());
         let rel = Request::Release {
             owner: o,
             leases: (0..3).map(spec).collect(),
@@ -259,15 +250,15 @@ mod tests {
         renamed.name = "renamed".into();
         assert!(admit(&owners, &reg(renamed), &limits).is_ok());
         let e = admit(&owners, &reg(owner(me, "uuid-b")), &limits).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Invalid);
-        assert!(e.message.contains("uuid-a") && e.message.contains("uuid-b"));
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        assert!(e.message().contains("uuid-a") && e.message().contains("uuid-b"));
         let inq = Request::Inquire {
             owner: owner(me, "uuid-b"),
         };
         assert!(admit(&owners, &inq, &limits).is_err());
         // A second owner does not fit; naming the first one still works.
         let e = admit(&owners, &reg(owner(me + 1_000_000, "c")), &limits).unwrap_err();
-        assert!(e.message.contains("max_owners"), "{}", e.message);
+        assert!(e.message().contains("max_owners"), "{}", e.message());
         assert!(admit(&owners, &reg(owner(me, "uuid-a")), &limits).is_ok());
     }
 

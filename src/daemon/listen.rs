@@ -193,7 +193,7 @@ fn activated() -> Result<Vec<Listener>, String> {
         let fd = LISTEN_FDS_START + i;
         // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are passed to this process (LISTEN_PID
         // matched) for it to own; nothing else in the process uses them.
-        let owned = unsafe { super::sys::adopt(fd, "LISTEN_FDS names it") }?;
+        let owned = unsafe { super::sys::adopt(fd, "LISTEN_FDS (check the socket units)") }?;
         let name = names.get(i as usize).map(String::as_str).unwrap_or("");
         let role = match (name, i) {
             (MAIN_FD_NAME, _) | ("", 0) => Role::Main,

@@ -24,7 +24,8 @@
 //! for their own between two hosts' opens and make two hosts "hold" the same disk. The check is
 //! made on the opened directory descriptor, so it judges the directory actually used.
 
-use super::lease::LeaseKey;
+use super::lease::{LeaseKey, LockDir};
+use super::lock;
 use crate::protocol::{LeaseMode, LeaseSpec, LockTarget, ResourceKind};
 use crate::text::{esc, subject, what};
 use crate::untrusted::{self, Access, OpenFailure};
@@ -42,13 +43,6 @@ const PATH_MAX: usize = libc::PATH_MAX as usize - 1;
 const NAME_MAX: usize = 255;
 /// How often a lock file is recreated under our feet before we give up.
 const CREATE_RETRIES: usize = 16;
-
-/// A lockspace directory held open, and the lock file's name in it.
-#[derive(Debug)]
-pub struct LockDir {
-    pub fd: OwnedFd,
-    pub file: String,
-}
 
 /// A freshly opened lock target.
 #[derive(Debug)]
@@ -561,6 +555,43 @@ pub fn peek_key(target: &LockTarget) -> Option<LeaseKey> {
             lstat(join(dir, file).as_str()).ok().map(|st| key_of(&st))
         }
     }
+}
+
+/// What happened to a lock file when its lease was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposal {
+    /// Lock dropped; no file to delete (direct image, lease key file, or kept on purpose).
+    Closed,
+    /// Lock dropped and the lock file deleted.
+    Deleted,
+    /// The lock file was kept because another host still holds a lock on it.
+    KeptInUse,
+}
+
+/// Drop a lease whose last owner left: delete its lock file when `delete` (only under an
+/// exclusive lock and only if the name still points at our inode, as virtlockd does), then
+/// unlock the descriptor (the caller closes it). Runs on the lease's mount's storage thread.
+pub fn dispose(
+    key: LeaseKey,
+    fd: &OwnedFd,
+    dir: Option<&LockDir>,
+    mode: LeaseMode,
+    delete: bool,
+) -> Disposal {
+    let mut outcome = Disposal::Closed;
+    if let (true, Some(dir)) = (delete, dir) {
+        let exclusive = mode == LeaseMode::Exclusive
+            || lock::try_lock(fd.as_fd(), LeaseMode::Exclusive).is_ok();
+        if !exclusive {
+            outcome = Disposal::KeptInUse;
+        } else if let Ok(true) = unlink_if_named(dir, key) {
+            outcome = Disposal::Deleted;
+        }
+    }
+    // Unlock explicitly: closing our descriptor alone would not drop the lock if the keeper
+    // (or a lost-lock probe) still held a duplicate of this open file description.
+    let _ = lock::unlock(fd.as_fd());
+    outcome
 }
 
 #[cfg(test)]

@@ -34,15 +34,16 @@
 //! is safe again. lockwardend never resumes a VM by itself: whether somebody wrote to the disk
 //! meanwhile is for the operator to check.
 
+use super::health::{Verdict, classify};
 use super::lease::LeaseKey;
-use super::state::{JobFor, State};
+use super::ledger::JobFor;
+use super::state::State;
 use super::storage::{JobId, Work};
 use crate::protocol::{FailureAction, LeaseInfo, Owner};
 use crate::text::now_secs;
 use log::{error, info, warn};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,45 +56,6 @@ pub const TRANSIENT_LIMIT: u32 = 3;
 
 /// A lost lease's re-checks: the first one and every this many after it are reported.
 pub const STILL_LOST_EVERY: u32 = 30;
-
-/// What a probe's answer means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// The lock is ours (the re-lock succeeded).
-    Held,
-    /// Somebody else holds a conflicting lock.
-    Conflict,
-    /// The storage says our lock is gone (EIO, ENOLCK, ESTALE, EBADF).
-    Lost,
-    /// Nothing definite: try again next round.
-    Transient,
-}
-
-/// Sort a probe's result (see the module documentation).
-pub fn classify(result: Result<(), Errno>) -> Verdict {
-    match result {
-        Ok(()) => Verdict::Held,
-        Err(Errno::EAGAIN | Errno::EACCES) => Verdict::Conflict,
-        Err(Errno::EIO | Errno::ENOLCK | Errno::ESTALE | Errno::EBADF) => Verdict::Lost,
-        Err(_) => Verdict::Transient,
-    }
-}
-
-/// Per-lease probe history, for leases that had a failed probe.
-#[derive(Debug, Default)]
-pub struct Health {
-    map: HashMap<LeaseKey, Track>,
-}
-
-#[derive(Debug, Default)]
-struct Track {
-    /// Transient errors in a row since the last good probe.
-    transient: u32,
-    /// Re-checks of a lease already found lost.
-    rechecks: u32,
-    /// The error of the last re-check, to report a change (e.g. EIO, then a conflict).
-    last: Option<Errno>,
-}
 
 /// Start a round of probes when it is time.
 pub fn tick(state: &mut State, now: Instant) {
@@ -129,14 +91,7 @@ pub fn probe(state: &mut State, key: LeaseKey, for_: JobFor) -> Option<JobId> {
     let l = state.leases.get(&key)?;
     let (fd, mode) = (Arc::clone(&l.fd), l.mode);
     let mount = state.mounts.of(&l.lock_path);
-    let job = state.storage.submit(
-        &mount,
-        state.mounts.threads(&mount),
-        state.mounts.is_local(&mount),
-        Work::Probe { key, fd, mode },
-    );
-    state.jobs.insert(job, for_);
-    Some(job)
+    Some(state.submit(&mount, Work::Probe { key, fd, mode }, for_))
 }
 
 /// A probe came back.
@@ -336,31 +291,5 @@ fn recheck(state: &mut State, key: LeaseKey, verdict: Verdict, result: Result<()
              reported when the answer changes and every {STILL_LOST_EVERY} re-checks)",
             t.rechecks
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_conflicts_and_lost_state_are_definitive() {
-        assert_eq!(classify(Ok(())), Verdict::Held);
-        for e in [Errno::EAGAIN, Errno::EACCES] {
-            assert_eq!(classify(Err(e)), Verdict::Conflict, "{e}");
-        }
-        for e in [Errno::EIO, Errno::ENOLCK, Errno::ESTALE, Errno::EBADF] {
-            assert_eq!(classify(Err(e)), Verdict::Lost, "{e}");
-        }
-        for e in [
-            Errno::ETIMEDOUT,
-            Errno::EINTR,
-            Errno::ENOMEM,
-            Errno::ENOBUFS,
-            Errno::ECONNRESET,
-            Errno::EHOSTUNREACH,
-        ] {
-            assert_eq!(classify(Err(e)), Verdict::Transient, "{e}");
-        }
     }
 }

@@ -1,14 +1,12 @@
 //! What lockwardend counts for `lockwarden metrics` (issue 18, docs/operators.md §11), and the
-//! snapshot a `metrics` request is answered with.
+//! clock they are kept in (the snapshot a `metrics` request is answered with: `State::metrics_snapshot`).
 //!
 //! Why counters live in `State` as one plain struct: the live re-exec writes them into its
 //! state document with everything else (reexec.rs), so a reload keeps counting; a restart or a
 //! crash starts from 0, which Prometheus' `rate()` and `increase()` expect of counters.
 
-use super::state::State;
-use crate::metrics::{Counters, LeaseCount, MountHealth, Snapshot};
-use crate::protocol::{ErrorKind, LeaseMode, PROTOCOL_VERSION};
-use std::collections::BTreeMap;
+use crate::metrics::Counters;
+use crate::protocol::ErrorKind;
 use std::path::Path;
 use std::time::Duration;
 
@@ -64,72 +62,13 @@ pub fn stalled(c: &mut Counters, pool: &Path) {
     *c.request_stalls.entry(mount_label(pool)).or_default() += 1;
 }
 
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds of `CLOCK_BOOTTIME` now.
 pub fn boot_ms() -> u64 {
-    micros(super::heartbeat::boot_now()) / 1000
-}
-
-/// The answer to a `metrics` request.
-pub fn snapshot(state: &State) -> Snapshot {
-    let mut leases: BTreeMap<(String, bool), u64> = BTreeMap::new();
-    for (k, l) in state.leases.iter() {
-        let mount = match state.mounts.of_dev(k.dev) {
-            Some((m, _)) => m.to_string_lossy().into_owned(),
-            None => mount_label(&state.mounts.of(&l.lock_path)),
-        };
-        *leases
-            .entry((mount, l.mode == LeaseMode::Shared))
-            .or_default() += 1;
-    }
-    let leases = leases
-        .into_iter()
-        .map(|((mount, shared), count)| LeaseCount {
-            mount,
-            mode: if shared {
-                LeaseMode::Shared
-            } else {
-                LeaseMode::Exclusive
-            },
-            count,
-        })
-        .collect();
-    let mut fenced_pids = std::collections::BTreeSet::new();
-    for key in state.heartbeat.fenced.keys() {
-        if let Some(l) = state.leases.get(key) {
-            fenced_pids.extend(l.owners.keys().copied());
-        }
-    }
-    let mounts = state
-        .heartbeat
-        .mount_health()
-        .into_iter()
-        .map(|(m, age, fenced)| MountHealth {
-            mount: m.to_string_lossy().into_owned(),
-            heartbeat_age_ms: micros(age) / 1000,
-            fenced,
-        })
-        .collect();
-    let c = &state.metrics;
-    Snapshot {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        protocol: PROTOCOL_VERSION,
-        pid: std::process::id(),
-        started: state.started,
-        uptime_ms: boot_ms().saturating_sub(c.started_boot_ms),
-        owners: state.owners.len() as u64,
-        leases,
-        fenced_vms: fenced_pids.len() as u64,
-        mounts,
-        heartbeat_interval_ms: state.heartbeat.interval.map(|i| micros(i) / 1000),
-        fence_after_ms: micros(state.heartbeat.fence_after) / 1000,
-        keeper_up: state.keeper.connected(),
-        keeper_pid: state.keeper.pid,
-        counters: c.clone(),
-    }
+    micros(super::beat::boot_now()) / 1000
 }
 
 #[cfg(test)]

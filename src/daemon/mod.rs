@@ -19,17 +19,23 @@
 
 mod acquire;
 mod args;
+mod beat;
 mod conn;
 mod dispatch;
+mod error;
 mod fence;
+mod health;
 mod heartbeat;
 pub mod holder;
+mod keepalive;
 mod keeper;
 mod keptmeta;
 mod kill;
 mod lease;
+mod ledger;
 mod limits;
 mod listen;
+mod liveness;
 mod lock;
 mod lockfile;
 mod logging;
@@ -44,6 +50,7 @@ mod record;
 mod recover;
 mod reexec;
 mod release;
+mod route;
 mod server;
 mod settings;
 mod signals;
@@ -58,7 +65,7 @@ use log::{error, info, warn};
 use std::process::ExitCode;
 
 /// A refused request, boxed because it travels up through several returns.
-type Failure = Box<crate::protocol::ErrorReply>;
+type Failure = Box<error::DaemonError>;
 
 /// Exit status for a command line that cannot be understood.
 const EXIT_USAGE: u8 = 2;

@@ -8,9 +8,9 @@
 //! lockwardend was down are released at once.
 
 use super::keeper::Entry;
+use super::lease::LockDir;
 use super::lease::{Lease, LeaseKey, LeaseOwners};
 use super::lock;
-use super::lockfile::LockDir;
 use super::owner::{OwnerEntry, Owners};
 use super::pidfd::Proc;
 use super::record::LeaseRecord;

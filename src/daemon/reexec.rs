@@ -319,7 +319,7 @@ pub fn reexec(server: Parts<'_>) {
     );
     // Fed right before the exec (when allowed): the new image feeds it again as soon as it
     // has restored the state, so the gap is the exec and the restore (docs/storage.md).
-    super::watchdog::feed_now(server.state);
+    super::keepalive::feed_now(server.state);
     let (doc, keep) = export(&server, generation);
     let err = match try_exec(&exe, &doc, &keep) {
         Ok(never) => match never {},

@@ -7,13 +7,16 @@
 //! replaced image can still be released.
 
 use super::Failure;
+use super::error::DaemonError;
+use super::kill::Kill;
 use super::lease::LeaseKey;
+use super::ledger::{Pending, Then};
 use super::lockfile;
 use super::owner::ConnId;
-use super::state::{Pending, State, Then};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseSpec, Owner, Response};
+use super::state::State;
+use crate::protocol::{LeaseSpec, Owner, Response};
 use crate::text::what;
-use log::{debug, warn};
+use log::{debug, info, warn};
 use std::collections::BTreeSet;
 use std::time::Instant;
 
@@ -55,14 +58,8 @@ pub fn release(
     specs: &[LeaseSpec],
 ) -> Result<Vec<Pending>, Failure> {
     for spec in specs {
-        lockfile::validate(spec).map_err(|message| {
-            Box::new(ErrorReply {
-                kind: ErrorKind::Invalid,
-                message,
-                resource: Some(spec.name.clone()),
-                holder: None,
-            })
-        })?;
+        lockfile::validate(spec)
+            .map_err(|message| Box::new(DaemonError::invalid(message).about(&spec.name.clone())))?;
     }
     let pid = owner.pid;
     let Some(entry) = state.owners.get(pid) else {
@@ -220,4 +217,80 @@ pub fn leave_many(state: &mut State, pid: u32, leases: &[(LeaseKey, bool)], why:
         left.jobs.extend(state.dispose(*key, *created_now, &why));
     }
     left
+}
+
+/// Release every lease of `pid`; returns how many it held, and their names.
+fn release_all(state: &mut State, pid: u32, why: &str) -> (usize, Vec<String>) {
+    let keys: Vec<LeaseKey> = match state.owners.get(pid) {
+        Some(e) => e.leases.iter().copied().collect(),
+        None => return (0, Vec::new()),
+    };
+    let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
+    let names = names_of(state, &leases);
+    leave_many(state, pid, &leases, why);
+    state.metrics.releases += keys.len() as u64;
+    (keys.len(), names)
+}
+
+/// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
+/// owner that is gone (or held nothing) loses its leases at once; one that still runs while
+/// holding leases is terminated and keeps them until it is gone.
+pub fn handle_closed(state: &mut State, pid: u32, conn: ConnId, now: Instant) {
+    let Some(entry) = state.owners.get_mut(pid) else {
+        return;
+    };
+    entry.handles.retain(|c| *c != conn);
+    if !entry.handles.is_empty() {
+        return;
+    }
+    let vm = entry.owner.name.clone();
+    let held = entry.leases.len();
+    if held == 0 {
+        info!("lifetime handle of VM {vm:?} (pid {pid}) closed; it held no leases");
+        state.owners.prune(pid);
+        return;
+    }
+    if entry.proc.exited() {
+        let owner = entry.owner.clone();
+        let (released, names) = release_all(state, pid, "lifetime handle closed");
+        state.owners.remove(pid);
+        released_event(
+            &owner,
+            &names,
+            format_args!(
+                "lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)"
+            ),
+        );
+        return;
+    }
+    if !state.kills.iter().any(|k| k.pid == pid) {
+        info!("lifetime handle of VM {vm:?} (pid {pid}) closed while it holds {held} lease(s)");
+        state.kills.push(Kill::start(pid, vm, held, now));
+    }
+}
+
+/// The owner process `pid` exited: free its leases and forget it. Returns the connections
+/// that were its lifetime handles, which must no longer point at this pid.
+pub fn owner_exited(state: &mut State, pid: u32) -> Vec<ConnId> {
+    let ending = match state.kills.iter().position(|k| k.pid == pid) {
+        Some(i) => state.kills.swap_remove(i).ending(),
+        None => "exited",
+    };
+    let (held, names) = release_all(state, pid, "VM exited");
+    let Some(entry) = state.owners.remove(pid) else {
+        return Vec::new();
+    };
+    if held > 0 {
+        released_event(
+            &entry.owner,
+            &names,
+            format_args!(
+                "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
+                entry.owner.name
+            ),
+        );
+    } else {
+        debug!("VM {:?} (pid {pid}) {ending}", entry.owner.name);
+    }
+    entry.handles
 }

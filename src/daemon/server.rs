@@ -269,8 +269,7 @@ impl Server {
                 && self.state.waiting() > 0
                 && self.reexec_since().elapsed() >= REEXEC_WAIT
             {
-                super::acquire::interrupt_all(&mut self.state);
-                super::thaw::interrupt_all(&mut self.state);
+                super::route::interrupt(&mut self.state);
                 self.deliver();
                 for id in self.conns.keys().copied().collect::<Vec<_>>() {
                     if let Some(c) = self.conns.get_mut(&id) {
@@ -330,7 +329,7 @@ impl Server {
                         }
                     }
                     Token::Keeper => self.keeper_lost(),
-                    Token::Storage => self.state.storage_results(),
+                    Token::Storage => super::route::storage_results(&mut self.state),
                 }
             }
             self.events = events;
@@ -340,10 +339,10 @@ impl Server {
                 }
             }
             // Work run inline for host-local mounts: its results are handled in this round.
-            self.state.inline_results();
+            super::route::inline_results(&mut self.state);
             self.timers(Instant::now());
             self.rearm_keeper();
-            self.state.inline_results();
+            super::route::inline_results(&mut self.state);
             self.deliver();
             // Records claimed for the acquires just answered (host-local mounts).
             self.state.write_unwritten();
@@ -615,7 +614,7 @@ impl Server {
 
     /// An owner process exited: its leases go, its handles (if any) stop being handles.
     fn owner_gone(&mut self, pid: u32) {
-        for id in self.state.owner_exited(pid) {
+        for id in super::release::owner_exited(&mut self.state, pid) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.session.handle_of = None;
             }
@@ -627,7 +626,7 @@ impl Server {
     fn deliver(&mut self) {
         let clients = self.conns.len();
         let mut failed = Vec::new();
-        for f in std::mem::take(&mut self.state.finished) {
+        for f in self.state.ledger.take_finished() {
             let Some(conn) = self.conns.get_mut(&f.conn) else {
                 continue;
             };
@@ -652,7 +651,7 @@ impl Server {
         for id in failed {
             self.close(id, now);
         }
-        if !self.state.finished.is_empty() {
+        if self.state.ledger.has_finished() {
             self.deliver();
         }
     }
@@ -662,12 +661,10 @@ impl Server {
         if self.keeper_retry_at.is_some_and(|t| t <= now) {
             self.rehand(now);
         }
-        super::acquire::expire(&mut self.state, now);
-        super::thaw::expire(&mut self.state, now);
-        self.state.expire_groups(now);
+        super::route::expire(&mut self.state, now);
         super::lost::tick(&mut self.state, now);
         super::heartbeat::tick(&mut self.state, now);
-        super::watchdog::tick(&mut self.state, now);
+        super::keepalive::tick(&mut self.state, now);
         for pid in self.state.run_timers(now) {
             self.owner_gone(pid);
         }
@@ -883,11 +880,10 @@ impl Server {
         }
         debug!("client {id} disconnected");
         if conn.waiting() {
-            super::acquire::cancel_conn(&mut self.state, id);
-            super::thaw::cancel_conn(&mut self.state, id);
+            super::route::cancel(&mut self.state, id);
         }
         if let Some(pid) = conn.session.handle_of {
-            self.state.handle_closed(pid, id, now);
+            super::release::handle_closed(&mut self.state, pid, id, now);
         }
     }
 

@@ -5,23 +5,22 @@
 //! the descriptor numbers and read it back. Connections only refer to owners by pid, owners to
 //! leases by key, leases to owners by pid.
 
-use super::acquire::{self, AcquireOp, Finished};
+use super::error::DaemonError;
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
 use super::kill::{Kill, Step};
-use super::lease::Disposal;
 use super::lease::{Lease, LeaseKey, Leases};
-use super::lost;
+use super::ledger::{Finished, Group, JobFor, Ledger, OpId, Pending, Then, Wait};
 use super::owner::{ConnId, Owners};
 use super::record::LeaseRecord;
-use super::release;
-use super::storage::{Disposing, JobId, Mounts, Outcome, Storage, Work};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseInfo, PROTOCOL_VERSION, Response, StatusInfo};
+use super::storage::{Disposing, JobId, Mounts, Storage, Work};
+use crate::metrics::{LeaseCount, MountHealth, Snapshot};
+use crate::protocol::{LeaseInfo, LeaseMode, PROTOCOL_VERSION, Response, StatusInfo};
 use crate::text::esc;
-use log::{debug, error, info, warn};
-use std::collections::{HashMap, HashSet, VecDeque};
+use log::{error, info, warn};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,18 +42,12 @@ pub struct State {
     /// Leases whose record was claimed but not written yet (host-local mounts): written right
     /// after the answers of the loop round went out (`write_unwritten`).
     pub unwritten: Vec<LeaseKey>,
-    /// Answers waiting for storage jobs other than an Acquire's Takes (releases, holder
-    /// records, roll-backs).
-    pub groups: HashMap<OpId, Group>,
-    /// Per-mount storage threads (docs/storage.md) and what each job in flight is for.
+    /// Per-mount storage threads (docs/storage.md): they only execute jobs.
     pub storage: Storage,
-    pub jobs: HashMap<JobId, JobFor>,
+    /// What each storage job in flight is for, and the requests waiting on them (ledger.rs).
+    pub ledger: Ledger,
     /// The mount table as last read (for attributing paths to mounts).
     pub mounts: Mounts,
-    /// Acquires waiting on storage, and answers ready for their clients.
-    pub acquires: HashMap<OpId, AcquireOp>,
-    pub finished: Vec<Finished>,
-    next_op: OpId,
     /// `storage_timeout_ms`: how long a request may wait on storage.
     pub storage_timeout: Duration,
     /// `lease_check_interval_ms` (None: lost-lock checks disabled) and the next check.
@@ -63,75 +56,16 @@ pub struct State {
     /// Leases whose probe is in flight (a stuck probe is not sent again).
     pub probing: HashSet<LeaseKey>,
     /// What the lost-lock probes found per lease (lost.rs: transient errors in a row, loss).
-    pub health: lost::Health,
+    pub health: super::health::Health,
     /// Lost leases found since start, and the latest ones.
     pub lost_total: u64,
     pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
-    pub heartbeat: super::heartbeat::Heartbeats,
-    /// `thaw` requests waiting for their re-checks (thaw.rs).
-    pub thaws: HashMap<OpId, super::thaw::ThawOp>,
+    pub heartbeat: super::liveness::Heartbeats,
     /// `watchdog_device`, open and fed while allowed (watchdog.rs).
     pub watchdog: Option<super::watchdog::Watchdog>,
     /// What `lockwarden metrics` reports (metrics.rs); carried across a live re-exec.
     pub metrics: crate::metrics::Counters,
-}
-
-/// Identifies a request waiting on storage.
-pub type OpId = u64;
-
-/// What a storage job in flight is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobFor {
-    /// A file of a waiting Acquire.
-    Take(OpId),
-    /// A file of an Acquire that was already answered (timeout, client gone): undo on return.
-    Orphan,
-    /// A lost-lock probe.
-    Probe,
-    /// Closing or disposing: nobody waits for it.
-    Other,
-    /// A job a waiting answer depends on (`State::groups`).
-    Group(OpId),
-    /// A storage heartbeat (heartbeat.rs).
-    Heartbeat,
-    /// A fenced lease's lock re-checked after its storage came back (fence.rs).
-    Fence,
-    /// A fenced lease's lock re-verified for a `thaw` request (thaw.rs).
-    Thaw(OpId),
-}
-
-/// A storage job in flight, as a request sees it: its id, what it is about (for messages) and
-/// the mount it runs on.
-#[derive(Debug, Clone)]
-pub struct Pending {
-    pub job: JobId,
-    pub what: String,
-    pub mount: PathBuf,
-}
-
-/// An answer that waits for storage jobs (a Release for its disposals, an Acquire for its
-/// holder records or its roll-back).
-#[derive(Debug)]
-pub struct Group {
-    pub conn: ConnId,
-    pub jobs: HashMap<JobId, (String, PathBuf)>,
-    /// What to answer once the jobs are done; None while the request is still being worked on.
-    pub then: Option<Then>,
-    pub deadline: Instant,
-    pub started: Instant,
-}
-
-/// What a group answers when its jobs are done (or its deadline passed).
-#[derive(Debug)]
-pub enum Then {
-    /// Released: Ok with the owner's remaining leases; a Timeout error naming the disk and its
-    /// mount when the storage did not finish in time.
-    Released { pid: u32, vm: String },
-    /// Acquired: Ok with the owner's leases (also after the deadline: records are best effort).
-    Acquired { pid: u32, restrict: bool },
-    /// A prepared answer (a refusal waiting for its roll-back).
-    Respond(Response),
 }
 
 impl State {
@@ -152,22 +86,17 @@ impl State {
             keeper,
             records: HashMap::new(),
             unwritten: Vec::new(),
-            groups: HashMap::new(),
             storage,
-            jobs: HashMap::new(),
+            ledger: Ledger::default(),
             mounts: Mounts::load(),
-            acquires: HashMap::new(),
-            finished: Vec::new(),
-            next_op: 0,
             storage_timeout: Duration::from_millis(super::settings::DEFAULT_STORAGE_TIMEOUT_MS),
             check_interval: None,
             next_check: None,
             probing: HashSet::new(),
-            health: lost::Health::default(),
+            health: super::health::Health::default(),
             lost_total: 0,
             recent_lost: VecDeque::new(),
-            heartbeat: super::heartbeat::Heartbeats::default(),
-            thaws: HashMap::new(),
+            heartbeat: super::liveness::Heartbeats::default(),
             watchdog: None,
             metrics: crate::metrics::Counters {
                 started_boot_ms: super::metrics::boot_ms(),
@@ -176,53 +105,44 @@ impl State {
         }
     }
 
-    /// A new id for a request that waits on storage.
-    pub fn next_op_id(&mut self) -> OpId {
-        self.next_op += 1;
-        self.next_op
-    }
-
     /// Requests waiting on storage.
     pub fn waiting(&self) -> usize {
-        self.acquires.len() + self.groups.len() + self.thaws.len()
+        self.ledger.waiting()
     }
 
-    /// Storage jobs in flight that change storage (disposals, record writes, closes), as
-    /// opposed to Takes and probes.
+    /// Storage jobs in flight that change storage (disposals, record writes, closes).
     pub fn background_jobs(&self) -> usize {
-        self.jobs
-            .values()
-            .filter(|j| matches!(j, JobFor::Other | JobFor::Group(_)))
-            .count()
+        self.ledger.background_jobs()
     }
 
     /// A new group of jobs an answer for `conn` will wait for.
     pub fn new_group(&mut self, conn: ConnId) -> OpId {
-        let id = self.next_op_id();
+        let id = self.ledger.next_id();
         let now = Instant::now();
-        self.groups.insert(
+        self.ledger.park(
             id,
-            Group {
+            Wait::Group(Group {
                 conn,
                 jobs: HashMap::new(),
                 then: None,
                 deadline: now + self.storage_timeout,
                 started: now,
-            },
+            }),
         );
         id
     }
 
     /// Make `group` wait for these jobs too.
     pub fn track(&mut self, group: OpId, pending: Vec<Pending>) {
-        let Some(g) = self.groups.get_mut(&group) else {
+        if self.ledger.group_mut(group).is_none() {
             return;
-        };
+        }
         for p in pending {
             // A job that already came back is not waited for.
-            if let Some(why) = self.jobs.get_mut(&p.job) {
-                *why = JobFor::Group(group);
-                g.jobs.insert(p.job, (p.what, p.mount));
+            if self.ledger.reassign(p.job, JobFor::Group(group)) {
+                if let Some(g) = self.ledger.group_mut(group) {
+                    g.jobs.insert(p.job, (p.what, p.mount));
+                }
             }
         }
     }
@@ -230,36 +150,38 @@ impl State {
     /// The request behind `group` is done: answer `then` once its jobs are (at the latest at
     /// `deadline`).
     pub fn settle(&mut self, group: OpId, then: Then, deadline: Instant) {
-        let Some(g) = self.groups.get_mut(&group) else {
+        let Some(g) = self.ledger.group_mut(group) else {
             return;
         };
         g.then = Some(then);
         g.deadline = deadline;
         if g.jobs.is_empty() {
-            self.finish_group(group, false);
+            if let Some(Wait::Group(g)) = self.ledger.take(group) {
+                self.finish_group(g, false);
+            }
         }
     }
 
-    fn job_done(&mut self, why: JobFor, job: JobId) {
+    /// A job a group waited for came back.
+    pub fn job_done(&mut self, why: JobFor, job: JobId) {
         let JobFor::Group(group) = why else {
             return;
         };
-        let Some(g) = self.groups.get_mut(&group) else {
+        let Some(g) = self.ledger.group_mut(group) else {
             return;
         };
         g.jobs.remove(&job);
         if g.jobs.is_empty() && g.then.is_some() {
-            self.finish_group(group, false);
+            if let Some(Wait::Group(g)) = self.ledger.take(group) {
+                self.finish_group(g, false);
+            }
         }
     }
 
     /// Answer a group: its jobs are done, or (`late`) its deadline passed.
-    fn finish_group(&mut self, group: OpId, late: bool) {
-        let Some(g) = self.groups.remove(&group) else {
-            return;
-        };
+    pub fn finish_group(&mut self, g: Group, late: bool) {
         for job in g.jobs.keys() {
-            self.jobs.insert(*job, JobFor::Other);
+            self.ledger.reassign(*job, JobFor::Other);
         }
         let Some(then) = g.then else {
             return;
@@ -309,15 +231,7 @@ impl State {
                     esc(&vm),
                     esc(&mount)
                 );
-                (
-                    Response::Error(ErrorReply {
-                        kind: ErrorKind::Timeout,
-                        message,
-                        resource: None,
-                        holder: None,
-                    }),
-                    false,
-                )
+                (DaemonError::timeout(message).into_response(), false)
             }
             Then::Released { .. } => (
                 Response::Ok {
@@ -327,57 +241,11 @@ impl State {
                 false,
             ),
         };
-        self.finished.push(Finished {
+        self.ledger.answer(Finished {
             conn: g.conn,
             response,
             restrict,
         });
-    }
-
-    /// Answer the groups whose deadline passed.
-    pub fn expire_groups(&mut self, now: Instant) {
-        let late: Vec<OpId> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| g.then.is_some() && g.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            self.finish_group(id, true);
-        }
-    }
-
-    /// A live re-exec cannot wait any longer: answer every group now.
-    pub fn interrupt_groups(&mut self) {
-        let ids: Vec<OpId> = self.groups.keys().copied().collect();
-        for id in ids {
-            self.finish_group(id, true);
-        }
-    }
-
-    /// The client of these groups went away: nobody to answer.
-    pub fn cancel_groups(&mut self, conn: ConnId) {
-        let gone: Vec<OpId> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| g.conn == conn)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some(g) = self.groups.remove(&id) {
-                for job in g.jobs.keys() {
-                    self.jobs.insert(*job, JobFor::Other);
-                }
-            }
-        }
-    }
-
-    /// Handle the results of storage work that ran inline (host-local mounts), including
-    /// that of work those results started.
-    pub fn inline_results(&mut self) {
-        while self.storage.has_inline() {
-            self.storage_results();
-        }
     }
 
     /// Write the records claimed for this round's acquires (see `holder::claim_known`).
@@ -401,60 +269,26 @@ impl State {
         }
     }
 
-    /// Handle every storage result that arrived.
-    pub fn storage_results(&mut self) {
-        for done in self.storage.collect() {
-            let Some(why) = self.jobs.remove(&done.id) else {
-                continue;
-            };
-            match (why, done.outcome) {
-                (JobFor::Take(op), Outcome::Take(r)) => acquire::on_take(self, op, done.id, r),
-                (JobFor::Orphan, Outcome::Take(r)) => acquire::orphan(self, done.id, r),
-                (JobFor::Probe, Outcome::Probe { key, fd, result }) => {
-                    lost::on_probe(self, key, &fd, result)
-                }
-                (JobFor::Heartbeat, Outcome::Heartbeat(b)) => {
-                    super::heartbeat::on_beat(self, done.id, *b)
-                }
-                (JobFor::Fence, Outcome::Probe { key, fd, result }) => {
-                    super::fence::on_recheck(self, key, &fd, result)
-                }
-                (JobFor::Thaw(op), Outcome::Probe { key, fd, result }) => {
-                    super::thaw::on_verify(self, op, done.id, key, &fd, result)
-                }
-                (why, Outcome::Published { label, result }) => {
-                    if let Err(e) = result {
-                        warn!(
-                            "cannot publish the holder record for {label:?} (the lease itself \
-                            is held; other hosts will only see that it is locked): {e}"
-                        );
-                    }
-                    self.job_done(why, done.id);
-                }
-                (
-                    why,
-                    Outcome::Disposed {
-                        label,
-                        disposal,
-                        withdraw,
-                    },
-                ) => {
-                    if let Err(e) = withdraw {
-                        warn!("cannot withdraw the holder record of {label}: {e}");
-                    }
-                    match disposal {
-                        Disposal::Closed => debug!("{label}: lock dropped"),
-                        Disposal::Deleted => debug!("{label}: lock dropped, lock file deleted"),
-                        Disposal::KeptInUse => info!(
-                            "{label}: lock dropped; lock file kept, another host still holds a \
-                            shared lock on it"
-                        ),
-                    }
-                    self.job_done(why, done.id);
-                }
-                _ => {}
-            }
-        }
+    /// Queue `work` on a storage thread of `mount` (its thread count and whether it runs inline
+    /// from the mount table), for `why`.
+    pub fn submit(&mut self, mount: &Path, work: Work, why: JobFor) -> JobId {
+        let (threads, local) = (self.mounts.threads(mount), self.mounts.is_local(mount));
+        self.submit_to(mount, threads, local, work, why)
+    }
+
+    /// Queue `work` on pool `pool` (at most `threads` threads; `inline`: run it in the loop,
+    /// host-local storage only) and note what it is for: every storage job goes through here.
+    pub fn submit_to(
+        &mut self,
+        pool: &Path,
+        threads: usize,
+        inline: bool,
+        work: Work,
+        why: JobFor,
+    ) -> JobId {
+        let job = self.storage.submit(pool, threads, inline, work);
+        self.ledger.submitted(job, why);
+        job
     }
 
     /// The holder record of lease `key` as the tables describe it now (generation: now).
@@ -509,13 +343,7 @@ impl State {
 
     /// Queue `work` on a storage thread of `mount`, for an answer that waits for it.
     fn submit_other(&mut self, mount: PathBuf, what: String, work: Work) -> Pending {
-        let job = self.storage.submit(
-            &mount,
-            self.mounts.threads(&mount),
-            self.mounts.is_local(&mount),
-            work,
-        );
-        self.jobs.insert(job, JobFor::Other);
+        let job = self.submit(&mount, work, JobFor::Other);
         Pending { job, what, mount }
     }
 
@@ -695,80 +523,66 @@ impl State {
         }
     }
 
-    /// Release every lease of `pid`; returns how many it held, and their names.
-    fn release_all(&mut self, pid: u32, why: &str) -> (usize, Vec<String>) {
-        let keys: Vec<LeaseKey> = match self.owners.get(pid) {
-            Some(e) => e.leases.iter().copied().collect(),
-            None => return (0, Vec::new()),
-        };
-        let leases: Vec<(LeaseKey, bool)> = keys.iter().map(|k| (*k, false)).collect();
-        let names = release::names_of(self, &leases);
-        release::leave_many(self, pid, &leases, why);
-        self.metrics.releases += keys.len() as u64;
-        (keys.len(), names)
-    }
-
-    /// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
-    /// owner that is gone (or held nothing) loses its leases at once; one that still runs while
-    /// holding leases is terminated and keeps them until it is gone.
-    pub fn handle_closed(&mut self, pid: u32, conn: ConnId, now: Instant) {
-        let Some(entry) = self.owners.get_mut(pid) else {
-            return;
-        };
-        entry.handles.retain(|c| *c != conn);
-        if !entry.handles.is_empty() {
-            return;
+    /// The answer to a `metrics` request.
+    pub fn metrics_snapshot(&self) -> Snapshot {
+        let mut leases: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for (k, l) in self.leases.iter() {
+            let mount = match self.mounts.of_dev(k.dev) {
+                Some((m, _)) => m.to_string_lossy().into_owned(),
+                None => super::metrics::mount_label(&self.mounts.of(&l.lock_path)),
+            };
+            *leases
+                .entry((mount, l.mode == LeaseMode::Shared))
+                .or_default() += 1;
         }
-        let vm = entry.owner.name.clone();
-        let held = entry.leases.len();
-        if held == 0 {
-            info!("lifetime handle of VM {vm:?} (pid {pid}) closed; it held no leases");
-            self.owners.prune(pid);
-            return;
+        let leases = leases
+            .into_iter()
+            .map(|((mount, shared), count)| LeaseCount {
+                mount,
+                mode: if shared {
+                    LeaseMode::Shared
+                } else {
+                    LeaseMode::Exclusive
+                },
+                count,
+            })
+            .collect();
+        let mut fenced_pids = std::collections::BTreeSet::new();
+        for key in self.heartbeat.fenced.keys() {
+            if let Some(l) = self.leases.get(key) {
+                fenced_pids.extend(l.owners.keys().copied());
+            }
         }
-        if entry.proc.exited() {
-            let owner = entry.owner.clone();
-            let (released, names) = self.release_all(pid, "lifetime handle closed");
-            self.owners.remove(pid);
-            release::released_event(
-                &owner,
-                &names,
-                format_args!(
-                    "lifetime handle of VM {vm:?} (pid {pid}) closed; released {released} lease(s)"
-                ),
-            );
-            return;
+        let mounts = self
+            .heartbeat
+            .mount_health()
+            .into_iter()
+            .map(|(m, age, fenced)| MountHealth {
+                mount: m.to_string_lossy().into_owned(),
+                heartbeat_age_ms: super::metrics::micros(age) / 1000,
+                fenced,
+            })
+            .collect();
+        let c = &self.metrics;
+        Snapshot {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            started: self.started,
+            uptime_ms: super::metrics::boot_ms().saturating_sub(c.started_boot_ms),
+            owners: self.owners.len() as u64,
+            leases,
+            fenced_vms: fenced_pids.len() as u64,
+            mounts,
+            heartbeat_interval_ms: self
+                .heartbeat
+                .interval
+                .map(|i| super::metrics::micros(i) / 1000),
+            fence_after_ms: super::metrics::micros(self.heartbeat.fence_after) / 1000,
+            keeper_up: self.keeper.connected(),
+            keeper_pid: self.keeper.pid,
+            counters: c.clone(),
         }
-        if !self.kills.iter().any(|k| k.pid == pid) {
-            info!("lifetime handle of VM {vm:?} (pid {pid}) closed while it holds {held} lease(s)");
-            self.kills.push(Kill::start(pid, vm, held, now));
-        }
-    }
-
-    /// The owner process `pid` exited: free its leases and forget it. Returns the connections
-    /// that were its lifetime handles, which must no longer point at this pid.
-    pub fn owner_exited(&mut self, pid: u32) -> Vec<ConnId> {
-        let ending = match self.kills.iter().position(|k| k.pid == pid) {
-            Some(i) => self.kills.swap_remove(i).ending(),
-            None => "exited",
-        };
-        let (held, names) = self.release_all(pid, "VM exited");
-        let Some(entry) = self.owners.remove(pid) else {
-            return Vec::new();
-        };
-        if held > 0 {
-            release::released_event(
-                &entry.owner,
-                &names,
-                format_args!(
-                    "VM {:?} (pid {pid}) {ending}; released {held} lease(s)",
-                    entry.owner.name
-                ),
-            );
-        } else {
-            debug!("VM {:?} (pid {pid}) {ending}", entry.owner.name);
-        }
-        entry.handles
     }
 
     /// Is `pid` being terminated?
@@ -807,16 +621,9 @@ impl State {
         self.kills
             .iter()
             .map(|k| k.deadline)
-            .chain(self.acquires.values().map(|a| a.deadline))
-            .chain(
-                self.groups
-                    .values()
-                    .filter(|g| g.then.is_some())
-                    .map(|g| g.deadline),
-            )
+            .chain(self.ledger.next_deadline())
             .chain(self.next_check)
             .chain(self.heartbeat.next_deadline())
-            .chain(self.thaws.values().map(|t| t.deadline))
             .chain(self.watchdog.as_ref().map(|w| w.next_deadline()))
             .chain(self.owners.next_rewatch())
             .min()

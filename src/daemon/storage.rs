@@ -23,11 +23,12 @@
 //! cleaned up by the loop (a lock nobody waits for any more is dropped again).
 
 use super::Failure;
+use super::error::DaemonError;
 use super::holder::{self, Published, Record, Slot};
-use super::lease::{self, Disposal, HeldKeys, LeaseKey, Seen};
+use super::lease::{HeldKeys, LeaseKey, LockDir, Seen};
 use super::lock;
-use super::lockfile::{self, LockDir, OpenError, Opened};
-use crate::protocol::{ErrorKind, ErrorReply, LeaseMode, LeaseSpec, ResourceKind};
+use super::lockfile::{self, Disposal, OpenError, Opened};
+use crate::protocol::{ErrorKind, LeaseMode, LeaseSpec, ResourceKind};
 use log::{debug, warn};
 use nix::errno::Errno;
 use std::collections::HashMap;
@@ -106,7 +107,7 @@ pub enum Work {
     Close(Vec<OwnedFd>),
     /// Prove that the storage server behind a mount answers (heartbeat.rs): write and fsync
     /// the host's heartbeat file there, or re-request a lease's lock when no file can be kept.
-    Heartbeat(Box<super::heartbeat::Beat>),
+    Heartbeat(Box<super::beat::Beat>),
 }
 
 /// A lease on its way out (see `Work::Dispose`).
@@ -153,7 +154,7 @@ pub enum Outcome {
     },
     Closed,
     /// A heartbeat came back (`Ok`: the server answered).
-    Heartbeat(Box<super::heartbeat::Beaten>),
+    Heartbeat(Box<super::beat::Beaten>),
     Published {
         label: String,
         result: Result<(), String>,
@@ -328,7 +329,7 @@ fn run(work: Work) -> Outcome {
             defer,
         } => Outcome::Take(take(&spec, &held, record, defer)),
         Work::Describe { spec, opened } => {
-            let busy = super::acquire::kernel_busy(&spec, &opened);
+            let busy = kernel_busy(&spec, &opened);
             Outcome::Take(Ok(Taken::Conflict {
                 key: opened.key,
                 busy: Busy::Told(busy),
@@ -366,17 +367,21 @@ fn run(work: Work) -> Outcome {
             drop(fds);
             Outcome::Closed
         }
-        Work::Heartbeat(beat) => Outcome::Heartbeat(Box::new(super::heartbeat::beat(*beat))),
+        Work::Heartbeat(beat) => Outcome::Heartbeat(Box::new(super::beat::beat(*beat))),
     }
 }
 
-fn reply(kind: ErrorKind, spec: &LeaseSpec, message: String) -> Failure {
-    Box::new(ErrorReply {
-        kind,
-        message,
-        resource: Some(spec.name.clone()),
-        holder: None,
-    })
+/// Busy because the kernel refused: another process or host holds byte 0. Name the holder from
+/// the holder records on the shared storage, or say what the kernel knows (a local pid).
+fn kernel_busy(spec: &LeaseSpec, opened: &Opened) -> Failure {
+    let target = holder::Target {
+        fd: opened.fd.as_fd(),
+        kind: spec.kind,
+        lock_path: &opened.lock_path,
+        lockspace: opened.dir.is_some(),
+    };
+    let r = holder::read_for_refusal(target, &spec.name);
+    Box::new(DaemonError::busy(r.message, Some(r.holder)).about(&spec.name))
 }
 
 fn dispose(d: Disposing) -> Outcome {
@@ -397,7 +402,7 @@ fn dispose(d: Disposing) -> Outcome {
         },
         None => Ok(()),
     };
-    let disposal = lease::dispose(key, &fd, dir.as_ref(), mode, delete);
+    let disposal = lockfile::dispose(key, &fd, dir.as_ref(), mode, delete);
     drop(dir);
     drop(fd);
     if let Some(h) = held {
@@ -420,8 +425,8 @@ fn take(
     use crate::text::subject;
     for _ in 0..VERIFY_RETRIES {
         let opened = lockfile::open_target(spec).map_err(|e| match e {
-            OpenError::Invalid(m) => reply(ErrorKind::Invalid, spec, m),
-            OpenError::Io(m) => reply(ErrorKind::Io, spec, m),
+            OpenError::Invalid(m) => DaemonError::on(ErrorKind::Invalid, spec, m),
+            OpenError::Io(m) => DaemonError::on(ErrorKind::Io, spec, m),
         })?;
         if held.check(&opened.key, DISPOSAL_WAIT) == Seen::Held {
             return Ok(Taken::Held(opened));
@@ -432,7 +437,7 @@ fn take(
                 let busy = if defer {
                     Busy::Unread(Box::new(opened))
                 } else {
-                    Busy::Told(super::acquire::kernel_busy(spec, &opened))
+                    Busy::Told(kernel_busy(spec, &opened))
                 };
                 return Ok(Taken::Conflict { key, busy });
             }
@@ -442,7 +447,7 @@ fn take(
                 subject(spec.kind, &spec.name, &opened.lock_path),
                 e.desc()
             );
-            return Err(reply(ErrorKind::Io, spec, m));
+            return Err(DaemonError::on(ErrorKind::Io, spec, m));
         }
         if let Some(dir) = &opened.dir {
             if !lockfile::still_named(dir, opened.key) {
@@ -474,7 +479,7 @@ fn take(
         });
         return Ok(Taken::Locked(opened, published));
     }
-    Err(reply(
+    Err(DaemonError::on(
         ErrorKind::Io,
         spec,
         format!(

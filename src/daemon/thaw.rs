@@ -14,14 +14,16 @@
 //! a SIGKILL action (nothing to resume), a fenced lease whose storage has not answered since
 //! (stage Fenced or Checking) or whose lock was already found lost.
 
-use super::fence::Stage;
-use super::heartbeat;
+use super::error::DaemonError;
+use super::health::{self, Verdict};
 use super::lease::LeaseKey;
-use super::lost::{self, Verdict};
+use super::ledger::{Finished, JobFor, OpId, ThawOp, Wait};
+use super::liveness::{self, Stage};
+use super::lost;
 use super::owner::ConnId;
-use super::state::{JobFor, OpId, State};
+use super::state::State;
 use super::storage::JobId;
-use crate::protocol::{ErrorKind, ErrorReply, FailureAction, Response};
+use crate::protocol::{ErrorKind, FailureAction, Response};
 use crate::text::esc;
 use log::{error, info, warn};
 use nix::errno::Errno;
@@ -31,28 +33,13 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// A `thaw` waiting for its re-verifications.
-#[derive(Debug)]
-pub struct ThawOp {
-    pub conn: ConnId,
-    /// The VM as the operator named it, and its pids.
-    vm: String,
-    pids: Vec<u32>,
-    /// Re-checks in flight.
-    jobs: HashMap<JobId, LeaseKey>,
-    /// Re-checks back.
-    results: Vec<(LeaseKey, Arc<OwnedFd>, Result<(), Errno>)>,
-    pub deadline: Instant,
-    started: Instant,
-}
-
 fn refuse(kind: ErrorKind, message: String, resource: Option<String>) -> Response {
-    Response::Error(ErrorReply {
-        kind,
-        message,
-        resource,
-        holder: None,
-    })
+    let e = DaemonError::of(kind, message);
+    match resource {
+        Some(r) => e.about(&r),
+        None => e,
+    }
+    .into_response()
 }
 
 /// Start a `thaw` of `vm` (name or UUID). `Err`: the answer, now (nothing was changed).
@@ -77,7 +64,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
             None,
         )));
     }
-    if state.thaws.values().any(|t| t.pids == pids) {
+    if state.ledger.thaws().any(|t| t.pids == pids) {
         return Err(Box::new(refuse(
             ErrorKind::Busy,
             format!(
@@ -138,7 +125,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
         let name = esc(&l.name);
         let mount = esc(&f.mount.to_string_lossy());
         let ago = f.at.elapsed().as_secs();
-        let silent = heartbeat::silent(&state.heartbeat, &f.mount);
+        let silent = liveness::silent(&state.heartbeat, &f.mount);
         match f.state {
             Stage::Fenced | Stage::Checking => {
                 let stage = if f.state == Stage::Checking && !silent {
@@ -186,7 +173,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
             _ => {}
         }
     }
-    let op = state.next_op_id();
+    let op = state.ledger.next_id();
     let now = Instant::now();
     let mut jobs = HashMap::new();
     for (key, _) in &fenced {
@@ -199,9 +186,9 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
          storage",
         jobs.len()
     );
-    state.thaws.insert(
+    state.ledger.park(
         op,
-        ThawOp {
+        Wait::Thaw(ThawOp {
             conn,
             vm: vm.to_string(),
             pids,
@@ -209,7 +196,7 @@ pub fn start(state: &mut State, conn: ConnId, vm: &str) -> Result<(), Box<Respon
             results: Vec::new(),
             deadline: now + state.storage_timeout,
             started: now,
-        },
+        }),
     );
     Ok(())
 }
@@ -223,7 +210,7 @@ pub fn on_verify(
     fd: &Arc<OwnedFd>,
     result: Result<(), Errno>,
 ) {
-    let Some(t) = state.thaws.get_mut(&op) else {
+    let Some(t) = state.ledger.thaw_mut(op) else {
         return;
     };
     t.jobs.remove(&job);
@@ -231,14 +218,14 @@ pub fn on_verify(
     if !t.jobs.is_empty() {
         return;
     }
-    if let Some(t) = state.thaws.remove(&op) {
+    if let Some(Wait::Thaw(t)) = state.ledger.take(op) {
         let response = decide(state, &t);
         answer(state, t.conn, response);
     }
 }
 
 fn answer(state: &mut State, conn: ConnId, response: Response) {
-    state.finished.push(super::acquire::Finished {
+    state.ledger.answer(Finished {
         conn,
         response,
         restrict: false,
@@ -271,8 +258,8 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
             .map(|f| esc(&f.mount.to_string_lossy()))
             .unwrap_or_default();
         let still_held = f.is_some_and(|f| f.state == Stage::Held)
-            && !f.is_some_and(|f| heartbeat::silent(&state.heartbeat, &f.mount));
-        let verdict = lost::classify(*result);
+            && !f.is_some_and(|f| liveness::silent(&state.heartbeat, &f.mount));
+        let verdict = health::classify(*result);
         if f.is_none() {
             refusal.get_or_insert_with(|| {
                 refuse(
@@ -330,11 +317,11 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
             .map(|l| l.name.to_string())
             .unwrap_or_default();
         let e = result.err().unwrap_or(Errno::EIO);
-        let found = match lost::classify(*result) {
+        let found = match health::classify(*result) {
             Verdict::Conflict => format!("somebody else holds it now ({}, {e})", e.desc()),
             _ => format!("the storage no longer grants it ({}, {e})", e.desc()),
         };
-        let kind = if lost::classify(*result) == Verdict::Conflict {
+        let kind = if health::classify(*result) == Verdict::Conflict {
             ErrorKind::Busy
         } else {
             ErrorKind::Io
@@ -404,85 +391,58 @@ fn decide(state: &mut State, t: &ThawOp) -> Response {
 }
 
 /// Answer the thaws whose re-checks did not come back within `storage_timeout_ms`.
-pub fn expire(state: &mut State, now: Instant) {
-    let late: Vec<OpId> = state
-        .thaws
-        .iter()
-        .filter(|(_, t)| t.deadline <= now)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in late {
-        let Some(t) = state.thaws.remove(&id) else {
-            continue;
-        };
-        let mut stuck: Vec<String> = Vec::new();
-        for (job, key) in &t.jobs {
-            state.jobs.insert(*job, JobFor::Other);
-            if let Some(l) = state.leases.get(key) {
-                let mount = state
-                    .heartbeat
-                    .fenced
-                    .get(key)
-                    .map(|f| f.mount.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                stuck.push(format!("disk {} (mount {})", esc(&l.name), esc(&mount)));
-            }
+pub fn expired(state: &mut State, t: ThawOp) {
+    let mut stuck: Vec<String> = Vec::new();
+    for (job, key) in &t.jobs {
+        state.ledger.reassign(*job, JobFor::Other);
+        if let Some(l) = state.leases.get(key) {
+            let mount = state
+                .heartbeat
+                .fenced
+                .get(key)
+                .map(|f| f.mount.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            stuck.push(format!("disk {} (mount {})", esc(&l.name), esc(&mount)));
         }
-        stuck.sort();
-        error!(
-            "thaw of VM {:?}: the storage did not answer the re-verification within {} ms",
-            t.vm,
-            t.started.elapsed().as_millis()
-        );
-        let message = format!(
-            "cannot thaw VM '{}': the storage did not answer the re-verification of {} within \
-             {} ms (storage_timeout_ms); nothing was changed, the VM stays stopped; check the \
-             storage, then run thaw again",
-            esc(&t.vm),
-            stuck.join(", "),
-            t.started.elapsed().as_millis()
-        );
-        answer(state, t.conn, refuse(ErrorKind::Timeout, message, None));
     }
+    stuck.sort();
+    error!(
+        "thaw of VM {:?}: the storage did not answer the re-verification within {} ms",
+        t.vm,
+        t.started.elapsed().as_millis()
+    );
+    let message = format!(
+        "cannot thaw VM '{}': the storage did not answer the re-verification of {} within \
+         {} ms (storage_timeout_ms); nothing was changed, the VM stays stopped; check the \
+         storage, then run thaw again",
+        esc(&t.vm),
+        stuck.join(", "),
+        t.started.elapsed().as_millis()
+    );
+    answer(state, t.conn, refuse(ErrorKind::Timeout, message, None));
 }
 
 /// A live re-exec cannot wait: refuse every thaw in flight (nothing was changed).
-pub fn interrupt_all(state: &mut State) {
-    let ids: Vec<OpId> = state.thaws.keys().copied().collect();
-    for id in ids {
-        let Some(t) = state.thaws.remove(&id) else {
-            continue;
-        };
-        for job in t.jobs.keys() {
-            state.jobs.insert(*job, JobFor::Other);
-        }
-        let message = format!(
-            "lockwardend is re-executing (live upgrade) while the re-verification for thawing VM \
-             '{}' was in flight; nothing was changed; run thaw again",
-            esc(&t.vm)
-        );
-        answer(state, t.conn, refuse(ErrorKind::Timeout, message, None));
+pub fn interrupted(state: &mut State, t: ThawOp) {
+    for job in t.jobs.keys() {
+        state.ledger.reassign(*job, JobFor::Other);
     }
+    let message = format!(
+        "lockwardend is re-executing (live upgrade) while the re-verification for thawing VM \
+         '{}' was in flight; nothing was changed; run thaw again",
+        esc(&t.vm)
+    );
+    answer(state, t.conn, refuse(ErrorKind::Timeout, message, None));
 }
 
 /// The client went away before the answer: nothing is done (a thaw nobody sees is not applied).
-pub fn cancel_conn(state: &mut State, conn: ConnId) {
-    let gone: Vec<OpId> = state
-        .thaws
-        .iter()
-        .filter(|(_, t)| t.conn == conn)
-        .map(|(id, _)| *id)
-        .collect();
-    for id in gone {
-        if let Some(t) = state.thaws.remove(&id) {
-            for job in t.jobs.keys() {
-                state.jobs.insert(*job, JobFor::Other);
-            }
-            info!(
-                "the client of the thaw of VM {:?} went away before the storage answered; \
-                 nothing was changed",
-                t.vm
-            );
-        }
+pub fn cancelled(state: &mut State, t: ThawOp) {
+    for job in t.jobs.keys() {
+        state.ledger.reassign(*job, JobFor::Other);
     }
+    info!(
+        "the client of the thaw of VM {:?} went away before the storage answered; \
+         nothing was changed",
+        t.vm
+    );
 }

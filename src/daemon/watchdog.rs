@@ -29,9 +29,6 @@
 //! (reexec.rs) and feeds it right before `execve` and right after the new image restored its
 //! state.
 
-use super::heartbeat;
-use super::state::State;
-use crate::protocol::FailureAction;
 use log::{error, info, warn};
 use std::fs::File;
 use std::io::Write;
@@ -77,10 +74,10 @@ pub struct Watchdog {
     pub path: PathBuf,
     pub kind: Kind,
     pub interval: Duration,
-    next: Instant,
+    pub(super) next: Instant,
     /// Since when, and why, keep-alives are withheld.
-    withheld: Option<(Instant, String)>,
-    logged: bool,
+    pub(super) withheld: Option<(Instant, String)>,
+    pub(super) logged: bool,
     /// The last write error (logged once until a write succeeds).
     write_error: Option<String>,
 }
@@ -296,111 +293,6 @@ pub fn stopped(pid: u32) -> Result<(), char> {
         }
     }
     Ok(())
-}
-
-/// Why a keep-alive must be withheld now, if it must.
-pub fn unprotected(state: &State) -> Option<String> {
-    let boot = heartbeat::boot_now();
-    for (k, l) in state.leases.iter() {
-        let mount = heartbeat::mount_of(state, k, &l.lock_path);
-        let silent = mount
-            .as_ref()
-            .and_then(|m| heartbeat::silent_for(&state.heartbeat, m, boot));
-        // Lost: found by a lost-lock probe (lost.rs) or by a fence's re-check, and not held
-        // again since (lost.rs clears the mark when a re-check takes the lock back).
-        let lost = l.lost
-            || state
-                .heartbeat
-                .fenced
-                .get(k)
-                .is_some_and(|f| f.state == super::fence::Stage::Lost);
-        if silent.is_none() && !lost {
-            continue;
-        }
-        for pid in l.owners.keys() {
-            let Some(e) = state.owners.get(*pid) else {
-                continue;
-            };
-            if e.action == FailureAction::Ignore {
-                continue;
-            }
-            if let Err(c) = stopped(*pid) {
-                let why = match (silent, &mount) {
-                    (Some(age), Some(m)) => format!(
-                        "the storage behind mount {m:?} has been silent for {} ms",
-                        age.as_millis()
-                    ),
-                    _ => "its lock was lost and has not been taken back".into(),
-                };
-                return Some(format!(
-                    "VM {:?} (pid {pid}) holds {:?} and must be stopped ({why}), but its process \
-                     is still in state {c}",
-                    e.owner.name, l.lock_path
-                ));
-            }
-        }
-    }
-    None
-}
-
-/// The event loop's timer: feed the watchdog when due and allowed.
-pub fn tick(state: &mut State, now: Instant) {
-    let Some(wd) = state.watchdog.as_ref() else {
-        return;
-    };
-    if wd.next > now {
-        return;
-    }
-    let why = unprotected(state);
-    let Some(wd) = state.watchdog.as_mut() else {
-        return;
-    };
-    match why {
-        None => {
-            if let Some((since, _)) = wd.withheld.take() {
-                if wd.logged {
-                    info!(
-                        "watchdog keep-alives resume after {} ms: every VM that had to be \
-                         stopped is stopped or gone",
-                        since.elapsed().as_millis()
-                    );
-                }
-            }
-            wd.logged = false;
-            wd.feed();
-            wd.next = now + wd.interval;
-        }
-        Some(why) => {
-            let since = match &wd.withheld {
-                Some((t, _)) => *t,
-                None => now,
-            };
-            wd.withheld = Some((since, why.clone()));
-            if !wd.logged && now.duration_since(since) >= LOG_AFTER {
-                wd.logged = true;
-                let timeout = match wd.kind {
-                    Kind::Device { timeout: Some(t) } => format!("{} s", t.as_secs()),
-                    _ => "its timeout".into(),
-                };
-                error!(
-                    "WATCHDOG: keep-alives to {:?} stopped {} ms ago: {why}; unless it stops, \
-                     the watchdog resets this host within {timeout} of the last keep-alive, \
-                     before the storage can give its disk to another host",
-                    wd.path,
-                    now.duration_since(since).as_millis()
-                );
-            }
-            wd.next = now + RECHECK.min(wd.interval);
-        }
-    }
-}
-
-/// Feed the watchdog now if allowed (right before and after a live re-exec).
-pub fn feed_now(state: &mut State) {
-    if let Some(wd) = state.watchdog.as_mut() {
-        wd.next = Instant::now();
-    }
-    tick(state, Instant::now());
 }
 
 #[cfg(test)]
