@@ -311,7 +311,7 @@ impl Server {
                 Err(e) => return Err(format!("epoll_wait failed: {e}")),
             }
             let now = Instant::now();
-            events.sort_by_key(|e| Token::decode(e.token).map_or(u8::MAX, Token::rank));
+            events.sort_unstable_by_key(|e| Token::decode(e.token).map_or(u8::MAX, Token::rank));
             let accepts = self.accept_budget(!ready.is_empty(), &events);
             for ev in &events {
                 let Some(token) = Token::decode(ev.token) else {
