@@ -9,9 +9,12 @@ and prints the edges, the strongly connected components inside the daemon (impor
 the edges that cross layers. The layers: the shared modules at the top of src/ (`text`,
 `naming`, `plugin_conf`, `protocol`, ...) import none of `plugin`, `daemon`, `cli`; the plugin
 imports neither the daemon nor the CLI; the daemon does not import the plugin or the CLI; the
-CLI does not import the plugin or the daemon (docs/architecture.md section 5). Exit status 1
-with --check when any cycle or layer violation is found, with --check-layers when any layer
-violation is found (cycles are reported but do not fail).
+CLI does not import the plugin or the daemon (docs/architecture.md section 5). One more rule:
+libvirt's ABI (`abi`, the bindgen output) is named only by `plugin::ffi`, which decodes its
+integers into Rust types; any other module importing `abi`, or any plugin module other than
+ffi.rs that writes `abi::`, is reported as an ABI leak. Exit status 1 with --check when any
+cycle, layer violation or ABI leak is found, with --check-layers when any layer violation or
+ABI leak is found (cycles are reported but do not fail).
 """
 import os
 import re
@@ -48,21 +51,32 @@ def edges():
             me = module_of(path)
             text = cut_tests(strip_comments(open(path, encoding="utf-8").read()))
             # Expand `use a::{b, c}` one level.
-            for m in re.finditer(r"\b(crate|super)((?:::\w+)+)(?:::\{([^}]*)\})?", text):
+            for m in re.finditer(r"\b(crate|super)((?:::\w+)*)(?:::\{([^}]*)\})?", text):
                 head, rest, group = m.group(1), m.group(2), m.group(3)
                 parts = [p for p in rest.split("::") if p]
+                # A bare `crate`/`super` (`pub(super)`) names nothing, unless it is `super::*`.
+                if not parts and not group and not text.startswith("::*", m.end()):
+                    continue
                 if head == "crate":
                     base = []
                 else:
                     base = me[:-1] if not path.endswith("mod.rs") else me[:-1]
                     if path.endswith("mod.rs"):
                         base = me[:-1]
+                # `super::super::x`: one level up per `super`.
+                while head == "super" and parts and parts[0] == "super":
+                    base, parts = base[:-1], parts[1:]
                 targets = [base + parts]
                 if group and len(parts) < 2:
-                    targets = [base + parts + [g.strip().split("::")[0]] for g in group.split(",") if g.strip()]
+                    # `use crate::{abi as a, plugin::params}`: each entry's path, without `as x`.
+                    entries = [re.findall(r"\w+", g.split(" as ")[0]) for g in group.split(",")]
+                    targets = [base + parts + e for e in entries if e]
                 for t in targets:
                     t = [x for x in t if x not in ("self",)]
+                    # `crate::protocol::Request` names an item of the module `protocol`.
                     target = "::".join(t[:2])
+                    if target not in MODULES:
+                        target = t[0] if t and t[0] in MODULES else ""
                     src = "::".join(me[:2])
                     if target and target != src and target.split("::")[0] in TOP:
                         out.add((src, target))
@@ -76,8 +90,36 @@ TOP = {
     for f in os.listdir(ROOT)
     if (f.endswith(".rs") and f != "lib.rs") or (os.path.isdir(os.path.join(ROOT, f)) and f != "bin")
 }
+# Every module the graph knows (first two levels: `daemon::state`, `holder_record::read`).
+MODULES = {
+    "::".join(module_of(os.path.join(d, f))[:2])
+    for d, _, fs in os.walk(ROOT)
+    for f in fs
+    if f.endswith(".rs") and not os.path.relpath(d, ROOT).startswith("bin")
+} - {""}
 # The upper layers; each may import only the shared modules (everything else in TOP).
 UPPER = {"plugin", "daemon", "cli"}
+# The one module that may name libvirt's ABI (docs/architecture.md section 5).
+ABI_EDGE = "plugin::ffi"
+
+
+def abi_leaks(e):
+    """Modules other than plugin::ffi that import `abi`, and plugin files other than ffi.rs
+    that write `abi::` (however it was imported)."""
+    out = {f"{a} -> abi" for a, b in e if b == "abi" and a != ABI_EDGE}
+    plugin = os.path.join(ROOT, "plugin")
+    for dirpath, _, files in os.walk(plugin):
+        for f in sorted(files):
+            path = os.path.join(dirpath, f)
+            me = "::".join(module_of(path)[:2])
+            if not f.endswith(".rs") or me == ABI_EDGE:
+                continue
+            text = cut_tests(strip_comments(open(path, encoding="utf-8").read()))
+            for n, line in enumerate(text.splitlines(), 1):
+                if re.search(r"\babi::", line):
+                    rel = os.path.relpath(path, os.path.join(ROOT, ".."))
+                    out.add(f"{rel}:{n}: {line.strip()}")
+    return sorted(out)
 
 
 def crosses(a, b):
@@ -126,6 +168,7 @@ def main():
     nodes = {x for ab in daemon for x in ab}
     cycles = sccs(nodes, adj)
     layer = sorted((a, b) for a, b in e if crosses(a, b))
+    leaks = abi_leaks(e)
     if "--dot" in sys.argv:
         print("digraph lockwarden {")
         for a, b in sorted(e):
@@ -142,9 +185,12 @@ def main():
     print(f"layer violations (an import of plugin, daemon or cli from another module): {len(layer)}")
     for a, b in layer:
         print(f"  {a} -> {b}")
-    if "--check" in sys.argv and (cycles or layer):
+    print(f"ABI leaks (libvirt's abi named outside {ABI_EDGE}): {len(leaks)}")
+    for x in leaks:
+        print(f"  {x}")
+    if "--check" in sys.argv and (cycles or layer or leaks):
         return 1
-    if "--check-layers" in sys.argv and layer:
+    if "--check-layers" in sys.argv and (layer or leaks):
         return 1
     return 0
 

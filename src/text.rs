@@ -50,6 +50,25 @@ pub fn esc(s: &str) -> String {
     crate::untrusted::escape(s)
 }
 
+/// Show a byte string for a message: escaped (a newline cannot forge a log line), quoted, and
+/// shortened when very long.
+pub fn show(bytes: &[u8]) -> String {
+    const MAX: usize = 256;
+    let (head, more) = match bytes.get(..MAX) {
+        Some(h) if bytes.len() > MAX => (h, true),
+        _ => (bytes, false),
+    };
+    let text = match std::str::from_utf8(head) {
+        Ok(s) => s.escape_debug().to_string(),
+        Err(_) => head.escape_ascii().to_string(),
+    };
+    if more {
+        format!("'{text}...' ({} bytes)", bytes.len())
+    } else {
+        format!("'{text}'")
+    }
+}
+
 /// "disk" or "lease", the word libvirt users know for a resource.
 pub fn what(kind: ResourceKind) -> &'static str {
     match kind {

@@ -3,8 +3,9 @@
 //! then sequences of drvNew / drvAddResource / drvAcquire / drvRelease / drvInquire / drvFree,
 //! NULL managers and NULL parameter arrays included).
 //!
-//! Alongside, the same parameters decoded by hand go through the safe functions the shells call
-//! (`Manager::from_new`, `resources::add`), and the two must agree: same success, same owner,
+//! Alongside, the same parameters decoded by hand go through the functions the shells call
+//! (`ffi::decode_new` + `Manager::from_new`, `ffi::decode_resource` + `resources::add`), and
+//! the two must agree: same success, same owner,
 //! same lease specs. That checks `decode_params` (the unsafe part) against its documented
 //! meaning. The safe functions are also run under other settings (direct mode, no automatic
 //! disk leases, ignored read-only disks).
@@ -17,7 +18,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use lockwarden::abi;
-use lockwarden::plugin::ffi::virLockDriverImpl;
+use lockwarden::plugin::ffi::{decode_new, decode_resource, virLockDriverImpl};
 use lockwarden::plugin::manager::Manager;
 use lockwarden::plugin::params::{Param, Value};
 use lockwarden::plugin::resources;
@@ -320,7 +321,9 @@ fn run(data: &[u8]) {
                 let rc = unsafe { new(&mut *man, object_type, n, arr, flags) };
                 let want = match (had, p.expected()) {
                     (true, _) | (false, None) => None,
-                    (false, Some(ps)) => Manager::from_new(object_type, ps, flags).ok(),
+                    (false, Some(ps)) => decode_new(object_type, flags)
+                        .and_then(|()| Manager::from_new(ps))
+                        .ok(),
                 };
                 match (rc, want) {
                     (0, Some(m)) => {
@@ -364,9 +367,10 @@ fn run(data: &[u8]) {
                 match (&mut mirror, expected) {
                     (Some(m), Some(ps)) => {
                         let before = (m.leases.clone(), m.rw_disks);
-                        let ok =
-                            resources::add(&fx.settings, m, rtype, name.as_deref(), &ps, flags)
-                                .is_ok();
+                        let decoded = decode_resource(&m.vm_label(), rtype, flags);
+                        let ok = decoded.clone().is_ok_and(|(t, f)| {
+                            resources::add(&fx.settings, m, t, name.as_deref(), &ps, f).is_ok()
+                        });
                         assert_eq!(rc == 0, ok, "drvAddResource rc {rc}, safe path ok={ok}");
                         if !ok {
                             assert_eq!((m.leases.clone(), m.rw_disks), before, "error changed it");
@@ -378,7 +382,9 @@ fn run(data: &[u8]) {
                         // /dev paths (lvm/scsi dirs stay unset).
                         let s = variant(&fx.settings, which);
                         let mut other = Manager::new(m.owner.clone());
-                        let _ = resources::add(&s, &mut other, rtype, name.as_deref(), &ps, flags);
+                        if let Ok((t, f)) = decoded {
+                            let _ = resources::add(&s, &mut other, t, name.as_deref(), &ps, f);
+                        }
                     }
                     (Some(_), None) | (None, _) => assert_eq!(rc, -1, "drvAddResource rc {rc}"),
                 }

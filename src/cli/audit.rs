@@ -3,8 +3,9 @@
 //! libvirt asks the lock manager for a VM's disks only when it starts or resumes the VM, so a
 //! VM that was running before lockwarden was enabled (or under lockd) holds nothing from
 //! lockwardend. For every domain in libvirt's status directory ([`super::running`]) this lists
-//! its disks and `<lease>`s exactly as the plugin would lock them (the plugin's own
-//! `resources::add` with the plugin's settings file, as `lockwarden who` does) and says who
+//! its disks and `<lease>`s exactly as the plugin would lock them (`crate::naming`, the code
+//! the plugin's `drvAddResource` runs, with the plugin's settings file, as `lockwarden who`
+//! does) and says who
 //! holds each: lockwardend for this VM's QEMU pid (`protected`), another VM (this host's
 //! lockwardend, or a holder record on the storage: `held-by-vm`), a lock no lockwarden record
 //! describes (virtlockd, another host: `held-not-lockwarden`, seen with `F_OFD_GETLK`), or
@@ -17,21 +18,13 @@
 use super::running::{self, Domain, Resource};
 use super::who;
 use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, fetch_leases, print_json, table};
-use crate::abi;
-use crate::daemon::holder::{self, Target};
-use crate::plugin::manager::Manager;
-use crate::plugin::params::{Param, Value};
-use crate::plugin::resources;
+use crate::holder_record::{self as holder, Target};
+use crate::naming;
 use crate::plugin_conf::{ReadonlyDisks, Settings};
 use crate::protocol::{LeaseInfo, LeaseMode, LeaseSpec, LockTarget, ResourceKind};
 use crate::untrusted::escape;
 use serde_json::{Value as Json, json};
 use std::os::fd::AsFd;
-
-const DISK: u32 = abi::virLockManagerResourceType_VIR_LOCK_MANAGER_RESOURCE_TYPE_DISK;
-const LEASE: u32 = abi::virLockManagerResourceType_VIR_LOCK_MANAGER_RESOURCE_TYPE_LEASE;
-const READONLY: u32 = abi::virLockManagerResourceFlags_VIR_LOCK_MANAGER_RESOURCE_READONLY;
-const SHARED: u32 = abi::virLockManagerResourceFlags_VIR_LOCK_MANAGER_RESOURCE_SHARED;
 
 /// Who holds one resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,24 +160,23 @@ fn access(res: &Resource) -> &'static str {
     }
 }
 
-fn lock_path(target: &LockTarget) -> String {
-    match target {
-        LockTarget::File { path } => path.clone(),
-        LockTarget::Lockspace { dir, file, .. } => format!("{}/{file}", dir.trim_end_matches('/')),
-    }
-}
-
-/// Turn one resource into the lease the plugin would request (through the plugin's own code).
-fn plan(settings: &Settings, m: &mut Manager, res: &Resource) -> Item {
-    let before = m.leases.len();
+/// Turn one resource into the lease the plugin would request (through the plugin's own naming,
+/// `crate::naming`). `vm` labels the VM in messages; `rw_disks` counts read/write exclusive
+/// disks for `require_lease_for_disks`, as the plugin does.
+fn plan(settings: &Settings, vm: &str, rw_disks: &mut usize, res: &Resource) -> Item {
     let (kind, name, result) = match res {
         Resource::Disk {
             path,
             readonly,
             shared,
         } => {
-            let flags = if *readonly { READONLY } else { 0 } | if *shared { SHARED } else { 0 };
-            let r = resources::add(settings, m, DISK, Some(path.as_bytes()), &[], flags);
+            let r =
+                naming::disk(settings, vm, Some(path.as_bytes()), *readonly, *shared).map(|d| {
+                    if d.rw_exclusive {
+                        *rw_disks += 1;
+                    }
+                    d.lease
+                });
             (ResourceKind::Disk, path.clone(), r)
         }
         Resource::Lease {
@@ -193,18 +185,15 @@ fn plan(settings: &Settings, m: &mut Manager, res: &Resource) -> Item {
             offset,
             lockspace,
         } => {
-            let mut params = Vec::new();
-            if let Some(p) = path {
-                params.push(Param::new("path", Value::Str(Some(p.as_bytes().to_vec()))));
-            }
-            params.push(Param::new("offset", Value::ULong(offset.unwrap_or(0))));
-            if let Some(ls) = lockspace {
-                params.push(Param::new(
-                    "lockspace",
-                    Value::Str(Some(ls.as_bytes().to_vec())),
-                ));
-            }
-            let r = resources::add(settings, m, LEASE, Some(key.as_bytes()), &params, 0);
+            let r = naming::lease(
+                vm,
+                key.as_bytes(),
+                path.as_deref().map(str::as_bytes),
+                offset.unwrap_or(0),
+                lockspace.as_deref().map(str::as_bytes),
+                LeaseMode::Exclusive,
+            )
+            .map(Some);
             (ResourceKind::Lease, key.clone(), r)
         }
         Resource::Unresolved { what } => {
@@ -231,12 +220,11 @@ fn plan(settings: &Settings, m: &mut Manager, res: &Resource) -> Item {
     };
     match result {
         Err(e) => item.holding = Holding::Error(e.message),
-        Ok(()) if m.leases.len() > before => {
-            let spec = m.leases.pop();
-            item.lock_path = spec.as_ref().map(|s| lock_path(&s.target));
-            item.spec = spec;
+        Ok(Some(spec)) => {
+            item.lock_path = Some(naming::lock_path(&spec.target));
+            item.spec = Some(spec);
         }
-        Ok(()) => {
+        Ok(None) => {
             item.holding = Holding::NotLocked(
                 if matches!(res, Resource::Disk { readonly: true, .. })
                     && settings.readonly_disks == ReadonlyDisks::Ignore
@@ -328,25 +316,30 @@ fn holding(ctx: &Context, dom: &Domain, item: &Item) -> Holding {
 
 /// Audit one domain.
 pub fn examine(ctx: &Context, dom: &Domain) -> VmReport {
-    let mut m = Manager::new(dom.owner.clone());
+    // The VM as the plugin's messages name it: "'name' (uuid)".
+    let vm = format!(
+        "{} ({})",
+        crate::text::show(dom.owner.name.as_bytes()),
+        dom.owner.uuid
+    );
+    let mut rw_disks = 0;
     let mut items: Vec<Item> = dom
         .resources
         .iter()
-        .map(|r| plan(&ctx.settings, &mut m, r))
+        .map(|r| plan(&ctx.settings, &vm, &mut rw_disks, r))
         .collect();
     let mut problem = running::is_qemu_of(dom.owner.pid, &dom.owner.name)
         .err()
         .map(|e| format!("libvirt's status file {}: {e}", dom.status_file.display()));
     if problem.is_none()
         && ctx.settings.require_lease_for_disks
-        && m.leases.is_empty()
         && items.iter().all(|i| i.spec.is_none())
-        && m.rw_disks > 0
+        && rw_disks > 0
     {
         problem = Some(format!(
             "the plugin would refuse this VM: it has {} read/write disk(s) and no lease, and {} \
              sets require_lease_for_disks",
-            m.rw_disks,
+            rw_disks,
             ctx.settings.source_display()
         ));
     }

@@ -2,8 +2,8 @@
 //!
 //! Why it works without the daemon: the answer lives on the shared storage. The disk's lock
 //! target is computed exactly as the plugin computes it (same settings file, same
-//! `resources::add`), then the holder records next to it are read and judged by
-//! `daemon::holder::read` (believed only while the locks they describe are held), and the
+//! `crate::naming`), then the holder records next to it are read and judged by
+//! `holder_record::read` (believed only while the locks they describe are held), and the
 //! kernel's own view of byte 0 (`F_OFD_GETLK`) covers holders that publish nothing (virtlockd,
 //! other tools). When this host's lockwardend answers, its own leases on that file are added
 //! too, so a lease whose record could not be written is still named.
@@ -12,11 +12,10 @@
 //! could not be examined. Output: an aligned table, or `--json` (schema: docs/holders.md).
 
 use super::{Cli, EXIT_DAEMON, EXIT_OK, EXIT_PROBLEM, fetch_leases, print_json, table};
-use crate::daemon::holder::{self, Found, KernelLock, Record, Target, Vm};
-use crate::plugin::manager::Manager;
-use crate::plugin::resources;
+use crate::holder_record::{self as holder, Found, KernelLock, Record, Target, Vm};
+use crate::naming;
 use crate::plugin_conf::Settings;
-use crate::protocol::{LeaseInfo, LeaseMode, LockTarget, Owner, ResourceKind};
+use crate::protocol::{LeaseInfo, LeaseMode, LockTarget, ResourceKind};
 use crate::untrusted::{Access, OpenFailure, escape};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
@@ -24,18 +23,14 @@ use nix::sys::stat::{Mode, SFlag, fstat};
 use serde_json::{Value, json};
 use std::os::fd::{AsFd, OwnedFd};
 
-const DISK: u32 = crate::abi::virLockManagerResourceType_VIR_LOCK_MANAGER_RESOURCE_TYPE_DISK;
+/// How `who`'s messages name the VM it asks for (the plugin's "'name' (uuid)" form).
+const WHO_VM: &str = "'lockwarden-who' (00000000-0000-0000-0000-000000000000)";
 
-/// Where a disk's lock lives, as the plugin would lock it.
+/// Where a disk's lock lives, as the plugin would lock it (a writable disk).
 pub fn lock_target(settings: &Settings, disk: &str) -> Result<LockTarget, String> {
-    let mut m = Manager::new(Owner {
-        uuid: "00000000-0000-0000-0000-000000000000".into(),
-        name: "lockwarden-who".into(),
-        id: 0,
-        pid: 0,
-    });
-    resources::add(settings, &mut m, DISK, Some(disk.as_bytes()), &[], 0).map_err(|e| e.message)?;
-    m.leases.pop().map(|l| l.target).ok_or_else(|| {
+    let d = naming::disk(settings, WHO_VM, Some(disk.as_bytes()), false, false)
+        .map_err(|e| e.message)?;
+    d.lease.map(|l| l.target).ok_or_else(|| {
         format!(
             "{} sets auto_disk_leases = 0, so lockwarden does not lock disks by path; only \
              <lease> elements are locked",
@@ -100,12 +95,8 @@ fn examine(cli: &Cli, disk: &str) -> Result<Report, String> {
     let settings = Settings::load(Some(&cli.plugin_conf), crate::paths::default_socket())
         .map_err(|e| e.message)?;
     let target = lock_target(&settings, &disk)?;
-    let (lock_path, lockspace) = match &target {
-        LockTarget::File { path } => (path.clone(), false),
-        LockTarget::Lockspace { dir, file, .. } => {
-            (format!("{}/{file}", dir.trim_end_matches('/')), true)
-        }
-    };
+    let lock_path = naming::lock_path(&target);
+    let lockspace = matches!(target, LockTarget::Lockspace { .. });
     let mut report = Report {
         disk: disk.clone(),
         lock_path: lock_path.clone(),
@@ -243,7 +234,7 @@ fn message(report: &Report, held: bool) -> String {
         &records,
         report.found.lock.as_ref(),
     );
-    // Dead-host visibility (daemon/holder/seen.rs).
+    // Dead-host visibility (holder_record/seen.rs).
     for seen in &report.found.seen {
         m.push_str(&format!(" ({})", seen.sentence()));
     }
@@ -349,7 +340,7 @@ fn print_human(report: &Report, held: bool) {
         if report.rows.is_empty() {
             println!("{}", escape(&message(report, held)));
         }
-        // Dead-host visibility (daemon/holder/seen.rs).
+        // Dead-host visibility (holder_record/seen.rs).
         for seen in &report.found.seen {
             println!("{}", escape(&seen.sentence()));
         }

@@ -11,14 +11,6 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
 use std::os::fd::BorrowedFd;
 
-/// What another party holds on byte 0, as `F_OFD_GETLK` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Conflict {
-    /// The holder's pid when it is a POSIX (per-process) lock; OFD holders report none.
-    pub pid: Option<i32>,
-    pub mode: LeaseMode,
-}
-
 fn flock(l_type: libc::c_int, start: libc::off_t, len: libc::off_t) -> libc::flock {
     libc::flock {
         l_type: l_type as libc::c_short,
@@ -52,21 +44,6 @@ pub fn is_conflict(e: Errno) -> bool {
     matches!(e, Errno::EAGAIN | Errno::EACCES)
 }
 
-/// Who would block a `mode` lock on byte 0, if anybody.
-pub fn conflict(fd: BorrowedFd<'_>, mode: LeaseMode) -> Option<Conflict> {
-    let mut fl = flock(lock_type(mode), 0, 1);
-    fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).ok()?;
-    let held = match i32::from(fl.l_type) {
-        libc::F_WRLCK => LeaseMode::Exclusive,
-        libc::F_RDLCK => LeaseMode::Shared,
-        _ => return None,
-    };
-    Some(Conflict {
-        pid: (fl.l_pid > 0).then_some(fl.l_pid),
-        mode: held,
-    })
-}
-
 /// Exclusive OFD lock on the whole file, for the pid file.
 pub fn try_lock_whole_file(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, 0, 0))).map(drop)
@@ -95,18 +72,14 @@ mod tests {
         try_lock(b.as_fd(), LeaseMode::Shared).unwrap();
         let e = try_lock(b.as_fd(), LeaseMode::Exclusive).unwrap_err();
         assert!(is_conflict(e));
-        assert_eq!(
-            conflict(b.as_fd(), LeaseMode::Exclusive),
-            Some(Conflict {
-                pid: None,
-                mode: LeaseMode::Shared
-            })
-        );
+        // What holds byte 0 is reported by crate::holder_record::kernel_lock.
+        let held = crate::holder_record::kernel_lock(b.as_fd()).unwrap();
+        assert_eq!((held.mode, held.pid), (LeaseMode::Shared, None));
         drop(a);
         let a = open();
         try_lock(b.as_fd(), LeaseMode::Exclusive).unwrap();
         assert_eq!(
-            conflict(a.as_fd(), LeaseMode::Shared).map(|c| c.mode),
+            crate::holder_record::kernel_lock(a.as_fd()).map(|k| k.mode),
             Some(LeaseMode::Exclusive)
         );
     }

@@ -218,12 +218,6 @@ fn parse_start(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// `/proc/PID/comm` of a local process, for messages that name a lock holder.
-pub fn comm(pid: i32) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    Some(s.trim_end_matches('\n').to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,7 +234,6 @@ mod tests {
         let _ = child.wait();
         assert!(p.exited());
         assert_eq!(Proc::open(0).unwrap_err(), Errno::ESRCH);
-        assert!(comm(std::process::id() as i32).is_some());
         let me = start_time(std::process::id()).unwrap();
         assert_eq!(Proc::open(std::process::id()).unwrap().start, Some(me));
         assert!(Proc::reopen(std::process::id(), Some(me + 1)).is_err());

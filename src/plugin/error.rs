@@ -11,7 +11,6 @@
 //! written as one line to fd 2 with `write(2)`: no `std::io::stderr()` (its lock must not be
 //! touched in the forked child of a multithreaded libvirtd), no logging framework.
 
-use crate::abi;
 use crate::protocol::ErrorKind;
 use std::ffi::{CString, c_char, c_int};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,17 +31,9 @@ pub enum Code {
 }
 
 impl Code {
-    /// The numeric libvirt error code.
+    /// The numeric libvirt error code (encoded at the ABI edge, `ffi.rs`).
     pub fn number(self) -> c_int {
-        let n = match self {
-            Code::Internal => abi::VIR_ERR_INTERNAL_ERROR,
-            Code::Denied => abi::VIR_ERR_OPERATION_DENIED,
-            Code::Invalid => abi::VIR_ERR_OPERATION_INVALID,
-            Code::Config => abi::VIR_ERR_CONFIG_UNSUPPORTED,
-            Code::Busy => abi::VIR_ERR_RESOURCE_BUSY,
-        };
-        // All values are small positive constants from virerror.h.
-        n as c_int
+        super::ffi::error_number(self)
     }
 
     /// The code libvirt sees for a daemon error of `kind`.
@@ -151,7 +142,7 @@ pub fn report(func: &'static std::ffi::CStr, err: &PluginError) {
         // the format "%s" consumes exactly the one `char *` vararg we pass.
         unsafe {
             f(
-                abi::VIR_FROM_LOCKING as c_int,
+                super::ffi::FROM_LOCKING,
                 err.code.number(),
                 c"src/plugin/error.rs".as_ptr(),
                 func.as_ptr(),

@@ -8,12 +8,20 @@
 //! Every shell: catches panics (a panic becomes `-1` with a libvirt error, never an abort of
 //! libvirtd), checks pointers, decodes C data into owned Rust values, calls the safe logic in
 //! the sibling modules and maps its error to a libvirt error.
+//!
+//! This is the only module of the plugin that names `abi::` items: libvirt's integers (object
+//! types, resource types, flags, the failure action, parameter types, error codes) are decoded
+//! here into Rust types ([`ResourceType`], [`ResourceFlags`], [`AcquireFlags`],
+//! [`FailureAction`], [`Value`]) and unknown values are refused here, so the safe logic behind
+//! it never sees a raw libvirt number (`scripts/module-graph.py --check-layers` checks it).
 
-use super::error::{self, PluginError};
-use super::manager::Manager;
+use super::error::{self, Code, PluginError};
+use super::manager::{AcquireFlags, Manager};
 use super::params::{Param, Value};
-use super::{EntryPoint, globals, resources};
+use super::resources::{self, ResourceFlags, ResourceType};
+use super::{EntryPoint, globals};
 use crate::abi;
+use crate::protocol::FailureAction;
 use std::ffi::{CStr, OsStr, c_char, c_int, c_uint};
 use std::os::fd::IntoRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -51,6 +59,127 @@ const T_UINT: u32 = abi::virLockManagerParamType_VIR_LOCK_MANAGER_PARAM_TYPE_UIN
 const T_ULONG: u32 = abi::virLockManagerParamType_VIR_LOCK_MANAGER_PARAM_TYPE_ULONG;
 const T_DOUBLE: u32 = abi::virLockManagerParamType_VIR_LOCK_MANAGER_PARAM_TYPE_DOUBLE;
 const T_UUID: u32 = abi::virLockManagerParamType_VIR_LOCK_MANAGER_PARAM_TYPE_UUID;
+
+const OBJECT_DOMAIN: u32 = abi::virLockManagerObjectType_VIR_LOCK_MANAGER_OBJECT_TYPE_DOMAIN;
+const NEW_STARTED: u32 = abi::virLockManagerNewFlags_VIR_LOCK_MANAGER_NEW_STARTED;
+const REGISTER_ONLY: u32 = abi::virLockManagerAcquireFlags_VIR_LOCK_MANAGER_ACQUIRE_REGISTER_ONLY;
+const RESTRICT: u32 = abi::virLockManagerAcquireFlags_VIR_LOCK_MANAGER_ACQUIRE_RESTRICT;
+const DISK: u32 = abi::virLockManagerResourceType_VIR_LOCK_MANAGER_RESOURCE_TYPE_DISK;
+const LEASE: u32 = abi::virLockManagerResourceType_VIR_LOCK_MANAGER_RESOURCE_TYPE_LEASE;
+const READONLY: u32 = abi::virLockManagerResourceFlags_VIR_LOCK_MANAGER_RESOURCE_READONLY;
+const SHARED: u32 = abi::virLockManagerResourceFlags_VIR_LOCK_MANAGER_RESOURCE_SHARED;
+
+/// `virErrorDomain` of every error the plugin raises.
+pub(super) const FROM_LOCKING: c_int = abi::VIR_FROM_LOCKING as c_int;
+
+/// The numeric libvirt error code of `code` (values from `virerror.h`, via our ABI header).
+pub fn error_number(code: Code) -> c_int {
+    let n = match code {
+        Code::Internal => abi::VIR_ERR_INTERNAL_ERROR,
+        Code::Denied => abi::VIR_ERR_OPERATION_DENIED,
+        Code::Invalid => abi::VIR_ERR_OPERATION_INVALID,
+        Code::Config => abi::VIR_ERR_CONFIG_UNSUPPORTED,
+        Code::Busy => abi::VIR_ERR_RESOURCE_BUSY,
+    };
+    // All values are small positive constants from virerror.h.
+    n as c_int
+}
+
+/// `drvNew`'s object type and flags: only domains, and no flag but `NEW_STARTED` (which changes
+/// nothing for this plugin).
+pub fn decode_new(object_type: u32, flags: u32) -> Result<(), PluginError> {
+    if object_type != OBJECT_DOMAIN {
+        return Err(PluginError::invalid(format!(
+            "drvNew: unknown lock manager object type {object_type} (this plugin knows domain = \
+             {OBJECT_DOMAIN}); upgrade lockwarden to match libvirt"
+        )));
+    }
+    let unknown = flags & !NEW_STARTED;
+    if unknown != 0 {
+        return Err(PluginError::invalid(format!(
+            "drvNew: unsupported flags 0x{unknown:x}; upgrade lockwarden to match libvirt"
+        )));
+    }
+    Ok(())
+}
+
+/// `drvAddResource`'s resource type and flags, for VM `vm` (its label for messages).
+pub fn decode_resource(
+    vm: &str,
+    rtype: u32,
+    flags: u32,
+) -> Result<(ResourceType, ResourceFlags), PluginError> {
+    let (rtype, what) = match rtype {
+        DISK => (ResourceType::Disk, "a disk"),
+        LEASE => (ResourceType::Lease, "a lease"),
+        other => {
+            return Err(PluginError::invalid(format!(
+                "drvAddResource for VM {vm}: unknown resource type {other} (this plugin knows \
+                 disk = {DISK} and lease = {LEASE}); upgrade lockwarden to match libvirt"
+            )));
+        }
+    };
+    let unknown = flags & !(READONLY | SHARED);
+    if unknown != 0 {
+        return Err(PluginError::invalid(format!(
+            "drvAddResource for VM {vm}: unsupported flags 0x{unknown:x} for {what}; upgrade \
+             lockwarden to match libvirt"
+        )));
+    }
+    let flags = ResourceFlags {
+        readonly: flags & READONLY != 0,
+        shared: flags & SHARED != 0,
+    };
+    Ok((rtype, flags))
+}
+
+/// `drvAcquire`'s flags and `on_lockfailure` action, for VM `vm`.
+pub fn decode_acquire(
+    vm: &str,
+    flags: u32,
+    action: u32,
+) -> Result<(AcquireFlags, FailureAction), PluginError> {
+    let unknown = flags & !(REGISTER_ONLY | RESTRICT);
+    if unknown != 0 {
+        return Err(PluginError::invalid(format!(
+            "drvAcquire for VM {vm}: unsupported flags 0x{unknown:x}; upgrade lockwarden to match \
+             libvirt"
+        )));
+    }
+    let action = failure_action(action).ok_or_else(|| {
+        PluginError::invalid(format!(
+            "drvAcquire for VM {vm}: unknown on_lockfailure action {action} (known: 0..=4)"
+        ))
+    })?;
+    let flags = AcquireFlags {
+        register_only: flags & REGISTER_ONLY != 0,
+        restrict: flags & RESTRICT != 0,
+    };
+    Ok((flags, action))
+}
+
+/// `drvRelease` and `drvInquire` take no flags.
+pub fn decode_no_flags(func: &str, vm: &str, flags: u32) -> Result<(), PluginError> {
+    if flags != 0 {
+        return Err(PluginError::invalid(format!(
+            "{func} for VM {vm}: unsupported flags 0x{flags:x}; upgrade lockwarden to match \
+             libvirt"
+        )));
+    }
+    Ok(())
+}
+
+/// libvirt's `virDomainLockFailureAction` → the protocol's.
+pub fn failure_action(action: u32) -> Option<FailureAction> {
+    Some(match action {
+        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_DEFAULT => FailureAction::Default,
+        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_POWEROFF => FailureAction::Poweroff,
+        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_RESTART => FailureAction::Restart,
+        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_PAUSE => FailureAction::Pause,
+        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_IGNORE => FailureAction::Ignore,
+        _ => return None,
+    })
+}
 
 /// The panic boundary: run `f`, turn an error or a panic into a libvirt error.
 fn boundary<R>(at: EntryPoint, f: impl FnOnce() -> Result<R, PluginError>) -> Option<R> {
@@ -230,7 +359,8 @@ unsafe extern "C" fn drv_new(
         }
         // SAFETY: libvirt passes `nparams` initialised parameters (NULL is checked inside).
         let params = unsafe { decode_params("drvNew", params, nparams) }?;
-        let manager = Manager::from_new(object_type, &params, flags)?;
+        decode_new(object_type, flags)?;
+        let manager = Manager::from_new(&params)?;
         // Nothing can fail after this point: a failed drvNew must leave nothing allocated,
         // because libvirt then frees `man` without calling drvFree.
         man.privateData = Box::into_raw(Box::new(manager)).cast();
@@ -255,14 +385,8 @@ unsafe extern "C" fn drv_add_resource(
         let ctx = format!("drvAddResource for VM {}", manager.vm_label());
         // SAFETY: libvirt passes `nparams` initialised parameters (NULL is checked inside).
         let params = unsafe { decode_params(&ctx, params, nparams) }?;
-        resources::add(
-            &g.settings,
-            manager,
-            resource_type,
-            name.as_deref(),
-            &params,
-            flags,
-        )
+        let (rtype, flags) = decode_resource(&manager.vm_label(), resource_type, flags)?;
+        resources::add(&g.settings, manager, rtype, name.as_deref(), &params, flags)
     }))
 }
 
@@ -282,6 +406,7 @@ unsafe extern "C" fn drv_acquire(
         let g = globals()?;
         // SAFETY: `man` comes from libvirt after a successful drv_new.
         let manager = unsafe { manager_mut("drvAcquire", man) }?;
+        let (flags, action) = decode_acquire(&manager.vm_label(), flags, action)?;
         let handle = manager.acquire(&g.settings, flags, action, !fd.is_null())?;
         if let Some(handle) = handle {
             // SAFETY: `handle` is only Some when `fd` is non-NULL (checked above).
@@ -305,7 +430,8 @@ unsafe extern "C" fn drv_release(
         let g = globals()?;
         // SAFETY: `man` comes from libvirt after a successful drv_new.
         let manager = unsafe { manager_mut("drvRelease", man) }?;
-        manager.release(&g.settings, flags)
+        decode_no_flags("drvRelease", &manager.vm_label(), flags)?;
+        manager.release(&g.settings)
     }))
 }
 
@@ -329,7 +455,7 @@ unsafe extern "C" fn drv_inquire(
             )));
         }
         // lockd-style empty state: no round trip, *state stays NULL.
-        manager.inquire(flags)
+        decode_no_flags("drvInquire", &manager.vm_label(), flags)
     }))
 }
 
@@ -361,5 +487,86 @@ mod tests {
         assert!(t.drvInit.is_some() && t.drvDeinit.is_some() && t.drvNew.is_some());
         assert!(t.drvFree.is_some() && t.drvAddResource.is_some() && t.drvAcquire.is_some());
         assert!(t.drvRelease.is_some() && t.drvInquire.is_some());
+    }
+
+    const VM: &str = "'web1' (c7a5fdbd-cdaf-9455-926a-d65c16db1809)";
+
+    #[test]
+    fn new_checks_type_and_flags() {
+        assert!(decode_new(0, NEW_STARTED).is_ok());
+        assert!(decode_new(0, 0).is_ok());
+        let e = decode_new(1, 0).unwrap_err();
+        assert!(e.message.contains("unknown lock manager object type 1"));
+        let e = decode_new(0, 6).unwrap_err();
+        assert!(e.message.contains("unsupported flags 0x6"));
+        assert_eq!(e.code, Code::Invalid);
+    }
+
+    #[test]
+    fn resources_decode() {
+        assert_eq!(
+            decode_resource(VM, 0, 0).unwrap(),
+            (ResourceType::Disk, ResourceFlags::default())
+        );
+        assert_eq!(
+            decode_resource(VM, 0, 3).unwrap(),
+            (
+                ResourceType::Disk,
+                ResourceFlags {
+                    readonly: true,
+                    shared: true
+                }
+            )
+        );
+        assert_eq!(
+            decode_resource(VM, 1, 2).unwrap(),
+            (
+                ResourceType::Lease,
+                ResourceFlags {
+                    readonly: false,
+                    shared: true
+                }
+            )
+        );
+        let e = decode_resource(VM, 0, 4).unwrap_err();
+        assert!(
+            e.message.contains("unsupported flags 0x4 for a disk"),
+            "{e}"
+        );
+        assert!(e.message.contains("'web1'"), "{e}");
+        let e = decode_resource(VM, 1, 8).unwrap_err();
+        assert!(
+            e.message.contains("unsupported flags 0x8 for a lease"),
+            "{e}"
+        );
+        // The type is judged before the flags.
+        let e = decode_resource(VM, 7, 4).unwrap_err();
+        assert!(e.message.contains("unknown resource type 7"), "{e}");
+        assert_eq!(e.code, Code::Invalid);
+    }
+
+    #[test]
+    fn acquire_flags_and_actions() {
+        let (f, a) = decode_acquire(VM, 0, 3).unwrap();
+        assert_eq!(f, AcquireFlags::default());
+        assert_eq!(a, FailureAction::Pause);
+        let (f, _) = decode_acquire(VM, REGISTER_ONLY | RESTRICT, 0).unwrap();
+        assert!(f.register_only && f.restrict);
+        let e = decode_acquire(VM, 4, 0).unwrap_err();
+        assert!(e.message.contains("unsupported flags 0x4"), "{e}");
+        // Flags are judged before the action.
+        let e = decode_acquire(VM, 4, 5).unwrap_err();
+        assert!(e.message.contains("unsupported flags 0x4"), "{e}");
+        let e = decode_acquire(VM, 0, 5).unwrap_err();
+        assert!(e.message.contains("unknown on_lockfailure action 5"), "{e}");
+        assert_eq!(failure_action(0), Some(FailureAction::Default));
+        assert_eq!(failure_action(1), Some(FailureAction::Poweroff));
+        assert_eq!(failure_action(2), Some(FailureAction::Restart));
+        assert_eq!(failure_action(4), Some(FailureAction::Ignore));
+        assert_eq!(failure_action(5), None);
+        assert!(decode_no_flags("drvRelease", VM, 0).is_ok());
+        let e = decode_no_flags("drvInquire", VM, 1).unwrap_err();
+        assert!(e.message.starts_with("drvInquire for VM 'web1'"), "{e}");
+        assert!(e.message.contains("unsupported flags 0x1"), "{e}");
     }
 }

@@ -4,19 +4,25 @@
 //! libvirt builds a fresh manager for every operation (New → AddResource* → one of
 //! Acquire/Release/Inquire → Free), so nothing here lives longer than one operation: the daemon
 //! is the source of truth about what is held.
+//!
+//! The ABI's integers (object type, flags, the failure action) arrive decoded by `ffi.rs`,
+//! which refuses unknown values.
 
 use super::error::PluginError;
 use super::params::{self, Param, show};
-use crate::abi;
 use crate::client::Client;
 use crate::plugin_conf::Settings;
 use crate::protocol::{FailureAction, LeaseSpec, Owner, Request, ResourceKind};
 use std::os::fd::OwnedFd;
 
-const OBJECT_DOMAIN: u32 = abi::virLockManagerObjectType_VIR_LOCK_MANAGER_OBJECT_TYPE_DOMAIN;
-const NEW_STARTED: u32 = abi::virLockManagerNewFlags_VIR_LOCK_MANAGER_NEW_STARTED;
-const REGISTER_ONLY: u32 = abi::virLockManagerAcquireFlags_VIR_LOCK_MANAGER_ACQUIRE_REGISTER_ONLY;
-const RESTRICT: u32 = abi::virLockManagerAcquireFlags_VIR_LOCK_MANAGER_ACQUIRE_RESTRICT;
+/// `virLockManagerAcquireFlags`, decoded by `ffi.rs` (unknown bits are refused there).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcquireFlags {
+    /// `VIR_LOCK_MANAGER_ACQUIRE_REGISTER_ONLY`: register the VM, lock nothing.
+    pub register_only: bool,
+    /// `VIR_LOCK_MANAGER_ACQUIRE_RESTRICT`: the calling process is the VM's QEMU child.
+    pub restrict: bool,
+}
 
 /// What `man->privateData` points to.
 #[derive(Debug)]
@@ -41,24 +47,8 @@ impl Manager {
         }
     }
 
-    /// `drvNew`: check the object type and flags, decode the owner.
-    pub fn from_new(
-        object_type: u32,
-        params: &[Param],
-        flags: u32,
-    ) -> Result<Manager, PluginError> {
-        if object_type != OBJECT_DOMAIN {
-            return Err(PluginError::invalid(format!(
-                "drvNew: unknown lock manager object type {object_type} (this plugin knows \
-                 domain = {OBJECT_DOMAIN}); upgrade lockwarden to match libvirt"
-            )));
-        }
-        let unknown = flags & !NEW_STARTED;
-        if unknown != 0 {
-            return Err(PluginError::invalid(format!(
-                "drvNew: unsupported flags 0x{unknown:x}; upgrade lockwarden to match libvirt"
-            )));
-        }
+    /// `drvNew` for a domain (`ffi.rs` checked the object type and flags): decode the owner.
+    pub fn from_new(params: &[Param]) -> Result<Manager, PluginError> {
         Ok(Manager::new(params::owner_from_params(params)?))
     }
 
@@ -72,25 +62,13 @@ impl Manager {
     pub fn acquire(
         &self,
         settings: &Settings,
-        flags: u32,
-        action: u32,
+        flags: AcquireFlags,
+        action: FailureAction,
         want_fd: bool,
     ) -> Result<Option<OwnedFd>, PluginError> {
         let vm = self.vm_label();
-        let unknown = flags & !(REGISTER_ONLY | RESTRICT);
-        if unknown != 0 {
-            return Err(PluginError::invalid(format!(
-                "drvAcquire for VM {vm}: unsupported flags 0x{unknown:x}; upgrade lockwarden to \
-                 match libvirt"
-            )));
-        }
-        let action = failure_action(action).ok_or_else(|| {
-            PluginError::invalid(format!(
-                "drvAcquire for VM {vm}: unknown on_lockfailure action {action} (known: 0..=4)"
-            ))
-        })?;
-        let restrict = flags & RESTRICT != 0;
-        let register = flags & REGISTER_ONLY != 0;
+        let restrict = flags.restrict;
+        let register = flags.register_only;
         let req = if register {
             Request::Register {
                 owner: self.owner.clone(),
@@ -139,15 +117,8 @@ impl Manager {
         }
     }
 
-    /// `drvRelease`.
-    pub fn release(&self, settings: &Settings, flags: u32) -> Result<(), PluginError> {
-        if flags != 0 {
-            return Err(PluginError::invalid(format!(
-                "drvRelease for VM {}: unsupported flags 0x{flags:x}; upgrade lockwarden to match \
-                 libvirt",
-                self.vm_label()
-            )));
-        }
+    /// `drvRelease` (`ffi.rs` refused any flag).
+    pub fn release(&self, settings: &Settings) -> Result<(), PluginError> {
         let context = || {
             format!(
                 "cannot release the {} lease(s) of VM {}{}",
@@ -165,18 +136,6 @@ impl Manager {
             owner: self.owner.clone(),
             leases: self.leases.clone(),
         })?;
-        Ok(())
-    }
-
-    /// `drvInquire`: lockd-style empty state, no round trip.
-    pub fn inquire(&self, flags: u32) -> Result<(), PluginError> {
-        if flags != 0 {
-            return Err(PluginError::invalid(format!(
-                "drvInquire for VM {}: unsupported flags 0x{flags:x}; upgrade lockwarden to match \
-                 libvirt",
-                self.vm_label()
-            )));
-        }
         Ok(())
     }
 }
@@ -204,18 +163,6 @@ fn first_names(leases: &[LeaseSpec]) -> String {
     format!(" ({})", names.join(", "))
 }
 
-/// libvirt's `virDomainLockFailureAction` → the protocol's.
-pub fn failure_action(action: u32) -> Option<FailureAction> {
-    Some(match action {
-        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_DEFAULT => FailureAction::Default,
-        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_POWEROFF => FailureAction::Poweroff,
-        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_RESTART => FailureAction::Restart,
-        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_PAUSE => FailureAction::Pause,
-        abi::virDomainLockFailureAction_VIR_DOMAIN_LOCK_FAILURE_IGNORE => FailureAction::Ignore,
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,28 +180,19 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn new_checks_type_and_flags() {
-        assert!(Manager::from_new(0, &params(), NEW_STARTED).is_ok());
-        let e = Manager::from_new(1, &params(), 0).unwrap_err();
-        assert!(e.message.contains("unknown lock manager object type 1"));
-        let e = Manager::from_new(0, &params(), 6).unwrap_err();
-        assert!(e.message.contains("unsupported flags 0x6"));
-        assert_eq!(e.code, Code::Invalid);
-    }
+    // Object types, flags and actions are decoded and checked in ffi.rs (its unit tests).
 
     #[test]
     fn acquire_checks_before_connecting() {
         let mut s = Settings::defaults(PathBuf::from("/nonexistent/sock"));
-        let mut m = Manager::from_new(0, &params(), 0).unwrap();
-        let e = m.acquire(&s, 4, 0, false).unwrap_err();
-        assert!(e.message.contains("unsupported flags 0x4"), "{e}");
-        let e = m.acquire(&s, 0, 5, false).unwrap_err();
-        assert!(e.message.contains("unknown on_lockfailure action 5"), "{e}");
+        let mut m = Manager::from_new(&params()).unwrap();
         s.auto_disk_leases = false;
         s.require_lease_for_disks = true;
         m.rw_disks = 2;
-        let e = m.acquire(&s, 0, 0, false).unwrap_err();
+        let none = AcquireFlags::default();
+        let e = m
+            .acquire(&s, none, FailureAction::Default, false)
+            .unwrap_err();
         assert_eq!(e.code, Code::Config);
         assert!(
             e.message.starts_with(
@@ -264,17 +202,13 @@ mod tests {
             "{e}"
         );
         // Register does not check (the check belongs to the acquire at CPU start).
+        let register = AcquireFlags {
+            register_only: true,
+            restrict: true,
+        };
         let e = m
-            .acquire(&s, REGISTER_ONLY | RESTRICT, 0, true)
+            .acquire(&s, register, FailureAction::Default, true)
             .unwrap_err();
         assert!(e.message.contains("cannot connect to lockwardend"), "{e}");
-    }
-
-    #[test]
-    fn actions() {
-        assert_eq!(failure_action(0), Some(FailureAction::Default));
-        assert_eq!(failure_action(3), Some(FailureAction::Pause));
-        assert_eq!(failure_action(4), Some(FailureAction::Ignore));
-        assert_eq!(failure_action(5), None);
     }
 }

@@ -1,11 +1,13 @@
 //! The lock-driver plugin: the cdylib libvirtd dlopens as `lockwarden.so`.
 //!
-//! - [`ffi`] is the only `extern "C"` code: the exported `virLockDriverImpl` and the eight
-//!   entry-point shells (panic boundary, pointer checks, decoding C data into owned values).
-//! - Everything else is safe Rust: [`settings`] (qemu-lockwarden.conf), [`params`] (drvNew's
-//!   object parameters), [`resources`] (disks and leases → lease specs), [`manager`] (the
-//!   per-operation context and the acquire/release logic), [`client`] (one round trip to
-//!   lockwardend), [`error`] (raising libvirt errors), [`tool`] (lvs / scsi_id).
+//! - [`ffi`] is the only `extern "C"` code and the only module naming `abi::` items: the
+//!   exported `virLockDriverImpl` and the eight entry-point shells (panic boundary, pointer
+//!   checks, decoding C data and libvirt's integers into Rust types).
+//! - Everything else is safe Rust: [`params`] (drvNew's object parameters), [`resources`]
+//!   (disks and leases → lease specs, named by [`crate::naming`]), [`manager`] (the
+//!   per-operation context and the acquire/release logic, one round trip to lockwardend through
+//!   [`crate::client`]), [`error`] (raising libvirt errors); settings are
+//!   [`crate::plugin_conf`].
 //!
 //! Fork safety (docs/interfaces.md §3): `drvNew`, `drvAddResource`, `drvAcquire` and `drvFree` run in the
 //! forked child of a multithreaded libvirtd during a domain start. On that path the plugin takes
@@ -18,7 +20,6 @@ pub mod ffi;
 pub mod manager;
 pub mod params;
 pub mod resources;
-pub mod tool;
 
 use crate::plugin_conf::Settings;
 use error::PluginError;

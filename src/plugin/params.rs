@@ -95,24 +95,7 @@ pub fn uuid_text(b: &[u8; 16]) -> String {
     s
 }
 
-/// Show a byte string for a message: escaped (a newline cannot forge a log line), quoted, and
-/// shortened when very long.
-pub fn show(bytes: &[u8]) -> String {
-    const MAX: usize = 256;
-    let (head, more) = match bytes.get(..MAX) {
-        Some(h) if bytes.len() > MAX => (h, true),
-        _ => (bytes, false),
-    };
-    let text = match std::str::from_utf8(head) {
-        Ok(s) => s.escape_debug().to_string(),
-        Err(_) => head.escape_ascii().to_string(),
-    };
-    if more {
-        format!("'{text}...' ({} bytes)", bytes.len())
-    } else {
-        format!("'{text}'")
-    }
-}
+pub use crate::text::show;
 
 fn small_unsigned(context: &str, key: &str, v: &Value) -> Result<u32, PluginError> {
     match v {

@@ -102,6 +102,8 @@ pub fn expire_idle(now: std::time::Instant) {
 mod tests {
     use super::super::publish::Published;
     use super::*;
+    use crate::holder_record::ofd_held;
+    use crate::protocol::{LeaseMode, ResourceKind};
     use std::fs;
 
     #[test]

@@ -37,169 +37,34 @@
 //!
 //! Failure to publish never fails an acquire: callers log and continue.
 
-use crate::protocol::{LeaseMode, Owner, ResourceKind};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, fcntl};
-use serde::{Deserialize, Serialize};
 use std::os::fd::BorrowedFd;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 // publish: writing and withdrawing; idle: side files kept open between leases; place: where
-// side files live; read: reading and believing records; refusal: the busy message.
+// side files live (cached for publishing). The record format, reading and judging records, the
+// refusal message and other hosts' heartbeats are `crate::holder_record` (below the daemon,
+// shared with the CLI), re-exported here.
 mod idle;
 mod place;
 mod publish;
-mod read;
-mod refusal;
-// seen: when another host last wrote its heartbeat (issue 15).
-mod seen;
 
 pub use idle::{expire_idle, idle_deadline};
-pub use place::{SideFiles, side_files, stem};
-use place::{side_file_host, side_files_for_publish};
+use place::side_files_for_publish;
 pub(crate) use publish::open_publish_dir;
 pub use publish::{
     Ident, Published, Records, Slot, claim_known, publish, publish_known, republish, withdraw,
     withdraw_in_place, write_pending,
 };
-use publish::{is_regular, open_record_dir};
-pub use read::{Found, Ignored, KernelLock, Seen, kernel_lock, parse_record, read};
-pub use refusal::{Refusal, describe_refusal, holder_of, read_for_refusal};
-pub use seen::{LastSeen, ago};
 
-pub use crate::holder_record::{FORMAT, RECORD_DIR, host_label};
-/// Records larger than this are not lockwarden records.
-pub(crate) const MAX_RECORD: usize = 64 * 1024;
-/// Byte of an in-file record's lock file that carries the publisher's liveness lock.
-const LIVENESS_BYTE: libc::off_t = 1;
-/// File names longer than this (the image's base name) are replaced by their SHA-256 in side
-/// file names, so `<name>@<host>.json` always fits NAME_MAX (host names are at most 64 bytes).
-const MAX_STEM: usize = 128;
-/// Tries to read a record that is being rewritten at that moment.
-const READ_TRIES: usize = 3;
-/// How an empty side file is described (a withdrawn record, or one being written).
-const EMPTY: &str = "empty";
-
-/// One VM holding the lease on the publishing host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Vm {
-    pub name: String,
-    pub uuid: String,
-    /// QEMU's pid, on the publishing host.
-    pub pid: u32,
-    /// When this VM joined the lease (seconds since the epoch).
-    pub since: u64,
-}
-
-impl Vm {
-    pub fn of(owner: &Owner, since: u64) -> Vm {
-        Vm {
-            name: owner.name.clone(),
-            uuid: owner.uuid.clone(),
-            pid: owner.pid,
-            since,
-        }
-    }
-}
-
-/// What one host publishes about one lease (schema in docs/holders.md).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
-    /// Record format version, [`FORMAT`].
-    pub lockwarden_holder: u32,
-    pub host: String,
-    /// `/proc/sys/kernel/random/boot_id` of the publishing host.
-    pub boot_id: String,
-    pub daemon_pid: u32,
-    /// lockwarden version of the publisher.
-    pub version: String,
-    /// Grows with every write by any publisher on the host (microseconds-based).
-    pub generation: u64,
-    /// What libvirt called the resource (disk path or lease key).
-    pub name: String,
-    pub kind: ResourceKind,
-    pub mode: LeaseMode,
-    /// The file actually locked, as the publisher named it.
-    pub lock_path: String,
-    /// Its inode number: a record naming another inode describes another file.
-    pub lock_ino: u64,
-    /// When the lease was taken on this host.
-    pub since: u64,
-    /// The VMs of this host holding it (one for an exclusive lease).
-    pub vms: Vec<Vm>,
-}
-
-impl Record {
-    /// A record for this process (boot id, pid and version filled in); `publish` fills in
-    /// `lock_ino` and `generation`.
-    pub fn new(
-        host: &str,
-        kind: ResourceKind,
-        name: &str,
-        mode: LeaseMode,
-        lock_path: &str,
-        since: u64,
-        vms: Vec<Vm>,
-    ) -> Record {
-        Record {
-            lockwarden_holder: FORMAT,
-            host: host.to_string(),
-            boot_id: boot_id(),
-            daemon_pid: own_pid(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            generation: 0,
-            name: name.to_string(),
-            kind,
-            mode,
-            lock_path: lock_path.to_string(),
-            lock_ino: 0,
-            since,
-            vms,
-        }
-    }
-}
-
-/// The locked file a record is about: its open descriptor and how it was named.
-#[derive(Clone, Copy, Debug)]
-pub struct Target<'a> {
-    /// An open descriptor of the locked file (the lease's own descriptor when publishing).
-    pub fd: BorrowedFd<'a>,
-    pub kind: ResourceKind,
-    /// The locked file's path (image, or lock file in a lockspace).
-    pub lock_path: &'a str,
-    /// True for a lock file in a lockspace directory (`LockTarget::Lockspace`).
-    pub lockspace: bool,
-}
-
-impl Target<'_> {
-    /// Exclusive lockspace disk leases keep their record inside the lock file.
-    fn in_file(&self, mode: LeaseMode) -> bool {
-        self.in_file_possible() && mode == LeaseMode::Exclusive
-    }
-
-    fn in_file_possible(&self) -> bool {
-        self.lockspace && self.kind == ResourceKind::Disk
-    }
-}
-
-/// `/proc/sys/kernel/random/boot_id`, or "" when unreadable (read once per process: it only
-/// changes with a reboot, and reading it per record was a file read on the event loop).
-pub fn boot_id() -> String {
-    static BOOT_ID: LazyLock<String> = LazyLock::new(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default()
-    });
-    BOOT_ID.clone()
-}
-
-/// This process's pid (a live re-exec keeps it), without a system call per record.
-fn own_pid() -> u32 {
-    static PID: LazyLock<u32> = LazyLock::new(std::process::id);
-    *PID
-}
+pub use crate::holder_record::{
+    FORMAT, Found, Ignored, KernelLock, LastSeen, MAX_RECORD, RECORD_DIR, Record, Refusal, Seen,
+    SideFiles, Target, Vm, ago, boot_id, describe_refusal, holder_of, host_label, kernel_lock,
+    parse_record, read, read_for_refusal, side_files, stem,
+};
+use crate::holder_record::{LIVENESS_BYTE, flock, is_regular, side_files_of};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -223,24 +88,8 @@ pub fn next_generation() -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Byte-range helpers (OFD)
 
-fn flock(l_type: libc::c_int, start: libc::off_t) -> libc::flock {
-    libc::flock {
-        l_type: l_type as libc::c_short,
-        l_whence: libc::SEEK_SET as libc::c_short,
-        l_start: start,
-        l_len: 1,
-        l_pid: 0,
-    }
-}
-
 fn ofd_set(fd: BorrowedFd<'_>, l_type: libc::c_int, start: libc::off_t) -> Result<(), Errno> {
     fcntl(fd, FcntlArg::F_OFD_SETLK(&flock(l_type, start))).map(drop)
-}
-
-/// Does anybody (other than this descriptor) hold a lock on byte `start`?
-fn ofd_held(fd: BorrowedFd<'_>, start: libc::off_t) -> bool {
-    let mut fl = flock(libc::F_WRLCK, start);
-    fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok() && i32::from(fl.l_type) != libc::F_UNLCK
 }
 
 #[cfg(test)]

@@ -1,49 +1,11 @@
-//! Where a locked file's side files live.
+//! Where a locked file's side files live, cached for publishing (the rule itself, and the
+//! side-file names, are `crate::holder_record`).
 
 use super::*;
-use nix::fcntl::readlink;
-use nix::sys::stat::fstat;
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
-
-/// Where the side files of a locked file live: `dir` (the `.lockwarden` directory) and the
-/// stem `<name>` of `<name>@<host>.json`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SideFiles {
-    pub dir: String,
-    pub stem: String,
-}
-
-/// The side-file place of the file open as `fd`: next to the file it really is (symlinks
-/// resolved through /proc/self/fd). None for block devices and deleted files.
-pub fn side_files(fd: BorrowedFd<'_>) -> Result<Option<SideFiles>, String> {
-    let st = fstat(fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
-    side_files_of(fd, is_regular(&st))
-}
-
-/// [`side_files`] for a descriptor whose type the caller already knows.
-fn side_files_of(fd: BorrowedFd<'_>, regular: bool) -> Result<Option<SideFiles>, String> {
-    use std::os::fd::AsRawFd;
-    if !regular {
-        return Ok(None);
-    }
-    let real = readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str())
-        .map_err(|e| format!("cannot resolve the file's path: {}", e.desc()))?;
-    let real = real.to_string_lossy().into_owned();
-    if real.ends_with(" (deleted)") || !real.starts_with('/') {
-        return Ok(None);
-    }
-    let (parent, base) = match real.rsplit_once('/') {
-        Some((p, b)) if !b.is_empty() => (if p.is_empty() { "/" } else { p }, b),
-        _ => return Ok(None),
-    };
-    Ok(Some(SideFiles {
-        dir: format!("{}/{RECORD_DIR}", parent.trim_end_matches('/')),
-        stem: stem(base),
-    }))
-}
 
 /// A side-file place resolved recently for a publish: the same inode opened through the same
 /// path again (the VM's next acquire or resume) reuses it instead of resolving the path again
@@ -97,45 +59,14 @@ pub(super) fn side_files_for_publish(
     Ok(side)
 }
 
-/// `<name>` part of a side file for a locked file of base name `base`.
-pub fn stem(base: &str) -> String {
-    if base.len() <= MAX_STEM {
-        base.to_string()
-    } else {
-        format!("sha256-{}", crate::naming::sha256_hex(base))
-    }
-}
-
-/// The host part of side file `file_name` when it is a side file of `stem`.
-pub(super) fn side_file_host<'n>(file_name: &'n str, stem: &str) -> Option<&'n str> {
-    let rest = file_name.strip_suffix(".json")?;
-    let (s, host) = rest.rsplit_once('@')?;
-    (s == stem && !host.is_empty()).then_some(host)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::daemon::holder::Ident;
+    use nix::sys::stat::fstat;
     use std::fs;
     use std::fs::File;
     use std::os::fd::AsFd;
-
-    #[test]
-    fn side_file_names() {
-        assert_eq!(
-            side_file_host("a.qcow2@node-b.json", "a.qcow2"),
-            Some("node-b")
-        );
-        assert_eq!(side_file_host("a@b@node.json", "a@b"), Some("node"));
-        assert_eq!(side_file_host("a@b@node.json", "a"), None);
-        assert_eq!(side_file_host("a.qcow2@node.json.tmp1.2", "a.qcow2"), None);
-        assert_eq!(host_label("node b/../x@y"), "node_b_.._x_y");
-        assert_eq!(host_label(""), "unknown");
-        let long = "x".repeat(200);
-        assert!(stem(&long).starts_with("sha256-"));
-        assert_eq!(stem("web1.qcow2"), "web1.qcow2");
-    }
 
     #[test]
     fn a_resolved_place_is_reused_only_for_the_same_path() {

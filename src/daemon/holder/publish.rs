@@ -6,7 +6,7 @@ use crate::daemon::lock;
 use crate::untrusted::{self, Access, OpenFailure};
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::{Mode, SFlag, fstat, mkdirat};
+use nix::sys::stat::{Mode, fstat, mkdirat};
 use nix::sys::statfs::fstatfs;
 use nix::sys::uio::pwrite;
 use nix::unistd::{fdatasync, ftruncate};
@@ -172,10 +172,6 @@ impl Ident {
             regular: is_regular(st),
         }
     }
-}
-
-pub(super) fn is_regular(st: &nix::sys::stat::FileStat) -> bool {
-    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
 }
 
 /// [`publish`] for a target the caller took `fstat` of right after opening it.
@@ -473,33 +469,6 @@ fn is_record_or_blank(content: &[u8]) -> bool {
         .unwrap_or(content.len());
     let rest = content.get(start..).unwrap_or_default();
     rest.is_empty() || rest.starts_with(b"{\"lockwarden_holder\"")
-}
-
-pub(super) fn open_record_dir(dir: &str, create: bool) -> Result<Option<OwnedFd>, Errno> {
-    let flags = OFlag::O_RDONLY
-        | OFlag::O_DIRECTORY
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_CLOEXEC
-        | OFlag::O_NOCTTY;
-    match nix::fcntl::open(dir, flags, Mode::empty()) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(Errno::ENOENT) if create => {
-            let (parent, name) = dir.rsplit_once('/').unwrap_or(("/", dir));
-            let parent = if parent.is_empty() { "/" } else { parent };
-            let pfd = nix::fcntl::open(
-                parent,
-                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
-            match mkdirat(&pfd, name, Mode::from_bits_truncate(0o700)) {
-                Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(e),
-            }
-            openat(&pfd, name, flags, Mode::empty()).map(Some)
-        }
-        Err(Errno::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
 }
 
 /// Open (creating it 0700 when missing) the `.lockwarden` directory `dir` for publishing, only

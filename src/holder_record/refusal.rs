@@ -151,3 +151,91 @@ pub fn describe_refusal(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::LeaseMode;
+
+    fn vm(name: &str) -> Vm {
+        Vm {
+            name: name.into(),
+            uuid: format!("uuid-{name}"),
+            pid: 42,
+            since: 0,
+        }
+    }
+
+    #[test]
+    fn the_busy_sentence_names_holders_or_the_kernels_lock() {
+        let mut r = Record::new(
+            "node\u{1b}[2Ja",
+            ResourceKind::Disk,
+            "/img/a",
+            LeaseMode::Exclusive,
+            "/img/a",
+            0,
+            vec![vm("web1")],
+        );
+        r.boot_id = "another boot".into();
+        let one = describe_refusal(ResourceKind::Disk, "/img/a", None, &[r.clone()], None);
+        assert!(
+            one.contains("is in use by VM 'web1' (uuid uuid-web1) on host node"),
+            "{one}"
+        );
+        assert!(one.contains("1970-01-01 00:00:00 UTC (exclusive)"), "{one}");
+        assert!(
+            one.ends_with("shut that VM down or detach the disk from it first"),
+            "{one}"
+        );
+        assert!(!one.contains('\u{1b}'), "host name not escaped: {one:?}");
+        r.vms = (0..6).map(|i| vm(&format!("v{i}"))).collect();
+        let many = describe_refusal(ResourceKind::Disk, "/img/a", None, &[r.clone()], None);
+        assert!(
+            many.contains(", and by 2 more; shut those VMs down"),
+            "{many}"
+        );
+        // The protocol holder: the first VM; its pid only for a record of this very boot.
+        let h = holder_of(&[r.clone()], None);
+        assert_eq!(h.vm_name.as_deref(), Some("v0"));
+        assert_eq!(h.pid, None);
+        r.boot_id = boot_id();
+        assert!(
+            !r.boot_id.is_empty(),
+            "/proc/sys/kernel/random/boot_id unreadable"
+        );
+        assert_eq!(holder_of(&[r], None).pid, Some(42));
+
+        let posix = KernelLock {
+            mode: LeaseMode::Shared,
+            pid: Some(7),
+            comm: Some("virtlockd".into()),
+            nfs: false,
+        };
+        let m = describe_refusal(ResourceKind::Disk, "/img/a", None, &[], Some(&posix));
+        assert!(m.contains("locked (shared) by a process that is not lockwarden (virtlockd or another tool): local process 7 (virtlockd)"), "{m}");
+        let h = holder_of(&[], Some(&posix));
+        assert_eq!(
+            (h.pid, h.mode, h.host),
+            (Some(7), Some(LeaseMode::Shared), None)
+        );
+        let nfs = KernelLock { nfs: true, ..posix };
+        let m = describe_refusal(ResourceKind::Disk, "/img/a", None, &[], Some(&nfs));
+        assert!(
+            m.contains("process 7 on this host or another NFS client"),
+            "{m}"
+        );
+        let ofd = KernelLock {
+            pid: None,
+            comm: None,
+            ..nfs
+        };
+        let m = describe_refusal(ResourceKind::Disk, "/img/a", None, &[], Some(&ofd));
+        assert!(
+            m.contains("no lockwarden holder record describes it"),
+            "{m}"
+        );
+        let m = describe_refusal(ResourceKind::Disk, "/img/a", None, &[], None);
+        assert!(m.ends_with("is free now; retry"), "{m}");
+    }
+}

@@ -1,8 +1,6 @@
 //! Reading records and judging whether to believe them.
 
 use super::*;
-use crate::daemon::lock::{self, Conflict};
-use crate::daemon::pidfd::comm;
 use crate::protocol::LeaseMode;
 use crate::text::mode_word;
 use crate::untrusted::{Access, OpenFailure, open_regular_at, read_bounded};
@@ -66,7 +64,12 @@ impl Found {
 
 /// What the kernel says holds byte 0 of `fd` (which must not hold a lock itself).
 pub fn kernel_lock(fd: BorrowedFd<'_>) -> Option<KernelLock> {
-    let Conflict { pid, mode } = lock::conflict(fd, LeaseMode::Exclusive)?;
+    let (l_type, pid) = ofd_getlk(fd, 0)?;
+    let mode = if l_type == libc::F_RDLCK {
+        LeaseMode::Shared
+    } else {
+        LeaseMode::Exclusive
+    };
     let nfs = fstatfs(fd)
         .map(|s| s.filesystem_type() == NFS_SUPER_MAGIC)
         .unwrap_or(false);
@@ -76,6 +79,23 @@ pub fn kernel_lock(fd: BorrowedFd<'_>) -> Option<KernelLock> {
         comm: pid.filter(|_| !nfs).and_then(comm),
         nfs,
     })
+}
+
+/// `/proc/PID/comm` of a local process (at most 64 bytes read), for messages that name a lock
+/// holder.
+fn comm(pid: i32) -> Option<String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/comm"))
+        .ok()?
+        .take(64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\n')
+            .to_string(),
+    )
 }
 
 /// Read and judge every record about the file open as `target.fd`. Never writes or deletes.
@@ -253,7 +273,7 @@ fn read_side(
     ignored: &mut Vec<Ignored>,
 ) -> usize {
     let started = Instant::now();
-    let dir = match open_record_dir(&side.dir, false) {
+    let dir = match open_record_dir(&side.dir) {
         Ok(Some(d)) => d,
         Ok(None) => return 0,
         Err(e) => {
@@ -395,5 +415,160 @@ fn read_side_file(fd: BorrowedFd<'_>, only: bool) -> (Result<Record, String>, bo
             return (parsed, live, total);
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::{self, File, OpenOptions};
+
+    fn record(mode: LeaseMode, ino: u64) -> Record {
+        let mut r = Record::new(
+            "node-a",
+            ResourceKind::Disk,
+            "/img/a",
+            mode,
+            "/img/a",
+            1,
+            Vec::new(),
+        );
+        r.lock_ino = ino;
+        r
+    }
+
+    fn lock(mode: LeaseMode) -> KernelLock {
+        KernelLock {
+            mode,
+            pid: None,
+            comm: None,
+            nfs: false,
+        }
+    }
+
+    #[test]
+    fn a_record_is_believed_only_while_its_locks_say_so() {
+        let r = record(LeaseMode::Exclusive, 7);
+        let held = lock(LeaseMode::Exclusive);
+        assert_eq!(judge(&r, true, Some(7), Some(&held)), Ok(()));
+        // The inode is unknown (fstat failed): not held against the record.
+        assert_eq!(judge(&r, true, None, Some(&held)), Ok(()));
+        let stale = |live, ino, lock: Option<&KernelLock>| judge(&r, live, ino, lock).unwrap_err();
+        assert!(stale(false, Some(7), Some(&held)).contains("no longer holds the record"));
+        assert!(
+            stale(true, Some(8), Some(&held))
+                .contains("describes inode 7, the file is now inode 8")
+        );
+        assert!(stale(true, Some(7), None).contains("nothing holds byte 0"));
+        assert!(
+            stale(true, Some(7), Some(&lock(LeaseMode::Shared)))
+                .contains("byte 0 is held shared, the record says exclusive")
+        );
+        let mut future = r.clone();
+        future.lockwarden_holder = FORMAT + 1;
+        assert!(
+            judge(&future, true, Some(7), Some(&held))
+                .unwrap_err()
+                .starts_with("unknown record format 2")
+        );
+    }
+
+    #[test]
+    fn the_kernels_view_of_byte_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        fs::write(&p, b"x").unwrap();
+        let probe = File::open(&p).unwrap();
+        assert_eq!(kernel_lock(probe.as_fd()), None);
+        // An OFD lock (lockwardend's kind): a mode, no pid.
+        let ofd = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        nix::fcntl::fcntl(
+            ofd.as_fd(),
+            nix::fcntl::FcntlArg::F_OFD_SETLK(&flock(libc::F_RDLCK, 0)),
+        )
+        .unwrap();
+        assert_eq!(kernel_lock(probe.as_fd()), Some(lock(LeaseMode::Shared)));
+        drop(ofd);
+        // A POSIX lock (virtlockd's kind) names its process, here this one.
+        let posix = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        nix::fcntl::fcntl(
+            posix.as_fd(),
+            nix::fcntl::FcntlArg::F_SETLK(&flock(libc::F_WRLCK, 0)),
+        )
+        .unwrap();
+        let k = kernel_lock(probe.as_fd()).unwrap();
+        assert_eq!(k.mode, LeaseMode::Exclusive);
+        assert_eq!(k.pid, Some(std::process::id() as i32));
+        assert!(!k.nfs);
+        let me = fs::read_to_string("/proc/self/comm").unwrap();
+        assert_eq!(k.comm.as_deref(), Some(me.trim_end()));
+    }
+
+    #[test]
+    fn records_are_read_from_a_lock_file_and_its_side_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lockfile");
+        let real = fs::canonicalize(dir.path()).unwrap();
+        fs::write(&p, b"").unwrap();
+        let lease = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let ino = fstat(lease.as_fd()).unwrap().st_ino;
+        let lp = p.to_str().unwrap();
+        let target = |fd| Target {
+            fd,
+            kind: ResourceKind::Disk,
+            lock_path: lp,
+            lockspace: true,
+        };
+        // Nothing locked, nothing written: nothing found.
+        let reader = File::open(&p).unwrap();
+        assert_eq!(read(target(reader.as_fd())), Found::default());
+        // An in-file record under its liveness lock, byte 0 locked exclusive: believed.
+        let r = record(LeaseMode::Exclusive, ino);
+        fs::write(&p, serde_json::to_vec(&r).unwrap()).unwrap();
+        for start in [0, LIVENESS_BYTE] {
+            nix::fcntl::fcntl(
+                lease.as_fd(),
+                nix::fcntl::FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, start)),
+            )
+            .unwrap();
+        }
+        let found = read(target(reader.as_fd()));
+        assert_eq!(found.records(), vec![r.clone()]);
+        assert_eq!(found.believed[0].source, lp);
+        // A side file nobody holds, and garbage under a held side file: both ignored, with why.
+        let side = real.join(RECORD_DIR);
+        fs::create_dir(&side).unwrap();
+        let mut other = r.clone();
+        other.host = "node-b".into();
+        fs::write(
+            side.join("lockfile@node-b.json"),
+            serde_json::to_vec(&other).unwrap(),
+        )
+        .unwrap();
+        fs::write(side.join("lockfile@node-c.json"), b"{not json").unwrap();
+        let held = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(side.join("lockfile@node-c.json"))
+            .unwrap();
+        nix::fcntl::fcntl(
+            held.as_fd(),
+            nix::fcntl::FcntlArg::F_OFD_SETLK(&flock(libc::F_WRLCK, 0)),
+        )
+        .unwrap();
+        let found = read(target(reader.as_fd()));
+        assert_eq!(found.records(), vec![r]);
+        let reasons: Vec<(&str, &str)> = found
+            .ignored
+            .iter()
+            .map(|i| (i.source.rsplit('/').next().unwrap(), i.reason.as_str()))
+            .collect();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(
+            reasons.iter().any(|(s, why)| *s == "lockfile@node-b.json"
+                && why.contains("no longer holds the record"))
+        );
+        assert!(reasons.iter().any(|(s, why)| *s == "lockfile@node-c.json"
+            && why.starts_with("not a lockwarden holder record")));
     }
 }

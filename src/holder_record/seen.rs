@@ -14,8 +14,7 @@
 //! skewed clock can make a host look more recently alive than it was, never longer dead: the
 //! age is a hint for an operator, never a reason for lockwarden to act.
 
-use super::host_label;
-use super::publish::open_record_dir;
+use super::{host_label, open_record_dir};
 use crate::text::{esc, now_secs};
 use crate::untrusted::{Access, open_regular_at, read_bounded};
 use serde::Serialize;
@@ -63,7 +62,7 @@ pub fn ago(s: u64) -> String {
 /// When each of `hosts` last wrote its heartbeat in the record directory `dir` (a
 /// `.lockwarden` directory), at most [`MAX_HOSTS`] of them; the directory is opened once.
 pub fn hosts_last_seen(dir: &str, hosts: &[&str]) -> Vec<LastSeen> {
-    let Ok(Some(dfd)) = open_record_dir(dir, false) else {
+    let Ok(Some(dfd)) = open_record_dir(dir) else {
         return Vec::new();
     };
     hosts
@@ -95,4 +94,52 @@ fn last_seen(dir: BorrowedFd<'_>, host: &str) -> Option<LastSeen> {
         mtime,
         content_time,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn ages_read_like_a_person_would_say_them() {
+        assert_eq!(ago(42), "42 s");
+        assert_eq!(ago(120), "2 min");
+        assert_eq!(ago(7200 + 300), "2 h 5 min");
+        assert_eq!(ago(2 * 86_400 + 4 * 3600), "2 d 4 h");
+    }
+
+    #[test]
+    fn a_heartbeat_is_read_by_host_label_and_later_time_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = now_secs();
+        fs::write(
+            dir.path().join("heartbeat@node_b"),
+            format!("host=node-b time={}\n", now + 1000),
+        )
+        .unwrap();
+        fs::write(dir.path().join("heartbeat@node-c"), b"garbage").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("heartbeat@node-d")).unwrap();
+        let d = dir.path().to_str().unwrap();
+        let seen = hosts_last_seen(d, &["node b", "node-c", "node-d", "node-e"]);
+        // "node b" is stored under its label node_b; a content time in the future is age 0.
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].host, "node b");
+        assert_eq!(seen[0].content_time, Some(now + 1000));
+        assert_eq!(seen[0].age_secs, 0);
+        // No time= in the content: the file's modification time alone.
+        assert_eq!(seen[1].host, "node-c");
+        assert_eq!(seen[1].content_time, None);
+        assert!(seen[1].age_secs < 60);
+        assert!(seen[1].sentence().starts_with("host node-c, last seen "));
+        // A link is never followed; a missing directory is nothing seen.
+        assert!(hosts_last_seen("/nonexistent/.lockwarden", &["node-b"]).is_empty());
+        // At most MAX_HOSTS hosts are looked up.
+        let many: Vec<String> = (0..10).map(|i| format!("h{i}")).collect();
+        for h in &many {
+            fs::write(dir.path().join(format!("heartbeat@{h}")), b"time=1").unwrap();
+        }
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(hosts_last_seen(d, &names).len(), MAX_HOSTS);
+    }
 }

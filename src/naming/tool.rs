@@ -1,6 +1,7 @@
 //! Running `lvs` / `scsi_id` to name LVM and SCSI lockspace leases, as lockd does.
 //!
-//! This runs in `drvAddResource`, which during a domain start executes in the forked child of a
+//! Part of [`crate::naming`]: the plugin, `lockwarden who` and `audit` run it. In the plugin it
+//! runs in `drvAddResource`, which during a domain start executes in the forked child of a
 //! multithreaded libvirtd, so it uses `posix_spawn` (no Rust `Command`, which takes std's
 //! environment lock), an explicit environment (no `std::env` reads), a pipe read with `poll`
 //! against a deadline, and `waitpid` on the one child it started. A tool that hangs is killed
