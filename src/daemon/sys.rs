@@ -312,6 +312,34 @@ mod tests {
     }
 
     #[test]
+    fn accepted_connections_are_close_on_exec_and_non_blocking_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let flags = |fd: &OwnedFd| {
+            let raw = fd.as_raw_fd();
+            // SAFETY: fcntl queries on a descriptor owned by this test; no memory is passed.
+            unsafe {
+                (
+                    libc::fcntl(raw, libc::F_GETFD),
+                    libc::fcntl(raw, libc::F_GETFL),
+                )
+            }
+        };
+        let _a = UnixStream::connect(&path).unwrap();
+        let fd = accept(&l, true).unwrap();
+        let (fdf, fl) = flags(&fd);
+        assert!(fdf & libc::FD_CLOEXEC != 0 && fl & libc::O_NONBLOCK != 0);
+        let _b = UnixStream::connect(&path).unwrap();
+        let fd = accept(&l, false).unwrap();
+        let (fdf, fl) = flags(&fd);
+        assert!(fdf & libc::FD_CLOEXEC != 0 && fl & libc::O_NONBLOCK == 0);
+        l.set_nonblocking(true).unwrap();
+        let e = accept(&l, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
     fn poll_one_and_adopt() {
         let (mut a, b) = UnixStream::pair().unwrap();
         assert_eq!(poll_one(b.as_raw_fd(), libc::POLLIN, 0).unwrap(), 0);
