@@ -985,6 +985,46 @@ fn sighup_and_sigusr1_keep_it_running_with_its_locks() {
     );
 }
 
+/// The event loop watches owners through epoll registrations made when an owner appears
+/// (docs/architecture.md §6): an owner carried over a live re-exec (its pidfd restored) and one
+/// that appears after it are both seen to exit, and their leases go.
+#[test]
+fn owners_restored_by_a_reexec_and_added_after_it_are_seen_to_exit() {
+    let d = start();
+    let images = tempfile::tempdir().unwrap();
+    let before_img = image(images.path(), "before.img");
+    let after_img = image(images.path(), "after.img");
+    let before = vm("before");
+    let mut c = d.client();
+    ok(c.call(&Request::Acquire {
+        owner: before.owner.clone(),
+        leases: vec![excl(&before_img)],
+        action: FailureAction::Default,
+        restrict: false,
+    }));
+    signal(d.proc.pid(), libc::SIGHUP);
+    eventually("the re-exec completes", || {
+        d.log().contains("live re-exec #1 complete")
+    });
+    let after = vm("after");
+    ok(c.call(&Request::Acquire {
+        owner: after.owner.clone(),
+        leases: vec![excl(&after_img)],
+        action: FailureAction::Default,
+        restrict: false,
+    }));
+    assert_eq!(d.list().len(), 2);
+    drop(before);
+    eventually("the restored owner's exit frees its lease", || {
+        d.list().len() == 1
+    });
+    drop(after);
+    eventually("the new owner's exit frees its lease", || {
+        d.list().is_empty()
+    });
+    assert_eq!(d.status().pid, d.proc.pid(), "same process");
+}
+
 #[test]
 fn bad_configuration_stops_the_start_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();

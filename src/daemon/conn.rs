@@ -14,6 +14,7 @@
 
 use super::dispatch::Session;
 use super::limits::{Limits, READ_PER_ROUND};
+use super::sys::Interest;
 use crate::protocol::{
     self, ErrorKind, FrameError, HEADER_LEN, MAX_BODY, PROTOCOL_VERSION, Response,
 };
@@ -80,6 +81,21 @@ enum Clock {
     Idle,
 }
 
+/// Where a connection is in its life. Requests are read and answered while `Open`; one whose
+/// answer waits on storage stops the reading (`Waiting`) until it is answered; end-of-file
+/// from the peer leaves what is buffered to be answered (`Draining`); `Closing` sends what is
+/// queued and closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Open,
+    /// A request waits on storage; `eof`: the peer had sent end-of-file before.
+    Waiting {
+        eof: bool,
+    },
+    Draining,
+    Closing,
+}
+
 /// Result of reading from the socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
@@ -108,20 +124,18 @@ pub struct Conn {
     wpos: usize,
     /// Answer the first frame with this and close (peer not allowed, too many clients).
     pub refusal: Option<Response>,
-    /// Close once the write buffer is flushed; read nothing more.
-    pub closing: bool,
     /// Close at this time whatever happens (refused connections only).
     pub deadline: Option<Instant>,
-    /// A request of this connection waits on storage: read nothing more until it is answered.
-    pub waiting: bool,
-    /// The peer sent end-of-file: answer what is buffered, then close.
-    pub eof: bool,
+    phase: Phase,
     /// When the first byte of the incomplete data at the end of the read buffer arrived.
     partial_since: Option<Instant>,
     /// Last time bytes moved either way (or a request was in flight).
     last_active: Instant,
     /// The poll round that last served this connection (one budget per round).
     pub served: u64,
+    /// What the event loop's epoll registration of this connection asks for (None: not
+    /// registered yet); changed only when the wanted readiness changes (server.rs).
+    pub interest: Option<Interest>,
 }
 
 impl Conn {
@@ -133,13 +147,12 @@ impl Conn {
             wbuf: Vec::new(),
             wpos: 0,
             refusal: None,
-            closing: false,
             deadline: None,
-            waiting: false,
-            eof: false,
+            phase: Phase::Open,
             partial_since: None,
             last_active: Instant::now(),
             served: 0,
+            interest: None,
         }
     }
 
@@ -155,13 +168,59 @@ impl Conn {
         let mut c = Conn {
             rbuf,
             wbuf,
-            closing,
             ..Conn::new(stream, session)
         };
+        if closing {
+            c.phase = Phase::Closing;
+        }
         if !c.rbuf.is_empty() {
             c.partial_since = Some(c.last_active);
         }
         c
+    }
+
+    /// A request of this connection waits on storage: read nothing more until it is answered.
+    pub fn waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. })
+    }
+
+    /// The peer sent end-of-file: answer what is buffered, then close.
+    pub fn eof(&self) -> bool {
+        matches!(self.phase, Phase::Draining | Phase::Waiting { eof: true })
+    }
+
+    /// Close once the write buffer is flushed; read nothing more.
+    pub fn closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// The request just read waits on storage.
+    pub fn wait(&mut self) {
+        let eof = self.eof();
+        if !self.closing() {
+            self.phase = Phase::Waiting { eof };
+        }
+    }
+
+    /// The request that waited on storage is answered.
+    pub fn answered(&mut self) {
+        if let Phase::Waiting { eof } = self.phase {
+            self.phase = if eof { Phase::Draining } else { Phase::Open };
+        }
+    }
+
+    /// The peer sent end-of-file.
+    pub fn end_of_file(&mut self) {
+        match self.phase {
+            Phase::Open => self.phase = Phase::Draining,
+            Phase::Waiting { .. } => self.phase = Phase::Waiting { eof: true },
+            Phase::Draining | Phase::Closing => {}
+        }
+    }
+
+    /// Send what is queued, then close; read nothing more.
+    pub fn close_after_flush(&mut self) {
+        self.phase = Phase::Closing;
     }
 
     /// Unprocessed input and unsent output, for a live re-exec.
@@ -228,13 +287,15 @@ impl Conn {
 
     /// Frames are buffered and may be served now (nothing in flight, nothing unsent).
     pub fn backlog(&self) -> bool {
-        !self.closing && !self.waiting && !self.wants_write() && self.actionable()
+        matches!(self.phase, Phase::Open | Phase::Draining)
+            && !self.wants_write()
+            && self.actionable()
     }
 
     /// After serving: a peer that sent end-of-file is closed once nothing is left to answer.
     pub fn settle_eof(&mut self) {
-        if self.eof && !self.waiting && !self.actionable() {
-            self.closing = true;
+        if self.phase == Phase::Draining && !self.actionable() {
+            self.phase = Phase::Closing;
         }
     }
 
@@ -245,7 +306,7 @@ impl Conn {
         if let Some(d) = self.deadline {
             return Some((d, Clock::Refused));
         }
-        if self.waiting || self.session.handle_of.is_some() {
+        if self.waiting() || self.session.handle_of.is_some() {
             return None;
         }
         if self.wants_write() {
@@ -254,7 +315,7 @@ impl Conn {
                 Clock::Unread,
             ));
         }
-        if self.closing || self.actionable() {
+        if self.closing() || self.actionable() {
             // Closed or served within this round.
             return None;
         }
@@ -275,7 +336,7 @@ impl Conn {
     /// Is it time to close this connection, and why? While a request waits on storage the
     /// clocks stand still (nothing is read meanwhile).
     pub fn expired(&mut self, now: Instant, limits: &Limits) -> Option<Expired> {
-        if self.waiting {
+        if self.waiting() {
             self.last_active = now;
             if self.partial_since.is_some() {
                 self.partial_since = Some(now);
@@ -400,5 +461,51 @@ impl Conn {
             self.wbuf = Vec::new();
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Conn {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let session = Session {
+            id: 1,
+            admin: false,
+            peer_pid: 1,
+            restricted: false,
+            handle_of: None,
+        };
+        Conn::new(a, session)
+    }
+
+    #[test]
+    fn end_of_file_while_a_request_waits_drains_once_it_is_answered() {
+        let mut c = conn();
+        c.wait();
+        assert!(c.waiting() && !c.eof());
+        c.end_of_file();
+        assert!(c.waiting() && c.eof());
+        c.answered();
+        assert_eq!(c.phase, Phase::Draining);
+        // Nothing buffered: closed once settled.
+        c.settle_eof();
+        assert!(c.closing());
+        // Closing is final.
+        c.wait();
+        c.end_of_file();
+        c.answered();
+        assert!(c.closing());
+    }
+
+    #[test]
+    fn an_answered_request_reopens_reading() {
+        let mut c = conn();
+        c.wait();
+        c.answered();
+        assert_eq!(c.phase, Phase::Open);
+        c.settle_eof();
+        assert_eq!(c.phase, Phase::Open);
     }
 }

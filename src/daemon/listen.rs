@@ -12,7 +12,7 @@ use nix::sys::socket::{SockType, UnixAddr, getsockname, getsockopt, sockopt};
 use nix::sys::stat::{Mode, umask};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -191,15 +191,9 @@ fn activated() -> Result<Vec<Listener>, String> {
     let mut out: Vec<Listener> = Vec::new();
     for i in 0..count {
         let fd = LISTEN_FDS_START + i;
-        // SAFETY: F_GETFD only queries flags of a descriptor number; it touches no memory.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(format!(
-                "LISTEN_FDS says fd {fd} was passed, but it is not open"
-            ));
-        }
         // SAFETY: sd_listen_fds(3): fds 3..3+LISTEN_FDS are passed to this process (LISTEN_PID
-        // matched) for it to own; nothing else in the process uses them, and fd is open.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // matched) for it to own; nothing else in the process uses them.
+        let owned = unsafe { super::sys::adopt(fd, "LISTEN_FDS (check the socket units)") }?;
         let name = names.get(i as usize).map(String::as_str).unwrap_or("");
         let role = match (name, i) {
             (MAIN_FD_NAME, _) | ("", 0) => Role::Main,

@@ -56,6 +56,7 @@ mod settings;
 mod signals;
 mod state;
 mod storage;
+mod sys;
 mod thaw;
 mod watchdog;
 
@@ -171,10 +172,10 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         settings.max_clients,
         settings.config_file.display().to_string(),
         exe_path(),
-    );
+    )?;
     match reexec::take()? {
         Some(doc) => {
-            reexec::restore(doc, &mut server, settings.heartbeat_interval)?;
+            server.restore(doc, settings.heartbeat_interval)?;
             reconcile_watchdog(settings, &mut server);
         }
         None => {

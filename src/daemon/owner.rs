@@ -48,6 +48,9 @@ pub struct Owners {
     map: HashMap<u32, OwnerEntry>,
     /// When owners without the pidfd they should have are tried again ([`Owners::rewatch`]).
     next_rewatch: Option<Instant>,
+    /// Pids whose entry was added, removed or given a pidfd since [`Owners::take_changed`]
+    /// was last called: the event loop (re)registers their pidfds from it (server.rs).
+    changed: Vec<u32>,
 }
 
 impl Owners {
@@ -68,6 +71,7 @@ impl Owners {
                     // A zombie: it would be forgotten again on the next loop round.
                     return Err(Errno::ESRCH);
                 }
+                self.changed.push(owner.pid);
                 Ok(v.insert(OwnerEntry {
                     owner: owner.clone(),
                     action: FailureAction::Default,
@@ -118,7 +122,13 @@ impl Owners {
         if entry.proc.retry && self.next_rewatch.is_none() {
             self.next_rewatch = Some(Instant::now() + REWATCH_EVERY);
         }
+        self.changed.push(entry.owner.pid);
         self.map.insert(entry.owner.pid, entry);
+    }
+
+    /// The pids whose entry or pidfd changed since the last call (each maybe more than once).
+    pub fn take_changed(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.changed)
     }
 
     /// When [`Owners::rewatch`] wants to run next (None: every owner is watched).
@@ -139,12 +149,15 @@ impl Owners {
         for (pid, e) in self.map.iter_mut().filter(|(_, e)| e.proc.retry) {
             match e.proc.rewatch() {
                 Ok(false) => {}
-                Ok(true) => info!(
-                    "VM {:?} (pid {pid}) is watched for its exit again (pidfd opened); its {} \
-                     lease(s) were kept meanwhile",
-                    e.owner.name,
-                    e.leases.len()
-                ),
+                Ok(true) => {
+                    self.changed.push(*pid);
+                    info!(
+                        "VM {:?} (pid {pid}) is watched for its exit again (pidfd opened); its {} \
+                         lease(s) were kept meanwhile",
+                        e.owner.name,
+                        e.leases.len()
+                    )
+                }
                 Err(Errno::ESRCH) => gone.push(*pid),
                 Err(err) => {
                     waiting = true;
@@ -185,13 +198,18 @@ impl Owners {
     }
 
     pub fn remove(&mut self, pid: u32) -> Option<OwnerEntry> {
-        self.map.remove(&pid)
+        let e = self.map.remove(&pid);
+        if e.is_some() {
+            self.changed.push(pid);
+        }
+        e
     }
 
     /// Forget `pid` if its entry is idle.
     pub fn prune(&mut self, pid: u32) {
         if self.map.get(&pid).is_some_and(OwnerEntry::idle) {
             self.map.remove(&pid);
+            self.changed.push(pid);
         }
     }
 

@@ -16,7 +16,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 /// A process we watch and may signal.
 #[derive(Debug)]
@@ -33,15 +33,7 @@ pub struct Proc {
 
 /// `pidfd_open(2)`: a descriptor that refers to process `pid`, or the errno.
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1;
-    // no memory is passed.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if ret >= 0 {
-        // SAFETY: the kernel just returned this descriptor to us; nobody else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
-    } else {
-        Err(Errno::last())
-    }
+    super::sys::pidfd_open(pid)
 }
 
 impl Proc {
@@ -185,20 +177,7 @@ impl Proc {
     /// differs (the pid was reused), the read's error (EMFILE, say) when it cannot be checked.
     pub fn signal(&self, sig: Signal) -> Result<(), Errno> {
         match &self.fd {
-            Some(fd) => {
-                // SAFETY: pidfd_send_signal(pidfd, sig, NULL, 0): a valid descriptor we own, a
-                // signal number, a NULL siginfo (the kernel fills in SI_USER) and no flags.
-                let ret = unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        sig as libc::c_int,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    )
-                };
-                if ret == 0 { Ok(()) } else { Err(Errno::last()) }
-            }
+            Some(fd) => super::sys::pidfd_send_signal(fd, sig as libc::c_int),
             None => {
                 if let Some(want) = self.start {
                     if read_start(self.pid as u32)? != want {

@@ -25,20 +25,19 @@ use super::pidfd::Proc;
 use super::pidfile::PidFile;
 use super::record::{LeaseRecord, id_key, key_id};
 use super::recover;
-use super::server::Server;
+use super::state::State;
 use super::watchdog::{Kind, Watchdog};
 use crate::protocol::{FailureAction, Owner};
 use log::{error, info, warn};
-use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Environment variable naming the state document's descriptor in the new image.
@@ -171,14 +170,27 @@ pub struct KillDoc {
     pub remaining_ms: u64,
 }
 
+/// The parts of the event loop (server.rs) that travel across a live re-exec: what [`reexec`]
+/// writes down and [`restore`] fills in. The loop lends them; this module knows nothing else
+/// of it.
+pub struct Parts<'a> {
+    pub state: &'a mut State,
+    pub listeners: &'a mut Vec<Listener>,
+    pub conns: &'a mut HashMap<ConnId, Conn>,
+    pub next_id: &'a mut ConnId,
+    pub pid_file: &'a mut Option<PidFile>,
+    pub generation: &'a mut u64,
+    pub exe: &'a Path,
+}
+
 /// Write the server down: the document and every descriptor it names.
-fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
+fn export(server: &Parts<'_>, generation: u64) -> (Doc, Vec<RawFd>) {
     let mut keep = Vec::new();
     let mut fd = |raw: RawFd| {
         keep.push(raw);
         raw
     };
-    let state = &server.state;
+    let state = &*server.state;
     let now = Instant::now();
     let pid_file = server.pid_file.as_ref().map(|p| FdPath {
         fd: fd(p.raw_fd()),
@@ -218,7 +230,7 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
                 handle_of: c.session.handle_of,
                 input: input.to_vec(),
                 output: output.to_vec(),
-                closing: c.closing,
+                closing: c.closing(),
             }
         })
         .collect();
@@ -271,7 +283,7 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
         pid_file,
         keeper,
         listeners,
-        next_conn_id: server.next_id,
+        next_conn_id: *server.next_id,
         conns,
         owners,
         leases,
@@ -284,16 +296,8 @@ fn export(server: &Server, generation: u64) -> (Doc, Vec<RawFd>) {
 
 fn set_cloexec(fds: &[RawFd], on: bool) -> Result<(), String> {
     for raw in fds {
-        // SAFETY: every number comes from an object the server owns and keeps open for the
-        // duration of this call.
-        let fd = unsafe { BorrowedFd::borrow_raw(*raw) };
-        let flags = if on {
-            FdFlag::FD_CLOEXEC
-        } else {
-            FdFlag::empty()
-        };
-        fcntl(fd, FcntlArg::F_SETFD(flags))
-            .map_err(|e| format!("cannot change close-on-exec of fd {raw}: {}", e.desc()))?;
+        super::sys::set_cloexec(*raw, on)
+            .map_err(|e| format!("cannot change close-on-exec of fd {raw}: {e}"))?;
     }
     Ok(())
 }
@@ -303,9 +307,9 @@ fn cstring(bytes: &[u8]) -> Result<CString, String> {
 }
 
 /// Re-exec now. Returns only when the exec failed (the server then keeps serving).
-pub fn reexec(server: &mut Server) {
-    let generation = server.generation + 1;
-    let exe = server.exe.clone();
+pub fn reexec(server: Parts<'_>) {
+    let generation = *server.generation + 1;
+    let exe = server.exe.to_path_buf();
     info!(
         "live re-exec #{generation} of {:?}: {} lease(s), {} owner(s), {} connection(s)",
         exe,
@@ -315,8 +319,8 @@ pub fn reexec(server: &mut Server) {
     );
     // Fed right before the exec (when allowed): the new image feeds it again as soon as it
     // has restored the state, so the gap is the exec and the restore (docs/storage.md).
-    super::keepalive::feed_now(&mut server.state);
-    let (doc, keep) = export(server, generation);
+    super::keepalive::feed_now(server.state);
+    let (doc, keep) = export(&server, generation);
     let err = match try_exec(&exe, &doc, &keep) {
         Ok(never) => match never {},
         Err(e) => e,
@@ -382,13 +386,14 @@ pub fn take() -> Result<Option<Doc>, String> {
     let Some(fd) = v.to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
         return Err(format!("{STATE_ENV}={v:?} is not a descriptor number"));
     };
-    // SAFETY: F_GETFD only queries a descriptor number.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        warn!("{STATE_ENV}={fd} names no open descriptor; starting fresh");
-        return Ok(None);
-    }
     // SAFETY: the previous image left this memfd open for us and nothing else uses it.
-    let mut file = unsafe { File::from_raw_fd(fd) };
+    let mut file = match unsafe { super::sys::adopt(fd, STATE_ENV) } {
+        Ok(fd) => File::from(fd),
+        Err(e) => {
+            warn!("{e}; starting fresh");
+            return Ok(None);
+        }
+    };
     let mut text = Vec::new();
     file.read_to_end(&mut text)
         .map_err(|e| format!("cannot read the re-exec state (fd {fd}): {e}"))?;
@@ -413,18 +418,50 @@ pub fn take() -> Result<Option<Doc>, String> {
         .map_err(|e| format!("cannot read the re-exec state: {e}"))
 }
 
-/// # Safety
-/// `fd` must be a descriptor the previous image left open for us and that nothing else owns.
-unsafe fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: guaranteed by the caller.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+/// Every descriptor the document names, taken over once (each number at most once) before
+/// anything uses one.
+struct Adopted(HashMap<RawFd, OwnedFd>);
+
+impl Adopted {
+    fn all(doc: &Doc) -> Result<Adopted, String> {
+        let mut numbers: Vec<RawFd> = Vec::new();
+        numbers.extend(doc.watchdog.as_ref().map(|w| w.fd));
+        numbers.extend(doc.pid_file.as_ref().map(|p| p.fd));
+        numbers.extend(doc.keeper.as_ref().and_then(|k| k.fd));
+        numbers.extend(doc.listeners.iter().map(|l| l.fd));
+        numbers.extend(doc.owners.iter().filter_map(|o| o.pidfd));
+        for l in &doc.leases {
+            numbers.push(l.fd);
+            numbers.extend(l.dir_fd);
+        }
+        numbers.extend(doc.conns.iter().map(|c| c.fd));
+        let mut map = HashMap::with_capacity(numbers.len());
+        for n in numbers {
+            if map.contains_key(&n) {
+                return Err(format!("the re-exec state names descriptor {n} twice"));
+            }
+            // SAFETY: the numbers come from the document our previous image wrote for exactly
+            // this purpose (it left each open, close-on-exec cleared); each is taken over once
+            // (checked just above), here, before anything else in this process runs.
+            let fd = unsafe { super::sys::adopt(n, "the re-exec state") }?;
+            map.insert(n, fd);
+        }
+        Ok(Adopted(map))
+    }
+
+    fn take(&mut self, n: RawFd) -> Result<OwnedFd, String> {
+        self.0
+            .remove(&n)
+            .ok_or_else(|| format!("the re-exec state names descriptor {n} twice"))
+    }
 }
 
 /// Rebuild the server the previous image wrote down. `server` is built from the new settings
 /// with no listeners, connections or state; the document fills it. `heartbeat` is the new
 /// `heartbeat_interval_ms` (the watchdog's keep-alive interval follows it).
-pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Result<(), String> {
+pub fn restore(doc: Doc, server: Parts<'_>, heartbeat: Option<Duration>) -> Result<(), String> {
     let now = Instant::now();
+    let mut fds = Adopted::all(&doc)?;
     if let Some(w) = doc.watchdog {
         let kind = if w.fifo {
             Kind::Fifo
@@ -433,24 +470,21 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
                 timeout: w.timeout_s.map(Duration::from_secs),
             }
         };
-        // SAFETY: the previous image left this descriptor open for us (see `own` below).
-        let mut wd = unsafe { Watchdog::adopt(w.fd, w.path, kind, heartbeat) };
+        let mut wd = Watchdog::adopt(fds.take(w.fd)?, w.path, kind, heartbeat);
         // Fed at once: the rule is checked once the tables are back, below.
         wd.feed();
         server.state.watchdog = Some(wd);
     }
-    // SAFETY (every `own` below): the numbers come from the document our previous image wrote
-    // for exactly this purpose; each is taken over once.
     if let Some(p) = doc.pid_file {
-        server.pid_file = Some(PidFile::adopt(p.path, File::from(unsafe { own(p.fd) })));
+        *server.pid_file = Some(PidFile::adopt(p.path, File::from(fds.take(p.fd)?)));
     }
     if let Some(k) = doc.keeper {
         if let Some(fd) = k.fd {
-            server.state.keeper = Keeper::restored(k.path, unsafe { own(fd) }, k.pid);
+            server.state.keeper = Keeper::restored(k.path, fds.take(fd)?, k.pid);
         }
     }
     for l in doc.listeners {
-        let socket = UnixListener::from(unsafe { own(l.fd) });
+        let socket = UnixListener::from(fds.take(l.fd)?);
         let role = if l.role == "admin" {
             Role::Admin
         } else {
@@ -463,7 +497,7 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
             bound: l.bound,
         });
     }
-    let state = &mut server.state;
+    let state = &mut *server.state;
     state.started = doc.started;
     if let Some(m) = doc.metrics {
         state.metrics = m;
@@ -471,7 +505,7 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
     state.metrics.reexecs = doc.generation;
     for o in doc.owners {
         let pid = o.owner.pid;
-        let fd = o.pidfd.map(|fd| unsafe { own(fd) });
+        let fd = o.pidfd.map(|fd| fds.take(fd)).transpose()?;
         state.owners.insert(OwnerEntry {
             owner: o.owner,
             action: o.action,
@@ -482,8 +516,8 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
     }
     let mut dead = BTreeMap::new();
     for l in doc.leases {
-        let fd = unsafe { own(l.fd) };
-        let dir = l.dir_fd.map(|d| unsafe { own(d) });
+        let fd = fds.take(l.fd)?;
+        let dir = l.dir_fd.map(|d| fds.take(d)).transpose()?;
         recover::insert_lease(state, id_key(l.id), l.record, fd, dir, &mut dead);
     }
     for k in doc.kills {
@@ -496,7 +530,7 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
         });
     }
     for c in doc.conns {
-        let stream = UnixStream::from(unsafe { own(c.fd) });
+        let stream = UnixStream::from(fds.take(c.fd)?);
         let session = Session {
             id: c.id,
             admin: c.admin,
@@ -507,9 +541,9 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
         let conn = Conn::restored(stream, session, c.input, c.output, c.closing);
         server.conns.insert(c.id, conn);
     }
-    server.next_id = doc.next_conn_id.max(1);
-    server.generation = doc.generation;
-    recover::release_dead(&mut server.state, dead);
+    *server.next_id = doc.next_conn_id.max(1);
+    *server.generation = doc.generation;
+    recover::release_dead(server.state, dead);
     server.state.publish_all_holders();
     let generation = server.generation.to_string();
     super::logging::event(
@@ -518,7 +552,7 @@ pub fn restore(doc: Doc, server: &mut Server, heartbeat: Option<Duration>) -> Re
         &[("REEXEC_GENERATION", &generation)],
         format_args!(
             "live re-exec #{} complete: restored {} lease(s), {} owner(s), {} connection(s)",
-            server.generation,
+            *server.generation,
             server.state.leases.len(),
             server.state.owners.len(),
             server.conns.len()

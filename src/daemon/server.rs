@@ -1,5 +1,11 @@
-//! The event loop: one thread, one poll(2) over listeners, clients, owner pidfds, the
-//! signalfd, and timers.
+//! The event loop: one thread, one epoll instance over listeners, clients, owner pidfds, the
+//! keeper link, the storage completions and the signalfd, and timers.
+//!
+//! Registrations are made once and changed only when they change (docs/architecture.md, "The
+//! event loop"): listeners and the fixed descriptors at start, a connection when it is admitted
+//! (its interest moved between read, write and nothing as it needs) and removed before it is
+//! closed, an owner's pidfd when the owner table reports the pid changed
+//! ([`super::owner::Owners::take_changed`]), so a round costs what is ready, not what is open.
 //!
 //! Why single-threaded: every decision about a lease depends on the whole table, and a single
 //! thread makes each request atomic without a lock in sight. Nothing in the loop waits for a
@@ -12,15 +18,16 @@ use super::dispatch::{self, Session};
 use super::listen::{Listener, Role};
 use super::owner::ConnId;
 use super::pidfile::PidFile;
+use super::reexec::{self, Doc};
 use super::signals::Signals;
 use super::state::State;
+use super::sys::{self, Interest, Poller, Ready};
 use crate::protocol::{self, ErrorKind, FrameError, PROTOCOL_VERSION, Request, Response};
 use log::{debug, error, info, warn};
-use nix::errno::Errno;
 use nix::sys::signal::Signal;
-use nix::sys::socket::{SockFlag, accept4, getsockopt, sockopt};
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use nix::sys::socket::{getsockopt, sockopt};
+use std::collections::{HashMap, HashSet};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -43,15 +50,90 @@ const KEEPER_RETRY: Duration = Duration::from_secs(1);
 const EXIT_TRIES: usize = 5;
 const EXIT_RETRY: Duration = Duration::from_millis(200);
 
-/// What a poll entry stands for.
-#[derive(Clone, Copy, Debug)]
+/// What an epoll registration stands for. An owner's carries the serial of its registration,
+/// so a report left over from an earlier pidfd of the same pid is told apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
     Signal,
     Listener(usize),
     Conn(ConnId),
-    Owner(u32),
+    Owner { pid: u32, serial: u32 },
     Keeper,
     Storage,
+}
+
+/// The kind sits in the token's top byte, the value below it.
+const KIND_SHIFT: u32 = 56;
+const VALUE_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+impl Token {
+    fn encode(self) -> u64 {
+        let (kind, value) = match self {
+            Token::Signal => (0, 0),
+            Token::Listener(n) => (1, n as u64),
+            Token::Conn(id) => (2, id),
+            Token::Owner { pid, serial } => {
+                (3, (u64::from(serial & 0xff_ffff) << 32) | u64::from(pid))
+            }
+            Token::Keeper => (4, 0),
+            Token::Storage => (5, 0),
+        };
+        (kind << KIND_SHIFT) | (value & VALUE_MASK)
+    }
+
+    fn decode(t: u64) -> Option<Token> {
+        let value = t & VALUE_MASK;
+        Some(match t >> KIND_SHIFT {
+            0 => Token::Signal,
+            1 => Token::Listener(usize::try_from(value).ok()?),
+            2 => Token::Conn(value),
+            3 => Token::Owner {
+                pid: value as u32,
+                serial: (value >> 32) as u32,
+            },
+            4 => Token::Keeper,
+            5 => Token::Storage,
+            _ => return None,
+        })
+    }
+
+    /// The order the old poll set had, kept so that what is handled first in a round (a
+    /// handle's hang-up before its owner's exit, say) does not depend on epoll's order.
+    fn rank(self) -> u8 {
+        match self {
+            Token::Signal => 0,
+            Token::Listener(_) => 1,
+            Token::Storage => 2,
+            Token::Conn(_) => 3,
+            Token::Owner { .. } => 4,
+            Token::Keeper => 5,
+        }
+    }
+}
+
+/// Where a live re-exec (SIGHUP, SIGUSR1) stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reexec {
+    /// Serving; no re-exec asked for.
+    Idle,
+    /// Asked for: the exec waits, between rounds, for requests waiting on storage and for
+    /// background storage jobs; `since` is when it first had to wait (the grace,
+    /// [`REEXEC_WAIT`], runs from there).
+    Requested { since: Option<Instant> },
+}
+
+impl Reexec {
+    fn requested(self) -> bool {
+        matches!(self, Reexec::Requested { .. })
+    }
+
+    /// When the grace for the requests in flight runs out, once it started.
+    fn deadline(self) -> Option<Instant> {
+        match self {
+            Reexec::Requested { since: Some(t) } => Some(t + REEXEC_WAIT),
+            _ => None,
+        }
+    }
 }
 
 /// Why the loop ended.
@@ -63,16 +145,15 @@ pub enum Exit {
 pub struct Server {
     pub state: State,
     pub listeners: Vec<Listener>,
-    pub(super) conns: HashMap<ConnId, Conn>,
-    pub(super) next_id: ConnId,
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
     /// The locked pid file (kept open across a live re-exec).
     pub pid_file: Option<PidFile>,
     /// The binary to exec on SIGHUP/SIGUSR1: this binary's path as found at start.
     pub exe: PathBuf,
     /// How many live re-execs this process went through.
     pub generation: u64,
-    reexec_pending: bool,
-    reexec_since: Option<Instant>,
+    reexec: Reexec,
     signals: Signals,
     max_clients: usize,
     euid: u32,
@@ -83,8 +164,20 @@ pub struct Server {
     /// `keeper_retry_at` (or by an earlier lock request) instead of in a loop.
     keeper_lost_at: Option<Instant>,
     keeper_retry_at: Option<Instant>,
-    pfds: Vec<libc::pollfd>,
-    tokens: Vec<Token>,
+    poller: Poller,
+    /// The ready registrations of the round (a buffer reused from round to round).
+    events: Vec<Ready>,
+    /// Whether the listeners' registrations ask for connections (None: not registered yet).
+    listening: Option<bool>,
+    /// Owner pids whose pidfd is registered, with the serial in their token.
+    owner_regs: HashMap<u32, u32>,
+    owner_serial: u32,
+    /// Connections served, answered or admitted since their registration was last brought up
+    /// to date.
+    touched: Vec<ConnId>,
+    /// Connections with buffered frames to serve next round (limits.rs), kept up to date with
+    /// the registrations.
+    backlog: HashSet<ConnId>,
     scratch: Vec<u8>,
     exit: Option<Exit>,
     /// Poll rounds so far (each connection gets one budget per round, limits.rs).
@@ -99,8 +192,11 @@ impl Server {
         max_clients: usize,
         config_file: String,
         exe: PathBuf,
-    ) -> Server {
-        Server {
+    ) -> Result<Server, String> {
+        let poller = Poller::new().map_err(|e| {
+            format!("cannot create the event loop's epoll instance: {e}; raise the descriptor limit (LimitNOFILE=)")
+        })?;
+        let server = Server {
             state,
             listeners,
             conns: HashMap::new(),
@@ -108,8 +204,7 @@ impl Server {
             pid_file: None,
             exe,
             generation: 0,
-            reexec_pending: false,
-            reexec_since: None,
+            reexec: Reexec::Idle,
             signals,
             max_clients,
             euid: nix::unistd::geteuid().as_raw(),
@@ -117,49 +212,86 @@ impl Server {
             accept_paused_until: None,
             keeper_lost_at: None,
             keeper_retry_at: None,
-            pfds: Vec::new(),
-            tokens: Vec::new(),
+            poller,
+            events: Vec::new(),
+            listening: None,
+            owner_regs: HashMap::new(),
+            owner_serial: 0,
+            touched: Vec::new(),
+            backlog: HashSet::new(),
             scratch: vec![0u8; SCRATCH],
             exit: None,
             round: 0,
+        };
+        let fixed = [
+            (server.signals.raw_fd(), Token::Signal),
+            (server.state.storage.raw_fd(), Token::Storage),
+        ];
+        for (fd, token) in fixed {
+            server
+                .poller
+                .add(fd, token.encode(), Interest::READ)
+                .map_err(|e| format!("cannot register fd {fd} with epoll: {e}"))?;
         }
+        Ok(server)
+    }
+
+    /// What a live re-exec writes down and a restore fills in (reexec.rs).
+    fn parts(&mut self) -> reexec::Parts<'_> {
+        reexec::Parts {
+            state: &mut self.state,
+            listeners: &mut self.listeners,
+            conns: &mut self.conns,
+            next_id: &mut self.next_id,
+            pid_file: &mut self.pid_file,
+            generation: &mut self.generation,
+            exe: &self.exe,
+        }
+    }
+
+    /// Rebuild what the previous image wrote down (`heartbeat`: the new
+    /// `heartbeat_interval_ms`); its connections are registered when the loop starts.
+    pub fn restore(&mut self, doc: Doc, heartbeat: Option<Duration>) -> Result<(), String> {
+        reexec::restore(doc, self.parts(), heartbeat)
     }
 
     /// Serve until SIGTERM or SIGINT.
     pub fn run(&mut self) -> Result<Exit, String> {
+        // Connections carried over a live re-exec are registered in the first round.
+        self.touched.extend(self.conns.keys().copied());
         loop {
             if let Some(exit) = self.exit {
                 return Ok(exit);
             }
             // Not while a client waits on storage (its answer would be lost with the threads);
             // storage that does not answer within REEXEC_WAIT gets its requests failed first.
-            if self.reexec_pending && self.state.waiting() > 0 {
-                let since = *self.reexec_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= REEXEC_WAIT {
-                    super::route::interrupt(&mut self.state);
-                    self.deliver();
-                    for id in self.conns.keys().copied().collect::<Vec<_>>() {
-                        if let Some(c) = self.conns.get_mut(&id) {
-                            let _ = c.flush();
-                        }
+            if self.reexec.requested()
+                && self.state.waiting() > 0
+                && self.reexec_since().elapsed() >= REEXEC_WAIT
+            {
+                super::route::interrupt(&mut self.state);
+                self.deliver();
+                for id in self.conns.keys().copied().collect::<Vec<_>>() {
+                    if let Some(c) = self.conns.get_mut(&id) {
+                        let _ = c.flush();
+                        self.touched.push(id);
                     }
                 }
             }
             // Disposals and record writes nobody waits for (a VM exit's) get the same grace:
             // cut off by the exec, their lock still drops (close-on-exec) but a side file or a
             // lockd-style lock file would stay behind.
-            let settling = self.reexec_pending
+            let settling = self.reexec.requested()
                 && self.state.waiting() == 0
                 && self.state.background_jobs() > 0
-                && self.reexec_since.get_or_insert_with(Instant::now).elapsed() < REEXEC_WAIT;
-            if self.reexec_pending && self.state.waiting() == 0 && !settling {
-                self.reexec_pending = false;
-                self.reexec_since = None;
+                && self.reexec_since().elapsed() < REEXEC_WAIT;
+            if self.reexec.requested() && self.state.waiting() == 0 && !settling {
+                self.set_reexec(Reexec::Idle);
                 // Between requests: nothing is half-done. Returns only if the exec failed.
-                super::reexec::reexec(self);
+                reexec::reexec(self.parts());
             }
             let now = Instant::now();
-            self.build(now);
+            self.register(now);
             // Connections with buffered frames left over from the budget of the last round are
             // served this round whether or not poll reports them (limits.rs).
             self.round += 1;
@@ -169,30 +301,38 @@ impl Server {
             } else {
                 0
             };
-            match poll(&mut self.pfds, timeout) {
+            let mut events = std::mem::take(&mut self.events);
+            match self.poller.wait(timeout, &mut events) {
                 Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(format!("poll failed: {}", e.desc())),
-            }
-            let now = Instant::now();
-            let accepts = self.accept_budget(!ready.is_empty());
-            for i in 0..self.pfds.len() {
-                let (Some(p), Some(token)) = (self.pfds.get(i), self.tokens.get(i)) else {
-                    break;
-                };
-                let (revents, token) = (p.revents, *token);
-                if revents == 0 {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    self.events = events;
                     continue;
                 }
+                Err(e) => return Err(format!("epoll_wait failed: {e}")),
+            }
+            let now = Instant::now();
+            events.sort_unstable_by_key(|e| Token::decode(e.token).map_or(u8::MAX, Token::rank));
+            let accepts = self.accept_budget(!ready.is_empty(), &events);
+            for ev in &events {
+                let Some(token) = Token::decode(ev.token) else {
+                    continue;
+                };
                 match token {
                     Token::Signal => self.on_signal(),
                     Token::Listener(n) => self.on_accept(n, now, accepts),
-                    Token::Conn(id) => self.on_conn(id, revents, now),
-                    Token::Owner(pid) => self.owner_gone(pid),
+                    Token::Conn(id) => self.on_conn(id, ev.events, now),
+                    Token::Owner { pid, serial } => {
+                        // A report for an earlier registration of this pid (its pidfd closed
+                        // while a forked child still shared it) is not this owner's exit.
+                        if self.owner_regs.get(&pid) == Some(&serial) {
+                            self.owner_gone(pid)
+                        }
+                    }
                     Token::Keeper => self.keeper_lost(),
                     Token::Storage => super::route::storage_results(&mut self.state),
                 }
             }
+            self.events = events;
             for id in ready {
                 if self.conns.get(&id).is_some_and(|c| c.served != self.round) {
                     self.on_conn(id, 0, now);
@@ -209,51 +349,140 @@ impl Server {
         }
     }
 
-    /// Fill the poll set for this round.
-    fn build(&mut self, now: Instant) {
-        self.pfds.clear();
-        self.tokens.clear();
-        let mut push = |fd: RawFd, events: libc::c_short, t: Token| {
-            self.pfds.push(libc::pollfd {
-                fd,
-                events,
-                revents: 0,
-            });
-            self.tokens.push(t);
-        };
-        push(self.signals.raw_fd(), libc::POLLIN, Token::Signal);
+    /// When the re-exec first had to wait (now, if it has not yet).
+    fn reexec_since(&mut self) -> Instant {
+        match self.reexec {
+            Reexec::Requested { since: Some(t) } => t,
+            _ => {
+                let now = Instant::now();
+                self.reexec = Reexec::Requested { since: Some(now) };
+                now
+            }
+        }
+    }
+
+    /// Move the re-exec along; every connection's registration depends on whether one waits.
+    fn set_reexec(&mut self, to: Reexec) {
+        if self.reexec.requested() != to.requested() {
+            self.touched.extend(self.conns.keys().copied());
+        }
+        self.reexec = to;
+    }
+
+    /// Bring the registrations up to date for this round: the listeners (paused or not), the
+    /// keeper link, the owners whose pidfd changed, and the connections touched since.
+    fn register(&mut self, now: Instant) {
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
         }
         let accepting = self.accept_paused_until.is_none()
             && self.conns.len() < self.max_clients.saturating_add(REFUSAL_SLACK);
-        if accepting {
-            for (i, l) in self.listeners.iter().enumerate() {
-                push(l.socket.as_raw_fd(), libc::POLLIN, Token::Listener(i));
-            }
-        }
-        push(self.state.storage.raw_fd(), libc::POLLIN, Token::Storage);
-        for (id, c) in &self.conns {
-            let events = if c.wants_write() {
-                libc::POLLOUT
-            } else if c.waiting || self.reexec_pending || c.eof || c.actionable() {
-                // Only hang-ups (reported anyway): the next request waits for this answer, or
-                // for the re-exec that waits for the requests in flight; or nothing more is
-                // read before the buffered frames are answered (or after end-of-file).
-                0
+        if self.listening != Some(accepting) {
+            let interest = if accepting {
+                Interest::READ
             } else {
-                libc::POLLIN
+                Interest::NONE
             };
-            push(c.stream.as_raw_fd(), events, Token::Conn(*id));
+            for (i, l) in self.listeners.iter().enumerate() {
+                let token = Token::Listener(i).encode();
+                if let Err(e) = self.poller.set(l.socket.as_raw_fd(), token, interest) {
+                    error!(
+                        "cannot register the listening socket {:?} with epoll: {e}",
+                        l.path
+                    );
+                }
+            }
+            self.listening = Some(accepting);
         }
-        for (pid, e) in self.state.owners.iter() {
-            if let Some(fd) = e.proc.poll_fd() {
-                push(fd, libc::POLLIN, Token::Owner(*pid));
+        // The keeper never speaks unasked: anything readable here means it hung up. One call
+        // a round: the link may have been replaced by one with the same number, whose
+        // registration went with the old socket.
+        if let Some(fd) = self.state.keeper.raw_fd() {
+            let token = Token::Keeper.encode();
+            let r = match self.poller.modify(fd, token, Interest::READ) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    self.poller.add(fd, token, Interest::READ)
+                }
+                r => r,
+            };
+            if let Err(e) = r {
+                error!(
+                    "cannot register the keeper link with epoll: {e}; it is watched again next round"
+                );
             }
         }
-        // The keeper never speaks unasked: anything readable here means it hung up.
-        if let Some(fd) = self.state.keeper.raw_fd() {
-            push(fd, libc::POLLIN, Token::Keeper);
+        for pid in self.state.owners.take_changed() {
+            self.register_owner(pid);
+        }
+        let touched = std::mem::take(&mut self.touched);
+        for id in &touched {
+            self.register_conn(*id);
+        }
+        self.touched = touched;
+        self.touched.clear();
+    }
+
+    /// An owner was added or removed, or its pidfd opened: register its pidfd under a new
+    /// serial, or forget it (a closed descriptor's registration went with it).
+    fn register_owner(&mut self, pid: u32) {
+        let Some(fd) = self.state.owners.get(pid).and_then(|e| e.proc.poll_fd()) else {
+            self.owner_regs.remove(&pid);
+            return;
+        };
+        self.owner_serial = self.owner_serial.wrapping_add(1) & 0xff_ffff;
+        let serial = self.owner_serial;
+        match self
+            .poller
+            .set(fd, Token::Owner { pid, serial }.encode(), Interest::READ)
+        {
+            Ok(()) => {
+                self.owner_regs.insert(pid, serial);
+            }
+            Err(e) => {
+                // Like a pidfd that could not be opened: the owner's leases stay held.
+                error!("cannot watch owner pid {pid} for its exit: epoll_ctl failed: {e}");
+                self.owner_regs.remove(&pid);
+            }
+        }
+    }
+
+    /// Ask epoll for what a connection waits for now: to write its answers, to read the next
+    /// request, or nothing but a hang-up (its request waits on storage, a re-exec waits for
+    /// the requests in flight, it sent end-of-file, or its buffered frames are answered
+    /// first); and note whether it has frames to serve next round.
+    fn register_conn(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            self.backlog.remove(&id);
+            return;
+        };
+        let want = if c.wants_write() {
+            Interest::WRITE
+        } else if c.waiting() || c.closing() || self.reexec.requested() || c.eof() || c.actionable()
+        {
+            Interest::NONE
+        } else {
+            Interest::READ
+        };
+        if c.interest != Some(want) {
+            let fd = c.stream.as_raw_fd();
+            let token = Token::Conn(id).encode();
+            let r = match c.interest {
+                None => self.poller.add(fd, token, want),
+                Some(_) => self.poller.modify(fd, token, want),
+            };
+            match r {
+                Ok(()) => c.interest = Some(want),
+                Err(e) => {
+                    warn!("closing client {id}: cannot register it with epoll: {e}");
+                    self.close(id, Instant::now());
+                    return;
+                }
+            }
+        }
+        if c.backlog() {
+            self.backlog.insert(id);
+        } else {
+            self.backlog.remove(&id);
         }
     }
 
@@ -362,10 +591,7 @@ impl Server {
     fn timeout_ms(&self, now: Instant) -> libc::c_int {
         let limits = super::limits::get();
         let conn_deadlines = self.conns.values().filter_map(|c| c.next_deadline(limits));
-        let reexec = self
-            .reexec_since
-            .filter(|_| self.reexec_pending)
-            .map(|t| t + REEXEC_WAIT);
+        let reexec = self.reexec.deadline();
         let next = self
             .state
             .next_deadline()
@@ -404,7 +630,8 @@ impl Server {
             let Some(conn) = self.conns.get_mut(&f.conn) else {
                 continue;
             };
-            conn.waiting = false;
+            conn.answered();
+            self.touched.push(f.conn);
             if f.restrict && matches!(f.response, Response::Ok { .. }) {
                 conn.session.restricted = true;
             }
@@ -412,7 +639,7 @@ impl Server {
             serve(&mut self.state, conn, clients);
             // Send now rather than after another poll round: the client is waiting for it.
             match conn.flush() {
-                Ok(true) if conn.closing => failed.push(f.conn),
+                Ok(true) if conn.closing() => failed.push(f.conn),
                 Ok(_) => {}
                 Err(e) => {
                     debug!("client {}: write failed: {e}", f.conn);
@@ -459,24 +686,18 @@ impl Server {
     /// Connections whose buffered frames can be answered now (limits.rs: the rest of a
     /// pipelined batch); none while a re-exec waits for the requests in flight.
     fn ready(&self) -> Vec<ConnId> {
-        if self.reexec_pending {
+        if self.reexec.requested() {
             return Vec::new();
         }
-        self.conns
-            .iter()
-            .filter(|(_, c)| c.backlog())
-            .map(|(id, _)| *id)
-            .collect()
+        self.backlog.iter().copied().collect()
     }
 
     /// Connections a listener may accept this round: fewer while clients have requests to be
     /// read or answered, so a connect storm cannot crowd out their requests.
-    fn accept_budget(&self, backlog: bool) -> usize {
-        let reading = self
-            .pfds
+    fn accept_budget(&self, backlog: bool, events: &[Ready]) -> usize {
+        let reading = events
             .iter()
-            .zip(&self.tokens)
-            .any(|(p, t)| matches!(t, Token::Conn(_)) && p.revents & libc::POLLIN != 0);
+            .any(|e| matches!(Token::decode(e.token), Some(Token::Conn(_))) && e.input());
         if backlog || reading {
             super::limits::ACCEPTS_PER_ROUND_BUSY
         } else {
@@ -493,7 +714,9 @@ impl Server {
                 }
                 Signal::SIGHUP | Signal::SIGUSR1 => {
                     info!("received {sig}; re-executing {:?} (live upgrade)", self.exe);
-                    self.reexec_pending = true;
+                    if !self.reexec.requested() {
+                        self.set_reexec(Reexec::Requested { since: None });
+                    }
                 }
                 other => debug!("ignoring {other}"),
             }
@@ -507,13 +730,8 @@ impl Server {
             };
             let admin = l.role == Role::Admin;
             // Non-blocking from the start (no separate FIONBIO per client).
-            let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-            match accept4(l.socket.as_raw_fd(), flags).map_err(std::io::Error::from) {
-                Ok(fd) => {
-                    // SAFETY: accept4 returned a new descriptor that nobody else owns.
-                    let stream = UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-                    self.admit(stream, admin, now)
-                }
+            match sys::accept(&l.socket, true) {
+                Ok(fd) => self.admit(UnixStream::from(fd), admin, now),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -595,29 +813,34 @@ impl Server {
             );
         }
         self.conns.insert(id, conn);
+        self.touched.push(id);
     }
 
-    fn on_conn(&mut self, id: ConnId, revents: libc::c_short, now: Instant) {
+    /// Serve a connection: `events` as epoll reported them (0 for one served from its
+    /// backlog).
+    fn on_conn(&mut self, id: ConnId, events: u32, now: Instant) {
         let clients = self.conns.len();
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        let readable = revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+        self.touched.push(id);
+        let ev = Ready { token: 0, events };
+        let readable = ev.readable();
         let mut close = false;
-        if conn.waiting {
-            if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+        if conn.waiting() {
+            if ev.hangup() {
                 debug!("client {id} hung up while its request waited on storage");
                 self.close(id, now);
             }
             return;
         }
         conn.served = self.round;
-        if !conn.closing && !conn.wants_write() {
+        if !conn.closing() && !conn.wants_write() {
             // Read only when the buffered frames are answered (limits.rs); serve within the
             // round's budget, whether or not anything new arrived.
-            if readable && !conn.eof && !conn.actionable() {
+            if readable && !conn.eof() && !conn.actionable() {
                 match conn.fill(&mut self.scratch, now) {
-                    Ok(Fill::Eof) => conn.eof = true,
+                    Ok(Fill::Eof) => conn.end_of_file(),
                     Ok(Fill::Open) => {}
                     Err(e) => {
                         debug!("client {id}: read failed: {e}");
@@ -631,7 +854,7 @@ impl Server {
         }
         if !close {
             match conn.flush() {
-                Ok(true) => close = conn.closing,
+                Ok(true) => close = conn.closing(),
                 Ok(false) => {}
                 Err(e) => {
                     debug!("client {id}: write failed: {e}");
@@ -648,8 +871,15 @@ impl Server {
         let Some(conn) = self.conns.remove(&id) else {
             return;
         };
+        self.backlog.remove(&id);
+        if conn.interest.is_some() {
+            // Before the descriptor closes (a forked child may share it for a moment).
+            if let Err(e) = self.poller.remove(conn.stream.as_raw_fd()) {
+                debug!("client {id}: epoll_ctl(DEL) failed: {e}");
+            }
+        }
         debug!("client {id} disconnected");
-        if conn.waiting {
+        if conn.waiting() {
             super::route::cancel(&mut self.state, id);
         }
         if let Some(pid) = conn.session.handle_of {
@@ -685,7 +915,7 @@ fn serve(state: &mut State, conn: &mut Conn, clients: usize) {
 
 fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
     for _ in 0..super::limits::FRAMES_PER_ROUND {
-        if conn.closing || conn.waiting {
+        if conn.closing() || conn.waiting() {
             return;
         }
         let next = conn.next();
@@ -694,7 +924,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
         }
         if let Some(refusal) = conn.refusal.take() {
             conn.queue(&refusal);
-            conn.closing = true;
+            conn.close_after_flush();
             return;
         }
         let (version, len) = match next {
@@ -705,7 +935,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
                     ErrorKind::Invalid,
                     format!("{e}; closing the connection"),
                 ));
-                conn.closing = true;
+                conn.close_after_flush();
                 return;
             }
             Next::Header { version, len } => (version, len),
@@ -719,7 +949,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
                 ErrorKind::Version,
                 FrameError::Version(version).to_string(),
             ));
-            conn.closing = true;
+            conn.close_after_flush();
             return;
         }
         let Some(body) = conn.body(len) else {
@@ -731,7 +961,7 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
             Ok(req) => match dispatch::handle(state, &mut conn.session, req, clients) {
                 Some(r) => r,
                 None => {
-                    conn.waiting = true;
+                    conn.wait();
                     return;
                 }
             },
@@ -744,12 +974,4 @@ fn serve_frames(state: &mut State, conn: &mut Conn, clients: usize) {
         };
         conn.queue(&resp);
     }
-}
-
-/// poll(2) over raw descriptors (the set is rebuilt every round and reused).
-fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) -> Result<usize, Errno> {
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd structs, which
-    // is all poll(2) reads and writes.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
-    Errno::result(n).map(|n| n as usize)
 }

@@ -559,13 +559,12 @@ impl Mounts {
     pub fn refresh(&mut self) {
         let changed = match &self.watch {
             Some(f) => {
-                let mut p = libc::pollfd {
+                let p = libc::pollfd {
                     fd: f.as_raw_fd(),
                     events: libc::POLLPRI,
                     revents: 0,
                 };
-                // SAFETY: one valid pollfd for an open descriptor, no timeout.
-                let n = unsafe { libc::poll(&mut p, 1, 0) };
+                let n = super::sys::poll_one(p.fd, p.events, 0).map_or(-1, i32::from);
                 n != 0 || p.revents != 0
             }
             None => true,

@@ -32,7 +32,7 @@
 use log::{error, info, warn};
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -212,19 +212,13 @@ impl Watchdog {
         self.file.as_raw_fd()
     }
 
-    /// Take over the descriptor a previous image handed over (reexec.rs).
-    ///
-    /// # Safety
-    /// `fd` must be the watchdog descriptor the previous image left open for us, owned by
-    /// nothing else.
-    pub unsafe fn adopt(
-        fd: RawFd,
+    /// Take over the descriptor a previous image handed over (reexec.rs adopts it).
+    pub fn adopt(
+        owned: OwnedFd,
         path: PathBuf,
         kind: Kind,
         heartbeat: Option<Duration>,
     ) -> Watchdog {
-        // SAFETY: guaranteed by the caller.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         if let Err(e) = nix::fcntl::fcntl(
             &owned,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),

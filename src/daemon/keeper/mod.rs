@@ -387,9 +387,10 @@ mod tests {
         k.release(&[LeaseKey { dev: 1, ino: 0 }]).unwrap();
         // Nothing is waiting in our socket: the quiet batches were not answered.
         let fd = k.raw_fd().unwrap();
-        let mut p = [pollfd(fd)];
-        // SAFETY: a valid pollfd array of length 1.
-        assert_eq!(unsafe { libc::poll(p.as_mut_ptr(), 1, 0) }, 0);
+        assert_eq!(
+            crate::daemon::sys::poll_one(fd, libc::POLLIN, 0).unwrap(),
+            0
+        );
         assert_eq!(held_now(&mut k), 1);
         // A quiet batch that names more descriptors than it carries: the keeper hangs up.
         let bad = ToKeeper::HoldBatch {

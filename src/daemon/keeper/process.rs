@@ -3,14 +3,15 @@
 use super::*;
 use crate::daemon::keptmeta::{KeptMeta, Tails};
 use crate::daemon::pidfd::Proc;
+use crate::daemon::sys;
 use log::{error, info, warn};
 use nix::errno::Errno;
-use nix::sys::socket::{Backlog, SockFlag, UnixAddr, accept4, bind, getsockopt, listen, sockopt};
+use nix::sys::socket::{Backlog, UnixAddr, bind, getsockopt, listen, sockopt};
 use nix::sys::stat::{Mode, umask};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::CString;
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 /// Start a keeper at `path` and return a connection to it.
@@ -179,10 +180,18 @@ pub fn become_keeper_if_asked() {
             // (its number would be reused by the daemon link, and log entries sent there).
             close_all_but(&[listener, ready]);
             crate::daemon::logging::init(level, crate::daemon::logging::under_systemd());
-            // SAFETY: the daemon's spawn passed these two descriptors open (checked with
-            // F_GETFD in keeper_args) to this fresh process, where nothing else owns them.
-            let (listener, ready) =
-                unsafe { (OwnedFd::from_raw_fd(listener), OwnedFd::from_raw_fd(ready)) };
+            // SAFETY: the daemon's spawn passed these two descriptors to this fresh process
+            // for it to own; nothing else in it takes them over.
+            let adopted = unsafe {
+                (
+                    sys::adopt(listener, "the keeper's listening socket"),
+                    sys::adopt(ready, "the keeper's ready pipe"),
+                )
+            };
+            let (Ok(listener), Ok(ready)) = adopted else {
+                eprintln!("lockwardend: {KEEPER_ARG}: inherited descriptors are not open");
+                std::process::exit(2)
+            };
             keeper_main(listener, ready, path, ident)
         }
         Err(e) => {
@@ -208,12 +217,9 @@ fn keeper_args(a: &[std::ffi::OsString]) -> Result<KeeperArgs, String> {
     };
     let fd = |s: &std::ffi::OsString| -> Result<RawFd, String> {
         let n = RawFd::try_from(num(s)?).map_err(|_| format!("{s:?} is not a descriptor"))?;
-        nix::fcntl::fcntl(
-            // SAFETY: only asks whether descriptor n is open; nothing is borrowed beyond it.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(n) },
-            nix::fcntl::FcntlArg::F_GETFD,
-        )
-        .map_err(|e| format!("descriptor {n} is not open: {}", e.desc()))?;
+        if !sys::is_open(n) {
+            return Err(format!("descriptor {n} is not open"));
+        }
         Ok(n)
     };
     let level = level
@@ -376,6 +382,13 @@ impl KeeperProc {
         std::process::id()
     }
 
+    /// The keeper's loop: poll(2) over its link (or its listener) and the pidfds of the owners
+    /// it watches, the set rebuilt each round (`sys::poll_set`). It stays on poll rather than
+    /// the daemon's epoll `Poller` (daemon/sys.rs) because its rounds are off every request's
+    /// path and few: the daemon sends holds and drops as quiet batches it does not wait for
+    /// (mod.rs), and a round drains up to [`DRAIN_MAX`] messages and then sleeps
+    /// [`QUIET_WINDOW`], so the rebuild (one entry per watched owner, not per lease) is paid at
+    /// most a few hundred times a second under load, and never while a client waits.
     fn run(&mut self) -> ! {
         let mut pfds: Vec<libc::pollfd> = Vec::new();
         let mut toks: Vec<Tok> = Vec::new();
@@ -410,8 +423,10 @@ impl KeeperProc {
             } else {
                 -1
             };
-            // SAFETY: a valid, exclusively borrowed pollfd array of the given length.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
+            let n = match sys::poll_set(&mut pfds, timeout) {
+                Ok(n) => n as i64,
+                Err(_) => -1,
+            };
             if n == 0 && first {
                 self.exit("was started but no lockwardend connected");
             }
@@ -439,10 +454,8 @@ impl KeeperProc {
     }
 
     fn accept(&mut self) {
-        let fd = match accept4(self.listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
-            // SAFETY: accept4 returned a new descriptor that nobody else owns.
-            Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
-            Err(_) => return,
+        let Ok(fd) = sys::accept(&self.listener, false) else {
+            return;
         };
         match getsockopt(&fd, sockopt::PeerCredentials) {
             Ok(c) if c.uid() == self.euid => {
@@ -475,9 +488,7 @@ impl KeeperProc {
             let Some(fd) = self.conn.as_ref().map(AsRawFd::as_raw_fd) else {
                 return;
             };
-            let mut p = [pollfd(fd)];
-            // SAFETY: a valid, exclusively borrowed pollfd array of length 1; timeout 0.
-            if unsafe { libc::poll(p.as_mut_ptr(), 1, 0) } <= 0 {
+            if sys::poll_one(fd, libc::POLLIN, 0).unwrap_or(0) == 0 {
                 break;
             }
         }

@@ -9,7 +9,7 @@ use nix::sys::socket::{
 };
 use serde::Serialize;
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 pub(super) fn seqpacket() -> Result<OwnedFd, String> {
     socket(
@@ -151,7 +151,7 @@ impl Receiver {
                         for r in raw {
                             // SAFETY: the kernel just installed this descriptor for us
                             // (SCM_RIGHTS); nobody else owns it.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                            fds.push(unsafe { crate::daemon::sys::adopt(r, "a received lease") }?);
                         }
                     }
                 }
