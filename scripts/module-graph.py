@@ -9,7 +9,8 @@ and prints the edges, the strongly connected components inside the daemon (impor
 the edges that cross layers. The layers: the shared modules at the top of src/ (`text`,
 `naming`, `plugin_conf`, `protocol`, ...) import none of `plugin`, `daemon`, `cli`; the plugin
 imports neither the daemon nor the CLI; the daemon does not import the plugin or the CLI; the
-CLI does not import the plugin or the daemon (docs/architecture.md section 5). One more rule:
+CLI does not import the plugin or the daemon (docs/architecture.md section 5); inside the
+daemon, no module imports one of a higher level (DAEMON_LEVELS below). One more rule:
 libvirt's ABI (`abi`, the bindgen output) is named only by `plugin::ffi`, which decodes its
 integers into Rust types; any other module importing `abi`, or any plugin module other than
 ffi.rs that writes `abi::`, is reported as an ABI leak. Exit status 1 with --check when any
@@ -41,14 +42,34 @@ def cut_tests(text):
     return text if i < 0 else text[:i]
 
 
-def edges():
+def test_only():
+    """Modules declared `#[cfg(test)] mod x;` (unit-test files such as daemon/core_tests.rs):
+    like the tests inside a file, they may import anything."""
     out = set()
     for dirpath, _, files in os.walk(ROOT):
         for f in files:
             if not f.endswith(".rs"):
                 continue
             path = os.path.join(dirpath, f)
+            text = strip_comments(open(path, encoding="utf-8").read())
+            # A file module's children live in its own directory: the same path either way.
+            parent = module_of(path)
+            for m in re.finditer(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", text):
+                out.add(tuple(parent + [m.group(1)]))
+    return out
+
+
+def edges():
+    out = set()
+    skip = test_only()
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if not f.endswith(".rs"):
+                continue
+            path = os.path.join(dirpath, f)
             me = module_of(path)
+            if any(tuple(me[: len(t)]) == t for t in skip):
+                continue
             text = cut_tests(strip_comments(open(path, encoding="utf-8").read()))
             # Expand `use a::{b, c}` one level.
             for m in re.finditer(r"\b(crate|super)((?:::\w+)*)(?:::\{([^}]*)\})?", text):
@@ -99,6 +120,34 @@ MODULES = {
 } - {""}
 # The upper layers; each may import only the shared modules (everything else in TOP).
 UPPER = {"plugin", "daemon", "cli"}
+# The daemon's levels, bottom up (docs/architecture.md section 5): a module imports only
+# modules of its own level or below. A new daemon module must be placed here.
+DAEMON_LEVELS = [
+    "sys lock pidfd lease lockfile holder beat storage error metrics logging args",
+    "owner kill record keeper keptmeta liveness health watchdog ledger limits settings",
+    "state",
+    "release acquire lost fence heartbeat thaw keepalive recover",
+    "route",
+    "dispatch conn server reexec pidfile listen signals notify",
+]
+LEVEL = {m: n for n, line in enumerate(DAEMON_LEVELS) for m in line.split()}
+
+
+def level_violations(e):
+    """Daemon imports that go up a level, and daemon modules no level names."""
+    out = []
+    for a, b in sorted(e):
+        if not (a.startswith("daemon::") and b.startswith("daemon::")):
+            continue
+        ma, mb = a.split("::")[1], b.split("::")[1]
+        for m in (ma, mb):
+            if m not in LEVEL:
+                out.append(f"daemon::{m} is in no level of DAEMON_LEVELS")
+        if ma in LEVEL and mb in LEVEL and LEVEL[mb] > LEVEL[ma]:
+            out.append(f"{a} (level {LEVEL[ma] + 1}) -> {b} (level {LEVEL[mb] + 1})")
+    return sorted(set(out))
+
+
 # The one module that may name libvirt's ABI (docs/architecture.md section 5).
 ABI_EDGE = "plugin::ffi"
 
@@ -169,6 +218,7 @@ def main():
     cycles = sccs(nodes, adj)
     layer = sorted((a, b) for a, b in e if crosses(a, b))
     leaks = abi_leaks(e)
+    levels = level_violations(e)
     if "--dot" in sys.argv:
         print("digraph lockwarden {")
         for a, b in sorted(e):
@@ -188,9 +238,12 @@ def main():
     print(f"ABI leaks (libvirt's abi named outside {ABI_EDGE}): {len(leaks)}")
     for x in leaks:
         print(f"  {x}")
-    if "--check" in sys.argv and (cycles or layer or leaks):
+    print(f"daemon level violations (an import of a higher level): {len(levels)}")
+    for x in levels:
+        print(f"  {x}")
+    if "--check" in sys.argv and (cycles or layer or leaks or levels):
         return 1
-    if "--check-layers" in sys.argv and (layer or leaks):
+    if "--check-layers" in sys.argv and (layer or leaks or levels):
         return 1
     return 0
 

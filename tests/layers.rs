@@ -43,7 +43,8 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A scratch copy of src/ and the script, with `line` added at the top of `file` (under src/).
+/// A scratch copy of src/ and the script, with `line` added at the top of `file` (under src/;
+/// a new file when there is none).
 fn planted(file: &str, line: &str) -> (tempfile::TempDir, (i32, String)) {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&repo().join("src"), &dir.path().join("src"));
@@ -54,7 +55,7 @@ fn planted(file: &str, line: &str) -> (tempfile::TempDir, (i32, String)) {
     )
     .unwrap();
     let path = dir.path().join("src").join(file);
-    let text = fs::read_to_string(&path).unwrap();
+    let text = fs::read_to_string(&path).unwrap_or_default();
     fs::write(&path, format!("{line}\n{text}")).unwrap();
     let result = check(dir.path());
     (dir, result)
@@ -72,6 +73,43 @@ fn this_tree_keeps_its_layers() {
     );
     assert!(
         out.contains("ABI leaks (libvirt's abi named outside plugin::ffi): 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("daemon import cycles (strongly connected components): 0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("daemon level violations (an import of a higher level): 0"),
+        "{out}"
+    );
+}
+
+/// docs/architecture.md section 5: the storage executor never calls up into the operations
+/// (it once asked `acquire` for a refusal's wording), and a new daemon module must be placed
+/// in a level.
+#[test]
+fn a_daemon_import_of_a_higher_level_fails_the_check() {
+    let (_d, (code, out)) = planted("daemon/storage.rs", "use super::acquire as _a;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("  daemon::storage (level 1) -> daemon::acquire (level 4)\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("daemon import cycles (strongly connected components): 1"),
+        "{out}"
+    );
+    let (_d, (code, out)) = planted("daemon/unplaced.rs", "use super::state as _s;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("  daemon::unplaced is in no level of DAEMON_LEVELS\n"),
+        "{out}"
+    );
+    let (_d, (code, out)) = planted("daemon/state.rs", "use super::route as _r;");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("  daemon::state (level 3) -> daemon::route (level 5)\n"),
         "{out}"
     );
 }
