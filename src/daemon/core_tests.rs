@@ -194,10 +194,15 @@ fn drive(state: &mut State) {
     }
 }
 
-/// Start an acquire, route its storage work and return the one answer it got.
-fn acquire(state: &mut State, conn: ConnId, vm: &Vm, specs: &[LeaseSpec]) -> Finished {
+/// Start an acquire (not restricted, default failure action) without routing its storage work.
+fn start(state: &mut State, conn: ConnId, vm: &Vm, specs: &[LeaseSpec]) {
     acquire::start(state, conn, &vm.owner, specs, FailureAction::Default, false)
         .unwrap_or_else(|e| panic!("acquire refused at once: {}", e.message()));
+}
+
+/// Start an acquire, route its storage work and return the one answer it got.
+fn acquire(state: &mut State, conn: ConnId, vm: &Vm, specs: &[LeaseSpec]) -> Finished {
+    start(state, conn, vm, specs);
     drive(state);
     one_answer(state, conn)
 }
@@ -712,15 +717,7 @@ fn an_acquire_past_its_deadline_is_refused_naming_the_disk_and_its_late_lock_dro
     let vm = Vm::start("vm-a");
     let mut s = state();
     s.storage_timeout = Duration::ZERO;
-    acquire::start(
-        &mut s,
-        1,
-        &vm.owner,
-        &[spec(&d1, LeaseMode::Exclusive)],
-        FailureAction::Default,
-        false,
-    )
-    .unwrap();
+    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
     // The deadline passes before the storage result is routed.
     route::expire(&mut s, Instant::now() + Duration::from_millis(1));
     let e = error(one_answer(&mut s, 1));
@@ -743,15 +740,7 @@ fn a_client_gone_before_storage_answered_leaves_nothing_locked() {
     let d1 = disks.image("d1.img");
     let vm = Vm::start("vm-a");
     let mut s = state();
-    acquire::start(
-        &mut s,
-        1,
-        &vm.owner,
-        &[spec(&d1, LeaseMode::Exclusive)],
-        FailureAction::Default,
-        false,
-    )
-    .unwrap();
+    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
     route::cancel(&mut s, 1);
     drive(&mut s);
     assert!(s.ledger.take_finished().is_empty(), "nobody to answer");
@@ -765,15 +754,7 @@ fn a_live_reexec_answers_a_waiting_acquire_and_rolls_it_back() {
     let d1 = disks.image("d1.img");
     let vm = Vm::start("vm-a");
     let mut s = state();
-    acquire::start(
-        &mut s,
-        1,
-        &vm.owner,
-        &[spec(&d1, LeaseMode::Exclusive)],
-        FailureAction::Default,
-        false,
-    )
-    .unwrap();
+    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
     route::interrupt(&mut s);
     let e = error(one_answer(&mut s, 1));
     assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);
@@ -1083,15 +1064,7 @@ fn a_vm_that_exits_while_joining_a_shared_lease_does_not_keep_it() {
     let (a, mut b) = (Vm::start("vm-a"), Vm::start("vm-b"));
     let mut s = state();
     ok(&acquire(&mut s, 1, &a, &[spec(&d, LeaseMode::Shared)]));
-    acquire::start(
-        &mut s,
-        2,
-        &b.owner,
-        &[spec(&d, LeaseMode::Shared)],
-        FailureAction::Default,
-        false,
-    )
-    .unwrap();
+    start(&mut s, 2, &b, &[spec(&d, LeaseMode::Shared)]);
     // B exits while its Take is out (the event loop sees its pidfd before the result).
     b.kill();
     assert!(release::owner_exited(&mut s, b.pid()).is_empty());
