@@ -42,65 +42,63 @@ def cut_tests(text):
     return text if i < 0 else text[:i]
 
 
+def sources():
+    """Every .rs file under src/: (path, its module path, its text without comments)."""
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if f.endswith(".rs"):
+                path = os.path.join(dirpath, f)
+                yield path, module_of(path), strip_comments(open(path, encoding="utf-8").read())
+
+
 def test_only():
     """Modules declared `#[cfg(test)] mod x;` (unit-test files such as daemon/core_tests.rs):
     like the tests inside a file, they may import anything."""
     out = set()
-    for dirpath, _, files in os.walk(ROOT):
-        for f in files:
-            if not f.endswith(".rs"):
-                continue
-            path = os.path.join(dirpath, f)
-            text = strip_comments(open(path, encoding="utf-8").read())
-            # A file module's children live in its own directory: the same path either way.
-            parent = module_of(path)
-            for m in re.finditer(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", text):
-                out.add(tuple(parent + [m.group(1)]))
+    # A file module's children live in its own directory: the same module path either way.
+    for _, parent, text in sources():
+        for m in re.finditer(r"#\[cfg\(test\)\]\s*(?:pub(?:\([^)]*\))?\s+)?mod\s+(\w+)\s*;", text):
+            out.add(tuple(parent + [m.group(1)]))
     return out
 
 
 def edges():
     out = set()
     skip = test_only()
-    for dirpath, _, files in os.walk(ROOT):
-        for f in files:
-            if not f.endswith(".rs"):
+    for path, me, text in sources():
+        if any(tuple(me[: len(t)]) == t for t in skip):
+            continue
+        text = cut_tests(text)
+        # Expand `use a::{b, c}` one level.
+        for m in re.finditer(r"\b(crate|super)((?:::\w+)*)(?:::\{([^}]*)\})?", text):
+            head, rest, group = m.group(1), m.group(2), m.group(3)
+            parts = [p for p in rest.split("::") if p]
+            # A bare `crate`/`super` (`pub(super)`) names nothing, unless it is `super::*`.
+            if not parts and not group and not text.startswith("::*", m.end()):
                 continue
-            path = os.path.join(dirpath, f)
-            me = module_of(path)
-            if any(tuple(me[: len(t)]) == t for t in skip):
-                continue
-            text = cut_tests(strip_comments(open(path, encoding="utf-8").read()))
-            # Expand `use a::{b, c}` one level.
-            for m in re.finditer(r"\b(crate|super)((?:::\w+)*)(?:::\{([^}]*)\})?", text):
-                head, rest, group = m.group(1), m.group(2), m.group(3)
-                parts = [p for p in rest.split("::") if p]
-                # A bare `crate`/`super` (`pub(super)`) names nothing, unless it is `super::*`.
-                if not parts and not group and not text.startswith("::*", m.end()):
-                    continue
-                if head == "crate":
-                    base = []
-                else:
-                    base = me[:-1] if not path.endswith("mod.rs") else me[:-1]
-                    if path.endswith("mod.rs"):
-                        base = me[:-1]
-                # `super::super::x`: one level up per `super`.
-                while head == "super" and parts and parts[0] == "super":
-                    base, parts = base[:-1], parts[1:]
-                targets = [base + parts]
-                if group and len(parts) < 2:
-                    # `use crate::{abi as a, plugin::params}`: each entry's path, without `as x`.
-                    entries = [re.findall(r"\w+", g.split(" as ")[0]) for g in group.split(",")]
-                    targets = [base + parts + e for e in entries if e]
-                for t in targets:
-                    t = [x for x in t if x not in ("self",)]
-                    # `crate::protocol::Request` names an item of the module `protocol`.
-                    target = "::".join(t[:2])
-                    if target not in MODULES:
-                        target = t[0] if t and t[0] in MODULES else ""
-                    src = "::".join(me[:2])
-                    if target and target != src and target.split("::")[0] in TOP:
-                        out.add((src, target))
+            if head == "crate":
+                base = []
+            else:
+                base = me[:-1] if not path.endswith("mod.rs") else me[:-1]
+                if path.endswith("mod.rs"):
+                    base = me[:-1]
+            # `super::super::x`: one level up per `super`.
+            while head == "super" and parts and parts[0] == "super":
+                base, parts = base[:-1], parts[1:]
+            targets = [base + parts]
+            if group and len(parts) < 2:
+                # `use crate::{abi as a, plugin::params}`: each entry's path, without `as x`.
+                entries = [re.findall(r"\w+", g.split(" as ")[0]) for g in group.split(",")]
+                targets = [base + parts + e for e in entries if e]
+            for t in targets:
+                t = [x for x in t if x not in ("self",)]
+                # `crate::protocol::Request` names an item of the module `protocol`.
+                target = "::".join(t[:2])
+                if target not in MODULES:
+                    target = t[0] if t and t[0] in MODULES else ""
+                src = "::".join(me[:2])
+                if target and target != src and target.split("::")[0] in TOP:
+                    out.add((src, target))
     return out
 
 
