@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::{Daemon, Probe, image, probe0, tempdir, wait_unlocked};
+use common::daemon::TestDaemon;
+use common::{Probe, image, probe0, tempdir, wait_unlocked};
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -49,7 +50,7 @@ fn fake_qemu(name: &str) -> Child {
 }
 
 struct Bed {
-    daemon: Daemon,
+    daemon: TestDaemon,
     conf: std::path::PathBuf,
     status: std::path::PathBuf,
 }
@@ -58,7 +59,7 @@ impl Bed {
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_lockwarden"))
             .arg("--admin-socket")
-            .arg(&self.daemon.admin_socket)
+            .arg(&self.daemon.admin)
             .arg("--config")
             .arg(&self.conf)
             .arg("--status-dir")
@@ -97,7 +98,7 @@ fn foreign_lock(path: &Path) -> fs::File {
 
 #[test]
 fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
-    let daemon = Daemon::start();
+    let daemon = TestDaemon::verbose("");
     let dir = tempdir();
     let disk = image(dir.path(), "vm1 disk.img");
     let shared = image(dir.path(), "shared.img");
@@ -190,7 +191,7 @@ fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
 
 #[test]
 fn a_pid_that_is_not_the_vms_qemu_is_not_adopted() {
-    let daemon = Daemon::start();
+    let daemon = TestDaemon::verbose("");
     let dir = tempdir();
     let disk = image(dir.path(), "a.img");
     let shared = image(dir.path(), "s.img");

@@ -521,7 +521,7 @@ fn non_root_peer_is_refused() {
     require_root();
     let d = start();
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
-    for p in [d.dir.path(), &d.dir.path().join("run")] {
+    for p in [d.dir.as_path(), &d.dir.join("run")] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
     }
     fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).unwrap();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::proto::{Client, Vm, excl, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, Request, Response};
@@ -26,8 +26,8 @@ fn prerequisites() {
     common::fuse::prerequisites("tests/fence_ops.rs");
 }
 
-fn daemon() -> Daemon {
-    Daemon::start_with(&format!(
+fn daemon() -> TestDaemon {
+    TestDaemon::verbose(&format!(
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     ))
@@ -37,11 +37,11 @@ fn mount() -> Fs {
     Fs::mount("lw-fops", Duration::from_secs(20))
 }
 
-fn log(d: &Daemon) -> String {
+fn log(d: &TestDaemon) -> String {
     fs::read_to_string(&d.log).unwrap_or_default()
 }
 
-fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) {
+fn wait_for(d: &TestDaemon, what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
         assert!(
@@ -59,7 +59,7 @@ fn proc_state(pid: u32) -> Option<char> {
     s.rsplit_once(')')?.1.trim().chars().next()
 }
 
-fn acquire(d: &Daemon, v: &Vm, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, v: &Vm, p: &Path, action: FailureAction) {
     let r = Client::connect(&d.socket).call(&Request::Acquire {
         owner: v.owner.clone(),
         leases: vec![excl(p)],
@@ -70,11 +70,11 @@ fn acquire(d: &Daemon, v: &Vm, p: &Path, action: FailureAction) {
 }
 
 /// Run the real CLI against `d`'s admin socket: (exit code, stdout, stderr).
-fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+fn cli(d: &TestDaemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lockwarden"))
         .args(args)
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .env_remove("LOCKWARDEN_MOUNTS_FILE")
         .output()
         .expect("running lockwarden");
@@ -86,7 +86,7 @@ fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
 }
 
 /// The fence stage `list --json` reports for disk `p` (None: not fenced).
-fn json_stage(d: &Daemon, p: &Path) -> Option<String> {
+fn json_stage(d: &TestDaemon, p: &Path) -> Option<String> {
     let (code, out, err) = cli(d, &["list", "--json"]);
     assert_eq!(code, 0, "list --json: {out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("list --json is JSON");
@@ -126,8 +126,8 @@ fn assert_matches_schema(v: &serde_json::Value, definition: &str) {
     }
 }
 
-fn thaw(d: &Daemon, name: &str) -> Response {
-    Client::connect(&d.admin_socket).call(&Request::Thaw { vm: name.into() })
+fn thaw(d: &TestDaemon, name: &str) -> Response {
+    Client::connect(&d.admin).call(&Request::Thaw { vm: name.into() })
 }
 
 fn refused(r: Response, kind: ErrorKind) -> String {
@@ -138,7 +138,7 @@ fn refused(r: Response, kind: ErrorKind) -> String {
 }
 
 /// Partition `x` until the paused VM `v` is stopped; returns when it is.
-fn fence(d: &Daemon, x: &Fs, v: &Vm) {
+fn fence(d: &TestDaemon, x: &Fs, v: &Vm) {
     x.set("hang 1\n");
     wait_for(d, "the paused VM stopped", || {
         proc_state(v.proc.pid()) == Some('T')
@@ -300,7 +300,7 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     );
     let st = v.proc.wait_for(BOUND).expect("the VM was killed");
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let lost = common::proto::ok(Client::connect(&d.admin_socket).call(&Request::Lost));
+    let lost = common::proto::ok(Client::connect(&d.admin).call(&Request::Lost));
     assert_eq!(lost.len(), 1, "{lost:?}");
     assert!(!log(&d).contains("thaw: VM"), "{}", log(&d));
 }
@@ -320,7 +320,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
          /dev/vda1 / ext4 rw 0 0\n",
     )
     .unwrap();
-    let doctor = |d: &Daemon| {
+    let doctor = |d: &TestDaemon| {
         let mounts = table.path().to_string_lossy().into_owned();
         let (_, out, err) = cli(
             d,
@@ -347,7 +347,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
         );
         lines
     };
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 85000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\nfence_after_ms = 85000\n");
     let lines = doctor(&d);
     assert!(
         lines[0].starts_with("WARN") && lines[0].contains("/srv/vm"),
@@ -365,7 +365,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
         "{lines:?}"
     );
     drop(d);
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 60000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\nfence_after_ms = 60000\n");
     let lines = doctor(&d);
     assert!(
         lines[0].starts_with("OK") && lines[0].contains("70000 ms < the server's lease"),

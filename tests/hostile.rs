@@ -403,7 +403,7 @@ fn a_peer_of_another_uid_is_refused_everything() {
     );
     let d = start_with("");
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
-    for p in [d.dir.path(), &d.dir.path().join("run")] {
+    for p in [d.dir.as_path(), &d.dir.join("run")] {
         fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod dir");
     }
     fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).expect("chmod socket");

@@ -8,6 +8,7 @@
 
 mod common;
 
+use common::daemon::TestDaemon;
 use common::*;
 use std::fs;
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 /// The forked owner took its disk on the kept connection, and exiting releases it.
 #[test]
 fn a_not_paused_start_takes_the_disks_in_the_child() {
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let mut h = d.host();
     let dir = tempdir();
     let img = image(dir.path(), "running.img");
@@ -55,7 +56,7 @@ fn a_not_paused_start_takes_the_disks_in_the_child() {
 /// running, and kept its disk, with no handle.
 #[test]
 fn closing_the_kept_connection_terminates_the_vm_before_its_disk_is_released() {
-    let d = Daemon::start_with("kill_grace_ms = 2000");
+    let d = TestDaemon::verbose("kill_grace_ms = 2000");
     let mut h = d.host();
     let dir = tempdir();
     let img = image(dir.path(), "handle.img");

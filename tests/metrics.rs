@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Testfs;
 use common::proto::{Client, Proc, excl as disk, owner_for, sleeper};
 use lockwarden::protocol::{self, ErrorKind, FailureAction, Owner, Request, Response};
@@ -140,10 +140,10 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// `lockwarden --admin-socket ADMIN metrics ARGS...`: stdout, exit code.
-fn cli_metrics(d: &Daemon, args: &[&str]) -> (String, i32) {
+fn cli_metrics(d: &TestDaemon, args: &[&str]) -> (String, i32) {
     let out = Command::new(CLI)
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .arg("metrics")
         .args(args)
         .output()
@@ -155,7 +155,7 @@ fn cli_metrics(d: &Daemon, args: &[&str]) -> (String, i32) {
 }
 
 /// The session's numbers as the strict parser reads them.
-fn scrape(d: &Daemon) -> Vec<Sample> {
+fn scrape(d: &TestDaemon) -> Vec<Sample> {
     let (text, code) = cli_metrics(d, &[]);
     assert_eq!(code, 0, "{text}");
     assert!(text.ends_with("# EOF\n"), "{text}");
@@ -171,7 +171,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     Client::connect(sock).call(req)
 }
 
-fn acquire(d: &Daemon, o: &Owner, img: &Path, action: FailureAction) -> Response {
+fn acquire(d: &TestDaemon, o: &Owner, img: &Path, action: FailureAction) -> Response {
     call(
         &d.socket,
         &Request::Acquire {
@@ -183,8 +183,8 @@ fn acquire(d: &Daemon, o: &Owner, img: &Path, action: FailureAction) -> Response
     )
 }
 
-fn snapshot(d: &Daemon) -> lockwarden::metrics::Snapshot {
-    match call(&d.admin_socket, &Request::Metrics) {
+fn snapshot(d: &TestDaemon) -> lockwarden::metrics::Snapshot {
+    match call(&d.admin, &Request::Metrics) {
         Response::Metrics(s) => *s,
         other => panic!("metrics: {other:?}"),
     }
@@ -280,7 +280,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     assert!(label.contains("\\n") && label.contains("\\u{1b}") && label.contains('"'));
     let other = tempfile::tempdir().unwrap();
     let _non_utf8 = NonUtf8Mount::new(other.path());
-    let d = Daemon::start_with("lease_check_interval_ms = 200\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 200\n");
     let before = scrape(&d);
     assert_eq!(value(&before, "lockwarden_up", &[]), 1.0);
     assert_eq!(value(&before, "lockwarden_acquires_total", &[]), 0.0);
@@ -468,7 +468,7 @@ impl Drop for Exporter {
 fn the_textfile_is_what_node_exporter_and_promtool_accept() {
     need(NODE_EXPORTER, "prometheus-node-exporter");
     need(PROMTOOL, "prometheus");
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let dir = tempfile::tempdir().unwrap();
     let (out, code) = cli_metrics(&d, &["--textfile", dir.path().to_str().unwrap()]);
     assert_eq!((out.as_str(), code), ("", 0));
@@ -571,7 +571,7 @@ fn the_textfile_is_what_node_exporter_and_promtool_accept() {
 #[test]
 fn the_openmetrics_output_declares_types_units_and_help() {
     need_python_client();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let (text, _) = cli_metrics(&d, &[]);
     let (_, fams) = parse_openmetrics(&text);
     let want = [
@@ -644,7 +644,7 @@ fn the_example_alert_rules_pass_promtool_check_rules() {
         String::from_utf8_lossy(&o.stderr)
     );
     // Every metric the rules use is one lockwarden writes (or node_exporter's own).
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\n");
     let (text, _) = cli_metrics(&d, &["--format", "prometheus"]);
     for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("lockwarden_") {
@@ -699,7 +699,7 @@ fn the_metrics_table_of_operators_md_is_what_lockwarden_metrics_writes() {
         })
         .collect();
     documented.sort();
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\n");
     let (text, _) = cli_metrics(&d, &["--format", "prometheus"]);
     let mut written: Vec<String> = text
         .lines()
@@ -757,7 +757,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     need_python_client();
     let m = hostile_mount();
     let label = lockwarden::untrusted::escape(&m.tfs.mnt.to_string_lossy());
-    let d = Daemon::start_with(
+    let d = TestDaemon::verbose(
         "heartbeat_interval_ms = 100\nfence_after_ms = 1000\nlease_check_interval_ms = 0\n\
          storage_timeout_ms = 2000\n",
     );

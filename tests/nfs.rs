@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::locks::hold_byte0;
 use common::proto::byte0;
@@ -82,7 +82,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     protocol::read_message(&mut s).expect("answer")
 }
 
-fn acquire(d: &Daemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> Response {
+fn acquire(d: &TestDaemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> Response {
     call(
         &d.socket,
         &Request::Acquire {
@@ -94,7 +94,7 @@ fn acquire(d: &Daemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> R
     )
 }
 
-fn release(d: &Daemon, o: &Owner, disks: &[PathBuf]) {
+fn release(d: &TestDaemon, o: &Owner, disks: &[PathBuf]) {
     let r = call(
         &d.socket,
         &Request::Release {
@@ -106,8 +106,8 @@ fn release(d: &Daemon, o: &Owner, disks: &[PathBuf]) {
 }
 
 /// The leases the daemon reports lost (`Request::Lost`).
-fn lost(d: &Daemon) -> Vec<lockwarden::protocol::LeaseInfo> {
-    match call(&d.admin_socket, &Request::Lost) {
+fn lost(d: &TestDaemon) -> Vec<lockwarden::protocol::LeaseInfo> {
+    match call(&d.admin, &Request::Lost) {
         Response::Ok { leases } => leases,
         other => panic!("lost: {other:?}"),
     }
@@ -118,8 +118,8 @@ fn locked(backing_file: &Path) -> bool {
     byte0(backing_file) != libc::F_UNLCK
 }
 
-fn leases(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::List) {
+fn leases(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::List) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("list: {other:?}"),
     }
@@ -128,7 +128,7 @@ fn leases(d: &Daemon) -> Vec<String> {
 #[test]
 fn hung_mount_stalls_only_its_own_disks() {
     prerequisites();
-    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
     let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
@@ -161,7 +161,7 @@ fn hung_mount_stalls_only_its_own_disks() {
         !hung.is_finished(),
         "the hung acquire was answered before the healthy one ({good_latency:?})"
     );
-    let st = call(&d.admin_socket, &Request::Status);
+    let st = call(&d.admin, &Request::Status);
     assert!(matches!(st, Response::Status(_)), "{st:?}");
     assert!(lost(&d).is_empty());
     assert!(!hung.is_finished(), "status came after the hung answer");
@@ -217,7 +217,7 @@ fn hung_mount_stalls_only_its_own_disks() {
 #[test]
 fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     prerequisites();
-    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
     let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
@@ -251,7 +251,7 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     std::thread::sleep(Duration::from_millis(300));
     // Meanwhile everything else is answered.
     let t1 = Instant::now();
-    let st = call(&d.admin_socket, &Request::Status);
+    let st = call(&d.admin, &Request::Status);
     assert!(matches!(st, Response::Status(_)), "{st:?}");
     let r = acquire(&d, &oa, std::slice::from_ref(&a), FailureAction::Default);
     let served = t1.elapsed();
@@ -333,7 +333,7 @@ fn max_overlap(intervals: &[(u128, u128)]) -> usize {
 #[test]
 fn sixteen_disks_on_slow_storage_lock_concurrently() {
     prerequisites();
-    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let f = mount();
     let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
     f.set("delay_ms 2\n");
@@ -392,7 +392,7 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
 #[test]
 fn all_or_nothing_across_mounts() {
     prerequisites();
-    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let (m1, m2) = (mount(), mount());
     let a = m1.image("a.img");
     let b = m2.image("b.img");
@@ -418,7 +418,7 @@ fn all_or_nothing_across_mounts() {
 
 fn lost_case(action: FailureAction, label: &str) {
     let interval = 500u64;
-    let d = Daemon::start_with(&format!("lease_check_interval_ms = {interval}\n"));
+    let d = TestDaemon::verbose(&format!("lease_check_interval_ms = {interval}\n"));
     let f = mount();
     let img = f.image(&format!("{label}.img"));
     let q = Qemu::spawn();

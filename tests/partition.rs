@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Testfs;
 use common::proto::excl;
 use lockwarden::protocol::{self, FailureAction, Owner, Request, Response};
@@ -145,7 +145,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     protocol::read_message(&mut s).expect("answer")
 }
 
-fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, o: &Owner, p: &Path, action: FailureAction) {
     let r = call(
         &d.socket,
         &Request::Acquire {
@@ -158,26 +158,31 @@ fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
     assert!(matches!(r, Response::Ok { .. }), "acquire {p:?}: {r:?}");
 }
 
-fn list(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::List) {
+fn list(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::List) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("list: {other:?}"),
     }
 }
 
-fn lost(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::Lost) {
+fn lost(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::Lost) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("lost: {other:?}"),
     }
 }
 
-fn log(d: &Daemon) -> String {
+fn log(d: &TestDaemon) -> String {
     fs::read_to_string(&d.log).unwrap_or_default()
 }
 
 /// Poll `cond` until it holds, at most `bound`; panics with `what` and the daemon log.
-fn wait_for(d: &Daemon, bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+fn wait_for(
+    d: &TestDaemon,
+    bound: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+) -> Duration {
     let t0 = Instant::now();
     loop {
         if cond() {
@@ -192,15 +197,15 @@ fn wait_for(d: &Daemon, bound: Duration, what: &str, mut cond: impl FnMut() -> b
     }
 }
 
-fn daemon() -> Daemon {
-    Daemon::start_with(&format!(
+fn daemon() -> TestDaemon {
+    TestDaemon::verbose(&format!(
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     ))
 }
 
 /// Wait until the "server" has seen `n` more beats of this host on `f` than `from`.
-fn beats_reach(d: &Daemon, f: &Fs, from: u64, n: u64) {
+fn beats_reach(d: &TestDaemon, f: &Fs, from: u64, n: u64) {
     wait_for(d, BOUND, "heartbeats reaching the storage", || {
         f.beat_seq().is_some_and(|s| s >= from + n)
     });
@@ -532,7 +537,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         ),
         _ => conf.clone(),
     };
-    let (a, b) = (Daemon::start_with(&a_conf), Daemon::start_with(&conf));
+    let (a, b) = (TestDaemon::verbose(&a_conf), TestDaemon::verbose(&conf));
     let shared = tempfile::Builder::new()
         .prefix("lw-lease")
         .tempdir()

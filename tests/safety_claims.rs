@@ -9,6 +9,7 @@
 mod common;
 
 use common::daemon::Lockwardend;
+use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::*;
 use std::fs;
@@ -76,7 +77,7 @@ impl FakeTools {
         );
     }
 
-    fn host(&self, d: &Daemon, extra: &str) -> Host {
+    fn host(&self, d: &TestDaemon, extra: &str) -> Host {
         let sbin = resolve("/sbin");
         let udev = resolve("/lib/udev");
         Host::spawn_with_binds(
@@ -121,8 +122,8 @@ fn lvm_lock_files_are_named_by_lv_uuid_so_two_hosts_agree() {
         "/dev/lwvg/data|/dev/mapper/lwvg-data) echo '  Lw0Uid-aaaa-bbbb-cccc-dddd-eeee-ffff00' ;;",
     );
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = tools.host(&d1, &extra);
     let mut h2 = tools.host(&d2, &extra);
 
@@ -165,8 +166,8 @@ fn scsi_lock_files_are_named_by_wwid_so_two_hosts_agree() {
     let shared_storage = tempdir();
     let scsi = shared_storage.path().join("scsivolumes");
     let extra = format!("scsi_lockspace_dir = \"{}\"", scsi.display());
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = tools.host(&d1, &extra);
     let mut h2 = tools.host(&d2, &extra);
 
@@ -209,7 +210,7 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
     let tools = FakeTools::new();
     tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-fallthrough");
     h.acquire(&a, &["disk:/dev/null".to_string()])
@@ -237,7 +238,7 @@ fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
     require_root();
     let tools = FakeTools::new(); // empty: no lvs, no scsi_id
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-missing");
     let (_, _, msg) = h
@@ -803,7 +804,7 @@ fn proc_state(pid: i32) -> Option<char> {
 #[test]
 fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
     let f = mount_fs();
-    let d = Daemon::start_with("lease_check_interval_ms = 200\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 200\n");
     let mut h = d.host();
     let img = f.mnt.join("restart.img");
     fs::write(f.backing.join("restart.img"), vec![0u8; 4096]).expect("image");

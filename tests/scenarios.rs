@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::daemon::TestDaemon;
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -46,8 +47,8 @@ fn mode_of(p: &Path) -> u32 {
 
 #[test]
 fn exclusive_disk_refused_on_same_and_second_daemon() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let mut h2 = d2.host();
     let images = tempdir();
@@ -118,8 +119,8 @@ fn exclusive_disk_refused_on_same_and_second_daemon() {
 
 #[test]
 fn shared_readonly_and_exclusive_modes() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let mut h2 = d2.host();
     let images = tempdir();
@@ -207,8 +208,8 @@ fn shared_readonly_and_exclusive_modes() {
 
 #[test]
 fn sixteen_disks_all_or_nothing() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let mut h2 = d2.host();
     let images = tempdir();
@@ -278,8 +279,8 @@ fn sixteen_disks_all_or_nothing() {
 
 #[test]
 fn sigkilled_owner_frees_its_leases() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let mut h2 = d2.host();
     let images = tempdir();
@@ -329,7 +330,7 @@ fn sigkilled_owner_frees_its_leases() {
 
 #[test]
 fn owner_closing_handle_while_holding_is_terminated() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "handle.img");
@@ -400,7 +401,7 @@ fn owner_closing_handle_while_holding_is_terminated() {
 
 #[test]
 fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
-    let d1 = Daemon::start_with("kill_grace_ms = 700");
+    let d1 = TestDaemon::verbose("kill_grace_ms = 700");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
@@ -450,7 +451,7 @@ fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
 /// it is dead; otherwise another host can start the same VM while the old one still writes.
 #[test]
 fn lease_outlives_its_owner_process() {
-    let d1 = Daemon::start_with("kill_grace_ms = 700");
+    let d1 = TestDaemon::verbose("kill_grace_ms = 700");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
@@ -491,8 +492,8 @@ fn lease_outlives_its_owner_process() {
 
 #[test]
 fn two_paths_to_one_image_are_one_lease() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let mut h2 = d2.host();
     let images = tempdir();
@@ -548,8 +549,8 @@ fn two_paths_to_one_image_are_one_lease() {
 
 #[test]
 fn lockspace_dir_naming_mode_and_symlink_refusal() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let images = tempdir();
     let lockspace = images.path().join("lockspace");
     fs::create_dir(&lockspace).expect("mkdir lockspace");
@@ -640,7 +641,7 @@ fn lockspace_dir_naming_mode_and_symlink_refusal() {
 
 #[test]
 fn posix_lock_interop_and_qemu_bytes_untouched() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "interop.img");
@@ -706,8 +707,8 @@ fn libvirt_call_patterns() {
     let images = tempdir();
     // <lease> files may only live under lease_dir (docs/hardening.md).
     let lease_dir = format!("lease_dir = \"{}\"", images.path().display());
-    let d1 = Daemon::start_with(&lease_dir);
-    let d2 = Daemon::start_with(&lease_dir);
+    let d1 = TestDaemon::verbose(&lease_dir);
+    let d2 = TestDaemon::verbose(&lease_dir);
     let mut h1 = d1.host();
     let mut h2 = d2.host();
 
@@ -889,7 +890,7 @@ fn non_root_peer_refused() {
         0,
         "this scenario needs root: the daemon must refuse a non-root peer"
     );
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let images = tempdir();
     chmod(images.path(), 0o755);
     let img = image(images.path(), "root-only.img");
@@ -918,7 +919,8 @@ fn non_root_peer_refused() {
     drop(h);
 
     // (b) Socket opened to everybody: the daemon's SO_PEERCRED check must refuse.
-    chmod(d1.dir.path(), 0o755);
+    chmod(&d1.dir, 0o755);
+    chmod(d1.socket.parent().expect("run dir"), 0o755);
     chmod(&d1.socket, 0o777);
     let mut h = Host::spawn_as(&d1.plugin_conf(""), Some(NOBODY));
     assert_eq!(h.ready_line, "READY", "non-root host loads the plugin");
@@ -968,7 +970,7 @@ fn non_root_peer_refused() {
 
 #[test]
 fn restricted_connection_refuses_every_request() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "restricted.img");
     let (mut owner, vm) = Helper::registered(&d1.socket, "restricted", false);

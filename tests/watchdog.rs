@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::proto::{Client, excl, owner_for};
 use lockwarden::protocol::{FailureAction, Owner, Request, Response};
@@ -124,11 +124,11 @@ fn conf(fifo: &Path) -> String {
     )
 }
 
-fn log(d: &Daemon) -> String {
+fn log(d: &TestDaemon) -> String {
     fs::read_to_string(&d.log).unwrap_or_default()
 }
 
-fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+fn wait_for(d: &TestDaemon, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();
     loop {
         if cond() {
@@ -143,7 +143,7 @@ fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) -> Duration 
     }
 }
 
-fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, o: &Owner, p: &Path, action: FailureAction) {
     let r = Client::connect(&d.socket).call(&Request::Acquire {
         owner: o.clone(),
         leases: vec![excl(p)],
@@ -228,7 +228,7 @@ impl Drop for Io {
 fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let q = common::proto::sleeper();
     let o = owner_for(q.pid(), "vm-healthy");
@@ -291,7 +291,7 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     // A clean stop: the last byte is the magic close.
     drop(q);
     wait_for(&d, "the VM's lease released", || {
-        common::daemon::Lockwardend::list(&Bare(&d)).is_empty()
+        common::daemon::Lockwardend::list(&d).is_empty()
     });
     common::proto::signal(d.pid(), libc::SIGTERM);
     wait_for(&d, "the clean stop", || {
@@ -305,18 +305,6 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     assert!(text.contains("magic close written"), "{text}");
 }
 
-/// `common::daemon::Lockwardend` for the scenario `Daemon`.
-struct Bare<'a>(&'a Daemon);
-
-impl common::daemon::Lockwardend for Bare<'_> {
-    fn socket_path(&self) -> &Path {
-        &self.0.socket
-    }
-    fn admin_path(&self) -> &Path {
-        &self.0.admin_socket
-    }
-}
-
 /// A partition fences two VMs whose processes are blocked in I/O on the silent mount: the
 /// SIGKILLed one stays present (state D) and the SIGSTOPped one cannot stop, so keep-alives
 /// stop and an error says why. When the storage answers, the killed VM goes, the paused one
@@ -325,7 +313,7 @@ impl common::daemon::Lockwardend for Bare<'_> {
 fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let (pk, pp) = (x.image("kill.img"), x.image("pause.img"));
     let (vk, vp) = (Io::spawn(&pk), Io::spawn(&pp));
@@ -401,7 +389,7 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
 fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let q = common::proto::sleeper();
     acquire(
@@ -484,7 +472,7 @@ fn lockwardend_refuses_a_watchdog_device_that_is_not_one() {
 
 /// `lockwarden doctor`'s watchdog line, from `lockwarden --admin-socket ... doctor` with a
 /// mount table (`--mounts`) that puts `dir` on NFS.
-fn doctor_watchdog_line(d: &Daemon, dir: &Path) -> String {
+fn doctor_watchdog_line(d: &TestDaemon, dir: &Path) -> String {
     let mounts = dir.join("mounts");
     fs::write(
         &mounts,
@@ -496,7 +484,7 @@ fn doctor_watchdog_line(d: &Daemon, dir: &Path) -> String {
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockwarden"))
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .arg("doctor")
         .arg("--mounts")
         .arg(&mounts)
@@ -521,7 +509,7 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
     fs::write(&img, vec![0u8; 4096]).unwrap();
-    let d = Daemon::start_with("heartbeat_interval_ms = 1000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 1000\n");
     let line = doctor_watchdog_line(&d, dir.path());
     assert!(
         line.starts_with("OK") && line.contains("no lease is on network storage"),
@@ -544,7 +532,7 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
     );
     drop(d);
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let line = doctor_watchdog_line(&d, dir.path());
     assert!(
         line.starts_with("OK") && line.contains(&fifo.path.display().to_string()),
@@ -558,7 +546,7 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
 #[test]
 fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
     wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 3);
     common::proto::signal(d.pid(), libc::SIGKILL);
@@ -568,7 +556,7 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
         fifo.all().iter().all(|(_, b)| *b == b'.'),
         "a magic close after a crash"
     );
-    let d2 = Daemon::start_with(&conf(&fifo.path));
+    let d2 = TestDaemon::verbose(&conf(&fifo.path));
     wait_for(&d2, "keep-alives from the restarted daemon", || {
         fifo.since(killed + Duration::from_millis(300)).len() >= 3
     });
@@ -585,11 +573,11 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
 #[test]
 fn a_reexec_without_watchdog_device_disarms_it() {
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
     wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 2);
     fs::write(
-        d.dir.path().join("lockwardend.conf"),
+        d.dir.join("lockwardend.conf"),
         format!("heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n"),
     )
     .unwrap();
@@ -612,7 +600,7 @@ fn a_reexec_without_watchdog_device_disarms_it() {
 fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&format!(
+    let d = TestDaemon::verbose(&format!(
         "{}lease_check_interval_ms = 200\n",
         conf(&fifo.path).replace("lease_check_interval_ms = 0\n", "")
     ));
