@@ -549,6 +549,12 @@ impl Drop for TestDaemon {
                 self.log()
             );
         }
+        if !self.keepers.is_empty() {
+            // The keeper the daemon started last, too.
+            if let Some(k) = self.logged_keeper_pid() {
+                self.track_keeper(k);
+            }
+        }
         if self.running() {
             // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
             unsafe { libc::kill(self.proc.pid() as i32, libc::SIGTERM) };
