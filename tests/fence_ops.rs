@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::daemon::TestDaemon;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
 use common::proto::{Client, Vm, excl, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, Request, Response};
@@ -35,22 +35,6 @@ fn daemon() -> TestDaemon {
 
 fn mount() -> Fs {
     Fs::mount("lw-fops", Duration::from_secs(20))
-}
-
-fn log(d: &TestDaemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-fn wait_for(d: &TestDaemon, what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < BOUND,
-            "{what}: not within {BOUND:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// The state letter of /proc/PID/stat (R, S, T, Z...), None once gone.
@@ -140,7 +124,7 @@ fn refused(r: Response, kind: ErrorKind) -> String {
 /// Partition `x` until the paused VM `v` is stopped; returns when it is.
 fn fence(d: &TestDaemon, x: &Fs, v: &Vm) {
     x.set("hang 1\n");
-    wait_for(d, "the paused VM stopped", || {
+    d.wait_for("the paused VM stopped", || {
         proc_state(v.proc.pid()) == Some('T')
     });
 }
@@ -188,7 +172,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Heal: the lock is re-checked and still ours; the VM stays stopped, awaiting thaw.
     x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
+    d.wait_for("held-awaiting-thaw", || {
         json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
             && json_stage(&d, &p2).as_deref() == Some("held-awaiting-thaw")
     });
@@ -216,9 +200,9 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Thaw (by UUID through the protocol would do too; by name through the CLI here).
     let (code, out, err) = cli(&d, &["thaw", "vm-thaw"]);
-    assert_eq!(code, 0, "{out}{err}\n{}", log(&d));
+    assert_eq!(code, 0, "{out}{err}\n{}", d.log());
     assert!(out.contains("thawed"), "{out}");
-    wait_for(&d, "the VM runs again", || {
+    d.wait_for("the VM runs again", || {
         matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
     });
     assert_eq!(json_stage(&d, &p), None, "the fence is cleared");
@@ -232,7 +216,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Each event once: one FENCE line for the VM (naming both disks), one re-check line per
     // lease, one thaw line.
-    let text = log(&d);
+    let text = d.log();
     assert_eq!(text.matches("FENCE:").count(), 1, "{text}");
     let fence = text.lines().find(|l| l.contains("FENCE:")).unwrap();
     assert!(
@@ -289,7 +273,7 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     acquire(&d, &v, &p, FailureAction::Pause);
     fence(&d, &x, &v);
     x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
+    d.wait_for("held-awaiting-thaw", || {
         json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
     });
     x.set("lost later.img\n");
@@ -302,7 +286,7 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
     let lost = common::proto::ok(Client::connect(&d.admin).call(&Request::Lost));
     assert_eq!(lost.len(), 1, "{lost:?}");
-    assert!(!log(&d).contains("thaw: VM"), "{}", log(&d));
+    assert!(!d.log().contains("thaw: VM"), "{}", d.log());
 }
 
 /// `lockwarden doctor` checks each NFS mount against the running daemon's settings: with
@@ -404,26 +388,12 @@ fn second_mount(backing: &Path) -> Second {
 
 /// A `lockwardend` in a UTS namespace of its own, so its host name (in its holder records and
 /// its heartbeat file) is `host`: another host as far as the shared storage can tell.
-fn daemon_named(host: &'static str, config: &str) -> (common::daemon::Layout, common::proto::Proc) {
-    use std::os::unix::process::CommandExt;
-    let l = common::daemon::Layout::new(config);
-    fs::create_dir_all(l.socket.parent().unwrap()).unwrap();
-    let mut cmd = l.command();
-    // SAFETY: unshare(2) and sethostname(2) only, between fork and exec: the child gets a UTS
-    // namespace of its own and names it `host` (a 'static string).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWUTS) != 0
-                || libc::sethostname(host.as_ptr().cast(), host.len()) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut p = common::proto::Proc(cmd.spawn().expect("spawn lockwardend"));
-    common::daemon::wait_serving(&mut p, &[&l.socket, &l.admin], &l.log, BOUND);
-    (l, p)
+fn daemon_named(host: &'static str, config: &str) -> TestDaemon {
+    TestDaemon::with(Opts {
+        config,
+        hostname: Some(host),
+        ..Opts::default()
+    })
 }
 
 /// Host "node-a" holds a disk and beats next to it; its storage goes silent (its VM is
@@ -437,7 +407,7 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     );
-    let (la, _pa) = daemon_named("node-a", &cfg);
+    let la = daemon_named("node-a", &cfg);
     let xa = mount();
     let backing = xa.backing.clone();
     let img_a = xa.image("shared.img");
@@ -557,7 +527,7 @@ fn thaw_whose_reverification_times_out_changes_nothing() {
     acquire(&d, &v, &p, FailureAction::Pause);
     fence(&d, &x, &v);
     x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
+    d.wait_for("held-awaiting-thaw", || {
         json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
     });
     x.set("delay_ms 3000\n");
@@ -576,8 +546,8 @@ fn thaw_whose_reverification_times_out_changes_nothing() {
     assert_eq!(json_stage(&d, &p).as_deref(), Some("held-awaiting-thaw"));
     x.set("");
     let r = thaw(&d, "vm-slow");
-    assert!(matches!(r, Response::Ok { .. }), "{r:?}\n{}", log(&d));
-    wait_for(&d, "the VM runs again", || {
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}\n{}", d.log());
+    d.wait_for("the VM runs again", || {
         matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
     });
 }

@@ -12,13 +12,14 @@ mod common;
 use common::daemon::TestDaemon;
 use common::fuse::Testfs;
 use common::proto::{Client, Proc, excl as disk, owner_for, sleeper};
+use common::wait::wait_until;
 use lockwarden::protocol::{self, ErrorKind, FailureAction, Owner, Request, Response};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 const PYTHON: &str = "/usr/bin/python3";
@@ -257,18 +258,6 @@ impl Drop for NonUtf8Mount {
     }
 }
 
-/// Wait (bounded) for `cond`.
-fn wait_for(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < bound,
-            "{what} did not happen within {bound:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     need_python_client();
@@ -318,7 +307,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     // A lost lock: the storage drops c's lock; the probe (every 200 ms) finds it.
     m.tfs.set("lost c.img\n");
-    wait_for("the lost lock's detection", Duration::from_secs(10), || {
+    wait_until("the lost lock's detection", Duration::from_secs(10), || {
         snapshot(&d).counters.lost == 1
     });
 
@@ -376,7 +365,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
         1.0
     );
     // The hostile mount has leases: its heartbeat age is reported under the same label.
-    wait_for(
+    wait_until(
         "the mount's first heartbeat",
         Duration::from_secs(10),
         || !snapshot(&d).mounts.is_empty(),
@@ -425,7 +414,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
         .args(["-KILL", &keeper.to_string()])
         .status()
         .unwrap();
-    wait_for("a new keeper", Duration::from_secs(10), || {
+    wait_until("a new keeper", Duration::from_secs(10), || {
         let s = snapshot(&d);
         s.keeper_up && s.keeper_pid != keeper && s.counters.keeper_restarts == 1
     });
@@ -521,7 +510,7 @@ fn the_textfile_is_what_node_exporter_and_promtool_accept() {
             .expect("start node_exporter"),
     );
     let mut body = None;
-    wait_for("node_exporter serving", Duration::from_secs(15), || {
+    wait_until("node_exporter serving", Duration::from_secs(15), || {
         body = get_metrics(port);
         body.is_some()
     });
@@ -766,7 +755,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     let o = owner_for_proc(&q, "vm-pause");
     let r = acquire(&d, &o, &img, FailureAction::Pause);
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
-    wait_for("the mount's heartbeats", Duration::from_secs(10), || {
+    wait_until("the mount's heartbeats", Duration::from_secs(10), || {
         snapshot(&d).mounts.iter().any(|h| h.heartbeat_age_ms < 500)
     });
     let s = scrape(&d);
@@ -779,7 +768,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     );
 
     m.tfs.set("hang 1\n");
-    wait_for("the fence", Duration::from_secs(15), || {
+    wait_until("the fence", Duration::from_secs(15), || {
         snapshot(&d).counters.fences == 1
     });
     let s = scrape(&d);
@@ -825,7 +814,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     );
 
     m.tfs.set("");
-    wait_for("the heal", Duration::from_secs(15), || {
+    wait_until("the heal", Duration::from_secs(15), || {
         snapshot(&d).mounts.iter().all(|h| !h.fenced)
     });
     d.wait_log("is still held after the storage behind mount");

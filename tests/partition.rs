@@ -172,31 +172,6 @@ fn lost(d: &TestDaemon) -> Vec<String> {
     }
 }
 
-fn log(d: &TestDaemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-/// Poll `cond` until it holds, at most `bound`; panics with `what` and the daemon log.
-fn wait_for(
-    d: &TestDaemon,
-    bound: Duration,
-    what: &str,
-    mut cond: impl FnMut() -> bool,
-) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if cond() {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "{what}: not within {bound:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn daemon() -> TestDaemon {
     TestDaemon::verbose(&format!(
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
@@ -206,7 +181,7 @@ fn daemon() -> TestDaemon {
 
 /// Wait until the "server" has seen `n` more beats of this host on `f` than `from`.
 fn beats_reach(d: &TestDaemon, f: &Fs, from: u64, n: u64) {
-    wait_for(d, BOUND, "heartbeats reaching the storage", || {
+    d.wait_for_within(BOUND, "heartbeats reaching the storage", || {
         f.beat_seq().is_some_and(|s| s >= from + n)
     });
 }
@@ -251,9 +226,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     let t0 = Instant::now();
     let seq_at_partition = x.beat_seq().unwrap();
     let bound = Duration::from_millis(FENCE_AFTER_MS) + BOUND;
-    wait_for(&d, bound, "the paused VM stopped", || {
-        qp.state() == Some('T')
-    });
+    d.wait_for_within(bound, "the paused VM stopped", || qp.state() == Some('T'));
     let stopped = t0.elapsed();
     let st = loop {
         if let Some(st) = qk.exited() {
@@ -262,7 +235,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
         assert!(
             t0.elapsed() < bound,
             "the default VM still runs:\n{}",
-            log(&d)
+            d.log()
         );
         std::thread::sleep(Duration::from_millis(5));
     };
@@ -274,7 +247,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     );
     // No beat got through during the partition.
     assert_eq!(x.beat_seq(), Some(seq_at_partition));
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("FENCE:") && text.contains("vm-pause"),
         "{text}"
@@ -296,24 +269,25 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     );
     let y_mnt = y.mnt.to_string_lossy().into_owned();
     assert!(
-        !log(&d)
+        !d.log()
             .lines()
             .any(|l| l.contains("FENCE:") && l.contains(&y_mnt)),
         "the healthy mount was fenced:\n{}",
-        log(&d)
+        d.log()
     );
     let held = list(&d);
     assert!(held.contains(&o.to_string_lossy().into_owned()), "{held:?}");
     // Each VM is fenced once.
-    let fences = log(&d).matches("FENCE:").count();
-    assert_eq!(fences, 3, "one FENCE line per VM:\n{}", log(&d));
+    let fences = d.log().matches("FENCE:").count();
+    assert_eq!(fences, 3, "one FENCE line per VM:\n{}", d.log());
 
     // Heal: the paused VM's lock is still ours; it stays stopped until an operator acts.
     x.set("");
-    wait_for(&d, BOUND, "the re-check after the heal", || {
-        log(&d).contains("is still held after the storage behind mount")
+    d.wait_for_within(BOUND, "the re-check after the heal", || {
+        d.log()
+            .contains("is still held after the storage behind mount")
     });
-    assert!(log(&d).contains("answers again"), "{}", log(&d));
+    assert!(d.log().contains("answers again"), "{}", d.log());
     assert_eq!(
         qp.state(),
         Some('T'),
@@ -322,7 +296,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     beats_reach(&d, &x, seq_at_partition, 2);
     assert_eq!(qp.state(), Some('T'));
     assert!(lost(&d).is_empty(), "nothing was lost: {:?}", lost(&d));
-    assert_eq!(log(&d).matches("FENCE:").count(), 3, "no second fence");
+    assert_eq!(d.log().matches("FENCE:").count(), 3, "no second fence");
     drop(qi);
 }
 
@@ -340,8 +314,7 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
     beats_reach(&d, &x, 0, 1);
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped",
         || q.state() == Some('T'),
@@ -353,11 +326,11 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
         if let Some(st) = q.exited() {
             break st;
         }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", log(&d));
+        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log());
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("was LOST while the storage behind mount"),
         "{text}"
@@ -379,30 +352,30 @@ fn without_a_heartbeat_file_the_beat_tests_the_lock() {
     let o = owner("vm-fallback", &q);
     let p = x.image("fallback.img");
     acquire(&d, &o, &p, FailureAction::Pause);
-    wait_for(&d, BOUND, "the fallback beat", || {
-        log(&d).contains("no heartbeat file on mount")
+    d.wait_for_within(BOUND, "the fallback beat", || {
+        d.log().contains("no heartbeat file on mount")
     });
     assert!(
         x.heartbeat().is_none(),
         "a heartbeat file in a 0777 directory"
     );
     assert_eq!(
-        log(&d).matches("no heartbeat file on mount").count(),
+        d.log().matches("no heartbeat file on mount").count(),
         1,
         "logged once"
     );
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped",
         || q.state() == Some('T'),
     );
     eprintln!("fallback beat: partition to SIGSTOP {:?}", t0.elapsed());
     x.set("");
-    wait_for(&d, BOUND, "the re-check after the heal", || {
-        log(&d).contains("is still held after the storage behind mount")
+    d.wait_for_within(BOUND, "the re-check after the heal", || {
+        d.log()
+            .contains("is still held after the storage behind mount")
     });
     assert_eq!(q.state(), Some('T'));
     assert!(lost(&d).is_empty());
@@ -426,17 +399,16 @@ fn fencing_works_after_a_live_reexec() {
         nix::sys::signal::Signal::SIGUSR1,
     )
     .unwrap();
-    wait_for(&d, BOUND, "the re-exec", || {
-        log(&d).matches("serving (pid").count() >= 2
+    d.wait_for_within(BOUND, "the re-exec", || {
+        d.log().matches("serving (pid").count() >= 2
     });
     // The new image beats too (sequence numbers start over: the file changes again).
     let before = x.heartbeat();
-    wait_for(&d, BOUND, "a beat from the new image", || {
+    d.wait_for_within(BOUND, "a beat from the new image", || {
         x.heartbeat() != before
     });
     x.set("hang 1\n");
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped after the re-exec",
         || q.state() == Some('T'),
@@ -565,7 +537,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
             1 => EDGE_ABOVE_MS,
             _ => LEASE_MS * 3 / 10 + rng.below(LEASE_MS * 15 / 10),
         };
-        let fences_before = log(&a).matches("FENCE:").count();
+        let fences_before = a.log().matches("FENCE:").count();
         // A's VMs: disk name -> (VM process, action).
         let mut vms: Vec<(String, Qemu, FailureAction)> = Vec::new();
         for j in 0..n {
@@ -774,13 +746,13 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
             }
         }
         // The edges: just below `fence_after_ms` nothing is fenced, just above everything is.
-        let fences = log(&a).matches("FENCE:").count() - fences_before;
+        let fences = a.log().matches("FENCE:").count() - fences_before;
         let initial: Vec<&String> = watched.iter().take(n).map(|(d, _)| d).collect();
         if round == 0 {
             assert!(
                 fences == 0 && initial.iter().all(|d| !seen.contains_key(*d)),
                 "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} VM(s):\n{}",
-                log(&a)
+                a.log()
             );
         }
         if round == 1 {
@@ -788,7 +760,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 fences >= n && initial.iter().all(|d| seen.contains_key(*d)),
                 "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} of {n} \
                  VM(s):\n{}",
-                log(&a)
+                a.log()
             );
         }
         eprintln!(
@@ -804,12 +776,8 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         // Clean up: every VM goes, both hosts let go.
         drop(vms);
         drop(b_owners);
-        wait_for(&a, BOUND, "host A released everything", || {
-            list(&a).is_empty()
-        });
-        wait_for(&b, BOUND, "host B released everything", || {
-            list(&b).is_empty()
-        });
+        a.wait_for_within(BOUND, "host A released everything", || list(&a).is_empty());
+        b.wait_for_within(BOUND, "host B released everything", || list(&b).is_empty());
     }
     fence_ms.sort();
     let mut m: Vec<u128> = margins_ms.iter().map(|m| (*m).max(0) as u128).collect();
@@ -826,7 +794,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         margins_ms.iter().min().copied().unwrap_or(0),
         pct(&m, 50),
     );
-    assert!(violations.is_empty(), "{violations:#?}\n{}", log(&a));
+    assert!(violations.is_empty(), "{violations:#?}\n{}", a.log());
     assert!(
         margins_ms.iter().all(|m| *m > 0),
         "a VM was stopped after its lease expired: {margins_ms:?}"

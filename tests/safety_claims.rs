@@ -9,7 +9,7 @@
 mod common;
 
 use common::daemon::Lockwardend;
-use common::daemon::TestDaemon;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
 use common::*;
 use std::fs;
@@ -261,7 +261,6 @@ use common::proto::{
 use lockwarden::protocol::{
     ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Request, ResourceKind, Response,
 };
-use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
@@ -272,80 +271,11 @@ use std::time::{Duration, Instant};
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
 
-impl Lockwardend for Lw {
-    fn socket_path(&self) -> &Path {
-        &self.socket
-    }
-
-    fn admin_path(&self) -> &Path {
-        &self.admin
-    }
-}
-
-struct Lw {
-    proc: Proc,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    log: PathBuf,
-}
-
-impl Lw {
-    fn start() -> Lw {
-        Lw::start_with("", &[])
-    }
-
-    fn start_with(config: &str, env: &[(&str, OsString)]) -> Lw {
-        let at = common::daemon::Layout::new(config);
-        let mut cmd = at.command();
-        cmd.arg("--verbose");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
-        Lw {
-            proc,
-            dir: at.dir,
-            socket: at.socket,
-            admin: at.admin,
-            log: at.log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait (bounded) until the log holds `needle` at least `count` times.
-    fn wait_log(&self, needle: &str, count: usize) {
-        let t0 = Instant::now();
-        while self.log().matches(needle).count() < count {
-            assert!(
-                t0.elapsed() < BOUND,
-                "the daemon never logged {needle:?} ({count}x):\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn keeper_socket(&self) -> PathBuf {
-        self.socket.with_file_name("lockwardend-keeper.sock")
-    }
-
-    /// The pid of the keeper this daemon last started (from its log, so that nothing connects
-    /// to the keeper: a connection of the daemon's uid would replace the daemon's own link).
-    fn keeper_pid(&self) -> u32 {
-        let log = self.log();
-        let at = log
-            .rfind("started the keeper (pid ")
-            .unwrap_or_else(|| panic!("no keeper start in the log:\n{log}"));
-        let rest = &log[at + "started the keeper (pid ".len()..];
-        rest[..rest.find(')').expect("pid end")]
-            .parse()
-            .expect("keeper pid")
-    }
+/// The pid of the keeper this daemon last started (from its log, so that nothing connects to
+/// the keeper: a connection of the daemon's uid would replace the daemon's own link).
+fn keeper_pid(d: &TestDaemon) -> u32 {
+    d.logged_keeper_pid()
+        .unwrap_or_else(|| panic!("no keeper start in the log:\n{}", d.log()))
 }
 
 fn lockspace_spec(name: &str, dir: &Path, file: &str, mode: LeaseMode) -> LeaseSpec {
@@ -368,7 +298,7 @@ fn lockspace_spec(name: &str, dir: &Path, file: &str, mode: LeaseMode) -> LeaseS
 
 #[test]
 fn a_shared_to_exclusive_upgrade_by_the_sole_owner_is_refused_as_invalid() {
-    let d = Lw::start();
+    let d = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "upgrade.img");
     let a = vm("sole-sharer");
@@ -392,7 +322,7 @@ fn a_shared_to_exclusive_upgrade_by_the_sole_owner_is_refused_as_invalid() {
 
 #[test]
 fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
-    let (d1, d2) = (Lw::start(), Lw::start());
+    let (d1, d2) = (TestDaemon::verbose(""), TestDaemon::verbose(""));
     let base = tempdir();
     let locks = base.path().join("lockspace");
     let spec = lockspace_spec(
@@ -410,10 +340,7 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 
     // Host 1's last reader leaves: host 2 still holds the file shared, so it stays.
     ok(d1.release(&a.owner, vec![spec.clone()]));
-    d1.wait_log(
-        "lock file kept, another host still holds a shared lock on it",
-        1,
-    );
+    d1.wait_log("lock file kept, another host still holds a shared lock on it");
     let now = fs::metadata(&file).unwrap_or_else(|e| {
         panic!("host 2's lock file was deleted under it at host 1's release: {e}")
     });
@@ -439,7 +366,7 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 
 #[test]
 fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
-    let d = Lw::start();
+    let d = TestDaemon::verbose("");
     let images = tempdir();
     let (img1, img2) = (
         image(images.path(), "k1.img"),
@@ -447,7 +374,7 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     );
     let (a, b) = (vm("before"), vm("after"));
     ok(d.acquire(&a.owner, vec![excl(&img1)]));
-    let keeper = d.keeper_pid();
+    let keeper = keeper_pid(&d);
     // Make a replacement keeper impossible: its socket path becomes a directory (the daemon
     // refuses to remove anything there but a socket). The live keeper keeps its listener.
     let ks = d.keeper_socket();
@@ -455,7 +382,7 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     fs::create_dir(&ks).expect("obstacle at the keeper socket path");
     signal(keeper, libc::SIGKILL);
     // The daemon noticed and could not start another keeper.
-    d.wait_log("exists and is not a socket", 1);
+    d.wait_log("exists and is not a socket");
 
     let e = err(d.acquire(&b.owner, vec![excl(&img2)]), ErrorKind::Internal);
     assert!(
@@ -482,8 +409,8 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     fs::remove_dir(&ks).expect("remove the obstacle");
     ok(d.acquire(&b.owner, vec![excl(&img2)]));
     assert_eq!(byte0(&img2), libc::F_WRLCK);
-    d.wait_log("holds all 2 lease(s) again", 1);
-    assert_ne!(d.keeper_pid(), keeper);
+    d.wait_log("holds all 2 lease(s) again");
+    assert_ne!(keeper_pid(&d), keeper);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,12 +495,12 @@ fn probe_keeper(keeper_socket: &Path, uid: Option<u32>) -> String {
 #[test]
 fn a_keeper_refuses_a_peer_of_another_uid() {
     require_root();
-    let mut d = Lw::start();
+    let mut d = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "kept.img");
     let a = vm("kept");
     ok(d.acquire(&a.owner, vec![excl(&img)]));
-    let keeper = d.keeper_pid();
+    let keeper = keeper_pid(&d);
     let ks = d.keeper_socket();
     // The keeper accepts a connection only while no lockwardend is connected: the window is a
     // stopped daemon, when the keeper alone holds every lease.
@@ -584,13 +511,13 @@ fn a_keeper_refuses_a_peer_of_another_uid() {
     assert!(d.log().contains("keeps holding 1 lease(s)"), "{}", d.log());
     assert_eq!(byte0(&img), libc::F_WRLCK, "the keeper holds the lease");
     // Let uid 65534 reach the socket: only the keeper's own check stands in its way now.
-    chmod(d.dir.path(), 0o755);
+    chmod(&d.dir, 0o755);
     chmod(ks.parent().expect("run dir"), 0o755);
     chmod(&ks, 0o666);
 
     let got = probe_keeper(&ks, Some(65534));
     assert_eq!(got, "EOF", "a peer of uid 65534 was answered by the keeper");
-    d.wait_log("refusing pid", 1);
+    d.wait_log("refusing pid");
     assert!(d.log().contains("with uid 65534"), "{}", d.log());
     assert_eq!(
         byte0(&img),
@@ -735,10 +662,12 @@ fn a_live_reexec_scrubs_listen_variables_and_notifies_reloading() {
 #[test]
 fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
     let notify = Notify::new();
-    let d = Lw::start_with(
-        "kill_grace_ms = 3000\n",
-        &[("NOTIFY_SOCKET", notify.path.clone().into_os_string())],
-    );
+    let d = TestDaemon::with(Opts {
+        config: "kill_grace_ms = 3000\n",
+        env: vec![("NOTIFY_SOCKET", notify.path.clone().into_os_string())],
+        verbose: true,
+        ..Opts::default()
+    });
     assert_eq!(notify.next(), "READY=1");
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
@@ -751,7 +680,7 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
     ok(d.acquire(&owner, vec![excl(&img)]));
     tell(&mut p, "close");
     // The sequence starts: SIGTERM now, SIGKILL after the grace period.
-    d.wait_log("sending SIGTERM", 1);
+    d.wait_log("sending SIGTERM");
     signal(d.proc.pid(), libc::SIGUSR1);
     assert_eq!(notify.next(), "RELOADING=1", "{}", d.log());
     assert_eq!(notify.next(), "READY=1", "{}", d.log());
@@ -877,7 +806,7 @@ fn now_ns() -> u128 {
 #[test]
 fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     let f = mount_fs();
-    let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     // testfs has no mkdir: the lockspace directory exists on the "server" already.
     let backing_dir = f.backing.join("locks");
     fs::create_dir(&backing_dir).expect("mkdir locks");
@@ -946,7 +875,7 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
         libc::F_WRLCK,
         "the file at the lock file's name is not locked: the lease is on the deleted inode"
     );
-    d.wait_log("was replaced or deleted while we locked it; retrying", 1);
+    d.wait_log("was replaced or deleted while we locked it; retrying");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -970,7 +899,7 @@ fn direct_mode_judges_what_it_opened_when_the_path_is_swapped() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let images = tempdir();
     let img = image(images.path(), "swapped.img");
     let keep = images.path().join("swapped.keep");
@@ -1058,8 +987,8 @@ fn direct_mode_judges_what_it_opened_when_the_path_is_swapped() {
 fn two_hosts_creating_one_lock_file_at_once_both_get_it() {
     use std::sync::{Arc, Barrier};
     let (d1, d2) = (
-        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
-        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
+        TestDaemon::verbose("lease_check_interval_ms = 0\n"),
+        TestDaemon::verbose("lease_check_interval_ms = 0\n"),
     );
     let base = tempdir();
     let locks = base.path().join("locks");

@@ -124,25 +124,6 @@ fn conf(fifo: &Path) -> String {
     )
 }
 
-fn log(d: &TestDaemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-fn wait_for(d: &TestDaemon, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if cond() {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < BOUND,
-            "{what}: not within {BOUND:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn acquire(d: &TestDaemon, o: &Owner, p: &Path, action: FailureAction) {
     let r = Client::connect(&d.socket).call(&Request::Acquire {
         owner: o.clone(),
@@ -240,7 +221,7 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
         got.len() >= 8,
         "{} keep-alives in 1.5 s at {INTERVAL_MS} ms:\n{}",
         got.len(),
-        log(&d)
+        d.log()
     );
     assert!(got.iter().all(|(_, b)| *b == b'.'), "{got:?}");
     let gap = fifo.longest_gap(t0, Instant::now());
@@ -249,12 +230,13 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
         "a {gap:?} gap while healthy"
     );
     assert!(
-        log(&d).contains("is a FIFO, not a watchdog driver"),
+        d.log().contains("is a FIFO, not a watchdog driver"),
         "{}",
-        log(&d)
+        d.log()
     );
     // The keeper does not hold the device (it closes what it inherits).
-    let keeper = log(&d)
+    let keeper = d
+        .log()
         .lines()
         .find_map(|l| l.split("keeper pid ").nth(1))
         .and_then(|r| r.trim_end_matches(')').trim().parse::<u32>().ok())
@@ -274,8 +256,8 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     // Live re-exec: the descriptor is handed over; the gap in keep-alives stays short.
     let t1 = Instant::now();
     common::proto::signal(d.pid(), libc::SIGUSR1);
-    wait_for(&d, "the re-exec", || {
-        log(&d).contains("live re-exec #1 complete")
+    d.wait_for("the re-exec", || {
+        d.log().contains("live re-exec #1 complete")
     });
     std::thread::sleep(Duration::from_millis(500));
     let gap = fifo.longest_gap(t1, Instant::now());
@@ -283,25 +265,23 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     assert!(
         gap < Duration::from_millis(1000),
         "a {gap:?} gap across the re-exec:\n{}",
-        log(&d)
+        d.log()
     );
     assert!(holds(d.pid()));
     assert!(fifo.all().iter().all(|(_, b)| *b == b'.'));
 
     // A clean stop: the last byte is the magic close.
     drop(q);
-    wait_for(&d, "the VM's lease released", || {
+    d.wait_for("the VM's lease released", || {
         common::daemon::Lockwardend::list(&d).is_empty()
     });
     common::proto::signal(d.pid(), libc::SIGTERM);
-    wait_for(&d, "the clean stop", || {
-        log(&d).contains("lockwardend stopped")
-    });
+    d.wait_for("the clean stop", || d.log().contains("lockwardend stopped"));
     std::thread::sleep(Duration::from_millis(100));
     let all = fifo.all();
     assert_eq!(all.last().map(|(_, b)| *b), Some(b'V'), "{all:?}");
     assert_eq!(all.iter().filter(|(_, b)| *b == b'V').count(), 1);
-    let text = log(&d);
+    let text = d.log();
     assert!(text.contains("magic close written"), "{text}");
 }
 
@@ -332,7 +312,7 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     std::thread::sleep(Duration::from_millis(500));
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(&d, "the fence", || log(&d).matches("FENCE:").count() >= 2);
+    d.wait_for("the fence", || d.log().matches("FENCE:").count() >= 2);
     let fenced = t0.elapsed();
     // Both are still there, blocked in the file system: neither killed nor stopped.
     std::thread::sleep(Duration::from_millis(300));
@@ -345,10 +325,10 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     );
     // No keep-alive since shortly after the fence, and the error says why.
     let t_fence = t0 + fenced;
-    wait_for(&d, "the WATCHDOG error", || {
-        log(&d).contains("WATCHDOG: keep-alives")
+    d.wait_for("the WATCHDOG error", || {
+        d.log().contains("WATCHDOG: keep-alives")
     });
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("vm-unkillable") || text.contains("vm-unpausable"),
         "{text}"
@@ -367,15 +347,15 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     // keep-alives resume.
     let healed = Instant::now();
     x.set("");
-    wait_for(&d, "the killed VM gone", || vk.reaped().is_some());
-    wait_for(&d, "the paused VM stopped", || {
+    d.wait_for("the killed VM gone", || vk.reaped().is_some());
+    d.wait_for("the paused VM stopped", || {
         states(vp.pid()).iter().all(|c| *c == 'T')
     });
-    let resumed = wait_for(&d, "keep-alives again", || !fifo.since(healed).is_empty());
+    let resumed = d.wait_for("keep-alives again", || !fifo.since(healed).is_empty());
     assert!(
-        log(&d).contains("watchdog keep-alives resume"),
+        d.log().contains("watchdog keep-alives resume"),
         "{}",
-        log(&d)
+        d.log()
     );
     eprintln!("keep-alives resumed {resumed:?} after the storage answered");
     // SIGCONT leaves the paused VM to us (Io's drop kills it).
@@ -404,13 +384,13 @@ fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     std::thread::sleep(Duration::from_millis(300));
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(&d, "the fence", || log(&d).contains("FENCE:"));
+    d.wait_for("the fence", || d.log().contains("FENCE:"));
     std::thread::sleep(Duration::from_millis(1000));
     let gap = fifo.longest_gap(t0, Instant::now());
     eprintln!("longest gap between keep-alives across a fence whose VM stopped: {gap:?}");
-    assert!(gap < Duration::from_millis(600), "{gap:?}:\n{}", log(&d));
-    assert!(!log(&d).contains("WATCHDOG:"), "{}", log(&d));
-    assert!(log(&d).contains("UNPROTECTED"), "{}", log(&d));
+    assert!(gap < Duration::from_millis(600), "{gap:?}:\n{}", d.log());
+    assert!(!d.log().contains("WATCHDOG:"), "{}", d.log());
+    assert!(d.log().contains("UNPROTECTED"), "{}", d.log());
     assert!(
         states(qi.pid()).iter().all(|c| *c != 'T'),
         "the ignoring VM runs on"
@@ -548,7 +528,7 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
     let fifo = Fifo::new();
     let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
-    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 3);
+    d.wait_for("keep-alives", || fifo.since(t0).len() >= 3);
     common::proto::signal(d.pid(), libc::SIGKILL);
     let killed = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
@@ -557,7 +537,7 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
         "a magic close after a crash"
     );
     let d2 = TestDaemon::verbose(&conf(&fifo.path));
-    wait_for(&d2, "keep-alives from the restarted daemon", || {
+    d2.wait_for("keep-alives from the restarted daemon", || {
         fifo.since(killed + Duration::from_millis(300)).len() >= 3
     });
     eprintln!(
@@ -575,23 +555,26 @@ fn a_reexec_without_watchdog_device_disarms_it() {
     let fifo = Fifo::new();
     let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
-    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 2);
+    d.wait_for("keep-alives", || fifo.since(t0).len() >= 2);
     fs::write(
         d.dir.join("lockwardend.conf"),
         format!("heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n"),
     )
     .unwrap();
     common::proto::signal(d.pid(), libc::SIGUSR1);
-    wait_for(&d, "the re-exec", || {
-        log(&d).contains("live re-exec #1 complete")
+    d.wait_for("the re-exec", || {
+        d.log().contains("live re-exec #1 complete")
     });
-    wait_for(&d, "the magic close", || {
+    d.wait_for("the magic close", || {
         fifo.all().last().is_some_and(|(_, b)| *b == b'V')
     });
     let after = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     assert!(fifo.since(after).is_empty(), "fed after the magic close");
-    assert!(log(&d).contains("after the re-exec: closing watchdog_device"));
+    assert!(
+        d.log()
+            .contains("after the re-exec: closing watchdog_device")
+    );
 }
 
 /// A lock the lost-lock probe found lost (not through a partition): the paused VM is stopped,
@@ -613,8 +596,8 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
         FailureAction::Pause,
     );
     x.set("lost l.img\n");
-    wait_for(&d, "the loss", || log(&d).contains("is LOST"));
-    wait_for(&d, "the VM stopped", || {
+    d.wait_for("the loss", || d.log().contains("is LOST"));
+    d.wait_for("the VM stopped", || {
         states(q.pid()).iter().all(|c| *c == 'T')
     });
     let t0 = Instant::now();
@@ -622,13 +605,13 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
     assert!(
         fifo.since(t0).len() >= 2,
         "keep-alives stopped although the VM is stopped:\n{}",
-        log(&d)
+        d.log()
     );
     // The operator resumes it while the lock is still lost.
     common::proto::signal(q.pid(), libc::SIGCONT);
     let resumed = Instant::now();
-    wait_for(&d, "the WATCHDOG error", || {
-        log(&d).contains("WATCHDOG: keep-alives")
+    d.wait_for("the WATCHDOG error", || {
+        d.log().contains("WATCHDOG: keep-alives")
     });
     let late = fifo.since(resumed + Duration::from_millis(200));
     assert!(
@@ -636,8 +619,9 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
         "fed while a VM runs on a lost lock: {late:?}"
     );
     assert!(
-        log(&d).contains("its lock was lost and has not been taken back"),
+        d.log()
+            .contains("its lock was lost and has not been taken back"),
         "{}",
-        log(&d)
+        d.log()
     );
 }

@@ -223,13 +223,8 @@ pub fn byte0(path: &Path) -> libc::c_int {
 }
 
 /// Poll `f` until it holds (bounded by [`BOUND`]); returns how long that took.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < BOUND, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
+pub fn eventually(what: &str, f: impl FnMut() -> bool) -> Duration {
+    super::wait::wait_until(what, BOUND, f)
 }
 
 pub fn hostname() -> String {
