@@ -420,18 +420,12 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
     });
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     let beat = backing.join(".lockwarden/heartbeat@node-a");
-    let t0 = Instant::now();
-    while !beat.exists() {
-        assert!(t0.elapsed() < BOUND, "node-a never wrote {beat:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    la.wait_for(&format!("node-a writes {beat:?}"), || beat.exists());
     // node-a's storage goes silent: no more beats; its VM is fenced, its lock stays held.
     xa.set("hang 1\n");
-    let t0 = Instant::now();
-    while proc_state(va.proc.pid()) != Some('T') {
-        assert!(t0.elapsed() < BOUND, "node-a's VM was not fenced");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    la.wait_for("node-a's VM is fenced", || {
+        proc_state(va.proc.pid()) == Some('T')
+    });
     // The "server" 12 minutes later: the file's content time and mtime are that old.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

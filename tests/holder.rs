@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::wait::{poll, wait_until_or};
+
 use common::daemon::{Lockwardend, TestDaemon};
 use common::image;
 use common::locks::ofd_lock;
@@ -74,14 +76,9 @@ fn target<'a>(f: &'a File, path: &'a str, lockspace: bool) -> Target<'a> {
 /// dropping a descriptor: a process that another test forks at that moment inherits it and
 /// keeps its open file description (and so its OFD locks) alive until it execs.
 fn read_until(t: Target<'_>, done: impl Fn(&holder::Found) -> bool) -> holder::Found {
-    let start = Instant::now();
-    loop {
-        let found = holder::read(t);
-        if done(&found) || start.elapsed() > BOUND {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // After BOUND, the caller's assertion on what is returned says what went wrong.
+    poll(BOUND, || Some(holder::read(t)).filter(&done))
+        .map_or_else(|| holder::read(t), |(found, _)| found)
 }
 
 fn mode_of(p: &Path) -> u32 {
@@ -840,15 +837,12 @@ fn who_across_two_daemons(lockspace: bool) {
         // test published (still open here) is then stale; a daemon-published one is withdrawn.
         drop(qa);
     }
-    let start = Instant::now();
-    while who(&s.img, &s.conf, &b.admin, true).status.code() != Some(1) {
-        assert!(
-            start.elapsed() < BOUND,
-            "the disk never became free:\n{}",
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_or(
+        "the disk is free",
+        BOUND,
+        || a.log(),
+        || who(&s.img, &s.conf, &b.admin, true).status.code() == Some(1),
+    );
     let out = who(&s.img, &s.conf, &b.admin, true);
     assert_eq!(out.status.code(), Some(1), "free disk exits 1: {out:?}");
     let v = json_of(&out);
@@ -1124,10 +1118,7 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     );
     // Bounded poll, not an immediate check: a child another test forks right now inherits the
     // closed descriptor's open file description (and its OFD lock) until it execs.
-    let start = Instant::now();
-    while probe(&side, 0) != libc::F_UNLCK && start.elapsed() < BOUND {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let _ = poll(BOUND, || (probe(&side, 0) == libc::F_UNLCK).then_some(()));
     assert_eq!(
         probe(&side, 0),
         libc::F_UNLCK,

@@ -21,6 +21,8 @@
 
 mod common;
 
+use common::wait::poll_every;
+
 use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
@@ -897,22 +899,22 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     assert_eq!(byte0(&img), libc::F_UNLCK);
 
     // After request_read_timeout_ms the stallers are closed and the acquire goes through.
-    let held = loop {
+    let bound = BOUND.saturating_sub(t0.elapsed());
+    let held = poll_every(Duration::from_millis(50), bound, || {
         match d.client().call(&acquire(&o, vec![excl(&img)])) {
             Response::Ok { leases } => {
                 assert!(
                     leases.is_empty(),
                     "acquire answers carry no leases: {leases:?}"
                 );
-                break d.client().held(&o);
+                Some(d.client().held(&o))
             }
-            Response::Error(e) if e.message.contains("max_clients") => {
-                assert!(t0.elapsed() < BOUND, "the stallers were never closed");
-                thread::sleep(Duration::from_millis(50));
-            }
+            Response::Error(e) if e.message.contains("max_clients") => None,
             other => panic!("unexpected answer {other:?}"),
         }
-    };
+    })
+    .map(|(held, _)| held)
+    .unwrap_or_else(|| panic!("the stallers were never closed"));
     let waited = t0.elapsed();
     eprintln!(
         "{MAX} stalled clients (max_clients = {MAX}, request_read_timeout_ms = 1000): a \

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::wait::poll;
+
 use common::image;
 use common::locks::ofd_lock;
 use lockwarden::daemon::holder::{self, Record, Target, Vm};
@@ -17,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 /// Bound for a command that must not block (not a performance assertion: far above its cost).
@@ -36,17 +38,13 @@ fn cli(args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("running lockwarden");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BOUND {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "lockwarden {args:?} blocked for {BOUND:?}; stderr so far: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if poll(BOUND, || child.try_wait().unwrap()).is_none() {
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "lockwarden {args:?} blocked for {BOUND:?}; stderr so far: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child.wait_with_output().unwrap()
 }

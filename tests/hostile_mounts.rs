@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::wait::wait_until;
+
 use common::daemon::TestDaemon;
 use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, err, excl, ok, vm};
@@ -148,18 +150,17 @@ fn wait_stuck_in_storage(pid: u32) {
                 .is_some_and(|n| calls.contains(&n))
         })
     };
-    let t0 = Instant::now();
     // Seen twice in a row, 50 ms apart: blocked there, not passing through.
-    while !(stuck() && {
-        std::thread::sleep(Duration::from_millis(50));
-        stuck()
-    }) {
-        assert!(
-            t0.elapsed() < BOUND,
-            "no thread of lockwardend (pid {pid}) got stuck on the hung mount"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        &format!("a thread of lockwardend (pid {pid}) is stuck on the hung mount"),
+        BOUND,
+        || {
+            stuck() && {
+                std::thread::sleep(Duration::from_millis(50));
+                stuck()
+            }
+        },
+    );
 }
 
 /// With a request stuck on the hung mount: the admin socket answers and a disk on local

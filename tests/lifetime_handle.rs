@@ -8,10 +8,12 @@
 
 mod common;
 
+use common::wait::poll;
+
 use common::daemon::TestDaemon;
 use common::*;
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// The forked owner took its disk on the kept connection, and exiting releases it.
 #[test]
@@ -71,19 +73,17 @@ fn closing_the_kept_connection_terminates_the_vm_before_its_disk_is_released() {
     let t0 = Instant::now();
     fs::remove_file(&gate).expect("remove the gate");
     let mut freed_while_alive = None;
-    let mut died = None;
-    while t0.elapsed() < POLL_BOUND {
+    let died = poll(POLL_BOUND, || {
         let locked = probe0(&img) == Probe::WriteLocked;
         if !h.alive(vm.pid) {
-            died = Some(t0.elapsed());
-            break;
+            return Some(t0.elapsed());
         }
         if !locked && freed_while_alive.is_none() {
             freed_while_alive = Some(t0.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let died = died.unwrap_or_else(|| {
+        None
+    });
+    let (died, _) = died.unwrap_or_else(|| {
         panic!(
             "VM {} still runs {POLL_BOUND:?} after its lifetime handle closed: the kept \
              connection of a not-paused start is not treated as the lifetime handle",

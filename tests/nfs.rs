@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::wait::{poll, wait_until, wait_until_or};
+
 use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::locks::hold_byte0;
@@ -188,14 +190,11 @@ fn hung_mount_stalls_only_its_own_disks() {
     );
     // Storage comes back: the late lock is dropped again, nothing is left behind.
     bad.set("");
-    let t2 = Instant::now();
-    while locked(&bad.backing.join("b.img")) {
-        assert!(
-            t2.elapsed() < Duration::from_secs(10),
-            "b.img stayed locked after the storage came back"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "b.img is unlocked after the storage came back",
+        Duration::from_secs(10),
+        || !locked(&bad.backing.join("b.img")),
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(!locked(&bad.backing.join("b.img")));
     let held = leases(&d);
@@ -298,16 +297,15 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     );
     // Storage comes back: both locks go, and the disks can be taken again.
     bad.set("");
-    let t2 = Instant::now();
-    for name in ["b.img", "c.img"] {
-        while locked(&bad.backing.join(name)) {
-            assert!(
-                t2.elapsed() < Duration::from_secs(10),
-                "{name} stayed locked after the storage came back"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    wait_until(
+        "b.img and c.img are unlocked after the storage came back",
+        Duration::from_secs(10),
+        || {
+            ["b.img", "c.img"]
+                .iter()
+                .all(|n| !locked(&bad.backing.join(n)))
+        },
+    );
     let r = acquire(&d, &oa, &[b.clone(), c.clone()], FailureAction::Default);
     assert!(matches!(r, Response::Ok { .. }), "after recovery: {r:?}");
     release(&d, &oa, &[a.clone(), b.clone(), c.clone()]);
@@ -429,18 +427,8 @@ fn lost_case(action: FailureAction, label: &str) {
     std::thread::sleep(Duration::from_millis(interval * 2 + 100));
     assert!(lost(&d).is_empty(), "healthy checks found a lost lock");
     f.set(&format!("lost {label}.img\n"));
-    let t0 = Instant::now();
     let bound = Duration::from_millis(interval * 2 + 1000);
-    let detected = loop {
-        if !lost(&d).is_empty() {
-            break t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "lost lock not detected within {bound:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let detected = wait_until("the lost lock is detected", bound, || !lost(&d).is_empty());
     eprintln!("{label}: lost lock detected after {detected:?} (interval {interval} ms)");
     let info = lost(&d);
     let l = info.last().unwrap();
@@ -451,15 +439,12 @@ fn lost_case(action: FailureAction, label: &str) {
     let mut q = q;
     match action {
         FailureAction::Pause => {
-            let t = Instant::now();
-            while q.state() != Some('T') {
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "not stopped: {:?}",
-                    q.state()
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until_or(
+                "the VM is stopped",
+                Duration::from_secs(5),
+                || format!("state {:?}", q.state()),
+                || q.state() == Some('T'),
+            );
         }
         FailureAction::Ignore => {
             std::thread::sleep(Duration::from_millis(interval * 2));
@@ -472,25 +457,16 @@ fn lost_case(action: FailureAction, label: &str) {
             assert_eq!(lost(&d).len(), 1, "counted once");
         }
         _ => {
-            let t = Instant::now();
-            let st = loop {
-                if let Some(st) = q.0.try_wait().unwrap() {
-                    break st;
-                }
-                assert!(t.elapsed() < Duration::from_secs(5), "VM still runs");
-                std::thread::sleep(Duration::from_millis(10));
-            };
+            let (st, _) = poll(Duration::from_secs(5), || q.0.try_wait().unwrap())
+                .unwrap_or_else(|| panic!("VM still runs"));
             use std::os::unix::process::ExitStatusExt;
             assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
             // Its lease goes with it.
-            let t = Instant::now();
-            while !leases(&d).is_empty() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "lease kept after poweroff"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until(
+                "the lease goes after poweroff",
+                Duration::from_secs(5),
+                || leases(&d).is_empty(),
+            );
         }
     }
 }

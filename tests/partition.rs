@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::wait::poll;
+
 use common::daemon::TestDaemon;
 use common::fuse::Testfs;
 use common::proto::excl;
@@ -228,17 +230,8 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     let bound = Duration::from_millis(FENCE_AFTER_MS) + BOUND;
     d.wait_for_within(bound, "the paused VM stopped", || qp.state() == Some('T'));
     let stopped = t0.elapsed();
-    let st = loop {
-        if let Some(st) = qk.exited() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "the default VM still runs:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (st, _) = poll(bound.saturating_sub(t0.elapsed()), || qk.exited())
+        .unwrap_or_else(|| panic!("the default VM still runs:\n{}", d.log()));
     let killed = t0.elapsed();
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
     eprintln!(
@@ -322,13 +315,10 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
     // The storage lost the lock meanwhile, then answers again.
     x.set("hang 1\nlost lost.img\n");
     x.set("lost lost.img\n");
-    let st = loop {
-        if let Some(st) = q.exited() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", d.log());
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (st, _) = poll(Duration::from_secs(30).saturating_sub(t0.elapsed()), || {
+        q.exited()
+    })
+    .unwrap_or_else(|| panic!("the VM still runs:\n{}", d.log()));
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
     let text = d.log();
     assert!(

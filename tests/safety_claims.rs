@@ -11,6 +11,7 @@ mod common;
 use common::daemon::Lockwardend;
 use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
+use common::wait::{poll_every, wait_until_or};
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -266,7 +267,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
@@ -742,23 +743,21 @@ fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
         .expect_ok("acquire with on_lockfailure=restart");
     // Healthy checks run first and leave it alone: proven by the checks' own events (each
     // check sets the lock again on the mount; the first setlk was the acquire), not by a sleep.
-    let t0 = Instant::now();
-    while f.events().matches("setlk restart.img").count() < 3 {
-        assert!(t0.elapsed() < BOUND, "no lease check ran:\n{}", f.events());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_or(
+        "a lease check ran",
+        BOUND,
+        || f.events(),
+        || f.events().matches("setlk restart.img").count() >= 3,
+    );
     assert!(h.alive(vm.pid), "a healthy lease check touched the VM");
 
     f.set("lost restart.img\n");
-    let t0 = Instant::now();
-    while proc_state(vm.pid) != Some('Z') {
-        assert!(
-            t0.elapsed() < BOUND,
-            "the VM whose lock was lost still runs (state {:?})",
-            proc_state(vm.pid)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_or(
+        "the VM whose lock was lost is dead",
+        BOUND,
+        || format!("state {:?}", proc_state(vm.pid)),
+        || proc_state(vm.pid) == Some('Z'),
+    );
     let status = h.cmd(&format!("wait {}", vm.pid));
     let st: i32 = status
         .expect_ok("wait for the killed VM")
@@ -833,19 +832,19 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     });
     // The daemon opened the lock file (testfs has the backing file open) and its lock call is
     // held back by the file system (testfs logged it): virtlockd's release deletes the file now.
-    let t0 = Instant::now();
-    while !(has_open(f.tfs.pid(), &backing_file)
-        && f.events()
-            .lines()
-            .any(|l| l.starts_with("setlk-delayed vm-disk ")))
-    {
-        assert!(
-            t0.elapsed() < BOUND,
+    poll_every(Duration::from_millis(1), BOUND, || {
+        (has_open(f.tfs.pid(), &backing_file)
+            && f.events()
+                .lines()
+                .any(|l| l.starts_with("setlk-delayed vm-disk ")))
+        .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
             "the daemon never opened and locked the lock file:\n{}",
             f.events()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        )
+    });
     fs::remove_file(&backing_file).expect("delete the lock file underneath");
     let deleted_at = now_ns();
     f.set("");

@@ -8,12 +8,12 @@
 mod common;
 
 use common::daemon::TestDaemon;
+use common::wait::{poll, poll_every, wait_until};
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -304,17 +304,12 @@ fn sigkilled_owner_frees_its_leases() {
 
     let t0 = Instant::now();
     h1.kill(a.pid, 9);
-    let mut got = None;
-    while t0.elapsed() < POLL_BOUND {
-        if h2.acquire(&b, &[disk(&img), disk(&img2)]).is_ok() {
-            got = Some(t0.elapsed());
-            break;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let delay = got.unwrap_or_else(|| {
-        panic!("the leases of a SIGKILLed owner were not free for daemon 2 within {POLL_BOUND:?}")
-    });
+    wait_until(
+        "the leases of a SIGKILLed owner are free for daemon 2",
+        POLL_BOUND,
+        || h2.acquire(&b, &[disk(&img), disk(&img2)]).is_ok(),
+    );
+    let delay = t0.elapsed();
     eprintln!("MEASURED: SIGKILL of owner -> its leases acquired on daemon 2 after {delay:?}");
     assert!(!h1.alive(a.pid), "the killed owner is dead");
     assert_eq!(
@@ -347,15 +342,8 @@ fn owner_closing_handle_while_holding_is_terminated() {
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
     assert_eq!(idle.cmd("close"), "OK");
-    let mut status = None;
-    while t0.elapsed() < POLL_BOUND {
-        if let Some(st) = owner.try_wait() {
-            status = Some((st, t0.elapsed()));
-            break;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let (st, delay) = status.unwrap_or_else(|| {
+    let status = poll(POLL_BOUND, || owner.try_wait().map(|st| (st, t0.elapsed())));
+    let ((st, delay), _) = status.unwrap_or_else(|| {
         panic!(
             "an owner that closed its lifetime handle while holding a lease still runs after {POLL_BOUND:?}"
         )
@@ -413,22 +401,15 @@ fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
     let mut freed_while_alive: Option<Duration> = None;
-    let mut status = None;
-    while t0.elapsed() < POLL_BOUND {
+    let status = poll_every(Duration::from_millis(2), POLL_BOUND, || {
         let free = probe0(&img) == Probe::Unlocked;
-        match owner.try_wait() {
-            Some(st) => {
-                status = Some((st, t0.elapsed()));
-                break;
-            }
-            None if free && freed_while_alive.is_none() => {
-                freed_while_alive = Some(t0.elapsed());
-            }
-            None => {}
+        let st = owner.try_wait();
+        if st.is_none() && free && freed_while_alive.is_none() {
+            freed_while_alive = Some(t0.elapsed());
         }
-        thread::sleep(Duration::from_millis(2));
-    }
-    let (st, delay) = status.unwrap_or_else(|| {
+        st.map(|st| (st, t0.elapsed()))
+    });
+    let ((st, delay), _) = status.unwrap_or_else(|| {
         panic!("an owner ignoring SIGTERM still runs {POLL_BOUND:?} after its handle closed")
     });
     eprintln!(
@@ -462,20 +443,18 @@ fn lease_outlives_its_owner_process() {
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
-    let mut freed_while_alive: Option<Duration> = None;
-    let mut died = None;
-    while t0.elapsed() < POLL_BOUND {
+    // Whichever comes first: the owner dies (Ok) or its lease is free while it runs (Err).
+    let first = poll_every(Duration::from_millis(2), POLL_BOUND, || {
         let free = probe0(&img) == Probe::Unlocked;
         if owner.try_wait().is_some() {
-            died = Some(t0.elapsed());
-            break;
+            Some(Ok(t0.elapsed()))
+        } else {
+            free.then(|| Err(t0.elapsed()))
         }
-        if free {
-            freed_while_alive = Some(t0.elapsed());
-            break;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
+    })
+    .map(|(first, _)| first);
+    let died = first.and_then(Result::ok);
+    let freed_while_alive = first.and_then(Result::err);
     assert!(
         freed_while_alive.is_none(),
         "docs/interfaces.md §3: a VM must never run on a disk it no longer holds, but the lease on {} was \

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The daemon binary under test.
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
@@ -126,18 +126,12 @@ pub fn socket_activated(dir: &Path, admin_fd: RawFd, main_fd: RawFd) -> Command 
 /// connection; panics with the daemon log (`log`) when the daemon exits first or never serves.
 pub fn wait_serving(proc: &mut Proc, sockets: &[&Path], log: &Path, bound: Duration) {
     let read_log = || fs::read_to_string(log).unwrap_or_default();
-    let t0 = Instant::now();
-    while sockets.iter().any(|s| UnixStream::connect(s).is_err()) {
+    super::wait::wait_until_or("lockwardend serves", bound, read_log, || {
         if let Some(st) = proc.0.try_wait().expect("try_wait") {
             panic!("lockwardend exited during start ({st}):\n{}", read_log());
         }
-        assert!(
-            t0.elapsed() < bound,
-            "lockwardend did not serve:\n{}",
-            read_log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        sockets.iter().all(|s| UnixStream::connect(s).is_ok())
+    });
 }
 
 /// The requests every bare-daemon harness makes, given where its sockets are. Implement the two

@@ -1,6 +1,7 @@
 //! The one C-host wrapper of the suites: `tests/c/host.c` loading the real plugin through
 //! dlopen, driven line by line over its stdin and stdout.
 
+use super::wait::poll;
 use super::{
     CMD_TIMEOUT, Reply, Vm, chmod, dump_log, esc_path, host_path, plugin_path, run_as, tempdir,
 };
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The C test host driving the real plugin.
 pub struct Host {
@@ -279,14 +280,7 @@ impl Host {
 
     /// Poll until `pid` has died; returns how long it took.
     pub fn wait_dead(&mut self, pid: i32, bound: Duration) -> Option<Duration> {
-        let t0 = Instant::now();
-        while t0.elapsed() < bound {
-            if !self.alive(pid) {
-                return Some(t0.elapsed());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        None
+        poll(bound, || (!self.alive(pid)).then_some(())).map(|((), took)| took)
     }
 }
 
@@ -302,19 +296,14 @@ impl Drop for Host {
         }
         drop(self.stdin.take()); // EOF: the host exits.
         if let Some(mut child) = self.child.take() {
-            let t0 = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if t0.elapsed() < Duration::from_secs(3) => {
-                        thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+            let exited = poll(Duration::from_secs(3), || match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(_)) => Some(true),
+                Err(_) => Some(false),
+            });
+            if !matches!(exited, Some((true, _))) {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }

@@ -28,7 +28,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockwarden::protocol::{
     self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
@@ -318,14 +318,7 @@ pub fn probe0(path: &Path) -> Probe {
 
 /// Poll until byte 0 of `path` is unlocked; returns the delay.
 pub fn wait_unlocked(path: &Path, bound: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    while t0.elapsed() < bound {
-        if probe0(path) == Probe::Unlocked {
-            return Some(t0.elapsed());
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    None
+    wait::poll(bound, || (probe0(path) == Probe::Unlocked).then_some(())).map(|((), took)| took)
 }
 
 /// Create an image file with some content.

@@ -15,8 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long any single wait in these helpers may take before the test fails.
 pub const BOUND: Duration = Duration::from_secs(30);
@@ -31,14 +30,7 @@ impl Proc {
 
     /// Wait for the exit (bounded); None if it is still running after `limit`.
     pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        None
+        super::wait::poll(limit, || self.0.try_wait().unwrap()).map(|(st, _)| st)
     }
 }
 

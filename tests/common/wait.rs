@@ -9,7 +9,17 @@ const EVERY: Duration = Duration::from_millis(5);
 
 /// Poll `f` until it gives `Some` (returned with how long that took), at most `bound`; `None`
 /// after that. For a caller that words its own failure or measures a wait that may run out.
-pub fn poll<T>(bound: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+pub fn poll<T>(bound: Duration, f: impl FnMut() -> Option<T>) -> Option<(T, Duration)> {
+    poll_every(EVERY, bound, f)
+}
+
+/// [`poll`] looking again every `every` (a finer grain for a test that watches for a short
+/// window).
+pub fn poll_every<T>(
+    every: Duration,
+    bound: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<(T, Duration)> {
     let t0 = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -18,7 +28,7 @@ pub fn poll<T>(bound: Duration, mut f: impl FnMut() -> Option<T>) -> Option<(T, 
         if t0.elapsed() >= bound {
             return None;
         }
-        thread::sleep(EVERY);
+        thread::sleep(every);
     }
 }
 
