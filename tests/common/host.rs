@@ -5,6 +5,7 @@ use super::wait::poll;
 use super::{
     CMD_TIMEOUT, Reply, Vm, chmod, dump_log, esc_path, host_path, plugin_path, run_as, tempdir,
 };
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -13,6 +14,25 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
 use std::time::Duration;
+
+/// How to start a [`Host`] beyond the defaults.
+#[derive(Default)]
+pub struct HostOpts<'a> {
+    /// The config argument as given (a path that need not exist, or a token such as `@null`)
+    /// instead of the config text written to `DIR/qemu-lockwarden.conf`.
+    pub conf_arg: Option<&'a OsStr>,
+    /// Run as this uid and gid (the host's directory, config and log are made reachable).
+    pub uid: Option<u32>,
+    /// `(source dir, target dir)` bind mounts in a mount namespace of the host's own.
+    pub binds: &'a [(&'a Path, &'a Path)],
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+    /// `--no-init`: load the plugin without calling its drvInit.
+    pub no_init: bool,
+    /// How long one command may take before the harness declares a hang (default
+    /// [`CMD_TIMEOUT`]).
+    pub reply_timeout: Option<Duration>,
+}
 
 /// The C test host driving the real plugin.
 pub struct Host {
@@ -26,6 +46,7 @@ pub struct Host {
     /// cannot be reused while they are listed here).
     owners: Vec<i32>,
     pub ready_line: String,
+    reply_timeout: Duration,
 }
 
 impl Host {
@@ -42,7 +63,13 @@ impl Host {
 
     /// Spawn a host, optionally as another uid/gid; returns whatever its first line was.
     pub fn spawn_as(conf_text: &str, uid: Option<u32>) -> Host {
-        Host::spawn_prepared(conf_text, uid, &[])
+        Host::launch(
+            conf_text,
+            HostOpts {
+                uid,
+                ..HostOpts::default()
+            },
+        )
     }
 
     /// Spawn a host in its own mount namespace where each `(source dir, target dir)` is
@@ -50,7 +77,13 @@ impl Host {
     /// the tools it finds at fixed paths (`/sbin/lvs`, `/lib/udev/scsi_id`), so this is how a
     /// test gives it fakes without touching the machine. Needs root. Panics unless READY.
     pub fn spawn_with_binds(conf_text: &str, binds: &[(&Path, &Path)]) -> Host {
-        let h = Host::spawn_prepared(conf_text, None, binds);
+        let h = Host::launch(
+            conf_text,
+            HostOpts {
+                binds,
+                ..HostOpts::default()
+            },
+        );
         assert_eq!(
             h.ready_line, "READY",
             "host did not initialise the plugin: {}",
@@ -59,9 +92,19 @@ impl Host {
         h
     }
 
-    fn spawn_prepared(conf_text: &str, uid: Option<u32>, binds: &[(&Path, &Path)]) -> Host {
+    /// Spawn a host with `conf_text` as the plugin config (unless `opts.conf_arg` names one);
+    /// returns whatever its first line was.
+    pub fn launch(conf_text: &str, opts: HostOpts<'_>) -> Host {
         use std::ffi::CString;
         use std::os::unix::ffi::OsStrExt;
+        let HostOpts {
+            conf_arg,
+            uid,
+            binds,
+            env,
+            no_init,
+            reply_timeout,
+        } = opts;
         let binds: Vec<(CString, CString)> = binds
             .iter()
             .map(|(src, dst)| {
@@ -83,8 +126,15 @@ impl Host {
         }
         let mut cmd = Command::new(host_path());
         cmd.arg(plugin_path())
-            .arg(&conf)
-            .stdin(Stdio::piped())
+            .arg(conf_arg.unwrap_or(conf.as_os_str()));
+        if no_init {
+            cmd.arg("--no-init");
+        }
+        cmd.env_remove("LOCKWARDEN_TEST_PANIC");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(logf);
         if !binds.is_empty() {
@@ -152,23 +202,45 @@ impl Host {
             lines: rx,
             owners: Vec::new(),
             ready_line: String::new(),
+            reply_timeout: reply_timeout.unwrap_or(CMD_TIMEOUT),
         };
         h.ready_line = h.read_line("READY");
         h
     }
 
+    /// Wait (bounded by the reply timeout) for the host process to exit by itself, as after a
+    /// failed drvInit; panics if it does not.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("host process");
+        poll(self.reply_timeout, || child.try_wait().expect("try_wait"))
+            .map(|(st, _)| st)
+            .unwrap_or_else(|| panic!("the host did not exit; stderr: {}", self.stderr_text()))
+    }
+
+    /// The host's stderr so far.
+    pub fn stderr_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     fn read_line(&mut self, what: &str) -> String {
-        match self.lines.recv_timeout(CMD_TIMEOUT) {
+        let what: String = what.chars().take(200).collect();
+        match self.lines.recv_timeout(self.reply_timeout) {
             Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("host gave no answer to {what:?} within {CMD_TIMEOUT:?} (hang)")
-            }
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "host gave no answer to {what:?} within {:?} (hang); stderr: {}",
+                self.reply_timeout,
+                self.stderr_text()
+            ),
             Err(RecvTimeoutError::Disconnected) => {
                 let st = self
                     .child
                     .as_mut()
                     .and_then(|c| c.try_wait().ok().flatten());
-                panic!("host closed its stdout while answering {what:?} (exit status {st:?})")
+                panic!(
+                    "host closed its stdout while answering {what:?} (exit status {st:?}); \
+                     stderr: {}",
+                    self.stderr_text()
+                )
             }
         }
     }
@@ -180,6 +252,53 @@ impl Host {
             .and_then(|_| stdin.flush())
             .unwrap_or_else(|e| panic!("writing {line:?} to the host: {e}"));
         self.read_line(line)
+    }
+
+    /// Run `line`, expect `OK`, return what follows it.
+    pub fn ok(&mut self, line: &str) -> String {
+        let r = self.raw(line);
+        match r.strip_prefix("OK") {
+            Some(rest) => rest.trim_start().to_string(),
+            None => panic!(
+                "`{}` failed: {r}",
+                line.chars().take(200).collect::<String>()
+            ),
+        }
+    }
+
+    /// Run `line`, expect `ERR`, return its parts.
+    pub fn err(&mut self, line: &str) -> LvError {
+        let r = self.raw(line);
+        parse_err(&r).unwrap_or_else(|| {
+            panic!(
+                "`{}` should have failed: {r}",
+                line.chars().take(200).collect::<String>()
+            )
+        })
+    }
+
+    /// libvirt's domain start of `vm` at its own pid: a forked child registers and stays alive
+    /// as its "QEMU" (killed on drop); returns that pid.
+    pub fn start_owner(&mut self, vm: &Vm, res: &[String]) -> i32 {
+        let pid = self.ok(format!("start {} {}", vm.head(), res.join(" ")).trim_end());
+        let pid: i32 = pid.parse().expect("start replies OK <pid>");
+        self.owners.push(pid);
+        pid
+    }
+
+    /// `acquire` for `vm` as owner pid `pid`; the raw reply line.
+    pub fn acquire_as(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
+        self.raw(format!("acquire {} {pid} {}", vm.head(), res.join(" ")).trim_end())
+    }
+
+    /// `release` for `vm` as owner pid `pid`; the raw reply line.
+    pub fn release_as(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
+        self.raw(format!("release {} {pid} {}", vm.head(), res.join(" ")).trim_end())
+    }
+
+    /// The host still answers (it did not abort): `layout` gives the driver table it loaded.
+    pub fn assert_alive(&mut self) {
+        assert_eq!(self.ok("layout"), "size=72 version=1000000 flags=0 fns=8");
     }
 
     pub fn cmd(&mut self, line: &str) -> Reply {
@@ -305,6 +424,41 @@ impl Drop for Host {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+    }
+}
+
+/// A libvirt error as the host reports it (`ERR <code> <domain> <message>`).
+#[derive(Debug)]
+pub struct LvError {
+    pub code: i32,
+    pub domain: i32,
+    pub msg: String,
+}
+
+/// The parts of an `ERR` reply line; None for any other line.
+pub fn parse_err(reply: &str) -> Option<LvError> {
+    let rest = reply.strip_prefix("ERR ")?;
+    let mut it = rest.splitn(3, ' ');
+    Some(LvError {
+        code: it.next()?.parse().ok()?,
+        domain: it.next()?.parse().ok()?,
+        msg: it.next().unwrap_or_default().to_string(),
+    })
+}
+
+impl LvError {
+    /// A lockwarden error: domain VIR_FROM_LOCKING and the given code, its message naming
+    /// every one of `needles`.
+    #[track_caller]
+    pub fn expect(&self, code: i32, needles: &[&str]) {
+        assert_eq!(
+            (self.code, self.domain),
+            (code, super::DOMAIN_LOCKING),
+            "wrong libvirt code/domain: {self:?}"
+        );
+        for n in needles {
+            assert!(self.msg.contains(n), "{n:?} not in {:?}", self.msg);
         }
     }
 }

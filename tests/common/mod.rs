@@ -125,7 +125,8 @@ impl Vm {
         }
     }
 
-    fn head(&self) -> String {
+    /// "NAME UUID ID" for the host.
+    pub fn head(&self) -> String {
         format!("{} {} {}", esc(&self.name), self.uuid, self.id)
     }
 }
