@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::daemon::TestDaemon;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
 use common::proto::{Client, excl, owner_for};
 use lockwarden::protocol::{FailureAction, Owner, Request, Response};
@@ -433,15 +433,19 @@ fn lockwardend_refuses_a_watchdog_device_that_is_not_one() {
         ),
     ];
     for (conf, needle) in cases {
-        let l = common::daemon::Layout::new(&conf);
-        let st = l.command().status().expect("run lockwardend");
-        let text = fs::read_to_string(&l.log).unwrap();
+        let mut d = TestDaemon::with(Opts {
+            config: &conf,
+            no_wait: true,
+            ..Opts::default()
+        });
+        let st = d.wait_exit();
+        let text = d.log();
         assert_eq!(st.code(), Some(1), "{conf}: {text}");
         assert!(
             text.contains(needle),
             "{conf}: wanted {needle:?} in:\n{text}"
         );
-        assert!(!l.socket.exists(), "{conf}: it served");
+        assert!(!d.socket.exists(), "{conf}: it served");
     }
     assert_eq!(
         fs::read(&regular).unwrap(),

@@ -1,6 +1,6 @@
 //! The one daemon harness of the suites: [`TestDaemon`] starts `lockwardend` with a config,
-//! binary, directory and environment of the test's choosing; [`Layout`] and [`command`] are
-//! its parts for the few tests that build the command line themselves (socket activation).
+//! binary, directory and environment of the test's choosing; [`socket_activated`] builds the
+//! command line of a socket-activated start for the tests of that path.
 
 use super::proto::{Client, Proc, acquire_request, ok, release_request};
 use lockwarden::protocol::{LeaseInfo, LeaseSpec, Owner, Request, Response};
@@ -14,68 +14,6 @@ use std::time::Duration;
 
 /// The daemon binary under test.
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
-
-/// `lockwardend --config CONF --socket SOCKET --admin-socket ADMIN --pid-file PID_FILE`, out of
-/// reach of any systemd activation variables of the test's own environment, stdin and stdout
-/// null, stderr to a new file `log`. Add arguments, environment or a pre-exec hook, then spawn.
-pub fn command(conf: &Path, socket: &Path, admin: &Path, pid_file: &Path, log: &Path) -> Command {
-    let mut cmd = Command::new(DAEMON);
-    cmd.arg("--config")
-        .arg(conf)
-        .arg("--socket")
-        .arg(socket)
-        .arg("--admin-socket")
-        .arg(admin)
-        .arg("--pid-file")
-        .arg(pid_file)
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_FDNAMES")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(log).expect("daemon log"));
-    cmd
-}
-
-/// The usual layout of a test daemon: a new temporary directory holding `lockwardend.conf`
-/// (written), `daemon.log`, and `run/` for the sockets and the pid file.
-pub struct Layout {
-    pub dir: tempfile::TempDir,
-    pub conf: PathBuf,
-    pub socket: PathBuf,
-    pub admin: PathBuf,
-    pub pid_file: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Layout {
-    /// A new temporary directory with `config` as lockwardend.conf.
-    pub fn new(config: &str) -> Layout {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, config).expect("write lockwardend.conf");
-        Layout {
-            socket: dir.path().join("run/lockwardend.sock"),
-            admin: dir.path().join("run/lockwardend-admin.sock"),
-            pid_file: dir.path().join("run/lockwardend.pid"),
-            log: dir.path().join("daemon.log"),
-            conf,
-            dir,
-        }
-    }
-
-    /// [`command`] for these paths.
-    pub fn command(&self) -> Command {
-        command(
-            &self.conf,
-            &self.socket,
-            &self.admin,
-            &self.pid_file,
-            &self.log,
-        )
-    }
-}
 
 /// Hand `cmd` two listening sockets the way systemd socket activation does: `admin_fd` as fd 3
 /// and `main_fd` as fd 4 in the child (the copies without close-on-exec). The caller sets
@@ -169,7 +107,8 @@ pub trait Lockwardend {
     }
 }
 
-/// What a suite may vary when it starts a daemon; everything else is [`Layout`]'s.
+/// What a suite may vary when it starts a daemon. The default layout: a new temporary
+/// directory DIR holding `lockwardend.conf`, `daemon.log` and `run/` (both sockets, pid file).
 #[derive(Default)]
 pub struct Opts<'a> {
     /// lockwardend.conf text.
@@ -198,7 +137,7 @@ pub struct Opts<'a> {
     pub no_wait: bool,
 }
 
-/// The one daemon harness: a `lockwardend` in a [`Layout`], serving both sockets when
+/// The one daemon harness: a `lockwardend` laid out as [`Opts`] says, serving both sockets when
 /// [`TestDaemon::start`] returns; stopped on drop (SIGTERM, then SIGKILL), with its log printed
 /// when the test is failing, the keepers it was told about killed, and its temporary
 /// directory removed.
