@@ -1,5 +1,7 @@
-//! Shared harness for the scenario tests: real `lockwardend` daemons, the real plugin loaded by the
-//! C test host, and a small helper process that speaks the wire protocol directly.
+//! The shared test harness: one daemon builder (`daemon::TestDaemon`), one C-host wrapper
+//! driving the real plugin (`host::Host`), one poll-until loop (`wait`), the protocol helpers
+//! (`proto`), FUSE file systems (`fuse`), lock probes (`locks`), and a small helper process
+//! that speaks the wire protocol directly.
 //!
 //! Everything spawned here is owned by a guard whose `Drop` kills it, so a failing test leaves no
 //! daemon, host or owner process behind. When a test panics, the guards print the logs of what

@@ -1,6 +1,6 @@
 //! Shared harness for the protocol-level suites (daemon, holder, hostile, reliability): owner
 //! processes killed on drop, owners, one protocol connection, lease specs and lock probes.
-//! Each suite keeps its own `Daemon` (they start lockwardend differently).
+//! Daemons are started with `super::daemon::TestDaemon`.
 
 use lockwarden::protocol::{
     self, ErrorKind, ErrorReply, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner,
