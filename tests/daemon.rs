@@ -10,9 +10,8 @@ mod common;
 use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
-    Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
-    next_seq, ok, owner_for, probe_lock, shared, signal, sleeper, sockaddr, spawn_registered, tell,
-    vm,
+    Client, Proc, after_pending_kills, byte0, call_as, err, eventually, excl, hostname, next_seq,
+    ok, owner_for, probe_lock, shared, signal, sleeper, spawn_registered, tell, vm,
 };
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, MAX_BODY, Owner,
@@ -521,34 +520,12 @@ fn non_root_peer_is_refused() {
     require_root();
     let d = start();
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
-    for p in [d.dir.as_path(), &d.dir.join("run")] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).unwrap();
-    let frame = protocol::encode(&Request::Status).unwrap();
-    let addr = sockaddr(&d.socket);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut cmd = Command::new("true");
-    cmd.stdout(Stdio::piped());
-    // SAFETY: raw, async-signal-safe syscalls only (setgroups, setgid, setuid, socket, ...).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
-            libc::close(fd);
-            Ok(())
-        });
-    }
-    let mut child = Proc(cmd.spawn().expect("spawning the uid 65534 client"));
-    let resp: Response = protocol::read_message(child.0.stdout.as_mut().unwrap()).unwrap();
-    let e = err(resp, ErrorKind::Denied);
+    d.open_to_others();
+    let e = err(
+        call_as(65534, &d.socket, &Request::Status),
+        ErrorKind::Denied,
+    );
     assert!(e.message.contains("uid 65534"), "{}", e.message);
-    assert!(child.wait_for(BOUND).unwrap().success());
     // Root clients are still served.
     assert_eq!(d.status().leases, 0);
     assert!(d.log().contains("refusing client"), "{}", d.log());

@@ -93,6 +93,14 @@ fn plugin_conf(d: &TestDaemon, dir: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// A directory, a daemon whose lease files may live in it, and a host configured for it.
+fn daemon_and_host() -> (tempfile::TempDir, TestDaemon, Host) {
+    let dir = tempdir();
+    let d = start_daemon(dir.path());
+    let h = new_host(&plugin_conf(&d, dir.path(), ""));
+    (dir, d, h)
+}
+
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("lw-abi")
@@ -317,9 +325,7 @@ const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
 
 #[test]
 fn bad_input_is_refused_with_a_libvirt_error() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (dir, _d, mut h) = daemon_and_host();
     // A real image and a real owner: an input that slipped through would reach the daemon
     // and succeed (or lock the image), which the checks below would notice.
     let img = image(dir.path(), "a.qcow2");
@@ -933,9 +939,7 @@ fn a_panic_in_any_entry_point_becomes_an_error() {
 
 #[test]
 fn a_vm_without_disks_acquires_and_releases() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (_dir, d, mut h) = daemon_and_host();
     let a = vm("diskless");
     let pid = h.start_owner(&a, &[]);
     assert_eq!(h.acquire_as(&a, pid, &[]), "OK", "log:\n{}", d.log());
@@ -946,9 +950,7 @@ fn a_vm_without_disks_acquires_and_releases() {
 
 #[test]
 fn release_twice_and_acquire_twice_are_fine() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "a.img");
     let a = vm("twice");
     let pid = h.start_owner(&a, &[disk(&img)]);
@@ -1026,9 +1028,7 @@ fn bad_resources_refused_by_the_daemon_change_nothing() {
 
 #[test]
 fn paths_with_spaces_and_newlines_work() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "my disk\nimage %1:x.img");
     let a = vm("spaces");
     let b = vm("other vm");
@@ -1053,9 +1053,7 @@ fn paths_with_spaces_and_newlines_work() {
 
 #[test]
 fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let d1 = image(dir.path(), "d1.img");
     let d2 = image(dir.path(), "d2.img");
     let d3 = image(dir.path(), "d3.img");
@@ -1089,9 +1087,7 @@ fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
 
 #[test]
 fn lifetime_handle_from_start_releases_on_exit() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "life.img");
     let a = vm("life");
     let pid = h.start_owner(&a, &[disk(&img)]);
@@ -1121,9 +1117,7 @@ fn lifetime_handle_from_start_releases_on_exit() {
 
 #[test]
 fn raw_acquire_with_fd_returns_an_inheritable_handle() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = new_host(&plugin_conf(&d, dir.path(), ""));
+    let (_dir, _d, mut h) = daemon_and_host();
     let before = h.ok("fdcount");
     let a = vm("rawfd");
     let pid = h.start_owner(&a, &[]);

@@ -387,16 +387,24 @@ fn owner_closing_handle_while_holding_is_terminated() {
     );
 }
 
-#[test]
-fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
+/// A daemon with kill_grace_ms = 700, its host, and a helper owner that ignores SIGTERM and
+/// holds `stubborn.img` (in the returned directory).
+fn stubborn_owner_with_a_lease() -> (TestDaemon, Host, tempfile::TempDir, Helper) {
     let d1 = TestDaemon::verbose("kill_grace_ms = 700");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
 
-    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
+    let (owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
     h1.acquire(&vm, &[disk(&img)])
         .expect_ok("lease for the owner");
+    (d1, h1, images, owner)
+}
+
+#[test]
+fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
+    let (_d1, _h1, images, mut owner) = stubborn_owner_with_a_lease();
+    let img = images.path().join("stubborn.img");
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
@@ -432,14 +440,8 @@ fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
 /// it is dead; otherwise another host can start the same VM while the old one still writes.
 #[test]
 fn lease_outlives_its_owner_process() {
-    let d1 = TestDaemon::verbose("kill_grace_ms = 700");
-    let mut h1 = d1.host();
-    let images = tempdir();
-    let img = image(images.path(), "stubborn.img");
-
-    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
-    h1.acquire(&vm, &[disk(&img)])
-        .expect_ok("lease for the owner");
+    let (_d1, _h1, images, mut owner) = stubborn_owner_with_a_lease();
+    let img = images.path().join("stubborn.img");
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
@@ -898,9 +900,7 @@ fn non_root_peer_refused() {
     drop(h);
 
     // (b) Socket opened to everybody: the daemon's SO_PEERCRED check must refuse.
-    chmod(&d1.dir, 0o755);
-    chmod(d1.socket.parent().expect("run dir"), 0o755);
-    chmod(&d1.socket, 0o777);
+    d1.open_to_others();
     let mut h = Host::spawn_as(&d1.plugin_conf(""), Some(NOBODY));
     assert_eq!(h.ready_line, "READY", "non-root host loads the plugin");
     let mut v = Vm::new("nobody-b");

@@ -336,6 +336,21 @@ impl TestDaemon {
             .unwrap_or_default()
     }
 
+    /// Let every uid reach the client socket (its directories 0755, the socket 0666), so that
+    /// what refuses a client of another uid is the daemon's own SO_PEERCRED check.
+    pub fn open_to_others(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let run = self.socket.parent().expect("socket directory");
+        for (p, mode) in [
+            (self.dir.as_path(), 0o755),
+            (run, 0o755),
+            (&self.socket, 0o666),
+        ] {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode))
+                .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", p.display()));
+        }
+    }
+
     /// The keeper's socket (beside the daemon's).
     pub fn keeper_socket(&self) -> PathBuf {
         self.socket.with_file_name("lockwardend-keeper.sock")

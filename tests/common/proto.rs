@@ -290,6 +290,40 @@ pub unsafe fn child_roundtrip(
     }
 }
 
+/// Send `req` to `socket` from a child running as uid and gid `uid` (no supplementary groups)
+/// and return the daemon's answer; the child must exit cleanly.
+pub fn call_as(uid: u32, socket: &Path, req: &Request) -> Response {
+    let frame = protocol::encode(req).expect("encode");
+    let addr = sockaddr(socket);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cmd = Command::new("true");
+    cmd.stdout(Stdio::piped());
+    // SAFETY: raw, async-signal-safe syscalls only (setgroups, setgid, setuid, socket, ...)
+    // between fork and exec, on buffers allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut child = Proc(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning the uid {uid} client: {e}")),
+    );
+    let resp = protocol::read_message(child.0.stdout.as_mut().expect("stdout"))
+        .unwrap_or_else(|e| panic!("the answer to the uid {uid} client: {e}"));
+    let st = child.wait_for(BOUND).expect("the uid {uid} client exits");
+    assert!(st.success(), "the uid {uid} client: {st}");
+    resp
+}
+
 /// `sh -c SCRIPT` that, before exec, registers itself with the daemon as owner `name`
 /// (Register with restrict, from its own pid: its lifetime handle) and keeps the connection
 /// as fd 9 — exactly what libvirt's forked child does before it becomes QEMU.
