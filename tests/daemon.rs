@@ -183,20 +183,17 @@ fn busy_between_two_owners_of_one_daemon() {
     let e = err(d.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     let p = img.to_str().unwrap();
     assert_eq!(e.resource.as_deref(), Some(p));
-    for needle in [
-        p,
-        "VM 'web1'",
-        a.owner.uuid.as_str(),
-        hostname().as_str(),
-        " UTC",
-        "(exclusive)",
-    ] {
-        assert!(
-            e.message.contains(needle),
-            "{needle:?} missing in {:?}",
-            e.message
-        );
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            p,
+            "VM 'web1'",
+            a.owner.uuid.as_str(),
+            hostname().as_str(),
+            " UTC",
+            "(exclusive)",
+        ],
+    );
     let h = e.holder.expect("holder");
     assert_eq!(h.vm_name.as_deref(), Some("web1"));
     assert_eq!(h.vm_uuid.as_deref(), Some(a.owner.uuid.as_str()));
@@ -219,19 +216,16 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
     d1.acquired(&a.owner, vec![excl(&img)]);
     let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     // Host 1 published who holds it (holder record beside the image): host 2 names the VM.
-    for needle in [
-        img.to_str().unwrap(),
-        "is in use by VM 'db-host1'",
-        a.owner.uuid.as_str(),
-        hostname().as_str(),
-        "(exclusive)",
-    ] {
-        assert!(
-            e.message.contains(needle),
-            "{needle:?} missing: {}",
-            e.message
-        );
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            img.to_str().unwrap(),
+            "is in use by VM 'db-host1'",
+            a.owner.uuid.as_str(),
+            hostname().as_str(),
+            "(exclusive)",
+        ],
+    );
     let h = e.holder.expect("holder");
     assert_eq!(h.vm_name.as_deref(), Some("db-host1"));
     assert_eq!(h.mode, Some(LeaseMode::Exclusive));

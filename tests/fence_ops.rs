@@ -8,7 +8,7 @@ mod common;
 
 use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
-use common::proto::{Client, Vm, excl, vm};
+use common::proto::{Client, Vm, excl, proc_state, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, Request, Response};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
@@ -35,12 +35,6 @@ fn daemon() -> TestDaemon {
 
 fn mount() -> Fs {
     Fs::mount("lw-fops", Duration::from_secs(20))
-}
-
-/// The state letter of /proc/PID/stat (R, S, T, Z...), None once gone.
-fn proc_state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
 }
 
 fn acquire(d: &TestDaemon, v: &Vm, p: &Path, action: FailureAction) {

@@ -234,9 +234,7 @@ fn the_schema_checker_rejects_what_it_should() {
         "lock_path": "/x", "owners": [], "since": -1, "extra": true}]});
     validate(&root, &root["definitions"]["list"], &bad, "list", &mut errs);
     let text = errs.join("\n");
-    for needle in ["name", "weird", "minimum", "extra"] {
-        assert!(text.contains(needle), "{needle} not reported in {text}");
-    }
+    common::assert_mentions(&text, &["name", "weird", "minimum", "extra"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,15 +581,17 @@ fn shared_holders_on_two_hosts_are_all_named() {
         &found.records(),
         found.lock.as_ref(),
     );
-    for needle in [
-        format!("disk {p} is in use by VM 'a1'"),
-        "on host node-a since 2026-11-26 10:04:05 UTC (shared)".to_string(),
-        ", and by VM 'b1'".to_string(),
-        ", and by VM 'b2' (uuid c7a5fdbd-cdaf-9455-926a-000000000003) on host node-b".to_string(),
-        "shut those VMs down or detach the disk from them first".to_string(),
-    ] {
-        assert!(msg.contains(&needle), "{needle:?} missing in {msg}");
-    }
+    common::assert_mentions(
+        &msg,
+        &[
+            format!("disk {p} is in use by VM 'a1'"),
+            "on host node-a since 2026-11-26 10:04:05 UTC (shared)".to_string(),
+            ", and by VM 'b1'".to_string(),
+            ", and by VM 'b2' (uuid c7a5fdbd-cdaf-9455-926a-000000000003) on host node-b"
+                .to_string(),
+            "shut those VMs down or detach the disk from them first".to_string(),
+        ],
+    );
     assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
 
     // node-a crashes (lease and record descriptors close together): only node-b is named.
@@ -627,16 +627,13 @@ fn a_non_lockwarden_posix_holder_is_named_by_pid() {
     assert_eq!(r.holder.pid, Some(h.pid));
     assert_eq!(r.holder.mode, Some(LeaseMode::Shared));
     assert!(r.holder.vm_name.is_none());
-    for needle in [
-        format!("disk {p} is locked (shared) by a process that is not lockwarden"),
-        format!("local process {} ({})", h.pid, comm.trim()),
-    ] {
-        assert!(
-            r.message.contains(&needle),
-            "{needle:?} missing in {}",
-            r.message
-        );
-    }
+    common::assert_mentions(
+        &r.message,
+        &[
+            format!("disk {p} is locked (shared) by a process that is not lockwarden"),
+            format!("local process {} ({})", h.pid, comm.trim()),
+        ],
+    );
     // `who` says the same, and exits 0 (the disk is held).
     let conf = dir.path().join("qemu-lockwarden.conf");
     fs::write(&conf, "").unwrap();

@@ -16,7 +16,7 @@ use common::wait::wait_until_or;
 use common::fuse::Fs;
 use common::image;
 use common::locks::hold_byte0;
-use common::proto::{BOUND, Vm, byte0, ok, owner_for, running, sleeper};
+use common::proto::{BOUND, Vm, byte0, ok, owner_for, proc_state, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
 use std::fs;
 use std::path::Path;
@@ -140,12 +140,6 @@ fn open_fds(pid: u32) -> Vec<u64> {
         .collect();
     v.sort_unstable();
     v
-}
-
-/// Process state letter of `pid` ('T' when stopped).
-fn state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
 }
 
 fn vm(name: &str) -> Vm {
@@ -290,7 +284,7 @@ fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
         "the VM is stopped",
         BOUND,
         || d.log(),
-        || state(pid) == Some('T'),
+        || proc_state(pid) == Some('T'),
     );
     wait_until_or(
         "the paused VM's lock is re-checked and reported still lost",
@@ -307,7 +301,7 @@ fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
         || d.log(),
         || d.log().contains("somebody else holds it"),
     );
-    assert_eq!(state(pid), Some('T'), "resumed by lockwardend");
+    assert_eq!(proc_state(pid), Some('T'), "resumed by lockwardend");
     drop(other);
     wait_until_or(
         "the lock is taken back and reported",
@@ -316,7 +310,11 @@ fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
         || d.log().contains("is held again"),
     );
     assert_eq!(byte0(&f.backing.join("paused.img")), libc::F_WRLCK);
-    assert_eq!(state(pid), Some('T'), "lockwardend must not resume the VM");
+    assert_eq!(
+        proc_state(pid),
+        Some('T'),
+        "lockwardend must not resume the VM"
+    );
     assert_eq!(lost(&d).len(), 1, "one detection: {:?}", lost(&d));
     assert_eq!(list(&d), vec![img.to_string_lossy().into_owned()]);
 }

@@ -9,7 +9,7 @@ use common::wait::{poll, wait_until, wait_until_or};
 use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::locks::hold_byte0;
-use common::proto::byte0;
+use common::proto::{Proc, byte0, sleeper};
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
     Response,
@@ -17,7 +17,6 @@ use lockwarden::protocol::{
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn prerequisites() {
@@ -29,36 +28,7 @@ fn mount() -> Fs {
     Fs::mount("lw-nfs", Duration::from_secs(20))
 }
 
-/// A process standing in for QEMU.
-struct Qemu(Child);
-
-impl Qemu {
-    fn spawn() -> Qemu {
-        Qemu(
-            Command::new("sleep")
-                .arg("1000")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn state(&self) -> Option<char> {
-        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        s.rsplit_once(')')?.1.trim().chars().next()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn owner(name: &str, q: &Qemu) -> Owner {
+fn owner(name: &str, q: &Proc) -> Owner {
     Owner {
         uuid: format!("00000000-0000-4000-8000-{:012x}", q.pid()),
         name: name.into(),
@@ -127,6 +97,33 @@ fn leases(d: &TestDaemon) -> Vec<String> {
     }
 }
 
+/// `r`, answered after `waited`, is the Timeout refusal of `what` on the hung mount `mnt`: it
+/// says the storage is not answering, names the disk and the mount, and came no earlier than
+/// storage_timeout_ms (2 s).
+fn assert_storage_timeout(what: &str, r: Response, waited: Duration, disk: &Path, mnt: &Path) {
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Timeout, "{what}: {e:?}");
+            assert!(e.message.contains("not answering"), "{}", e.message);
+            assert!(
+                e.message.contains(&*disk.to_string_lossy()),
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.contains(&*mnt.to_string_lossy()),
+                "names the mount: {}",
+                e.message
+            );
+        }
+        other => panic!("{what}: expected Timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "{what}: answered too early: {waited:?}"
+    );
+}
+
 #[test]
 fn hung_mount_stalls_only_its_own_disks() {
     prerequisites();
@@ -134,7 +131,7 @@ fn hung_mount_stalls_only_its_own_disks() {
     let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
-    let (qa, qb) = (Qemu::spawn(), Qemu::spawn());
+    let (qa, qb) = (sleeper(), sleeper());
     let (oa, ob) = (owner("vm-good", &qa), owner("vm-hung", &qb));
     bad.set("hang 1\n");
     let sock = d.socket.clone();
@@ -171,23 +168,7 @@ fn hung_mount_stalls_only_its_own_disks() {
     eprintln!(
         "healthy-mount acquire while another mount hangs: {good_latency:?}; hung one answered after {waited:?}"
     );
-    match r {
-        Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
-            assert!(e.message.contains("not answering"), "{}", e.message);
-            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
-            assert!(
-                e.message.contains(&*bad.mnt.to_string_lossy()),
-                "names the mount: {}",
-                e.message
-            );
-        }
-        other => panic!("hung mount: expected Timeout, got {other:?}"),
-    }
-    assert!(
-        waited >= Duration::from_millis(1900),
-        "answered too early: {waited:?}"
-    );
+    assert_storage_timeout("hung mount", r, waited, &b, &bad.mnt);
     // Storage comes back: the late lock is dropped again, nothing is left behind.
     bad.set("");
     wait_until(
@@ -221,7 +202,7 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let c = bad.image("c.img");
-    let (qa, qb, qc) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
+    let (qa, qb, qc) = (sleeper(), sleeper(), sleeper());
     let (oa, ob, oc) = (
         owner("vm-good", &qa),
         owner("vm-release", &qb),
@@ -274,23 +255,7 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
         "status + healthy-mount acquire while a release and a VM exit hang: {served:?}; the \
          release was answered after {waited:?}"
     );
-    match r {
-        Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
-            assert!(e.message.contains("not answering"), "{}", e.message);
-            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
-            assert!(
-                e.message.contains(&*bad.mnt.to_string_lossy()),
-                "names the mount: {}",
-                e.message
-            );
-        }
-        other => panic!("release on a hung mount: expected Timeout, got {other:?}"),
-    }
-    assert!(
-        waited >= Duration::from_millis(1900),
-        "answered too early: {waited:?}"
-    );
+    assert_storage_timeout("release on a hung mount", r, waited, &b, &bad.mnt);
     assert!(
         locked(&bad.backing.join("b.img")),
         "still locked while hung"
@@ -335,7 +300,7 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
     let f = mount();
     let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
     f.set("delay_ms 2\n");
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm16", &q);
     let rounds = 5;
     let mut one = Duration::ZERO;
@@ -396,7 +361,7 @@ fn all_or_nothing_across_mounts() {
     let b = m2.image("b.img");
     // Somebody else (another host, say) holds b.
     let _other = hold_byte0(&b);
-    let q = Qemu::spawn();
+    let q = sleeper();
     let r = acquire(
         &d,
         &owner("vm-aon", &q),
@@ -419,7 +384,7 @@ fn lost_case(action: FailureAction, label: &str) {
     let d = TestDaemon::verbose(&format!("lease_check_interval_ms = {interval}\n"));
     let f = mount();
     let img = f.image(&format!("{label}.img"));
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner(label, &q);
     let r = acquire(&d, &o, std::slice::from_ref(&img), action);
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");

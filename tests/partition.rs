@@ -10,14 +10,13 @@ use common::wait::poll;
 
 use common::daemon::TestDaemon;
 use common::fuse::Testfs;
-use common::proto::excl;
+use common::proto::{Proc, excl, sleeper};
 use lockwarden::protocol::{self, FailureAction, Owner, Request, Response};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Settings of the daemons under test: beats every 100 ms, fence after 2 s of silence.
@@ -98,40 +97,7 @@ impl Fs {
     }
 }
 
-/// A process standing in for QEMU.
-struct Qemu(Child);
-
-impl Qemu {
-    fn spawn() -> Qemu {
-        Qemu(
-            Command::new("sleep")
-                .arg("1000")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    /// The state letter of /proc/PID/stat (R, S, T, Z...), None once reaped.
-    fn state(&self) -> Option<char> {
-        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        s.rsplit_once(')')?.1.trim().chars().next()
-    }
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.0.try_wait().unwrap()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn owner(name: &str, q: &Qemu) -> Owner {
+fn owner(name: &str, q: &Proc) -> Owner {
     Owner {
         uuid: format!("00000000-0000-4000-8000-{:012x}", q.pid()),
         name: name.into(),
@@ -200,7 +166,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     prerequisites();
     let d = daemon();
     let (x, y) = (Fs::mount(), Fs::mount());
-    let (qp, mut qk, mut qi, mut qo) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
+    let (qp, mut qk, mut qi, mut qo) = (sleeper(), sleeper(), sleeper(), sleeper());
     let (op, ok, oi, oo) = (
         owner("vm-pause", &qp),
         owner("vm-default", &qk),
@@ -300,7 +266,7 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
     prerequisites();
     let d = daemon();
     let x = Fs::mount();
-    let mut q = Qemu::spawn();
+    let mut q = sleeper();
     let o = owner("vm-paused-lost", &q);
     let p = x.image("lost.img");
     acquire(&d, &o, &p, FailureAction::Pause);
@@ -338,7 +304,7 @@ fn without_a_heartbeat_file_the_beat_tests_the_lock() {
     let d = daemon();
     let x = Fs::mount();
     fs::set_permissions(&x.backing, fs::Permissions::from_mode(0o777)).unwrap();
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm-fallback", &q);
     let p = x.image("fallback.img");
     acquire(&d, &o, &p, FailureAction::Pause);
@@ -379,7 +345,7 @@ fn fencing_works_after_a_live_reexec() {
     prerequisites();
     let d = daemon();
     let x = Fs::mount();
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm-reexec", &q);
     let p = x.image("reexec.img");
     acquire(&d, &o, &p, FailureAction::Pause);
@@ -529,11 +495,11 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         };
         let fences_before = a.log().matches("FENCE:").count();
         // A's VMs: disk name -> (VM process, action).
-        let mut vms: Vec<(String, Qemu, FailureAction)> = Vec::new();
+        let mut vms: Vec<(String, Proc, FailureAction)> = Vec::new();
         for j in 0..n {
             let name = format!("r{round}-{j}.img");
             fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
-            let q = Qemu::spawn();
+            let q = sleeper();
             let action = if rng.below(2) == 0 {
                 FailureAction::Pause
             } else {
@@ -563,7 +529,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         let in_flight = (rng.below(3) == 0).then(|| {
             let name = format!("r{round}-late.img");
             fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
-            let q = Qemu::spawn();
+            let q = sleeper();
             let (sock, o, path) = (
                 a.socket.clone(),
                 owner(&format!("a-{name}"), &q),
@@ -625,7 +591,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 (r, t.elapsed())
             })
         });
-        let mut b_owners: Vec<Qemu> = Vec::new();
+        let mut b_owners: Vec<Proc> = Vec::new();
         let mut b_held: std::collections::HashSet<String> = Default::default();
         let mut healed = false;
         let settle = Duration::from_millis(len_ms + 1500);
@@ -639,7 +605,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 if b_held.contains(d) {
                     continue;
                 }
-                let q = Qemu::spawn();
+                let q = sleeper();
                 let r = call(
                     &b.socket,
                     &Request::Acquire {

@@ -256,8 +256,8 @@ fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
 // Protocol-level daemons (each test starts its own; killed on drop)
 
 use common::proto::{
-    Client, Proc, byte0, err, eventually, excl, ok, probe_lock, shared, signal, spawn_registered,
-    tell, vm,
+    Client, Proc, byte0, err, eventually, excl, ok, probe_lock, proc_state, shared, signal,
+    spawn_registered, tell, vm,
 };
 use lockwarden::protocol::{
     ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Request, ResourceKind, Response,
@@ -721,12 +721,6 @@ fn mount_fs() -> Fs {
     Fs::mount("lw-safety", BOUND)
 }
 
-/// The process state letter of `pid` (Z: exited, not reaped yet).
-fn proc_state(pid: i32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
-}
-
 // ---------------------------------------------------------------------------------------------
 // S6: on_lockfailure=restart, through the plugin: a lost lock SIGKILLs the VM (libvirt then
 // starts it again, and the new start must win the lock anew) (docs/storage.md "Lost locks").
@@ -755,8 +749,8 @@ fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
     wait_until_or(
         "the VM whose lock was lost is dead",
         BOUND,
-        || format!("state {:?}", proc_state(vm.pid)),
-        || proc_state(vm.pid) == Some('Z'),
+        || format!("state {:?}", proc_state(vm.pid as u32)),
+        || proc_state(vm.pid as u32) == Some('Z'),
     );
     let status = h.cmd(&format!("wait {}", vm.pid));
     let st: i32 = status

@@ -53,6 +53,15 @@ pub fn run_as(cmd: &mut Command, uid: u32) {
     }
 }
 
+/// Assert that `text` mentions every one of `needles` (naming the first one missing).
+#[track_caller]
+pub fn assert_mentions(text: &str, needles: &[impl AsRef<str>]) {
+    for needle in needles {
+        let needle = needle.as_ref();
+        assert!(text.contains(needle), "{needle:?} missing in {text:?}");
+    }
+}
+
 /// libvirt's VIR_ERR_RESOURCE_BUSY.
 pub const CODE_BUSY: i32 = 87;
 /// libvirt's VIR_FROM_LOCKING.

@@ -34,6 +34,18 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// The state letter of the process (see [`proc_state`]).
+    pub fn state(&self) -> Option<char> {
+        proc_state(self.pid())
+    }
+
+    /// Its exit status once it has exited (reaping it), None while it runs.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().unwrap()
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -57,18 +69,15 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
 }
 
+/// The state letter of /proc/PID/stat (R, S, T, Z...), None once the process is gone.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim().chars().next()
+}
+
 /// Is `pid` a live (not zombie) process?
 pub fn running(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s.get(i + 1..))
-                .and_then(|rest| rest.split_whitespace().next().map(str::to_string));
-            !matches!(state.as_deref(), Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
+    !matches!(proc_state(pid), Some('Z') | Some('X') | None)
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(1);
