@@ -93,6 +93,17 @@ fn plugin_conf(d: &TestDaemon, dir: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// `DIR/plugin.conf` naming a daemon socket where no daemon listens (`DIR/none.sock`).
+fn conf_without_daemon(dir: &Path) -> PathBuf {
+    let conf = dir.join("plugin.conf");
+    fs::write(
+        &conf,
+        format!("daemon_socket = \"{}\"\n", dir.join("none.sock").display()),
+    )
+    .unwrap();
+    conf
+}
+
 /// A directory, a daemon whose lease files may live in it, and a host configured for it.
 fn daemon_and_host() -> (tempfile::TempDir, TestDaemon, Host) {
     let dir = tempdir();
@@ -571,15 +582,7 @@ fn bad_input_is_refused_with_a_libvirt_error() {
 #[test]
 fn acquire_failure_closes_the_connection_and_leaves_fd_minus_one() {
     let dir = tempdir();
-    let conf = dir.path().join("plugin.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon_socket = \"{}\"\n",
-            dir.path().join("none.sock").display()
-        ),
-    )
-    .unwrap();
+    let conf = conf_without_daemon(dir.path());
     let mut h = new_host(&conf);
     let before = h.ok("fdcount");
     h.ok(&format!(
@@ -849,15 +852,7 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
 #[test]
 fn a_panic_in_any_entry_point_becomes_an_error() {
     let dir = tempdir();
-    let conf = dir.path().join("plugin.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon_socket = \"{}\"\n",
-            dir.path().join("none.sock").display()
-        ),
-    )
-    .unwrap();
+    let conf = conf_without_daemon(dir.path());
     let a = vm("panicky");
     let head = a.head();
     for (point, func, cmd) in [

@@ -43,15 +43,21 @@ fn mode_of(p: &Path) -> u32 {
         & 0o7777
 }
 
+/// Two hosts sharing storage: two daemons, a C host (the plugin) on each, and a directory
+/// for the images both see.
+fn two_hosts() -> (TestDaemon, TestDaemon, Host, Host, tempfile::TempDir) {
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
+    let h1 = d1.host();
+    let h2 = d2.host();
+    (d1, d2, h1, h2, tempdir())
+}
+
 // 1 ------------------------------------------------------------------------------------------
 
 #[test]
 fn exclusive_disk_refused_on_same_and_second_daemon() {
-    let d1 = TestDaemon::verbose("");
-    let d2 = TestDaemon::verbose("");
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "exclusive.img");
 
     let a = h1.start("holder");
@@ -119,11 +125,7 @@ fn exclusive_disk_refused_on_same_and_second_daemon() {
 
 #[test]
 fn shared_readonly_and_exclusive_modes() {
-    let d1 = TestDaemon::verbose("");
-    let d2 = TestDaemon::verbose("");
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (d1, _d2, mut h1, mut h2, images) = two_hosts();
 
     // shared + shared on both daemons.
     let sh = image(images.path(), "shared.img");
@@ -208,11 +210,7 @@ fn shared_readonly_and_exclusive_modes() {
 
 #[test]
 fn sixteen_disks_all_or_nothing() {
-    let d1 = TestDaemon::verbose("");
-    let d2 = TestDaemon::verbose("");
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let disks: Vec<_> = (0..16)
         .map(|i| image(images.path(), &format!("disk{i:02}.img")))
         .collect();
@@ -279,11 +277,7 @@ fn sixteen_disks_all_or_nothing() {
 
 #[test]
 fn sigkilled_owner_frees_its_leases() {
-    let d1 = TestDaemon::verbose("");
-    let d2 = TestDaemon::verbose("");
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "victim.img");
     let img2 = image(images.path(), "victim2.img");
 
@@ -473,11 +467,7 @@ fn lease_outlives_its_owner_process() {
 
 #[test]
 fn two_paths_to_one_image_are_one_lease() {
-    let d1 = TestDaemon::verbose("");
-    let d2 = TestDaemon::verbose("");
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "real.img");
     let sym = images.path().join("symlink.img");
     std::os::unix::fs::symlink(&img, &sym).expect("symlink");
