@@ -205,6 +205,39 @@ fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner) {
     (p, owner)
 }
 
+/// A daemon in a new directory and VM `name` holding `img` (a new image in another directory);
+/// the directories go with the first element.
+fn a_vm_holding(
+    name: &str,
+    img: &str,
+) -> (
+    (tempfile::TempDir, tempfile::TempDir),
+    TestDaemon,
+    Vm,
+    PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let d = start(dir.path());
+    let v = vm(name);
+    let img = image(images.path(), img);
+    assert!(matches!(
+        d.client().call(&acquire_req(&v.owner, &img)),
+        Response::Ok { .. }
+    ));
+    ((dir, images), d, v, img)
+}
+
+/// The daemon crashes (SIGKILL): its keeper holds the one lease (`who` says which keeper) and
+/// the restarted daemon takes it back.
+fn a_crash_leaves_the_lease_with_the_keeper(d: &mut TestDaemon, img: &Path, who: &str) {
+    d.stop(libc::SIGKILL);
+    assert_eq!(keeper_held_after_daemon_death(d), 1);
+    assert_eq!(byte0(img), libc::F_WRLCK, "{who}");
+    respawn(d);
+    assert_eq!(d.list().len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -660,15 +693,7 @@ fn plain_stop_with_no_leases_leaves_nothing_behind() {
 
 #[test]
 fn a_killed_keeper_is_replaced_and_still_protects() {
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = start(dir.path());
-    let v = vm("kept");
-    let img = image(images.path(), "k.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
+    let (_dirs, mut d, _v, img) = a_vm_holding("kept", "k.img");
     let old = keeper_pid(&d).unwrap();
     signal(old, libc::SIGKILL);
     eventually("a new keeper serves", || {
@@ -682,30 +707,14 @@ fn a_killed_keeper_is_replaced_and_still_protects() {
     wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
     assert_eq!(byte0(&img), libc::F_WRLCK);
     // The new keeper holds the lease: a daemon crash now still drops nothing.
-    d.stop(libc::SIGKILL);
-    assert_eq!(keeper_held_after_daemon_death(&d), 1);
-    assert_eq!(
-        byte0(&img),
-        libc::F_WRLCK,
-        "the replacement keeper holds the lock"
-    );
-    respawn(&mut d);
-    assert_eq!(d.list().len(), 1);
+    a_crash_leaves_the_lease_with_the_keeper(&mut d, &img, "the replacement keeper holds the lock");
 }
 
 #[test]
 fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     // The second loss within a second is not retried in a tight loop but by a timer: the new
     // keeper must still come, with no lock request to trigger it.
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = start(dir.path());
-    let v = vm("kept-twice");
-    let img = image(images.path(), "k2.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
+    let (_dirs, mut d, _v, img) = a_vm_holding("kept-twice", "k2.img");
     let mut seen = (0, 0);
     let first = keeper_pid(&d).unwrap();
     signal(first, libc::SIGKILL);
@@ -718,15 +727,7 @@ fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     let third = keeper_pid(&d).unwrap();
     assert!(third != second && running(third));
     d.keepers.push(third);
-    d.stop(libc::SIGKILL);
-    assert_eq!(keeper_held_after_daemon_death(&d), 1);
-    assert_eq!(
-        byte0(&img),
-        libc::F_WRLCK,
-        "the third keeper holds the lock"
-    );
-    respawn(&mut d);
-    assert_eq!(d.list().len(), 1);
+    a_crash_leaves_the_lease_with_the_keeper(&mut d, &img, "the third keeper holds the lock");
 }
 
 #[test]
@@ -734,15 +735,7 @@ fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variab
     // The daemon has threads (storage workers, closers) when it replaces a keeper, so the
     // forked child must exec at once: the keeper is `lockwardend --internal-keeper ...`, a new
     // image of the same binary, and it never sees the daemon's socket-activation variables.
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = start(dir.path());
-    let v = vm("exec");
-    let img = image(images.path(), "e.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
+    let (_dirs, mut d, _v, img) = a_vm_holding("exec", "e.img");
     let daemon_exe = fs::read_link(format!("/proc/{}/exe", d.pid())).unwrap();
     let check = |k: u32| {
         let cmdline = fs::read(format!("/proc/{k}/cmdline")).unwrap();
