@@ -123,6 +123,16 @@ fn fence(d: &TestDaemon, x: &Fs, v: &Vm) {
     });
 }
 
+/// [`fence`], then the storage answers again: the re-check finds the lock of `p` still ours and
+/// the lease waits for a thaw.
+fn fence_and_heal(d: &TestDaemon, x: &Fs, v: &Vm, p: &Path) {
+    fence(d, x, v);
+    x.set("");
+    d.wait_for("held-awaiting-thaw", || {
+        json_stage(d, p).as_deref() == Some("held-awaiting-thaw")
+    });
+}
+
 /// The whole cycle: fenced while partitioned (thaw refused, nothing changes), re-checked after
 /// the heal (held-awaiting-thaw in list, --json and status), thawed by name (the process runs
 /// again, the stage is gone, status is clean). Each event is logged once. (Old code: `thaw`
@@ -265,11 +275,7 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     let mut v = vm("vm-lost-later");
     let p = x.image("later.img");
     acquire(&d, &v, &p, FailureAction::Pause);
-    fence(&d, &x, &v);
-    x.set("");
-    d.wait_for("held-awaiting-thaw", || {
-        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
-    });
+    fence_and_heal(&d, &x, &v, &p);
     x.set("lost later.img\n");
     let msg = refused(thaw(&d, "vm-lost-later"), ErrorKind::Io);
     assert!(
@@ -513,11 +519,7 @@ fn thaw_whose_reverification_times_out_changes_nothing() {
     let v = vm("vm-slow");
     let p = x.image("slow.img");
     acquire(&d, &v, &p, FailureAction::Pause);
-    fence(&d, &x, &v);
-    x.set("");
-    d.wait_for("held-awaiting-thaw", || {
-        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
-    });
+    fence_and_heal(&d, &x, &v, &p);
     x.set("delay_ms 3000\n");
     let t0 = Instant::now();
     let msg = refused(thaw(&d, "vm-slow"), ErrorKind::Timeout);
