@@ -93,6 +93,12 @@ fn plugin_conf(d: &TestDaemon, dir: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// `acquire` of `res` for `vm` as owner `pid` succeeds (else panics with the daemon log).
+#[track_caller]
+fn acquired(h: &mut Host, d: &TestDaemon, vm: &Vm, pid: i32, res: &[String]) {
+    assert_eq!(h.acquire_as(vm, pid, res), "OK", "log:\n{}", d.log());
+}
+
 /// `DIR/plugin.conf` naming a daemon socket where no daemon listens (`DIR/none.sock`).
 fn conf_without_daemon(dir: &Path) -> PathBuf {
     let conf = dir.join("plugin.conf");
@@ -937,7 +943,7 @@ fn a_vm_without_disks_acquires_and_releases() {
     let (_dir, d, mut h) = daemon_and_host();
     let a = vm("diskless");
     let pid = h.start_owner(&a, &[]);
-    assert_eq!(h.acquire_as(&a, pid, &[]), "OK", "log:\n{}", d.log());
+    acquired(&mut h, &d, &a, pid, &[]);
     assert_eq!(h.release_as(&a, pid, &[]), "OK");
     assert_eq!(h.ok(&format!("inquire {} {pid}", a.head())), "");
     assert_eq!(h.ok(&format!("release-nostate {} {pid}", a.head())), "");
@@ -949,12 +955,7 @@ fn release_twice_and_acquire_twice_are_fine() {
     let img = image(dir.path(), "a.img");
     let a = vm("twice");
     let pid = h.start_owner(&a, &[disk(&img)]);
-    assert_eq!(
-        h.acquire_as(&a, pid, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pid, &[disk(&img)]);
     assert_eq!(
         h.acquire_as(&a, pid, &[disk(&img)]),
         "OK",
@@ -1029,12 +1030,7 @@ fn paths_with_spaces_and_newlines_work() {
     let b = vm("other vm");
     let pa = h.start_owner(&a, &[disk(&img)]);
     let pb = h.start_owner(&b, &[disk(&img)]);
-    assert_eq!(
-        h.acquire_as(&a, pa, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pa, &[disk(&img)]);
     let e = parse_err(&h.acquire_as(&b, pb, &[disk(&img)])).expect("second owner refused");
     e.expect(87, &["my disk"]);
     assert_eq!(h.release_as(&a, pa, &[disk(&img)]), "OK");
@@ -1054,12 +1050,7 @@ fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
     let d3 = image(dir.path(), "d3.img");
     let a = vm("hotplug");
     let pid = h.start_owner(&a, &[disk(&d1), disk(&d2)]);
-    assert_eq!(
-        h.acquire_as(&a, pid, &[disk(&d1), disk(&d2)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pid, &[disk(&d1), disk(&d2)]);
     // virDomainLockImageAttach: a fresh manager with only the new disk.
     assert_eq!(h.acquire_as(&a, pid, &[disk(&d3)]), "OK");
     let b = vm("intruder");
@@ -1086,12 +1077,7 @@ fn lifetime_handle_from_start_releases_on_exit() {
     let img = image(dir.path(), "life.img");
     let a = vm("life");
     let pid = h.start_owner(&a, &[disk(&img)]);
-    assert_eq!(
-        h.acquire_as(&a, pid, &[disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pid, &[disk(&img)]);
     let b = vm("waiting");
     let pb = h.start_owner(&b, &[]);
     parse_err(&h.acquire_as(&b, pb, &[disk(&img)]))
@@ -1152,11 +1138,12 @@ fn leases_and_lockspace_directories() {
     let pa = h.start_owner(&a, &[]);
     let lease = format!("lease:key1:{}:0:ls1", esc(leases.to_str().unwrap()));
     let plain = format!("lease:key2:{}:0", esc(leases.to_str().unwrap()));
-    assert_eq!(
-        h.acquire_as(&a, pa, &[lease.clone(), plain.clone(), disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
+    acquired(
+        &mut h,
+        &d,
+        &a,
+        pa,
+        &[lease.clone(), plain.clone(), disk(&img)],
     );
     assert!(
         leases.join("ls1/key1").exists(),
@@ -1221,12 +1208,7 @@ fn require_lease_for_disks_without_auto_leases() {
         "lease:vmkey:{}:0",
         esc(dir.path().join("leases").to_str().unwrap())
     );
-    assert_eq!(
-        h.acquire_as(&a, pid, &[lease, disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pid, &[lease, disk(&img)]);
     // The disk itself was not locked: a host with automatic disk leases can take it.
     let mut auto = new_host(&plugin_conf(&d, dir.path(), ""));
     assert_free(&mut auto, &disk(&img));

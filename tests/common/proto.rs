@@ -307,16 +307,11 @@ pub fn call_as(uid: u32, socket: &Path, req: &Request) -> Response {
     let mut buf = vec![0u8; 64 * 1024];
     let mut cmd = Command::new("true");
     cmd.stdout(Stdio::piped());
-    // SAFETY: raw, async-signal-safe syscalls only (setgroups, setgid, setuid, socket, ...)
-    // between fork and exec, on buffers allocated before the fork.
+    super::run_as(&mut cmd, uid);
+    // SAFETY: raw, async-signal-safe syscalls only (socket, connect, read, write, close)
+    // between fork and exec, after run_as's hook, on buffers allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(uid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
             let fd = child_roundtrip(&addr, &frame, &mut buf)?;
             libc::close(fd);
             Ok(())
