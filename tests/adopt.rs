@@ -5,9 +5,10 @@
 
 mod common;
 
-use common::{Daemon, Probe, image, probe0, tempdir, wait_unlocked};
+use common::daemon::TestDaemon;
+use common::locks::hold_byte0;
+use common::{Probe, image, probe0, tempdir, wait_unlocked};
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -49,16 +50,36 @@ fn fake_qemu(name: &str) -> Child {
 }
 
 struct Bed {
-    daemon: Daemon,
+    daemon: TestDaemon,
     conf: std::path::PathBuf,
     status: std::path::PathBuf,
 }
 
 impl Bed {
+    /// A daemon, a plugin config for it in `dir`, and a libvirt status directory
+    /// (`dir/status`) holding domain `domain`, running as `pid`, with `disk` and `shared`.
+    fn new(dir: &Path, domain: &str, pid: u32, disk: &Path, shared: &Path) -> Bed {
+        let daemon = TestDaemon::verbose("");
+        let conf = dir.join("qemu-lockwarden.conf");
+        fs::write(&conf, daemon.plugin_conf("")).unwrap();
+        let status = dir.join("status");
+        fs::create_dir(&status).unwrap();
+        fs::write(
+            status.join(format!("{domain}.xml")),
+            status_xml(domain, pid, disk, shared),
+        )
+        .unwrap();
+        Bed {
+            daemon,
+            conf,
+            status,
+        }
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_lockwarden"))
             .arg("--admin-socket")
-            .arg(&self.daemon.admin_socket)
+            .arg(&self.daemon.admin)
             .arg("--config")
             .arg(&self.conf)
             .arg("--status-dir")
@@ -77,45 +98,15 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// An OFD write lock on byte 0 held by this test process: "something that is not lockwarden".
-fn foreign_lock(path: &Path) -> fs::File {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    // SAFETY: flock is plain data; zeroed is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_len = 1;
-    // SAFETY: valid fd and flock pointer.
-    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    f
-}
-
 #[test]
 fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
-    let daemon = Daemon::start();
     let dir = tempdir();
-    let disk = image(dir.path(), "vm1 disk.img");
-    let shared = image(dir.path(), "shared.img");
-    let conf = dir.path().join("qemu-lockwarden.conf");
-    fs::write(&conf, daemon.plugin_conf("")).unwrap();
-    let status = dir.path().join("status");
-    fs::create_dir(&status).unwrap();
+    let (disk, shared) = (
+        image(dir.path(), "vm1 disk.img"),
+        image(dir.path(), "shared.img"),
+    );
     let mut qemu = fake_qemu("vm1");
-    fs::write(
-        status.join("vm1.xml"),
-        status_xml("vm1", qemu.id(), &disk, &shared),
-    )
-    .unwrap();
-    let bed = Bed {
-        daemon,
-        conf,
-        status,
-    };
+    let bed = Bed::new(dir.path(), "vm1", qemu.id(), &disk, &shared);
 
     // Before: exposed, exit 1.
     let o = bed.cli(&["audit"]);
@@ -133,7 +124,7 @@ fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
     assert_eq!(j["vms"][0]["resources"].as_array().unwrap().len(), 2);
 
     // A disk held by something that is not lockwarden refuses the whole VM: nothing is taken.
-    let foreign = foreign_lock(&shared);
+    let foreign = hold_byte0(&shared);
     let o = bed.cli(&["adopt", "--all"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
@@ -190,25 +181,10 @@ fn audit_then_adopt_protects_a_running_vm_until_its_qemu_exits() {
 
 #[test]
 fn a_pid_that_is_not_the_vms_qemu_is_not_adopted() {
-    let daemon = Daemon::start();
     let dir = tempdir();
-    let disk = image(dir.path(), "a.img");
-    let shared = image(dir.path(), "s.img");
-    let conf = dir.path().join("qemu-lockwarden.conf");
-    fs::write(&conf, daemon.plugin_conf("")).unwrap();
-    let status = dir.path().join("status");
-    fs::create_dir(&status).unwrap();
+    let (disk, shared) = (image(dir.path(), "a.img"), image(dir.path(), "s.img"));
     let mut other = fake_qemu("another-vm");
-    fs::write(
-        status.join("vm2.xml"),
-        status_xml("vm2", other.id(), &disk, &shared),
-    )
-    .unwrap();
-    let bed = Bed {
-        daemon,
-        conf,
-        status,
-    };
+    let bed = Bed::new(dir.path(), "vm2", other.id(), &disk, &shared);
     let o = bed.cli(&["adopt", "--all"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(

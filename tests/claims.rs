@@ -10,10 +10,11 @@
 
 mod common;
 
+use common::daemon::TestDaemon;
 use common::locks::hold_byte0;
 use common::proto::acquire_request as acquire;
 use common::proto::{Client, Proc, err, eventually, excl, ok, owner_for, sleeper};
-use common::{Daemon, image, tempdir};
+use common::{image, tempdir};
 use lockwarden::config::ConfFile;
 use lockwarden::plugin_conf::Settings as PluginSettings;
 use lockwarden::protocol::{
@@ -725,7 +726,7 @@ fn named_owner(p: &Proc, name: &str) -> Owner {
 #[test]
 fn the_refusal_examples_in_protocol_md_are_the_texts_the_daemon_sends() {
     let examples = protocol_doc_errors();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let dir = tempdir();
     let host = common::proto::hostname();
 
@@ -821,7 +822,7 @@ fn root_squash_advice_is_no_root_squash_for_the_lockspace_and_a_nobody_owned_dir
         0,
         "run as root: this test chowns"
     );
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let base = tempdir();
     let p = sleeper();
     let o = named_owner(&p, "squashed");
@@ -874,7 +875,7 @@ fn root_squash_advice_is_no_root_squash_for_the_lockspace_and_a_nobody_owned_dir
 
 #[test]
 fn a_later_driver_init_keeps_the_first_config_and_does_not_read_its_own_file() {
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let dir = tempdir();
     // The QEMU driver initialised first with a config pointing at `d`.
     let mut h = d.host();
@@ -894,7 +895,7 @@ fn a_later_driver_init_keeps_the_first_config_and_does_not_read_its_own_file() {
     let vm = h.start("libxl");
     h.acquire(&vm, &[common::disk(&img)])
         .expect_ok("acquire through the first config");
-    let mut c = Client::connect(&d.admin_socket);
+    let mut c = Client::connect(&d.admin);
     let listed = ok(c.call(&Request::List));
     assert!(
         listed
@@ -922,8 +923,8 @@ fn a_later_driver_init_keeps_the_first_config_and_does_not_read_its_own_file() {
 
 #[test]
 fn the_admin_socket_serves_lost_and_status_shows_lost_leases() {
-    let d = Daemon::start();
-    let mut c = Client::connect(&d.admin_socket);
+    let d = TestDaemon::verbose("");
+    let mut c = Client::connect(&d.admin);
     assert_eq!(ok(c.call(&Request::Lost)), vec![]);
     let proto = flat(&repo("docs/protocol.md"));
     assert!(
@@ -939,7 +940,7 @@ fn the_admin_socket_serves_lost_and_status_shows_lost_leases() {
     let out = Command::new(env!("CARGO_BIN_EXE_lockwarden"))
         .arg("status")
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .output()
         .expect("lockwarden status");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -1092,7 +1093,7 @@ fn doctor_writes_this_hosts_config_to_the_lockspace_unless_no_publish_as_documen
 // ---------------------------------------------------------------------------------------------
 // The keeper has threads: one closer thread per device
 
-fn keeper_pid(d: &Daemon) -> u32 {
+fn keeper_pid(d: &TestDaemon) -> u32 {
     let mut pid = None;
     eventually("the daemon logs its keeper's pid", || {
         let log = fs::read_to_string(&d.log).unwrap_or_default();
@@ -1119,7 +1120,7 @@ fn thread_names(pid: u32) -> Vec<String> {
 
 #[test]
 fn the_keeper_closes_released_descriptors_on_a_closer_thread_as_reliability_md_says() {
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let keeper = keeper_pid(&d);
     let dir = tempdir();
     let img = image(dir.path(), "k.img");

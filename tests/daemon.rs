@@ -10,9 +10,8 @@ mod common;
 use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
-    Client, Proc, after_pending_kills, byte0, child_roundtrip, err, eventually, excl, hostname,
-    next_seq, ok, owner_for, probe_lock, shared, signal, sleeper, sockaddr, spawn_registered, tell,
-    vm,
+    Client, Proc, after_pending_kills, byte0, call_as, err, eventually, excl, hostname, next_seq,
+    ok, owner_for, probe_lock, shared, signal, sleeper, spawn_registered, tell, vm,
 };
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, MAX_BODY, Owner,
@@ -184,20 +183,17 @@ fn busy_between_two_owners_of_one_daemon() {
     let e = err(d.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     let p = img.to_str().unwrap();
     assert_eq!(e.resource.as_deref(), Some(p));
-    for needle in [
-        p,
-        "VM 'web1'",
-        a.owner.uuid.as_str(),
-        hostname().as_str(),
-        " UTC",
-        "(exclusive)",
-    ] {
-        assert!(
-            e.message.contains(needle),
-            "{needle:?} missing in {:?}",
-            e.message
-        );
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            p,
+            "VM 'web1'",
+            a.owner.uuid.as_str(),
+            hostname().as_str(),
+            " UTC",
+            "(exclusive)",
+        ],
+    );
     let h = e.holder.expect("holder");
     assert_eq!(h.vm_name.as_deref(), Some("web1"));
     assert_eq!(h.vm_uuid.as_deref(), Some(a.owner.uuid.as_str()));
@@ -220,19 +216,16 @@ fn busy_between_two_daemons_sharing_an_image_dir() {
     d1.acquired(&a.owner, vec![excl(&img)]);
     let e = err(d2.acquire(&b.owner, vec![excl(&img)]), ErrorKind::Busy);
     // Host 1 published who holds it (holder record beside the image): host 2 names the VM.
-    for needle in [
-        img.to_str().unwrap(),
-        "is in use by VM 'db-host1'",
-        a.owner.uuid.as_str(),
-        hostname().as_str(),
-        "(exclusive)",
-    ] {
-        assert!(
-            e.message.contains(needle),
-            "{needle:?} missing: {}",
-            e.message
-        );
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            img.to_str().unwrap(),
+            "is in use by VM 'db-host1'",
+            a.owner.uuid.as_str(),
+            hostname().as_str(),
+            "(exclusive)",
+        ],
+    );
     let h = e.holder.expect("holder");
     assert_eq!(h.vm_name.as_deref(), Some("db-host1"));
     assert_eq!(h.mode, Some(LeaseMode::Exclusive));
@@ -521,34 +514,12 @@ fn non_root_peer_is_refused() {
     require_root();
     let d = start();
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
-    for p in [d.dir.path(), &d.dir.path().join("run")] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).unwrap();
-    let frame = protocol::encode(&Request::Status).unwrap();
-    let addr = sockaddr(&d.socket);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut cmd = Command::new("true");
-    cmd.stdout(Stdio::piped());
-    // SAFETY: raw, async-signal-safe syscalls only (setgroups, setgid, setuid, socket, ...).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
-            libc::close(fd);
-            Ok(())
-        });
-    }
-    let mut child = Proc(cmd.spawn().expect("spawning the uid 65534 client"));
-    let resp: Response = protocol::read_message(child.0.stdout.as_mut().unwrap()).unwrap();
-    let e = err(resp, ErrorKind::Denied);
+    d.open_to_others();
+    let e = err(
+        call_as(65534, &d.socket, &Request::Status),
+        ErrorKind::Denied,
+    );
     assert!(e.message.contains("uid 65534"), "{}", e.message);
-    assert!(child.wait_for(BOUND).unwrap().success());
     // Root clients are still served.
     assert_eq!(d.status().leases, 0);
     assert!(d.log().contains("refusing client"), "{}", d.log());

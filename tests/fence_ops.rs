@@ -6,9 +6,9 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
-use common::proto::{Client, Vm, excl, vm};
+use common::proto::{Client, Vm, excl, proc_state, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, Request, Response};
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
@@ -26,8 +26,8 @@ fn prerequisites() {
     common::fuse::prerequisites("tests/fence_ops.rs");
 }
 
-fn daemon() -> Daemon {
-    Daemon::start_with(&format!(
+fn daemon() -> TestDaemon {
+    TestDaemon::verbose(&format!(
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     ))
@@ -37,29 +37,7 @@ fn mount() -> Fs {
     Fs::mount("lw-fops", Duration::from_secs(20))
 }
 
-fn log(d: &Daemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < BOUND,
-            "{what}: not within {BOUND:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The state letter of /proc/PID/stat (R, S, T, Z...), None once gone.
-fn proc_state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
-}
-
-fn acquire(d: &Daemon, v: &Vm, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, v: &Vm, p: &Path, action: FailureAction) {
     let r = Client::connect(&d.socket).call(&Request::Acquire {
         owner: v.owner.clone(),
         leases: vec![excl(p)],
@@ -70,11 +48,11 @@ fn acquire(d: &Daemon, v: &Vm, p: &Path, action: FailureAction) {
 }
 
 /// Run the real CLI against `d`'s admin socket: (exit code, stdout, stderr).
-fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+fn cli(d: &TestDaemon, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_lockwarden"))
         .args(args)
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .env_remove("LOCKWARDEN_MOUNTS_FILE")
         .output()
         .expect("running lockwarden");
@@ -86,7 +64,7 @@ fn cli(d: &Daemon, args: &[&str]) -> (i32, String, String) {
 }
 
 /// The fence stage `list --json` reports for disk `p` (None: not fenced).
-fn json_stage(d: &Daemon, p: &Path) -> Option<String> {
+fn json_stage(d: &TestDaemon, p: &Path) -> Option<String> {
     let (code, out, err) = cli(d, &["list", "--json"]);
     assert_eq!(code, 0, "list --json: {out}{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("list --json is JSON");
@@ -126,8 +104,8 @@ fn assert_matches_schema(v: &serde_json::Value, definition: &str) {
     }
 }
 
-fn thaw(d: &Daemon, name: &str) -> Response {
-    Client::connect(&d.admin_socket).call(&Request::Thaw { vm: name.into() })
+fn thaw(d: &TestDaemon, name: &str) -> Response {
+    Client::connect(&d.admin).call(&Request::Thaw { vm: name.into() })
 }
 
 fn refused(r: Response, kind: ErrorKind) -> String {
@@ -138,10 +116,20 @@ fn refused(r: Response, kind: ErrorKind) -> String {
 }
 
 /// Partition `x` until the paused VM `v` is stopped; returns when it is.
-fn fence(d: &Daemon, x: &Fs, v: &Vm) {
+fn fence(d: &TestDaemon, x: &Fs, v: &Vm) {
     x.set("hang 1\n");
-    wait_for(d, "the paused VM stopped", || {
+    d.wait_for("the paused VM stopped", || {
         proc_state(v.proc.pid()) == Some('T')
+    });
+}
+
+/// [`fence`], then the storage answers again: the re-check finds the lock of `p` still ours and
+/// the lease waits for a thaw.
+fn fence_and_heal(d: &TestDaemon, x: &Fs, v: &Vm, p: &Path) {
+    fence(d, x, v);
+    x.set("");
+    d.wait_for("held-awaiting-thaw", || {
+        json_stage(d, p).as_deref() == Some("held-awaiting-thaw")
     });
 }
 
@@ -188,7 +176,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Heal: the lock is re-checked and still ours; the VM stays stopped, awaiting thaw.
     x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
+    d.wait_for("held-awaiting-thaw", || {
         json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
             && json_stage(&d, &p2).as_deref() == Some("held-awaiting-thaw")
     });
@@ -216,9 +204,9 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Thaw (by UUID through the protocol would do too; by name through the CLI here).
     let (code, out, err) = cli(&d, &["thaw", "vm-thaw"]);
-    assert_eq!(code, 0, "{out}{err}\n{}", log(&d));
+    assert_eq!(code, 0, "{out}{err}\n{}", d.log());
     assert!(out.contains("thawed"), "{out}");
-    wait_for(&d, "the VM runs again", || {
+    d.wait_for("the VM runs again", || {
         matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
     });
     assert_eq!(json_stage(&d, &p), None, "the fence is cleared");
@@ -232,7 +220,7 @@ fn thaw_after_heal_resumes_the_vm_and_status_shows_the_fence_until_then() {
 
     // Each event once: one FENCE line for the VM (naming both disks), one re-check line per
     // lease, one thaw line.
-    let text = log(&d);
+    let text = d.log();
     assert_eq!(text.matches("FENCE:").count(), 1, "{text}");
     let fence = text.lines().find(|l| l.contains("FENCE:")).unwrap();
     assert!(
@@ -287,11 +275,7 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     let mut v = vm("vm-lost-later");
     let p = x.image("later.img");
     acquire(&d, &v, &p, FailureAction::Pause);
-    fence(&d, &x, &v);
-    x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
-        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
-    });
+    fence_and_heal(&d, &x, &v, &p);
     x.set("lost later.img\n");
     let msg = refused(thaw(&d, "vm-lost-later"), ErrorKind::Io);
     assert!(
@@ -300,9 +284,9 @@ fn thaw_after_the_lock_was_lost_refuses_and_kills_the_vm() {
     );
     let st = v.proc.wait_for(BOUND).expect("the VM was killed");
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let lost = common::proto::ok(Client::connect(&d.admin_socket).call(&Request::Lost));
+    let lost = common::proto::ok(Client::connect(&d.admin).call(&Request::Lost));
     assert_eq!(lost.len(), 1, "{lost:?}");
-    assert!(!log(&d).contains("thaw: VM"), "{}", log(&d));
+    assert!(!d.log().contains("thaw: VM"), "{}", d.log());
 }
 
 /// `lockwarden doctor` checks each NFS mount against the running daemon's settings: with
@@ -320,7 +304,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
          /dev/vda1 / ext4 rw 0 0\n",
     )
     .unwrap();
-    let doctor = |d: &Daemon| {
+    let doctor = |d: &TestDaemon| {
         let mounts = table.path().to_string_lossy().into_owned();
         let (_, out, err) = cli(
             d,
@@ -347,7 +331,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
         );
         lines
     };
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 85000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\nfence_after_ms = 85000\n");
     let lines = doctor(&d);
     assert!(
         lines[0].starts_with("WARN") && lines[0].contains("/srv/vm"),
@@ -365,7 +349,7 @@ fn doctor_warns_when_fence_after_ms_cannot_beat_the_storage_lease() {
         "{lines:?}"
     );
     drop(d);
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\nfence_after_ms = 60000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\nfence_after_ms = 60000\n");
     let lines = doctor(&d);
     assert!(
         lines[0].starts_with("OK") && lines[0].contains("70000 ms < the server's lease"),
@@ -404,26 +388,12 @@ fn second_mount(backing: &Path) -> Second {
 
 /// A `lockwardend` in a UTS namespace of its own, so its host name (in its holder records and
 /// its heartbeat file) is `host`: another host as far as the shared storage can tell.
-fn daemon_named(host: &'static str, config: &str) -> (common::daemon::Layout, common::proto::Proc) {
-    use std::os::unix::process::CommandExt;
-    let l = common::daemon::Layout::new(config);
-    fs::create_dir_all(l.socket.parent().unwrap()).unwrap();
-    let mut cmd = l.command();
-    // SAFETY: unshare(2) and sethostname(2) only, between fork and exec: the child gets a UTS
-    // namespace of its own and names it `host` (a 'static string).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::unshare(libc::CLONE_NEWUTS) != 0
-                || libc::sethostname(host.as_ptr().cast(), host.len()) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut p = common::proto::Proc(cmd.spawn().expect("spawn lockwardend"));
-    common::daemon::wait_serving(&mut p, &[&l.socket, &l.admin], &l.log, BOUND);
-    (l, p)
+fn daemon_named(host: &'static str, config: &str) -> TestDaemon {
+    TestDaemon::with(Opts {
+        config,
+        hostname: Some(host),
+        ..Opts::default()
+    })
 }
 
 /// Host "node-a" holds a disk and beats next to it; its storage goes silent (its VM is
@@ -437,7 +407,7 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     );
-    let (la, _pa) = daemon_named("node-a", &cfg);
+    let la = daemon_named("node-a", &cfg);
     let xa = mount();
     let backing = xa.backing.clone();
     let img_a = xa.image("shared.img");
@@ -450,19 +420,16 @@ fn a_refusal_and_who_say_when_the_holders_host_was_last_seen() {
     });
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     let beat = backing.join(".lockwarden/heartbeat@node-a");
-    let t0 = Instant::now();
     // Created empty, then written: wait for the first record, not for the name.
-    while !fs::read_to_string(&beat).is_ok_and(|t| t.starts_with("lockwarden heartbeat ")) {
-        assert!(t0.elapsed() < BOUND, "node-a never wrote {beat:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    la.wait_for(
+        &format!("node-a writes its first record to {beat:?}"),
+        || fs::read_to_string(&beat).is_ok_and(|t| t.starts_with("lockwarden heartbeat ")),
+    );
     // node-a's storage goes silent: no more beats; its VM is fenced, its lock stays held.
     xa.set("hang 1\n");
-    let t0 = Instant::now();
-    while proc_state(va.proc.pid()) != Some('T') {
-        assert!(t0.elapsed() < BOUND, "node-a's VM was not fenced");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    la.wait_for("node-a's VM is fenced", || {
+        proc_state(va.proc.pid()) == Some('T')
+    });
     // The "server" 12 minutes later: the file's content time and mtime are that old.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -556,11 +523,7 @@ fn thaw_whose_reverification_times_out_changes_nothing() {
     let v = vm("vm-slow");
     let p = x.image("slow.img");
     acquire(&d, &v, &p, FailureAction::Pause);
-    fence(&d, &x, &v);
-    x.set("");
-    wait_for(&d, "held-awaiting-thaw", || {
-        json_stage(&d, &p).as_deref() == Some("held-awaiting-thaw")
-    });
+    fence_and_heal(&d, &x, &v, &p);
     x.set("delay_ms 3000\n");
     let t0 = Instant::now();
     let msg = refused(thaw(&d, "vm-slow"), ErrorKind::Timeout);
@@ -577,8 +540,8 @@ fn thaw_whose_reverification_times_out_changes_nothing() {
     assert_eq!(json_stage(&d, &p).as_deref(), Some("held-awaiting-thaw"));
     x.set("");
     let r = thaw(&d, "vm-slow");
-    assert!(matches!(r, Response::Ok { .. }), "{r:?}\n{}", log(&d));
-    wait_for(&d, "the VM runs again", || {
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}\n{}", d.log());
+    d.wait_for("the VM runs again", || {
         matches!(proc_state(v.proc.pid()), Some('S' | 'R'))
     });
 }

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::wait::{poll, wait_until_or};
+
 use common::daemon::{Lockwardend, TestDaemon};
 use common::image;
 use common::locks::ofd_lock;
@@ -74,14 +76,9 @@ fn target<'a>(f: &'a File, path: &'a str, lockspace: bool) -> Target<'a> {
 /// dropping a descriptor: a process that another test forks at that moment inherits it and
 /// keeps its open file description (and so its OFD locks) alive until it execs.
 fn read_until(t: Target<'_>, done: impl Fn(&holder::Found) -> bool) -> holder::Found {
-    let start = Instant::now();
-    loop {
-        let found = holder::read(t);
-        if done(&found) || start.elapsed() > BOUND {
-            return found;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // After BOUND, the caller's assertion on what is returned says what went wrong.
+    poll(BOUND, || Some(holder::read(t)).filter(&done))
+        .map_or_else(|| holder::read(t), |(found, _)| found)
 }
 
 fn mode_of(p: &Path) -> u32 {
@@ -237,9 +234,7 @@ fn the_schema_checker_rejects_what_it_should() {
         "lock_path": "/x", "owners": [], "since": -1, "extra": true}]});
     validate(&root, &root["definitions"]["list"], &bad, "list", &mut errs);
     let text = errs.join("\n");
-    for needle in ["name", "weird", "minimum", "extra"] {
-        assert!(text.contains(needle), "{needle} not reported in {text}");
-    }
+    common::assert_mentions(&text, &["name", "weird", "minimum", "extra"]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -586,15 +581,17 @@ fn shared_holders_on_two_hosts_are_all_named() {
         &found.records(),
         found.lock.as_ref(),
     );
-    for needle in [
-        format!("disk {p} is in use by VM 'a1'"),
-        "on host node-a since 2026-11-26 10:04:05 UTC (shared)".to_string(),
-        ", and by VM 'b1'".to_string(),
-        ", and by VM 'b2' (uuid c7a5fdbd-cdaf-9455-926a-000000000003) on host node-b".to_string(),
-        "shut those VMs down or detach the disk from them first".to_string(),
-    ] {
-        assert!(msg.contains(&needle), "{needle:?} missing in {msg}");
-    }
+    common::assert_mentions(
+        &msg,
+        &[
+            format!("disk {p} is in use by VM 'a1'"),
+            "on host node-a since 2026-11-26 10:04:05 UTC (shared)".to_string(),
+            ", and by VM 'b1'".to_string(),
+            ", and by VM 'b2' (uuid c7a5fdbd-cdaf-9455-926a-000000000003) on host node-b"
+                .to_string(),
+            "shut those VMs down or detach the disk from them first".to_string(),
+        ],
+    );
     assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
 
     // node-a crashes (lease and record descriptors close together): only node-b is named.
@@ -630,16 +627,13 @@ fn a_non_lockwarden_posix_holder_is_named_by_pid() {
     assert_eq!(r.holder.pid, Some(h.pid));
     assert_eq!(r.holder.mode, Some(LeaseMode::Shared));
     assert!(r.holder.vm_name.is_none());
-    for needle in [
-        format!("disk {p} is locked (shared) by a process that is not lockwarden"),
-        format!("local process {} ({})", h.pid, comm.trim()),
-    ] {
-        assert!(
-            r.message.contains(&needle),
-            "{needle:?} missing in {}",
-            r.message
-        );
-    }
+    common::assert_mentions(
+        &r.message,
+        &[
+            format!("disk {p} is locked (shared) by a process that is not lockwarden"),
+            format!("local process {} ({})", h.pid, comm.trim()),
+        ],
+    );
     // `who` says the same, and exits 0 (the disk is held).
     let conf = dir.path().join("qemu-lockwarden.conf");
     fs::write(&conf, "").unwrap();
@@ -840,15 +834,12 @@ fn who_across_two_daemons(lockspace: bool) {
         // test published (still open here) is then stale; a daemon-published one is withdrawn.
         drop(qa);
     }
-    let start = Instant::now();
-    while who(&s.img, &s.conf, &b.admin, true).status.code() != Some(1) {
-        assert!(
-            start.elapsed() < BOUND,
-            "the disk never became free:\n{}",
-            a.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_or(
+        "the disk is free",
+        BOUND,
+        || a.log(),
+        || who(&s.img, &s.conf, &b.admin, true).status.code() == Some(1),
+    );
     let out = who(&s.img, &s.conf, &b.admin, true);
     assert_eq!(out.status.code(), Some(1), "free disk exits 1: {out:?}");
     let v = json_of(&out);
@@ -1124,10 +1115,7 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     );
     // Bounded poll, not an immediate check: a child another test forks right now inherits the
     // closed descriptor's open file description (and its OFD lock) until it execs.
-    let start = Instant::now();
-    while probe(&side, 0) != libc::F_UNLCK && start.elapsed() < BOUND {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let _ = poll(BOUND, || (probe(&side, 0) == libc::F_UNLCK).then_some(()));
     assert_eq!(
         probe(&side, 0),
         libc::F_UNLCK,

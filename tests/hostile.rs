@@ -21,10 +21,12 @@
 
 mod common;
 
+use common::wait::poll_every;
+
 use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
-    Client, Proc, after_pending_kills, byte0, err, eventually, excl, ok, owner_for,
+    Client, Proc, after_pending_kills, byte0, call_as, err, eventually, excl, ok, owner_for,
     running as proc_running, sleeper,
 };
 use common::proto::{acquire_request as acquire, release_request as release};
@@ -34,12 +36,9 @@ use lockwarden::protocol::{
 };
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -353,46 +352,6 @@ fn a_restricted_connection_is_refused_everything() {
     assert_eq!(holders(&d, &img), vec![o.pid]);
 }
 
-/// Raw syscalls for a forked child: connect to `addr`, send `frame`, copy the response frame to
-/// stdout.
-///
-/// # Safety
-/// Only between fork and exec (async-signal-safe calls, no allocation).
-unsafe fn child_roundtrip(addr: &libc::sockaddr_un, frame: &[u8], buf: &mut [u8]) -> i32 {
-    // SAFETY (whole block): plain syscalls on descriptors this child owns and on buffers that
-    // outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        if fd < 0 || libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), len) != 0 {
-            return -1;
-        }
-        let mut off = 0;
-        while off < frame.len() {
-            let n = libc::write(fd, frame[off..].as_ptr().cast(), frame.len() - off);
-            if n <= 0 {
-                return -1;
-            }
-            off += n as usize;
-        }
-        let (mut got, mut want) = (0, HEADER_LEN);
-        while got < want {
-            let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), want - got);
-            if n <= 0 {
-                return -1;
-            }
-            got += n as usize;
-            if got == HEADER_LEN {
-                let l = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]) as usize;
-                want = (HEADER_LEN + l).min(buf.len());
-            }
-        }
-        libc::write(1, buf.as_ptr().cast(), got);
-        libc::close(fd);
-        0
-    }
-}
-
 #[test]
 fn a_peer_of_another_uid_is_refused_everything() {
     // SAFETY: geteuid has no preconditions.
@@ -403,10 +362,7 @@ fn a_peer_of_another_uid_is_refused_everything() {
     );
     let d = start_with("");
     // Let uid 65534 reach the socket, so the daemon's own SO_PEERCRED check is what refuses.
-    for p in [d.dir.path(), &d.dir.path().join("run")] {
-        fs::set_permissions(p, fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    }
-    fs::set_permissions(&d.socket, fs::Permissions::from_mode(0o666)).expect("chmod socket");
+    d.open_to_others();
     let images = tempfile::tempdir().expect("temp dir");
     let img = image(images.path(), "victim.img");
     let q = sleeper();
@@ -414,16 +370,6 @@ fn a_peer_of_another_uid_is_refused_everything() {
     d.client().acquired(&victim, vec![excl(&img)]);
     let theirs = image(images.path(), "theirs.img");
 
-    // SAFETY: sockaddr_un is plain data; all-zero is valid.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (dst, src) in addr
-        .sun_path
-        .iter_mut()
-        .zip(d.socket.as_os_str().as_bytes())
-    {
-        *dst = *src as libc::c_char;
-    }
     for req in [
         release(&victim, vec![excl(&img)]),
         acquire(&victim, vec![excl(&theirs)]),
@@ -436,26 +382,7 @@ fn a_peer_of_another_uid_is_refused_everything() {
         },
         Request::Status,
     ] {
-        let frame = protocol::encode(&req).expect("encode");
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut cmd = Command::new("true");
-        cmd.stdout(Stdio::piped());
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                    || child_roundtrip(&addr, &frame, &mut buf) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = Proc(cmd.spawn().expect("spawning the uid 65534 client"));
-        let resp: Response =
-            protocol::read_message(child.0.stdout.as_mut().expect("stdout")).expect("response");
+        let resp = call_as(65534, &d.socket, &req);
         let e = err(resp, ErrorKind::Denied);
         assert!(e.message.contains("uid 65534"), "{}", e.message);
     }
@@ -897,22 +824,22 @@ fn stalled_connections_lose_their_client_slots_after_the_read_timeout() {
     assert_eq!(byte0(&img), libc::F_UNLCK);
 
     // After request_read_timeout_ms the stallers are closed and the acquire goes through.
-    let held = loop {
+    let bound = BOUND.saturating_sub(t0.elapsed());
+    let held = poll_every(Duration::from_millis(50), bound, || {
         match d.client().call(&acquire(&o, vec![excl(&img)])) {
             Response::Ok { leases } => {
                 assert!(
                     leases.is_empty(),
                     "acquire answers carry no leases: {leases:?}"
                 );
-                break d.client().held(&o);
+                Some(d.client().held(&o))
             }
-            Response::Error(e) if e.message.contains("max_clients") => {
-                assert!(t0.elapsed() < BOUND, "the stallers were never closed");
-                thread::sleep(Duration::from_millis(50));
-            }
+            Response::Error(e) if e.message.contains("max_clients") => None,
             other => panic!("unexpected answer {other:?}"),
         }
-    };
+    })
+    .map(|(held, _)| held)
+    .unwrap_or_else(|| panic!("the stallers were never closed"));
     let waited = t0.elapsed();
     eprintln!(
         "{MAX} stalled clients (max_clients = {MAX}, request_read_timeout_ms = 1000): a \
@@ -1051,14 +978,15 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
             .call(&acquire(&a, imgs[..4].iter().map(|p| excl(p)).collect())),
         ErrorKind::Invalid,
     );
-    for needle in [
-        "4 leases",
-        "limit of 3",
-        "max_leases_per_request",
-        "lockwardend.conf",
-    ] {
-        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            "4 leases",
+            "limit of 3",
+            "max_leases_per_request",
+            "lockwardend.conf",
+        ],
+    );
     assert!(imgs[..4].iter().all(|p| byte0(p) == libc::F_UNLCK));
     let e = err(
         d.client()
@@ -1084,14 +1012,15 @@ fn owner_and_lease_limits_refuse_with_the_key_to_raise() {
         d.client().call(&acquire(&c, vec![excl(&imgs[4])])),
         ErrorKind::Internal,
     );
-    for needle in [
-        "maximum of 2 VMs",
-        "max_owners",
-        "lockwardend.conf",
-        &c.name,
-    ] {
-        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            "maximum of 2 VMs",
+            "max_owners",
+            "lockwardend.conf",
+            &c.name,
+        ],
+    );
     assert_eq!(byte0(&imgs[4]), libc::F_UNLCK);
     d.client().acquired(&b, vec![excl(&imgs[5])]);
     // When an owner goes, the third one fits.
@@ -1221,14 +1150,15 @@ fn unsafe_lockspace_directories_are_refused() {
             .call(&acquire(&o, vec![lockspace(&open, "a", false)])),
         ErrorKind::Invalid,
     );
-    for needle in [
-        open.to_str().expect("utf-8"),
-        "writable by every user",
-        "0777",
-        "chmod",
-    ] {
-        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
-    }
+    common::assert_mentions(
+        &e.message,
+        &[
+            open.to_str().expect("utf-8"),
+            "writable by every user",
+            "0777",
+            "chmod",
+        ],
+    );
     assert!(!open.join("a").exists(), "a lock file was created in it");
 
     // Owned by another user.
@@ -1239,9 +1169,10 @@ fn unsafe_lockspace_directories_are_refused() {
             .call(&acquire(&o, vec![lockspace(&theirs, "b", false)])),
         ErrorKind::Invalid,
     );
-    for needle in [theirs.to_str().expect("utf-8"), "uid 65534", "chown"] {
-        assert!(e.message.contains(needle), "{needle:?}: {}", e.message);
-    }
+    common::assert_mentions(
+        &e.message,
+        &[theirs.to_str().expect("utf-8"), "uid 65534", "chown"],
+    );
     assert!(!theirs.join("b").exists());
 
     // Sticky world-writable (like /tmp) and private directories are fine; a created one is

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::wait::poll;
+
 use common::image;
 use common::locks::ofd_lock;
 use lockwarden::daemon::holder::{self, Record, Target, Vm};
@@ -17,7 +19,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 /// Bound for a command that must not block (not a performance assertion: far above its cost).
@@ -36,17 +38,13 @@ fn cli(args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("running lockwarden");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > BOUND {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "lockwarden {args:?} blocked for {BOUND:?}; stderr so far: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if poll(BOUND, || child.try_wait().unwrap()).is_none() {
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "lockwarden {args:?} blocked for {BOUND:?}; stderr so far: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     child.wait_with_output().unwrap()
 }
@@ -237,12 +235,13 @@ fn doctor_never_opens_a_planted_fifo_device_or_endless_file() {
     });
     let stdout = String::from_utf8_lossy(&out.stdout);
     // Each planted file is reported as unreadable, with what it is.
-    for needle in [
-        "stuck.json: it is a FIFO",
-        "zero.json: it is a character device",
-        "link.json: it is a symbolic link",
-        "big.json: larger than",
-    ] {
-        assert!(stdout.contains(needle), "{needle:?} not in {stdout}");
-    }
+    common::assert_mentions(
+        &stdout,
+        &[
+            "stuck.json: it is a FIFO",
+            "zero.json: it is a character device",
+            "link.json: it is a symbolic link",
+            "big.json: larger than",
+        ],
+    );
 }

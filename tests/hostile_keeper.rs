@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::daemon::{Opts, TestDaemon};
 use common::proto::{BOUND, Client, Proc, byte0, eventually, excl, ok, owner_for, sleeper};
 use lockwarden::protocol::{self, FailureAction, LeaseSpec, Request, Response};
 use std::ffi::CString;
@@ -30,63 +31,44 @@ fn require_root() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "these tests run as root");
 }
 
-/// A lockwardend whose sockets and pid file live in `run`.
-struct Daemon {
-    proc: Proc,
-    socket: PathBuf,
-    log: PathBuf,
+/// A lockwardend laid out in `top` (config, log) whose sockets live in `run` and whose pid file
+/// is `pid_file`; returns once it runs, without waiting for it to serve.
+fn spawn(top: &Path, run: &Path, pid_file: &Path) -> TestDaemon {
+    TestDaemon::with(Opts {
+        dir: Some(top),
+        run: Some(run),
+        pid_file: Some(pid_file),
+        no_wait: true,
+        ..Opts::default()
+    })
 }
 
-impl Daemon {
-    /// Spawn lockwardend with its sockets in `run` and its pid file at `pid_file`.
-    fn spawn(top: &Path, run: &Path, pid_file: &Path) -> Daemon {
-        let conf = top.join("lockwardend.conf");
-        fs::write(&conf, "").expect("write lockwardend.conf");
-        let log = top.join(format!("daemon-{}.log", common::proto::next_seq()));
-        let socket = run.join("lockwardend.sock");
-        let admin = run.join("lockwardend-admin.sock");
-        let proc = Proc(
-            common::daemon::command(&conf, &socket, &admin, pid_file, &log)
-                .spawn()
-                .expect("spawning lockwardend"),
-        );
-        Daemon { proc, socket, log }
-    }
+/// A lockwardend laid out in `top` with its sockets and pid file in `run`, serving.
+fn start(top: &Path, run: &Path) -> TestDaemon {
+    TestDaemon::with(Opts {
+        dir: Some(top),
+        run: Some(run),
+        ..Opts::default()
+    })
+}
 
-    /// Spawn and wait until it serves.
-    fn start(top: &Path, run: &Path) -> Daemon {
-        let mut d = Daemon::spawn(top, run, &run.join("lockwardend.pid"));
-        common::daemon::wait_serving(&mut d.proc, &[&d.socket], &d.log, BOUND);
-        d
-    }
+/// A client that waits long enough for a daemon stuck on a stopped keeper (two 10 s socket
+/// timeouts in a row).
+fn slow_client(d: &TestDaemon) -> Client {
+    let c = Client::connect(&d.socket);
+    c.0.set_read_timeout(Some(Duration::from_secs(120)))
+        .expect("read timeout");
+    c
+}
 
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// A client that waits long enough for a daemon stuck on a stopped keeper (two 10 s
-    /// socket timeouts in a row).
-    fn client(&self) -> Client {
-        let c = Client::connect(&self.socket);
-        c.0.set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("read timeout");
-        c
-    }
-
-    /// The pid in the last "keeper (pid N)" start line of the log.
-    fn keeper_pid(&self) -> u32 {
-        let mut pid = None;
-        eventually("the daemon names its keeper", || {
-            pid = self
-                .log()
-                .lines()
-                .rev()
-                .filter_map(|l| l.split("started the keeper (pid ").nth(1))
-                .find_map(|rest| rest.split(')').next()?.parse::<u32>().ok());
-            pid.is_some()
-        });
-        pid.unwrap_or(0)
-    }
+/// The pid in the last "keeper (pid N)" start line of the log (waiting until there is one).
+fn keeper_pid(d: &TestDaemon) -> u32 {
+    let mut pid = None;
+    eventually("the daemon names its keeper", || {
+        pid = d.logged_keeper_pid();
+        pid.is_some()
+    });
+    pid.unwrap_or(0)
 }
 
 fn chown(p: &Path, uid: u32) {
@@ -116,7 +98,7 @@ fn signal(pid: u32, sig: libc::c_int) {
 
 /// Start a daemon that must refuse to start; returns its log.
 fn refused(top: &Path, run: &Path, pid_file: &Path) -> String {
-    let mut d = Daemon::spawn(top, run, pid_file);
+    let mut d = spawn(top, run, pid_file);
     let st = d.proc.wait_for(BOUND).expect("lockwardend did not exit");
     assert!(!st.success(), "lockwardend started:\n{}", d.log());
     d.log()
@@ -180,7 +162,7 @@ fn a_pid_file_in_a_shared_directory_or_a_planted_link_is_refused() {
     assert_eq!(fs::read_to_string(&victim).unwrap(), "precious bytes");
     fs::remove_file(&pid_file).unwrap();
     // The private directory itself is fine.
-    let d = Daemon::start(top.path(), &run);
+    let d = start(top.path(), &run);
     assert!(
         fs::read_to_string(&pid_file)
             .unwrap()
@@ -300,12 +282,12 @@ fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
     let (top, run) = fresh_run();
     let keeper = run.join("lockwardend-keeper.sock");
     let (_fake, mut out) = fake_keeper(&keeper);
-    let d = Daemon::start(top.path(), &run);
+    let d = start(top.path(), &run);
     let img = top.path().join("vm.img");
     fs::write(&img, vec![0u8; 4096]).unwrap();
     let vm = sleeper();
     let owner = owner_for(vm.pid(), "victim-of-a-fake-keeper");
-    ok(d.client().call(&Request::Acquire {
+    ok(slow_client(&d).call(&Request::Acquire {
         owner: owner.clone(),
         leases: vec![excl(&img)],
         action: FailureAction::Default,
@@ -326,7 +308,7 @@ fn a_keeper_path_bound_by_another_uid_is_never_handed_a_descriptor() {
     // the daemon leaves the disk locked.
     let meta = fs::symlink_metadata(&keeper).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
-    let keeper_pid = d.keeper_pid();
+    let keeper_pid = keeper_pid(&d);
     let mut d = d;
     signal(d.proc.pid(), libc::SIGKILL);
     d.proc.wait_for(BOUND).expect("the daemon died");
@@ -372,8 +354,8 @@ fn fillers(top: &Path, n: usize) -> Vec<PathBuf> {
 
 /// Stop the keeper and churn leases until a send to it times out on the daemon's side (the
 /// daemon logs "lost the keeper"). Returns the keeper's pid (stopped).
-fn break_the_link(d: &Daemon, top: &Path) -> u32 {
-    let keeper = d.keeper_pid();
+fn break_the_link(d: &TestDaemon, top: &Path) -> u32 {
+    let keeper = keeper_pid(d);
     signal(keeper, libc::SIGSTOP);
     // A stopped keeper would outlive a failing test (it waits for its VMs): kill it then.
     let _guard = KillOnPanic(keeper);
@@ -404,7 +386,7 @@ fn break_the_link(d: &Daemon, top: &Path) -> u32 {
                 drop(filler);
                 return keeper;
             }
-            let mut c = d.client();
+            let mut c = slow_client(d);
             let answered = protocol::write_message(&mut c.0, &req)
                 .map_err(|e| format!("{e:?}"))
                 .and_then(|()| {
@@ -418,11 +400,11 @@ fn break_the_link(d: &Daemon, top: &Path) -> u32 {
     panic!("the keeper link never broke:\n{}", d.log());
 }
 
-fn vm_with_disk(d: &Daemon, top: &Path) -> (Proc, PathBuf) {
+fn vm_with_disk(d: &TestDaemon, top: &Path) -> (Proc, PathBuf) {
     let img = top.join("vm.img");
     fs::write(&img, vec![0u8; 4096]).unwrap();
     let vm = sleeper();
-    ok(d.client().call(&Request::Acquire {
+    ok(slow_client(d).call(&Request::Acquire {
         owner: owner_for(vm.pid(), "vm"),
         leases: vec![excl(&img)],
         action: FailureAction::Default,
@@ -435,7 +417,7 @@ fn vm_with_disk(d: &Daemon, top: &Path) -> (Proc, PathBuf) {
 #[test]
 fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
     let (top, run) = fresh_run();
-    let mut d = Daemon::start(top.path(), &run);
+    let mut d = start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());
     // The stopped keeper dies: only the daemon's own descriptor still locks the VM's disk.
@@ -446,7 +428,7 @@ fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
         "the daemon hands every lease to a new keeper by itself",
         || d.log().matches("holds all").count() > before,
     );
-    let new = d.keeper_pid();
+    let new = keeper_pid(&d);
     assert_ne!(new, old, "{}", d.log());
     // A stop now leaves the VM's disk locked: the new keeper holds it.
     signal(d.proc.pid(), libc::SIGTERM);
@@ -464,7 +446,7 @@ fn a_keeper_link_broken_on_the_daemon_side_is_re_established_by_itself() {
 #[test]
 fn a_stop_right_after_the_link_broke_still_leaves_every_lease_with_a_keeper() {
     let (top, run) = fresh_run();
-    let mut d = Daemon::start(top.path(), &run);
+    let mut d = start(top.path(), &run);
     let (_vm, img) = vm_with_disk(&d, top.path());
     let old = break_the_link(&d, top.path());
     signal(old, libc::SIGKILL);
@@ -481,7 +463,7 @@ fn a_stop_right_after_the_link_broke_still_leaves_every_lease_with_a_keeper() {
         "the VM's disk stays locked after the stop:\n{}",
         d.log()
     );
-    let new = d.keeper_pid();
+    let new = keeper_pid(&d);
     assert_ne!(new, old);
     signal(new, libc::SIGKILL);
 }

@@ -9,7 +9,9 @@
 
 mod common;
 
-use common::Daemon;
+use common::wait::wait_until;
+
+use common::daemon::TestDaemon;
 use common::locks::hold_byte0;
 use common::proto::{BOUND, Client, err, excl, ok, vm};
 use lockwarden::protocol::{ErrorKind, FailureAction, LeaseSpec, Request, Response};
@@ -70,7 +72,7 @@ fn read_calls(pid: u32) -> u64 {
 
 #[test]
 fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("web1.img");
     fs::write(&image, vec![0u8; 4096]).unwrap();
@@ -109,7 +111,7 @@ fn a_refusal_reads_a_bounded_number_of_planted_side_files() {
         e.message
     );
     // The daemon keeps serving.
-    let s = status_within(&d.admin_socket, BOUND).expect("status answered");
+    let s = status_within(&d.admin, BOUND).expect("status answered");
     println!("status answered in {s:?}");
     drop(planted);
 }
@@ -148,25 +150,24 @@ fn wait_stuck_in_storage(pid: u32) {
                 .is_some_and(|n| calls.contains(&n))
         })
     };
-    let t0 = Instant::now();
     // Seen twice in a row, 50 ms apart: blocked there, not passing through.
-    while !(stuck() && {
-        std::thread::sleep(Duration::from_millis(50));
-        stuck()
-    }) {
-        assert!(
-            t0.elapsed() < BOUND,
-            "no thread of lockwardend (pid {pid}) got stuck on the hung mount"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        &format!("a thread of lockwardend (pid {pid}) is stuck on the hung mount"),
+        BOUND,
+        || {
+            stuck() && {
+                std::thread::sleep(Duration::from_millis(50));
+                stuck()
+            }
+        },
+    );
 }
 
 /// With a request stuck on the hung mount: the admin socket answers and a disk on local
 /// storage can still be locked.
-fn daemon_keeps_serving(d: &Daemon, scratch: &Path, stuck: &mpsc::Receiver<Response>) {
+fn daemon_keeps_serving(d: &TestDaemon, scratch: &Path, stuck: &mpsc::Receiver<Response>) {
     wait_stuck_in_storage(d.pid());
-    let s = status_within(&d.admin_socket, Duration::from_secs(10));
+    let s = status_within(&d.admin, Duration::from_secs(10));
     assert!(
         stuck.try_recv().is_err(),
         "the request on the hung mount was answered before the check ran"
@@ -189,7 +190,7 @@ fn daemon_keeps_serving(d: &Daemon, scratch: &Path, stuck: &mpsc::Receiver<Respo
 
 #[test]
 fn records_on_a_hung_mount_do_not_block_the_daemon() {
-    let d = Daemon::start_with("storage_timeout_ms = 3000\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 3000\n");
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().join("images");
     let backing = scratch.path().join("backing");
@@ -219,7 +220,7 @@ fn records_on_a_hung_mount_do_not_block_the_daemon() {
 
 #[test]
 fn a_symlink_into_a_hung_mount_does_not_freeze_the_daemon() {
-    let d = Daemon::start_with("storage_timeout_ms = 3000\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 3000\n");
     let scratch = tempfile::tempdir().unwrap();
     let backing = scratch.path().join("backing");
     let mnt = scratch.path().join("mnt");

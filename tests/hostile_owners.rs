@@ -10,19 +10,16 @@
 
 mod common;
 
+use common::daemon::{Lockwardend, Opts, TestDaemon};
+use common::wait::wait_until_or;
+
 use common::fuse::Fs;
 use common::image;
 use common::locks::hold_byte0;
-use common::proto::{BOUND, Client, Vm, byte0, ok, owner_for, running, sleeper};
+use common::proto::{BOUND, Vm, byte0, ok, owner_for, proc_state, running, sleeper};
 use lockwarden::protocol::{FailureAction, LeaseSpec, Request};
 use std::fs;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_lockwardend");
+use std::path::Path;
 
 /// Transient probe errors in a row that count as a loss (src/daemon/lost.rs TRANSIENT_LIMIT).
 const TRANSIENT_LIMIT: usize = 3;
@@ -30,147 +27,67 @@ const TRANSIENT_LIMIT: usize = 3;
 // ---------------------------------------------------------------------------------------------
 // The daemon, restartable on the same sockets (so a restart finds the keeper)
 
-struct Lw {
-    child: Option<Child>,
-    log: PathBuf,
-    socket: PathBuf,
-    admin: PathBuf,
+/// Start lockwardend laid out in `dir` (a restart in the same `dir` finds the keeper), with
+/// RLIMIT_NOFILE soft = hard = `nofile` when given; returns once it runs (see [`settle`]).
+fn spawn(dir: &Path, conf: &str, nofile: Option<u64>) -> TestDaemon {
+    TestDaemon::with(Opts {
+        config: conf,
+        dir: Some(dir),
+        nofile: nofile.map(|n| (n, n)),
+        verbose: true,
+        no_wait: true,
+        ..Opts::default()
+    })
 }
 
-impl Lw {
-    /// Start lockwardend with its sockets in `dir` (the keeper's socket is derived from them),
-    /// logging to `dir/daemon-<n>.log`, with RLIMIT_NOFILE soft = hard = `nofile` when given.
-    fn spawn(dir: &Path, n: u64, conf: &str, nofile: Option<u64>) -> Lw {
-        let conf_path = dir.join("lockwardend.conf");
-        fs::write(&conf_path, conf).unwrap();
-        let log = dir.join(format!("daemon-{n}.log"));
-        let socket = dir.join("lw.sock");
-        let admin = dir.join("lw-admin.sock");
-        let mut cmd = Command::new(DAEMON);
-        cmd.arg("--config")
-            .arg(&conf_path)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin)
-            .arg("--pid-file")
-            .arg(dir.join("lw.pid"))
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap());
-        if let Some(limit) = nofile {
-            // SAFETY: setrlimit is async-signal-safe; the closure touches only its captures.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let r = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        Lw {
-            child: Some(cmd.spawn().expect("spawning lockwardend")),
-            log,
-            socket,
-            admin,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait until it serves (true) or exits (false).
-    fn settle(&mut self) -> bool {
-        let t0 = Instant::now();
-        loop {
-            if self.log().contains(" serving (pid ") {
+/// Wait until it serves (true) or exits (false).
+fn settle(d: &mut TestDaemon) -> bool {
+    let log = d.log.clone();
+    let read = || fs::read_to_string(&log).unwrap_or_default();
+    let proc = &mut d.proc;
+    let mut exited = false;
+    wait_until_or(
+        "lockwardend serves or exits",
+        BOUND,
+        || format!("daemon log:\n{}", read()),
+        || {
+            if read().contains(" serving (pid ") {
                 return true;
             }
-            if let Some(c) = self.child.as_mut() {
-                if c.try_wait().unwrap().is_some() {
-                    return false;
-                }
-            }
-            assert!(
-                t0.elapsed() < BOUND,
-                "lockwardend neither served nor exited:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn started(dir: &Path, conf: &str) -> Lw {
-        let mut d = Lw::spawn(dir, 0, conf, None);
-        assert!(d.settle(), "lockwardend did not start:\n{}", d.log());
-        d
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn acquire(&self, vm: &Vm, leases: Vec<LeaseSpec>, action: FailureAction) {
-        ok(Client::connect(&self.socket).call(&Request::Acquire {
-            owner: vm.owner.clone(),
-            leases,
-            action,
-            restrict: false,
-        }));
-    }
-
-    fn lost(&self) -> Vec<String> {
-        ok(Client::connect(&self.admin).call(&Request::Lost))
-            .into_iter()
-            .map(|l| l.name)
-            .collect()
-    }
-
-    fn list(&self) -> Vec<String> {
-        ok(Client::connect(&self.admin).call(&Request::List))
-            .into_iter()
-            .map(|l| l.name)
-            .collect()
-    }
+            exited = !matches!(proc.0.try_wait(), Ok(None));
+            exited
+        },
+    );
+    !exited
 }
 
-impl Drop for Lw {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("--- {} ---\n{}", self.log.display(), self.log());
-        }
-        self.kill9();
-    }
+/// [`spawn`], serving.
+fn started(dir: &Path, conf: &str) -> TestDaemon {
+    let mut d = spawn(dir, conf, None);
+    assert!(settle(&mut d), "lockwardend did not start:\n{}", d.log());
+    d
 }
 
-/// Poll `f` (bounded); `what` names the condition in the failure message, `info` adds context.
-fn until(what: &str, info: impl Fn() -> String, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < BOUND,
-            "timed out waiting until {what}:\n{}",
-            info()
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+fn acquire(d: &TestDaemon, vm: &Vm, leases: Vec<LeaseSpec>, action: FailureAction) {
+    ok(d.client().call(&Request::Acquire {
+        owner: vm.owner.clone(),
+        leases,
+        action,
+        restrict: false,
+    }));
+}
+
+/// The names of the leases the daemon reports lost.
+fn lost(d: &TestDaemon) -> Vec<String> {
+    ok(d.admin_client().call(&Request::Lost))
+        .into_iter()
+        .map(|l| l.name)
+        .collect()
+}
+
+/// The names of the leases the daemon holds.
+fn list(d: &TestDaemon) -> Vec<String> {
+    Lockwardend::list(d).into_iter().map(|l| l.name).collect()
 }
 
 /// Set the soft RLIMIT_NOFILE of `pid`, keeping its hard limit (raising a hard limit would need
@@ -225,12 +142,6 @@ fn open_fds(pid: u32) -> Vec<u64> {
     v
 }
 
-/// Process state letter of `pid` ('T' when stopped).
-fn state(pid: u32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
-}
-
 fn vm(name: &str) -> Vm {
     let proc = sleeper();
     Vm {
@@ -269,14 +180,20 @@ fn lock_results(f: &Fs, name: &str) -> Vec<String> {
 #[test]
 fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let d = started(dir.path(), "lease_check_interval_ms = 100\n");
     let f = mount_fs();
     let img = f.image("burst.img");
     let v = vm("burst-vm");
-    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    acquire(
+        &d,
+        &v,
+        vec![common::proto::excl(&img)],
+        FailureAction::Default,
+    );
     f.set(&format!("errno {} 2 burst.img\n", libc::ETIMEDOUT));
-    until(
+    wait_until_or(
         "two ETIMEDOUT probes and then two good ones",
+        BOUND,
         || format!("{:?}\n{}", lock_results(&f, "burst.img"), d.log()),
         || {
             assert!(
@@ -296,7 +213,7 @@ fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
         "{r:?}"
     );
     assert!(running(v.proc.pid()), "{}", d.log());
-    assert!(d.lost().is_empty(), "reported lost: {:?}", d.lost());
+    assert!(lost(&d).is_empty(), "reported lost: {:?}", lost(&d));
     let log = d.log();
     assert!(log.contains("transient error (1 of 3"), "{log}");
     assert!(log.contains("confirmed again after 2 transient"), "{log}");
@@ -308,11 +225,16 @@ fn a_burst_of_transient_probe_errors_does_not_kill_the_vm() {
 #[test]
 fn transient_probe_errors_that_persist_count_as_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let d = started(dir.path(), "lease_check_interval_ms = 100\n");
     let f = mount_fs();
     let img = f.image("persist.img");
     let mut v = vm("persist-vm");
-    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    acquire(
+        &d,
+        &v,
+        vec![common::proto::excl(&img)],
+        FailureAction::Default,
+    );
     f.set(&format!("errno {} 1000000 persist.img\n", libc::ETIMEDOUT));
     let st = v.proc.wait_for(BOUND).unwrap_or_else(|| {
         panic!(
@@ -337,7 +259,7 @@ fn transient_probe_errors_that_persist_count_as_lost() {
         log.contains("is LOST: 3 probes in a row could not confirm it"),
         "{log}"
     );
-    assert_eq!(d.lost(), vec![img.to_string_lossy().into_owned()]);
+    assert_eq!(lost(&d), vec![img.to_string_lossy().into_owned()]);
 }
 
 /// on_lockfailure=pause: the lost lock keeps being probed after the SIGSTOP. Each change is
@@ -346,38 +268,55 @@ fn transient_probe_errors_that_persist_count_as_lost() {
 #[test]
 fn a_paused_vm_keeps_being_checked_until_its_lock_is_back() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Lw::started(dir.path(), "lease_check_interval_ms = 100\n");
+    let d = started(dir.path(), "lease_check_interval_ms = 100\n");
     let f = mount_fs();
     let img = f.image("paused.img");
     let v = vm("paused-vm");
     let pid = v.proc.pid();
-    d.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Pause);
+    acquire(
+        &d,
+        &v,
+        vec![common::proto::excl(&img)],
+        FailureAction::Pause,
+    );
     f.set("lost paused.img\n");
-    until("the VM is stopped", || d.log(), || state(pid) == Some('T'));
-    until(
+    wait_until_or(
+        "the VM is stopped",
+        BOUND,
+        || d.log(),
+        || proc_state(pid) == Some('T'),
+    );
+    wait_until_or(
         "the paused VM's lock is re-checked and reported still lost",
+        BOUND,
         || d.log(),
         || d.log().contains("is still LOST at re-check 1"),
     );
     // Another host takes the byte while ours is lost; the storage answers again.
     let other = hold_byte0(&f.backing.join("paused.img"));
     f.set("");
-    until(
+    wait_until_or(
         "the conflict is reported",
+        BOUND,
         || d.log(),
         || d.log().contains("somebody else holds it"),
     );
-    assert_eq!(state(pid), Some('T'), "resumed by lockwardend");
+    assert_eq!(proc_state(pid), Some('T'), "resumed by lockwardend");
     drop(other);
-    until(
+    wait_until_or(
         "the lock is taken back and reported",
+        BOUND,
         || d.log(),
         || d.log().contains("is held again"),
     );
     assert_eq!(byte0(&f.backing.join("paused.img")), libc::F_WRLCK);
-    assert_eq!(state(pid), Some('T'), "lockwardend must not resume the VM");
-    assert_eq!(d.lost().len(), 1, "one detection: {:?}", d.lost());
-    assert_eq!(d.list(), vec![img.to_string_lossy().into_owned()]);
+    assert_eq!(
+        proc_state(pid),
+        Some('T'),
+        "lockwardend must not resume the VM"
+    );
+    assert_eq!(lost(&d).len(), 1, "one detection: {:?}", lost(&d));
+    assert_eq!(list(&d), vec![img.to_string_lossy().into_owned()]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -394,18 +333,23 @@ fn a_restart_short_of_descriptors_keeps_the_leases_of_running_vms() {
     let dir = tempfile::tempdir().unwrap();
     let disks = tempfile::tempdir().unwrap();
     let conf = "lease_check_interval_ms = 0\n";
-    let mut d1 = Lw::started(dir.path(), conf);
+    let mut d1 = started(dir.path(), conf);
     let mut v = vm("short-of-fds");
     let img = image(disks.path(), "short.img");
-    d1.acquire(&v, vec![common::proto::excl(&img)], FailureAction::Default);
+    acquire(
+        &d1,
+        &v,
+        vec![common::proto::excl(&img)],
+        FailureAction::Default,
+    );
     assert_eq!(byte0(&img), libc::F_WRLCK);
     let enough = open_fds(d1.pid()).len() as u64 + 8;
-    d1.kill9();
+    d1.stop(libc::SIGKILL);
     assert_eq!(byte0(&img), libc::F_WRLCK, "the keeper holds the lease");
     let mut short = None;
     for limit in (8..=enough).rev() {
-        let mut d = Lw::spawn(dir.path(), limit, conf, Some(limit));
-        let serving = d.settle();
+        let mut d = spawn(dir.path(), conf, Some(limit));
+        let serving = settle(&mut d);
         let log = d.log();
         assert!(
             !log.contains("exited while lockwardend was not watching"),
@@ -426,7 +370,7 @@ fn a_restart_short_of_descriptors_keeps_the_leases_of_running_vms() {
             log.contains("took back 1 of 1 lease(s)"),
             "RLIMIT_NOFILE {limit}:\n{log}"
         );
-        d.kill9();
+        d.stop(libc::SIGKILL);
     }
     let (limit, d) = short.expect("no limit made the restarted daemon fail to watch the VM");
     let log = d.log();
@@ -435,16 +379,18 @@ fn a_restart_short_of_descriptors_keeps_the_leases_of_running_vms() {
     assert!(log.contains("took back 1 of 1 lease(s)"), "{log}");
     // The watch is retried (without descriptors to spare it keeps failing), and the VM's
     // real exit is noticed by the retry: only then is the lease released.
-    until(
+    wait_until_or(
         "the watch is retried",
+        BOUND,
         || d.log(),
         || d.log().contains("still cannot open a pidfd"),
     );
     assert_eq!(byte0(&img), libc::F_WRLCK);
     let _ = v.proc.0.kill();
     let _ = v.proc.0.wait();
-    until(
+    wait_until_or(
         "the lease is released after the VM exited",
+        BOUND,
         || d.log(),
         || byte0(&img) == libc::F_UNLCK,
     );
@@ -458,7 +404,7 @@ fn a_restart_short_of_descriptors_keeps_the_leases_of_running_vms() {
 fn the_keeper_short_of_descriptors_keeps_its_copy() {
     let dir = tempfile::tempdir().unwrap();
     let disks = tempfile::tempdir().unwrap();
-    let mut d = Lw::started(dir.path(), "lease_check_interval_ms = 0\n");
+    let mut d = started(dir.path(), "lease_check_interval_ms = 0\n");
     let log = d.log();
     let keeper: u32 = log
         .split("started the keeper (pid ")
@@ -470,14 +416,16 @@ fn the_keeper_short_of_descriptors_keeps_its_copy() {
     let v1 = vm("keeper-calib");
     let img1 = image(disks.path(), "calib.img");
     let before = open_fds(keeper);
-    d.acquire(
+    acquire(
+        &d,
         &v1,
         vec![common::proto::excl(&img1)],
         FailureAction::Default,
     );
     let mut after = open_fds(keeper);
-    until(
+    wait_until_or(
         "the keeper holds the first lease",
+        BOUND,
         || format!("{before:?}"),
         || {
             after = open_fds(keeper);
@@ -493,7 +441,8 @@ fn the_keeper_short_of_descriptors_keeps_its_copy() {
     set_soft_nofile(keeper, free[per_lease - 1] + 1);
     let mut v2 = vm("keeper-short");
     let img2 = image(disks.path(), "short2.img");
-    d.acquire(
+    acquire(
+        &d,
         &v2,
         vec![common::proto::excl(&img2)],
         FailureAction::Default,
@@ -501,14 +450,15 @@ fn the_keeper_short_of_descriptors_keeps_its_copy() {
     let pid2 = v2.proc.pid();
     let gone = format!("owner pid {pid2} exited; dropped");
     let kept = format!("cannot watch owner pid {pid2}");
-    until(
+    wait_until_or(
         "the keeper took the second lease",
+        BOUND,
         || d.log(),
         || d.log().contains(&gone) || d.log().contains(&kept),
     );
     assert!(!d.log().contains(&gone), "{}", d.log());
     // The daemon crashes: only the keeper's copy holds the lock now.
-    d.kill9();
+    d.stop(libc::SIGKILL);
     assert!(running(pid2));
     assert_eq!(
         byte0(&img2),
@@ -518,22 +468,25 @@ fn the_keeper_short_of_descriptors_keeps_its_copy() {
     );
     // Descriptors again: the keeper watches the VM and drops the lease when it exits.
     set_soft_nofile(keeper, 1024);
-    until(
+    wait_until_or(
         "the keeper watches the VM again",
+        BOUND,
         || d.log(),
         || d.log().contains(&format!("owner pid {pid2} is watched")),
     );
     assert_eq!(byte0(&img2), libc::F_WRLCK);
     let _ = v2.proc.0.kill();
     let _ = v2.proc.0.wait();
-    until(
+    wait_until_or(
         "the keeper dropped the lease of the exited VM",
+        BOUND,
         || d.log(),
         || byte0(&img2) == libc::F_UNLCK,
     );
     drop(v1);
-    until(
+    wait_until_or(
         "the calibration lease is dropped",
+        BOUND,
         || d.log(),
         || byte0(&img1) == libc::F_UNLCK,
     );

@@ -8,23 +8,33 @@
 
 mod common;
 
+use common::wait::poll;
+
+use common::daemon::TestDaemon;
 use common::*;
 use std::fs;
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+/// A daemon with `config`, its host, and VM `name` started the not-paused way on disk
+/// `DIR/NAME.img`, its handle closing once `DIR/gate` is removed.
+fn started_running(config: &str, name: &str) -> (TestDaemon, Host, tempfile::TempDir, Vm) {
+    let d = TestDaemon::verbose(config);
+    let mut h = d.host();
+    let dir = tempdir();
+    let img = image(dir.path(), &format!("{name}.img"));
+    let gate = dir.path().join("gate");
+    fs::write(&gate, b"").expect("create the gate file");
+    let mut vm = Vm::new(name);
+    h.try_start_running(&mut vm, &gate, &[disk(&img)])
+        .expect_ok("not-paused start");
+    (d, h, dir, vm)
+}
 
 /// The forked owner took its disk on the kept connection, and exiting releases it.
 #[test]
 fn a_not_paused_start_takes_the_disks_in_the_child() {
-    let d = Daemon::start();
-    let mut h = d.host();
-    let dir = tempdir();
-    let img = image(dir.path(), "running.img");
-    let gate = dir.path().join("gate");
-    fs::write(&gate, b"").expect("create the gate file");
-
-    let mut vm = Vm::new("running");
-    h.try_start_running(&mut vm, &gate, &[disk(&img)])
-        .expect_ok("not-paused start");
+    let (_d, mut h, dir, vm) = started_running("", "running");
+    let (img, gate) = (dir.path().join("running.img"), dir.path().join("gate"));
     assert_eq!(
         probe0(&img),
         Probe::WriteLocked,
@@ -55,34 +65,24 @@ fn a_not_paused_start_takes_the_disks_in_the_child() {
 /// running, and kept its disk, with no handle.
 #[test]
 fn closing_the_kept_connection_terminates_the_vm_before_its_disk_is_released() {
-    let d = Daemon::start_with("kill_grace_ms = 2000");
-    let mut h = d.host();
-    let dir = tempdir();
-    let img = image(dir.path(), "handle.img");
-    let gate = dir.path().join("gate");
-    fs::write(&gate, b"").expect("create the gate file");
-
-    let mut vm = Vm::new("handle");
-    h.try_start_running(&mut vm, &gate, &[disk(&img)])
-        .expect_ok("not-paused start");
+    let (d, mut h, dir, vm) = started_running("kill_grace_ms = 2000", "handle");
+    let (img, gate) = (dir.path().join("handle.img"), dir.path().join("gate"));
     assert_eq!(probe0(&img), Probe::WriteLocked);
     // The "QEMU" closes its handle and keeps running.
     let t0 = Instant::now();
     fs::remove_file(&gate).expect("remove the gate");
     let mut freed_while_alive = None;
-    let mut died = None;
-    while t0.elapsed() < POLL_BOUND {
+    let died = poll(POLL_BOUND, || {
         let locked = probe0(&img) == Probe::WriteLocked;
         if !h.alive(vm.pid) {
-            died = Some(t0.elapsed());
-            break;
+            return Some(t0.elapsed());
         }
         if !locked && freed_while_alive.is_none() {
             freed_while_alive = Some(t0.elapsed());
         }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let died = died.unwrap_or_else(|| {
+        None
+    });
+    let (died, _) = died.unwrap_or_else(|| {
         panic!(
             "VM {} still runs {POLL_BOUND:?} after its lifetime handle closed: the kept \
              connection of a not-paused start is not treated as the lifetime handle",

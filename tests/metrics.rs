@@ -9,16 +9,17 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::TestDaemon;
 use common::fuse::Testfs;
 use common::proto::{Client, Proc, excl as disk, owner_for, sleeper};
+use common::wait::wait_until;
 use lockwarden::protocol::{self, ErrorKind, FailureAction, Owner, Request, Response};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const CLI: &str = env!("CARGO_BIN_EXE_lockwarden");
 const PYTHON: &str = "/usr/bin/python3";
@@ -140,10 +141,10 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// `lockwarden --admin-socket ADMIN metrics ARGS...`: stdout, exit code.
-fn cli_metrics(d: &Daemon, args: &[&str]) -> (String, i32) {
+fn cli_metrics(d: &TestDaemon, args: &[&str]) -> (String, i32) {
     let out = Command::new(CLI)
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .arg("metrics")
         .args(args)
         .output()
@@ -155,7 +156,7 @@ fn cli_metrics(d: &Daemon, args: &[&str]) -> (String, i32) {
 }
 
 /// The session's numbers as the strict parser reads them.
-fn scrape(d: &Daemon) -> Vec<Sample> {
+fn scrape(d: &TestDaemon) -> Vec<Sample> {
     let (text, code) = cli_metrics(d, &[]);
     assert_eq!(code, 0, "{text}");
     assert!(text.ends_with("# EOF\n"), "{text}");
@@ -171,7 +172,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     Client::connect(sock).call(req)
 }
 
-fn acquire(d: &Daemon, o: &Owner, img: &Path, action: FailureAction) -> Response {
+fn acquire(d: &TestDaemon, o: &Owner, img: &Path, action: FailureAction) -> Response {
     call(
         &d.socket,
         &Request::Acquire {
@@ -183,8 +184,8 @@ fn acquire(d: &Daemon, o: &Owner, img: &Path, action: FailureAction) -> Response
     )
 }
 
-fn snapshot(d: &Daemon) -> lockwarden::metrics::Snapshot {
-    match call(&d.admin_socket, &Request::Metrics) {
+fn snapshot(d: &TestDaemon) -> lockwarden::metrics::Snapshot {
+    match call(&d.admin, &Request::Metrics) {
         Response::Metrics(s) => *s,
         other => panic!("metrics: {other:?}"),
     }
@@ -257,18 +258,6 @@ impl Drop for NonUtf8Mount {
     }
 }
 
-/// Wait (bounded) for `cond`.
-fn wait_for(what: &str, bound: Duration, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < bound,
-            "{what} did not happen within {bound:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     need_python_client();
@@ -280,7 +269,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     assert!(label.contains("\\n") && label.contains("\\u{1b}") && label.contains('"'));
     let other = tempfile::tempdir().unwrap();
     let _non_utf8 = NonUtf8Mount::new(other.path());
-    let d = Daemon::start_with("lease_check_interval_ms = 200\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 200\n");
     let before = scrape(&d);
     assert_eq!(value(&before, "lockwarden_up", &[]), 1.0);
     assert_eq!(value(&before, "lockwarden_acquires_total", &[]), 0.0);
@@ -318,7 +307,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
     // A lost lock: the storage drops c's lock; the probe (every 200 ms) finds it.
     m.tfs.set("lost c.img\n");
-    wait_for("the lost lock's detection", Duration::from_secs(10), || {
+    wait_until("the lost lock's detection", Duration::from_secs(10), || {
         snapshot(&d).counters.lost == 1
     });
 
@@ -376,7 +365,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
         1.0
     );
     // The hostile mount has leases: its heartbeat age is reported under the same label.
-    wait_for(
+    wait_until(
         "the mount's first heartbeat",
         Duration::from_secs(10),
         || !snapshot(&d).mounts.is_empty(),
@@ -425,7 +414,7 @@ fn a_scripted_session_moves_every_counter_exactly_and_reexec_keeps_them() {
         .args(["-KILL", &keeper.to_string()])
         .status()
         .unwrap();
-    wait_for("a new keeper", Duration::from_secs(10), || {
+    wait_until("a new keeper", Duration::from_secs(10), || {
         let s = snapshot(&d);
         s.keeper_up && s.keeper_pid != keeper && s.counters.keeper_restarts == 1
     });
@@ -468,7 +457,7 @@ impl Drop for Exporter {
 fn the_textfile_is_what_node_exporter_and_promtool_accept() {
     need(NODE_EXPORTER, "prometheus-node-exporter");
     need(PROMTOOL, "prometheus");
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let dir = tempfile::tempdir().unwrap();
     let (out, code) = cli_metrics(&d, &["--textfile", dir.path().to_str().unwrap()]);
     assert_eq!((out.as_str(), code), ("", 0));
@@ -521,7 +510,7 @@ fn the_textfile_is_what_node_exporter_and_promtool_accept() {
             .expect("start node_exporter"),
     );
     let mut body = None;
-    wait_for("node_exporter serving", Duration::from_secs(15), || {
+    wait_until("node_exporter serving", Duration::from_secs(15), || {
         body = get_metrics(port);
         body.is_some()
     });
@@ -571,7 +560,7 @@ fn the_textfile_is_what_node_exporter_and_promtool_accept() {
 #[test]
 fn the_openmetrics_output_declares_types_units_and_help() {
     need_python_client();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let (text, _) = cli_metrics(&d, &[]);
     let (_, fams) = parse_openmetrics(&text);
     let want = [
@@ -644,7 +633,7 @@ fn the_example_alert_rules_pass_promtool_check_rules() {
         String::from_utf8_lossy(&o.stderr)
     );
     // Every metric the rules use is one lockwarden writes (or node_exporter's own).
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\n");
     let (text, _) = cli_metrics(&d, &["--format", "prometheus"]);
     for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("lockwarden_") {
@@ -699,7 +688,7 @@ fn the_metrics_table_of_operators_md_is_what_lockwarden_metrics_writes() {
         })
         .collect();
     documented.sort();
-    let d = Daemon::start_with("heartbeat_interval_ms = 5000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 5000\n");
     let (text, _) = cli_metrics(&d, &["--format", "prometheus"]);
     let mut written: Vec<String> = text
         .lines()
@@ -757,7 +746,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     need_python_client();
     let m = hostile_mount();
     let label = lockwarden::untrusted::escape(&m.tfs.mnt.to_string_lossy());
-    let d = Daemon::start_with(
+    let d = TestDaemon::verbose(
         "heartbeat_interval_ms = 100\nfence_after_ms = 1000\nlease_check_interval_ms = 0\n\
          storage_timeout_ms = 2000\n",
     );
@@ -766,7 +755,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     let o = owner_for_proc(&q, "vm-pause");
     let r = acquire(&d, &o, &img, FailureAction::Pause);
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
-    wait_for("the mount's heartbeats", Duration::from_secs(10), || {
+    wait_until("the mount's heartbeats", Duration::from_secs(10), || {
         snapshot(&d).mounts.iter().any(|h| h.heartbeat_age_ms < 500)
     });
     let s = scrape(&d);
@@ -779,7 +768,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     );
 
     m.tfs.set("hang 1\n");
-    wait_for("the fence", Duration::from_secs(15), || {
+    wait_until("the fence", Duration::from_secs(15), || {
         snapshot(&d).counters.fences == 1
     });
     let s = scrape(&d);
@@ -825,7 +814,7 @@ fn a_partition_shows_as_a_fenced_vm_a_fenced_mount_and_a_heartbeat_stall() {
     );
 
     m.tfs.set("");
-    wait_for("the heal", Duration::from_secs(15), || {
+    wait_until("the heal", Duration::from_secs(15), || {
         snapshot(&d).mounts.iter().all(|h| !h.fenced)
     });
     d.wait_log("is still held after the storage behind mount");

@@ -4,10 +4,12 @@
 
 mod common;
 
-use common::Daemon;
+use common::wait::{poll, wait_until, wait_until_or};
+
+use common::daemon::TestDaemon;
 use common::fuse::Fs;
 use common::locks::hold_byte0;
-use common::proto::byte0;
+use common::proto::{Proc, byte0, sleeper};
 use lockwarden::protocol::{
     self, ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind,
     Response,
@@ -15,7 +17,6 @@ use lockwarden::protocol::{
 use std::fs;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn prerequisites() {
@@ -27,36 +28,7 @@ fn mount() -> Fs {
     Fs::mount("lw-nfs", Duration::from_secs(20))
 }
 
-/// A process standing in for QEMU.
-struct Qemu(Child);
-
-impl Qemu {
-    fn spawn() -> Qemu {
-        Qemu(
-            Command::new("sleep")
-                .arg("1000")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    fn state(&self) -> Option<char> {
-        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        s.rsplit_once(')')?.1.trim().chars().next()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn owner(name: &str, q: &Qemu) -> Owner {
+fn owner(name: &str, q: &Proc) -> Owner {
     Owner {
         uuid: format!("00000000-0000-4000-8000-{:012x}", q.pid()),
         name: name.into(),
@@ -82,7 +54,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     protocol::read_message(&mut s).expect("answer")
 }
 
-fn acquire(d: &Daemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> Response {
+fn acquire(d: &TestDaemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> Response {
     call(
         &d.socket,
         &Request::Acquire {
@@ -94,7 +66,7 @@ fn acquire(d: &Daemon, o: &Owner, disks: &[PathBuf], action: FailureAction) -> R
     )
 }
 
-fn release(d: &Daemon, o: &Owner, disks: &[PathBuf]) {
+fn release(d: &TestDaemon, o: &Owner, disks: &[PathBuf]) {
     let r = call(
         &d.socket,
         &Request::Release {
@@ -106,8 +78,8 @@ fn release(d: &Daemon, o: &Owner, disks: &[PathBuf]) {
 }
 
 /// The leases the daemon reports lost (`Request::Lost`).
-fn lost(d: &Daemon) -> Vec<lockwarden::protocol::LeaseInfo> {
-    match call(&d.admin_socket, &Request::Lost) {
+fn lost(d: &TestDaemon) -> Vec<lockwarden::protocol::LeaseInfo> {
+    match call(&d.admin, &Request::Lost) {
         Response::Ok { leases } => leases,
         other => panic!("lost: {other:?}"),
     }
@@ -118,21 +90,48 @@ fn locked(backing_file: &Path) -> bool {
     byte0(backing_file) != libc::F_UNLCK
 }
 
-fn leases(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::List) {
+fn leases(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::List) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("list: {other:?}"),
     }
 }
 
+/// `r`, answered after `waited`, is the Timeout refusal of `what` on the hung mount `mnt`: it
+/// says the storage is not answering, names the disk and the mount, and came no earlier than
+/// storage_timeout_ms (2 s).
+fn assert_storage_timeout(what: &str, r: Response, waited: Duration, disk: &Path, mnt: &Path) {
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::Timeout, "{what}: {e:?}");
+            assert!(e.message.contains("not answering"), "{}", e.message);
+            assert!(
+                e.message.contains(&*disk.to_string_lossy()),
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.contains(&*mnt.to_string_lossy()),
+                "names the mount: {}",
+                e.message
+            );
+        }
+        other => panic!("{what}: expected Timeout, got {other:?}"),
+    }
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "{what}: answered too early: {waited:?}"
+    );
+}
+
 #[test]
 fn hung_mount_stalls_only_its_own_disks() {
     prerequisites();
-    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
     let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
-    let (qa, qb) = (Qemu::spawn(), Qemu::spawn());
+    let (qa, qb) = (sleeper(), sleeper());
     let (oa, ob) = (owner("vm-good", &qa), owner("vm-hung", &qb));
     bad.set("hang 1\n");
     let sock = d.socket.clone();
@@ -161,7 +160,7 @@ fn hung_mount_stalls_only_its_own_disks() {
         !hung.is_finished(),
         "the hung acquire was answered before the healthy one ({good_latency:?})"
     );
-    let st = call(&d.admin_socket, &Request::Status);
+    let st = call(&d.admin, &Request::Status);
     assert!(matches!(st, Response::Status(_)), "{st:?}");
     assert!(lost(&d).is_empty());
     assert!(!hung.is_finished(), "status came after the hung answer");
@@ -169,33 +168,14 @@ fn hung_mount_stalls_only_its_own_disks() {
     eprintln!(
         "healthy-mount acquire while another mount hangs: {good_latency:?}; hung one answered after {waited:?}"
     );
-    match r {
-        Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
-            assert!(e.message.contains("not answering"), "{}", e.message);
-            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
-            assert!(
-                e.message.contains(&*bad.mnt.to_string_lossy()),
-                "names the mount: {}",
-                e.message
-            );
-        }
-        other => panic!("hung mount: expected Timeout, got {other:?}"),
-    }
-    assert!(
-        waited >= Duration::from_millis(1900),
-        "answered too early: {waited:?}"
-    );
+    assert_storage_timeout("hung mount", r, waited, &b, &bad.mnt);
     // Storage comes back: the late lock is dropped again, nothing is left behind.
     bad.set("");
-    let t2 = Instant::now();
-    while locked(&bad.backing.join("b.img")) {
-        assert!(
-            t2.elapsed() < Duration::from_secs(10),
-            "b.img stayed locked after the storage came back"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "b.img is unlocked after the storage came back",
+        Duration::from_secs(10),
+        || !locked(&bad.backing.join("b.img")),
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(!locked(&bad.backing.join("b.img")));
     let held = leases(&d);
@@ -217,12 +197,12 @@ fn hung_mount_stalls_only_its_own_disks() {
 #[test]
 fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     prerequisites();
-    let d = Daemon::start_with("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("storage_timeout_ms = 2000\nlease_check_interval_ms = 0\n");
     let (good, bad) = (mount(), mount());
     let a = good.image("a.img");
     let b = bad.image("b.img");
     let c = bad.image("c.img");
-    let (qa, qb, qc) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
+    let (qa, qb, qc) = (sleeper(), sleeper(), sleeper());
     let (oa, ob, oc) = (
         owner("vm-good", &qa),
         owner("vm-release", &qb),
@@ -251,7 +231,7 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
     std::thread::sleep(Duration::from_millis(300));
     // Meanwhile everything else is answered.
     let t1 = Instant::now();
-    let st = call(&d.admin_socket, &Request::Status);
+    let st = call(&d.admin, &Request::Status);
     assert!(matches!(st, Response::Status(_)), "{st:?}");
     let r = acquire(&d, &oa, std::slice::from_ref(&a), FailureAction::Default);
     let served = t1.elapsed();
@@ -275,39 +255,22 @@ fn release_and_vm_exit_on_a_hung_mount_do_not_block_others() {
         "status + healthy-mount acquire while a release and a VM exit hang: {served:?}; the \
          release was answered after {waited:?}"
     );
-    match r {
-        Response::Error(e) => {
-            assert_eq!(e.kind, ErrorKind::Timeout, "{e:?}");
-            assert!(e.message.contains("not answering"), "{}", e.message);
-            assert!(e.message.contains(&*b.to_string_lossy()), "{}", e.message);
-            assert!(
-                e.message.contains(&*bad.mnt.to_string_lossy()),
-                "names the mount: {}",
-                e.message
-            );
-        }
-        other => panic!("release on a hung mount: expected Timeout, got {other:?}"),
-    }
-    assert!(
-        waited >= Duration::from_millis(1900),
-        "answered too early: {waited:?}"
-    );
+    assert_storage_timeout("release on a hung mount", r, waited, &b, &bad.mnt);
     assert!(
         locked(&bad.backing.join("b.img")),
         "still locked while hung"
     );
     // Storage comes back: both locks go, and the disks can be taken again.
     bad.set("");
-    let t2 = Instant::now();
-    for name in ["b.img", "c.img"] {
-        while locked(&bad.backing.join(name)) {
-            assert!(
-                t2.elapsed() < Duration::from_secs(10),
-                "{name} stayed locked after the storage came back"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    wait_until(
+        "b.img and c.img are unlocked after the storage came back",
+        Duration::from_secs(10),
+        || {
+            ["b.img", "c.img"]
+                .iter()
+                .all(|n| !locked(&bad.backing.join(n)))
+        },
+    );
     let r = acquire(&d, &oa, &[b.clone(), c.clone()], FailureAction::Default);
     assert!(matches!(r, Response::Ok { .. }), "after recovery: {r:?}");
     release(&d, &oa, &[a.clone(), b.clone(), c.clone()]);
@@ -333,11 +296,11 @@ fn max_overlap(intervals: &[(u128, u128)]) -> usize {
 #[test]
 fn sixteen_disks_on_slow_storage_lock_concurrently() {
     prerequisites();
-    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let f = mount();
     let disks: Vec<PathBuf> = (0..16).map(|i| f.image(&format!("d{i:02}.img"))).collect();
     f.set("delay_ms 2\n");
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm16", &q);
     let rounds = 5;
     let mut one = Duration::ZERO;
@@ -392,13 +355,13 @@ fn sixteen_disks_on_slow_storage_lock_concurrently() {
 #[test]
 fn all_or_nothing_across_mounts() {
     prerequisites();
-    let d = Daemon::start_with("lease_check_interval_ms = 0\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let (m1, m2) = (mount(), mount());
     let a = m1.image("a.img");
     let b = m2.image("b.img");
     // Somebody else (another host, say) holds b.
     let _other = hold_byte0(&b);
-    let q = Qemu::spawn();
+    let q = sleeper();
     let r = acquire(
         &d,
         &owner("vm-aon", &q),
@@ -418,10 +381,10 @@ fn all_or_nothing_across_mounts() {
 
 fn lost_case(action: FailureAction, label: &str) {
     let interval = 500u64;
-    let d = Daemon::start_with(&format!("lease_check_interval_ms = {interval}\n"));
+    let d = TestDaemon::verbose(&format!("lease_check_interval_ms = {interval}\n"));
     let f = mount();
     let img = f.image(&format!("{label}.img"));
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner(label, &q);
     let r = acquire(&d, &o, std::slice::from_ref(&img), action);
     assert!(matches!(r, Response::Ok { .. }), "{r:?}");
@@ -429,18 +392,8 @@ fn lost_case(action: FailureAction, label: &str) {
     std::thread::sleep(Duration::from_millis(interval * 2 + 100));
     assert!(lost(&d).is_empty(), "healthy checks found a lost lock");
     f.set(&format!("lost {label}.img\n"));
-    let t0 = Instant::now();
     let bound = Duration::from_millis(interval * 2 + 1000);
-    let detected = loop {
-        if !lost(&d).is_empty() {
-            break t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "lost lock not detected within {bound:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let detected = wait_until("the lost lock is detected", bound, || !lost(&d).is_empty());
     eprintln!("{label}: lost lock detected after {detected:?} (interval {interval} ms)");
     let info = lost(&d);
     let l = info.last().unwrap();
@@ -451,15 +404,12 @@ fn lost_case(action: FailureAction, label: &str) {
     let mut q = q;
     match action {
         FailureAction::Pause => {
-            let t = Instant::now();
-            while q.state() != Some('T') {
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "not stopped: {:?}",
-                    q.state()
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until_or(
+                "the VM is stopped",
+                Duration::from_secs(5),
+                || format!("state {:?}", q.state()),
+                || q.state() == Some('T'),
+            );
         }
         FailureAction::Ignore => {
             std::thread::sleep(Duration::from_millis(interval * 2));
@@ -472,25 +422,16 @@ fn lost_case(action: FailureAction, label: &str) {
             assert_eq!(lost(&d).len(), 1, "counted once");
         }
         _ => {
-            let t = Instant::now();
-            let st = loop {
-                if let Some(st) = q.0.try_wait().unwrap() {
-                    break st;
-                }
-                assert!(t.elapsed() < Duration::from_secs(5), "VM still runs");
-                std::thread::sleep(Duration::from_millis(10));
-            };
+            let (st, _) = poll(Duration::from_secs(5), || q.0.try_wait().unwrap())
+                .unwrap_or_else(|| panic!("VM still runs"));
             use std::os::unix::process::ExitStatusExt;
             assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
             // Its lease goes with it.
-            let t = Instant::now();
-            while !leases(&d).is_empty() {
-                assert!(
-                    t.elapsed() < Duration::from_secs(5),
-                    "lease kept after poweroff"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            wait_until(
+                "the lease goes after poweroff",
+                Duration::from_secs(5),
+                || leases(&d).is_empty(),
+            );
         }
     }
 }

@@ -6,16 +6,17 @@
 
 mod common;
 
-use common::Daemon;
+use common::wait::poll;
+
+use common::daemon::TestDaemon;
 use common::fuse::Testfs;
-use common::proto::excl;
+use common::proto::{Proc, excl, sleeper};
 use lockwarden::protocol::{self, FailureAction, Owner, Request, Response};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Settings of the daemons under test: beats every 100 ms, fence after 2 s of silence.
@@ -96,40 +97,7 @@ impl Fs {
     }
 }
 
-/// A process standing in for QEMU.
-struct Qemu(Child);
-
-impl Qemu {
-    fn spawn() -> Qemu {
-        Qemu(
-            Command::new("sleep")
-                .arg("1000")
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn sleep"),
-        )
-    }
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-    /// The state letter of /proc/PID/stat (R, S, T, Z...), None once reaped.
-    fn state(&self) -> Option<char> {
-        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        s.rsplit_once(')')?.1.trim().chars().next()
-    }
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.0.try_wait().unwrap()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn owner(name: &str, q: &Qemu) -> Owner {
+fn owner(name: &str, q: &Proc) -> Owner {
     Owner {
         uuid: format!("00000000-0000-4000-8000-{:012x}", q.pid()),
         name: name.into(),
@@ -145,7 +113,7 @@ fn call(sock: &Path, req: &Request) -> Response {
     protocol::read_message(&mut s).expect("answer")
 }
 
-fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, o: &Owner, p: &Path, action: FailureAction) {
     let r = call(
         &d.socket,
         &Request::Acquire {
@@ -158,50 +126,30 @@ fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
     assert!(matches!(r, Response::Ok { .. }), "acquire {p:?}: {r:?}");
 }
 
-fn list(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::List) {
+fn list(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::List) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("list: {other:?}"),
     }
 }
 
-fn lost(d: &Daemon) -> Vec<String> {
-    match call(&d.admin_socket, &Request::Lost) {
+fn lost(d: &TestDaemon) -> Vec<String> {
+    match call(&d.admin, &Request::Lost) {
         Response::Ok { leases } => leases.into_iter().map(|l| l.name).collect(),
         other => panic!("lost: {other:?}"),
     }
 }
 
-fn log(d: &Daemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-/// Poll `cond` until it holds, at most `bound`; panics with `what` and the daemon log.
-fn wait_for(d: &Daemon, bound: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if cond() {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "{what}: not within {bound:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn daemon() -> Daemon {
-    Daemon::start_with(&format!(
+fn daemon() -> TestDaemon {
+    TestDaemon::verbose(&format!(
         "heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n\
          lease_check_interval_ms = 0\nstorage_timeout_ms = 2000\n"
     ))
 }
 
 /// Wait until the "server" has seen `n` more beats of this host on `f` than `from`.
-fn beats_reach(d: &Daemon, f: &Fs, from: u64, n: u64) {
-    wait_for(d, BOUND, "heartbeats reaching the storage", || {
+fn beats_reach(d: &TestDaemon, f: &Fs, from: u64, n: u64) {
+    d.wait_for_within(BOUND, "heartbeats reaching the storage", || {
         f.beat_seq().is_some_and(|s| s >= from + n)
     });
 }
@@ -218,7 +166,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     prerequisites();
     let d = daemon();
     let (x, y) = (Fs::mount(), Fs::mount());
-    let (qp, mut qk, mut qi, mut qo) = (Qemu::spawn(), Qemu::spawn(), Qemu::spawn(), Qemu::spawn());
+    let (qp, mut qk, mut qi, mut qo) = (sleeper(), sleeper(), sleeper(), sleeper());
     let (op, ok, oi, oo) = (
         owner("vm-pause", &qp),
         owner("vm-default", &qk),
@@ -246,21 +194,10 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     let t0 = Instant::now();
     let seq_at_partition = x.beat_seq().unwrap();
     let bound = Duration::from_millis(FENCE_AFTER_MS) + BOUND;
-    wait_for(&d, bound, "the paused VM stopped", || {
-        qp.state() == Some('T')
-    });
+    d.wait_for_within(bound, "the paused VM stopped", || qp.state() == Some('T'));
     let stopped = t0.elapsed();
-    let st = loop {
-        if let Some(st) = qk.exited() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < bound,
-            "the default VM still runs:\n{}",
-            log(&d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (st, _) = poll(bound.saturating_sub(t0.elapsed()), || qk.exited())
+        .unwrap_or_else(|| panic!("the default VM still runs:\n{}", d.log()));
     let killed = t0.elapsed();
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
     eprintln!(
@@ -269,7 +206,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     );
     // No beat got through during the partition.
     assert_eq!(x.beat_seq(), Some(seq_at_partition));
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("FENCE:") && text.contains("vm-pause"),
         "{text}"
@@ -291,24 +228,25 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     );
     let y_mnt = y.mnt.to_string_lossy().into_owned();
     assert!(
-        !log(&d)
+        !d.log()
             .lines()
             .any(|l| l.contains("FENCE:") && l.contains(&y_mnt)),
         "the healthy mount was fenced:\n{}",
-        log(&d)
+        d.log()
     );
     let held = list(&d);
     assert!(held.contains(&o.to_string_lossy().into_owned()), "{held:?}");
     // Each VM is fenced once.
-    let fences = log(&d).matches("FENCE:").count();
-    assert_eq!(fences, 3, "one FENCE line per VM:\n{}", log(&d));
+    let fences = d.log().matches("FENCE:").count();
+    assert_eq!(fences, 3, "one FENCE line per VM:\n{}", d.log());
 
     // Heal: the paused VM's lock is still ours; it stays stopped until an operator acts.
     x.set("");
-    wait_for(&d, BOUND, "the re-check after the heal", || {
-        log(&d).contains("is still held after the storage behind mount")
+    d.wait_for_within(BOUND, "the re-check after the heal", || {
+        d.log()
+            .contains("is still held after the storage behind mount")
     });
-    assert!(log(&d).contains("answers again"), "{}", log(&d));
+    assert!(d.log().contains("answers again"), "{}", d.log());
     assert_eq!(
         qp.state(),
         Some('T'),
@@ -317,7 +255,7 @@ fn a_partitioned_mount_fences_its_vms_and_leaves_others_alone() {
     beats_reach(&d, &x, seq_at_partition, 2);
     assert_eq!(qp.state(), Some('T'));
     assert!(lost(&d).is_empty(), "nothing was lost: {:?}", lost(&d));
-    assert_eq!(log(&d).matches("FENCE:").count(), 3, "no second fence");
+    assert_eq!(d.log().matches("FENCE:").count(), 3, "no second fence");
     drop(qi);
 }
 
@@ -328,15 +266,14 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
     prerequisites();
     let d = daemon();
     let x = Fs::mount();
-    let mut q = Qemu::spawn();
+    let mut q = sleeper();
     let o = owner("vm-paused-lost", &q);
     let p = x.image("lost.img");
     acquire(&d, &o, &p, FailureAction::Pause);
     beats_reach(&d, &x, 0, 1);
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped",
         || q.state() == Some('T'),
@@ -344,15 +281,12 @@ fn a_lock_lost_during_the_partition_kills_the_paused_vm() {
     // The storage lost the lock meanwhile, then answers again.
     x.set("hang 1\nlost lost.img\n");
     x.set("lost lost.img\n");
-    let st = loop {
-        if let Some(st) = q.exited() {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "{}", log(&d));
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (st, _) = poll(Duration::from_secs(30).saturating_sub(t0.elapsed()), || {
+        q.exited()
+    })
+    .unwrap_or_else(|| panic!("the VM still runs:\n{}", d.log()));
     assert_eq!(st.signal(), Some(libc::SIGKILL), "{st:?}");
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("was LOST while the storage behind mount"),
         "{text}"
@@ -370,34 +304,34 @@ fn without_a_heartbeat_file_the_beat_tests_the_lock() {
     let d = daemon();
     let x = Fs::mount();
     fs::set_permissions(&x.backing, fs::Permissions::from_mode(0o777)).unwrap();
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm-fallback", &q);
     let p = x.image("fallback.img");
     acquire(&d, &o, &p, FailureAction::Pause);
-    wait_for(&d, BOUND, "the fallback beat", || {
-        log(&d).contains("no heartbeat file on mount")
+    d.wait_for_within(BOUND, "the fallback beat", || {
+        d.log().contains("no heartbeat file on mount")
     });
     assert!(
         x.heartbeat().is_none(),
         "a heartbeat file in a 0777 directory"
     );
     assert_eq!(
-        log(&d).matches("no heartbeat file on mount").count(),
+        d.log().matches("no heartbeat file on mount").count(),
         1,
         "logged once"
     );
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped",
         || q.state() == Some('T'),
     );
     eprintln!("fallback beat: partition to SIGSTOP {:?}", t0.elapsed());
     x.set("");
-    wait_for(&d, BOUND, "the re-check after the heal", || {
-        log(&d).contains("is still held after the storage behind mount")
+    d.wait_for_within(BOUND, "the re-check after the heal", || {
+        d.log()
+            .contains("is still held after the storage behind mount")
     });
     assert_eq!(q.state(), Some('T'));
     assert!(lost(&d).is_empty());
@@ -411,7 +345,7 @@ fn fencing_works_after_a_live_reexec() {
     prerequisites();
     let d = daemon();
     let x = Fs::mount();
-    let q = Qemu::spawn();
+    let q = sleeper();
     let o = owner("vm-reexec", &q);
     let p = x.image("reexec.img");
     acquire(&d, &o, &p, FailureAction::Pause);
@@ -421,17 +355,16 @@ fn fencing_works_after_a_live_reexec() {
         nix::sys::signal::Signal::SIGUSR1,
     )
     .unwrap();
-    wait_for(&d, BOUND, "the re-exec", || {
-        log(&d).matches("serving (pid").count() >= 2
+    d.wait_for_within(BOUND, "the re-exec", || {
+        d.log().matches("serving (pid").count() >= 2
     });
     // The new image beats too (sequence numbers start over: the file changes again).
     let before = x.heartbeat();
-    wait_for(&d, BOUND, "a beat from the new image", || {
+    d.wait_for_within(BOUND, "a beat from the new image", || {
         x.heartbeat() != before
     });
     x.set("hang 1\n");
-    wait_for(
-        &d,
+    d.wait_for_within(
         Duration::from_millis(FENCE_AFTER_MS) + BOUND,
         "the paused VM stopped after the re-exec",
         || q.state() == Some('T'),
@@ -532,7 +465,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         ),
         _ => conf.clone(),
     };
-    let (a, b) = (Daemon::start_with(&a_conf), Daemon::start_with(&conf));
+    let (a, b) = (TestDaemon::verbose(&a_conf), TestDaemon::verbose(&conf));
     let shared = tempfile::Builder::new()
         .prefix("lw-lease")
         .tempdir()
@@ -560,13 +493,13 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
             1 => EDGE_ABOVE_MS,
             _ => LEASE_MS * 3 / 10 + rng.below(LEASE_MS * 15 / 10),
         };
-        let fences_before = log(&a).matches("FENCE:").count();
+        let fences_before = a.log().matches("FENCE:").count();
         // A's VMs: disk name -> (VM process, action).
-        let mut vms: Vec<(String, Qemu, FailureAction)> = Vec::new();
+        let mut vms: Vec<(String, Proc, FailureAction)> = Vec::new();
         for j in 0..n {
             let name = format!("r{round}-{j}.img");
             fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
-            let q = Qemu::spawn();
+            let q = sleeper();
             let action = if rng.below(2) == 0 {
                 FailureAction::Pause
             } else {
@@ -596,7 +529,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         let in_flight = (rng.below(3) == 0).then(|| {
             let name = format!("r{round}-late.img");
             fs::write(backing.join(&name), vec![0u8; 4096]).unwrap();
-            let q = Qemu::spawn();
+            let q = sleeper();
             let (sock, o, path) = (
                 a.socket.clone(),
                 owner(&format!("a-{name}"), &q),
@@ -658,7 +591,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 (r, t.elapsed())
             })
         });
-        let mut b_owners: Vec<Qemu> = Vec::new();
+        let mut b_owners: Vec<Proc> = Vec::new();
         let mut b_held: std::collections::HashSet<String> = Default::default();
         let mut healed = false;
         let settle = Duration::from_millis(len_ms + 1500);
@@ -672,7 +605,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 if b_held.contains(d) {
                     continue;
                 }
-                let q = Qemu::spawn();
+                let q = sleeper();
                 let r = call(
                     &b.socket,
                     &Request::Acquire {
@@ -769,13 +702,13 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
             }
         }
         // The edges: just below `fence_after_ms` nothing is fenced, just above everything is.
-        let fences = log(&a).matches("FENCE:").count() - fences_before;
+        let fences = a.log().matches("FENCE:").count() - fences_before;
         let initial: Vec<&String> = watched.iter().take(n).map(|(d, _)| d).collect();
         if round == 0 {
             assert!(
                 fences == 0 && initial.iter().all(|d| !seen.contains_key(*d)),
                 "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} VM(s):\n{}",
-                log(&a)
+                a.log()
             );
         }
         if round == 1 {
@@ -783,7 +716,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
                 fences >= n && initial.iter().all(|d| seen.contains_key(*d)),
                 "a {len_ms} ms partition (fence_after_ms {A_FENCE_MS}) fenced {fences} of {n} \
                  VM(s):\n{}",
-                log(&a)
+                a.log()
             );
         }
         eprintln!(
@@ -799,12 +732,8 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         // Clean up: every VM goes, both hosts let go.
         drop(vms);
         drop(b_owners);
-        wait_for(&a, BOUND, "host A released everything", || {
-            list(&a).is_empty()
-        });
-        wait_for(&b, BOUND, "host B released everything", || {
-            list(&b).is_empty()
-        });
+        a.wait_for_within(BOUND, "host A released everything", || list(&a).is_empty());
+        b.wait_for_within(BOUND, "host B released everything", || list(&b).is_empty());
     }
     fence_ms.sort();
     let mut m: Vec<u128> = margins_ms.iter().map(|m| (*m).max(0) as u128).collect();
@@ -821,7 +750,7 @@ fn randomized_partitions_never_let_b_hold_a_disk_while_as_vm_runs() {
         margins_ms.iter().min().copied().unwrap_or(0),
         pct(&m, 50),
     );
-    assert!(violations.is_empty(), "{violations:#?}\n{}", log(&a));
+    assert!(violations.is_empty(), "{violations:#?}\n{}", a.log());
     assert!(
         margins_ms.iter().all(|m| *m > 0),
         "a VM was stopped after its lease expired: {margins_ms:?}"

@@ -10,286 +10,60 @@
 mod common;
 
 use common::daemon::{Opts, TestDaemon};
+use common::host::{Host, HostOpts, parse_err};
+use common::wait::{poll_every, wait_until};
+use common::{Vm, disk, esc, plugin_path};
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
 use lockwarden::protocol::{self, ErrorKind, Request, Response};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
-const HOST: &str = env!("LOCKWARDEN_TEST_HOST");
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
-// ---- locating the plugin ------------------------------------------------------------------
+// ---- the C host (tests/common/host.rs) -------------------------------------------------
 
-/// The plugin built by this very cargo invocation.
-///
-/// The test executable lives in `target/<profile>/deps`. `cargo test` compiles the lib target
-/// with all its crate types into that directory (`deps/liblockwarden.so`) but copies ("uplifts")
-/// it to `target/<profile>/liblockwarden.so` only on `cargo build`, so the copy one level up
-/// can be stale; prefer the one in `deps`.
-fn plugin_so() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("test executable has no directory");
-    let candidates = [
-        deps.join("liblockwarden.so"),
-        deps.parent()
-            .map(|p| p.join("liblockwarden.so"))
-            .unwrap_or_default(),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "liblockwarden.so not found at {candidates:?}; the lib target (crate-type \
-                 cdylib) builds it"
-            )
-        })
+/// A host with the plugin config argument `conf` as given (a path that need not exist, or
+/// `@null`), `env` and maybe `--no-init`; returns whatever its first line was.
+fn spawn_host(conf: &OsStr, env: &[(&str, &str)], no_init: bool) -> Host {
+    Host::launch(
+        "",
+        HostOpts {
+            conf_arg: Some(conf),
+            env,
+            no_init,
+            reply_timeout: Some(REPLY_TIMEOUT),
+            ..HostOpts::default()
+        },
+    )
 }
 
-// ---- escaping for the host's command language ---------------------------------------------
-
-/// %-escape every byte the host would split on or decode (space, newline, '%', ':').
-fn esc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b <= b' ' || b == b'%' || b == b':' || b >= 0x7f {
-            out.push_str(&format!("%{b:02X}"));
-        } else {
-            out.push(b as char);
-        }
-    }
-    out
-}
-
-fn disk(p: &Path) -> String {
-    format!("disk:{}", esc(p.to_str().expect("utf-8 path")))
-}
-
-// ---- the C host ---------------------------------------------------------------------------
-
-struct Host {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    rx: Receiver<String>,
-    stderr: PathBuf,
-    /// The first line: "READY" or "ERR ...".
-    ready: String,
-    /// Children of `start` (stand-ins for QEMU), killed on drop.
-    started: Vec<i32>,
-}
-
-impl Host {
-    /// A host with the plugin config at `conf` (need not exist); panics unless READY.
-    fn new(conf: &Path) -> Host {
-        let h = Host::spawn(conf.as_os_str(), &[], false);
-        assert_eq!(
-            h.ready,
-            "READY",
-            "host did not come up; stderr: {}",
-            h.stderr_text()
-        );
-        h
-    }
-
-    fn spawn(conf: &OsStr, env: &[(&str, &str)], no_init: bool) -> Host {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let stderr = std::env::temp_dir().join(format!(
-            "lockwarden-host-{}-{}.stderr",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut cmd = Command::new(HOST);
-        cmd.arg(plugin_so()).arg(conf);
-        if no_init {
-            cmd.arg("--no-init");
-        }
-        cmd.env_remove("LOCKWARDEN_TEST_PANIC");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(fs::File::create(&stderr).expect("host stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run the C test host {HOST}: {e}"));
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        let mut h = Host {
-            child,
-            stdin,
-            rx,
-            stderr,
-            ready: String::new(),
-            started: Vec::new(),
-        };
-        h.ready = h.read_line("the first line (READY)");
-        h
-    }
-
-    fn stderr_text(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn read_line(&mut self, what: &str) -> String {
-        match self.rx.recv_timeout(REPLY_TIMEOUT) {
-            Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => panic!(
-                "host gave no reply to {what} within {REPLY_TIMEOUT:?}; stderr: {}",
-                self.stderr_text()
-            ),
-            Err(RecvTimeoutError::Disconnected) => panic!(
-                "host died before answering {what}; status {:?}; stderr: {}",
-                self.child.try_wait(),
-                self.stderr_text()
-            ),
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("host stdin");
-        writeln!(stdin, "{line}").expect("write to host");
-        stdin.flush().expect("flush host stdin");
-        let shown: String = line.chars().take(200).collect();
-        self.read_line(&shown)
-    }
-
-    /// Run `line`, expect `OK`, return what follows it.
-    fn ok(&mut self, line: &str) -> String {
-        let r = self.cmd(line);
-        match r.strip_prefix("OK") {
-            Some(rest) => rest.trim_start().to_string(),
-            None => panic!(
-                "`{}` failed: {r}",
-                line.chars().take(200).collect::<String>()
-            ),
-        }
-    }
-
-    /// Run `line`, expect `ERR`, return (code, domain, message).
-    fn err(&mut self, line: &str) -> LvError {
-        let r = self.cmd(line);
-        parse_err(&r).unwrap_or_else(|| {
-            panic!(
-                "`{}` should have failed: {r}",
-                line.chars().take(200).collect::<String>()
-            )
-        })
-    }
-
-    /// Domain start: register `vm` from a forked child that stays alive as its "QEMU".
-    fn start(&mut self, vm: &Vm, res: &[String]) -> i32 {
-        let pid = self.ok(format!("start {} {}", vm.head(), res.join(" ")).trim_end());
-        let pid: i32 = pid.parse().expect("start replies OK <pid>");
-        self.started.push(pid);
-        pid
-    }
-
-    fn acquire(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
-        self.cmd(format!("acquire {} {pid} {}", vm.head(), res.join(" ")).trim_end())
-    }
-
-    fn release(&mut self, vm: &Vm, pid: i32, res: &[String]) -> String {
-        self.cmd(format!("release {} {pid} {}", vm.head(), res.join(" ")).trim_end())
-    }
-
-    /// The host still answers (it did not abort).
-    fn assert_alive(&mut self) {
-        assert_eq!(self.ok("layout"), "size=72 version=1000000 flags=0 fns=8");
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        for pid in &self.started {
-            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_file(&self.stderr);
-    }
-}
-
-/// A libvirt error as the host reports it.
-#[derive(Debug)]
-struct LvError {
-    code: i32,
-    domain: i32,
-    msg: String,
-}
-
-fn parse_err(reply: &str) -> Option<LvError> {
-    let rest = reply.strip_prefix("ERR ")?;
-    let mut it = rest.splitn(3, ' ');
-    Some(LvError {
-        code: it.next()?.parse().ok()?,
-        domain: it.next()?.parse().ok()?,
-        msg: it.next().unwrap_or_default().to_string(),
-    })
-}
-
-impl LvError {
-    /// A lockwarden error: domain VIR_FROM_LOCKING and the given code.
-    #[track_caller]
-    fn expect(&self, code: i32, needles: &[&str]) {
-        assert_eq!(
-            (self.code, self.domain),
-            (code, 42),
-            "wrong libvirt code/domain: {self:?}"
-        );
-        for n in needles {
-            assert!(self.msg.contains(n), "{n:?} not in {:?}", self.msg);
-        }
-    }
+/// A host with the plugin config at `conf` (need not exist); panics unless READY.
+fn new_host(conf: &Path) -> Host {
+    let h = spawn_host(conf.as_os_str(), &[], false);
+    assert_eq!(
+        h.ready_line,
+        "READY",
+        "host did not come up; stderr: {}",
+        h.stderr_text()
+    );
+    h
 }
 
 // ---- VMs ----------------------------------------------------------------------------------
 
-struct Vm {
-    name: String,
-    uuid: String,
-    id: u32,
-}
-
+/// A VM named exactly `name` (with a UUID and id unique in this binary).
 fn vm(name: &str) -> Vm {
-    static N: AtomicU32 = AtomicU32::new(1);
-    let n = N.fetch_add(1, Ordering::Relaxed);
     Vm {
         name: name.to_string(),
-        uuid: format!(
-            "{:08x}-{:04x}-4000-8000-{:012x}",
-            std::process::id(),
-            n,
-            0x1234_5678_9abc_u64 + u64::from(n)
-        ),
-        id: n,
-    }
-}
-
-impl Vm {
-    /// "NAME UUID ID" for the host.
-    fn head(&self) -> String {
-        format!("{} {} {}", esc(&self.name), self.uuid, self.id)
+        ..Vm::new(name)
     }
 }
 
@@ -319,6 +93,31 @@ fn plugin_conf(d: &TestDaemon, dir: &Path, extra: &str) -> PathBuf {
     p
 }
 
+/// `acquire` of `res` for `vm` as owner `pid` succeeds (else panics with the daemon log).
+#[track_caller]
+fn acquired(h: &mut Host, d: &TestDaemon, vm: &Vm, pid: i32, res: &[String]) {
+    assert_eq!(h.acquire_as(vm, pid, res), "OK", "log:\n{}", d.log());
+}
+
+/// `DIR/plugin.conf` naming a daemon socket where no daemon listens (`DIR/none.sock`).
+fn conf_without_daemon(dir: &Path) -> PathBuf {
+    let conf = dir.join("plugin.conf");
+    fs::write(
+        &conf,
+        format!("daemon_socket = \"{}\"\n", dir.join("none.sock").display()),
+    )
+    .unwrap();
+    conf
+}
+
+/// A directory, a daemon whose lease files may live in it, and a host configured for it.
+fn daemon_and_host() -> (tempfile::TempDir, TestDaemon, Host) {
+    let dir = tempdir();
+    let d = start_daemon(dir.path());
+    let h = new_host(&plugin_conf(&d, dir.path(), ""));
+    (dir, d, h)
+}
+
 fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("lw-abi")
@@ -336,10 +135,10 @@ fn image(dir: &Path, name: &str) -> PathBuf {
 #[track_caller]
 fn assert_free(h: &mut Host, res: &str) {
     let other = vm("bystander");
-    let pid = h.start(&other, &[]);
-    let r = h.acquire(&other, pid, &[res.to_string()]);
+    let pid = h.start_owner(&other, &[]);
+    let r = h.acquire_as(&other, pid, &[res.to_string()]);
     assert_eq!(r, "OK", "{res} should be free for another owner: {r}");
-    let r = h.release(&other, pid, &[res.to_string()]);
+    let r = h.release_as(&other, pid, &[res.to_string()]);
     assert_eq!(r, "OK", "release by the bystander: {r}");
 }
 
@@ -349,7 +148,7 @@ fn assert_free(h: &mut Host, res: &str) {
 fn exports_only_the_driver_table() {
     let out = Command::new("nm")
         .args(["-D", "--defined-only"])
-        .arg(plugin_so())
+        .arg(plugin_path())
         .output()
         .expect("nm (binutils) is needed for this test");
     assert!(out.status.success(), "nm failed: {out:?}");
@@ -364,7 +163,7 @@ fn exports_only_the_driver_table() {
 fn linked_nodelete() {
     let out = Command::new("readelf")
         .arg("-d")
-        .arg(plugin_so())
+        .arg(plugin_path())
         .output()
         .expect("readelf (binutils) is needed for this test");
     assert!(out.status.success(), "readelf failed: {out:?}");
@@ -379,7 +178,7 @@ fn linked_nodelete() {
 #[test]
 fn driver_table_layout_seen_by_the_loader() {
     let dir = tempdir();
-    let mut h = Host::new(&dir.path().join("absent.conf"));
+    let mut h = new_host(&dir.path().join("absent.conf"));
     // st_size of the exported object, version, flags, and all eight function pointers set.
     assert_eq!(h.ok("layout"), "size=72 version=1000000 flags=0 fns=8");
     assert_eq!(h.ok("deinit"), "0");
@@ -424,14 +223,14 @@ fn bad_config_makes_init_fail_naming_file_line_and_key() {
     ] {
         let conf = dir.path().join("qemu-lockwarden.conf");
         fs::write(&conf, text).unwrap();
-        let mut h = Host::spawn(conf.as_os_str(), &[], false);
-        let e = parse_err(&h.ready)
-            .unwrap_or_else(|| panic!("Init should fail for {text:?}, got {}", h.ready));
+        let mut h = spawn_host(conf.as_os_str(), &[], false);
+        let e = parse_err(&h.ready_line)
+            .unwrap_or_else(|| panic!("Init should fail for {text:?}, got {}", h.ready_line));
         e.expect(
             67,
             &[&format!("{}:{line}: key '{key}'", conf.display()), needle],
         );
-        let st = h.child.wait().unwrap();
+        let st = h.wait_exit();
         assert_eq!(st.code(), Some(1), "the host exits 1 after a failed Init");
     }
 }
@@ -442,16 +241,16 @@ fn missing_or_null_config_means_defaults() {
     let default_socket = lockwarden::paths::default_socket();
     let absent = dir.path().join("absent.conf");
     for conf in [absent.as_os_str(), OsStr::new("@null")] {
-        let mut h = Host::spawn(conf, &[], false);
+        let mut h = spawn_host(conf, &[], false);
         assert_eq!(
-            h.ready,
+            h.ready_line,
             "READY",
             "defaults for {conf:?}: {}",
             h.stderr_text()
         );
         let a = vm("defaults");
         let img = dir.path().join("nonexistent.img");
-        let r = h.acquire(&a, std::process::id() as i32, &[disk(&img)]);
+        let r = h.acquire_as(&a, std::process::id() as i32, &[disk(&img)]);
         if default_socket.exists() {
             // A daemon runs at the default socket on this machine: the request reached it.
             assert!(!r.contains("cannot connect"), "{r}");
@@ -478,7 +277,7 @@ fn second_init_keeps_the_first_config() {
     fs::write(&first, "daemon_socket = \"/nonexistent/first.sock\"\n").unwrap();
     fs::write(&second, "daemon_socket = \"/nonexistent/second.sock\"\n").unwrap();
     fs::write(&bad, "no_such_key = 1\n").unwrap();
-    let mut h = Host::new(&first);
+    let mut h = new_host(&first);
     // libvirt calls drvInit once per driver (qemu, libxl); lockd keeps the first config.
     h.ok(&format!(
         "raw-init 1000000 0 {}",
@@ -506,12 +305,12 @@ fn failed_first_init_leaves_nothing_and_a_later_init_works() {
     let good = dir.path().join("good.conf");
     fs::write(&bad, "daemon_socket = 42\n").unwrap();
     fs::write(&good, "daemon_socket = \"/nonexistent/good.sock\"\n").unwrap();
-    let mut h = Host::spawn(OsStr::new("@null"), &[], true);
-    assert_eq!(h.ready, "READY");
+    let mut h = spawn_host(OsStr::new("@null"), &[], true);
+    assert_eq!(h.ready_line, "READY");
     // Entry points before a successful Init fail cleanly. virReportErrorHelper is looked up
     // in drvInit, so this is also the path where it is unknown: the error goes to fd 2 as one
     // line, and the host sees -1 without a libvirt error.
-    let r = h.cmd("raw-new 0 0 uuid:uuid:11111111-2222-3333-4444-555555555555 name:string:x");
+    let r = h.raw("raw-new 0 0 uuid:uuid:11111111-2222-3333-4444-555555555555 name:string:x");
     assert_eq!(
         r,
         "ERR 0 0 host: drvNew returned -1 without raising a libvirt error"
@@ -543,15 +342,13 @@ const UUID: &str = "c7a5fdbd-cdaf-9455-926a-d65c16db1809";
 
 #[test]
 fn bad_input_is_refused_with_a_libvirt_error() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (dir, _d, mut h) = daemon_and_host();
     // A real image and a real owner: an input that slipped through would reach the daemon
     // and succeed (or lock the image), which the checks below would notice.
     let img = image(dir.path(), "a.qcow2");
     let img_tok = esc(img.to_str().unwrap());
     let web1 = vm("web1");
-    let pid = h.start(&web1, &[]);
+    let pid = h.start_owner(&web1, &[]);
     let good = format!(
         "uuid:uuid:{} name:string:web1 id:uint:{} pid:uint:{pid}",
         web1.uuid, web1.id
@@ -778,8 +575,8 @@ fn bad_input_is_refused_with_a_libvirt_error() {
     h.ok(&format!("raw-add 0 0 {img_tok}"));
     h.ok("raw-acquire 0 0 @null nofd");
     let other = vm("other");
-    let po = h.start(&other, &[]);
-    parse_err(&h.acquire(&other, po, &[disk(&img)]))
+    let po = h.start_owner(&other, &[]);
+    parse_err(&h.acquire_as(&other, po, &[disk(&img)]))
         .expect("the image is held by web1")
         .expect(87, &["a.qcow2"]);
     h.ok("raw-release 0 state");
@@ -791,16 +588,8 @@ fn bad_input_is_refused_with_a_libvirt_error() {
 #[test]
 fn acquire_failure_closes_the_connection_and_leaves_fd_minus_one() {
     let dir = tempdir();
-    let conf = dir.path().join("plugin.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon_socket = \"{}\"\n",
-            dir.path().join("none.sock").display()
-        ),
-    )
-    .unwrap();
-    let mut h = Host::new(&conf);
+    let conf = conf_without_daemon(dir.path());
+    let mut h = new_host(&conf);
     let before = h.ok("fdcount");
     h.ok(&format!(
         "raw-new 0 1 uuid:uuid:{UUID} name:string:web1 id:uint:1 pid:uint:1"
@@ -831,7 +620,7 @@ fn missing_daemon_gives_the_connect_error_naming_the_socket() {
     let sock = dir.path().join("lockwardend.sock");
     let conf = dir.path().join("plugin.conf");
     fs::write(&conf, format!("daemon_socket = \"{}\"\n", sock.display())).unwrap();
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let a = vm("nodaemon");
     let img = image(dir.path(), "a.img");
     let want = format!(
@@ -900,7 +689,7 @@ fn silent_daemon_times_out_after_request_timeout_ms() {
         ),
     )
     .unwrap();
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let a = vm("slow");
     for cmd in [
         format!("acquire {} 1 disk:/img/a", a.head()),
@@ -964,7 +753,7 @@ fn daemon_errors_pass_verbatim_and_version_mismatch_is_clear() {
             Box::new(|_| protocol::encode(&Response::Ok { leases: vec![] }).unwrap()),
         ],
     );
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let a = vm("verbatim");
     let acq = format!("acquire-action pause {} 77 disk-shared:/img/a", a.head());
     h.err(&acq)
@@ -1028,9 +817,9 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
         let mut buf = [0u8; 1];
         std::io::Read::read(&mut s, &mut buf).unwrap_or(0)
     });
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let a = vm("handle");
-    let pid = h.start(&a, &["disk:/img/a".into(), "disk-ro:/img/b".into()]);
+    let pid = h.start_owner(&a, &["disk:/img/a".into(), "disk-ro:/img/b".into()]);
     let (req, peer_pid, handle) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     match req {
         Request::Register { owner, restrict } => {
@@ -1044,17 +833,9 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
     // Once the child has exec'd its "QEMU" (/bin/sleep), every close-on-exec descriptor is
     // gone: the kernel reports a hang-up on our end at once if the handle was among them.
     let exe = format!("/proc/{pid}/exe");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fs::read_link(&exe)
-        .map(|p| !p.ends_with("sleep"))
-        .unwrap_or(true)
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the child never exec'd sleep"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("the child exec'd sleep", Duration::from_secs(10), || {
+        fs::read_link(&exe).is_ok_and(|p| p.ends_with("sleep"))
+    });
     let mut pfd = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(&handle),
         nix::poll::PollFlags::POLLIN,
@@ -1077,15 +858,7 @@ fn start_registers_restricted_from_the_child_and_keeps_the_handle() {
 #[test]
 fn a_panic_in_any_entry_point_becomes_an_error() {
     let dir = tempdir();
-    let conf = dir.path().join("plugin.conf");
-    fs::write(
-        &conf,
-        format!(
-            "daemon_socket = \"{}\"\n",
-            dir.path().join("none.sock").display()
-        ),
-    )
-    .unwrap();
+    let conf = conf_without_daemon(dir.path());
     let a = vm("panicky");
     let head = a.head();
     for (point, func, cmd) in [
@@ -1114,9 +887,9 @@ fn a_panic_in_any_entry_point_becomes_an_error() {
         ("free", "drvFree", format!("inquire {head} 1 disk:/img/a")),
         ("deinit", "drvDeinit", "deinit".to_string()),
     ] {
-        let mut h = Host::spawn(conf.as_os_str(), &[("LOCKWARDEN_TEST_PANIC", point)], false);
-        assert_eq!(h.ready, "READY", "{point}: {}", h.stderr_text());
-        let r = h.cmd(&cmd);
+        let mut h = spawn_host(conf.as_os_str(), &[("LOCKWARDEN_TEST_PANIC", point)], false);
+        assert_eq!(h.ready_line, "READY", "{point}: {}", h.stderr_text());
+        let r = h.raw(&cmd);
         if point == "deinit" {
             // drvDeinit's return value is the error signal; the host prints the raised error.
             parse_err(&r)
@@ -1142,59 +915,55 @@ fn a_panic_in_any_entry_point_becomes_an_error() {
         );
     }
     // In drvInit itself: the host prints the error and exits normally (no abort).
-    let mut h = Host::spawn(
+    let mut h = spawn_host(
         conf.as_os_str(),
         &[("LOCKWARDEN_TEST_PANIC", "init")],
         false,
     );
-    parse_err(&h.ready)
-        .unwrap_or_else(|| panic!("init panic: {}", h.ready))
+    parse_err(&h.ready_line)
+        .unwrap_or_else(|| panic!("init panic: {}", h.ready_line))
         .expect(1, &["drvInit: panic"]);
-    assert_eq!(h.child.wait().unwrap().code(), Some(1));
+    assert_eq!(h.wait_exit().code(), Some(1));
     // A misspelt hook name is refused, not ignored.
-    let mut h = Host::spawn(
+    let mut h = spawn_host(
         conf.as_os_str(),
         &[("LOCKWARDEN_TEST_PANIC", "acquier")],
         false,
     );
-    parse_err(&h.ready)
-        .unwrap_or_else(|| panic!("bad hook name: {}", h.ready))
+    parse_err(&h.ready_line)
+        .unwrap_or_else(|| panic!("bad hook name: {}", h.ready_line))
         .expect(55, &["names no entry point"]);
-    assert_eq!(h.child.wait().unwrap().code(), Some(1));
+    assert_eq!(h.wait_exit().code(), Some(1));
 }
 
 // ---- with a real daemon -------------------------------------------------------------------
 
 #[test]
 fn a_vm_without_disks_acquires_and_releases() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (_dir, d, mut h) = daemon_and_host();
     let a = vm("diskless");
-    let pid = h.start(&a, &[]);
-    assert_eq!(h.acquire(&a, pid, &[]), "OK", "log:\n{}", d.log());
-    assert_eq!(h.release(&a, pid, &[]), "OK");
+    let pid = h.start_owner(&a, &[]);
+    acquired(&mut h, &d, &a, pid, &[]);
+    assert_eq!(h.release_as(&a, pid, &[]), "OK");
     assert_eq!(h.ok(&format!("inquire {} {pid}", a.head())), "");
     assert_eq!(h.ok(&format!("release-nostate {} {pid}", a.head())), "");
 }
 
 #[test]
 fn release_twice_and_acquire_twice_are_fine() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "a.img");
     let a = vm("twice");
-    let pid = h.start(&a, &[disk(&img)]);
-    assert_eq!(h.acquire(&a, pid, &[disk(&img)]), "OK", "log:\n{}", d.log());
+    let pid = h.start_owner(&a, &[disk(&img)]);
+    acquired(&mut h, &d, &a, pid, &[disk(&img)]);
     assert_eq!(
-        h.acquire(&a, pid, &[disk(&img)]),
+        h.acquire_as(&a, pid, &[disk(&img)]),
         "OK",
         "acquire again (resume after hot-plug)"
     );
-    assert_eq!(h.release(&a, pid, &[disk(&img)]), "OK");
+    assert_eq!(h.release_as(&a, pid, &[disk(&img)]), "OK");
     assert_eq!(
-        h.release(&a, pid, &[disk(&img)]),
+        h.release_as(&a, pid, &[disk(&img)]),
         "OK",
         "second release is a no-op"
     );
@@ -1206,7 +975,7 @@ fn bad_resources_refused_by_the_daemon_change_nothing() {
     let dir = tempdir();
     let d = start_daemon(dir.path());
     let conf = plugin_conf(&d, dir.path(), "request_timeout_ms = 20000\n");
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let good = image(dir.path(), "good.img");
     let fifo = dir.path().join("a fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
@@ -1215,10 +984,10 @@ fn bad_resources_refused_by_the_daemon_change_nothing() {
     fs::create_dir(&subdir).unwrap();
     let missing = dir.path().join("missing.img");
     let a = vm("badres");
-    let pid = h.start(&a, &[]);
+    let pid = h.start_owner(&a, &[]);
     for bad in [&fifo, &subdir, &missing, Path::new("/dev/null")] {
         let t = Instant::now();
-        let r = h.acquire(&a, pid, &[disk(&good), disk(bad)]);
+        let r = h.acquire_as(&a, pid, &[disk(&good), disk(bad)]);
         let took = t.elapsed();
         let e = parse_err(&r).unwrap_or_else(|| panic!("{bad:?} must be refused: {r}"));
         assert_eq!(e.domain, 42, "{e:?}");
@@ -1244,30 +1013,28 @@ fn bad_resources_refused_by_the_daemon_change_nothing() {
         ("res:0:16:/x".to_string(), 55),
         ("lease:k:/l:512".to_string(), 67),
     ] {
-        let e = parse_err(&h.acquire(&a, pid, &[disk(&good), res.clone()]))
+        let e = parse_err(&h.acquire_as(&a, pid, &[disk(&good), res.clone()]))
             .unwrap_or_else(|| panic!("{res} must be refused"));
         assert_eq!((e.code, e.domain), (code, 42), "{res}: {e:?}");
         assert_free(&mut h, &disk(&good));
     }
     // And the owner itself is still fine.
-    assert_eq!(h.acquire(&a, pid, &[disk(&good)]), "OK");
+    assert_eq!(h.acquire_as(&a, pid, &[disk(&good)]), "OK");
 }
 
 #[test]
 fn paths_with_spaces_and_newlines_work() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "my disk\nimage %1:x.img");
     let a = vm("spaces");
     let b = vm("other vm");
-    let pa = h.start(&a, &[disk(&img)]);
-    let pb = h.start(&b, &[disk(&img)]);
-    assert_eq!(h.acquire(&a, pa, &[disk(&img)]), "OK", "log:\n{}", d.log());
-    let e = parse_err(&h.acquire(&b, pb, &[disk(&img)])).expect("second owner refused");
+    let pa = h.start_owner(&a, &[disk(&img)]);
+    let pb = h.start_owner(&b, &[disk(&img)]);
+    acquired(&mut h, &d, &a, pa, &[disk(&img)]);
+    let e = parse_err(&h.acquire_as(&b, pb, &[disk(&img)])).expect("second owner refused");
     e.expect(87, &["my disk"]);
-    assert_eq!(h.release(&a, pa, &[disk(&img)]), "OK");
-    assert_eq!(h.acquire(&b, pb, &[disk(&img)]), "OK");
+    assert_eq!(h.release_as(&a, pa, &[disk(&img)]), "OK");
+    assert_eq!(h.acquire_as(&b, pb, &[disk(&img)]), "OK");
     // No log line of the daemon contains the raw newline of the path.
     assert!(
         !d.log().contains("my disk\nimage"),
@@ -1277,26 +1044,19 @@ fn paths_with_spaces_and_newlines_work() {
 
 #[test]
 fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let d1 = image(dir.path(), "d1.img");
     let d2 = image(dir.path(), "d2.img");
     let d3 = image(dir.path(), "d3.img");
     let a = vm("hotplug");
-    let pid = h.start(&a, &[disk(&d1), disk(&d2)]);
-    assert_eq!(
-        h.acquire(&a, pid, &[disk(&d1), disk(&d2)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    let pid = h.start_owner(&a, &[disk(&d1), disk(&d2)]);
+    acquired(&mut h, &d, &a, pid, &[disk(&d1), disk(&d2)]);
     // virDomainLockImageAttach: a fresh manager with only the new disk.
-    assert_eq!(h.acquire(&a, pid, &[disk(&d3)]), "OK");
+    assert_eq!(h.acquire_as(&a, pid, &[disk(&d3)]), "OK");
     let b = vm("intruder");
-    let pb = h.start(&b, &[]);
+    let pb = h.start_owner(&b, &[]);
     for img in [&d1, &d2, &d3] {
-        parse_err(&h.acquire(&b, pb, &[disk(img)]))
+        parse_err(&h.acquire_as(&b, pb, &[disk(img)]))
             .unwrap_or_else(|| panic!("{img:?} must be held by hotplug"))
             .expect(87, &[img.file_name().unwrap().to_str().unwrap()]);
     }
@@ -1305,50 +1065,43 @@ fn hotplug_acquire_for_an_owner_that_holds_other_disks() {
         h.ok(&format!("release-nostate {} {pid} {}", a.head(), disk(&d3))),
         ""
     );
-    assert_eq!(h.acquire(&b, pb, &[disk(&d3)]), "OK");
-    parse_err(&h.acquire(&b, pb, &[disk(&d1)]))
+    assert_eq!(h.acquire_as(&b, pb, &[disk(&d3)]), "OK");
+    parse_err(&h.acquire_as(&b, pb, &[disk(&d1)]))
         .expect("d1 still held")
         .expect(87, &["d1.img"]);
 }
 
 #[test]
 fn lifetime_handle_from_start_releases_on_exit() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (dir, d, mut h) = daemon_and_host();
     let img = image(dir.path(), "life.img");
     let a = vm("life");
-    let pid = h.start(&a, &[disk(&img)]);
-    assert_eq!(h.acquire(&a, pid, &[disk(&img)]), "OK", "log:\n{}", d.log());
+    let pid = h.start_owner(&a, &[disk(&img)]);
+    acquired(&mut h, &d, &a, pid, &[disk(&img)]);
     let b = vm("waiting");
-    let pb = h.start(&b, &[]);
-    parse_err(&h.acquire(&b, pb, &[disk(&img)]))
+    let pb = h.start_owner(&b, &[]);
+    parse_err(&h.acquire_as(&b, pb, &[disk(&img)]))
         .expect("held while the owner lives")
         .expect(87, &["life.img"]);
     h.ok(&format!("kill {pid} KILL"));
     h.ok(&format!("wait {pid}"));
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        if h.acquire(&b, pb, &[disk(&img)]) == "OK" {
-            break;
-        }
-        assert!(
-            Instant::now() < until,
+    poll_every(Duration::from_millis(50), Duration::from_secs(10), || {
+        (h.acquire_as(&b, pb, &[disk(&img)]) == "OK").then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
             "lease not freed 10 s after the owner died; log:\n{}",
             d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        )
+    });
 }
 
 #[test]
 fn raw_acquire_with_fd_returns_an_inheritable_handle() {
-    let dir = tempdir();
-    let d = start_daemon(dir.path());
-    let mut h = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let (_dir, _d, mut h) = daemon_and_host();
     let before = h.ok("fdcount");
     let a = vm("rawfd");
-    let pid = h.start(&a, &[]);
+    let pid = h.start_owner(&a, &[]);
     let r = h.ok(&format!(
         "raw-new 0 0 uuid:uuid:{} name:string:rawfd id:uint:{} pid:uint:{pid}",
         a.uuid, a.id
@@ -1377,19 +1130,20 @@ fn leases_and_lockspace_directories() {
         dir.path(),
         &format!("file_lockspace_dir = \"{}\"\n", lockspace.display()),
     );
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let leases = dir.path().join("leases");
     fs::create_dir_all(leases.join("ls1")).unwrap();
     let img = image(dir.path(), "ls.img");
     let a = vm("leaser");
-    let pa = h.start(&a, &[]);
+    let pa = h.start_owner(&a, &[]);
     let lease = format!("lease:key1:{}:0:ls1", esc(leases.to_str().unwrap()));
     let plain = format!("lease:key2:{}:0", esc(leases.to_str().unwrap()));
-    assert_eq!(
-        h.acquire(&a, pa, &[lease.clone(), plain.clone(), disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
+    acquired(
+        &mut h,
+        &d,
+        &a,
+        pa,
+        &[lease.clone(), plain.clone(), disk(&img)],
     );
     assert!(
         leases.join("ls1/key1").exists(),
@@ -1402,15 +1156,15 @@ fn leases_and_lockspace_directories() {
         "lock file named by the SHA-256 of the path in file_lockspace_dir"
     );
     let b = vm("leaser2");
-    let pb = h.start(&b, &[]);
+    let pb = h.start_owner(&b, &[]);
     for res in [&lease, &plain, &disk(&img)] {
-        let e = parse_err(&h.acquire(&b, pb, std::slice::from_ref(res)))
+        let e = parse_err(&h.acquire_as(&b, pb, std::slice::from_ref(res)))
             .unwrap_or_else(|| panic!("{res} must be held"));
         assert_eq!((e.code, e.domain), (87, 42), "{res}: {e:?}");
     }
     // A lease whose directory does not exist: a clear error naming it.
     let nodir = dir.path().join("no such dir");
-    let e = parse_err(&h.acquire(
+    let e = parse_err(&h.acquire_as(
         &b,
         pb,
         &[format!("lease:k:{}:0", esc(nodir.to_str().unwrap()))],
@@ -1425,11 +1179,11 @@ fn require_lease_for_disks_without_auto_leases() {
     let dir = tempdir();
     let d = start_daemon(dir.path());
     let conf = plugin_conf(&d, dir.path(), "auto_disk_leases = 0\n");
-    let mut h = Host::new(&conf);
+    let mut h = new_host(&conf);
     let img = image(dir.path(), "rw.img");
     let a = vm("strict");
     // Start only registers.
-    let pid = h.start(&a, &[disk(&img)]);
+    let pid = h.start_owner(&a, &[disk(&img)]);
     h.err(&format!("acquire {} {pid} {}", a.head(), disk(&img)))
         .expect(
             67,
@@ -1441,7 +1195,7 @@ fn require_lease_for_disks_without_auto_leases() {
         );
     // Read-only and shared disks do not count; with no r/w disk the acquire goes through.
     assert_eq!(
-        h.acquire(
+        h.acquire_as(
             &a,
             pid,
             &["disk-ro:/img/cd.iso".into(), "disk-shared:/img/s".into()]
@@ -1454,13 +1208,8 @@ fn require_lease_for_disks_without_auto_leases() {
         "lease:vmkey:{}:0",
         esc(dir.path().join("leases").to_str().unwrap())
     );
-    assert_eq!(
-        h.acquire(&a, pid, &[lease, disk(&img)]),
-        "OK",
-        "log:\n{}",
-        d.log()
-    );
+    acquired(&mut h, &d, &a, pid, &[lease, disk(&img)]);
     // The disk itself was not locked: a host with automatic disk leases can take it.
-    let mut auto = Host::new(&plugin_conf(&d, dir.path(), ""));
+    let mut auto = new_host(&plugin_conf(&d, dir.path(), ""));
     assert_free(&mut auto, &disk(&img));
 }

@@ -12,19 +12,18 @@
 
 mod common;
 
+use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::proto::{
     Client, Proc, Vm, byte0, eventually, excl, next_seq, running, signal, sleeper, tell,
 };
-use lockwarden::protocol::{self, ErrorKind, FailureAction, LeaseInfo, Owner, Request, Response};
+use lockwarden::protocol::{self, ErrorKind, FailureAction, Owner, Request, Response};
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -61,18 +60,34 @@ fn vm(name: &str) -> Vm {
 // ---------------------------------------------------------------------------------------------
 // Daemons
 
-/// A lockwardend running from its own copy of the binary, in `dir`, with fixed paths.
-struct Daemon {
-    dir: PathBuf,
-    bin: PathBuf,
-    socket: PathBuf,
-    admin: PathBuf,
-    keeper_socket: PathBuf,
-    pid_file: PathBuf,
-    log: PathBuf,
-    proc: Option<Proc>,
-    /// Every keeper pid seen, killed on drop if still a keeper.
-    keepers: Vec<u32>,
+/// A lockwardend laid out in `dir`, running from its own copy of the binary (`dir/bin`), with
+/// its keeper attached and tracked (killed on drop if still a keeper).
+fn start(dir: &Path) -> TestDaemon {
+    let bin = dir.join("bin/lockwardend");
+    fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    install_binary(&bin);
+    let mut d = TestDaemon::with(Opts {
+        config: "kill_grace_ms = 2000\n",
+        bin: Some(bin),
+        dir: Some(dir),
+        ..Opts::default()
+    });
+    attach_keeper(&mut d);
+    d
+}
+
+/// Start the daemon process again with the same arguments, keeper attached and tracked.
+fn respawn(d: &mut TestDaemon) {
+    d.respawn();
+    attach_keeper(d);
+}
+
+/// Wait until the keeper is attached (the sockets accept before it is: connections wait in the
+/// backlog) and track it.
+fn attach_keeper(d: &mut TestDaemon) {
+    eventually("the keeper's socket answers", || keeper_pid(d).is_some());
+    let k = keeper_pid(d).unwrap();
+    d.track_keeper(k);
 }
 
 /// Put the daemon binary at `dst` without ever holding it open for writing: a copy's write
@@ -86,181 +101,47 @@ fn install_binary(dst: &Path) {
     }
 }
 
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let bin = dir.join("bin/lockwardend");
-        fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        install_binary(&bin);
-        let mut d = Daemon {
-            dir: dir.to_path_buf(),
-            socket: dir.join("run/lockwardend.sock"),
-            admin: dir.join("run/lockwardend-admin.sock"),
-            keeper_socket: dir.join("run/lockwardend-keeper.sock"),
-            pid_file: dir.join("run/lockwardend.pid"),
-            log: dir.join("daemon.log"),
-            bin,
-            proc: None,
-            keepers: Vec::new(),
-        };
-        fs::write(dir.join("lockwardend.conf"), "kill_grace_ms = 2000\n").unwrap();
-        d.spawn();
-        d
-    }
-
-    /// Start (or restart) the daemon process with the same arguments.
-    fn spawn(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--config")
-            .arg(self.dir.join("lockwardend.conf"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--admin-socket")
-            .arg(&self.admin)
-            .arg("--pid-file")
-            .arg(&self.pid_file)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("INVOCATION_ID")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // A sibling test thread may fork while our copy of the binary is still open for
-        // writing in its child (until that child execs): ETXTBSY is transient, retry.
-        let mut tries = 0;
-        let child = loop {
-            match cmd.spawn() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
-                    tries += 1;
-                    thread::sleep(Duration::from_millis(20));
-                }
-                other => break other.expect("spawning lockwardend"),
-            }
-        };
-        self.proc = Some(Proc(child));
-        let start = Instant::now();
-        while UnixStream::connect(&self.socket).is_err()
-            || UnixStream::connect(&self.admin).is_err()
-        {
-            if let Some(st) = self.proc.as_mut().unwrap().0.try_wait().unwrap() {
-                panic!(
-                    "lockwardend exited during start ({st}):\n{}",
-                    self.log_text()
-                );
-            }
-            assert!(
-                start.elapsed() < BOUND,
-                "lockwardend did not serve:\n{}",
-                self.log_text()
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-        // The sockets accept before the keeper is attached (connections wait in the backlog).
-        eventually("the keeper's socket answers", || {
-            self.keeper_pid().is_some()
-        });
-        let k = self.keeper_pid().unwrap();
-        if !self.keepers.contains(&k) {
-            self.keepers.push(k);
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.as_ref().map(Proc::pid).unwrap_or(0)
-    }
-
-    /// The keeper's pid: the credentials of its listening socket (the keeper called listen).
-    fn keeper_pid(&self) -> Option<u32> {
-        let fd = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .ok()?;
-        let addr = nix::sys::socket::UnixAddr::new(&self.keeper_socket).ok()?;
-        nix::sys::socket::connect(fd.as_raw_fd(), &addr).ok()?;
-        let cred =
-            nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials).ok()?;
-        Some(cred.pid() as u32)
-    }
-
-    /// With the daemon stopped: say hello to the keeper and return how many leases it holds.
-    /// The keeper serves a new connection only once it has seen its link to the daemon close,
-    /// so the answer is the event that proves the keeper has dealt with the daemon's death
-    /// (a negative check after it needs no sleep).
-    fn keeper_held_after_daemon_death(&self) -> u64 {
-        let fd = nix::sys::socket::socket(
-            nix::sys::socket::AddressFamily::Unix,
-            nix::sys::socket::SockType::SeqPacket,
-            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("socket");
-        let addr = nix::sys::socket::UnixAddr::new(&self.keeper_socket).expect("address");
-        nix::sys::socket::connect(fd.as_raw_fd(), &addr).expect("connect to the keeper");
-        let tv = nix::sys::time::TimeVal::new(BOUND.as_secs() as _, 0);
-        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
-            .expect("timeout");
-        nix::unistd::write(&fd, br#"{"op":"hello","version":1}"#).expect("hello");
-        let mut buf = vec![0u8; 4096];
-        let n = nix::unistd::read(&fd, &mut buf).expect("the keeper answers hello");
-        let ack: serde_json::Value =
-            serde_json::from_slice(&buf[..n]).expect("the keeper's answer is JSON");
-        ack["held"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no held count in the keeper's answer {ack}"))
-    }
-
-    /// Send `sig` and wait for the daemon process to end.
-    fn stop(&mut self, sig: libc::c_int) -> ExitStatus {
-        let mut p = self.proc.take().expect("daemon running");
-        signal(p.pid(), sig);
-        p.wait_for(BOUND)
-            .unwrap_or_else(|| panic!("lockwardend ignored signal {sig}:\n{}", self.log_text()))
-    }
-
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket)
-    }
-
-    fn list(&self) -> Vec<LeaseInfo> {
-        match Client::connect(&self.admin).call(&Request::List) {
-            Response::Ok { leases } => leases,
-            other => panic!("list failed: {other:?}"),
-        }
-    }
+/// The keeper's pid: the credentials of its listening socket (the keeper called listen).
+fn keeper_pid(d: &TestDaemon) -> Option<u32> {
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .ok()?;
+    let addr = nix::sys::socket::UnixAddr::new(&d.keeper_socket()).ok()?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).ok()?;
+    let cred =
+        nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials).ok()?;
+    Some(cred.pid() as u32)
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!("----- lockwardend log -----\n{}-----", self.log_text());
-        }
-        if let Some(k) = self.keeper_pid() {
-            if !self.keepers.contains(&k) {
-                self.keepers.push(k);
-            }
-        }
-        drop(self.proc.take());
-        for &k in &self.keepers {
-            let comm = fs::read_to_string(format!("/proc/{k}/comm")).unwrap_or_default();
-            if comm.trim() == "lockwardend-kpr" {
-                // SAFETY: kill(2); the pid was checked to still be a lockwarden keeper.
-                unsafe { libc::kill(k as libc::pid_t, libc::SIGKILL) };
-            }
-        }
-    }
+/// With the daemon stopped: say hello to the keeper and return how many leases it holds.
+/// The keeper serves a new connection only once it has seen its link to the daemon close,
+/// so the answer is the event that proves the keeper has dealt with the daemon's death
+/// (a negative check after it needs no sleep).
+fn keeper_held_after_daemon_death(d: &TestDaemon) -> u64 {
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    let addr = nix::sys::socket::UnixAddr::new(&d.keeper_socket()).expect("address");
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).expect("connect to the keeper");
+    let tv = nix::sys::time::TimeVal::new(BOUND.as_secs() as _, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+        .expect("timeout");
+    nix::unistd::write(&fd, br#"{"op":"hello","version":1}"#).expect("hello");
+    let mut buf = vec![0u8; 4096];
+    let n = nix::unistd::read(&fd, &mut buf).expect("the keeper answers hello");
+    let ack: serde_json::Value =
+        serde_json::from_slice(&buf[..n]).expect("the keeper's answer is JSON");
+    ack["held"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no held count in the keeper's answer {ack}"))
 }
 
 /// A call whose failure (the daemon going away mid-request) the caller handles.
@@ -288,9 +169,8 @@ fn release_req(owner: &Owner, img: &Path) -> Request {
 }
 
 /// Wait until the log has `needle` at least `count` times; `seen` caches the scan position.
-fn wait_log(d: &Daemon, needle: &str, count: usize, seen: &mut (u64, usize)) {
-    let start = Instant::now();
-    loop {
+fn wait_log(d: &TestDaemon, needle: &str, count: usize, seen: &mut (u64, usize)) {
+    d.wait_for(&format!("the log shows {needle:?} {count} times"), || {
         let mut f = File::open(&d.log).unwrap();
         let len = f.metadata().unwrap().len();
         if len > seen.0 {
@@ -309,17 +189,8 @@ fn wait_log(d: &Daemon, needle: &str, count: usize, seen: &mut (u64, usize)) {
                 .count();
             seen.0 = len;
         }
-        if seen.1 >= count {
-            return;
-        }
-        assert!(
-            start.elapsed() < BOUND,
-            "log never showed {needle:?} {count} times (saw {}):\n{}",
-            seen.1,
-            d.log_text()
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+        seen.1 >= count
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,6 +203,39 @@ fn spawn_registered(socket: &Path, name: &str, script: &str) -> (Proc, Owner) {
     let (p, owner, resp) = common::proto::spawn_registered(socket, &name, script);
     assert!(matches!(resp, Response::Ok { .. }), "register: {resp:?}");
     (p, owner)
+}
+
+/// A daemon in a new directory and VM `name` holding `img` (a new image in another directory);
+/// the directories go with the first element.
+fn a_vm_holding(
+    name: &str,
+    img: &str,
+) -> (
+    (tempfile::TempDir, tempfile::TempDir),
+    TestDaemon,
+    Vm,
+    PathBuf,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let d = start(dir.path());
+    let v = vm(name);
+    let img = image(images.path(), img);
+    assert!(matches!(
+        d.client().call(&acquire_req(&v.owner, &img)),
+        Response::Ok { .. }
+    ));
+    ((dir, images), d, v, img)
+}
+
+/// The daemon crashes (SIGKILL): its keeper holds the one lease (`who` says which keeper) and
+/// the restarted daemon takes it back.
+fn a_crash_leaves_the_lease_with_the_keeper(d: &mut TestDaemon, img: &Path, who: &str) {
+    d.stop(libc::SIGKILL);
+    assert_eq!(keeper_held_after_daemon_death(d), 1);
+    assert_eq!(byte0(img), libc::F_WRLCK, "{who}");
+    respawn(d);
+    assert_eq!(d.list().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,7 +259,7 @@ fn live_reexec_under_load_loses_nothing() {
     let n = knob("LW_REEXEC_OWNERS", 50);
     let dir = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let script = "read cmd; exec 9>&-; exec sleep 1000";
     let owners: Vec<(Proc, Owner)> = (0..n)
         .map(|_| spawn_registered(&d.socket, "reexec", script))
@@ -476,7 +380,7 @@ fn live_reexec_under_load_loses_nothing() {
         "the owners did work"
     );
     assert_eq!(
-        d.log_text().matches("complete: restored").count(),
+        d.log().matches("complete: restored").count(),
         execs,
         "exactly one re-exec per signal"
     );
@@ -522,11 +426,11 @@ fn outage(sig: libc::c_int) {
     const N: usize = 20;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let images = tempfile::tempdir().unwrap();
-    let mut a = Daemon::start(dir_a.path());
-    let b = Daemon::start(dir_b.path());
+    let mut a = start(dir_a.path());
+    let b = start(dir_b.path());
     assert_ne!(
-        a.keeper_pid(),
-        b.keeper_pid(),
+        keeper_pid(&a),
+        keeper_pid(&b),
         "each daemon has its own keeper"
     );
     let mut vms: Vec<Vm> = (0..N).map(|_| vm("held")).collect();
@@ -625,16 +529,12 @@ fn outage(sig: libc::c_int) {
     let st = a.stop(sig);
     if sig == libc::SIGTERM {
         assert_eq!(st.code(), Some(0), "{st}");
-        assert!(
-            a.log_text().contains("keeps holding 20 lease(s)"),
-            "{}",
-            a.log_text()
-        );
+        assert!(a.log().contains("keeps holding 20 lease(s)"), "{}", a.log());
     }
     let during = attempts.load(Ordering::Relaxed);
     polled(during);
     let outage1 = attempts.load(Ordering::Relaxed) - during;
-    a.spawn();
+    respawn(&mut a);
     let list = a.list();
     assert_eq!(list.len(), N, "all {N} leases are back after the restart");
     for v in &vms {
@@ -658,7 +558,7 @@ fn outage(sig: libc::c_int) {
     );
     polled(attempts.load(Ordering::Relaxed));
     let outage2 = attempts.load(Ordering::Relaxed) - during;
-    a.spawn();
+    respawn(&mut a);
     let list = a.list();
     assert_eq!(list.len(), N - 1, "{list:?}");
     assert!(!list.iter().any(|l| l.owners.contains(&vms[0].owner)));
@@ -713,7 +613,7 @@ fn sigterm_of_the_daemon_leaves_no_disk_unprotected() {
 fn failed_exec_keeps_the_old_daemon_serving() {
     let dir = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
+    let d = start(dir.path());
     let vms: Vec<Vm> = (0..3).map(|_| vm("stay")).collect();
     let imgs: Vec<PathBuf> = (0..3)
         .map(|i| image(images.path(), &format!("f{i}.img")))
@@ -732,7 +632,7 @@ fn failed_exec_keeps_the_old_daemon_serving() {
     signal(d.pid(), libc::SIGUSR1);
     let mut seen = (0, 0);
     wait_log(&d, "live re-exec of", 1, &mut seen);
-    assert!(d.log_text().contains("keeps serving"), "{}", d.log_text());
+    assert!(d.log().contains("keeps serving"), "{}", d.log());
     assert!(running(d.pid()));
     // Same connection, same leases, new requests work.
     let r = c.call(&Request::Inquire {
@@ -767,8 +667,8 @@ fn failed_exec_keeps_the_old_daemon_serving() {
 fn plain_stop_with_no_leases_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let images = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path());
-    let keeper = d.keeper_pid().unwrap();
+    let mut d = start(dir.path());
+    let keeper = keeper_pid(&d).unwrap();
     assert!(running(keeper));
     let v = vm("brief");
     let img = image(images.path(), "b.img");
@@ -785,29 +685,21 @@ fn plain_stop_with_no_leases_leaves_nothing_behind() {
     let st = d.stop(libc::SIGTERM);
     assert_eq!(st.code(), Some(0), "{st}");
     eventually("the keeper is gone", || !running(keeper));
-    for p in [&d.socket, &d.admin, &d.keeper_socket, &d.pid_file] {
+    for p in [&d.socket, &d.admin, &d.keeper_socket(), &d.pid_file] {
         assert!(!p.exists(), "{p:?} was left behind");
     }
-    assert!(d.log_text().contains("stopped too"), "{}", d.log_text());
+    assert!(d.log().contains("stopped too"), "{}", d.log());
 }
 
 #[test]
 fn a_killed_keeper_is_replaced_and_still_protects() {
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path());
-    let v = vm("kept");
-    let img = image(images.path(), "k.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
-    let old = d.keeper_pid().unwrap();
+    let (_dirs, mut d, _v, img) = a_vm_holding("kept", "k.img");
+    let old = keeper_pid(&d).unwrap();
     signal(old, libc::SIGKILL);
     eventually("a new keeper serves", || {
-        d.keeper_pid().is_some_and(|k| k != old && running(k))
+        keeper_pid(&d).is_some_and(|k| k != old && running(k))
     });
-    let new = d.keeper_pid().unwrap();
+    let new = keeper_pid(&d).unwrap();
     d.keepers.push(new);
     // (A daemon crash before the handover below completes would drop the lock: that window
     // needs two failures within milliseconds; see docs/reliability.md.)
@@ -815,51 +707,27 @@ fn a_killed_keeper_is_replaced_and_still_protects() {
     wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
     assert_eq!(byte0(&img), libc::F_WRLCK);
     // The new keeper holds the lease: a daemon crash now still drops nothing.
-    d.stop(libc::SIGKILL);
-    assert_eq!(d.keeper_held_after_daemon_death(), 1);
-    assert_eq!(
-        byte0(&img),
-        libc::F_WRLCK,
-        "the replacement keeper holds the lock"
-    );
-    d.spawn();
-    assert_eq!(d.list().len(), 1);
+    a_crash_leaves_the_lease_with_the_keeper(&mut d, &img, "the replacement keeper holds the lock");
 }
 
 #[test]
 fn a_keeper_killed_twice_in_a_row_is_replaced_again_without_a_request() {
     // The second loss within a second is not retried in a tight loop but by a timer: the new
     // keeper must still come, with no lock request to trigger it.
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path());
-    let v = vm("kept-twice");
-    let img = image(images.path(), "k2.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
+    let (_dirs, mut d, _v, img) = a_vm_holding("kept-twice", "k2.img");
     let mut seen = (0, 0);
-    let first = d.keeper_pid().unwrap();
+    let first = keeper_pid(&d).unwrap();
     signal(first, libc::SIGKILL);
     wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
-    let second = d.keeper_pid().unwrap();
+    let second = keeper_pid(&d).unwrap();
     assert_ne!(second, first);
     d.keepers.push(second);
     signal(second, libc::SIGKILL);
     wait_log(&d, "holds all 1 lease(s) again", 2, &mut seen);
-    let third = d.keeper_pid().unwrap();
+    let third = keeper_pid(&d).unwrap();
     assert!(third != second && running(third));
     d.keepers.push(third);
-    d.stop(libc::SIGKILL);
-    assert_eq!(d.keeper_held_after_daemon_death(), 1);
-    assert_eq!(
-        byte0(&img),
-        libc::F_WRLCK,
-        "the third keeper holds the lock"
-    );
-    d.spawn();
-    assert_eq!(d.list().len(), 1);
+    a_crash_leaves_the_lease_with_the_keeper(&mut d, &img, "the third keeper holds the lock");
 }
 
 #[test]
@@ -867,15 +735,7 @@ fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variab
     // The daemon has threads (storage workers, closers) when it replaces a keeper, so the
     // forked child must exec at once: the keeper is `lockwardend --internal-keeper ...`, a new
     // image of the same binary, and it never sees the daemon's socket-activation variables.
-    let dir = tempfile::tempdir().unwrap();
-    let images = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(dir.path());
-    let v = vm("exec");
-    let img = image(images.path(), "e.img");
-    assert!(matches!(
-        d.client().call(&acquire_req(&v.owner, &img)),
-        Response::Ok { .. }
-    ));
+    let (_dirs, mut d, _v, img) = a_vm_holding("exec", "e.img");
     let daemon_exe = fs::read_link(format!("/proc/{}/exe", d.pid())).unwrap();
     let check = |k: u32| {
         let cmdline = fs::read(format!("/proc/{k}/cmdline")).unwrap();
@@ -896,17 +756,17 @@ fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variab
             );
         }
     };
-    let first = d.keeper_pid().unwrap();
+    let first = keeper_pid(&d).unwrap();
     d.keepers.push(first);
     check(first);
     // A replacement keeper, forked by a daemon whose threads are running, is exec'd too.
     signal(first, libc::SIGKILL);
     eventually("a new keeper serves", || {
-        d.keeper_pid().is_some_and(|k| k != first && running(k))
+        keeper_pid(&d).is_some_and(|k| k != first && running(k))
     });
     let mut seen = (0, 0);
     wait_log(&d, "holds all 1 lease(s) again", 1, &mut seen);
-    let second = d.keeper_pid().unwrap();
+    let second = keeper_pid(&d).unwrap();
     d.keepers.push(second);
     check(second);
     assert_eq!(byte0(&img), libc::F_WRLCK);

@@ -9,7 +9,9 @@
 mod common;
 
 use common::daemon::Lockwardend;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
+use common::wait::{poll_every, wait_until_or};
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -76,7 +78,7 @@ impl FakeTools {
         );
     }
 
-    fn host(&self, d: &Daemon, extra: &str) -> Host {
+    fn host(&self, d: &TestDaemon, extra: &str) -> Host {
         let sbin = resolve("/sbin");
         let udev = resolve("/lib/udev");
         Host::spawn_with_binds(
@@ -121,8 +123,8 @@ fn lvm_lock_files_are_named_by_lv_uuid_so_two_hosts_agree() {
         "/dev/lwvg/data|/dev/mapper/lwvg-data) echo '  Lw0Uid-aaaa-bbbb-cccc-dddd-eeee-ffff00' ;;",
     );
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = tools.host(&d1, &extra);
     let mut h2 = tools.host(&d2, &extra);
 
@@ -165,8 +167,8 @@ fn scsi_lock_files_are_named_by_wwid_so_two_hosts_agree() {
     let shared_storage = tempdir();
     let scsi = shared_storage.path().join("scsivolumes");
     let extra = format!("scsi_lockspace_dir = \"{}\"", scsi.display());
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let mut h1 = tools.host(&d1, &extra);
     let mut h2 = tools.host(&d2, &extra);
 
@@ -209,7 +211,7 @@ fn lvm_dir_set_but_lvs_fails_falls_through_to_the_file_lockspace() {
     let tools = FakeTools::new();
     tools.lvs("/dev/lwvg/known) echo KNOWNUUID ;;");
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-fallthrough");
     h.acquire(&a, &["disk:/dev/null".to_string()])
@@ -237,7 +239,7 @@ fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
     require_root();
     let tools = FakeTools::new(); // empty: no lvs, no scsi_id
     let (_shared_storage, lvm, files, extra) = lockspace_dirs();
-    let d = Daemon::start();
+    let d = TestDaemon::verbose("");
     let mut h = tools.host(&d, &extra);
     let a = h.start("lvm-missing");
     let (_, _, msg) = h
@@ -254,97 +256,27 @@ fn lvm_dir_set_without_lvs_is_refused_naming_the_tool_and_the_key() {
 // Protocol-level daemons (each test starts its own; killed on drop)
 
 use common::proto::{
-    Client, Proc, byte0, err, eventually, excl, ok, probe_lock, shared, signal, spawn_registered,
-    tell, vm,
+    Client, Proc, byte0, err, eventually, excl, ok, probe_lock, proc_state, shared, signal,
+    spawn_registered, tell, vm,
 };
 use lockwarden::protocol::{
     ErrorKind, FailureAction, LeaseMode, LeaseSpec, LockTarget, Request, ResourceKind, Response,
 };
-use std::ffi::OsString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Bound for anything asynchronous on a busy machine (never a performance assertion).
 const BOUND: Duration = Duration::from_secs(30);
 
-impl Lockwardend for Lw {
-    fn socket_path(&self) -> &Path {
-        &self.socket
-    }
-
-    fn admin_path(&self) -> &Path {
-        &self.admin
-    }
-}
-
-struct Lw {
-    proc: Proc,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    admin: PathBuf,
-    log: PathBuf,
-}
-
-impl Lw {
-    fn start() -> Lw {
-        Lw::start_with("", &[])
-    }
-
-    fn start_with(config: &str, env: &[(&str, OsString)]) -> Lw {
-        let at = common::daemon::Layout::new(config);
-        let mut cmd = at.command();
-        cmd.arg("--verbose");
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut proc = Proc(cmd.spawn().expect("spawning lockwardend"));
-        common::daemon::wait_serving(&mut proc, &[&at.socket, &at.admin], &at.log, BOUND);
-        Lw {
-            proc,
-            dir: at.dir,
-            socket: at.socket,
-            admin: at.admin,
-            log: at.log,
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Wait (bounded) until the log holds `needle` at least `count` times.
-    fn wait_log(&self, needle: &str, count: usize) {
-        let t0 = Instant::now();
-        while self.log().matches(needle).count() < count {
-            assert!(
-                t0.elapsed() < BOUND,
-                "the daemon never logged {needle:?} ({count}x):\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn keeper_socket(&self) -> PathBuf {
-        self.socket.with_file_name("lockwardend-keeper.sock")
-    }
-
-    /// The pid of the keeper this daemon last started (from its log, so that nothing connects
-    /// to the keeper: a connection of the daemon's uid would replace the daemon's own link).
-    fn keeper_pid(&self) -> u32 {
-        let log = self.log();
-        let at = log
-            .rfind("started the keeper (pid ")
-            .unwrap_or_else(|| panic!("no keeper start in the log:\n{log}"));
-        let rest = &log[at + "started the keeper (pid ".len()..];
-        rest[..rest.find(')').expect("pid end")]
-            .parse()
-            .expect("keeper pid")
-    }
+/// The pid of the keeper this daemon last started (from its log, so that nothing connects to
+/// the keeper: a connection of the daemon's uid would replace the daemon's own link).
+fn keeper_pid(d: &TestDaemon) -> u32 {
+    d.logged_keeper_pid()
+        .unwrap_or_else(|| panic!("no keeper start in the log:\n{}", d.log()))
 }
 
 fn lockspace_spec(name: &str, dir: &Path, file: &str, mode: LeaseMode) -> LeaseSpec {
@@ -367,7 +299,7 @@ fn lockspace_spec(name: &str, dir: &Path, file: &str, mode: LeaseMode) -> LeaseS
 
 #[test]
 fn a_shared_to_exclusive_upgrade_by_the_sole_owner_is_refused_as_invalid() {
-    let d = Lw::start();
+    let d = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "upgrade.img");
     let a = vm("sole-sharer");
@@ -391,7 +323,7 @@ fn a_shared_to_exclusive_upgrade_by_the_sole_owner_is_refused_as_invalid() {
 
 #[test]
 fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
-    let (d1, d2) = (Lw::start(), Lw::start());
+    let (d1, d2) = (TestDaemon::verbose(""), TestDaemon::verbose(""));
     let base = tempdir();
     let locks = base.path().join("lockspace");
     let spec = lockspace_spec(
@@ -409,10 +341,7 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 
     // Host 1's last reader leaves: host 2 still holds the file shared, so it stays.
     ok(d1.release(&a.owner, vec![spec.clone()]));
-    d1.wait_log(
-        "lock file kept, another host still holds a shared lock on it",
-        1,
-    );
+    d1.wait_log("lock file kept, another host still holds a shared lock on it");
     let now = fs::metadata(&file).unwrap_or_else(|e| {
         panic!("host 2's lock file was deleted under it at host 1's release: {e}")
     });
@@ -438,7 +367,7 @@ fn a_lockspace_file_another_host_holds_shared_is_kept_at_release() {
 
 #[test]
 fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
-    let d = Lw::start();
+    let d = TestDaemon::verbose("");
     let images = tempdir();
     let (img1, img2) = (
         image(images.path(), "k1.img"),
@@ -446,7 +375,7 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     );
     let (a, b) = (vm("before"), vm("after"));
     ok(d.acquire(&a.owner, vec![excl(&img1)]));
-    let keeper = d.keeper_pid();
+    let keeper = keeper_pid(&d);
     // Make a replacement keeper impossible: its socket path becomes a directory (the daemon
     // refuses to remove anything there but a socket). The live keeper keeps its listener.
     let ks = d.keeper_socket();
@@ -454,7 +383,7 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     fs::create_dir(&ks).expect("obstacle at the keeper socket path");
     signal(keeper, libc::SIGKILL);
     // The daemon noticed and could not start another keeper.
-    d.wait_log("exists and is not a socket", 1);
+    d.wait_log("exists and is not a socket");
 
     let e = err(d.acquire(&b.owner, vec![excl(&img2)]), ErrorKind::Internal);
     assert!(
@@ -481,8 +410,8 @@ fn an_unreachable_keeper_refuses_and_rolls_back_the_acquire() {
     fs::remove_dir(&ks).expect("remove the obstacle");
     ok(d.acquire(&b.owner, vec![excl(&img2)]));
     assert_eq!(byte0(&img2), libc::F_WRLCK);
-    d.wait_log("holds all 2 lease(s) again", 1);
-    assert_ne!(d.keeper_pid(), keeper);
+    d.wait_log("holds all 2 lease(s) again");
+    assert_ne!(keeper_pid(&d), keeper);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,12 +496,12 @@ fn probe_keeper(keeper_socket: &Path, uid: Option<u32>) -> String {
 #[test]
 fn a_keeper_refuses_a_peer_of_another_uid() {
     require_root();
-    let mut d = Lw::start();
+    let mut d = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "kept.img");
     let a = vm("kept");
     ok(d.acquire(&a.owner, vec![excl(&img)]));
-    let keeper = d.keeper_pid();
+    let keeper = keeper_pid(&d);
     let ks = d.keeper_socket();
     // The keeper accepts a connection only while no lockwardend is connected: the window is a
     // stopped daemon, when the keeper alone holds every lease.
@@ -583,13 +512,13 @@ fn a_keeper_refuses_a_peer_of_another_uid() {
     assert!(d.log().contains("keeps holding 1 lease(s)"), "{}", d.log());
     assert_eq!(byte0(&img), libc::F_WRLCK, "the keeper holds the lease");
     // Let uid 65534 reach the socket: only the keeper's own check stands in its way now.
-    chmod(d.dir.path(), 0o755);
+    chmod(&d.dir, 0o755);
     chmod(ks.parent().expect("run dir"), 0o755);
     chmod(&ks, 0o666);
 
     let got = probe_keeper(&ks, Some(65534));
     assert_eq!(got, "EOF", "a peer of uid 65534 was answered by the keeper");
-    d.wait_log("refusing pid", 1);
+    d.wait_log("refusing pid");
     assert!(d.log().contains("with uid 65534"), "{}", d.log());
     assert_eq!(
         byte0(&img),
@@ -734,10 +663,12 @@ fn a_live_reexec_scrubs_listen_variables_and_notifies_reloading() {
 #[test]
 fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
     let notify = Notify::new();
-    let d = Lw::start_with(
-        "kill_grace_ms = 3000\n",
-        &[("NOTIFY_SOCKET", notify.path.clone().into_os_string())],
-    );
+    let d = TestDaemon::with(Opts {
+        config: "kill_grace_ms = 3000\n",
+        env: vec![("NOTIFY_SOCKET", notify.path.clone().into_os_string())],
+        verbose: true,
+        ..Opts::default()
+    });
     assert_eq!(notify.next(), "READY=1");
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
@@ -750,7 +681,7 @@ fn a_sigterm_to_sigkill_sequence_in_progress_survives_a_live_reexec() {
     ok(d.acquire(&owner, vec![excl(&img)]));
     tell(&mut p, "close");
     // The sequence starts: SIGTERM now, SIGKILL after the grace period.
-    d.wait_log("sending SIGTERM", 1);
+    d.wait_log("sending SIGTERM");
     signal(d.proc.pid(), libc::SIGUSR1);
     assert_eq!(notify.next(), "RELOADING=1", "{}", d.log());
     assert_eq!(notify.next(), "READY=1", "{}", d.log());
@@ -790,12 +721,6 @@ fn mount_fs() -> Fs {
     Fs::mount("lw-safety", BOUND)
 }
 
-/// The process state letter of `pid` (Z: exited, not reaped yet).
-fn proc_state(pid: i32) -> Option<char> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit_once(')')?.1.trim().chars().next()
-}
-
 // ---------------------------------------------------------------------------------------------
 // S6: on_lockfailure=restart, through the plugin: a lost lock SIGKILLs the VM (libvirt then
 // starts it again, and the new start must win the lock anew) (docs/storage.md "Lost locks").
@@ -803,7 +728,7 @@ fn proc_state(pid: i32) -> Option<char> {
 #[test]
 fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
     let f = mount_fs();
-    let d = Daemon::start_with("lease_check_interval_ms = 200\n");
+    let d = TestDaemon::verbose("lease_check_interval_ms = 200\n");
     let mut h = d.host();
     let img = f.mnt.join("restart.img");
     fs::write(f.backing.join("restart.img"), vec![0u8; 4096]).expect("image");
@@ -812,23 +737,21 @@ fn on_lockfailure_restart_sigkills_the_vm_whose_lock_was_lost() {
         .expect_ok("acquire with on_lockfailure=restart");
     // Healthy checks run first and leave it alone: proven by the checks' own events (each
     // check sets the lock again on the mount; the first setlk was the acquire), not by a sleep.
-    let t0 = Instant::now();
-    while f.events().matches("setlk restart.img").count() < 3 {
-        assert!(t0.elapsed() < BOUND, "no lease check ran:\n{}", f.events());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_or(
+        "a lease check ran",
+        BOUND,
+        || f.events(),
+        || f.events().matches("setlk restart.img").count() >= 3,
+    );
     assert!(h.alive(vm.pid), "a healthy lease check touched the VM");
 
     f.set("lost restart.img\n");
-    let t0 = Instant::now();
-    while proc_state(vm.pid) != Some('Z') {
-        assert!(
-            t0.elapsed() < BOUND,
-            "the VM whose lock was lost still runs (state {:?})",
-            proc_state(vm.pid)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until_or(
+        "the VM whose lock was lost is dead",
+        BOUND,
+        || format!("state {:?}", proc_state(vm.pid as u32)),
+        || proc_state(vm.pid as u32) == Some('Z'),
+    );
     let status = h.cmd(&format!("wait {}", vm.pid));
     let st: i32 = status
         .expect_ok("wait for the killed VM")
@@ -876,7 +799,7 @@ fn now_ns() -> u128 {
 #[test]
 fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     let f = mount_fs();
-    let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     // testfs has no mkdir: the lockspace directory exists on the "server" already.
     let backing_dir = f.backing.join("locks");
     fs::create_dir(&backing_dir).expect("mkdir locks");
@@ -903,19 +826,19 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
     });
     // The daemon opened the lock file (testfs has the backing file open) and its lock call is
     // held back by the file system (testfs logged it): virtlockd's release deletes the file now.
-    let t0 = Instant::now();
-    while !(has_open(f.tfs.pid(), &backing_file)
-        && f.events()
-            .lines()
-            .any(|l| l.starts_with("setlk-delayed vm-disk ")))
-    {
-        assert!(
-            t0.elapsed() < BOUND,
+    poll_every(Duration::from_millis(1), BOUND, || {
+        (has_open(f.tfs.pid(), &backing_file)
+            && f.events()
+                .lines()
+                .any(|l| l.starts_with("setlk-delayed vm-disk ")))
+        .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
             "the daemon never opened and locked the lock file:\n{}",
             f.events()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+        )
+    });
     fs::remove_file(&backing_file).expect("delete the lock file underneath");
     let deleted_at = now_ns();
     f.set("");
@@ -945,7 +868,7 @@ fn a_lock_file_deleted_while_it_is_being_locked_is_opened_again() {
         libc::F_WRLCK,
         "the file at the lock file's name is not locked: the lease is on the deleted inode"
     );
-    d.wait_log("was replaced or deleted while we locked it; retrying", 1);
+    d.wait_log("was replaced or deleted while we locked it; retrying");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -969,7 +892,7 @@ fn direct_mode_judges_what_it_opened_when_the_path_is_swapped() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let d = Lw::start_with("lease_check_interval_ms = 0\n", &[]);
+    let d = TestDaemon::verbose("lease_check_interval_ms = 0\n");
     let images = tempdir();
     let img = image(images.path(), "swapped.img");
     let keep = images.path().join("swapped.keep");
@@ -1057,8 +980,8 @@ fn direct_mode_judges_what_it_opened_when_the_path_is_swapped() {
 fn two_hosts_creating_one_lock_file_at_once_both_get_it() {
     use std::sync::{Arc, Barrier};
     let (d1, d2) = (
-        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
-        Lw::start_with("lease_check_interval_ms = 0\n", &[]),
+        TestDaemon::verbose("lease_check_interval_ms = 0\n"),
+        TestDaemon::verbose("lease_check_interval_ms = 0\n"),
     );
     let base = tempdir();
     let locks = base.path().join("locks");

@@ -7,12 +7,13 @@
 
 mod common;
 
+use common::daemon::TestDaemon;
+use common::wait::{poll, poll_every, wait_until};
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -42,15 +43,21 @@ fn mode_of(p: &Path) -> u32 {
         & 0o7777
 }
 
+/// Two hosts sharing storage: two daemons, a C host (the plugin) on each, and a directory
+/// for the images both see.
+fn two_hosts() -> (TestDaemon, TestDaemon, Host, Host, tempfile::TempDir) {
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
+    let h1 = d1.host();
+    let h2 = d2.host();
+    (d1, d2, h1, h2, tempdir())
+}
+
 // 1 ------------------------------------------------------------------------------------------
 
 #[test]
 fn exclusive_disk_refused_on_same_and_second_daemon() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "exclusive.img");
 
     let a = h1.start("holder");
@@ -118,11 +125,7 @@ fn exclusive_disk_refused_on_same_and_second_daemon() {
 
 #[test]
 fn shared_readonly_and_exclusive_modes() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (d1, _d2, mut h1, mut h2, images) = two_hosts();
 
     // shared + shared on both daemons.
     let sh = image(images.path(), "shared.img");
@@ -207,11 +210,7 @@ fn shared_readonly_and_exclusive_modes() {
 
 #[test]
 fn sixteen_disks_all_or_nothing() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let disks: Vec<_> = (0..16)
         .map(|i| image(images.path(), &format!("disk{i:02}.img")))
         .collect();
@@ -278,11 +277,7 @@ fn sixteen_disks_all_or_nothing() {
 
 #[test]
 fn sigkilled_owner_frees_its_leases() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "victim.img");
     let img2 = image(images.path(), "victim2.img");
 
@@ -303,17 +298,12 @@ fn sigkilled_owner_frees_its_leases() {
 
     let t0 = Instant::now();
     h1.kill(a.pid, 9);
-    let mut got = None;
-    while t0.elapsed() < POLL_BOUND {
-        if h2.acquire(&b, &[disk(&img), disk(&img2)]).is_ok() {
-            got = Some(t0.elapsed());
-            break;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let delay = got.unwrap_or_else(|| {
-        panic!("the leases of a SIGKILLed owner were not free for daemon 2 within {POLL_BOUND:?}")
-    });
+    wait_until(
+        "the leases of a SIGKILLed owner are free for daemon 2",
+        POLL_BOUND,
+        || h2.acquire(&b, &[disk(&img), disk(&img2)]).is_ok(),
+    );
+    let delay = t0.elapsed();
     eprintln!("MEASURED: SIGKILL of owner -> its leases acquired on daemon 2 after {delay:?}");
     assert!(!h1.alive(a.pid), "the killed owner is dead");
     assert_eq!(
@@ -329,7 +319,7 @@ fn sigkilled_owner_frees_its_leases() {
 
 #[test]
 fn owner_closing_handle_while_holding_is_terminated() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "handle.img");
@@ -346,15 +336,8 @@ fn owner_closing_handle_while_holding_is_terminated() {
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
     assert_eq!(idle.cmd("close"), "OK");
-    let mut status = None;
-    while t0.elapsed() < POLL_BOUND {
-        if let Some(st) = owner.try_wait() {
-            status = Some((st, t0.elapsed()));
-            break;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    let (st, delay) = status.unwrap_or_else(|| {
+    let status = poll(POLL_BOUND, || owner.try_wait().map(|st| (st, t0.elapsed())));
+    let ((st, delay), _) = status.unwrap_or_else(|| {
         panic!(
             "an owner that closed its lifetime handle while holding a lease still runs after {POLL_BOUND:?}"
         )
@@ -398,36 +381,37 @@ fn owner_closing_handle_while_holding_is_terminated() {
     );
 }
 
-#[test]
-fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
-    let d1 = Daemon::start_with("kill_grace_ms = 700");
+/// A daemon with kill_grace_ms = 700, its host, and a helper owner that ignores SIGTERM and
+/// holds `stubborn.img` (in the returned directory).
+fn stubborn_owner_with_a_lease() -> (TestDaemon, Host, tempfile::TempDir, Helper) {
+    let d1 = TestDaemon::verbose("kill_grace_ms = 700");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "stubborn.img");
 
-    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
+    let (owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
     h1.acquire(&vm, &[disk(&img)])
         .expect_ok("lease for the owner");
+    (d1, h1, images, owner)
+}
+
+#[test]
+fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
+    let (_d1, _h1, images, mut owner) = stubborn_owner_with_a_lease();
+    let img = images.path().join("stubborn.img");
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
     let mut freed_while_alive: Option<Duration> = None;
-    let mut status = None;
-    while t0.elapsed() < POLL_BOUND {
+    let status = poll_every(Duration::from_millis(2), POLL_BOUND, || {
         let free = probe0(&img) == Probe::Unlocked;
-        match owner.try_wait() {
-            Some(st) => {
-                status = Some((st, t0.elapsed()));
-                break;
-            }
-            None if free && freed_while_alive.is_none() => {
-                freed_while_alive = Some(t0.elapsed());
-            }
-            None => {}
+        let st = owner.try_wait();
+        if st.is_none() && free && freed_while_alive.is_none() {
+            freed_while_alive = Some(t0.elapsed());
         }
-        thread::sleep(Duration::from_millis(2));
-    }
-    let (st, delay) = status.unwrap_or_else(|| {
+        st.map(|st| (st, t0.elapsed()))
+    });
+    let ((st, delay), _) = status.unwrap_or_else(|| {
         panic!("an owner ignoring SIGTERM still runs {POLL_BOUND:?} after its handle closed")
     });
     eprintln!(
@@ -450,31 +434,23 @@ fn owner_ignoring_sigterm_is_sigkilled_after_grace() {
 /// it is dead; otherwise another host can start the same VM while the old one still writes.
 #[test]
 fn lease_outlives_its_owner_process() {
-    let d1 = Daemon::start_with("kill_grace_ms = 700");
-    let mut h1 = d1.host();
-    let images = tempdir();
-    let img = image(images.path(), "stubborn.img");
-
-    let (mut owner, vm) = Helper::registered(&d1.socket, "stubborn", true);
-    h1.acquire(&vm, &[disk(&img)])
-        .expect_ok("lease for the owner");
+    let (_d1, _h1, images, mut owner) = stubborn_owner_with_a_lease();
+    let img = images.path().join("stubborn.img");
 
     let t0 = Instant::now();
     assert_eq!(owner.cmd("close"), "OK");
-    let mut freed_while_alive: Option<Duration> = None;
-    let mut died = None;
-    while t0.elapsed() < POLL_BOUND {
+    // Whichever comes first: the owner dies (Ok) or its lease is free while it runs (Err).
+    let first = poll_every(Duration::from_millis(2), POLL_BOUND, || {
         let free = probe0(&img) == Probe::Unlocked;
         if owner.try_wait().is_some() {
-            died = Some(t0.elapsed());
-            break;
+            Some(Ok(t0.elapsed()))
+        } else {
+            free.then(|| Err(t0.elapsed()))
         }
-        if free {
-            freed_while_alive = Some(t0.elapsed());
-            break;
-        }
-        thread::sleep(Duration::from_millis(2));
-    }
+    })
+    .map(|(first, _)| first);
+    let died = first.and_then(Result::ok);
+    let freed_while_alive = first.and_then(Result::err);
     assert!(
         freed_while_alive.is_none(),
         "docs/interfaces.md §3: a VM must never run on a disk it no longer holds, but the lease on {} was \
@@ -491,11 +467,7 @@ fn lease_outlives_its_owner_process() {
 
 #[test]
 fn two_paths_to_one_image_are_one_lease() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
-    let mut h1 = d1.host();
-    let mut h2 = d2.host();
-    let images = tempdir();
+    let (_d1, _d2, mut h1, mut h2, images) = two_hosts();
     let img = image(images.path(), "real.img");
     let sym = images.path().join("symlink.img");
     std::os::unix::fs::symlink(&img, &sym).expect("symlink");
@@ -548,8 +520,8 @@ fn two_paths_to_one_image_are_one_lease() {
 
 #[test]
 fn lockspace_dir_naming_mode_and_symlink_refusal() {
-    let d1 = Daemon::start();
-    let d2 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
+    let d2 = TestDaemon::verbose("");
     let images = tempdir();
     let lockspace = images.path().join("lockspace");
     fs::create_dir(&lockspace).expect("mkdir lockspace");
@@ -640,7 +612,7 @@ fn lockspace_dir_naming_mode_and_symlink_refusal() {
 
 #[test]
 fn posix_lock_interop_and_qemu_bytes_untouched() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let mut h1 = d1.host();
     let images = tempdir();
     let img = image(images.path(), "interop.img");
@@ -706,8 +678,8 @@ fn libvirt_call_patterns() {
     let images = tempdir();
     // <lease> files may only live under lease_dir (docs/hardening.md).
     let lease_dir = format!("lease_dir = \"{}\"", images.path().display());
-    let d1 = Daemon::start_with(&lease_dir);
-    let d2 = Daemon::start_with(&lease_dir);
+    let d1 = TestDaemon::verbose(&lease_dir);
+    let d2 = TestDaemon::verbose(&lease_dir);
     let mut h1 = d1.host();
     let mut h2 = d2.host();
 
@@ -889,7 +861,7 @@ fn non_root_peer_refused() {
         0,
         "this scenario needs root: the daemon must refuse a non-root peer"
     );
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let images = tempdir();
     chmod(images.path(), 0o755);
     let img = image(images.path(), "root-only.img");
@@ -918,8 +890,7 @@ fn non_root_peer_refused() {
     drop(h);
 
     // (b) Socket opened to everybody: the daemon's SO_PEERCRED check must refuse.
-    chmod(d1.dir.path(), 0o755);
-    chmod(&d1.socket, 0o777);
+    d1.open_to_others();
     let mut h = Host::spawn_as(&d1.plugin_conf(""), Some(NOBODY));
     assert_eq!(h.ready_line, "READY", "non-root host loads the plugin");
     let mut v = Vm::new("nobody-b");
@@ -968,7 +939,7 @@ fn non_root_peer_refused() {
 
 #[test]
 fn restricted_connection_refuses_every_request() {
-    let d1 = Daemon::start();
+    let d1 = TestDaemon::verbose("");
     let images = tempdir();
     let img = image(images.path(), "restricted.img");
     let (mut owner, vm) = Helper::registered(&d1.socket, "restricted", false);

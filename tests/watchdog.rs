@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::Daemon;
+use common::daemon::{Opts, TestDaemon};
 use common::fuse::Fs;
 use common::proto::{Client, excl, owner_for};
 use lockwarden::protocol::{FailureAction, Owner, Request, Response};
@@ -124,26 +124,7 @@ fn conf(fifo: &Path) -> String {
     )
 }
 
-fn log(d: &Daemon) -> String {
-    fs::read_to_string(&d.log).unwrap_or_default()
-}
-
-fn wait_for(d: &Daemon, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    loop {
-        if cond() {
-            return t0.elapsed();
-        }
-        assert!(
-            t0.elapsed() < BOUND,
-            "{what}: not within {BOUND:?}; daemon log:\n{}",
-            log(d)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn acquire(d: &Daemon, o: &Owner, p: &Path, action: FailureAction) {
+fn acquire(d: &TestDaemon, o: &Owner, p: &Path, action: FailureAction) {
     let r = Client::connect(&d.socket).call(&Request::Acquire {
         owner: o.clone(),
         leases: vec![excl(p)],
@@ -228,7 +209,7 @@ impl Drop for Io {
 fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let q = common::proto::sleeper();
     let o = owner_for(q.pid(), "vm-healthy");
@@ -240,7 +221,7 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
         got.len() >= 8,
         "{} keep-alives in 1.5 s at {INTERVAL_MS} ms:\n{}",
         got.len(),
-        log(&d)
+        d.log()
     );
     assert!(got.iter().all(|(_, b)| *b == b'.'), "{got:?}");
     let gap = fifo.longest_gap(t0, Instant::now());
@@ -249,12 +230,13 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
         "a {gap:?} gap while healthy"
     );
     assert!(
-        log(&d).contains("is a FIFO, not a watchdog driver"),
+        d.log().contains("is a FIFO, not a watchdog driver"),
         "{}",
-        log(&d)
+        d.log()
     );
     // The keeper does not hold the device (it closes what it inherits).
-    let keeper = log(&d)
+    let keeper = d
+        .log()
         .lines()
         .find_map(|l| l.split("keeper pid ").nth(1))
         .and_then(|r| r.trim_end_matches(')').trim().parse::<u32>().ok())
@@ -274,8 +256,8 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     // Live re-exec: the descriptor is handed over; the gap in keep-alives stays short.
     let t1 = Instant::now();
     common::proto::signal(d.pid(), libc::SIGUSR1);
-    wait_for(&d, "the re-exec", || {
-        log(&d).contains("live re-exec #1 complete")
+    d.wait_for("the re-exec", || {
+        d.log().contains("live re-exec #1 complete")
     });
     std::thread::sleep(Duration::from_millis(500));
     let gap = fifo.longest_gap(t1, Instant::now());
@@ -283,38 +265,24 @@ fn keepalives_flow_while_healthy_survive_a_reexec_and_end_with_the_magic_close()
     assert!(
         gap < Duration::from_millis(1000),
         "a {gap:?} gap across the re-exec:\n{}",
-        log(&d)
+        d.log()
     );
     assert!(holds(d.pid()));
     assert!(fifo.all().iter().all(|(_, b)| *b == b'.'));
 
     // A clean stop: the last byte is the magic close.
     drop(q);
-    wait_for(&d, "the VM's lease released", || {
-        common::daemon::Lockwardend::list(&Bare(&d)).is_empty()
+    d.wait_for("the VM's lease released", || {
+        common::daemon::Lockwardend::list(&d).is_empty()
     });
     common::proto::signal(d.pid(), libc::SIGTERM);
-    wait_for(&d, "the clean stop", || {
-        log(&d).contains("lockwardend stopped")
-    });
+    d.wait_for("the clean stop", || d.log().contains("lockwardend stopped"));
     std::thread::sleep(Duration::from_millis(100));
     let all = fifo.all();
     assert_eq!(all.last().map(|(_, b)| *b), Some(b'V'), "{all:?}");
     assert_eq!(all.iter().filter(|(_, b)| *b == b'V').count(), 1);
-    let text = log(&d);
+    let text = d.log();
     assert!(text.contains("magic close written"), "{text}");
-}
-
-/// `common::daemon::Lockwardend` for the scenario `Daemon`.
-struct Bare<'a>(&'a Daemon);
-
-impl common::daemon::Lockwardend for Bare<'_> {
-    fn socket_path(&self) -> &Path {
-        &self.0.socket
-    }
-    fn admin_path(&self) -> &Path {
-        &self.0.admin_socket
-    }
 }
 
 /// A partition fences two VMs whose processes are blocked in I/O on the silent mount: the
@@ -325,7 +293,7 @@ impl common::daemon::Lockwardend for Bare<'_> {
 fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let (pk, pp) = (x.image("kill.img"), x.image("pause.img"));
     let (vk, vp) = (Io::spawn(&pk), Io::spawn(&pp));
@@ -344,7 +312,7 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     std::thread::sleep(Duration::from_millis(500));
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(&d, "the fence", || log(&d).matches("FENCE:").count() >= 2);
+    d.wait_for("the fence", || d.log().matches("FENCE:").count() >= 2);
     let fenced = t0.elapsed();
     // Both are still there, blocked in the file system: neither killed nor stopped.
     std::thread::sleep(Duration::from_millis(300));
@@ -357,10 +325,10 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     );
     // No keep-alive since shortly after the fence, and the error says why.
     let t_fence = t0 + fenced;
-    wait_for(&d, "the WATCHDOG error", || {
-        log(&d).contains("WATCHDOG: keep-alives")
+    d.wait_for("the WATCHDOG error", || {
+        d.log().contains("WATCHDOG: keep-alives")
     });
-    let text = log(&d);
+    let text = d.log();
     assert!(
         text.contains("vm-unkillable") || text.contains("vm-unpausable"),
         "{text}"
@@ -379,15 +347,15 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
     // keep-alives resume.
     let healed = Instant::now();
     x.set("");
-    wait_for(&d, "the killed VM gone", || vk.reaped().is_some());
-    wait_for(&d, "the paused VM stopped", || {
+    d.wait_for("the killed VM gone", || vk.reaped().is_some());
+    d.wait_for("the paused VM stopped", || {
         states(vp.pid()).iter().all(|c| *c == 'T')
     });
-    let resumed = wait_for(&d, "keep-alives again", || !fifo.since(healed).is_empty());
+    let resumed = d.wait_for("keep-alives again", || !fifo.since(healed).is_empty());
     assert!(
-        log(&d).contains("watchdog keep-alives resume"),
+        d.log().contains("watchdog keep-alives resume"),
         "{}",
-        log(&d)
+        d.log()
     );
     eprintln!("keep-alives resumed {resumed:?} after the storage answered");
     // SIGCONT leaves the paused VM to us (Io's drop kills it).
@@ -401,7 +369,7 @@ fn keepalives_stop_while_a_fenced_vm_cannot_be_stopped_and_resume_once_it_is() {
 fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let x = Fs::mount("lw-wd", BOUND);
     let q = common::proto::sleeper();
     acquire(
@@ -416,13 +384,13 @@ fn a_fenced_vm_that_stops_keeps_the_watchdog_fed() {
     std::thread::sleep(Duration::from_millis(300));
     x.set("hang 1\n");
     let t0 = Instant::now();
-    wait_for(&d, "the fence", || log(&d).contains("FENCE:"));
+    d.wait_for("the fence", || d.log().contains("FENCE:"));
     std::thread::sleep(Duration::from_millis(1000));
     let gap = fifo.longest_gap(t0, Instant::now());
     eprintln!("longest gap between keep-alives across a fence whose VM stopped: {gap:?}");
-    assert!(gap < Duration::from_millis(600), "{gap:?}:\n{}", log(&d));
-    assert!(!log(&d).contains("WATCHDOG:"), "{}", log(&d));
-    assert!(log(&d).contains("UNPROTECTED"), "{}", log(&d));
+    assert!(gap < Duration::from_millis(600), "{gap:?}:\n{}", d.log());
+    assert!(!d.log().contains("WATCHDOG:"), "{}", d.log());
+    assert!(d.log().contains("UNPROTECTED"), "{}", d.log());
     assert!(
         states(qi.pid()).iter().all(|c| *c != 'T'),
         "the ignoring VM runs on"
@@ -465,15 +433,19 @@ fn lockwardend_refuses_a_watchdog_device_that_is_not_one() {
         ),
     ];
     for (conf, needle) in cases {
-        let l = common::daemon::Layout::new(&conf);
-        let st = l.command().status().expect("run lockwardend");
-        let text = fs::read_to_string(&l.log).unwrap();
+        let mut d = TestDaemon::with(Opts {
+            config: &conf,
+            no_wait: true,
+            ..Opts::default()
+        });
+        let st = d.wait_exit();
+        let text = d.log();
         assert_eq!(st.code(), Some(1), "{conf}: {text}");
         assert!(
             text.contains(needle),
             "{conf}: wanted {needle:?} in:\n{text}"
         );
-        assert!(!l.socket.exists(), "{conf}: it served");
+        assert!(!d.socket.exists(), "{conf}: it served");
     }
     assert_eq!(
         fs::read(&regular).unwrap(),
@@ -484,7 +456,7 @@ fn lockwardend_refuses_a_watchdog_device_that_is_not_one() {
 
 /// `lockwarden doctor`'s watchdog line, from `lockwarden --admin-socket ... doctor` with a
 /// mount table (`--mounts`) that puts `dir` on NFS.
-fn doctor_watchdog_line(d: &Daemon, dir: &Path) -> String {
+fn doctor_watchdog_line(d: &TestDaemon, dir: &Path) -> String {
     let mounts = dir.join("mounts");
     fs::write(
         &mounts,
@@ -496,7 +468,7 @@ fn doctor_watchdog_line(d: &Daemon, dir: &Path) -> String {
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lockwarden"))
         .arg("--admin-socket")
-        .arg(&d.admin_socket)
+        .arg(&d.admin)
         .arg("doctor")
         .arg("--mounts")
         .arg(&mounts)
@@ -521,7 +493,7 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("vm.img");
     fs::write(&img, vec![0u8; 4096]).unwrap();
-    let d = Daemon::start_with("heartbeat_interval_ms = 1000\n");
+    let d = TestDaemon::verbose("heartbeat_interval_ms = 1000\n");
     let line = doctor_watchdog_line(&d, dir.path());
     assert!(
         line.starts_with("OK") && line.contains("no lease is on network storage"),
@@ -544,7 +516,7 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
     );
     drop(d);
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let line = doctor_watchdog_line(&d, dir.path());
     assert!(
         line.starts_with("OK") && line.contains(&fifo.path.display().to_string()),
@@ -558,9 +530,9 @@ fn doctor_says_what_is_unprotected_without_a_watchdog() {
 #[test]
 fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
-    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 3);
+    d.wait_for("keep-alives", || fifo.since(t0).len() >= 3);
     common::proto::signal(d.pid(), libc::SIGKILL);
     let killed = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
@@ -568,8 +540,8 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
         fifo.all().iter().all(|(_, b)| *b == b'.'),
         "a magic close after a crash"
     );
-    let d2 = Daemon::start_with(&conf(&fifo.path));
-    wait_for(&d2, "keep-alives from the restarted daemon", || {
+    let d2 = TestDaemon::verbose(&conf(&fifo.path));
+    d2.wait_for("keep-alives from the restarted daemon", || {
         fifo.since(killed + Duration::from_millis(300)).len() >= 3
     });
     eprintln!(
@@ -585,25 +557,28 @@ fn a_crash_leaves_the_watchdog_armed_and_a_restarted_daemon_feeds_it() {
 #[test]
 fn a_reexec_without_watchdog_device_disarms_it() {
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&conf(&fifo.path));
+    let d = TestDaemon::verbose(&conf(&fifo.path));
     let t0 = Instant::now();
-    wait_for(&d, "keep-alives", || fifo.since(t0).len() >= 2);
+    d.wait_for("keep-alives", || fifo.since(t0).len() >= 2);
     fs::write(
-        d.dir.path().join("lockwardend.conf"),
+        d.dir.join("lockwardend.conf"),
         format!("heartbeat_interval_ms = {INTERVAL_MS}\nfence_after_ms = {FENCE_AFTER_MS}\n"),
     )
     .unwrap();
     common::proto::signal(d.pid(), libc::SIGUSR1);
-    wait_for(&d, "the re-exec", || {
-        log(&d).contains("live re-exec #1 complete")
+    d.wait_for("the re-exec", || {
+        d.log().contains("live re-exec #1 complete")
     });
-    wait_for(&d, "the magic close", || {
+    d.wait_for("the magic close", || {
         fifo.all().last().is_some_and(|(_, b)| *b == b'V')
     });
     let after = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
     assert!(fifo.since(after).is_empty(), "fed after the magic close");
-    assert!(log(&d).contains("after the re-exec: closing watchdog_device"));
+    assert!(
+        d.log()
+            .contains("after the re-exec: closing watchdog_device")
+    );
 }
 
 /// A lock the lost-lock probe found lost (not through a partition): the paused VM is stopped,
@@ -612,7 +587,7 @@ fn a_reexec_without_watchdog_device_disarms_it() {
 fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
     common::fuse::prerequisites("tests/watchdog.rs");
     let fifo = Fifo::new();
-    let d = Daemon::start_with(&format!(
+    let d = TestDaemon::verbose(&format!(
         "{}lease_check_interval_ms = 200\n",
         conf(&fifo.path).replace("lease_check_interval_ms = 0\n", "")
     ));
@@ -625,8 +600,8 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
         FailureAction::Pause,
     );
     x.set("lost l.img\n");
-    wait_for(&d, "the loss", || log(&d).contains("is LOST"));
-    wait_for(&d, "the VM stopped", || {
+    d.wait_for("the loss", || d.log().contains("is LOST"));
+    d.wait_for("the VM stopped", || {
         states(q.pid()).iter().all(|c| *c == 'T')
     });
     let t0 = Instant::now();
@@ -634,13 +609,13 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
     assert!(
         fifo.since(t0).len() >= 2,
         "keep-alives stopped although the VM is stopped:\n{}",
-        log(&d)
+        d.log()
     );
     // The operator resumes it while the lock is still lost.
     common::proto::signal(q.pid(), libc::SIGCONT);
     let resumed = Instant::now();
-    wait_for(&d, "the WATCHDOG error", || {
-        log(&d).contains("WATCHDOG: keep-alives")
+    d.wait_for("the WATCHDOG error", || {
+        d.log().contains("WATCHDOG: keep-alives")
     });
     let late = fifo.since(resumed + Duration::from_millis(200));
     assert!(
@@ -648,8 +623,9 @@ fn a_vm_resumed_on_a_lost_lock_withholds_the_keepalives() {
         "fed while a VM runs on a lost lock: {late:?}"
     );
     assert!(
-        log(&d).contains("its lock was lost and has not been taken back"),
+        d.log()
+            .contains("its lock was lost and has not been taken back"),
         "{}",
-        log(&d)
+        d.log()
     );
 }

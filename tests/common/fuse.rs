@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Assert what mounting a FUSE file system needs: root and /dev/fuse. `who` names the test file
 /// for the message.
@@ -77,14 +77,12 @@ impl Testfs {
             events: events.to_path_buf(),
             child,
         };
-        let t0 = Instant::now();
-        while !mounted(&t.mnt) {
+        super::wait::wait_until("testfs mounts", bound, || {
             if let Ok(Some(st)) = t.child.try_wait() {
                 panic!("testfs exited before mounting {}: {st}", t.mnt.display());
             }
-            assert!(t0.elapsed() < bound, "testfs did not mount");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            mounted(&t.mnt)
+        });
         t
     }
 

@@ -1,5 +1,7 @@
-//! Shared harness for the scenario tests: real `lockwardend` daemons, the real plugin loaded by the
-//! C test host, and a small helper process that speaks the wire protocol directly.
+//! The shared test harness: one daemon builder (`daemon::TestDaemon`), one C-host wrapper
+//! driving the real plugin (`host::Host`), one poll-until loop (`wait`), the protocol helpers
+//! (`proto`), FUSE file systems (`fuse`), lock probes (`locks`), and a small helper process
+//! that speaks the wire protocol directly.
 //!
 //! Everything spawned here is owned by a guard whose `Drop` kills it, so a failing test leaves no
 //! daemon, host or owner process behind. When a test panics, the guards print the logs of what
@@ -9,8 +11,13 @@
 
 pub mod daemon;
 pub mod fuse;
+pub mod host;
 pub mod locks;
 pub mod proto;
+pub mod wait;
+
+#[allow(unused_imports)]
+pub use host::Host;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -21,9 +28,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::mpsc::{Receiver, channel};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockwarden::protocol::{
     self, FailureAction, LeaseMode, LeaseSpec, LockTarget, Owner, Request, ResourceKind, Response,
@@ -43,6 +50,15 @@ pub fn run_as(cmd: &mut Command, uid: u32) {
             }
             Ok(())
         });
+    }
+}
+
+/// Assert that `text` mentions every one of `needles` (naming the first one missing).
+#[track_caller]
+pub fn assert_mentions(text: &str, needles: &[impl AsRef<str>]) {
+    for needle in needles {
+        let needle = needle.as_ref();
+        assert!(text.contains(needle), "{needle:?} missing in {text:?}");
     }
 }
 
@@ -120,16 +136,18 @@ impl Vm {
         }
     }
 
-    fn head(&self) -> String {
+    /// "NAME UUID ID" for the host.
+    pub fn head(&self) -> String {
         format!("{} {} {}", esc(&self.name), self.uuid, self.id)
     }
 }
 
-/// Escape bytes for a host token: everything but printable non-space ASCII (and `%`) as `%XX`.
+/// Escape bytes for a host token: everything but printable non-space ASCII (and `%`, `:`) as
+/// `%XX`.
 pub fn esc_bytes(bytes: &[u8]) -> String {
     let mut s = String::new();
     for &b in bytes {
-        if b.is_ascii_graphic() && b != b'%' {
+        if b.is_ascii_graphic() && b != b'%' && b != b':' {
             s.push(b as char);
         } else {
             s.push_str(&format!("%{b:02X}"));
@@ -244,7 +262,7 @@ impl Reply {
 }
 
 /// Print a log file (used by guards when the test is panicking).
-fn dump_log(what: &str, path: &Path) {
+pub(crate) fn dump_log(what: &str, path: &Path) {
     match fs::read_to_string(path) {
         Ok(s) => eprintln!(
             "----- {what} ({}) -----\n{s}----- end {what} -----",
@@ -266,458 +284,6 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn chmod(p: &Path, mode: u32) {
     fs::set_permissions(p, fs::Permissions::from_mode(mode))
         .unwrap_or_else(|e| panic!("chmod {:o} {}: {e}", mode, p.display()));
-}
-
-/// A running `lockwardend` with its own sockets and pid file.
-pub struct Daemon {
-    pub dir: tempfile::TempDir,
-    pub socket: PathBuf,
-    pub admin_socket: PathBuf,
-    pub pid_file: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    /// Start a daemon with default settings.
-    pub fn start() -> Daemon {
-        Daemon::start_with("")
-    }
-
-    /// Start a daemon with `extra` appended to its lockwardend.conf.
-    pub fn start_with(extra: &str) -> Daemon {
-        let dir = tempdir();
-        let socket = dir.path().join("lockwardend.sock");
-        let admin_socket = dir.path().join("lockwardend-admin.sock");
-        let pid_file = dir.path().join("lockwardend.pid");
-        let log = dir.path().join("lockwardend.log");
-        let conf = dir.path().join("lockwardend.conf");
-        fs::write(&conf, format!("# scenario test daemon\n{extra}\n")).expect("write daemon conf");
-        let logf = fs::File::create(&log).expect("create daemon log");
-        let child = Command::new(daemon_path())
-            .arg("--config")
-            .arg(&conf)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--admin-socket")
-            .arg(&admin_socket)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg("--verbose")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDNAMES")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("dup log fd"))
-            .stderr(logf)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", daemon_path().display()));
-        let mut d = Daemon {
-            dir,
-            socket,
-            admin_socket,
-            pid_file,
-            log,
-            child: Some(child),
-        };
-        d.wait_ready();
-        d
-    }
-
-    fn wait_ready(&mut self) {
-        let t0 = Instant::now();
-        loop {
-            if UnixStream::connect(&self.socket).is_ok() {
-                return;
-            }
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(st)) = child.try_wait() {
-                    dump_log("lockwardend log", &self.log);
-                    panic!(
-                        "lockwardend exited before serving {}: {st}",
-                        self.socket.display()
-                    );
-                }
-            }
-            if t0.elapsed() > POLL_BOUND {
-                dump_log("lockwardend log", &self.log);
-                panic!(
-                    "lockwardend did not accept connections on {} within {:?}",
-                    self.socket.display(),
-                    POLL_BOUND
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// Wait (bounded by [`POLL_BOUND`]) until the daemon's log contains `needle`: the event
-    /// that proves the daemon made a decision, so a test can check what it did not do.
-    pub fn wait_log(&self, needle: &str) {
-        let t0 = Instant::now();
-        loop {
-            let text = fs::read_to_string(&self.log).unwrap_or_default();
-            if text.contains(needle) {
-                return;
-            }
-            if t0.elapsed() > POLL_BOUND {
-                panic!("lockwardend never logged {needle:?} within {POLL_BOUND:?}:\n{text}");
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Plugin config pointing at this daemon, plus `extra` lines.
-    pub fn plugin_conf(&self, extra: &str) -> String {
-        format!("daemon_socket = \"{}\"\n{extra}\n", self.socket.display())
-    }
-
-    /// A C host using the plugin configured for this daemon.
-    pub fn host(&self) -> Host {
-        Host::spawn(&self.plugin_conf(""))
-    }
-
-    pub fn host_with(&self, extra: &str) -> Host {
-        Host::spawn(&self.plugin_conf(extra))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            dump_log("lockwardend log", &self.log);
-        }
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on the pid of our own, not yet reaped, child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let t0 = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if t0.elapsed() < Duration::from_secs(5) => {
-                        thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The C test host driving the real plugin.
-pub struct Host {
-    pub dir: tempfile::TempDir,
-    pub conf: PathBuf,
-    pub log: PathBuf,
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    /// Owner pids started by this host and not reaped yet (the host is their parent, so the pid
-    /// cannot be reused while they are listed here).
-    owners: Vec<i32>,
-    pub ready_line: String,
-}
-
-impl Host {
-    /// Spawn a host with `conf_text` as the plugin config; panics unless it prints READY.
-    pub fn spawn(conf_text: &str) -> Host {
-        let h = Host::spawn_as(conf_text, None);
-        assert_eq!(
-            h.ready_line, "READY",
-            "host did not initialise the plugin: {}",
-            h.ready_line
-        );
-        h
-    }
-
-    /// Spawn a host, optionally as another uid/gid; returns whatever its first line was.
-    pub fn spawn_as(conf_text: &str, uid: Option<u32>) -> Host {
-        Host::spawn_prepared(conf_text, uid, &[])
-    }
-
-    /// Spawn a host in its own mount namespace where each `(source dir, target dir)` is
-    /// bind-mounted over the target (read-only as far as the host can tell): the plugin runs
-    /// the tools it finds at fixed paths (`/sbin/lvs`, `/lib/udev/scsi_id`), so this is how a
-    /// test gives it fakes without touching the machine. Needs root. Panics unless READY.
-    pub fn spawn_with_binds(conf_text: &str, binds: &[(&Path, &Path)]) -> Host {
-        let h = Host::spawn_prepared(conf_text, None, binds);
-        assert_eq!(
-            h.ready_line, "READY",
-            "host did not initialise the plugin: {}",
-            h.ready_line
-        );
-        h
-    }
-
-    fn spawn_prepared(conf_text: &str, uid: Option<u32>, binds: &[(&Path, &Path)]) -> Host {
-        use std::ffi::CString;
-        use std::os::unix::ffi::OsStrExt;
-        let binds: Vec<(CString, CString)> = binds
-            .iter()
-            .map(|(src, dst)| {
-                (
-                    CString::new(src.as_os_str().as_bytes()).expect("bind source path"),
-                    CString::new(dst.as_os_str().as_bytes()).expect("bind target path"),
-                )
-            })
-            .collect();
-        let dir = tempdir();
-        let conf = dir.path().join("qemu-lockwarden.conf");
-        fs::write(&conf, conf_text).expect("write plugin conf");
-        let log = dir.path().join("host.log");
-        let logf = fs::File::create(&log).expect("create host log");
-        if uid.is_some() {
-            chmod(dir.path(), 0o755);
-            chmod(&conf, 0o644);
-            chmod(&log, 0o666);
-        }
-        let mut cmd = Command::new(host_path());
-        cmd.arg(plugin_path())
-            .arg(&conf)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(logf);
-        if !binds.is_empty() {
-            // SAFETY: only async-signal-safe system calls (unshare, mount) between fork and
-            // exec, on C strings built before the fork.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // Nothing mounted here propagates back to the machine.
-                    if libc::mount(
-                        c"none".as_ptr(),
-                        c"/".as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_REC | libc::MS_PRIVATE,
-                        std::ptr::null(),
-                    ) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    for (src, dst) in &binds {
-                        if libc::mount(
-                            src.as_ptr(),
-                            dst.as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_BIND,
-                            std::ptr::null(),
-                        ) != 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-        }
-        if let Some(uid) = uid {
-            run_as(&mut cmd, uid);
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", host_path().display()));
-        let stdout = child.stdout.take().expect("host stdout");
-        let stdin = child.stdin.take();
-        let (tx, rx) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                match line {
-                    Ok(l) => {
-                        if tx.send(l).is_err() {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
-                }
-            }
-        });
-        let mut h = Host {
-            dir,
-            conf,
-            log,
-            child: Some(child),
-            stdin,
-            lines: rx,
-            owners: Vec::new(),
-            ready_line: String::new(),
-        };
-        h.ready_line = h.read_line("READY");
-        h
-    }
-
-    fn read_line(&mut self, what: &str) -> String {
-        match self.lines.recv_timeout(CMD_TIMEOUT) {
-            Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => {
-                panic!("host gave no answer to {what:?} within {CMD_TIMEOUT:?} (hang)")
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let st = self
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten());
-                panic!("host closed its stdout while answering {what:?} (exit status {st:?})")
-            }
-        }
-    }
-
-    /// Send one command line, return the raw reply line.
-    pub fn raw(&mut self, line: &str) -> String {
-        let stdin = self.stdin.as_mut().expect("host stdin open");
-        writeln!(stdin, "{line}")
-            .and_then(|_| stdin.flush())
-            .unwrap_or_else(|e| panic!("writing {line:?} to the host: {e}"));
-        self.read_line(line)
-    }
-
-    pub fn cmd(&mut self, line: &str) -> Reply {
-        let r = self.raw(line);
-        Reply::parse(&r)
-    }
-
-    /// libvirt's domain start: forks an owner that registers and then sleeps holding its
-    /// lifetime handle. Returns the reply; on OK `vm.pid` is set.
-    pub fn try_start(&mut self, vm: &mut Vm, res: &[String]) -> Reply {
-        let line = format!("start {} {}", vm.head(), res.join(" "));
-        let r = self.cmd(line.trim_end());
-        if let Reply::Ok(pid) = &r {
-            let pid: i32 = pid
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("start: `OK <pid>` expected, got OK {pid:?}"));
-            vm.pid = pid;
-            self.owners.push(pid);
-        }
-        r
-    }
-
-    /// libvirt's not-paused start (`start-running`): the forked owner takes `res` itself on
-    /// the connection it keeps as its lifetime handle, and closes that handle (while it keeps
-    /// running) once the file `gate` is removed. On OK `vm.pid` is set.
-    pub fn try_start_running(&mut self, vm: &mut Vm, gate: &Path, res: &[String]) -> Reply {
-        let line = format!(
-            "start-running {} {} {}",
-            vm.head(),
-            esc_path(gate),
-            res.join(" ")
-        );
-        let r = self.cmd(line.trim_end());
-        if let Reply::Ok(pid) = &r {
-            let pid: i32 = pid
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("start-running: `OK <pid>` expected, got OK {pid:?}"));
-            vm.pid = pid;
-            self.owners.push(pid);
-        }
-        r
-    }
-
-    /// Start an owner (no resources given at start) and panic on failure.
-    pub fn start(&mut self, label: &str) -> Vm {
-        let mut vm = Vm::new(label);
-        let r = self.try_start(&mut vm, &[]);
-        r.expect_ok(&format!("start of {}", vm.name));
-        vm
-    }
-
-    pub fn acquire(&mut self, vm: &Vm, res: &[String]) -> Reply {
-        let line = format!("acquire {} {} {}", vm.head(), vm.pid, res.join(" "));
-        self.cmd(line.trim_end())
-    }
-
-    pub fn acquire_action(&mut self, action: &str, vm: &Vm, res: &[String]) -> Reply {
-        let line = format!(
-            "acquire-action {action} {} {} {}",
-            vm.head(),
-            vm.pid,
-            res.join(" ")
-        );
-        self.cmd(line.trim_end())
-    }
-
-    pub fn release(&mut self, vm: &Vm, res: &[String]) -> Reply {
-        let line = format!("release {} {} {}", vm.head(), vm.pid, res.join(" "));
-        self.cmd(line.trim_end())
-    }
-
-    pub fn inquire(&mut self, vm: &Vm, res: &[String]) -> Reply {
-        let line = format!("inquire {} {} {}", vm.head(), vm.pid, res.join(" "));
-        self.cmd(line.trim_end())
-    }
-
-    /// `kill PID SIGNAL`.
-    pub fn kill(&mut self, pid: i32, sig: i32) {
-        self.cmd(&format!("kill {pid} {sig}"))
-            .expect_ok(&format!("kill {pid} {sig}"));
-    }
-
-    /// `alive PID`: true while the process runs (the host reaps it once dead).
-    pub fn alive(&mut self, pid: i32) -> bool {
-        let r = self.cmd(&format!("alive {pid}"));
-        let v = r.expect_ok(&format!("alive {pid}")).trim().to_string();
-        match v.as_str() {
-            "1" => true,
-            "0" => {
-                self.owners.retain(|&p| p != pid);
-                false
-            }
-            other => panic!("alive {pid}: expected OK 0 or OK 1, got OK {other:?}"),
-        }
-    }
-
-    /// Poll until `pid` has died; returns how long it took.
-    pub fn wait_dead(&mut self, pid: i32, bound: Duration) -> Option<Duration> {
-        let t0 = Instant::now();
-        while t0.elapsed() < bound {
-            if !self.alive(pid) {
-                return Some(t0.elapsed());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            dump_log("C host stderr", &self.log);
-        }
-        // Owners first: the host has not reaped them, so these pids are still theirs.
-        for &pid in &self.owners {
-            // SAFETY: kill(2) on an unreaped child of our child process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        drop(self.stdin.take()); // EOF: the host exits.
-        if let Some(mut child) = self.child.take() {
-            let t0 = Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if t0.elapsed() < Duration::from_secs(3) => {
-                        thread::sleep(Duration::from_millis(10))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Result of an OFD lock probe on a byte range.
@@ -764,14 +330,7 @@ pub fn probe0(path: &Path) -> Probe {
 
 /// Poll until byte 0 of `path` is unlocked; returns the delay.
 pub fn wait_unlocked(path: &Path, bound: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    while t0.elapsed() < bound {
-        if probe0(path) == Probe::Unlocked {
-            return Some(t0.elapsed());
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    None
+    wait::poll(bound, || (probe0(path) == Probe::Unlocked).then_some(())).map(|((), took)| took)
 }
 
 /// Create an image file with some content.

@@ -1,6 +1,6 @@
 //! Shared harness for the protocol-level suites (daemon, holder, hostile, reliability): owner
 //! processes killed on drop, owners, one protocol connection, lease specs and lock probes.
-//! Each suite keeps its own `Daemon` (they start lockwardend differently).
+//! Daemons are started with `super::daemon::TestDaemon`.
 
 use lockwarden::protocol::{
     self, ErrorKind, ErrorReply, HEADER_LEN, LeaseInfo, LeaseMode, LeaseSpec, LockTarget, Owner,
@@ -15,8 +15,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How long any single wait in these helpers may take before the test fails.
 pub const BOUND: Duration = Duration::from_secs(30);
@@ -31,14 +30,19 @@ impl Proc {
 
     /// Wait for the exit (bounded); None if it is still running after `limit`.
     pub fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            if let Some(st) = self.0.try_wait().unwrap() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        None
+        super::wait::poll(limit, || self.0.try_wait().unwrap()).map(|(st, _)| st)
+    }
+}
+
+impl Proc {
+    /// The state letter of the process (see [`proc_state`]).
+    pub fn state(&self) -> Option<char> {
+        proc_state(self.pid())
+    }
+
+    /// Its exit status once it has exited (reaping it), None while it runs.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().unwrap()
     }
 }
 
@@ -65,18 +69,15 @@ pub fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
 }
 
+/// The state letter of /proc/PID/stat (R, S, T, Z...), None once the process is gone.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit_once(')')?.1.trim().chars().next()
+}
+
 /// Is `pid` a live (not zombie) process?
 pub fn running(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            let state = s
-                .rfind(')')
-                .and_then(|i| s.get(i + 1..))
-                .and_then(|rest| rest.split_whitespace().next().map(str::to_string));
-            !matches!(state.as_deref(), Some("Z") | Some("X") | None)
-        }
-        Err(_) => false,
-    }
+    !matches!(proc_state(pid), Some('Z') | Some('X') | None)
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(1);
@@ -223,13 +224,8 @@ pub fn byte0(path: &Path) -> libc::c_int {
 }
 
 /// Poll `f` until it holds (bounded by [`BOUND`]); returns how long that took.
-pub fn eventually(what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < BOUND, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(5));
-    }
-    start.elapsed()
+pub fn eventually(what: &str, f: impl FnMut() -> bool) -> Duration {
+    super::wait::wait_until(what, BOUND, f)
 }
 
 pub fn hostname() -> String {
@@ -301,6 +297,35 @@ pub unsafe fn child_roundtrip(
         libc::write(1, buf.as_ptr().cast(), got);
         Ok(fd)
     }
+}
+
+/// Send `req` to `socket` from a child running as uid and gid `uid` (no supplementary groups)
+/// and return the daemon's answer; the child must exit cleanly.
+pub fn call_as(uid: u32, socket: &Path, req: &Request) -> Response {
+    let frame = protocol::encode(req).expect("encode");
+    let addr = sockaddr(socket);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cmd = Command::new("true");
+    cmd.stdout(Stdio::piped());
+    super::run_as(&mut cmd, uid);
+    // SAFETY: raw, async-signal-safe syscalls only (socket, connect, read, write, close)
+    // between fork and exec, after run_as's hook, on buffers allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = child_roundtrip(&addr, &frame, &mut buf)?;
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    let mut child = Proc(
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawning the uid {uid} client: {e}")),
+    );
+    let resp = protocol::read_message(child.0.stdout.as_mut().expect("stdout"))
+        .unwrap_or_else(|e| panic!("the answer to the uid {uid} client: {e}"));
+    let st = child.wait_for(BOUND).expect("the uid {uid} client exits");
+    assert!(st.success(), "the uid {uid} client: {st}");
+    resp
 }
 
 /// `sh -c SCRIPT` that, before exec, registers itself with the daemon as owner `name`
