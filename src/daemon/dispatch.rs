@@ -127,7 +127,7 @@ fn answer(state: &mut State, s: &mut Session, req: Request, clients: usize) -> R
     match req {
         Request::Status => Response::Status(state.status(clients)),
         Request::Lost => Response::Ok {
-            leases: state.recent_lost.iter().cloned().collect(),
+            leases: state.health.recent().cloned().collect(),
         },
         Request::List => Response::Ok {
             leases: state.all_infos(),

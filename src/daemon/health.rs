@@ -1,11 +1,18 @@
-//! What the lost-lock probes found, per lease: the meaning of one probe's answer, and the
-//! history (transient errors in a row, re-checks of a lost lease) that lost.rs acts on
-//! (docs/storage.md, "Lost locks"). Plain data, held by the lease tables (state.rs); kept below
-//! lost.rs, fence.rs and thaw.rs, which all judge a probe's answer the same way.
+//! The lost-lock check's own state (docs/storage.md, "Lost locks"): the meaning of one probe's
+//! answer, when the next round of probes is due, which probes are in flight, the history per
+//! lease (transient errors in a row, re-checks of a lost lease) that lost.rs acts on, and the
+//! detections `lockwarden lost` reports. One owner for the concern, with private fields; held
+//! by the lease tables (state.rs) and kept below lost.rs, fence.rs and thaw.rs, which all judge
+//! a probe's answer the same way.
 
 use super::lease::LeaseKey;
+use crate::protocol::LeaseInfo;
 use nix::errno::Errno;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Detections kept for `Request::Lost`.
+const RECENT: usize = 256;
 
 /// What a probe's answer means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,10 +37,85 @@ pub fn classify(result: Result<(), Errno>) -> Verdict {
     }
 }
 
-/// Per-lease probe history, for leases that had a failed probe.
+/// The lost-lock check: its schedule, probes in flight, per-lease history (only for leases
+/// that had a failed probe) and the latest detections.
 #[derive(Debug, Default)]
 pub struct Health {
-    pub(super) map: HashMap<LeaseKey, Track>,
+    /// `lease_check_interval_ms` (None: lost-lock checks disabled).
+    interval: Option<Duration>,
+    next_round: Option<Instant>,
+    /// Leases whose probe is in flight (a stuck probe is not sent again).
+    probing: HashSet<LeaseKey>,
+    tracks: HashMap<LeaseKey, Track>,
+    recent: VecDeque<LeaseInfo>,
+}
+
+impl Health {
+    /// Apply `lease_check_interval_ms`; the first round is one interval after `now`.
+    pub fn configure(&mut self, interval: Option<Duration>, now: Instant) {
+        self.interval = interval;
+        self.next_round = interval.map(|d| now + d);
+    }
+
+    /// Is a round of probes due at `now`? If so, the next one is scheduled.
+    pub fn round_due(&mut self, now: Instant) -> bool {
+        let Some(interval) = self.interval else {
+            return false;
+        };
+        match self.next_round {
+            Some(t) if t > now => false,
+            _ => {
+                self.next_round = Some(now + interval);
+                true
+            }
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.next_round
+    }
+
+    /// Mark a probe of `key` in flight; false when one already is.
+    pub fn start_probe(&mut self, key: LeaseKey) -> bool {
+        self.probing.insert(key)
+    }
+
+    pub fn is_probing(&self, key: &LeaseKey) -> bool {
+        self.probing.contains(key)
+    }
+
+    /// The probe of `key` came back.
+    pub fn probe_back(&mut self, key: &LeaseKey) {
+        self.probing.remove(key);
+    }
+
+    /// The history of `key`, started when there is none.
+    pub fn track(&mut self, key: LeaseKey) -> &mut Track {
+        self.tracks.entry(key).or_default()
+    }
+
+    /// Forget the history of `key` (a good probe, or the lease is gone); returns it.
+    pub fn forget(&mut self, key: &LeaseKey) -> Option<Track> {
+        self.tracks.remove(key)
+    }
+
+    /// Keep the history of the leases `held` says are still there.
+    pub fn retain(&mut self, held: impl Fn(&LeaseKey) -> bool) {
+        self.tracks.retain(|k, _| held(k));
+    }
+
+    /// A lease was found lost: kept for `Request::Lost` (the latest [`RECENT`]).
+    pub fn detected(&mut self, info: LeaseInfo) {
+        self.recent.push_back(info);
+        while self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The latest detections, oldest first.
+    pub fn recent(&self) -> impl Iterator<Item = &LeaseInfo> {
+        self.recent.iter()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +131,64 @@ pub(super) struct Track {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{LeaseMode, ResourceKind};
+
+    #[test]
+    fn rounds_come_every_interval_and_never_when_disabled() {
+        let t0 = Instant::now();
+        let mut h = Health::default();
+        h.configure(None, t0);
+        assert!(!h.round_due(t0 + Duration::from_secs(3600)));
+        assert_eq!(h.next_deadline(), None);
+        let i = Duration::from_millis(100);
+        h.configure(Some(i), t0);
+        assert_eq!(h.next_deadline(), Some(t0 + i));
+        assert!(!h.round_due(t0 + i / 2));
+        assert!(h.round_due(t0 + i));
+        // The next one is an interval after the round that ran.
+        assert_eq!(h.next_deadline(), Some(t0 + i * 2));
+        assert!(!h.round_due(t0 + i + i / 2));
+    }
+
+    #[test]
+    fn a_probe_in_flight_is_not_started_twice_and_history_is_per_lease() {
+        let (a, b) = (LeaseKey { dev: 1, ino: 1 }, LeaseKey { dev: 1, ino: 2 });
+        let mut h = Health::default();
+        assert!(h.start_probe(a));
+        assert!(!h.start_probe(a));
+        assert!(h.is_probing(&a) && !h.is_probing(&b));
+        h.probe_back(&a);
+        assert!(!h.is_probing(&a));
+        h.track(a).transient += 2;
+        h.track(b).rechecks += 1;
+        h.retain(|k| *k == a);
+        assert_eq!(h.forget(&b).map(|t| t.rechecks), None);
+        assert_eq!(h.forget(&a).map(|t| t.transient), Some(2));
+        assert!(h.forget(&a).is_none());
+    }
+
+    #[test]
+    fn only_the_latest_detections_are_kept() {
+        let mut h = Health::default();
+        for n in 0..RECENT + 10 {
+            h.detected(LeaseInfo {
+                name: format!("/vm/{n}.img"),
+                kind: ResourceKind::Disk,
+                mode: LeaseMode::Exclusive,
+                lock_path: format!("/vm/{n}.img"),
+                owners: Vec::new(),
+                since: 0,
+                fence: None,
+            });
+        }
+        let names: Vec<&str> = h.recent().map(|l| l.name.as_str()).collect();
+        assert_eq!(names.len(), RECENT);
+        assert_eq!(names.first(), Some(&"/vm/10.img"));
+        assert_eq!(
+            names.last().copied(),
+            Some(format!("/vm/{}.img", RECENT + 9).as_str())
+        );
+    }
 
     #[test]
     fn only_conflicts_and_lost_state_are_definitive() {

@@ -48,9 +48,6 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Detections kept for `Request::Lost`.
-const RECENT: usize = 256;
-
 /// Transient probe errors in a row that count as a loss (docs/hardening.md).
 pub const TRANSIENT_LIMIT: u32 = 3;
 
@@ -59,26 +56,22 @@ pub const STILL_LOST_EVERY: u32 = 30;
 
 /// Start a round of probes when it is time.
 pub fn tick(state: &mut State, now: Instant) {
-    let Some(interval) = state.check_interval else {
+    if !state.health.round_due(now) {
         return;
-    };
-    match state.next_check {
-        Some(t) if t > now => return,
-        _ => state.next_check = Some(now + interval),
     }
     state.mounts.refresh();
     let leases = &state.leases;
-    state.health.map.retain(|k, _| leases.get(k).is_some());
+    state.health.retain(|k| leases.get(k).is_some());
     // Lost leases too: a paused (or ignoring) VM's lock is re-checked and taken back.
     let todo: Vec<LeaseKey> = state
         .leases
         .iter()
         .map(|(k, _)| *k)
-        .filter(|k| !state.probing.contains(k))
+        .filter(|k| !state.health.is_probing(k))
         .collect();
     for key in todo {
         if probe(state, key, JobFor::Probe).is_some() {
-            state.probing.insert(key);
+            state.health.start_probe(key);
         }
     }
 }
@@ -96,10 +89,10 @@ pub fn probe(state: &mut State, key: LeaseKey, for_: JobFor) -> Option<JobId> {
 
 /// A probe came back.
 pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Result<(), Errno>) {
-    state.probing.remove(&key);
+    state.health.probe_back(&key);
     let verdict = classify(result);
     let Some(l) = state.leases.get_mut(&key) else {
-        state.health.map.remove(&key);
+        state.health.forget(&key);
         return;
     };
     if !Arc::ptr_eq(&l.fd, fd) {
@@ -113,7 +106,7 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
     let err = match (verdict, result) {
         (Verdict::Held, _) | (_, Ok(())) => {
             // The common case: a good probe of a lease with no history costs no allocation.
-            if let Some(t) = state.health.map.remove(&key) {
+            if let Some(t) = state.health.forget(&key) {
                 if t.transient > 0 {
                     let vms = owner_names(state, key);
                     info!(
@@ -129,7 +122,7 @@ pub fn on_probe(state: &mut State, key: LeaseKey, fd: &Arc<OwnedFd>, result: Res
     };
     let why = match verdict {
         Verdict::Transient => {
-            let t = state.health.map.entry(key).or_default();
+            let t = state.health.track(key);
             t.transient += 1;
             if t.transient < TRANSIENT_LIMIT {
                 let n = t.transient;
@@ -182,7 +175,7 @@ fn declare_lost(state: &mut State, key: LeaseKey, why: &str) {
         return;
     };
     l.lost = true;
-    let t = state.health.map.entry(key).or_default();
+    let t = state.health.track(key);
     t.transient = 0;
     t.rechecks = 0;
     t.last = None;
@@ -240,9 +233,8 @@ pub fn record(state: &mut State, key: LeaseKey) {
         .keys()
         .filter_map(|pid| state.owners.get(*pid).map(|e| e.owner.clone()))
         .collect();
-    state.lost_total += 1;
     state.metrics.lost += 1;
-    state.recent_lost.push_back(LeaseInfo {
+    state.health.detected(LeaseInfo {
         name: name.to_string(),
         kind,
         mode,
@@ -251,9 +243,6 @@ pub fn record(state: &mut State, key: LeaseKey) {
         since: now_secs(),
         fence: None,
     });
-    while state.recent_lost.len() > RECENT {
-        state.recent_lost.pop_front();
-    }
 }
 
 /// A lease already found lost was probed again (the probe also tried to take the lock back).
@@ -263,11 +252,11 @@ fn recheck(state: &mut State, key: LeaseKey, verdict: Verdict, result: Result<()
         return;
     };
     let (name, lock_path) = (l.name.clone(), l.lock_path.clone());
-    let t = state.health.map.entry(key).or_default();
+    let t = state.health.track(key);
     if verdict == Verdict::Held {
         l.lost = false;
         let checks = t.rechecks + 1;
-        state.health.map.remove(&key);
+        state.health.forget(&key);
         warn!(
             "lock on {name:?} ({lock_path:?}) of {vms} is held again (taken back after {checks} \
              re-check(s) of the lost lock); a VM paused for it stays paused: check that no other \

@@ -156,10 +156,9 @@ fn serve(settings: &settings::Settings) -> Result<(), String> {
         storage,
     );
     state.storage_timeout = settings.storage_timeout;
-    state.check_interval = settings.lease_check_interval;
-    state.next_check = settings
-        .lease_check_interval
-        .map(|d| std::time::Instant::now() + d);
+    state
+        .health
+        .configure(settings.lease_check_interval, std::time::Instant::now());
     state.heartbeat.configure(
         settings.heartbeat_interval,
         settings.fence_after,

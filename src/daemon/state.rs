@@ -18,7 +18,7 @@ use crate::metrics::{LeaseCount, MountHealth, Snapshot};
 use crate::protocol::{LeaseInfo, LeaseMode, PROTOCOL_VERSION, Response, StatusInfo};
 use crate::text::esc;
 use log::{error, info, warn};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -50,16 +50,9 @@ pub struct State {
     pub mounts: Mounts,
     /// `storage_timeout_ms`: how long a request may wait on storage.
     pub storage_timeout: Duration,
-    /// `lease_check_interval_ms` (None: lost-lock checks disabled) and the next check.
-    pub check_interval: Option<Duration>,
-    pub next_check: Option<Instant>,
-    /// Leases whose probe is in flight (a stuck probe is not sent again).
-    pub probing: HashSet<LeaseKey>,
-    /// What the lost-lock probes found per lease (lost.rs: transient errors in a row, loss).
+    /// The lost-lock check: its schedule, probes in flight, per-lease history and the latest
+    /// detections (health.rs; lost.rs acts on it).
     pub health: super::health::Health,
-    /// Lost leases found since start, and the latest ones.
-    pub lost_total: u64,
-    pub recent_lost: VecDeque<LeaseInfo>,
     /// Storage liveness per mount and the leases fenced for it (heartbeat.rs, fence.rs).
     pub heartbeat: super::liveness::Heartbeats,
     /// `watchdog_device`, open and fed while allowed (watchdog.rs).
@@ -90,12 +83,7 @@ impl State {
             ledger: Ledger::default(),
             mounts: Mounts::load(),
             storage_timeout: Duration::from_millis(super::settings::DEFAULT_STORAGE_TIMEOUT_MS),
-            check_interval: None,
-            next_check: None,
-            probing: HashSet::new(),
             health: super::health::Health::default(),
-            lost_total: 0,
-            recent_lost: VecDeque::new(),
             heartbeat: super::liveness::Heartbeats::default(),
             watchdog: None,
             metrics: crate::metrics::Counters {
@@ -632,7 +620,7 @@ impl State {
             .iter()
             .map(|k| k.deadline)
             .chain(self.ledger.next_deadline())
-            .chain(self.next_check)
+            .chain(self.health.next_deadline())
             .chain(self.heartbeat.next_deadline())
             .chain(self.watchdog.as_ref().map(|w| w.next_deadline()))
             .chain(self.owners.next_rewatch())
