@@ -11,6 +11,7 @@
 //! settle delay, because a QEMU that is exiting closes its descriptors a moment before it
 //! becomes a zombie and must not be reported as "still running".
 
+use super::owner::Owners;
 use super::pidfd::Proc;
 use log::{error, warn};
 use nix::errno::Errno;
@@ -121,5 +122,103 @@ impl Kill {
             Phase::Termed => "exited after SIGTERM",
             Phase::Killed => "was killed",
         }
+    }
+}
+
+/// Every owner being terminated, and `kill_grace_ms`: the one owner of the termination
+/// sequences (private, so a sequence is only started, advanced, ended or carried over a live
+/// re-exec through these methods).
+#[derive(Debug)]
+pub struct Kills {
+    grace: Duration,
+    list: Vec<Kill>,
+}
+
+impl Kills {
+    pub fn new(grace: Duration) -> Kills {
+        Kills {
+            grace,
+            list: Vec::new(),
+        }
+    }
+
+    /// Is `pid` being terminated?
+    pub fn terminating(&self, pid: u32) -> bool {
+        self.list.iter().any(|k| k.pid == pid)
+    }
+
+    /// Start terminating `pid` (VM `vm`, holding `leases`) unless that already runs; false when
+    /// it did.
+    pub fn start(&mut self, pid: u32, vm: String, leases: usize, now: Instant) -> bool {
+        if self.terminating(pid) {
+            return false;
+        }
+        self.list.push(Kill::start(pid, vm, leases, now));
+        true
+    }
+
+    /// `pid` is gone: its sequence ends. Returns how it ended, for the log.
+    pub fn end(&mut self, pid: u32) -> Option<&'static str> {
+        let i = self.list.iter().position(|k| k.pid == pid)?;
+        Some(self.list.swap_remove(i).ending())
+    }
+
+    /// Advance the sequences whose deadline passed. Returns the owners found gone.
+    pub fn advance(&mut self, owners: &Owners, now: Instant) -> Vec<u32> {
+        let mut gone = Vec::new();
+        let grace = self.grace;
+        self.list.retain_mut(|k| {
+            if k.deadline > now {
+                return true;
+            }
+            let Some(entry) = owners.get(k.pid) else {
+                return false;
+            };
+            match k.step(&entry.proc, now, grace) {
+                Step::Continue => true,
+                Step::Exited => {
+                    gone.push(k.pid);
+                    true
+                }
+                Step::GaveUp => false,
+            }
+        });
+        gone
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.list.iter().map(|k| k.deadline).min()
+    }
+
+    /// The sequences as they stand (a live re-exec writes them down).
+    pub fn iter(&self) -> impl Iterator<Item = &Kill> {
+        self.list.iter()
+    }
+
+    /// A sequence carried over a live re-exec.
+    pub fn restore(&mut self, kill: Kill) {
+        self.list.push(kill);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sequence_per_owner_ended_once() {
+        let t0 = Instant::now();
+        let mut k = Kills::new(Duration::from_secs(3));
+        assert_eq!(k.next_deadline(), None);
+        assert!(k.start(7, "vm".into(), 2, t0));
+        assert!(
+            !k.start(7, "vm".into(), 2, t0),
+            "a second sequence for the same owner"
+        );
+        assert!(k.terminating(7) && !k.terminating(8));
+        assert_eq!(k.next_deadline(), Some(t0 + SETTLE));
+        assert_eq!(k.end(7), Some("exited"));
+        assert_eq!(k.end(7), None);
+        assert!(!k.terminating(7));
     }
 }

@@ -521,7 +521,7 @@ pub fn restore(doc: Doc, server: Parts<'_>, heartbeat: Option<Duration>) -> Resu
         recover::insert_lease(state, id_key(l.id), l.record, fd, dir, &mut dead);
     }
     for k in doc.kills {
-        state.kills.push(Kill {
+        state.kills.restore(Kill {
             pid: k.pid,
             vm: k.vm,
             leases: k.leases,

@@ -8,7 +8,6 @@
 
 use super::Failure;
 use super::error::DaemonError;
-use super::kill::Kill;
 use super::lease::LeaseKey;
 use super::ledger::{Pending, Then};
 use super::lockfile;
@@ -263,19 +262,16 @@ pub fn handle_closed(state: &mut State, pid: u32, conn: ConnId, now: Instant) {
         );
         return;
     }
-    if !state.kills.iter().any(|k| k.pid == pid) {
+    if !state.kills.terminating(pid) {
         info!("lifetime handle of VM {vm:?} (pid {pid}) closed while it holds {held} lease(s)");
-        state.kills.push(Kill::start(pid, vm, held, now));
+        state.kills.start(pid, vm, held, now);
     }
 }
 
 /// The owner process `pid` exited: free its leases and forget it. Returns the connections
 /// that were its lifetime handles, which must no longer point at this pid.
 pub fn owner_exited(state: &mut State, pid: u32) -> Vec<ConnId> {
-    let ending = match state.kills.iter().position(|k| k.pid == pid) {
-        Some(i) => state.kills.swap_remove(i).ending(),
-        None => "exited",
-    };
+    let ending = state.kills.end(pid).unwrap_or("exited");
     let (held, names) = release_all(state, pid, "VM exited");
     let Some(entry) = state.owners.remove(pid) else {
         return Vec::new();

@@ -8,7 +8,7 @@
 use super::error::DaemonError;
 use super::holder;
 use super::keeper::{Hold, Keeper, Watch};
-use super::kill::{Kill, Step};
+use super::kill::Kills;
 use super::lease::{Lease, LeaseKey, Leases};
 use super::ledger::{Finished, Group, JobFor, Ledger, OpId, Pending, Then, Wait};
 use super::owner::{ConnId, Owners};
@@ -28,12 +28,12 @@ use std::time::{Duration, Instant};
 pub struct State {
     pub owners: Owners,
     pub leases: Leases,
-    pub kills: Vec<Kill>,
+    /// Owners being terminated (SIGTERM, then SIGKILL after `kill_grace_ms`; kill.rs).
+    pub kills: Kills,
     /// This host's name, reported as the holder's host.
     pub hostname: String,
     /// Start time, seconds since the epoch.
     pub started: u64,
-    pub kill_grace: Duration,
     /// The process holding a duplicate of every lease's descriptor (crash safety).
     pub keeper: Keeper,
     /// Holder records of the leases (who holds what, for other hosts; holder/), written and
@@ -72,10 +72,9 @@ impl State {
         State {
             owners: Owners::default(),
             leases: Leases::default(),
-            kills: Vec::new(),
+            kills: Kills::new(kill_grace),
             hostname,
             started,
-            kill_grace,
             keeper,
             records: HashMap::new(),
             unwritten: Vec::new(),
@@ -585,31 +584,13 @@ impl State {
 
     /// Is `pid` being terminated?
     pub fn terminating(&self, pid: u32) -> bool {
-        self.kills.iter().any(|k| k.pid == pid)
+        self.kills.terminating(pid)
     }
 
     /// Advance the termination sequences whose deadline passed. Returns the owners found gone,
     /// for the caller to pass to `owner_exited`.
     pub fn run_timers(&mut self, now: Instant) -> Vec<u32> {
-        let mut gone = Vec::new();
-        let grace = self.kill_grace;
-        let owners = &self.owners;
-        self.kills.retain_mut(|k| {
-            if k.deadline > now {
-                return true;
-            }
-            let Some(entry) = owners.get(k.pid) else {
-                return false;
-            };
-            match k.step(&entry.proc, now, grace) {
-                Step::Continue => true,
-                Step::Exited => {
-                    gone.push(k.pid);
-                    true
-                }
-                Step::GaveUp => false,
-            }
-        });
+        let mut gone = self.kills.advance(&self.owners, now);
         // Owners whose pidfd could not be opened (issue 19): watched again, or found gone.
         gone.extend(self.owners.rewatch(now));
         gone
@@ -617,8 +598,8 @@ impl State {
 
     pub fn next_deadline(&self) -> Option<Instant> {
         self.kills
-            .iter()
-            .map(|k| k.deadline)
+            .next_deadline()
+            .into_iter()
             .chain(self.ledger.next_deadline())
             .chain(self.health.next_deadline())
             .chain(self.heartbeat.next_deadline())
