@@ -643,11 +643,7 @@ fn commit(
     }
     if spec.mode == LeaseMode::Exclusive {
         // Written (or failed, logged) by the job that locked it.
-        let p = published.unwrap_or_else(holder::Published::nowhere);
-        if p.is_pending() {
-            state.unwritten.push(key);
-        }
-        state.records.insert(key, Arc::new(Mutex::new(p)));
+        state.adopt_record(key, published.unwrap_or_else(holder::Published::nowhere));
     } else {
         let job = state.publish_holder(key);
         track(state, op, job.into_iter().collect());

@@ -38,10 +38,10 @@ pub struct State {
     pub keeper: Keeper,
     /// Holder records of the leases (who holds what, for other hosts; holder/), written and
     /// withdrawn on the storage threads of each lease's mount.
-    pub records: HashMap<LeaseKey, holder::Slot>,
+    records: HashMap<LeaseKey, holder::Slot>,
     /// Leases whose record was claimed but not written yet (host-local mounts): written right
     /// after the answers of the loop round went out (`write_unwritten`).
-    pub unwritten: Vec<LeaseKey>,
+    unwritten: Vec<LeaseKey>,
     /// Per-mount storage threads (docs/storage.md): they only execute jobs.
     pub storage: Storage,
     /// What each storage job in flight is for, and the requests waiting on them (ledger.rs).
@@ -243,6 +243,15 @@ impl State {
             response,
             restrict,
         });
+    }
+
+    /// The record a new exclusive lease's job published (or claimed, to be written after the
+    /// answer: `write_unwritten`), kept current from now on.
+    pub fn adopt_record(&mut self, key: LeaseKey, published: holder::Published) {
+        if published.is_pending() {
+            self.unwritten.push(key);
+        }
+        self.records.insert(key, Arc::new(Mutex::new(published)));
     }
 
     /// Write the records claimed for this round's acquires (see `holder::claim_known`).
