@@ -125,6 +125,17 @@ impl Kill {
     }
 }
 
+/// A termination sequence as a live re-exec writes it down (reexec.rs's state document).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct KillDoc {
+    pub pid: u32,
+    pub vm: String,
+    pub leases: usize,
+    pub phase: Phase,
+    /// Milliseconds until its next step.
+    pub remaining_ms: u64,
+}
+
 /// Every owner being terminated, and `kill_grace_ms`: the one owner of the termination
 /// sequences (private, so a sequence is only started, advanced, ended or carried over a live
 /// re-exec through these methods).
@@ -190,14 +201,30 @@ impl Kills {
         self.list.iter().map(|k| k.deadline).min()
     }
 
-    /// The sequences as they stand (a live re-exec writes them down).
-    pub fn iter(&self) -> impl Iterator<Item = &Kill> {
-        self.list.iter()
+    /// The sequences as a live re-exec writes them down: each step's deadline as the time
+    /// left after `now`.
+    pub fn save(&self, now: Instant) -> Vec<KillDoc> {
+        self.list
+            .iter()
+            .map(|k| KillDoc {
+                pid: k.pid,
+                vm: k.vm.clone(),
+                leases: k.leases,
+                phase: k.phase,
+                remaining_ms: k.deadline.saturating_duration_since(now).as_millis() as u64,
+            })
+            .collect()
     }
 
-    /// A sequence carried over a live re-exec.
-    pub fn restore(&mut self, kill: Kill) {
-        self.list.push(kill);
+    /// The sequences a live re-exec carried over, their clocks resumed at `now`.
+    pub fn load(&mut self, docs: Vec<KillDoc>, now: Instant) {
+        self.list.extend(docs.into_iter().map(|k| Kill {
+            pid: k.pid,
+            vm: k.vm,
+            leases: k.leases,
+            phase: k.phase,
+            deadline: now + Duration::from_millis(k.remaining_ms),
+        }));
     }
 }
 
@@ -220,5 +247,22 @@ mod tests {
         assert_eq!(k.end(7), Some("exited"));
         assert_eq!(k.end(7), None);
         assert!(!k.terminating(7));
+    }
+
+    #[test]
+    fn a_reexec_carries_each_sequence_with_the_time_left_to_its_step() {
+        let t0 = Instant::now();
+        let mut k = Kills::new(Duration::from_secs(3));
+        k.start(7, "vm-a".into(), 2, t0);
+        let saved = k.save(t0);
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].remaining_ms, SETTLE.as_millis() as u64);
+        let text = serde_json::to_string(&saved).unwrap();
+        let mut again = Kills::new(Duration::from_secs(3));
+        let later = t0 + Duration::from_secs(10);
+        again.load(serde_json::from_str(&text).unwrap(), later);
+        assert!(again.terminating(7));
+        assert_eq!(again.next_deadline(), Some(later + SETTLE));
+        assert_eq!(again.end(7), Some("exited"));
     }
 }

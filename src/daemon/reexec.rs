@@ -17,7 +17,6 @@
 use super::conn::Conn;
 use super::dispatch::Session;
 use super::keeper::Keeper;
-use super::kill::{Kill, Phase};
 use super::listen::{Listener, Role};
 use super::notify;
 use super::owner::{ConnId, OwnerEntry};
@@ -26,7 +25,7 @@ use super::pidfile::PidFile;
 use super::record::{LeaseRecord, id_key, key_id};
 use super::recover;
 use super::state::State;
-use super::watchdog::{Kind, Watchdog};
+use super::watchdog::Watchdog;
 use crate::protocol::{FailureAction, Owner};
 use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
@@ -73,23 +72,13 @@ pub struct Doc {
     #[serde(default)]
     pub leases: Vec<LeaseDoc>,
     #[serde(default)]
-    pub kills: Vec<KillDoc>,
+    pub kills: Vec<super::kill::KillDoc>,
     /// The open `watchdog_device` (watchdog.rs), fed right before the exec.
     #[serde(default)]
-    pub watchdog: Option<WatchdogDoc>,
+    pub watchdog: Option<super::watchdog::WatchdogDoc>,
     /// What `lockwarden metrics` counts (issue 18): a reload keeps counting.
     #[serde(default)]
     pub metrics: Option<crate::metrics::Counters>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WatchdogDoc {
-    pub fd: RawFd,
-    pub path: PathBuf,
-    #[serde(default)]
-    pub fifo: bool,
-    #[serde(default)]
-    pub timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -158,16 +147,6 @@ pub struct LeaseDoc {
     #[serde(default)]
     pub dir_fd: Option<RawFd>,
     pub record: LeaseRecord,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct KillDoc {
-    pub pid: u32,
-    pub vm: String,
-    pub leases: usize,
-    pub phase: Phase,
-    /// Milliseconds until its next step.
-    pub remaining_ms: u64,
 }
 
 /// The parts of the event loop (server.rs) that travel across a live re-exec: what [`reexec`]
@@ -255,25 +234,10 @@ fn export(server: &Parts<'_>, generation: u64) -> (Doc, Vec<RawFd>) {
             record: LeaseRecord::of(&state.owners, l),
         })
         .collect();
-    let kills = state
-        .kills
-        .iter()
-        .map(|k| KillDoc {
-            pid: k.pid,
-            vm: k.vm.clone(),
-            leases: k.leases,
-            phase: k.phase,
-            remaining_ms: k.deadline.saturating_duration_since(now).as_millis() as u64,
-        })
-        .collect();
-    let watchdog = state.watchdog.as_ref().map(|w| WatchdogDoc {
-        fd: fd(w.raw_fd()),
-        path: w.path.clone(),
-        fifo: w.kind == Kind::Fifo,
-        timeout_s: match w.kind {
-            Kind::Device { timeout } => timeout.map(|t| t.as_secs()),
-            Kind::Fifo => None,
-        },
+    let kills = state.kills.save(now);
+    let watchdog = state.watchdog.as_ref().map(|w| {
+        fd(w.raw_fd());
+        w.save()
     });
     let doc = Doc {
         version: STATE_VERSION,
@@ -463,14 +427,8 @@ pub fn restore(doc: Doc, server: Parts<'_>, heartbeat: Option<Duration>) -> Resu
     let now = Instant::now();
     let mut fds = Adopted::all(&doc)?;
     if let Some(w) = doc.watchdog {
-        let kind = if w.fifo {
-            Kind::Fifo
-        } else {
-            Kind::Device {
-                timeout: w.timeout_s.map(Duration::from_secs),
-            }
-        };
-        let mut wd = Watchdog::adopt(fds.take(w.fd)?, w.path, kind, heartbeat);
+        let fd = fds.take(w.fd)?;
+        let mut wd = Watchdog::load(w, fd, heartbeat);
         // Fed at once: the rule is checked once the tables are back, below.
         wd.feed();
         server.state.watchdog = Some(wd);
@@ -520,15 +478,7 @@ pub fn restore(doc: Doc, server: Parts<'_>, heartbeat: Option<Duration>) -> Resu
         let dir = l.dir_fd.map(|d| fds.take(d)).transpose()?;
         recover::insert_lease(state, id_key(l.id), l.record, fd, dir, &mut dead);
     }
-    for k in doc.kills {
-        state.kills.restore(Kill {
-            pid: k.pid,
-            vm: k.vm,
-            leases: k.leases,
-            phase: k.phase,
-            deadline: now + Duration::from_millis(k.remaining_ms),
-        });
-    }
+    state.kills.load(doc.kills, now);
     for c in doc.conns {
         let stream = UnixStream::from(fds.take(c.fd)?);
         let session = Session {

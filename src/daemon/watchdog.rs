@@ -82,6 +82,18 @@ pub struct Watchdog {
     write_error: Option<String>,
 }
 
+/// The open device as a live re-exec writes it down (reexec.rs's state document): its
+/// descriptor number, kept open across the exec, and what it is.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct WatchdogDoc {
+    pub fd: RawFd,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub fifo: bool,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
 /// The keep-alive interval: `heartbeat_interval_ms`, at most half the watchdog's timeout.
 fn interval_for(kind: Kind, heartbeat: Duration) -> Duration {
     match kind {
@@ -212,13 +224,34 @@ impl Watchdog {
         self.file.as_raw_fd()
     }
 
-    /// Take over the descriptor a previous image handed over (reexec.rs adopts it).
-    pub fn adopt(
-        owned: OwnedFd,
-        path: PathBuf,
-        kind: Kind,
-        heartbeat: Option<Duration>,
-    ) -> Watchdog {
+    /// The device as a live re-exec writes it down.
+    pub fn save(&self) -> WatchdogDoc {
+        WatchdogDoc {
+            fd: self.raw_fd(),
+            path: self.path.clone(),
+            fifo: self.kind == Kind::Fifo,
+            timeout_s: match self.kind {
+                Kind::Device { timeout } => timeout.map(|t| t.as_secs()),
+                Kind::Fifo => None,
+            },
+        }
+    }
+
+    /// Take over the device a previous image wrote down, its descriptor `owned` (adopted by
+    /// reexec.rs from the number in `doc`).
+    pub fn load(doc: WatchdogDoc, owned: OwnedFd, heartbeat: Option<Duration>) -> Watchdog {
+        let kind = if doc.fifo {
+            Kind::Fifo
+        } else {
+            Kind::Device {
+                timeout: doc.timeout_s.map(Duration::from_secs),
+            }
+        };
+        Self::adopt(owned, doc.path, kind, heartbeat)
+    }
+
+    /// Take over a descriptor handed over by a previous image.
+    fn adopt(owned: OwnedFd, path: PathBuf, kind: Kind, heartbeat: Option<Duration>) -> Watchdog {
         if let Err(e) = nix::fcntl::fcntl(
             &owned,
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
