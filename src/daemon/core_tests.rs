@@ -88,6 +88,11 @@ impl Disks {
     }
 }
 
+/// A writable disk (an exclusive lease on the image itself).
+fn excl(path: &str) -> LeaseSpec {
+    spec(path, LeaseMode::Exclusive)
+}
+
 fn spec(path: &str, mode: LeaseMode) -> LeaseSpec {
     LeaseSpec {
         name: path.to_string(),
@@ -275,7 +280,7 @@ fn exclusive_acquire_is_answered_only_after_the_keeper_holds_the_lease() {
         &mut s,
         1,
         &vm.owner,
-        &[spec(&d1, LeaseMode::Exclusive)],
+        &[excl(&d1)],
         FailureAction::Default,
         true,
     )
@@ -313,7 +318,7 @@ fn exclusive_acquire_is_answered_only_after_the_keeper_holds_the_lease() {
     assert_eq!(infos[0].mode, LeaseMode::Exclusive);
     assert_locked(&d1);
     // Asking again is idempotent: Ok, still one lease, no second descriptor.
-    ok(&acquire(&mut s, 2, &vm, &[spec(&d1, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 2, &vm, &[excl(&d1)]));
     assert_eq!(s.leases.len(), 1);
 }
 
@@ -323,9 +328,9 @@ fn a_second_vm_is_refused_busy_and_told_who_holds_the_disk() {
     let d1 = disks.image("d1.img");
     let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
     let mut s = state();
-    ok(&acquire(&mut s, 1, &a, &[spec(&d1, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 1, &a, &[excl(&d1)]));
     let before = told(&s);
-    let e = error(acquire(&mut s, 2, &b, &[spec(&d1, LeaseMode::Exclusive)]));
+    let e = error(acquire(&mut s, 2, &b, &[excl(&d1)]));
     assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
     assert_eq!(e.resource.as_deref(), Some(d1.as_str()));
     assert!(e.message.contains("'vm-a'"), "{}", e.message);
@@ -350,21 +355,8 @@ fn all_or_nothing_a_busy_disk_leaves_the_free_one_unlocked() {
     let (free, busy) = (disks.image("free.img"), disks.image("busy.img"));
     let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
     let mut s = state();
-    ok(&acquire(
-        &mut s,
-        1,
-        &a,
-        &[spec(&busy, LeaseMode::Exclusive)],
-    ));
-    let e = error(acquire(
-        &mut s,
-        2,
-        &b,
-        &[
-            spec(&free, LeaseMode::Exclusive),
-            spec(&busy, LeaseMode::Exclusive),
-        ],
-    ));
+    ok(&acquire(&mut s, 1, &a, &[excl(&busy)]));
+    let e = error(acquire(&mut s, 2, &b, &[excl(&free), excl(&busy)]));
     assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
     assert_eq!(e.resource.as_deref(), Some(busy.as_str()));
     // Refused means nothing is locked (the answer waited for the roll-back).
@@ -396,15 +388,7 @@ fn all_or_nothing_a_disk_locked_outside_the_daemon_leaves_the_free_one_unlocked(
         .unwrap();
     super::lock::try_lock(outside.as_fd(), LeaseMode::Exclusive).unwrap();
     // The busy disk's holder is described on a worker thread (never on the event loop).
-    let e = error(acquire(
-        &mut s,
-        1,
-        &vm,
-        &[
-            spec(&free, LeaseMode::Exclusive),
-            spec(&busy, LeaseMode::Exclusive),
-        ],
-    ));
+    let e = error(acquire(&mut s, 1, &vm, &[excl(&free), excl(&busy)]));
     assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
     assert_eq!(e.resource.as_deref(), Some(busy.as_str()));
     assert_unlocked(&free);
@@ -414,15 +398,7 @@ fn all_or_nothing_a_disk_locked_outside_the_daemon_leaves_the_free_one_unlocked(
     // (Its lock may outlive the close for a moment: see `assert_unlocked`.)
     assert_unlocked(&busy);
     // Once the other holder is gone, the same request succeeds.
-    ok(&acquire(
-        &mut s,
-        2,
-        &vm,
-        &[
-            spec(&free, LeaseMode::Exclusive),
-            spec(&busy, LeaseMode::Exclusive),
-        ],
-    ));
+    ok(&acquire(&mut s, 2, &vm, &[excl(&free), excl(&busy)]));
     assert_eq!(s.leases.len(), 2);
     assert_locked(&free);
     assert_locked(&busy);
@@ -479,19 +455,13 @@ fn releasing_what_is_not_held_succeeds_and_changes_nothing() {
     let (d1, d2) = (disks.image("d1.img"), disks.image("d2.img"));
     let (a, stranger) = (Vm::start("vm-a"), Vm::start("vm-x"));
     let mut s = state();
-    ok(&acquire(&mut s, 1, &a, &[spec(&d1, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 1, &a, &[excl(&d1)]));
     let before = told(&s);
     // A disk the owner does not hold: lenient (docs/interfaces.md §3), answered at once.
-    let now = release::start(&mut s, 2, &a.owner, &[spec(&d2, LeaseMode::Exclusive)]).unwrap();
+    let now = release::start(&mut s, 2, &a.owner, &[excl(&d2)]).unwrap();
     assert!(matches!(now, Some(Response::Ok { .. })), "{now:?}");
     // An owner that holds nothing, naming somebody else's disk.
-    let now = release::start(
-        &mut s,
-        3,
-        &stranger.owner,
-        &[spec(&d1, LeaseMode::Exclusive)],
-    )
-    .unwrap();
+    let now = release::start(&mut s, 3, &stranger.owner, &[excl(&d1)]).unwrap();
     assert!(matches!(now, Some(Response::Ok { .. })), "{now:?}");
     drive(&mut s);
     assert!(s.ledger.take_finished().is_empty());
@@ -520,10 +490,7 @@ fn owner_exit_frees_everything_it_held_and_returns_its_handles() {
         &mut s,
         1,
         &a,
-        &[
-            spec(&d1, LeaseMode::Exclusive),
-            spec(&d2, LeaseMode::Shared),
-        ],
+        &[excl(&d1), spec(&d2, LeaseMode::Shared)],
     ));
     // Another VM shares d2: it keeps it.
     ok(&acquire(&mut s, 2, &b, &[spec(&d2, LeaseMode::Shared)]));
@@ -563,7 +530,7 @@ fn closing_the_handle_of_a_running_vm_terminates_it_before_its_leases_go() {
     };
     let req = Request::Acquire {
         owner: vm.owner.clone(),
-        leases: vec![spec(&d1, LeaseMode::Exclusive)],
+        leases: vec![excl(&d1)],
         action: FailureAction::Default,
         restrict: true,
     };
@@ -589,7 +556,7 @@ fn closing_the_handle_of_a_running_vm_terminates_it_before_its_leases_go() {
         &mut s,
         6,
         &vm.owner,
-        &[spec(&d2, LeaseMode::Exclusive)],
+        &[excl(&d2)],
         FailureAction::Default,
         false,
     )
@@ -619,7 +586,7 @@ fn closing_the_handle_of_an_exited_vm_releases_at_once() {
     let d1 = disks.image("d1.img");
     let mut vm = Vm::start("vm-a");
     let mut s = state();
-    ok(&acquire(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 1, &vm, &[excl(&d1)]));
     s.owners.get_mut(vm.pid()).unwrap().handles.extend([5, 6]);
     vm.kill();
     // Another lifetime handle is still open: nothing happens yet.
@@ -642,7 +609,7 @@ fn a_failed_keeper_hand_over_refuses_the_acquire_and_rolls_it_back() {
     let mut s = state();
     // The hand-over fails, and so does the one on a new link.
     s.keeper.recorded_mut().unwrap().fail_holds = 2;
-    let e = error(acquire(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]));
+    let e = error(acquire(&mut s, 1, &vm, &[excl(&d1)]));
     assert_eq!(e.kind, ErrorKind::Internal, "{}", e.message);
     assert!(e.message.contains("cannot protect"), "{}", e.message);
     assert!(e.message.contains("nothing was locked"), "{}", e.message);
@@ -672,9 +639,9 @@ fn one_failed_hand_over_is_repeated_with_every_lease_on_a_new_link() {
     let (d0, d1) = (disks.image("d0.img"), disks.image("d1.img"));
     let vm = Vm::start("vm-a");
     let mut s = state();
-    ok(&acquire(&mut s, 1, &vm, &[spec(&d0, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 1, &vm, &[excl(&d0)]));
     s.keeper.recorded_mut().unwrap().fail_holds = 1;
-    ok(&acquire(&mut s, 2, &vm, &[spec(&d1, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 2, &vm, &[excl(&d1)]));
     let (k0, k1) = (key_of(&d0), key_of(&d1));
     let t = told(&s);
     assert_eq!(
@@ -717,7 +684,7 @@ fn an_acquire_past_its_deadline_is_refused_naming_the_disk_and_its_late_lock_dro
     let vm = Vm::start("vm-a");
     let mut s = state();
     s.storage_timeout = Duration::ZERO;
-    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
+    start(&mut s, 1, &vm, &[excl(&d1)]);
     // The deadline passes before the storage result is routed.
     route::expire(&mut s, Instant::now() + Duration::from_millis(1));
     let e = error(one_answer(&mut s, 1));
@@ -740,7 +707,7 @@ fn a_client_gone_before_storage_answered_leaves_nothing_locked() {
     let d1 = disks.image("d1.img");
     let vm = Vm::start("vm-a");
     let mut s = state();
-    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
+    start(&mut s, 1, &vm, &[excl(&d1)]);
     route::cancel(&mut s, 1);
     drive(&mut s);
     assert!(s.ledger.take_finished().is_empty(), "nobody to answer");
@@ -754,7 +721,7 @@ fn a_live_reexec_answers_a_waiting_acquire_and_rolls_it_back() {
     let d1 = disks.image("d1.img");
     let vm = Vm::start("vm-a");
     let mut s = state();
-    start(&mut s, 1, &vm, &[spec(&d1, LeaseMode::Exclusive)]);
+    start(&mut s, 1, &vm, &[excl(&d1)]);
     route::interrupt(&mut s);
     let e = error(one_answer(&mut s, 1));
     assert_eq!(e.kind, ErrorKind::Timeout, "{}", e.message);
@@ -903,7 +870,7 @@ fn one_image_named_writable_and_read_only_in_one_request_is_one_exclusive_lease(
         &mut s,
         1,
         &vm,
-        &[spec(&d, LeaseMode::Shared), spec(&d, LeaseMode::Exclusive)],
+        &[spec(&d, LeaseMode::Shared), excl(&d)],
     ));
     assert_eq!(s.leases.len(), 1);
     assert_eq!(
@@ -925,7 +892,7 @@ fn a_vm_holding_a_disk_shared_cannot_also_take_it_writable() {
     let vm = Vm::start("vm-a");
     let mut s = state();
     ok(&acquire(&mut s, 1, &vm, &[spec(&d, LeaseMode::Shared)]));
-    let e = error(acquire(&mut s, 2, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    let e = error(acquire(&mut s, 2, &vm, &[excl(&d)]));
     assert_eq!(e.kind, ErrorKind::Invalid, "{}", e.message);
     assert!(e.message.contains("shared mode"), "{}", e.message);
     // The shared lease it had before the refused request stays.
@@ -944,19 +911,11 @@ fn two_paths_to_one_image_are_one_lease_released_by_either() {
     let link = link.to_str().unwrap().to_string();
     let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
     let mut s = state();
-    ok(&acquire(
-        &mut s,
-        1,
-        &a,
-        &[
-            spec(&d, LeaseMode::Exclusive),
-            spec(&link, LeaseMode::Exclusive),
-        ],
-    ));
+    ok(&acquire(&mut s, 1, &a, &[excl(&d), excl(&link)]));
     assert_eq!(s.leases.len(), 1);
-    let e = error(acquire(&mut s, 2, &b, &[spec(&link, LeaseMode::Exclusive)]));
+    let e = error(acquire(&mut s, 2, &b, &[excl(&link)]));
     assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
-    ok_response(release(&mut s, 3, &a, &[spec(&link, LeaseMode::Exclusive)]));
+    ok_response(release(&mut s, 3, &a, &[excl(&link)]));
     assert_eq!(s.leases.len(), 0);
     assert_unlocked(&d);
 }
@@ -967,10 +926,10 @@ fn a_deleted_image_can_still_be_released() {
     let d = disks.image("d.img");
     let vm = Vm::start("vm-a");
     let mut s = state();
-    ok(&acquire(&mut s, 1, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    ok(&acquire(&mut s, 1, &vm, &[excl(&d)]));
     let key = key_of(&d);
     std::fs::remove_file(&d).unwrap();
-    ok_response(release(&mut s, 2, &vm, &[spec(&d, LeaseMode::Exclusive)]));
+    ok_response(release(&mut s, 2, &vm, &[excl(&d)]));
     assert!(s.leases.get(&key).is_none());
     assert_eq!(told(&s).last(), Some(&Told::Release(vec![key])));
 }
@@ -993,12 +952,7 @@ fn a_lockspace_lock_file_is_gone_when_its_disk_is_free_or_its_acquire_refused() 
     };
     let (a, b) = (Vm::start("vm-a"), Vm::start("vm-b"));
     let mut s = state();
-    ok(&acquire(
-        &mut s,
-        1,
-        &a,
-        &[lockspace("0a1b"), spec(&busy, LeaseMode::Exclusive)],
-    ));
+    ok(&acquire(&mut s, 1, &a, &[lockspace("0a1b"), excl(&busy)]));
     let lock_file = format!("{locks}/0a1b");
     assert_locked(&lock_file);
     assert_eq!(
@@ -1011,12 +965,7 @@ fn a_lockspace_lock_file_is_gone_when_its_disk_is_free_or_its_acquire_refused() 
         "a lockd-style disk lock file is deleted when its disk is free"
     );
     // A refused acquire does not leave the lock file it created behind.
-    let e = error(acquire(
-        &mut s,
-        3,
-        &b,
-        &[lockspace("2c3d"), spec(&busy, LeaseMode::Exclusive)],
-    ));
+    let e = error(acquire(&mut s, 3, &b, &[lockspace("2c3d"), excl(&busy)]));
     assert_eq!(e.kind, ErrorKind::Busy, "{}", e.message);
     assert!(!Path::new(&format!("{locks}/2c3d")).exists());
     assert_locked(&busy);
@@ -1033,10 +982,7 @@ fn a_deadline_in_the_second_phase_rolls_back_the_first() {
         &mut s,
         1,
         &vm.owner,
-        &[
-            spec(&d1, LeaseMode::Exclusive),
-            spec(&d2, LeaseMode::Shared),
-        ],
+        &[excl(&d1), spec(&d2, LeaseMode::Shared)],
         FailureAction::Default,
         false,
     )
