@@ -988,6 +988,17 @@ fn run() -> Result<(), String> {
                             "ratio": g.ratio, "target": g.target, "verdict": g.verdict }));
     }
     print_grid(&grid);
+    if let Some(f) = j.get("scale").and_then(|s| s.get("failed")) {
+        for side in ["lockwarden", "lockd"] {
+            if let Some(e) = f
+                .get(side)
+                .and_then(Value::as_str)
+                .filter(|e| !e.is_empty())
+            {
+                println!("{side} {e}");
+            }
+        }
+    }
     j.insert("issue17".into(), Value::Array(jgoals));
     j.insert("run_seconds".into(), json!(r1(secs)));
     if let Some(parent) = cfg.out.parent() {

@@ -39,6 +39,19 @@ impl Progress {
         }
     }
 
+    /// `failed at N leases: CAUSE` with only the last clause of the error (the system's
+    /// words, "Too many open files"), for the final table; `failure` has all of it.
+    fn brief(&self) -> String {
+        match &self.failed {
+            Some((n, e)) => {
+                let cause = e.split(';').next().unwrap_or(e);
+                let cause = cause.rsplit(": ").next().unwrap_or(cause).trim();
+                format!("failed at {n} leases: {cause}")
+            }
+            None => String::new(),
+        }
+    }
+
     fn failure(&self) -> String {
         match &self.failed {
             Some((n, e)) => format!("failed at {n} leases: {e}"),
@@ -65,6 +78,9 @@ struct Point {
     /// Per probe disk count, per side; None when the side had failed.
     lat: Vec<[Option<Stats>; 2]>,
 }
+
+/// A memory row: (name, RSS per side, leases held per side, level, whether it is a target).
+type MemRow = (String, [(u64, u64); 2], [usize; 2], usize, bool);
 
 /// A probe owner per side and disk count: (vm, pid, tokens).
 type Probe = (Vm, i32, String);
@@ -221,11 +237,18 @@ pub fn run(
     // Let every holder go, then measure at 0 again: the mean of the two 0-held medians is the
     // baseline, which cancels a linear drift of the (shared) machine over this section.
     for (k, b) in beds.iter_mut().enumerate() {
+        let t = Instant::now();
+        let n = prog[k].holders.len();
         for pid in prog[k].holders.drain(..) {
             if let Err(e) = b.host.kill_owner(pid) {
                 eprintln!("lockcycle: scale: ending holder {pid}: {e}");
             }
         }
+        eprintln!(
+            "lockcycle: scale: {n} {} holders ended ({:.1} s)",
+            b.side.name(),
+            t.elapsed().as_secs_f64()
+        );
     }
     thread::sleep(Duration::from_millis(1000));
     // A side that failed only for lack of descriptors may serve again now.
@@ -359,7 +382,7 @@ pub fn run(
                     _ => {
                         let p = &prog[k];
                         if p.failed.is_some() {
-                            p.failure()
+                            p.brief()
                         } else {
                             "not measured".into()
                         }
@@ -384,6 +407,8 @@ pub fn run(
         }
         // The model: a line through every measured (leases, median) point of each side.
         let mut jm = serde_json::Map::new();
+        let mut cells = [String::new(), String::new()];
+        let mut npts = 0;
         for k in 0..2 {
             let mut pts: Vec<(f64, f64)> = points
                 .iter()
@@ -393,26 +418,43 @@ pub fn run(
             if let Some(a) = after[pi][k] {
                 pts.push((0.0, a.median));
             }
+            npts = npts.max(pts.len());
             if let Some((c, per_k)) = fit(&pts) {
                 let at100k = c + per_k * 100.0;
-                table.row(
-                    &format!("model {n} {disks}, {}", beds[k].side.name()),
-                    format!("{} + {}/1,000 leases", fmt_us(c), fmt_us(per_k)),
-                    String::new(),
-                    String::new(),
-                    &format!(
-                        "least squares over {} points; at 100,000: {}",
-                        pts.len(),
+                cells[k] = if per_k < 0.0 {
+                    format!("{} flat (slope -{}/1k)", fmt_us(c), fmt_us(-per_k))
+                } else {
+                    format!(
+                        "{} + {}/1k = {} at 100k",
+                        fmt_us(c),
+                        fmt_us(per_k),
                         fmt_us(at100k)
-                    ),
-                );
+                    )
+                };
                 jm.insert(
                     beds[k].side.name().into(),
                     json!({ "intercept_us": r1(c), "us_per_1000_leases": r1(per_k * 100.0) / 100.0,
                             "at_100000_us": r1(at100k), "points": pts }),
                 );
+            } else {
+                cells[k] = "too few points".into();
             }
         }
+        table.row(
+            &format!("model: acquire {n} {disks} vs leases held"),
+            cells[0].clone(),
+            cells[1].clone(),
+            String::new(),
+            &format!("least-squares line through {npts} medians"),
+        );
+        goals.push(Goal {
+            row: format!("model: acquire {n} {disks} at 100,000 held"),
+            lw: cells[0].clone(),
+            lockd: cells[1].clone(),
+            ratio: "-".into(),
+            target: "(report)".into(),
+            verdict: "REPORT",
+        });
         jmodel.insert(n.to_string(), Value::Object(jm));
     }
 
@@ -428,7 +470,7 @@ pub fn run(
             }
             cells[k] = format!("{:.2} ({} fds at {} leases)", per[k], tot, pt.held[k]);
             if pt.held[k] < pt.level {
-                cells[k] = format!("{}; {}", prog[k].failure(), cells[k]);
+                cells[k] = format!("{}; {}", prog[k].brief(), cells[k]);
             }
         }
         let ok = per[0] <= 1.2 && pt.held[0] == pt.level;
@@ -449,8 +491,7 @@ pub fn run(
     // Memory: idle (fresh daemons), then every level; the first level (issue 17: 5,000) and
     // idle are targets, further levels are reported.
     let idle = [beds[0].idle_rss, beds[1].idle_rss];
-    let mut mem: Vec<(String, [(u64, u64); 2], [usize; 2], usize, bool)> =
-        vec![("RSS daemon + keeper, idle".into(), idle, [0, 0], 0, true)];
+    let mut mem: Vec<MemRow> = vec![("RSS daemon + keeper, idle".into(), idle, [0, 0], 0, true)];
     for pt in points.iter().skip(1) {
         mem.push((
             format!("RSS daemon + keeper, {} held", pt.level),
@@ -465,7 +506,7 @@ pub fn run(
         let cell = |k: usize| {
             let c = format!("{} KiB", kib(rss[k]));
             if held[k] < level {
-                format!("{}; {c} at {} leases", prog[k].failure(), held[k])
+                format!("{}; {c} at {} leases", prog[k].brief(), held[k])
             } else {
                 c
             }
@@ -474,7 +515,11 @@ pub fn run(
         if is_target {
             if level == 0 || Some(level) == first {
                 targets.push((
-                    format!("RSS at {level} leases <= 1/3 of virtlockd"),
+                    if level == 0 {
+                        "RSS idle <= 1/3 of virtlockd".into()
+                    } else {
+                        format!("RSS at {level} leases <= 1/3 of virtlockd")
+                    },
                     r <= 1.0 / 3.0 && whole,
                     format!("lw/lockd = {}", xr(r)),
                 ));
