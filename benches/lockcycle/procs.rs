@@ -229,7 +229,10 @@ impl Daemon {
         let log = dir.join("virtlockd.log");
         fs::write(
             &conf,
-            "# benchmark daemon: defaults, log to stderr\nlog_outputs = \"3:stderr\"\n",
+            // max_clients: every VM keeps one connection, and the default (1024) would stop
+            // virtlockd accepting (and lockd.so waiting without a timeout) at 1,024 VMs.
+            "# benchmark daemon: defaults, log to stderr, room for 4,096 VMs\n\
+             log_outputs = \"3:stderr\"\nmax_clients = 4096\n",
         )
         .map_err(|e| format!("{conf:?}: {e}"))?;
         let logf = File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
