@@ -7,6 +7,8 @@
 
 #[path = "lockcycle/procs.rs"]
 mod procs;
+#[path = "lockcycle/scale.rs"]
+mod scale;
 #[path = "lockcycle/slowfs.rs"]
 mod slowfs;
 #[path = "lockcycle/stats.rs"]
@@ -35,8 +37,13 @@ struct Config {
     tput_secs: f64,
     /// Concurrency levels (LW_BENCH_CONC, default "1,8,64").
     conc: Vec<usize>,
-    /// Held-lease levels for RSS and latency (LW_BENCH_HELD, default "1000,5000").
+    /// Held-lease levels for RSS, descriptors and latency (LW_BENCH_HELD, default
+    /// "5000,15000"; 0 is always measured first).
     held: Vec<usize>,
+    /// Disks per holder owner (LW_BENCH_HOLD_PER_OWNER, default 10: 1,500 VMs at 15,000).
+    hold_per_owner: usize,
+    /// Disk counts of the held-lease acquire probes (LW_BENCH_SCALE_DISKS, default "1,10").
+    scale_disks: Vec<usize>,
     /// Acquire samples per side and held level (LW_BENCH_LAT_ITERS, default 200).
     lat_iters: usize,
     /// Directory on a mount whose lock calls take ~2 ms (LW_BENCH_SLOW_DIR; unset = pending).
@@ -86,7 +93,9 @@ impl Config {
             iters: env_num("LW_BENCH_ITERS", 100)?,
             tput_secs: env_num("LW_BENCH_TPUT_SECS", 2.0)?,
             conc: env_list("LW_BENCH_CONC", "1,8,64")?,
-            held: env_list("LW_BENCH_HELD", "1000,5000")?,
+            held: env_list("LW_BENCH_HELD", "5000,15000")?,
+            hold_per_owner: env_num("LW_BENCH_HOLD_PER_OWNER", 10)?,
+            scale_disks: env_list("LW_BENCH_SCALE_DISKS", "1,10")?,
             lat_iters: env_num("LW_BENCH_LAT_ITERS", 200)?,
             slow_dir: std::env::var_os("LW_BENCH_SLOW_DIR").map(PathBuf::from),
             out,
@@ -111,6 +120,7 @@ impl Bed {
         let daemon = match side {
             Side::Lockwarden => Daemon::lockwardend(a, &dir)?,
             Side::Lockd => Daemon::virtlockd(&dir)?,
+            Side::Noop => return Err("the no-op plugin has no daemon to test".into()),
         };
         // Let the daemon settle, then read its idle footprint before any client appears.
         thread::sleep(Duration::from_millis(200));
@@ -183,9 +193,6 @@ impl Watch {
         Ok(())
     }
 }
-
-/// Leases per holder owner in the held-lease section.
-const HOLD_PER_OWNER: usize = 250;
 
 const PHASES: [&str; 6] = ["start", "acquire", "release", "resume", "exit", "total"];
 
@@ -486,6 +493,44 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "MET" } else { "MISSED" }
 }
 
+/// One row of the final "issue 17 targets" table: `ratio` is the figure the target compares.
+struct Goal {
+    row: String,
+    lw: String,
+    lockd: String,
+    ratio: String,
+    target: String,
+    verdict: &'static str,
+}
+
+/// Left-aligned first column, the others right-aligned, a rule under the header.
+fn print_grid(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut w = vec![0usize; cols];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    for (n, r) in rows.iter().enumerate() {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i == 0 {
+                line.push_str(&format!("{c:<width$}", width = w[i]));
+            } else {
+                line.push_str(&format!("  {c:>width$}", width = w[i]));
+            }
+        }
+        println!("{}", line.trim_end());
+        if n == 0 {
+            println!(
+                "{}",
+                "-".repeat(w.iter().sum::<usize>() + 2 * cols.saturating_sub(1))
+            );
+        }
+    }
+}
+
 /// Kill both daemons if the run exceeds its time budget, so every blocked host call fails and
 /// the guards clean up.
 fn watchdog(pids: Vec<u32>, secs: u64, done: Arc<AtomicBool>) {
@@ -521,6 +566,7 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("temp dir: {e}"))?;
     let root = tmp.path();
     let a = Artefacts::find(root)?;
+    let noop_so = procs::build_noop(root)?;
     // The slow mount must exist before the daemons' private mount namespaces are made.
     let mut cfg = cfg;
     let _slow = if cfg.slow_dir.is_none() {
@@ -563,7 +609,8 @@ fn run() -> Result<(), String> {
     j.insert(
         "config".into(),
         json!({ "revision": revision(), "iters": cfg.iters, "tput_secs": cfg.tput_secs, "conc": cfg.conc,
-                "held": cfg.held, "lat_iters": cfg.lat_iters,
+                "held": cfg.held, "hold_per_owner": cfg.hold_per_owner,
+                "scale_disks": cfg.scale_disks, "lat_iters": cfg.lat_iters,
                 "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                 "note": "times in microseconds; every host command includes one stdin/stdout \
                          pipe round trip to the C test host, equally for both sides" }),
@@ -609,6 +656,7 @@ fn run() -> Result<(), String> {
     // 1. Full cycles.
     let mut jcyc = serde_json::Map::new();
     let mut targets: Vec<(String, bool, String)> = Vec::new();
+    let mut goals: Vec<Goal> = Vec::new();
     for n in [1usize, 16] {
         eprintln!(
             "lockcycle: full cycle, {n} disk(s), {} iterations",
@@ -701,6 +749,23 @@ fn run() -> Result<(), String> {
                     "over_floor": r1(net / floor * 100.0) / 100.0 }),
         );
         if n == 16 {
+            let r = ratio(st[0].median, st[1].median);
+            goals.push(Goal {
+                row: "in-plugin acquire 16 disks vs lockd".into(),
+                lw: fmt_us(st[0].median),
+                lockd: fmt_us(st[1].median),
+                ratio: xr(r),
+                target: "<= 0.33x (3x faster)".into(),
+                verdict: verdict(r <= 1.0 / 3.0),
+            });
+            goals.push(Goal {
+                row: "in-plugin acquire 16 disks vs floor".into(),
+                lw: format!("{} (minus host {})", fmt_us(net), fmt_us(ovh[0].median)),
+                lockd: format!("floor {}", fmt_us(floor)),
+                ratio: xr(net / floor),
+                target: "<= 2.00x".into(),
+                verdict: verdict(net / floor <= 2.0),
+            });
             targets.push((
                 "16-disk acquire within 1.5x of the floor".into(),
                 net / floor <= 1.5,
@@ -731,6 +796,23 @@ fn run() -> Result<(), String> {
         }
         pools.push((b.side, hosts, disks));
     }
+    // The no-op plugin's pool: the ceiling of the host program itself (fork, exec, kill,
+    // reap and the command pipe, with no locking at all).
+    {
+        let dir = root.join("noop");
+        fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir:?}: {e}"))?;
+        let log = dir.join("host.log");
+        let mut hosts = Vec::new();
+        let mut disks = Vec::new();
+        for i in 0..maxc {
+            hosts.push(Host::noop(&a, &noop_so, &log)?);
+            let p = dir.join(format!("tput{i}.img"));
+            File::create(&p).map_err(|e| format!("create {p:?}: {e}"))?;
+            let toks = disk_token(&p);
+            disks.push((Watch::new(&[p])?, toks));
+        }
+        pools.push((Side::Noop, hosts, disks));
+    }
     let mut jt = serde_json::Map::new();
     for &c in &cfg.conc {
         let r = bench_throughput(&mut pools, c, cfg.tput_secs)?;
@@ -740,11 +822,33 @@ fn run() -> Result<(), String> {
             format!("{:.0}", r[0]),
             format!("{:.0}", r[1]),
             xr(rr),
-            "1 disk each; higher is better",
+            &format!("1 disk each; higher is better; no-op plugin {:.0}", r[2]),
         );
+        // Cost per cycle above the no-op plugin, in microseconds of wall time per cycle.
+        let above = |x: f64| (1.0 / x - 1.0 / r[2]) * 1e6;
+        let (cl, cd) = (above(r[0]), above(r[1]));
+        let cr = ratio(cl, cd);
+        table.row(
+            &format!("cost/cycle above no-op, {c:>2} owners"),
+            fmt_us(cl),
+            fmt_us(cd),
+            xr(cr),
+            "1/rate - 1/rate(no-op)",
+        );
+        goals.push(Goal {
+            row: format!("cost per cycle above no-op, {c} owners"),
+            lw: format!("{} ({:.0}/s)", fmt_us(cl), r[0]),
+            lockd: format!("{} ({:.0}/s)", fmt_us(cd), r[1]),
+            ratio: xr(cr),
+            target: format!("<= 0.33x (no-op {:.0}/s)", r[2]),
+            verdict: verdict(cl.is_finite() && cr <= 1.0 / 3.0),
+        });
         jt.insert(
             c.to_string(),
-            json!({ "lockwarden": r1(r[0]), "lockd": r1(r[1]), "ratio_lw_over_lockd": r1(rr * 100.0) / 100.0 }),
+            json!({ "lockwarden": r1(r[0]), "lockd": r1(r[1]), "noop": r1(r[2]),
+                    "ratio_lw_over_lockd": r1(rr * 100.0) / 100.0,
+                    "above_noop_us": { "lockwarden": r1(cl), "lockd": r1(cd),
+                                       "ratio_lw_over_lockd": r1(cr * 100.0) / 100.0 } }),
         );
         if c == 64 {
             targets.push((
@@ -756,162 +860,6 @@ fn run() -> Result<(), String> {
     }
     drop(pools);
     j.insert("throughput_cycles_per_s".into(), Value::Object(jt));
-
-    // 3. RSS and acquire latency vs held leases.
-    eprintln!("lockcycle: RSS and acquire latency vs held leases");
-    let mut jm = serde_json::Map::new();
-    // lockwarden's figure includes its keeper process (forked by lockwardend, holding a
-    // duplicate of every lease descriptor) when there is one.
-    let rss_row = |t: &mut Table, what: &str, l: (u64, u64), d: (u64, u64)| {
-        let (lt, dt) = (l.0 + l.1, d.0 + d.1);
-        let r = ratio(lt as f64, dt as f64);
-        let note = if l.1 > 0 {
-            format!("VmRSS; lw = daemon {} + keeper {} KiB", l.0, l.1)
-        } else {
-            "VmRSS".to_string()
-        };
-        t.row(what, format!("{lt} KiB"), format!("{dt} KiB"), xr(r), &note);
-        r
-    };
-    let idle_r = rss_row(
-        &mut table,
-        "RSS idle (fresh daemon)",
-        beds[0].idle_rss,
-        beds[1].idle_rss,
-    );
-    targets.push((
-        "RSS idle <= 1/3 of virtlockd".into(),
-        idle_r <= 1.0 / 3.0,
-        format!("lw/lockd = {}", xr(idle_r)),
-    ));
-    jm.insert(
-        "idle".into(),
-        json!({ "lockwarden_kib": beds[0].idle_rss.0 + beds[0].idle_rss.1,
-                "lockwarden_daemon_kib": beds[0].idle_rss.0,
-                "lockwarden_helpers_kib": beds[0].idle_rss.1,
-                "lockd_kib": beds[1].idle_rss.0 + beds[1].idle_rss.1 }),
-    );
-    // Held leases are spread over owners of HOLD_PER_OWNER leases each (VMs with 250 disks),
-    // one `start`ed owner process each; the probe is one more owner.
-    let mut holders: Vec<Vec<(Vm, i32)>> = vec![Vec::new(); beds.len()];
-    let mut probes = Vec::new();
-    for b in beds.iter_mut() {
-        let pv = Vm::new(b.side, "probe");
-        let pp = b.host.start(&pv, "")?;
-        let (_, toks) = b.disks("probe", 1)?;
-        probes.push((pv, pp, toks));
-    }
-    let mut levels = vec![0usize];
-    levels.extend(cfg.held.iter().copied());
-    let mut held = 0usize;
-    let mut lat_at = Vec::new();
-    for &level in &levels {
-        while held < level {
-            let batch = (level - held).min(HOLD_PER_OWNER);
-            for (k, b) in beds.iter_mut().enumerate() {
-                let toks: Vec<String> = (held..held + batch)
-                    .map(|i| b.files.join(format!("held-{i:05}.img")))
-                    .map(|p| {
-                        File::create(&p)
-                            .map(|_| disk_token(&p))
-                            .map_err(|e| format!("create {p:?}: {e}"))
-                    })
-                    .collect::<Result<_, _>>()?;
-                let hv = Vm::new(b.side, "holder");
-                let hp = b.host.start(&hv, "")?;
-                b.host.acquire(&hv, hp, &toks.join(" "))?;
-                holders[k].push((hv, hp));
-            }
-            held += batch;
-        }
-        let rss: Vec<(u64, u64)> = beds
-            .iter()
-            .map(|b| b.daemon.rss_kib())
-            .collect::<Result<_, _>>()?;
-        let pss: Vec<u64> = beds
-            .iter()
-            .map(|b| b.daemon.pss_kib())
-            .collect::<Result<_, _>>()?;
-        let lat = bench_acquire_latency(&mut beds, &probes, cfg.lat_iters)?;
-        let r = rss_row(
-            &mut table,
-            &format!("RSS holding {level} leases"),
-            rss[0],
-            rss[1],
-        );
-        // Only lockwarden's: virtlockd's Pss depends on which other processes of the machine
-        // map libvirt.so at that moment (it moved by 2x between levels in one run).
-        table.row(
-            &format!("PSS holding {level} leases"),
-            format!("{} KiB", pss[0]),
-            "-".into(),
-            "-".into(),
-            "Pss of daemon + keeper: their shared pages counted once",
-        );
-        table.row(
-            &format!("acquire 1 disk, {level} held"),
-            lat[0].cell(),
-            lat[1].cell(),
-            xr(ratio(lat[0].median, lat[1].median)),
-            "held by other owners",
-        );
-        lat_at.push((level, lat[0].median));
-        if level == 5000 {
-            targets.push((
-                "RSS at 5,000 leases <= 1/3 of virtlockd".into(),
-                r <= 1.0 / 3.0,
-                format!("lw/lockd = {}", xr(r)),
-            ));
-        }
-        jm.insert(
-            format!("held_{level}"),
-            json!({ "lockwarden_kib": rss[0].0 + rss[0].1, "lockwarden_daemon_kib": rss[0].0,
-                    "lockwarden_helpers_kib": rss[0].1, "lockd_kib": rss[1].0 + rss[1].1,
-                    "pss": { "lockwarden_kib": pss[0], "lockd_kib": pss[1] },
-                    "acquire": { "lockwarden": lat[0].json(), "lockd": lat[1].json() } }),
-        );
-    }
-    // Let every holder go, then measure at 0 again: the mean of the two 0-held medians is the
-    // baseline, which cancels a linear drift of the (shared) machine over this section.
-    for (k, b) in beds.iter_mut().enumerate() {
-        for (_, hp) in holders[k].drain(..) {
-            b.host.kill_owner(hp)?;
-        }
-    }
-    thread::sleep(Duration::from_millis(300));
-    let lat = bench_acquire_latency(&mut beds, &probes, cfg.lat_iters)?;
-    table.row(
-        "acquire 1 disk, 0 held (after)",
-        lat[0].cell(),
-        lat[1].cell(),
-        xr(ratio(lat[0].median, lat[1].median)),
-        "drift check",
-    );
-    jm.insert(
-        "held_0_after".into(),
-        json!({ "acquire": { "lockwarden": lat[0].json(), "lockd": lat[1].json() } }),
-    );
-    let base = lat_at
-        .first()
-        .map(|(_, m)| (m + lat[0].median) / 2.0)
-        .unwrap_or(f64::NAN);
-    if let Some(&(level, m)) = lat_at.last().filter(|(l, _)| *l > 0) {
-        let g = m / base;
-        targets.push((
-            format!("acquire latency at {level} held <= 1.2x that at 0"),
-            g <= 1.2,
-            format!(
-                "{} vs {} (mean of 0 before/after) = {}",
-                fmt_us(m),
-                fmt_us(base),
-                xr(g)
-            ),
-        ));
-    }
-    for (k, b) in beds.iter_mut().enumerate() {
-        b.host.kill_owner(probes[k].1)?;
-    }
-    j.insert("memory".into(), Value::Object(jm));
 
     // 4. Slow storage.
     match &cfg.slow_dir {
@@ -986,6 +934,17 @@ fn run() -> Result<(), String> {
         }
     }
 
+    // 5. Issue 17: scale (last: a side may end it out of descriptors).
+    eprintln!("lockcycle: scale rows (issue 17)");
+    let kn = scale::Knobs {
+        levels: cfg.held.clone(),
+        per_owner: cfg.hold_per_owner,
+        probe_disks: cfg.scale_disks.clone(),
+        lat_iters: cfg.lat_iters,
+    };
+    let js = scale::run(&mut beds, &kn, &mut table, &mut goals, &mut targets)?;
+    j.insert("scale".into(), js);
+
     done.store(true, Ordering::Relaxed);
     let secs = run_t0.elapsed().as_secs_f64();
     println!();
@@ -1008,6 +967,56 @@ fn run() -> Result<(), String> {
         jtargets.push(json!({ "target": what, "status": v, "figures": fig }));
     }
     j.insert("targets".into(), Value::Array(jtargets));
+    println!();
+    println!("issue 17 targets:");
+    let mut grid = vec![
+        ["row", "lockwarden", "lockd", "ratio", "target", "verdict"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    // In the issue's order: latency (and its model), descriptors, memory, in-plugin acquire,
+    // cost above the no-op plugin.
+    let order = |g: &Goal| {
+        [
+            "acquire",
+            "model",
+            "descriptors",
+            "RSS",
+            "in-plugin",
+            "cost",
+        ]
+        .iter()
+        .position(|p| g.row.starts_with(p))
+        .map(|i| i.max(1) - 1)
+        .unwrap_or(9)
+    };
+    goals.sort_by_key(order);
+    let mut jgoals = Vec::new();
+    for g in &goals {
+        grid.push(vec![
+            g.row.clone(),
+            g.lw.clone(),
+            g.lockd.clone(),
+            g.ratio.clone(),
+            g.target.clone(),
+            g.verdict.to_string(),
+        ]);
+        jgoals.push(json!({ "row": g.row, "lockwarden": g.lw, "lockd": g.lockd,
+                            "ratio": g.ratio, "target": g.target, "verdict": g.verdict }));
+    }
+    print_grid(&grid);
+    if let Some(f) = j.get("scale").and_then(|s| s.get("failed")) {
+        for side in ["lockwarden", "lockd"] {
+            if let Some(e) = f
+                .get(side)
+                .and_then(Value::as_str)
+                .filter(|e| !e.is_empty())
+            {
+                println!("{side} {e}");
+            }
+        }
+    }
+    j.insert("issue17".into(), Value::Array(jgoals));
     j.insert("run_seconds".into(), json!(r1(secs)));
     if let Some(parent) = cfg.out.parent() {
         fs::create_dir_all(parent).map_err(|e| format!("mkdir {parent:?}: {e}"))?;

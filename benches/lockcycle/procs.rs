@@ -24,6 +24,8 @@ pub const LOCKD_RUN: &str = "/run";
 pub enum Side {
     Lockwarden,
     Lockd,
+    /// benches/lockcycle/noop.c: a plugin that locks nothing (the host's own ceiling).
+    Noop,
 }
 
 impl Side {
@@ -33,6 +35,7 @@ impl Side {
         match self {
             Side::Lockwarden => "lockwarden",
             Side::Lockd => "lockd",
+            Side::Noop => "noop",
         }
     }
 
@@ -40,6 +43,7 @@ impl Side {
         match self {
             Side::Lockwarden => 0x1111_1111,
             Side::Lockd => 0x2222_2222,
+            Side::Noop => 0x3333_3333,
         }
     }
 }
@@ -65,6 +69,29 @@ fn build_virinit(dir: &Path) -> Result<PathBuf, String> {
         .arg(&out)
         .arg(&src)
         .arg("-ldl")
+        .status()
+        .map_err(|e| format!("running {cc} to build {src:?}: {e}"))?;
+    if !st.success() {
+        return Err(format!("{cc} failed to build {src:?}: {st}"));
+    }
+    Ok(out)
+}
+
+/// Compile benches/lockcycle/noop.c (the no-op lock driver) into `dir/noop.so` against the
+/// project's lock-driver header.
+pub fn build_noop(dir: &Path) -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("benches/lockcycle/noop.c");
+    let out = dir.join("noop.so");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let st = Command::new(&cc)
+        .args([
+            "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror", "-I",
+        ])
+        .arg(root.join("include"))
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
         .status()
         .map_err(|e| format!("running {cc} to build {src:?}: {e}"))?;
     if !st.success() {
@@ -202,7 +229,10 @@ impl Daemon {
         let log = dir.join("virtlockd.log");
         fs::write(
             &conf,
-            "# benchmark daemon: defaults, log to stderr\nlog_outputs = \"3:stderr\"\n",
+            // max_clients: every VM keeps one connection, and the default (1024) would stop
+            // virtlockd accepting (and lockd.so waiting without a timeout) at 1,024 VMs.
+            "# benchmark daemon: defaults, log to stderr, room for 4,096 VMs\n\
+             log_outputs = \"3:stderr\"\nmax_clients = 4096\n",
         )
         .map_err(|e| format!("{conf:?}: {e}"))?;
         let logf = File::create(&log).map_err(|e| format!("{log:?}: {e}"))?;
@@ -270,6 +300,7 @@ impl Daemon {
         let want = match self.side {
             Side::Lockwarden => "lockwardend",
             Side::Lockd => "virtlockd",
+            Side::Noop => return Err("the no-op plugin has no daemon".into()),
         };
         if !exe.to_string_lossy().ends_with(want) {
             return Err(format!("pid {} is {exe:?}, not {want}", self.pid()));
@@ -279,6 +310,22 @@ impl Daemon {
             helpers += vm_rss(pid).unwrap_or(0);
         }
         Ok((vm_rss(self.pid())?, helpers))
+    }
+
+    /// Open descriptors (entries of /proc/PID/fd) of the daemon and of its helpers (the
+    /// keeper, found as for `rss_kib`): `(daemon, helpers)`.
+    pub fn fd_count(&self) -> Result<(usize, usize), String> {
+        let count = |pid: u32| {
+            let p = format!("/proc/{pid}/fd");
+            fs::read_dir(&p)
+                .map(|d| d.count())
+                .map_err(|e| format!("{p}: {e}"))
+        };
+        let mut helpers = 0;
+        for pid in self.helpers() {
+            helpers += count(pid).unwrap_or(0);
+        }
+        Ok((count(self.pid())?, helpers))
     }
 
     /// Proportional set size in KiB (/proc/PID/smaps_rollup Pss) of the daemon plus its
@@ -431,6 +478,7 @@ impl Host {
                 c.arg(&a.plugin).arg(conf);
                 c
             }
+            Side::Noop => return Err("a no-op host has no daemon: use Host::noop".into()),
             Side::Lockd => {
                 // qemu-lockd.conf absent = defaults: auto_disk_leases, direct locking.
                 let conf = d.dir.join("qemu-lockd.conf");
@@ -447,16 +495,32 @@ impl Host {
                 )
             }
         };
+        Host::launch(cmd.stderr(logf), d.side)
+    }
+
+    /// A host with the no-op plugin `noop` (from `build_noop`), no configuration file.
+    pub fn noop(a: &Artefacts, noop: &Path, log: &Path) -> Result<Host, String> {
+        let logf = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{log:?}: {e}"))?;
+        let mut cmd = Command::new(&a.host);
+        cmd.arg(noop).arg("@null").stderr(logf);
+        Host::launch(&mut cmd, Side::Noop)
+    }
+
+    /// Spawn `cmd` (stderr already set) and wait for its READY line.
+    fn launch(cmd: &mut Command, side: Side) -> Result<Host, String> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(logf)
             .spawn()
-            .map_err(|e| format!("spawning a {} host: {e}", d.side.name()))?;
+            .map_err(|e| format!("spawning a {} host: {e}", side.name()))?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().ok_or("host stdout")?;
         let mut h = Host {
-            side: d.side,
+            side,
             child,
             stdin,
             stdout: BufReader::new(stdout),
@@ -464,10 +528,7 @@ impl Host {
         };
         let ready = h.line()?;
         if ready != "READY" {
-            return Err(format!(
-                "{} host did not initialise: {ready}",
-                d.side.name()
-            ));
+            return Err(format!("{} host did not initialise: {ready}", side.name()));
         }
         Ok(h)
     }
