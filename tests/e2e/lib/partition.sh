@@ -174,20 +174,7 @@ s17_expiry_ms() {
   awk '$1 == "expire" && length($4) > 6 { print substr($4, 1, length($4) - 6); exit }' "$(s17_dir)/events-A" 2>/dev/null
 }
 
-# s17_try HOST NAME DISK: start a probe VM on the raw DISK and describe the outcome (the probe
-# is destroyed again at once): "COULD start", or "was refused (ERROR)".
-s17_try() {
-  local x out
-  x=$(mkdom "$2" "raw:$3")
-  if out=$(vsh "$1" create "$x" 2>&1); then
-    vsh "$1" destroy "$2" >/dev/null 2>&1
-    echo "host $1 COULD start a VM on the disk"
-  else
-    echo "host $1 was refused ($(oneline "$out"))"
-  fi
-}
-
-# s17_refused RESULT WHEN: RESULT (of s17_try) is a refusal by the lock manager.
+# s17_refused RESULT WHEN: RESULT (of try_start) is a refusal by the lock manager.
 s17_refused() {
   detail "$2: $1"
   [[ $1 == *"was refused"* ]] || fail "$2: $1" || return 1
@@ -298,7 +285,7 @@ fence_after_ms = $S17_FENCE_MS" || fail "host $h: lockwardend did not restart wi
   # The heartbeat of A's mount reaches the server before the partition.
   wait_until 10 eval "grep -qs 'host=lw-e2e-a ' '$d/export/.lockwarden/heartbeat@lw-e2e-a'" ||
     fail "host A: no heartbeat of lockwardend A reached the server ($d/export/.lockwarden)" || return 1
-  s17_refused "$(s17_try B s17-p1 "$disk")" "before the partition, host B" || return 1
+  s17_refused "$(try_start B s17-p1 "$disk" raw)" "before the partition, host B" || return 1
 
   # 2. Partition A.
   s17_sampler "$pa" "$sa" "$d/samples-a" &
@@ -329,7 +316,7 @@ fence_after_ms = $S17_FENCE_MS" || fail "host $h: lockwardend did not restart wi
 
   # 4. Before the lease runs out, the server still has A's lock: B is refused.
   t_b0=$(s17_ms)
-  r=$(s17_try B s17-p2 "$disk")
+  r=$(try_start B s17-p2 "$disk" raw)
   t_exp=$(s17_expiry_ms)
   if [[ $r == *"COULD start"* ]] && [ -n "$t_exp" ] && ((t_exp <= t_b0)); then
     # A loaded machine took the whole lease to get here: the server rightly gave the lock away.

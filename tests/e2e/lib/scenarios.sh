@@ -412,11 +412,12 @@ s11() {
   start_refused B s11-c "rw:$d"
 }
 
-# try_start HOST NAME DISK: start a probe VM on DISK and describe the outcome in one phrase (the
-# probe is destroyed again at once).
+# try_start HOST NAME DISK [KIND]: start a probe VM on DISK (a disk_xml kind, default rw) and
+# describe the outcome in one phrase: "COULD start", or "was refused (ERROR)" (the probe is
+# destroyed again at once).
 try_start() {
   local x out
-  x=$(mkdom "$2" "rw:$3")
+  x=$(mkdom "$2" "${4:-rw}:$3")
   if out=$(vsh "$1" create "$x" 2>&1); then
     vsh "$1" destroy "$2" >/dev/null 2>&1
     echo "host $1 COULD start a VM on the disk"
