@@ -148,10 +148,22 @@ impl Receiver {
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {
                     if let ControlMessageOwned::ScmRights(raw) = c {
+                        // Every number is taken before an error is returned: a `?` in the
+                        // loop would leave the rest of the batch open and unowned (a lock
+                        // nobody can ever drop).
+                        let mut bad = None;
                         for r in raw {
                             // SAFETY: the kernel just installed this descriptor for us
                             // (SCM_RIGHTS); nobody else owns it.
-                            fds.push(unsafe { crate::daemon::sys::adopt(r, "a received lease") }?);
+                            match unsafe { crate::daemon::sys::adopt(r, "a received lease") } {
+                                Ok(fd) => fds.push(fd),
+                                Err(e) => {
+                                    bad.get_or_insert(e);
+                                }
+                            }
+                        }
+                        if let Some(e) = bad {
+                            return Err(e);
                         }
                     }
                 }
