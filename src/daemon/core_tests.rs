@@ -541,11 +541,15 @@ fn closing_the_handle_of_a_running_vm_terminates_it_before_its_leases_go() {
     assert!(answer.restrict);
     assert_eq!(session.handle_of, Some(vm.pid()));
     assert_eq!(s.owners.get(vm.pid()).unwrap().handles, vec![5]);
+    // While the handle is open its close is the exit signal: no pidfd (owner.rs).
+    assert!(s.owners.get(vm.pid()).unwrap().proc.poll_fd().is_none());
 
     let t0 = Instant::now();
     let before = told(&s);
     release::handle_closed(&mut s, vm.pid(), 5, t0);
     assert!(s.terminating(vm.pid()));
+    // The pidfd is open again: it sees the exit and carries the signals.
+    assert!(s.owners.get(vm.pid()).unwrap().proc.poll_fd().is_some());
     // The VM still runs: it keeps its lease until it is gone.
     assert_eq!(held_by(&s, &key_of(&d1)), vec![vm.pid()]);
     assert_eq!(told(&s), before);
@@ -599,6 +603,51 @@ fn closing_the_handle_of_an_exited_vm_releases_at_once() {
     assert!(s.owners.get(vm.pid()).is_none());
     assert_eq!(s.leases.len(), 0);
     assert_unlocked(&d1);
+}
+
+/// An owner with a lifetime handle holds no pidfd; when the handle closes after the owner
+/// exited, the pidfd opened again (checked against the start time) finds it gone and its
+/// leases go at once. A pid that names another process by then (another start time) counts
+/// as gone too, and that process is never signalled.
+#[test]
+fn a_handle_owner_holds_no_pidfd_and_its_exit_is_found_when_the_handle_closes() {
+    let disks = Disks::new();
+    let (d1, d2) = (disks.image("d1.img"), disks.image("d2.img"));
+    let (mut a, mut b) = (Vm::start("vm-a"), Vm::start("vm-b"));
+    let mut s = state();
+    ok(&acquire(&mut s, 1, &a, &[excl(&d1)]));
+    ok(&acquire(&mut s, 2, &b, &[excl(&d2)]));
+    assert!(s.owners.get(a.pid()).unwrap().proc.poll_fd().is_some());
+    s.owners.add_handle(a.pid(), 5);
+    s.owners.add_handle(b.pid(), 6);
+    for vm in [&a, &b] {
+        let e = s.owners.get(vm.pid()).unwrap();
+        assert!(e.proc.poll_fd().is_none() && e.proc.parked() && !e.idle());
+    }
+    // A second register of the same owner changes nothing.
+    s.owners.ensure(&a.owner).unwrap();
+    assert!(s.owners.get(a.pid()).unwrap().proc.poll_fd().is_none());
+    a.kill();
+    release::handle_closed(&mut s, a.pid(), 5, Instant::now());
+    drive(&mut s);
+    assert!(!s.terminating(a.pid()));
+    assert!(s.owners.get(a.pid()).is_none());
+    assert!(s.leases.get(&key_of(&d1)).is_none());
+    assert_unlocked(&d1);
+    // b's pid "reused": the recorded start time is not the running process's.
+    let e = s.owners.get_mut(b.pid()).unwrap();
+    e.proc.start = e.proc.start.map(|t| t + 1);
+    release::handle_closed(&mut s, b.pid(), 6, Instant::now());
+    drive(&mut s);
+    assert!(!s.terminating(b.pid()));
+    assert!(s.owners.get(b.pid()).is_none());
+    assert_unlocked(&d2);
+    assert_eq!(
+        b.child.try_wait().unwrap(),
+        None,
+        "an unrelated process was hit"
+    );
+    b.kill();
 }
 
 #[test]

@@ -214,11 +214,12 @@ fn is_own_peer(s: &Session, owner: &Owner) -> bool {
 /// while the process still runs, the process is terminated before its leases are released
 /// (kill.rs).
 fn bind_handle(state: &mut State, s: &mut Session, owner: &Owner) -> Result<(), Failure> {
-    let entry = state
+    state
         .owners
         .ensure(owner)
         .map_err(|e| Box::new(super::acquire::owner_unwatchable(owner, e)))?;
-    entry.handles.push(s.id);
+    // While it is open its close is the exit signal: the owner's pidfd is parked (owner.rs).
+    state.owners.add_handle(owner.pid, s.id);
     s.handle_of = Some(owner.pid);
     info!(
         "VM {:?} (uuid {}, pid {}) registered; connection {} is its lifetime handle",

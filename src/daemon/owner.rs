@@ -1,8 +1,13 @@
 //! Owners: the VMs leases are held for, keyed by pid.
 //!
 //! Why by pid: libvirtd acts for a QEMU process (the owner pid in every request), while the
-//! QEMU process itself only holds the lifetime handle. The pid is what ties the two together,
-//! and a pidfd per owner tells us when that QEMU is gone, whichever connection registered it.
+//! QEMU process itself only holds the lifetime handle. The pid is what ties the two together.
+//! While an owner has a lifetime handle open, the handle's close is the exit signal and the
+//! owner's pidfd is parked (closed; pid and start time kept): a VM costs one descriptor, its
+//! connection. When the last handle closes the pidfd is opened again, checked against the
+//! start time, to see the process exit or to terminate it (kill.rs); an owner without a
+//! handle (registered by libvirtd for it, or taken back after a restart) keeps its pidfd
+//! (docs/reliability.md §3).
 
 use super::lease::LeaseKey;
 use super::pidfd::Proc;
@@ -30,15 +35,20 @@ pub struct OwnerEntry {
     pub leases: BTreeSet<LeaseKey>,
     /// Connections that are this owner's lifetime handle (registered from the owner's pid).
     pub handles: Vec<ConnId>,
-    /// The owner process, watched for exit.
+    /// The owner process: watched for exit by its pidfd, which is parked while `handles` is
+    /// not empty ([`Owners::add_handle`], [`Owners::unpark`]).
     pub proc: Proc,
 }
 
 impl OwnerEntry {
     /// Can this entry be forgotten? Only when nothing refers to it and we could not notice the
-    /// owner's death anyway (no pidfd); with a pidfd the entry lives until the process exits.
+    /// owner's death anyway (no pidfd); with a pidfd (or one being retried) the entry lives
+    /// until the process exits. One with a handle is never idle: its pidfd is only parked.
     pub fn idle(&self) -> bool {
-        self.leases.is_empty() && self.handles.is_empty() && self.proc.poll_fd().is_none()
+        self.leases.is_empty()
+            && self.handles.is_empty()
+            && self.proc.poll_fd().is_none()
+            && !self.proc.retry
     }
 }
 
@@ -117,13 +127,57 @@ impl Owners {
     }
 
     /// Add an entry rebuilt after a restart or a live re-exec. One whose pidfd could not be
-    /// opened yet ([`Proc::unwatched`]) is tried again every [`REWATCH_EVERY`].
-    pub fn insert(&mut self, entry: OwnerEntry) {
+    /// opened yet ([`Proc::unwatched`]) is tried again every [`REWATCH_EVERY`]; one with a
+    /// lifetime handle (carried over a live re-exec) has its pidfd parked.
+    pub fn insert(&mut self, mut entry: OwnerEntry) {
+        if !entry.handles.is_empty() {
+            entry.proc.park();
+        }
         if entry.proc.retry && self.next_rewatch.is_none() {
             self.next_rewatch = Some(Instant::now() + REWATCH_EVERY);
         }
         self.changed.push(entry.owner.pid);
         self.map.insert(entry.owner.pid, entry);
+    }
+
+    /// Connection `conn` is a lifetime handle of the known owner `pid`: while one is open its
+    /// close is the exit signal, so the owner's pidfd is parked (closed, and its epoll
+    /// registration forgotten).
+    pub fn add_handle(&mut self, pid: u32, conn: ConnId) {
+        if let Some(e) = self.map.get_mut(&pid) {
+            e.handles.push(conn);
+            if e.proc.poll_fd().is_some() || e.proc.retry {
+                e.proc.park();
+                self.changed.push(pid);
+            }
+        }
+    }
+
+    /// The last lifetime handle of `pid` closed: open its pidfd again, checked against the
+    /// start time. `Err(ESRCH)`: the owner is gone (or its pid names another process now).
+    /// Any other error says nothing about the owner: it is reported, kept, and tried again
+    /// every [`REWATCH_EVERY`] (its plain pid and start time meanwhile).
+    pub fn unpark(&mut self, pid: u32) -> Result<(), Errno> {
+        let Some(e) = self.map.get_mut(&pid) else {
+            return Ok(());
+        };
+        if !e.proc.parked() {
+            return Ok(());
+        }
+        match e.proc.unpark() {
+            Ok(()) => {
+                self.changed.push(pid);
+                Ok(())
+            }
+            Err(Errno::ESRCH) => Err(Errno::ESRCH),
+            Err(why) => {
+                Owners::report_unwatched(&e.owner, why);
+                if self.next_rewatch.is_none() {
+                    self.next_rewatch = Some(Instant::now() + REWATCH_EVERY);
+                }
+                Err(why)
+            }
+        }
     }
 
     /// The pids whose entry or pidfd changed since the last call (each maybe more than once).

@@ -11,6 +11,11 @@
 //! Only ESRCH (or a start-time mismatch) means "gone": any other `pidfd_open` error (EMFILE,
 //! ENFILE, ENOMEM) is returned as is, and callers keep the owner's leases and retry
 //! ([`Proc::unwatched`], [`Proc::rewatch`]).
+//!
+//! A handle can be *parked* ([`Proc::park`]): its pidfd closed, its pid and start time kept.
+//! The daemon parks the handle of an owner while that owner's lifetime connection is open
+//! (its close is the exit signal) and opens the pidfd again when the connection closes
+//! ([`Proc::unpark`]), so a VM costs no pidfd beyond its connection (docs/reliability.md §3).
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -29,6 +34,9 @@ pub struct Proc {
     /// No pidfd because opening one failed for a reason that may pass (EMFILE, ENFILE,
     /// ENOMEM): [`Proc::rewatch`] tries again. False on kernels without pidfds.
     pub retry: bool,
+    /// No pidfd on purpose ([`Proc::park`]): something else tells us of the exit (the owner's
+    /// lifetime connection); [`Proc::unpark`] opens it again, checked against `start`.
+    parked: bool,
 }
 
 /// `pidfd_open(2)`: a descriptor that refers to process `pid`, or the errno.
@@ -52,6 +60,7 @@ impl Proc {
                     fd: Some(fd),
                     start,
                     retry: false,
+                    parked: false,
                 })
             }
             Err(Errno::ENOSYS | Errno::EPERM) => {
@@ -62,6 +71,7 @@ impl Proc {
                     fd: None,
                     start,
                     retry: false,
+                    parked: false,
                 })
             }
             Err(e) => Err(e),
@@ -77,6 +87,7 @@ impl Proc {
             retry: fd.is_none(),
             fd,
             start,
+            parked: false,
         }
     }
 
@@ -140,6 +151,33 @@ impl Proc {
         }
     }
 
+    /// Close the pidfd (or stop retrying to open one) while something else reports the exit;
+    /// the pid and start time stay, so [`Proc::exited`] and [`Proc::signal`] still tell the
+    /// process apart from one that reused its pid. Nothing changes on a kernel without pidfds.
+    pub fn park(&mut self) {
+        if self.fd.take().is_some() || self.retry {
+            self.retry = false;
+            self.parked = true;
+        }
+    }
+
+    /// Is the pidfd closed on purpose ([`Proc::park`])?
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+
+    /// Open the pidfd of a parked handle again, checked against the recorded start time.
+    /// `Ok(())`: watched (or not parked); `Err(ESRCH)`: the process is gone, or the pid names
+    /// another process now; any other error: not watched yet, and [`Proc::rewatch`] tries
+    /// again (`retry`), exactly like a handle made by [`Proc::unwatched`].
+    pub fn unpark(&mut self) -> Result<(), Errno> {
+        if !std::mem::take(&mut self.parked) {
+            return Ok(());
+        }
+        self.retry = true;
+        self.rewatch().map(|_| ())
+    }
+
     /// The pidfd itself, when the kernel gave us one.
     pub fn into_fd(self) -> Option<OwnedFd> {
         self.fd
@@ -179,6 +217,16 @@ impl Proc {
         match &self.fd {
             Some(fd) => super::sys::pidfd_send_signal(fd, sig as libc::c_int),
             None => {
+                // Parked (or not openable before): a pidfd checked against the start time for
+                // this one signal, so a reused pid is never hit; the plain pid below only on a
+                // kernel without pidfds, or when none can be opened now.
+                match Proc::reopen(self.pid as u32, self.start) {
+                    Ok(Proc { fd: Some(fd), .. }) => {
+                        return super::sys::pidfd_send_signal(&fd, sig as libc::c_int);
+                    }
+                    Err(Errno::ESRCH) => return Err(Errno::ESRCH),
+                    _ => {}
+                }
                 if let Some(want) = self.start {
                     if read_start(self.pid as u32)? != want {
                         return Err(Errno::ESRCH);
@@ -287,6 +335,42 @@ mod tests {
         let _ = child.wait();
         assert_eq!(q.rewatch(), Err(Errno::ESRCH));
         assert!(p.exited());
+    }
+
+    /// A parked handle holds no descriptor, still tells its process from a reused pid, and is
+    /// watched again (or found gone) when unparked.
+    #[test]
+    fn a_parked_process_holds_no_pidfd_and_is_checked_when_unparked() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut p = Proc::open(pid).unwrap();
+        p.park();
+        assert!(p.parked() && p.poll_fd().is_none() && !p.retry);
+        assert!(!p.exited());
+        assert_eq!(p.unpark(), Ok(()));
+        assert!(!p.parked() && p.poll_fd().is_some());
+        // Parked with another start time: the pid names another process now.
+        let mut stale = Proc::open(pid).unwrap();
+        stale.park();
+        stale.start = stale.start.map(|s| s + 1);
+        assert!(stale.exited());
+        assert_eq!(stale.signal(Signal::SIGTERM), Err(Errno::ESRCH));
+        assert_eq!(stale.unpark(), Err(Errno::ESRCH));
+        assert_eq!(
+            child.try_wait().unwrap(),
+            None,
+            "the unrelated process was hit"
+        );
+        // Parked, then signalled: the signal goes through a pidfd opened for it.
+        let mut q = Proc::open(pid).unwrap();
+        q.park();
+        q.signal(Signal::SIGKILL).unwrap();
+        let _ = child.wait();
+        assert!(q.exited() && p.exited());
+        assert_eq!(q.unpark(), Err(Errno::ESRCH));
     }
 
     #[test]

@@ -231,9 +231,10 @@ fn release_all(state: &mut State, pid: u32, why: &str) -> (usize, Vec<String>) {
     (keys.len(), names)
 }
 
-/// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: an
-/// owner that is gone (or held nothing) loses its leases at once; one that still runs while
-/// holding leases is terminated and keeps them until it is gone.
+/// Connection `conn`, a lifetime handle of `pid`, closed. When it was the last one: the
+/// owner's pidfd, parked while the handle was open, is opened again (checked against the start
+/// time: owner.rs); an owner that is gone (or held nothing) loses its leases at once; one that
+/// still runs while holding leases is terminated and keeps them until it is gone.
 pub fn handle_closed(state: &mut State, pid: u32, conn: ConnId, now: Instant) {
     let Some(entry) = state.owners.get_mut(pid) else {
         return;
@@ -242,14 +243,24 @@ pub fn handle_closed(state: &mut State, pid: u32, conn: ConnId, now: Instant) {
     if !entry.handles.is_empty() {
         return;
     }
+    // Only ESRCH is "gone"; another error keeps the owner, watched by its plain pid and start
+    // time until the pidfd can be opened (owner.rs).
+    let gone = state.owners.unpark(pid) == Err(nix::errno::Errno::ESRCH);
+    let Some(entry) = state.owners.get(pid) else {
+        return;
+    };
     let vm = entry.owner.name.clone();
     let held = entry.leases.len();
     if held == 0 {
         info!("lifetime handle of VM {vm:?} (pid {pid}) closed; it held no leases");
-        state.owners.prune(pid);
+        if gone {
+            owner_exited(state, pid);
+        } else {
+            state.owners.prune(pid);
+        }
         return;
     }
-    if entry.proc.exited() {
+    if gone || entry.proc.exited() {
         let owner = entry.owner.clone();
         let (released, names) = release_all(state, pid, "lifetime handle closed");
         state.owners.remove(pid);

@@ -252,6 +252,7 @@ mod tests {
             closing: Vec::new(),
             closers: HashMap::new(),
             tails: Tails::default(),
+            parked: false,
         }
     }
 
@@ -460,5 +461,62 @@ mod tests {
         assert_eq!(k.dead, vec![gone.pid]);
         k.owner_gone(gone.pid);
         assert!(k.held.is_empty());
+    }
+
+    /// While a daemon is connected (it said hello) the keeper holds no pidfd, only each
+    /// owner's pid and start time; when the daemon goes away it watches them again, and an
+    /// owner that exited meanwhile has its leases dropped then.
+    #[test]
+    fn a_connected_daemon_parks_the_watches_and_its_loss_resumes_them() {
+        let files: Vec<fs::File> = (0..2).map(|_| tempfile::tempfile().unwrap()).collect();
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let mut k = test_keeper(b);
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("100")
+                .spawn()
+                .unwrap()
+        };
+        let (mut live, mut dies) = (spawn(), spawn());
+        let w = |c: &std::process::Child| Watch {
+            pid: c.id(),
+            start: None,
+        };
+        let fd = |i: usize| files[i].try_clone().unwrap().into();
+        // What `hello` does.
+        k.park();
+        k.put([1, 1], vec![w(&live)], "{}".into(), fd(0), None);
+        k.put([1, 2], vec![w(&dies)], "{}".into(), fd(1), None);
+        assert!(k.dead.is_empty());
+        for c in [&live, &dies] {
+            let e = &k.watched[&c.id()];
+            assert!(e.fd.is_none() && !e.retry && e.refs == 1);
+            assert_eq!(e.start, crate::daemon::pidfd::start_time(c.id()));
+        }
+        // An owner whose last lease goes is forgotten while parked.
+        k.put([1, 3], vec![w(&live)], "{}".into(), fd(0), None);
+        k.take(&[1, 3]);
+        assert_eq!(k.watched[&live.id()].refs, 1);
+        // The daemon goes away; one owner exited in the gap.
+        dies.kill().unwrap();
+        let _ = dies.wait();
+        drop(a);
+        k.conn = None;
+        k.unpark();
+        assert!(!k.parked);
+        assert!(k.watched[&live.id()].fd.is_some());
+        assert!(!k.watched.contains_key(&dies.id()));
+        assert!(k.held.contains_key(&[1, 1]) && !k.held.contains_key(&[1, 2]));
+        // A daemon says hello again: the pidfd is closed again.
+        k.park();
+        assert!(k.watched[&live.id()].fd.is_none());
+        let _ = live.kill();
+        let _ = live.wait();
     }
 }

@@ -262,8 +262,9 @@ pub(super) struct Held {
     pub(super) dir: Option<OwnedFd>,
 }
 
-/// A watched owner pid: its pidfd (none on kernels without pidfds), its start time, and how
-/// many held leases name it, so that holding or dropping a lease costs nothing per other lease.
+/// A watched owner pid: its pidfd (none on kernels without pidfds, and none while a daemon is
+/// connected: see [`KeeperProc::parked`]), its start time, and how many held leases name it,
+/// so that holding or dropping a lease costs nothing per other lease.
 /// A pid no lease names any more stays watched (idle, up to [`IDLE_WATCHES`]) until it exits:
 /// a paused VM resumes, and opening a pidfd and reading /proc/PID/stat again for every
 /// acquire was most of the keeper's work in a steady acquire/release loop.
@@ -274,6 +275,27 @@ pub(super) struct Watched {
     /// No pidfd because opening one failed for a reason that may pass (EMFILE, ENFILE,
     /// ENOMEM): not an exit (issue 19); tried again every [`REWATCH_EVERY`].
     pub(super) retry: bool,
+}
+
+impl Watched {
+    /// An owner the connected daemon watches: its pid's start time only (read from
+    /// /proc/PID/stat when the daemon did not know it). None: no such process.
+    fn parked(pid: u32, start: Option<u64>) -> Option<Watched> {
+        let start = match start {
+            Some(s) => Some(s),
+            None => match crate::daemon::pidfd::read_start(pid) {
+                Ok(s) => Some(s),
+                Err(Errno::ESRCH) => return None,
+                Err(_) => None,
+            },
+        };
+        Some(Watched {
+            fd: None,
+            start,
+            refs: 0,
+            retry: false,
+        })
+    }
 }
 
 /// How often the keeper tries again to watch an owner whose pidfd could not be opened.
@@ -304,6 +326,12 @@ pub(super) struct KeeperProc {
     pub(super) closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Held>>>,
     /// The record tails the held leases share.
     pub(super) tails: Tails,
+    /// The connected daemon said hello: it watches the owners itself (pidfds, lifetime
+    /// connections), so the keeper keeps only each owner's pid and start time, no pidfd. When
+    /// the daemon's connection goes away the keeper opens a pidfd for each, checked against
+    /// the start time (an owner that exited meanwhile is found gone), and watches them until a
+    /// daemon says hello again (docs/reliability.md §3).
+    pub(super) parked: bool,
 }
 
 fn close_all_but(keep: &[RawFd]) {
@@ -366,6 +394,7 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         closing: Vec::new(),
         closers: HashMap::new(),
         tails: Tails::default(),
+        parked: false,
     };
     k.run()
 }
@@ -397,6 +426,9 @@ impl KeeperProc {
         // connection that never does (a probe) does not count.
         loop {
             let first = !self.greeted;
+            if self.parked && self.conn.is_none() {
+                self.unpark();
+            }
             if self.conn.is_none() && self.held.is_empty() && !first {
                 self.exit("holds no lease and no lockwardend is connected");
             }
@@ -599,6 +631,7 @@ impl KeeperProc {
         match msg.op.as_str() {
             "hello" => {
                 self.greeted = true;
+                self.park();
                 self.ok()
             }
             "hold" => {
@@ -728,7 +761,8 @@ impl KeeperProc {
             .collect()
     }
 
-    /// One more held lease names `w.pid`: watch it (a pidfd checked against its start time).
+    /// One more held lease names `w.pid`: watch it (a pidfd checked against its start time;
+    /// only its pid and start time while a daemon is connected: [`KeeperProc::parked`]).
     /// A pid that is already gone is noted in `dead`.
     pub(super) fn watch(&mut self, w: Watch) {
         if let Some(e) = self.watched.get_mut(&w.pid) {
@@ -740,45 +774,108 @@ impl KeeperProc {
             }
             self.watched.remove(&w.pid);
         }
-        match Proc::reopen(w.pid, w.start) {
+        let found = if self.parked {
+            Watched::parked(w.pid, w.start)
+        } else {
+            self.open_watch(w.pid, w.start)
+        };
+        match found {
+            Some(mut e) => {
+                e.refs = 1;
+                self.watched.insert(w.pid, e);
+            }
+            None => self.dead.push(w.pid),
+        }
+    }
+
+    /// Open the pidfd of owner `pid`, checked against `start`. None: the owner is gone (or its
+    /// pid names another process now). A pidfd that cannot be opened for want of descriptors
+    /// or memory says nothing about the owner (issue 19): it comes back unwatched, `retry` set,
+    /// and is tried again every [`REWATCH_EVERY`]. Its `refs` is 0, for the caller to set.
+    fn open_watch(&self, pid: u32, start: Option<u64>) -> Option<Watched> {
+        match Proc::reopen(pid, start) {
             // Without pidfds (old kernels) only a restarted daemon notices the death.
             Ok(p) => {
                 let start = p.start;
-                self.watched.insert(
-                    w.pid,
-                    Watched {
-                        fd: p.into_fd(),
-                        start,
-                        refs: 1,
-                        retry: false,
-                    },
-                );
+                Some(Watched {
+                    fd: p.into_fd(),
+                    start,
+                    refs: 0,
+                    retry: false,
+                })
             }
-            Err(Errno::ESRCH) => self.dead.push(w.pid),
+            Err(Errno::ESRCH) => None,
             // Short of descriptors or memory: that says nothing about the owner (issue 19).
             // Its copy is kept and the watch retried; only a pid that is gone (or names a
             // process with another start time) is an exit.
-            Err(e) if !Proc::unwatched(w.pid, w.start).exited() => {
+            Err(e) if !Proc::unwatched(pid, start).exited() => {
                 warn!(
                     "keeper (pid {}): cannot watch owner pid {} for its exit: {} ({e}); this \
                      does not mean it exited: its leases stay held and the keeper tries again \
                      every {} s; if this persists, raise the open-file limit (LimitNOFILE=)",
                     self.me(),
-                    w.pid,
+                    pid,
                     e.desc(),
                     REWATCH_EVERY.as_secs()
                 );
-                self.watched.insert(
-                    w.pid,
-                    Watched {
-                        fd: None,
-                        start: w.start,
-                        refs: 1,
-                        retry: true,
-                    },
-                );
+                Some(Watched {
+                    fd: None,
+                    start,
+                    refs: 0,
+                    retry: true,
+                })
             }
-            Err(_) => self.dead.push(w.pid),
+            Err(_) => None,
+        }
+    }
+
+    /// A daemon said hello: it watches the owners from now on. Close every pidfd (their pids
+    /// and start times stay) and forget the idle ones.
+    pub(super) fn park(&mut self) {
+        self.parked = true;
+        self.watched.retain(|_, w| w.refs > 0);
+        for w in self.watched.values_mut() {
+            w.fd = None;
+            w.retry = false;
+        }
+    }
+
+    /// No daemon is connected any more: watch every owner a held lease names again, each
+    /// pidfd checked against the recorded start time, so an owner that exited (or whose pid
+    /// was reused) since the daemon went away is found gone and its leases dropped now.
+    pub(super) fn unpark(&mut self) {
+        self.parked = false;
+        self.watched.retain(|_, w| w.refs > 0);
+        let todo: Vec<(u32, Option<u64>)> = self
+            .watched
+            .iter()
+            .filter(|(_, w)| w.fd.is_none() && !w.retry)
+            .map(|(pid, w)| (*pid, w.start))
+            .collect();
+        let mut gone = Vec::new();
+        for (pid, start) in todo {
+            match self.open_watch(pid, start) {
+                Some(found) => {
+                    if let Some(w) = self.watched.get_mut(&pid) {
+                        w.fd = found.fd;
+                        w.start = found.start;
+                        w.retry = found.retry;
+                    }
+                }
+                None => gone.push(pid),
+            }
+        }
+        if !self.watched.is_empty() {
+            info!(
+                "keeper (pid {}): no lockwardend is connected; watching {} owner pid(s) \
+                 itself, {} found gone",
+                self.me(),
+                self.watched.len(),
+                gone.len()
+            );
+        }
+        for pid in gone {
+            self.owner_gone(pid);
         }
     }
 
@@ -816,7 +913,13 @@ impl KeeperProc {
         for w in pids {
             if let Some(e) = self.watched.get_mut(&w.pid) {
                 e.refs = e.refs.saturating_sub(1);
-                idled |= e.refs == 0;
+                if e.refs == 0 && self.parked {
+                    // Nothing to keep open for it: a pid and a start time cost as much to
+                    // learn again as to keep, and an idle one could not see its pid reused.
+                    self.watched.remove(&w.pid);
+                } else {
+                    idled |= e.refs == 0;
+                }
             }
         }
         if idled && self.watched.len() > IDLE_WATCHES {
