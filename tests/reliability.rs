@@ -691,6 +691,88 @@ fn plain_stop_with_no_leases_leaves_nothing_behind() {
     assert!(d.log().contains("stopped too"), "{}", d.log());
 }
 
+/// How many pidfds process `pid` holds (its `/proc/PID/fd` links to `anon_inode:[pidfd]`).
+fn pidfds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .flatten()
+        .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[pidfd]"))
+        .count()
+}
+
+/// The descriptor budget (docs/reliability.md §3): a VM whose lifetime connection is open costs
+/// no pidfd, neither in the daemon (the connection's close is its exit signal) nor in the
+/// keeper while the daemon runs (the daemon watches). After a SIGKILL of the daemon the keeper
+/// watches every owner itself and frees the disk of one that exits during the outage; the
+/// restarted daemon, which has no lifetime connections any more, watches them by pidfd and the
+/// keeper closes its own again.
+#[test]
+fn vms_with_lifetime_handles_cost_no_pidfd_until_the_daemon_is_gone() {
+    const N: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let mut d = start(dir.path());
+    let keeper = keeper_pid(&d).unwrap();
+    let mut vms = Vec::new();
+    for i in 0..N {
+        let (p, owner) = spawn_registered(&d.socket, "handled", "exec sleep 300");
+        let img = image(images.path(), &format!("h{i}.img"));
+        let r = d.client().call(&acquire_req(&owner, &img));
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+        vms.push((p, owner, img));
+    }
+    assert_eq!(d.list().len(), N);
+    assert_eq!(
+        pidfds(d.pid()),
+        0,
+        "the daemon holds pidfds for handle owners"
+    );
+    assert_eq!(
+        pidfds(keeper),
+        0,
+        "the keeper holds pidfds while the daemon runs"
+    );
+    // An owner without a lifetime connection is watched by a pidfd (and the count sees it).
+    let plain = vm("plain");
+    let plain_img = image(images.path(), "plain.img");
+    let r = d.client().call(&acquire_req(&plain.owner, &plain_img));
+    assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    assert_eq!(pidfds(d.pid()), 1);
+    assert_eq!(pidfds(keeper), 0);
+
+    d.stop(libc::SIGKILL);
+    eventually("the keeper watches every owner itself", || {
+        pidfds(keeper) == N + 1
+    });
+    let (p0, _, img0) = &mut vms[0];
+    assert_eq!(byte0(img0), libc::F_WRLCK);
+    signal(p0.pid(), libc::SIGKILL);
+    p0.wait_for(BOUND).unwrap();
+    let freed = eventually("the keeper frees the disk of an owner that exited", || {
+        byte0(img0) == libc::F_UNLCK
+    });
+    eprintln!("MEASURED: owner exit during the outage -> disk freed by the keeper in {freed:?}");
+    for (_, _, img) in &vms[1..] {
+        assert_eq!(byte0(img), libc::F_WRLCK);
+    }
+    assert_eq!(pidfds(keeper), N);
+
+    respawn(&mut d);
+    assert_eq!(d.list().len(), N);
+    eventually(
+        "the keeper closes its pidfds once the daemon is back",
+        || pidfds(keeper) == 0,
+    );
+    // No lifetime connection survived the crash: the restarted daemon watches by pidfd.
+    assert_eq!(pidfds(d.pid()), N);
+    let (p1, _, img1) = &mut vms[1];
+    signal(p1.pid(), libc::SIGKILL);
+    p1.wait_for(BOUND).unwrap();
+    eventually("a restored owner's exit frees its disk", || {
+        byte0(img1) == libc::F_UNLCK && d.list().len() == N - 1
+    });
+}
+
 #[test]
 fn a_killed_keeper_is_replaced_and_still_protects() {
     let (_dirs, mut d, _v, img) = a_vm_holding("kept", "k.img");
