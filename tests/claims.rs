@@ -1214,6 +1214,11 @@ fn no_document_repeats_a_claim_the_audit_found_false_or_stale() {
         "the acquire is then answered as taken. ",
         // the lens is exact in the canonical form only
         "accept exactly the keys and values",
+        // owners with a lifetime connection hold no pidfd (docs/reliability.md §3)
+        "every owner is watched by a pidfd",
+        "opens for every owner anyway",
+        "watches every owner's process through a pidfd",
+        "watches each machine's process through a pidfd",
         // documents that are not in the repository
         "libvirt-lock-driver.md",
         "design §",

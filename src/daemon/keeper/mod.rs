@@ -29,9 +29,12 @@
 //! few milliseconds before reading on, so a busy daemon's batches are taken a handful at a
 //! time instead of waking the keeper for every one.
 //!
-//! The keeper watches the owners' pids itself (pidfds): when every owner of a lease has exited
-//! it closes the lease's descriptors, even while no daemon runs, so a VM that dies during an
-//! outage frees its disks. It exits when it holds nothing and no daemon is connected.
+//! While no daemon is connected the keeper watches the owners' pids itself (pidfds, checked
+//! against their start times when the daemon's link closes): when every owner of a lease has
+//! exited it closes the lease's descriptors, so a VM that dies during an outage frees its
+//! disks. While a daemon is connected (it said `hello`) the daemon watches and the keeper holds
+//! no pidfd, only each pid and start time (docs/reliability.md §3). It exits when it holds
+//! nothing and no daemon is connected.
 //!
 //! Process: started by the daemon with fork + exec of its own binary
 //! (`lockwardend --internal-keeper ...`, the child only makes async-signal-safe calls before the
