@@ -52,6 +52,8 @@ mod process;
 // recording: a link that records what it is told, for the core's unit tests.
 #[cfg(test)]
 pub mod recording;
+// vault: where the keeper keeps its references to the leases' descriptions.
+mod vault;
 mod wire;
 
 pub use link::Keeper;
@@ -252,6 +254,7 @@ mod tests {
             closing: Vec::new(),
             closers: HashMap::new(),
             tails: Tails::default(),
+            vault: Default::default(),
         }
     }
 
