@@ -465,10 +465,12 @@ impl KeeperProc {
         match getsockopt(&fd, sockopt::PeerCredentials) {
             Ok(c) if c.uid() == self.euid => {
                 info!(
-                    "keeper (pid {}): lockwardend pid {} connected; {} lease(s) held",
+                    "keeper (pid {}): lockwardend pid {} connected; {} lease(s) held (in {} \
+                     vault slot(s))",
                     self.me(),
                     c.pid(),
-                    self.held.len()
+                    self.held.len(),
+                    self.vault.slots()
                 );
                 self.conn = Some(fd);
             }

@@ -125,7 +125,7 @@ impl Vault {
         let mut rest = entries.into_iter().peekable();
         while rest.peek().is_some() {
             let s = self.room();
-            let Some(slot) = self.slots[s].as_mut() else {
+            let Some(slot) = self.slots.get_mut(s).and_then(Option::as_mut) else {
                 break;
             };
             let mut fds = match slot.open() {
@@ -154,7 +154,7 @@ impl Vault {
     /// The current slot, or a new one when it is full or there is none.
     fn room(&mut self) -> usize {
         if let Some(c) = self.current {
-            if self.slots[c].as_ref().is_some_and(|s| s.fds() < SLOT_FDS) {
+            if self.slot(c).is_some_and(|s| s.fds() < SLOT_FDS) {
                 return c;
             }
         }
@@ -173,7 +173,7 @@ impl Vault {
         };
         let i = match self.slots.iter().position(Option::is_none) {
             Some(i) => {
-                self.slots[i] = Some(slot);
+                self.set(i, Some(slot));
                 i
             }
             None => {
@@ -197,7 +197,7 @@ impl Vault {
         }
         let mut out = Vec::new();
         for (s, gone) in by_slot {
-            let Some(slot) = self.slots[s].as_mut() else {
+            let Some(slot) = self.slots.get_mut(s).and_then(Option::as_mut) else {
                 continue;
             };
             let fds = match slot.open() {
@@ -234,9 +234,9 @@ impl Vault {
     /// After slot `s` shrank: free it when empty, merge it into the current slot when small
     /// and the current one has room (or make it the current one when that is nearly full).
     fn tidy(&mut self, s: usize) {
-        let n = self.slots[s].as_ref().map_or(0, Slot::fds);
+        let n = self.slot(s).map_or(0, Slot::fds);
         if n == 0 {
-            self.slots[s] = None;
+            self.set(s, None);
             if self.current == Some(s) {
                 self.current = None;
             }
@@ -245,19 +245,18 @@ impl Vault {
         if n >= MERGE_BELOW || self.current == Some(s) {
             return;
         }
-        let Some(c) = self.current.filter(|c| {
-            self.slots[*c]
-                .as_ref()
-                .is_some_and(|cur| cur.fds() + n <= SLOT_FDS)
-        }) else {
+        let Some(c) = self
+            .current
+            .filter(|c| self.slot(*c).is_some_and(|cur| cur.fds() + n <= SLOT_FDS))
+        else {
             self.current = Some(s);
             return;
         };
-        let Some(mut small) = self.slots[s].take() else {
+        let Some(mut small) = self.slots.get_mut(s).and_then(Option::take) else {
             return;
         };
-        let Some(cur) = self.slots[c].as_mut() else {
-            self.slots[s] = Some(small);
+        let Some(cur) = self.slots.get_mut(c).and_then(Option::as_mut) else {
+            self.set(s, Some(small));
             return;
         };
         let moved = match (small.open(), cur.open()) {
@@ -273,7 +272,7 @@ impl Vault {
                 if let Ok(b) = b {
                     cur.close(b);
                 }
-                self.slots[s] = Some(small);
+                self.set(s, Some(small));
                 return;
             }
         };
@@ -304,6 +303,16 @@ impl Vault {
             if !go {
                 return;
             }
+        }
+    }
+
+    fn slot(&self, i: usize) -> Option<&Slot> {
+        self.slots.get(i).and_then(Option::as_ref)
+    }
+
+    fn set(&mut self, i: usize, slot: Option<Slot>) {
+        if let Some(s) = self.slots.get_mut(i) {
+            *s = slot;
         }
     }
 
