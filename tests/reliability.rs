@@ -870,3 +870,74 @@ fn the_keeper_is_a_fresh_exec_of_the_daemon_binary_without_its_activation_variab
     check(second);
     assert_eq!(byte0(&img), libc::F_WRLCK);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The keeper's vault (docs/reliability.md, "Where the keeper keeps its copies")
+
+/// What `pid`'s descriptors name (`readlink` of /proc/PID/fd/*).
+fn fd_targets(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// 600 leases: the keeper holds a reference to each lock (every image stays locked through a
+/// daemon SIGKILL) but no descriptor of any image, and only a handful of sockets — its vault
+/// slots of 253 — so lockwardend + keeper use about one descriptor per lease (issue 17).
+#[test]
+fn the_keeper_holds_600_leases_in_a_few_sockets_and_still_keeps_them_through_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let mut d = start(dir.path());
+    let v = vm("vault");
+    let imgs: Vec<PathBuf> = (0..600)
+        .map(|i| image(images.path(), &format!("v{i:03}.img")))
+        .collect();
+    for chunk in imgs.chunks(100) {
+        let req = Request::Acquire {
+            owner: v.owner.clone(),
+            leases: chunk.iter().map(|i| excl(i)).collect(),
+            action: FailureAction::Default,
+            restrict: false,
+        };
+        let r = d.client().call(&req);
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+    }
+    let keeper = keeper_pid(&d).expect("a keeper runs");
+    let dirname = images.path().to_string_lossy().into_owned();
+    let of_images = |pid: u32| {
+        fd_targets(pid)
+            .iter()
+            .filter(|t| t.starts_with(&dirname) && !t.contains("/.lockwarden"))
+            .count()
+    };
+    // Quiet batches: the keeper takes them within a few milliseconds. Then it holds no image
+    // descriptor, and its sockets are its listener, its link and three slots of 253 (two sockets each).
+    let sockets = || {
+        fd_targets(keeper)
+            .iter()
+            .filter(|t| t.starts_with("socket:"))
+            .count()
+    };
+    d.wait_for("the keeper has moved 600 leases into 3 vault slots", || {
+        of_images(keeper) == 0 && sockets() == 2 + 2 * 3
+    });
+    // lockwardend's own descriptor of each image.
+    assert_eq!(of_images(d.proc.pid()), 600);
+    d.stop(libc::SIGKILL);
+    assert_eq!(keeper_held_after_daemon_death(&d), 600);
+    let unlocked: Vec<&PathBuf> = imgs.iter().filter(|i| byte0(i) != libc::F_WRLCK).collect();
+    assert!(
+        unlocked.is_empty(),
+        "unlocked after the crash: {unlocked:?}"
+    );
+    assert_eq!(of_images(keeper), 0);
+    respawn(&mut d);
+    assert_eq!(d.list().len(), 600);
+    assert!(imgs.iter().all(|i| byte0(i) == libc::F_WRLCK));
+    drop(v);
+}

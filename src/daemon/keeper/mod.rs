@@ -4,7 +4,9 @@
 //! Why it works: an OFD lock belongs to the open file description, not to a process. The
 //! daemon sends each lease's descriptor (and its lockspace directory's) to the keeper over a
 //! `SOCK_SEQPACKET` socket with `SCM_RIGHTS`; while the keeper holds that duplicate, the
-//! description — and the lock on it — survives whatever happens to the daemon. A restarted
+//! description — and the lock on it — survives whatever happens to the daemon. The keeper
+//! keeps its duplicates queued in sockets of its own, not in its descriptor table (vault.rs),
+//! so together the two processes use about one descriptor per lease. A restarted
 //! daemon connects to the keeper's well-known socket, gets every descriptor back with the
 //! lease's record (owners, names, mode), rebuilds its tables and carries on.
 //!
@@ -55,6 +57,8 @@ mod process;
 // recording: a link that records what it is told, for the core's unit tests.
 #[cfg(test)]
 pub mod recording;
+// vault: where the keeper keeps its references to the leases' descriptions.
+mod vault;
 mod wire;
 
 pub use link::Keeper;
@@ -255,6 +259,7 @@ mod tests {
             closing: Vec::new(),
             closers: HashMap::new(),
             tails: Tails::default(),
+            vault: Default::default(),
             parked: false,
         }
     }

@@ -1,5 +1,6 @@
 //! The keeper process: started by the daemon, holds every lease's descriptors.
 
+use super::vault::Vault;
 use super::*;
 use crate::daemon::keptmeta::{KeptMeta, Tails};
 use crate::daemon::pidfd::Proc;
@@ -204,6 +205,9 @@ pub fn become_keeper_if_asked() {
     }
 }
 
+/// A lease handed over: id, owner pids, record text, descriptors.
+pub(super) type NewLease = ([u64; 2], Vec<Watch>, String, Vec<OwnedFd>);
+
 type KeeperArgs = (RawFd, RawFd, PathBuf, (u64, u64), log::LevelFilter);
 
 fn keeper_args(a: &[std::ffi::OsString]) -> Result<KeeperArgs, String> {
@@ -253,13 +257,11 @@ fn remove_stale(path: &Path) -> Result<(), String> {
 }
 
 /// One held lease, kept small (the keeper holds every lease of the host): the record is the
-/// JSON text the daemon sent (kept compactly, given back verbatim: keptmeta.rs), and the
-/// descriptors are inline.
+/// JSON text the daemon sent (kept compactly, given back verbatim: keptmeta.rs). Its
+/// descriptors are in the vault (vault.rs), not here.
 pub(super) struct Held {
     pub(super) pids: Box<[Watch]>,
     pub(super) meta: KeptMeta,
-    pub(super) fd: OwnedFd,
-    pub(super) dir: Option<OwnedFd>,
 }
 
 /// A watched owner pid: its pidfd (none on kernels without pidfds, and none while a daemon is
@@ -322,8 +324,10 @@ pub(super) struct KeeperProc {
     /// and must not stop the keeper from answering; the daemon's explicit unlock, not this
     /// close, is what drops the lock).
     /// Per device (`st_dev`), so one hung mount's closes never delay another's.
-    pub(super) closing: Vec<(u64, Held)>,
-    pub(super) closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Held>>>,
+    pub(super) closing: Vec<(u64, Vec<OwnedFd>)>,
+    pub(super) closers: HashMap<u64, std::sync::mpsc::Sender<Vec<Vec<OwnedFd>>>>,
+    /// The leases' descriptors.
+    pub(super) vault: Vault,
     /// The record tails the held leases share.
     pub(super) tails: Tails,
     /// The connected daemon said hello: it watches the owners itself (pidfds, lifetime
@@ -394,6 +398,7 @@ fn keeper_main(listener: OwnedFd, ready: OwnedFd, path: PathBuf, ident: (u64, u6
         closing: Vec::new(),
         closers: HashMap::new(),
         tails: Tails::default(),
+        vault: Vault::default(),
         parked: false,
     };
     k.run()
@@ -492,10 +497,12 @@ impl KeeperProc {
         match getsockopt(&fd, sockopt::PeerCredentials) {
             Ok(c) if c.uid() == self.euid => {
                 info!(
-                    "keeper (pid {}): lockwardend pid {} connected; {} lease(s) held",
+                    "keeper (pid {}): lockwardend pid {} connected; {} lease(s) held (in {} \
+                     vault slot(s))",
                     self.me(),
                     c.pid(),
-                    self.held.len()
+                    self.held.len(),
+                    self.vault.slots()
                 );
                 self.conn = Some(fd);
             }
@@ -582,13 +589,13 @@ impl KeeperProc {
         if self.closing.is_empty() {
             return;
         }
-        let mut by_dev: HashMap<u64, Vec<Held>> = HashMap::new();
+        let mut by_dev: HashMap<u64, Vec<Vec<OwnedFd>>> = HashMap::new();
         for (dev, h) in std::mem::take(&mut self.closing) {
             by_dev.entry(dev).or_default().push(h);
         }
         for (dev, batch) in by_dev {
             if let std::collections::hash_map::Entry::Vacant(slot) = self.closers.entry(dev) {
-                let (tx, rx) = std::sync::mpsc::channel::<Vec<Held>>();
+                let (tx, rx) = std::sync::mpsc::channel::<Vec<Vec<OwnedFd>>>();
                 let spawned = std::thread::Builder::new()
                     .name("lockwardend-kpc".into())
                     .spawn(move || rx.into_iter().for_each(drop));
@@ -643,7 +650,9 @@ impl KeeperProc {
                     return self.refuse("hold without a descriptor".into());
                 };
                 let meta = msg.meta.map(|m| m.to_string()).unwrap_or_default();
-                self.put(id, msg.pids, meta, lock, fds.next());
+                let mut fds_of = vec![lock];
+                fds_of.extend(fds.next());
+                self.put_batch(vec![(id, msg.pids, meta, fds_of)]);
                 self.ok()
             }
             "hold_batch" => {
@@ -655,51 +664,55 @@ impl KeeperProc {
                     ));
                 }
                 let mut fds = fds.into_iter();
-                for e in msg.entries {
-                    let (Some(lock), dir) = (fds.next(), (e.fds == 2).then(|| fds.next())) else {
-                        break;
-                    };
-                    self.put(e.id, e.pids, e.meta, lock, dir.flatten());
-                }
+                let batch = msg
+                    .entries
+                    .into_iter()
+                    .map(|e| {
+                        let of: Vec<OwnedFd> = fds.by_ref().take(usize::from(e.fds)).collect();
+                        (e.id, e.pids, e.meta, of)
+                    })
+                    .collect();
+                self.put_batch(batch);
                 self.ok()
             }
             "drop" => {
                 if let Some(id) = msg.id {
-                    self.take(&id);
+                    self.take_batch(&[id]);
                 }
                 self.ok()
             }
             "drop_batch" => {
-                for id in &msg.ids {
-                    self.take(id);
-                }
+                self.take_batch(&msg.ids);
                 self.ok()
             }
             "reset" => {
-                let all = std::mem::take(&mut self.held);
+                let all: Vec<[u64; 2]> = self.held.keys().copied().collect();
+                self.held.clear();
+                let fds = self.vault.take(&all);
                 self.closing
-                    .extend(all.into_iter().map(|(id, h)| (id[0], h)));
+                    .extend(fds.into_iter().map(|(id, f)| (id[0], f)));
                 self.watched.clear();
                 self.ok()
             }
             "dump" => {
-                for (id, h) in &self.held {
+                let held = &self.held;
+                self.vault.visit(|id, fds| {
+                    let Some(h) = held.get(&id) else {
+                        return true;
+                    };
                     let ack = Ack {
                         ok: true,
                         entry: Some(DumpEntry {
-                            id: *id,
+                            id,
                             pids: h.pids.to_vec(),
                             meta: serde_json::from_str(&h.meta.text())
                                 .unwrap_or(serde_json::Value::Null),
                         }),
                         ..Ack::default()
                     };
-                    let mut raw = vec![h.fd.as_raw_fd()];
-                    raw.extend(h.dir.as_ref().map(AsRawFd::as_raw_fd));
-                    if send_msg(fd, &ack, &raw).is_err() {
-                        break;
-                    }
-                }
+                    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                    send_msg(fd, &ack, &raw).is_ok()
+                });
                 Ack {
                     end: true,
                     ..self.ok()
@@ -723,6 +736,7 @@ impl KeeperProc {
     }
 
     /// Hold (or replace) lease `id`; its owner pids are watched from now on.
+    #[cfg(test)]
     pub(super) fn put(
         &mut self,
         id: [u64; 2],
@@ -731,27 +745,49 @@ impl KeeperProc {
         fd: OwnedFd,
         dir: Option<OwnedFd>,
     ) {
-        for w in &pids {
-            self.watch(*w);
+        let mut fds = vec![fd];
+        fds.extend(dir);
+        self.put_batch(vec![(id, pids, meta, fds)]);
+    }
+
+    /// Hold (or replace) every lease of `batch` (id, owner pids, record, descriptors); their
+    /// owner pids are watched from now on, their descriptors go to the vault together.
+    pub(super) fn put_batch(&mut self, batch: Vec<NewLease>) {
+        let mut fds = Vec::with_capacity(batch.len());
+        for (id, pids, meta, of) in batch {
+            for w in &pids {
+                self.watch(*w);
+            }
+            let held = Held {
+                pids: pids.into_boxed_slice(),
+                meta: KeptMeta::new(meta, &mut self.tails),
+            };
+            if let Some(old) = self.held.insert(id, held) {
+                self.unwatch(&old.pids);
+            }
+            fds.push((id, of));
         }
-        let held = Held {
-            pids: pids.into_boxed_slice(),
-            meta: KeptMeta::new(meta, &mut self.tails),
-            fd,
-            dir,
-        };
-        if let Some(old) = self.held.insert(id, held) {
-            self.unwatch(&old.pids);
-            self.closing.push((id[0], old));
-        }
+        let replaced = self.vault.put(fds);
+        self.closing
+            .extend(replaced.into_iter().map(|(id, f)| (id[0], f)));
     }
 
     /// Close the keeper's copies of lease `id`.
+    #[cfg(test)]
     pub(super) fn take(&mut self, id: &[u64; 2]) {
-        if let Some(old) = self.held.remove(id) {
-            self.unwatch(&old.pids);
-            self.closing.push((id[0], old));
+        self.take_batch(&[*id]);
+    }
+
+    /// Close the keeper's copies of `ids` (those it holds).
+    pub(super) fn take_batch(&mut self, ids: &[[u64; 2]]) {
+        for id in ids {
+            if let Some(old) = self.held.remove(id) {
+                self.unwatch(&old.pids);
+            }
         }
+        let fds = self.vault.take(ids);
+        self.closing
+            .extend(fds.into_iter().map(|(id, f)| (id[0], f)));
     }
 
     fn pids(&self) -> HashSet<u32> {
@@ -943,8 +979,8 @@ impl KeeperProc {
                 h.pids.is_empty().then_some(*id)
             })
             .collect();
-        for id in gone {
-            let Some(h) = self.held.remove(&id) else {
+        for id in &gone {
+            let Some(h) = self.held.remove(id) else {
                 continue;
             };
             let name = serde_json::from_str::<serde_json::Value>(&h.meta.text())
@@ -952,10 +988,12 @@ impl KeeperProc {
                 .and_then(|m| m.get("name").and_then(|n| n.as_str()).map(String::from))
                 .unwrap_or_else(|| "?".into());
             info!("keeper (pid {me}): owner pid {pid} exited; dropped its lease {name:?}");
-            // Closing is what drops the lock here; it may block on a hung mount, so it too
-            // happens on that device's closer thread.
-            self.closing.push((id[0], h));
         }
+        // Closing is what drops the lock here; it may block on a hung mount, so it too
+        // happens on that device's closer thread.
+        let fds = self.vault.take(&gone);
+        self.closing
+            .extend(fds.into_iter().map(|(id, f)| (id[0], f)));
         self.close_deferred();
     }
 

@@ -148,23 +148,7 @@ impl Receiver {
             if let Ok(cmsgs) = msg.cmsgs() {
                 for c in cmsgs {
                     if let ControlMessageOwned::ScmRights(raw) = c {
-                        // Every number is taken before an error is returned: a `?` in the
-                        // loop would leave the rest of the batch open and unowned (a lock
-                        // nobody can ever drop).
-                        let mut bad = None;
-                        for r in raw {
-                            // SAFETY: the kernel just installed this descriptor for us
-                            // (SCM_RIGHTS); nobody else owns it.
-                            match unsafe { crate::daemon::sys::adopt(r, "a received lease") } {
-                                Ok(fd) => fds.push(fd),
-                                Err(e) => {
-                                    bad.get_or_insert(e);
-                                }
-                            }
-                        }
-                        if let Some(e) = bad {
-                            return Err(e);
-                        }
+                        adopt_received(&raw, &mut fds)?;
                     }
                 }
             }
@@ -177,5 +161,95 @@ impl Receiver {
             }
             return Ok(self.buf.get(..n).map(|b| (b, fds)));
         }
+    }
+}
+
+/// Take ownership of descriptors the kernel just installed for us (SCM_RIGHTS), appending
+/// them to `fds`. Every number is taken before an error is returned: a `?` in the loop would
+/// leave the rest of the batch open and unowned (a lock nobody can ever drop).
+fn adopt_received(raw: &[RawFd], fds: &mut Vec<OwnedFd>) -> Result<(), String> {
+    let mut bad = None;
+    for &r in raw {
+        // SAFETY: the kernel just installed this descriptor for us (SCM_RIGHTS); nobody else
+        // owns it, and each number of a control message is adopted once, here.
+        match unsafe { crate::daemon::sys::adopt(r, "a received lease") } {
+            Ok(fd) => fds.push(fd),
+            Err(e) => {
+                bad.get_or_insert(e);
+            }
+        }
+    }
+    bad.map_or(Ok(()), Err)
+}
+
+/// A connected pair of datagram sockets: a vault slot (vault.rs).
+pub(super) fn datagram_pair() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::sys::socket::socketpair(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| {
+        format!(
+            "cannot create a socket pair for the keeper's vault: {}",
+            e.desc()
+        )
+    })
+}
+
+/// Queue `fds` on `fd` as one datagram of one byte, without waiting.
+pub(super) fn send_fds(fd: &OwnedFd, fds: &[RawFd]) -> Result<(), Errno> {
+    let iov = [IoSlice::new(b"v")];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    loop {
+        match sendmsg::<()>(
+            fd.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Take the one datagram queued on `fd` (sent by [`send_fds`]) and its descriptors, without
+/// waiting. A truncated control message is an error: the kernel closed what did not fit.
+pub(super) fn recv_fds(fd: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
+    let mut byte = [0u8; 1];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    loop {
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let msg = match recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(format!("receive failed: {}", e.desc())),
+        };
+        let mut fds = Vec::new();
+        let mut adopted = Ok(());
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    adopted = adopted.and(adopt_received(&raw, &mut fds));
+                }
+            }
+        }
+        if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(format!(
+                "descriptors were truncated ({} arrived): the kernel closed the rest",
+                fds.len()
+            ));
+        }
+        adopted?;
+        return Ok(fds);
     }
 }
