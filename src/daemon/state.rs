@@ -257,11 +257,11 @@ impl State {
     /// Write the records claimed for this round's acquires (see `holder::claim_known`).
     pub fn write_unwritten(&mut self) {
         for key in std::mem::take(&mut self.unwritten) {
-            let Some(slot) = self.records.get(&key) else {
+            let (Some(slot), Some(lease)) = (self.records.get(&key), self.leases.get(&key)) else {
                 continue;
             };
             let result = match slot.lock() {
-                Ok(mut p) => holder::write_pending(&mut p),
+                Ok(mut p) => holder::write_pending(lease.fd.as_fd(), &mut p),
                 Err(_) => Err("its record handle is poisoned".into()),
             };
             if let Err(e) = result {
