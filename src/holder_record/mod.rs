@@ -432,7 +432,11 @@ mod tests {
         );
         assert!(parse_record(b"").is_err());
         // The liveness field is written only when set, and read back.
-        assert!(!String::from_utf8(serde_json::to_vec(&r).unwrap()).unwrap().contains("liveness"));
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&r).unwrap())
+                .unwrap()
+                .contains("liveness")
+        );
         let mut lf = r.clone();
         lf.liveness = Some(LIVENESS_LOCKED_FILE.into());
         let text = serde_json::to_string(&lf).unwrap();
@@ -444,7 +448,16 @@ mod tests {
     fn liveness_bytes_stay_clear_of_every_byte_others_lock() {
         // virtlockd byte 0, our in-file byte 1, QEMU 100-104 and 200-204: all below 1024.
         let mut seen = std::collections::HashSet::new();
-        for host in ["", "node-a", "node-b", "x", "a b", "a_b", "\u{1b}[2J", &"h".repeat(300)] {
+        for host in [
+            "",
+            "node-a",
+            "node-b",
+            "x",
+            "a b",
+            "a_b",
+            "\u{1b}[2J",
+            &"h".repeat(300),
+        ] {
             let b = liveness_byte(host);
             assert!(!(0..=1023).contains(&b), "{host:?} -> {b}");
             assert!((LIVENESS_BASE..LIVENESS_BASE + (1 << 32)).contains(&b));
@@ -457,7 +470,10 @@ mod tests {
         // Per host, and of the host's label (what side-file names carry).
         assert_ne!(liveness_byte("node-a"), liveness_byte("node-b"));
         assert_eq!(liveness_byte("a b"), liveness_byte("a_b"));
-        assert_eq!(liveness_byte("node-a"), liveness_byte(&host_label("node-a")));
+        assert_eq!(
+            liveness_byte("node-a"),
+            liveness_byte(&host_label("node-a"))
+        );
         // Stable across versions: readers on other hosts compute the same byte.
         let hex = crate::naming::sha256_hex("node-a");
         assert_eq!(

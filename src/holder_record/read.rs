@@ -200,8 +200,8 @@ pub fn read(target: Target<'_>) -> Found {
                 continue;
             }
         };
-        let verdict = alive(&record, &live)
-            .and_then(|live| judge(&record, live, ino, found.lock.as_ref()));
+        let verdict =
+            alive(&record, &live).and_then(|live| judge(&record, live, ino, found.lock.as_ref()));
         match verdict {
             Ok(()) => found.believed.push(Seen { record, source }),
             Err(reason) => found.ignored.push(Ignored {
@@ -406,7 +406,9 @@ fn read_side(
             break;
         }
         let source = format!("{}/{name}", side.dir);
-        let label = side_file_host(name, &side.stem).unwrap_or_default().to_string();
+        let label = side_file_host(name, &side.stem)
+            .unwrap_or_default()
+            .to_string();
         let fd = match open_regular_at(Some(dir.as_fd()), name, Access::Read, None) {
             Ok((fd, _, _)) => fd,
             // Withdrawn between listing and opening.

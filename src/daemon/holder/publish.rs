@@ -739,6 +739,181 @@ impl Records {
 mod tests {
     use super::*;
 
+    use crate::protocol::ResourceKind;
+    use std::fs::{self, File};
+
+    /// Another open file description's view of byte `start` of `path`.
+    fn held_by_others(path: &std::path::Path, start: libc::off_t) -> Option<libc::c_int> {
+        let probe = File::open(path).unwrap();
+        crate::holder_record::ofd_getlk(probe.as_fd(), start).map(|(t, _)| t)
+    }
+
+    fn image() -> (tempfile::TempDir, std::path::PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("pub.img");
+        fs::write(&img, b"").unwrap();
+        let p = img.to_str().unwrap().to_string();
+        (dir, img, p)
+    }
+
+    fn rec(host: &str, path: &str, mode: LeaseMode) -> Record {
+        let vm = Vm {
+            name: "pub-vm".into(),
+            uuid: "u".into(),
+            pid: 1,
+            since: 1,
+        };
+        Record::new(host, ResourceKind::Disk, path, mode, path, 1, vec![vm])
+    }
+
+    fn target<'a>(f: &'a File, path: &'a str) -> Target<'a> {
+        Target {
+            fd: f.as_fd(),
+            kind: ResourceKind::Disk,
+            lock_path: path,
+            lockspace: false,
+        }
+    }
+
+    #[test]
+    fn a_side_file_record_lives_on_a_byte_of_the_locked_file_and_keeps_no_descriptor() {
+        let (dir, img, p) = image();
+        let lease = File::options().read(true).write(true).open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_WRLCK, 0).unwrap();
+        let published =
+            publish(target(&lease, &p), rec("node-a", &p, LeaseMode::Exclusive)).unwrap();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let text = fs::read_to_string(&side).unwrap();
+        assert!(text.contains("\"liveness\":\"locked-file\""), "{text}");
+        let byte = liveness_byte("node-a");
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_WRLCK));
+        assert_eq!(
+            held_by_others(&side, 0),
+            None,
+            "the side file is not locked"
+        );
+        // No descriptor of this process is on the side file.
+        let canon = fs::canonicalize(&side).unwrap();
+        let open_on_side = fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == canon))
+            .count();
+        assert_eq!(open_on_side, 0);
+        let reader = File::open(&img).unwrap();
+        assert_eq!(read(target(&reader, &p)).believed.len(), 1);
+        // Another host's byte is another byte.
+        assert_eq!(held_by_others(&img, liveness_byte("node-b")), None);
+        withdraw(lease.as_fd(), published).unwrap();
+        assert!(fs::read(&side).unwrap().iter().all(|b| *b == b' '));
+        assert_eq!(
+            held_by_others(&img, byte),
+            None,
+            "withdraw drops the liveness byte"
+        );
+        assert_eq!(
+            held_by_others(&img, 0),
+            Some(libc::F_WRLCK),
+            "not the lease"
+        );
+        // A shared lease's descriptor may be read-only: its liveness lock is a read lock.
+        let ro = File::open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_UNLCK, 0).unwrap();
+        ofd_set(ro.as_fd(), libc::F_RDLCK, 0).unwrap();
+        let shared = publish(target(&ro, &p), rec("node-a", &p, LeaseMode::Shared)).unwrap();
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_RDLCK));
+        assert_eq!(read(target(&reader, &p)).believed.len(), 1);
+        withdraw(ro.as_fd(), shared).unwrap();
+        assert_eq!(held_by_others(&img, byte), None);
+    }
+
+    #[test]
+    fn a_liveness_byte_held_by_another_open_file_means_no_record() {
+        let (dir, img, p) = image();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let byte = liveness_byte("node-a");
+        // Somebody else (a colliding host, a twin daemon) holds node-a's byte.
+        let other = File::open(&img).unwrap();
+        ofd_set(other.as_fd(), libc::F_RDLCK, byte).unwrap();
+        for mode in [LeaseMode::Exclusive, LeaseMode::Shared] {
+            let lease = File::options().read(true).write(true).open(&img).unwrap();
+            let t = if mode == LeaseMode::Exclusive {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            ofd_set(lease.as_fd(), t, 0).unwrap();
+            let e = publish(target(&lease, &p), rec("node-a", &p, mode)).unwrap_err();
+            assert!(e.contains(&format!("liveness byte {byte}")), "{e}");
+            assert!(e.contains(&p) && e.contains("\"node-a\""), "{e}");
+            assert!(
+                e.contains("no holder record is written (the lease is held)"),
+                "{e}"
+            );
+            let written = fs::read(&side).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&written).contains("pub-vm"),
+                "{mode:?}"
+            );
+            // The lease took no lock on the byte: with `other` unlocked, nobody holds it.
+            ofd_set(other.as_fd(), libc::F_UNLCK, byte).unwrap();
+            assert_eq!(held_by_others(&img, byte), None, "{mode:?}");
+            ofd_set(other.as_fd(), libc::F_RDLCK, byte).unwrap();
+            ofd_set(lease.as_fd(), libc::F_UNLCK, 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_claim_takes_the_liveness_byte_now_and_writes_after() {
+        let (dir, img, p) = image();
+        let lease = File::options().read(true).write(true).open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_WRLCK, 0).unwrap();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let id = || Ident::of(&fstat(&lease).unwrap());
+        let byte = liveness_byte("node-a");
+        // No side file yet: published at once (a reader must find a file to wait on).
+        let p0 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(!p0.is_pending());
+        assert!(fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p0).unwrap();
+        // Its blank file exists now: claimed (byte held over the blank file), written after.
+        let mut p1 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(p1.is_pending());
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_WRLCK));
+        assert!(fs::read(&side).unwrap().iter().all(|b| *b == b' '));
+        write_pending(lease.as_fd(), &mut p1).unwrap();
+        assert!(!p1.is_pending());
+        assert!(fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p1).unwrap();
+        assert_eq!(held_by_others(&img, byte), None);
+        // Claimed, then the side file becomes a hard link before the write: nothing is
+        // written into it and the liveness byte goes again.
+        let mut p2 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(p2.is_pending());
+        let link = dir.path().join("other-name");
+        fs::hard_link(&side, &link).unwrap();
+        let e = write_pending(lease.as_fd(), &mut p2).unwrap_err();
+        assert!(e.contains("hard links"), "{e}");
+        assert_eq!(held_by_others(&img, byte), None);
+        assert!(!fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p2).unwrap();
+    }
+
     #[test]
     fn only_blank_or_record_lock_files_are_written() {
         assert!(is_record_or_blank(b""));
