@@ -301,13 +301,19 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     );
     assert_eq!(probe(&img, 100), libc::F_UNLCK, "QEMU's bytes untouched");
     assert_eq!(
-        probe(&side, 0),
+        probe(&img, holder::liveness_byte("node-a")),
         libc::F_WRLCK,
-        "the side file carries its liveness lock"
+        "the lease's description carries node-a's liveness byte of the image"
+    );
+    assert_eq!(
+        probe(&side, 0),
+        libc::F_UNLCK,
+        "the side file is not locked"
     );
     let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
     assert_schema("record", &on_disk);
     assert_eq!(on_disk["generation"].as_u64(), Some(published.generation));
+    assert_eq!(on_disk["liveness"], "locked-file");
 
     // Another host (another open file description) reads it.
     let reader = File::open(&img).unwrap();
@@ -351,9 +357,10 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     assert_eq!(refusal.holder.mode, Some(LeaseMode::Exclusive));
     assert_eq!(refusal.holder.since, Some(SINCE));
 
-    // The lock goes (daemon crash: lease descriptor closed) while the record file is still
-    // held open: nothing holds byte 0, so the record is stale.
-    drop(lease);
+    // Byte 0 goes while the description still holds the liveness byte (a keeper that let go of
+    // the lease while a copy of the description lingers): nothing holds byte 0, so the record
+    // is stale.
+    ofd_lock(&lease, libc::F_UNLCK, 0);
     let found = read_until(target(&reader, p, false), |f| f.lock.is_none());
     assert!(found.believed.is_empty(), "{found:?}");
     assert!(found.lock.is_none());
@@ -366,11 +373,13 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
         "{found:?}"
     );
 
-    // Somebody else locks byte 0 again, but the publisher is gone (its record file closed):
-    // the record is stale for that reason, and the refusal says who the kernel sees instead.
+    // The publisher is gone (daemon and keeper: the lease's description closed, and its
+    // liveness byte with it) and somebody else locks byte 0: the record is stale for that
+    // reason, and the refusal says who the kernel sees instead.
+    drop(lease);
+    drop(published);
     let other = open_rw(&img);
     ofd_lock(&other, libc::F_WRLCK, 0);
-    drop(published);
     assert!(side.exists(), "a crashed publisher leaves its file behind");
     let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
     assert!(found.believed.is_empty(), "{found:?}");
@@ -565,11 +574,18 @@ fn shared_holders_on_two_hosts_are_all_named() {
     );
     assert_eq!(records_b.len(), 1);
     let side_b = dir.path().join(".lockwarden/install.iso@node-b.json");
-    assert_eq!(
-        probe(&side_b, 0),
-        libc::F_WRLCK,
-        "the republished file is locked"
+    let (live_a, live_b) = (
+        holder::liveness_byte("node-a"),
+        holder::liveness_byte("node-b"),
     );
+    assert_ne!(live_a, live_b, "each host has its own liveness byte");
+    assert_eq!(
+        probe(&iso, live_b),
+        libc::F_RDLCK,
+        "node-b's (read-only) lease description holds its liveness byte"
+    );
+    assert_eq!(probe(&iso, live_a), libc::F_RDLCK);
+    assert_eq!(probe(&side_b, 0), libc::F_UNLCK, "side files carry no lock");
 
     let reader = File::open(&iso).unwrap();
     let found = holder::read(target(&reader, p, false));
@@ -594,7 +610,8 @@ fn shared_holders_on_two_hosts_are_all_named() {
     );
     assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
 
-    // node-a crashes (lease and record descriptors close together): only node-b is named.
+    // node-a crashes (its lease description closes, with its liveness byte): only node-b is
+    // named, although node-b's read lock on byte 0 still matches node-a's shared record.
     drop(pa);
     drop(a_fd);
     let found = read_until(target(&reader, p, false), |f| f.believed.len() == 1);
@@ -610,7 +627,12 @@ fn shared_holders_on_two_hosts_are_all_named() {
     // node-b leaves cleanly: its side file is emptied and released.
     records_b.withdraw(id, b_fd.as_fd());
     assert!(blank(&fs::read(&side_b).unwrap()));
-    assert_eq!(probe(&side_b, 0), libc::F_UNLCK);
+    assert_eq!(probe(&iso, live_b), libc::F_UNLCK);
+    assert_eq!(
+        probe(&iso, 0),
+        libc::F_RDLCK,
+        "the lease itself is the caller's"
+    );
     assert!(records_b.is_empty());
 }
 
@@ -1068,7 +1090,8 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
         ino,
         "rewritten in place"
     );
-    assert_eq!(probe(&side, 0), libc::F_WRLCK, "liveness lock kept");
+    let live = holder::liveness_byte("node-a");
+    assert_eq!(probe(&img, live), libc::F_RDLCK, "liveness lock kept");
     let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
     assert_schema("record", &on_disk);
     assert_eq!(on_disk["vms"].as_array().unwrap().len(), 1);
@@ -1085,8 +1108,11 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     fs::write(&torn, &fs::read(&side).unwrap()[..40]).unwrap();
     let empty = dir.path().join(".lockwarden/db.qcow2@node-e.json");
     fs::write(&empty, b"").unwrap();
-    let (torn_f, empty_f) = (open_rw(&torn), open_rw(&empty));
-    ofd_lock(&torn_f, libc::F_WRLCK, 0);
+    // node-t holds its liveness byte of the image (this version's rule), node-e its side file
+    // (an older host's rule): both count as held while the content is not a record yet.
+    let torn_f = File::open(&img).unwrap();
+    ofd_lock(&torn_f, libc::F_RDLCK, holder::liveness_byte("node-t"));
+    let empty_f = open_rw(&empty);
     ofd_lock(&empty_f, libc::F_WRLCK, 0);
     let reader = File::open(&img).unwrap();
     let t0 = Instant::now();
@@ -1115,9 +1141,9 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     );
     // Bounded poll, not an immediate check: a child another test forks right now inherits the
     // closed descriptor's open file description (and its OFD lock) until it execs.
-    let _ = poll(BOUND, || (probe(&side, 0) == libc::F_UNLCK).then_some(()));
+    let _ = poll(BOUND, || (probe(&img, live) == libc::F_UNLCK).then_some(()));
     assert_eq!(
-        probe(&side, 0),
+        probe(&img, live),
         libc::F_UNLCK,
         "and drops its liveness lock"
     );

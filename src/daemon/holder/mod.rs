@@ -61,13 +61,12 @@ pub use publish::{
 };
 
 pub use crate::holder_record::{
-    FORMAT, Found, Ignored, KernelLock, LastSeen, MAX_RECORD, RECORD_DIR, Record, Refusal, Seen,
-    SideFiles, Target, Vm, ago, boot_id, describe_refusal, holder_of, host_label, kernel_lock,
-    parse_record, read, read_for_refusal, side_files, stem,
+    FORMAT, Found, Ignored, KernelLock, LIVENESS_BASE, LIVENESS_LOCKED_FILE, LastSeen, MAX_RECORD,
+    RECORD_DIR, Record, Refusal, Seen, SideFiles, Target, Vm, ago, boot_id, describe_refusal,
+    holder_of, host_label, kernel_lock, liveness_byte, parse_record, read, read_for_refusal,
+    side_files, stem,
 };
-use crate::holder_record::{
-    LIVENESS_BYTE, LIVENESS_LOCKED_FILE, flock, is_regular, liveness_byte, ofd_held, side_files_of,
-};
+use crate::holder_record::{LIVENESS_BYTE, flock, is_regular, ofd_held, side_files_of};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
