@@ -10,7 +10,7 @@ mod common;
 
 use common::wait::{poll, wait_until_or};
 
-use common::daemon::{Lockwardend, TestDaemon};
+use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::locks::ofd_lock;
 use common::proto::{Proc, hostname, ok, owner_for, probe_lock, sleeper};
@@ -1157,4 +1157,280 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     .unwrap();
     assert_eq!(fs::metadata(&side).unwrap().ino(), ino, "reused");
     holder::withdraw(again.as_fd(), p2).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The liveness byte on the locked file, with real daemons standing for hosts (UTS namespaces of
+// their own: each daemon's host name is what its records carry)
+
+fn host_daemon(host: &'static str) -> TestDaemon {
+    TestDaemon::with(Opts {
+        hostname: Some(host),
+        ..Opts::default()
+    })
+}
+
+fn direct(path: &Path, mode: LeaseMode) -> LeaseSpec {
+    let p = path.to_str().unwrap().to_string();
+    LeaseSpec {
+        name: p.clone(),
+        kind: ResourceKind::Disk,
+        mode,
+        target: LockTarget::File { path: p },
+    }
+}
+
+fn busy_message(r: Response) -> String {
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, protocol::ErrorKind::Busy, "{e:?}");
+            e.message
+        }
+        other => panic!("must be refused, got {other:?}"),
+    }
+}
+
+/// Wait until the daemon's keeper is attached (its start is logged) and track it (killed on
+/// drop if it is still a keeper).
+fn track_keeper(d: &mut TestDaemon) -> u32 {
+    d.wait_for("the keeper is started", || d.logged_keeper_pid().is_some());
+    let k = d.logged_keeper_pid().unwrap();
+    d.track_keeper(k);
+    k
+}
+
+#[test]
+fn a_held_direct_mode_lease_keeps_no_side_file_open_and_survives_a_daemon_kill() {
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "live.qcow2");
+    let side = images.path().join(".lockwarden/live.qcow2@live-a.json");
+    let mut a = host_daemon("live-a");
+    let b = host_daemon("live-b");
+    track_keeper(&mut a);
+    let q = sleeper();
+    let web1 = owner_for(q.pid(), "live-web1");
+    ok(a.acquire(&web1, vec![direct(&img, LeaseMode::Exclusive)]));
+    // The record is there, names this rule, and the daemon holds no descriptor on it.
+    let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
+    assert_schema("record", &on_disk);
+    assert_eq!(on_disk["liveness"], "locked-file");
+    assert_eq!(on_disk["host"], "live-a");
+    assert_eq!(
+        a.fds_on(&side),
+        Vec::<String>::new(),
+        "no descriptor on {side:?}"
+    );
+    assert_eq!(
+        a.fds_on(&img).len(),
+        1,
+        "one descriptor on the image: the lease"
+    );
+    assert_eq!(
+        probe(&img, holder::liveness_byte("live-a")),
+        libc::F_WRLCK,
+        "live-a's liveness byte of the image is locked"
+    );
+    // Host B is refused, naming the VM from the record.
+    let b1 = sleeper();
+    let web2 = owner_for(b1.pid(), "live-web2");
+    let m = busy_message(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+    assert!(
+        m.contains("is in use by VM 'live-web1'") && m.contains("on host live-a"),
+        "{m}"
+    );
+
+    // The daemon is killed: its keeper keeps the lease, and with the lease's description the
+    // liveness byte, so the record is still believed (the VM still runs and holds the disk).
+    a.stop(libc::SIGKILL);
+    assert_eq!(probe(&img, 0), libc::F_WRLCK, "the keeper holds the lease");
+    let reader = File::open(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.vms[0].name, "live-web1");
+    let m = busy_message(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+    assert!(m.contains("is in use by VM 'live-web1'"), "{m}");
+    let out = who(&img, &images.path().join("none.conf"), &b.admin, true);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json_of(&out)["holders"][0]["vm_name"], "live-web1");
+
+    // The host dies as a whole (keeper too): the description closes, the record is stale.
+    for k in a.keepers.clone() {
+        common::proto::signal(k, libc::SIGKILL);
+    }
+    let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
+    assert!(found.believed.is_empty(), "{found:?}");
+    ok(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+}
+
+#[test]
+fn a_crashed_hosts_shared_record_is_not_kept_alive_by_another_hosts_lock() {
+    let images = tempfile::tempdir().unwrap();
+    let iso = image(images.path(), "shared.iso");
+    let p = iso.to_str().unwrap();
+    let mut a = host_daemon("share-a");
+    let b = host_daemon("share-b");
+    track_keeper(&mut a);
+    let (qa, qb) = (sleeper(), sleeper());
+    let (va, vb) = (
+        owner_for(qa.pid(), "share-va"),
+        owner_for(qb.pid(), "share-vb"),
+    );
+    ok(a.acquire(&va, vec![direct(&iso, LeaseMode::Shared)]));
+    ok(b.acquire(&vb, vec![direct(&iso, LeaseMode::Shared)]));
+    for (d, host) in [(&a, "share-a"), (&b, "share-b")] {
+        let side = images
+            .path()
+            .join(format!(".lockwarden/shared.iso@{host}.json"));
+        assert!(d.fds_on(&side).is_empty(), "no descriptor on {side:?}");
+    }
+    let reader = File::open(&iso).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    let mut hosts: Vec<&str> = found
+        .believed
+        .iter()
+        .map(|s| s.record.host.as_str())
+        .collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, ["share-a", "share-b"], "{found:?}");
+
+    // Host A crashes (daemon and keeper): its record stays on the storage, byte 0 still carries
+    // B's read lock of the record's mode, but A's own liveness byte is free: not believed.
+    a.stop(libc::SIGKILL);
+    for k in a.keepers.clone() {
+        common::proto::signal(k, libc::SIGKILL);
+    }
+    let found = read_until(target(&reader, p, false), |f| f.believed.len() == 1);
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.host, "share-b");
+    assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.host.as_deref() == Some("share-a")
+                && i.reason.contains("no longer holds the record")),
+        "{found:?}"
+    );
+    // A refusal on a third host names B's VM only.
+    let c = host_daemon("share-c");
+    let qc = sleeper();
+    let vc = owner_for(qc.pid(), "share-vc");
+    let m = busy_message(c.acquire(&vc, vec![direct(&iso, LeaseMode::Exclusive)]));
+    assert!(
+        m.contains("VM 'share-vb'") && !m.contains("share-va"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_twin_host_name_gets_no_record_and_a_warning_but_keeps_its_lease() {
+    let images = tempfile::tempdir().unwrap();
+    let iso = image(images.path(), "twin.iso");
+    let side = images.path().join(".lockwarden/twin.iso@twin.json");
+    let (a, b) = (host_daemon("twin"), host_daemon("twin"));
+    let (qa, qb) = (sleeper(), sleeper());
+    let (va, vb) = (
+        owner_for(qa.pid(), "twin-va"),
+        owner_for(qb.pid(), "twin-vb"),
+    );
+    ok(a.acquire(&va, vec![direct(&iso, LeaseMode::Shared)]));
+    ok(b.acquire(&vb, vec![direct(&iso, LeaseMode::Shared)]));
+    // B found "twin"'s liveness byte held by A: it says so, names the file and the host, and
+    // writes nothing (A's record is intact); its lease is held all the same.
+    b.wait_for("the WARN about the liveness byte", || {
+        b.warned(&["liveness byte", iso.to_str().unwrap(), "\"twin\""])
+    });
+    let text = fs::read_to_string(&side).unwrap();
+    assert!(
+        text.contains("twin-va") && !text.contains("twin-vb"),
+        "{text}"
+    );
+    assert_eq!(b.list().len(), 1, "B's lease stands");
+    assert!(!a.warned(&["liveness byte"]), "{}", a.log());
+}
+
+#[test]
+fn an_older_hosts_record_is_judged_by_its_side_files_own_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "old.qcow2");
+    let p = img.to_str().unwrap();
+    let lease = open_rw(&img);
+    ofd_lock(&lease, libc::F_WRLCK, 0);
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&img).unwrap().ino()
+    };
+    let records = dir.path().join(".lockwarden");
+    fs::create_dir(&records).unwrap();
+    // What a host of the previous version wrote: no `liveness` field; it holds byte 0 of its
+    // side file for as long as the lease.
+    let mut old = record("node-old", p, LeaseMode::Exclusive, vec![vm("old-vm", 9)]);
+    old.lock_ino = ino;
+    let text = serde_json::to_string(&old).unwrap();
+    assert!(!text.contains("liveness"), "{text}");
+    let side = records.join("old.qcow2@node-old.json");
+    fs::write(&side, &text).unwrap();
+    let side_f = open_rw(&side);
+    let reader = File::open(&img).unwrap();
+    ofd_lock(&side_f, libc::F_WRLCK, 0);
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(
+        found.believed.len(),
+        1,
+        "held side file: believed: {found:?}"
+    );
+    assert_eq!(found.believed[0].record.vms[0].name, "old-vm");
+    // Its side-file lock gone: stale, even if something held node-old's byte of the image.
+    ofd_lock(&side_f, libc::F_UNLCK, 0);
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-old"));
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0]
+            .reason
+            .contains("no longer holds the record"),
+        "{found:?}"
+    );
+
+    // The same record naming this version's rule: judged by the image's byte, never by a lock
+    // on the side file.
+    let mut new = old.clone();
+    new.liveness = Some(holder::LIVENESS_LOCKED_FILE.into());
+    fs::write(&side, serde_json::to_string(&new).unwrap()).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    ofd_lock(&lease, libc::F_UNLCK, holder::liveness_byte("node-old"));
+    ofd_lock(&side_f, libc::F_WRLCK, 0);
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    // A read lock on the byte does not keep an exclusive record alive.
+    let ro = File::open(&img).unwrap();
+    ofd_lock(&ro, libc::F_RDLCK, holder::liveness_byte("node-old"));
+    assert!(holder::read(target(&reader, p, false)).believed.is_empty());
+    drop(ro);
+    // A record in another host's side file is not believed whatever that host's byte says.
+    let mut moved = new.clone();
+    moved.host = "node-x".into();
+    fs::write(&side, serde_json::to_string(&moved).unwrap()).unwrap();
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-x"));
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-old"));
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0]
+            .reason
+            .contains("not the host its side file is named for"),
+        "{found:?}"
+    );
+    // An unknown rule is not guessed at.
+    let mut future = new.clone();
+    future.liveness = Some("quorum".into());
+    fs::write(&side, serde_json::to_string(&future).unwrap()).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0].reason.contains("unknown liveness rule"),
+        "{found:?}"
+    );
 }
