@@ -354,7 +354,8 @@ impl State {
     }
 
     /// Publish every lease's record again (after adopting leases from the keeper or a re-exec:
-    /// side-file records died with the previous process's descriptors).
+    /// the previous process's record handles are gone; the adopted descriptions still hold the
+    /// records' liveness bytes, docs/holders.md section 3).
     pub fn publish_all_holders(&mut self) {
         self.mounts.refresh();
         // Adopted leases: their mount by the device of what was opened (storage.rs `note`).

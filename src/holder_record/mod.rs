@@ -465,7 +465,7 @@ mod tests {
         }
         for i in 0..10_000u32 {
             let b = liveness_byte(&format!("host-{i}"));
-            assert!(b >= LIVENESS_BASE && b < LIVENESS_BASE + (1 << 32) && b > 1023);
+            assert!((LIVENESS_BASE..LIVENESS_BASE + (1 << 32)).contains(&b) && b > 1023);
         }
         // Per host, and of the host's label (what side-file names carry).
         assert_ne!(liveness_byte("node-a"), liveness_byte("node-b"));
