@@ -403,10 +403,30 @@ fn write_side(dir: &mut Arc<RecordDir>, name: &str, bytes: &[u8]) -> Result<(), 
             dir.path
         )
     })?;
-    let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
-    write_record(fd.as_fd(), bytes, old_len, Tail::Pad, dir.flush)
-        .map(drop)
-        .map_err(|e| format!("writing {name:?} in {:?}: {e}", dir.path))
+    // Checked on the `fstat` of the open that came right before (no second `fstat`); a file
+    // that passed is at most a record long, so padding to its length never needs a truncate.
+    // Padding with spaces (which readers skip) rather than truncating: on ext4 a truncate frees
+    // the block through the orphan list and the journal, and the next record allocates a block
+    // again; an overwrite of the same bytes does neither.
+    let old_len = usize::try_from(st.st_size).unwrap_or(0).min(MAX_RECORD);
+    let padded;
+    let bytes = if old_len > bytes.len() {
+        let mut v = Vec::with_capacity(old_len);
+        v.extend_from_slice(bytes);
+        v.resize(old_len, b' ');
+        padded = v;
+        &padded[..]
+    } else {
+        bytes
+    };
+    let written = write_all_at0(fd.as_fd(), bytes).and_then(|()| {
+        if dir.flush {
+            fdatasync(fd.as_fd()).map_err(|e| format!("flushing failed: {}", e.desc()))
+        } else {
+            Ok(())
+        }
+    });
+    written.map_err(|e| format!("writing {name:?} in {:?}: {e}", dir.path))
 }
 
 /// Overwrite this host's side file `name` in `dir` with spaces (it stays, blank, for this
@@ -451,38 +471,11 @@ fn host_local(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
-/// What a rewrite does with the rest of a longer earlier record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Tail {
-    /// `ftruncate` it away (records inside lock files).
-    Cut,
-    /// Overwrite it with spaces, which readers skip (side files). Cheaper than truncating: on
-    /// ext4 a truncate frees the block and goes through the orphan list and the journal, and
-    /// the next record allocates a block again; an overwrite of the same bytes does neither.
-    Pad,
-}
-
-/// Write `bytes` at offset 0 of `fd`, cut or blank what is left of a longer earlier record
-/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close). Returns
-/// the length of the file's content now.
-pub(super) fn write_record(
-    fd: BorrowedFd<'_>,
-    bytes: &[u8],
-    old_len: u64,
-    tail: Tail,
-    flush: bool,
-) -> Result<u64, String> {
-    let padded;
-    let bytes = match usize::try_from(old_len) {
-        Ok(old) if tail == Tail::Pad && old > bytes.len() && old <= MAX_RECORD => {
-            let mut v = Vec::with_capacity(old);
-            v.extend_from_slice(bytes);
-            v.resize(old, b' ');
-            padded = v;
-            &padded[..]
-        }
-        _ => bytes,
-    };
+/// Write `bytes` at offset 0 of a lock file open as `fd` (an in-file record), cut what is left
+/// of a longer earlier record (`old_len`), and flush when asked (NFS: other clients see it now,
+/// not at close). Each write and the truncate only while the file may be written
+/// ([`writable_now`]).
+fn write_record(fd: BorrowedFd<'_>, bytes: &[u8], old_len: u64, flush: bool) -> Result<(), String> {
     writable_now(fd).map_err(|why| format!("not written: {why}"))?;
     write_all_at0(fd, bytes)?;
     if old_len > bytes.len() as u64 {
@@ -493,7 +486,7 @@ pub(super) fn write_record(
     if flush {
         fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
     }
-    Ok(bytes.len() as u64)
+    Ok(())
 }
 
 /// `pwrite` all of `bytes` at offset 0.
@@ -544,8 +537,7 @@ fn publish_in_file(
         )
     })?;
     // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
-    write_record(fd, bytes, u64::MAX, Tail::Cut, !host_local(fd))
-        .map(drop)
+    write_record(fd, bytes, u64::MAX, !host_local(fd))
         .map_err(|e| format!("the lock file {lock_path:?}: {e}"))
 }
 
@@ -677,7 +669,7 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
         PublishedPlace::Side { dir, name, live } => {
             // Blank first, then drop the liveness lock: a reader finds either our record, or
             // only spaces (read as empty), or a record whose liveness byte is free. Spaces
-            // rather than a truncate: see `Tail::Pad`. A claim never written left the file as
+            // rather than a truncate: see `write_side`. A claim never written left the file as
             // it was (blank).
             let r = if unwritten {
                 Ok(())
