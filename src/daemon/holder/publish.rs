@@ -10,7 +10,7 @@ use nix::sys::stat::{Mode, fstat, fstatat, mkdirat};
 use nix::sys::statfs::fstatfs;
 use nix::sys::uio::pwrite;
 use nix::unistd::{fdatasync, ftruncate};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
@@ -217,6 +217,8 @@ pub fn publish_known(
     let bytes = prepare(&mut record, id, true)?;
     let mut dir = record_dir(&side.dir)?;
     let name = side_name(&side, &record.host);
+    // Written now: no longer a blank file to claim.
+    take_blanked(&side.dir, &name);
     let live = take_liveness(target, &record.host, record.mode)?;
     if let Err(e) = write_side(&mut dir, &name, &bytes) {
         // Without its record the lock would keep alive whatever the file held before.
@@ -231,10 +233,36 @@ pub fn publish_known(
     })
 }
 
-/// [`publish_known`], but when the record goes into a side file that exists already (this
-/// host's blank one from an earlier lease of the file) only *claim* it: take its liveness lock
-/// now and leave the record in the result for [`write_pending`], which the daemon calls right
-/// after answering. A reader that comes in between finds the liveness lock held over a blank
+/// Side files this process blanked itself (withdrawn records), by (directory, name): only over
+/// one of these may a record be claimed before it is written ([`claim_known`]) — a file left
+/// with an old record of this host in it (a crash) would otherwise be believed, naming the old
+/// VM, between the claim and the write. Memory only, no descriptors; bounded by
+/// [`BLANKED_MAX`] (when full it starts over: those leases are then published before the
+/// answer).
+static BLANKED: LazyLock<Mutex<HashSet<(String, String)>>> =
+    LazyLock::new(|| Mutex::new(HashSet::new()));
+const BLANKED_MAX: usize = 1024;
+
+fn note_blanked(dir: &str, name: &str) {
+    if let Ok(mut set) = BLANKED.lock() {
+        if set.len() >= BLANKED_MAX {
+            set.clear();
+        }
+        set.insert((dir.to_string(), name.to_string()));
+    }
+}
+
+/// Was side file `name` of `dir` blanked by this process (and not written since)? Forgets it.
+fn take_blanked(dir: &str, name: &str) -> bool {
+    BLANKED
+        .lock()
+        .is_ok_and(|mut set| set.remove(&(dir.to_string(), name.to_string())))
+}
+
+/// [`publish_known`], but when the record goes into a side file this process blanked itself
+/// (withdrawing an earlier lease of the file) only *claim* it: take its liveness lock now and
+/// leave the record in the result for [`write_pending`], which the daemon calls right after
+/// answering. A reader that comes in between finds the liveness lock held over a blank
 /// file and reads again 5 ms later (see `read_side_file`), so a refusal still names the VM; the
 /// acquire's answer does not wait for a write per disk. Anything else is published at once.
 pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<Published, String> {
@@ -245,11 +273,14 @@ pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<
         return publish_known(target, record, id);
     };
     let name = side_name(&side, &record.host);
+    if !take_blanked(&side.dir, &name) {
+        return publish_known(target, record, id);
+    }
     let Ok(dir) = record_dir(&side.dir) else {
         return publish_known(target, record, id);
     };
-    // Only over an existing regular file: a reader must find the file (blank, held) until the
-    // record is in it.
+    // Only over a file still there: a reader must find the file (blank, held) until the record
+    // is in it.
     let exists = fstatat(&dir.fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
         .is_ok_and(|st| is_regular(&st));
     if !exists {
@@ -676,6 +707,9 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
             } else {
                 blank_side(&dir, &name)
             };
+            if r.is_ok() {
+                note_blanked(&dir.path, &name);
+            }
             drop_liveness(fd, live);
             r
         }
@@ -904,6 +938,29 @@ mod tests {
         assert_eq!(held_by_others(&img, byte), None);
         assert!(!fs::read_to_string(&side).unwrap().contains("pub-vm"));
         withdraw(lease.as_fd(), p2).unwrap();
+        // A side file this process did not blank (an old record of this host left by a crash)
+        // is never claimed: the old record would be believed until the write.
+        fs::remove_file(&link).unwrap();
+        fs::write(
+            &side,
+            rec("node-a", &p, LeaseMode::Exclusive).vms[0]
+                .name
+                .repeat(3),
+        )
+        .unwrap();
+        let p3 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(!p3.is_pending(), "published at once");
+        assert!(
+            fs::read_to_string(&side)
+                .unwrap()
+                .contains("lockwarden_holder")
+        );
+        withdraw(lease.as_fd(), p3).unwrap();
     }
 
     #[test]
