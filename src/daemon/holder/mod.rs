@@ -31,8 +31,10 @@
 //!
 //! What is written (docs/hardening.md): lockwardend writes to or truncates a side file or a lock
 //! file only when it is a regular file with exactly one name, owned by lockwardend's user and no
-//! larger than a record ([`crate::untrusted::check_writable`]), checked after opening and again
-//! right before every write and truncate (a hard link can be added at any time). A lock file is
+//! larger than a record ([`crate::untrusted::check_writable`]): a side file on the `fstat` of the
+//! open that comes right before each of its writes (it is opened afresh for every one), a lock
+//! file after opening and again right before every write and truncate (a hard link can be added
+//! at any time). A lock file is
 //! written only when it is empty or holds a lockwarden record (a lockd lock file is empty, and is
 //! emptied again when the record is withdrawn). Side files are opened without any device open
 //! (`crate::untrusted::open_regular_at`) and only in a `.lockwarden` directory that, like the
