@@ -1254,9 +1254,32 @@ fn a_held_direct_mode_lease_keeps_no_side_file_open_and_survives_a_daemon_kill()
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(json_of(&out)["holders"][0]["vm_name"], "live-web1");
 
+    // The daemon comes back: it takes the lease back from the keeper and writes the record
+    // again (its own pid now), still without keeping the side file open.
+    a.respawn();
+    a.wait_for("the lease is adopted", || a.list().len() == 1);
+    let pid = a.pid();
+    a.wait_for("the record is rewritten by the new daemon", || {
+        fs::read(&side)
+            .ok()
+            .and_then(|b| holder::parse_record(&b).ok())
+            .is_some_and(|r| r.daemon_pid == pid)
+    });
+    assert!(a.fds_on(&side).is_empty(), "no descriptor on {side:?}");
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+
     // The host dies as a whole (keeper too): the description closes, the record is stale.
-    for k in a.keepers.clone() {
-        common::proto::signal(k, libc::SIGKILL);
+    a.stop(libc::SIGKILL);
+    let keepers: Vec<u32> = a
+        .keepers
+        .iter()
+        .copied()
+        .chain(a.logged_keeper_pid())
+        .collect();
+    for k in keepers {
+        // SAFETY: kill(2) of a pid this test tracks as the daemon's keeper.
+        unsafe { libc::kill(k as libc::pid_t, libc::SIGKILL) };
     }
     let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
     assert!(found.believed.is_empty(), "{found:?}");
