@@ -414,10 +414,15 @@ fn read_side(
             // Withdrawn between listing and opening.
             Err(OpenFailure::Sys(Errno::ENOENT)) => continue,
             Err(e) => {
+                // Not judged (no record was read); how it would have been held does not matter.
                 out.push(Candidate {
                     source,
                     parsed: Err(format!("cannot open: {}", e.describe())),
-                    live: Live::InFile(false),
+                    live: Live::Side {
+                        side_lock: false,
+                        label,
+                        on_locked_file: None,
+                    },
                 });
                 continue;
             }
