@@ -154,9 +154,10 @@ fn register_acquire_inquire_release() {
 
 #[test]
 fn a_record_written_after_the_answer_still_names_the_vm_in_a_refusal_at_once() {
-    // The second acquire of an image within 10 s reuses its idle side file and writes the record
-    // right after answering (holder::claim_known): another daemon refused at that very moment
-    // must still name the VM (it reads again while the liveness lock is held over a blank file).
+    // From the second acquire of an image on, its (blank) side file exists: the acquire only
+    // claims it — takes the liveness byte of the image — and writes the record right after
+    // answering (holder::claim_known): another daemon refused at that very moment must still
+    // name the VM (it reads again while the liveness lock is held over a blank file).
     let (d1, d2) = (start(), start());
     let images = tempfile::tempdir().unwrap();
     let img = image(images.path(), "fast.raw");

@@ -10,7 +10,7 @@ mod common;
 
 use common::wait::{poll, wait_until_or};
 
-use common::daemon::{Lockwardend, TestDaemon};
+use common::daemon::{Lockwardend, Opts, TestDaemon};
 use common::image;
 use common::locks::ofd_lock;
 use common::proto::{Proc, hostname, ok, owner_for, probe_lock, sleeper};
@@ -301,13 +301,19 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     );
     assert_eq!(probe(&img, 100), libc::F_UNLCK, "QEMU's bytes untouched");
     assert_eq!(
-        probe(&side, 0),
+        probe(&img, holder::liveness_byte("node-a")),
         libc::F_WRLCK,
-        "the side file carries its liveness lock"
+        "the lease's description carries node-a's liveness byte of the image"
+    );
+    assert_eq!(
+        probe(&side, 0),
+        libc::F_UNLCK,
+        "the side file is not locked"
     );
     let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
     assert_schema("record", &on_disk);
     assert_eq!(on_disk["generation"].as_u64(), Some(published.generation));
+    assert_eq!(on_disk["liveness"], "locked-file");
 
     // Another host (another open file description) reads it.
     let reader = File::open(&img).unwrap();
@@ -351,9 +357,10 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
     assert_eq!(refusal.holder.mode, Some(LeaseMode::Exclusive));
     assert_eq!(refusal.holder.since, Some(SINCE));
 
-    // The lock goes (daemon crash: lease descriptor closed) while the record file is still
-    // held open: nothing holds byte 0, so the record is stale.
-    drop(lease);
+    // Byte 0 goes while the description still holds the liveness byte (a keeper that let go of
+    // the lease while a copy of the description lingers): nothing holds byte 0, so the record
+    // is stale.
+    ofd_lock(&lease, libc::F_UNLCK, 0);
     let found = read_until(target(&reader, p, false), |f| f.lock.is_none());
     assert!(found.believed.is_empty(), "{found:?}");
     assert!(found.lock.is_none());
@@ -366,11 +373,13 @@ fn direct_mode_record_is_a_side_file_and_is_believed_only_while_locked() {
         "{found:?}"
     );
 
-    // Somebody else locks byte 0 again, but the publisher is gone (its record file closed):
-    // the record is stale for that reason, and the refusal says who the kernel sees instead.
+    // The publisher is gone (daemon and keeper: the lease's description closed, and its
+    // liveness byte with it) and somebody else locks byte 0: the record is stale for that
+    // reason, and the refusal says who the kernel sees instead.
+    drop(lease);
+    drop(published);
     let other = open_rw(&img);
     ofd_lock(&other, libc::F_WRLCK, 0);
-    drop(published);
     assert!(side.exists(), "a crashed publisher leaves its file behind");
     let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
     assert!(found.believed.is_empty(), "{found:?}");
@@ -565,11 +574,18 @@ fn shared_holders_on_two_hosts_are_all_named() {
     );
     assert_eq!(records_b.len(), 1);
     let side_b = dir.path().join(".lockwarden/install.iso@node-b.json");
-    assert_eq!(
-        probe(&side_b, 0),
-        libc::F_WRLCK,
-        "the republished file is locked"
+    let (live_a, live_b) = (
+        holder::liveness_byte("node-a"),
+        holder::liveness_byte("node-b"),
     );
+    assert_ne!(live_a, live_b, "each host has its own liveness byte");
+    assert_eq!(
+        probe(&iso, live_b),
+        libc::F_RDLCK,
+        "node-b's (read-only) lease description holds its liveness byte"
+    );
+    assert_eq!(probe(&iso, live_a), libc::F_RDLCK);
+    assert_eq!(probe(&side_b, 0), libc::F_UNLCK, "side files carry no lock");
 
     let reader = File::open(&iso).unwrap();
     let found = holder::read(target(&reader, p, false));
@@ -594,7 +610,8 @@ fn shared_holders_on_two_hosts_are_all_named() {
     );
     assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
 
-    // node-a crashes (lease and record descriptors close together): only node-b is named.
+    // node-a crashes (its lease description closes, with its liveness byte): only node-b is
+    // named, although node-b's read lock on byte 0 still matches node-a's shared record.
     drop(pa);
     drop(a_fd);
     let found = read_until(target(&reader, p, false), |f| f.believed.len() == 1);
@@ -610,7 +627,12 @@ fn shared_holders_on_two_hosts_are_all_named() {
     // node-b leaves cleanly: its side file is emptied and released.
     records_b.withdraw(id, b_fd.as_fd());
     assert!(blank(&fs::read(&side_b).unwrap()));
-    assert_eq!(probe(&side_b, 0), libc::F_UNLCK);
+    assert_eq!(probe(&iso, live_b), libc::F_UNLCK);
+    assert_eq!(
+        probe(&iso, 0),
+        libc::F_RDLCK,
+        "the lease itself is the caller's"
+    );
     assert!(records_b.is_empty());
 }
 
@@ -1068,7 +1090,8 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
         ino,
         "rewritten in place"
     );
-    assert_eq!(probe(&side, 0), libc::F_WRLCK, "liveness lock kept");
+    let live = holder::liveness_byte("node-a");
+    assert_eq!(probe(&img, live), libc::F_RDLCK, "liveness lock kept");
     let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
     assert_schema("record", &on_disk);
     assert_eq!(on_disk["vms"].as_array().unwrap().len(), 1);
@@ -1085,8 +1108,11 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     fs::write(&torn, &fs::read(&side).unwrap()[..40]).unwrap();
     let empty = dir.path().join(".lockwarden/db.qcow2@node-e.json");
     fs::write(&empty, b"").unwrap();
-    let (torn_f, empty_f) = (open_rw(&torn), open_rw(&empty));
-    ofd_lock(&torn_f, libc::F_WRLCK, 0);
+    // node-t holds its liveness byte of the image (this version's rule), node-e its side file
+    // (an older host's rule): both count as held while the content is not a record yet.
+    let torn_f = File::open(&img).unwrap();
+    ofd_lock(&torn_f, libc::F_RDLCK, holder::liveness_byte("node-t"));
+    let empty_f = open_rw(&empty);
     ofd_lock(&empty_f, libc::F_WRLCK, 0);
     let reader = File::open(&img).unwrap();
     let t0 = Instant::now();
@@ -1115,9 +1141,9 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     );
     // Bounded poll, not an immediate check: a child another test forks right now inherits the
     // closed descriptor's open file description (and its OFD lock) until it execs.
-    let _ = poll(BOUND, || (probe(&side, 0) == libc::F_UNLCK).then_some(()));
+    let _ = poll(BOUND, || (probe(&img, live) == libc::F_UNLCK).then_some(()));
     assert_eq!(
-        probe(&side, 0),
+        probe(&img, live),
         libc::F_UNLCK,
         "and drops its liveness lock"
     );
@@ -1131,4 +1157,303 @@ fn side_files_are_rewritten_in_place_and_torn_records_are_ignored() {
     .unwrap();
     assert_eq!(fs::metadata(&side).unwrap().ino(), ino, "reused");
     holder::withdraw(again.as_fd(), p2).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The liveness byte on the locked file, with real daemons standing for hosts (UTS namespaces of
+// their own: each daemon's host name is what its records carry)
+
+fn host_daemon(host: &'static str) -> TestDaemon {
+    TestDaemon::with(Opts {
+        hostname: Some(host),
+        ..Opts::default()
+    })
+}
+
+fn direct(path: &Path, mode: LeaseMode) -> LeaseSpec {
+    let p = path.to_str().unwrap().to_string();
+    LeaseSpec {
+        name: p.clone(),
+        kind: ResourceKind::Disk,
+        mode,
+        target: LockTarget::File { path: p },
+    }
+}
+
+fn busy_message(r: Response) -> String {
+    match r {
+        Response::Error(e) => {
+            assert_eq!(e.kind, protocol::ErrorKind::Busy, "{e:?}");
+            e.message
+        }
+        other => panic!("must be refused, got {other:?}"),
+    }
+}
+
+/// Wait until the daemon's keeper is attached (its start is logged) and track it (killed on
+/// drop if it is still a keeper).
+fn track_keeper(d: &mut TestDaemon) -> u32 {
+    d.wait_for("the keeper is started", || d.logged_keeper_pid().is_some());
+    let k = d.logged_keeper_pid().unwrap();
+    d.track_keeper(k);
+    k
+}
+
+#[test]
+fn a_held_direct_mode_lease_keeps_no_side_file_open_and_survives_a_daemon_kill() {
+    let images = tempfile::tempdir().unwrap();
+    let img = image(images.path(), "live.qcow2");
+    let side = images.path().join(".lockwarden/live.qcow2@live-a.json");
+    let mut a = host_daemon("live-a");
+    let b = host_daemon("live-b");
+    track_keeper(&mut a);
+    let q = sleeper();
+    let web1 = owner_for(q.pid(), "live-web1");
+    ok(a.acquire(&web1, vec![direct(&img, LeaseMode::Exclusive)]));
+    // The record is there, names this rule, and the daemon holds no descriptor on it.
+    let on_disk: Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
+    assert_schema("record", &on_disk);
+    assert_eq!(on_disk["liveness"], "locked-file");
+    assert_eq!(on_disk["host"], "live-a");
+    assert_eq!(
+        a.fds_on(&side),
+        Vec::<String>::new(),
+        "no descriptor on {side:?}"
+    );
+    assert_eq!(
+        a.fds_on(&img).len(),
+        1,
+        "one descriptor on the image: the lease"
+    );
+    assert_eq!(
+        probe(&img, holder::liveness_byte("live-a")),
+        libc::F_WRLCK,
+        "live-a's liveness byte of the image is locked"
+    );
+    // Host B is refused, naming the VM from the record.
+    let b1 = sleeper();
+    let web2 = owner_for(b1.pid(), "live-web2");
+    let m = busy_message(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+    assert!(
+        m.contains("is in use by VM 'live-web1'") && m.contains("on host live-a"),
+        "{m}"
+    );
+
+    // The daemon is killed: its keeper keeps the lease, and with the lease's description the
+    // liveness byte, so the record is still believed (the VM still runs and holds the disk).
+    a.stop(libc::SIGKILL);
+    assert_eq!(probe(&img, 0), libc::F_WRLCK, "the keeper holds the lease");
+    let reader = File::open(&img).unwrap();
+    let p = img.to_str().unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.vms[0].name, "live-web1");
+    let m = busy_message(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+    assert!(m.contains("is in use by VM 'live-web1'"), "{m}");
+    let out = who(&img, &images.path().join("none.conf"), &b.admin, true);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(json_of(&out)["holders"][0]["vm_name"], "live-web1");
+
+    // The daemon comes back: it takes the lease back from the keeper and writes the record
+    // again (its own pid now), still without keeping the side file open.
+    a.respawn();
+    a.wait_for("the lease is adopted", || a.list().len() == 1);
+    let pid = a.pid();
+    a.wait_for("the record is rewritten by the new daemon", || {
+        fs::read(&side)
+            .ok()
+            .and_then(|b| holder::parse_record(&b).ok())
+            .is_some_and(|r| r.daemon_pid == pid)
+    });
+    assert!(a.fds_on(&side).is_empty(), "no descriptor on {side:?}");
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+
+    // The host dies as a whole (keeper too): the description closes, the record is stale.
+    a.stop(libc::SIGKILL);
+    let keepers: Vec<u32> = a
+        .keepers
+        .iter()
+        .copied()
+        .chain(a.logged_keeper_pid())
+        .collect();
+    for k in keepers {
+        // SAFETY: kill(2) of a pid this test tracks as the daemon's keeper.
+        unsafe { libc::kill(k as libc::pid_t, libc::SIGKILL) };
+    }
+    let found = read_until(target(&reader, p, false), |f| f.believed.is_empty());
+    assert!(found.believed.is_empty(), "{found:?}");
+    ok(b.acquire(&web2, vec![direct(&img, LeaseMode::Exclusive)]));
+}
+
+#[test]
+fn a_crashed_hosts_shared_record_is_not_kept_alive_by_another_hosts_lock() {
+    let images = tempfile::tempdir().unwrap();
+    let iso = image(images.path(), "shared.iso");
+    let p = iso.to_str().unwrap();
+    let mut a = host_daemon("share-a");
+    let b = host_daemon("share-b");
+    track_keeper(&mut a);
+    let (qa, qb) = (sleeper(), sleeper());
+    let (va, vb) = (
+        owner_for(qa.pid(), "share-va"),
+        owner_for(qb.pid(), "share-vb"),
+    );
+    ok(a.acquire(&va, vec![direct(&iso, LeaseMode::Shared)]));
+    ok(b.acquire(&vb, vec![direct(&iso, LeaseMode::Shared)]));
+    for (d, host) in [(&a, "share-a"), (&b, "share-b")] {
+        let side = images
+            .path()
+            .join(format!(".lockwarden/shared.iso@{host}.json"));
+        assert!(d.fds_on(&side).is_empty(), "no descriptor on {side:?}");
+    }
+    let reader = File::open(&iso).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    let mut hosts: Vec<&str> = found
+        .believed
+        .iter()
+        .map(|s| s.record.host.as_str())
+        .collect();
+    hosts.sort_unstable();
+    assert_eq!(hosts, ["share-a", "share-b"], "{found:?}");
+
+    // Host A crashes (daemon and keeper): its record stays on the storage, byte 0 still carries
+    // B's read lock of the record's mode, but A's own liveness byte is free: not believed.
+    a.stop(libc::SIGKILL);
+    for k in a.keepers.clone() {
+        common::proto::signal(k, libc::SIGKILL);
+    }
+    let found = read_until(target(&reader, p, false), |f| f.believed.len() == 1);
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    assert_eq!(found.believed[0].record.host, "share-b");
+    assert_eq!(found.lock.as_ref().map(|l| l.mode), Some(LeaseMode::Shared));
+    assert!(
+        found
+            .ignored
+            .iter()
+            .any(|i| i.host.as_deref() == Some("share-a")
+                && i.reason.contains("no longer holds the record")),
+        "{found:?}"
+    );
+    // A refusal on a third host names B's VM only.
+    let c = host_daemon("share-c");
+    let qc = sleeper();
+    let vc = owner_for(qc.pid(), "share-vc");
+    let m = busy_message(c.acquire(&vc, vec![direct(&iso, LeaseMode::Exclusive)]));
+    assert!(
+        m.contains("VM 'share-vb'") && !m.contains("share-va"),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_twin_host_name_gets_no_record_and_a_warning_but_keeps_its_lease() {
+    let images = tempfile::tempdir().unwrap();
+    let iso = image(images.path(), "twin.iso");
+    let side = images.path().join(".lockwarden/twin.iso@twin.json");
+    let (a, b) = (host_daemon("twin"), host_daemon("twin"));
+    let (qa, qb) = (sleeper(), sleeper());
+    let (va, vb) = (
+        owner_for(qa.pid(), "twin-va"),
+        owner_for(qb.pid(), "twin-vb"),
+    );
+    ok(a.acquire(&va, vec![direct(&iso, LeaseMode::Shared)]));
+    ok(b.acquire(&vb, vec![direct(&iso, LeaseMode::Shared)]));
+    // B found "twin"'s liveness byte held by A: it says so, names the file and the host, and
+    // writes nothing (A's record is intact); its lease is held all the same.
+    b.wait_for("the WARN about the liveness byte", || {
+        b.warned(&["liveness byte", iso.to_str().unwrap(), "\"twin\""])
+    });
+    let text = fs::read_to_string(&side).unwrap();
+    assert!(
+        text.contains("twin-va") && !text.contains("twin-vb"),
+        "{text}"
+    );
+    assert_eq!(b.list().len(), 1, "B's lease stands");
+    assert!(!a.warned(&["liveness byte"]), "{}", a.log());
+}
+
+#[test]
+fn an_older_hosts_record_is_judged_by_its_side_files_own_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), "old.qcow2");
+    let p = img.to_str().unwrap();
+    let lease = open_rw(&img);
+    ofd_lock(&lease, libc::F_WRLCK, 0);
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&img).unwrap().ino()
+    };
+    let records = dir.path().join(".lockwarden");
+    fs::create_dir(&records).unwrap();
+    // What a host of the previous version wrote: no `liveness` field; it holds byte 0 of its
+    // side file for as long as the lease.
+    let mut old = record("node-old", p, LeaseMode::Exclusive, vec![vm("old-vm", 9)]);
+    old.lock_ino = ino;
+    let text = serde_json::to_string(&old).unwrap();
+    assert!(!text.contains("liveness"), "{text}");
+    let side = records.join("old.qcow2@node-old.json");
+    fs::write(&side, &text).unwrap();
+    let side_f = open_rw(&side);
+    let reader = File::open(&img).unwrap();
+    ofd_lock(&side_f, libc::F_WRLCK, 0);
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(
+        found.believed.len(),
+        1,
+        "held side file: believed: {found:?}"
+    );
+    assert_eq!(found.believed[0].record.vms[0].name, "old-vm");
+    // Its side-file lock gone: stale, even if something held node-old's byte of the image.
+    ofd_lock(&side_f, libc::F_UNLCK, 0);
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-old"));
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0]
+            .reason
+            .contains("no longer holds the record"),
+        "{found:?}"
+    );
+
+    // The same record naming this version's rule: judged by the image's byte, never by a lock
+    // on the side file.
+    let mut new = old.clone();
+    new.liveness = Some(holder::LIVENESS_LOCKED_FILE.into());
+    fs::write(&side, serde_json::to_string(&new).unwrap()).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert_eq!(found.believed.len(), 1, "{found:?}");
+    ofd_lock(&lease, libc::F_UNLCK, holder::liveness_byte("node-old"));
+    ofd_lock(&side_f, libc::F_WRLCK, 0);
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    // A read lock on the byte does not keep an exclusive record alive.
+    let ro = File::open(&img).unwrap();
+    ofd_lock(&ro, libc::F_RDLCK, holder::liveness_byte("node-old"));
+    assert!(holder::read(target(&reader, p, false)).believed.is_empty());
+    drop(ro);
+    // A record in another host's side file is not believed whatever that host's byte says.
+    let mut moved = new.clone();
+    moved.host = "node-x".into();
+    fs::write(&side, serde_json::to_string(&moved).unwrap()).unwrap();
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-x"));
+    ofd_lock(&lease, libc::F_WRLCK, holder::liveness_byte("node-old"));
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0]
+            .reason
+            .contains("not the host its side file is named for"),
+        "{found:?}"
+    );
+    // An unknown rule is not guessed at.
+    let mut future = new.clone();
+    future.liveness = Some("quorum".into());
+    fs::write(&side, serde_json::to_string(&future).unwrap()).unwrap();
+    let found = holder::read(target(&reader, p, false));
+    assert!(found.believed.is_empty(), "{found:?}");
+    assert!(
+        found.ignored[0].reason.contains("unknown liveness rule"),
+        "{found:?}"
+    );
 }

@@ -168,7 +168,7 @@ impl Watch {
 /// Direct mode: this host's side file planted as a hard link to another image. The lease is
 /// taken, no record is written anywhere (a WARN names the file), and the victim keeps every
 /// byte through acquire and release. Then the same with a side file replaced by a link while
-/// it sat idle (kept open between leases).
+/// it sat blank between leases (every publish opens it afresh and checks it again).
 #[test]
 fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
     let d = TestDaemon::start("");
@@ -197,7 +197,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
         d.log()
     );
 
-    // A side file this daemon made and keeps open between leases, swapped for a link meanwhile.
+    // A side file this daemon made and left blank after the lease, swapped for a link meanwhile.
     let img2 = image(images.path(), "web2.img");
     let side2 = records.join(side_name("web2.img"));
     ok(d.acquire(&a.owner, vec![excl(&img2)]));
@@ -214,7 +214,7 @@ fn hard_linked_side_file_in_direct_mode_leaves_the_victim_intact() {
     assert_intact(
         &vic,
         &bytes,
-        "after the idle side file was swapped for a link",
+        "after the blank side file was swapped for a link",
     );
     ok(d.release(&a.owner, vec![excl(&img2)]));
     assert_intact(&vic, &bytes, "after release of the swapped side file");

@@ -597,7 +597,6 @@ impl Server {
             .next_deadline()
             .into_iter()
             .chain(reexec)
-            .chain(super::holder::idle_deadline())
             .chain(self.keeper_retry_at)
             .chain(conn_deadlines)
             .chain(self.accept_paused_until)
@@ -657,7 +656,6 @@ impl Server {
     }
 
     fn timers(&mut self, now: Instant) {
-        super::holder::expire_idle(now);
         if self.keeper_retry_at.is_some_and(|t| t <= now) {
             self.rehand(now);
         }

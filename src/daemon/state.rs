@@ -257,11 +257,11 @@ impl State {
     /// Write the records claimed for this round's acquires (see `holder::claim_known`).
     pub fn write_unwritten(&mut self) {
         for key in std::mem::take(&mut self.unwritten) {
-            let Some(slot) = self.records.get(&key) else {
+            let (Some(slot), Some(lease)) = (self.records.get(&key), self.leases.get(&key)) else {
                 continue;
             };
             let result = match slot.lock() {
-                Ok(mut p) => holder::write_pending(&mut p),
+                Ok(mut p) => holder::write_pending(lease.fd.as_fd(), &mut p),
                 Err(_) => Err("its record handle is poisoned".into()),
             };
             if let Err(e) = result {
@@ -354,7 +354,8 @@ impl State {
     }
 
     /// Publish every lease's record again (after adopting leases from the keeper or a re-exec:
-    /// side-file records died with the previous process's descriptors).
+    /// the previous process's record handles are gone; the adopted descriptions still hold the
+    /// records' liveness bytes, docs/holders.md section 3).
     pub fn publish_all_holders(&mut self) {
         self.mounts.refresh();
         // Adopted leases: their mount by the device of what was opened (storage.rs `note`).

@@ -35,6 +35,14 @@ pub const RECORD_DIR: &str = ".lockwarden";
 pub const MAX_RECORD: usize = 64 * 1024;
 /// Byte of an in-file record's lock file that carries the publisher's liveness lock.
 pub const LIVENESS_BYTE: libc::off_t = 1;
+/// Where the per-host liveness bytes of side-file records start in the *locked* file
+/// (docs/holders.md, section 3): 1 TiB, far above every byte anybody else locks (virtlockd byte
+/// 0, QEMU bytes 100-104 and 200-204, our in-file liveness byte 1) and above any image size
+/// that matters (a byte-range lock does not need the file to be that long).
+pub const LIVENESS_BASE: libc::off_t = 1 << 40;
+/// Value of a record's `liveness` field: the record is alive while its publisher holds a lock
+/// on byte [`liveness_byte`]`(host)` of the locked file (see docs/holders.md, section 3).
+pub const LIVENESS_LOCKED_FILE: &str = "locked-file";
 /// File names longer than this (the image's base name) are replaced by their SHA-256 in side
 /// file names, so `<name>@<host>.json` always fits NAME_MAX (host names are at most 64 bytes).
 pub const MAX_STEM: usize = 128;
@@ -90,6 +98,12 @@ pub struct Record {
     pub since: u64,
     /// The VMs of this host holding it (one for an exclusive lease).
     pub vms: Vec<Vm>,
+    /// Which liveness rule applies: [`LIVENESS_LOCKED_FILE`] (a lock on byte
+    /// [`liveness_byte`]`(host)` of the locked file) in side-file records of this version;
+    /// absent in in-file records (byte 1 of the lock file) and in side-file records of older
+    /// versions (byte 0 of the side file itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<String>,
 }
 
 impl Record {
@@ -118,6 +132,7 @@ impl Record {
             lock_ino: 0,
             since,
             vms,
+            liveness: None,
         }
     }
 }
@@ -263,6 +278,21 @@ pub fn ofd_held(fd: BorrowedFd<'_>, start: libc::off_t) -> bool {
     ofd_getlk(fd, start).is_some()
 }
 
+/// The byte of a locked file whose lock keeps alive the side-file record of host `host`:
+/// [`LIVENESS_BASE`] plus the first 4 bytes (big-endian) of the SHA-256 of the host's label
+/// ([`host_label`], the name as it appears in side-file names). Per host, so that hosts sharing
+/// a lease each hold their own byte (a crashed host's record is not kept alive by another
+/// host's lock); of the label rather than the raw name, so a reader finds the byte from a side
+/// file's name alone while the record in it is being written.
+pub fn liveness_byte(host: &str) -> libc::off_t {
+    let hex = crate::naming::sha256_hex(&host_label(host));
+    let h = hex
+        .get(..8)
+        .and_then(|p| u32::from_str_radix(p, 16).ok())
+        .unwrap_or(0);
+    LIVENESS_BASE + libc::off_t::from(h)
+}
+
 /// A host name as it may appear in a file name: `[A-Za-z0-9._-]`, at most 64 bytes.
 pub fn host_label(host: &str) -> String {
     let label: String = host
@@ -387,6 +417,7 @@ mod tests {
                 pid: 42,
                 since: 1_700_000_000,
             }],
+            liveness: None,
         };
         let mut bytes = serde_json::to_vec(&r).unwrap();
         assert_eq!(parse_record(&bytes).unwrap(), r);
@@ -400,6 +431,55 @@ mod tests {
                 .starts_with("not a lockwarden holder record")
         );
         assert!(parse_record(b"").is_err());
+        // The liveness field is written only when set, and read back.
+        assert!(
+            !String::from_utf8(serde_json::to_vec(&r).unwrap())
+                .unwrap()
+                .contains("liveness")
+        );
+        let mut lf = r.clone();
+        lf.liveness = Some(LIVENESS_LOCKED_FILE.into());
+        let text = serde_json::to_string(&lf).unwrap();
+        assert!(text.contains("\"liveness\":\"locked-file\""), "{text}");
+        assert_eq!(parse_record(text.as_bytes()).unwrap(), lf);
+    }
+
+    #[test]
+    fn liveness_bytes_stay_clear_of_every_byte_others_lock() {
+        // virtlockd byte 0, our in-file byte 1, QEMU 100-104 and 200-204: all below 1024.
+        let mut seen = std::collections::HashSet::new();
+        for host in [
+            "",
+            "node-a",
+            "node-b",
+            "x",
+            "a b",
+            "a_b",
+            "\u{1b}[2J",
+            &"h".repeat(300),
+        ] {
+            let b = liveness_byte(host);
+            assert!(!(0..=1023).contains(&b), "{host:?} -> {b}");
+            assert!((LIVENESS_BASE..LIVENESS_BASE + (1 << 32)).contains(&b));
+            seen.insert(b);
+        }
+        for i in 0..10_000u32 {
+            let b = liveness_byte(&format!("host-{i}"));
+            assert!((LIVENESS_BASE..LIVENESS_BASE + (1 << 32)).contains(&b) && b > 1023);
+        }
+        // Per host, and of the host's label (what side-file names carry).
+        assert_ne!(liveness_byte("node-a"), liveness_byte("node-b"));
+        assert_eq!(liveness_byte("a b"), liveness_byte("a_b"));
+        assert_eq!(
+            liveness_byte("node-a"),
+            liveness_byte(&host_label("node-a"))
+        );
+        // Stable across versions: readers on other hosts compute the same byte.
+        let hex = crate::naming::sha256_hex("node-a");
+        assert_eq!(
+            liveness_byte("node-a"),
+            LIVENESS_BASE + i64::from(u32::from_str_radix(&hex[..8], 16).unwrap())
+        );
     }
 
     #[test]

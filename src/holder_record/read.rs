@@ -98,6 +98,61 @@ fn comm(pid: i32) -> Option<String> {
     )
 }
 
+/// How a candidate record's liveness is judged (docs/holders.md, section 3).
+#[derive(Clone, Debug)]
+enum Live {
+    /// An in-file record: byte 1 of the lock file, looked at.
+    InFile(bool),
+    /// A side file named for host label `label`: whether anybody holds byte 0 of the side file
+    /// (the rule of records without a `liveness` field), and what lock (if any) is on the
+    /// label's liveness byte of the locked file (the `locked-file` rule).
+    Side {
+        side_lock: bool,
+        label: String,
+        on_locked_file: Option<libc::c_int>,
+    },
+}
+
+/// Whether `record`, found as `live` says, is alive by the rule it names; Err when the record
+/// cannot be judged at all (an unknown rule, or a host that does not match its file's name).
+fn alive(record: &Record, live: &Live) -> Result<bool, String> {
+    match live {
+        Live::InFile(held) => Ok(*held),
+        Live::Side {
+            side_lock,
+            label,
+            on_locked_file,
+        } => match record.liveness.as_deref() {
+            None => Ok(*side_lock),
+            Some(LIVENESS_LOCKED_FILE) => {
+                if host_label(&record.host) != *label {
+                    return Err(format!(
+                        "its host {:?} is not the host its side file is named for ({label:?})",
+                        record.host
+                    ));
+                }
+                // An exclusive lease's descriptor is writable and holds a write lock; a shared
+                // lease's may be read-only and holds a read lock.
+                Ok(match record.mode {
+                    LeaseMode::Exclusive => *on_locked_file == Some(libc::F_WRLCK),
+                    LeaseMode::Shared => on_locked_file.is_some(),
+                })
+            }
+            Some(other) => Err(format!(
+                "unknown liveness rule {other:?} (this lockwarden knows {LIVENESS_LOCKED_FILE:?} \
+                 and the side file's own lock)"
+            )),
+        },
+    }
+}
+
+/// A record read from a lock file or a side file, not judged yet.
+struct Candidate {
+    source: String,
+    parsed: Result<Record, String>,
+    live: Live,
+}
+
 /// Read and judge every record about the file open as `target.fd`. Never writes or deletes.
 pub fn read(target: Target<'_>) -> Found {
     let lock = kernel_lock(target.fd);
@@ -106,16 +161,20 @@ pub fn read(target: Target<'_>) -> Found {
         lock,
         ..Found::default()
     };
-    let mut candidates: Vec<(String, Result<Record, String>, bool)> = Vec::new();
+    let mut candidates: Vec<Candidate> = Vec::new();
     if target.in_file_possible() {
         if let Some(r) = read_in_file(target.fd) {
             let live = ofd_held(target.fd, LIVENESS_BYTE);
-            candidates.push((target.lock_path.to_string(), r, live));
+            candidates.push(Candidate {
+                source: target.lock_path.to_string(),
+                parsed: r,
+                live: Live::InFile(live),
+            });
         }
     }
     match side_files(target.fd) {
         Ok(Some(side)) => {
-            found.unread = read_side(&side, &mut candidates, &mut found.ignored);
+            found.unread = read_side(target.fd, &side, &mut candidates, &mut found.ignored);
         }
         Ok(None) => {}
         Err(e) => found.ignored.push(Ignored {
@@ -124,7 +183,12 @@ pub fn read(target: Target<'_>) -> Found {
             reason: e,
         }),
     }
-    for (source, parsed, live) in candidates {
+    for Candidate {
+        source,
+        parsed,
+        live,
+    } in candidates
+    {
         let record = match parsed {
             Ok(r) => r,
             Err(reason) => {
@@ -136,7 +200,9 @@ pub fn read(target: Target<'_>) -> Found {
                 continue;
             }
         };
-        match judge(&record, live, ino, found.lock.as_ref()) {
+        let verdict =
+            alive(&record, &live).and_then(|live| judge(&record, live, ino, found.lock.as_ref()));
+        match verdict {
             Ok(()) => found.believed.push(Seen { record, source }),
             Err(reason) => found.ignored.push(Ignored {
                 source,
@@ -265,11 +331,13 @@ const MAX_DIR_ENTRIES: usize = 4096;
 /// Time budget for reading side files per look (monotonic clock).
 const SIDE_BUDGET: Duration = Duration::from_millis(100);
 
-/// Read the side files of `side` into `out` (at most [`MAX_SIDE_FILES`], within the byte and
-/// time budgets); returns how many matching ones were left unread.
+/// Read the side files of `side` (of the locked file open as `locked`) into `out` (at most
+/// [`MAX_SIDE_FILES`], within the byte and time budgets); returns how many matching ones were
+/// left unread.
 fn read_side(
+    locked: BorrowedFd<'_>,
     side: &SideFiles,
-    out: &mut Vec<(String, Result<Record, String>, bool)>,
+    out: &mut Vec<Candidate>,
     ignored: &mut Vec<Ignored>,
 ) -> usize {
     let started = Instant::now();
@@ -338,22 +406,38 @@ fn read_side(
             break;
         }
         let source = format!("{}/{name}", side.dir);
+        let label = side_file_host(name, &side.stem)
+            .unwrap_or_default()
+            .to_string();
         let fd = match open_regular_at(Some(dir.as_fd()), name, Access::Read, None) {
             Ok((fd, _, _)) => fd,
             // Withdrawn between listing and opening.
             Err(OpenFailure::Sys(Errno::ENOENT)) => continue,
             Err(e) => {
-                out.push((source, Err(format!("cannot open: {}", e.describe())), false));
+                // Not judged (no record was read); how it would have been held does not matter.
+                out.push(Candidate {
+                    source,
+                    parsed: Err(format!("cannot open: {}", e.describe())),
+                    live: Live::Side {
+                        side_lock: false,
+                        label,
+                        on_locked_file: None,
+                    },
+                });
                 continue;
             }
         };
-        let (parsed, live, n) = read_side_file(fd.as_fd(), single);
+        let (parsed, live, n) = read_side_file(fd.as_fd(), locked, &label, single);
         bytes = bytes.saturating_add(n);
-        if parsed.as_ref().is_err_and(|e| e.starts_with(EMPTY)) && !live {
+        if parsed.as_ref().is_err_and(|e| e.starts_with(EMPTY)) && !live.held() {
             // A withdrawn record: its file stays for reuse.
             continue;
         }
-        out.push((source, parsed, live));
+        out.push(Candidate {
+            source,
+            parsed,
+            live,
+        });
     }
     if unread > 0 || truncated {
         let more = if truncated {
@@ -375,13 +459,43 @@ fn read_side(
     unread.max(usize::from(truncated))
 }
 
-/// One side file's record, whether its publisher holds it, and the bytes read. Side files are
-/// rewritten in place, so a reader can catch one empty (just created) or torn (a rewrite in
-/// progress): when the content is not a record but the publisher holds the file and it is the
-/// `only` candidate, read again shortly (with many candidates a retry per file would let a
-/// directory of held garbage stall the reader); what is still not a record after that is
-/// ignored with the reason, never believed.
-fn read_side_file(fd: BorrowedFd<'_>, only: bool) -> (Result<Record, String>, bool, usize) {
+impl Live {
+    /// Held by either rule (whichever the record, once readable, will name).
+    fn held(&self) -> bool {
+        match self {
+            Live::InFile(h) => *h,
+            Live::Side {
+                side_lock,
+                on_locked_file,
+                ..
+            } => *side_lock || on_locked_file.is_some(),
+        }
+    }
+}
+
+/// What holds byte 0 of side file `fd` and the liveness byte of host `label` in the locked
+/// file open as `locked`.
+fn side_liveness(fd: BorrowedFd<'_>, locked: BorrowedFd<'_>, label: &str) -> Live {
+    Live::Side {
+        side_lock: ofd_held(fd, 0),
+        label: label.to_string(),
+        on_locked_file: ofd_getlk(locked, liveness_byte(label)).map(|(t, _)| t),
+    }
+}
+
+/// One side file's record, whether its publisher holds it (by either rule: the side file's own
+/// byte 0, or the liveness byte of the file's host `label` in the locked file open as `locked`),
+/// and the bytes read. Side files are rewritten in place, so a reader can catch one empty (just
+/// created or claimed) or torn (a rewrite in progress): when the content is not a record but
+/// the publisher holds it and it is the `only` candidate, read again shortly (with many
+/// candidates a retry per file would let a directory of held garbage stall the reader); what is
+/// still not a record after that is ignored with the reason, never believed.
+fn read_side_file(
+    fd: BorrowedFd<'_>,
+    locked: BorrowedFd<'_>,
+    label: &str,
+    only: bool,
+) -> (Result<Record, String>, Live, usize) {
     let tries = if only { READ_TRIES } else { 1 };
     let mut attempt = 0;
     let mut total = 0usize;
@@ -405,13 +519,13 @@ fn read_side_file(fd: BorrowedFd<'_>, only: bool) -> (Result<Record, String>, bo
             Err(e) => {
                 return (
                     Err(format!("cannot read: {}", e.desc())),
-                    ofd_held(fd, 0),
+                    side_liveness(fd, locked, label),
                     total,
                 );
             }
         };
-        let live = ofd_held(fd, 0);
-        if parsed.is_ok() || !live || attempt >= tries {
+        let live = side_liveness(fd, locked, label);
+        if parsed.is_ok() || !live.held() || attempt >= tries {
             return (parsed, live, total);
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -13,11 +13,15 @@
 //!   lock file: the record's *liveness lock*.
 //! - everything else (shared leases, which several hosts hold at once; direct mode, which must
 //!   never write into a disk image; `<lease>` key files, which belong to the user): a per-host
-//!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600). The
-//!   publisher keeps it open for the lease's lifetime and holds an OFD write lock on its byte
-//!   0 (the side file's liveness lock); records are written in place (pwrite, padded with
-//!   spaces over a longer old record; withdrawing overwrites it with spaces), and readers
-//!   retry a record caught half-written under a held liveness lock.
+//!   side file `<dir>/.lockwarden/<name>@<host>.json` next to the locked file (mode 0600),
+//!   opened only to be written (open, pwrite, close; padded with spaces over a longer old
+//!   record; withdrawing overwrites it with spaces). Its liveness lock is on the *locked file*:
+//!   the lease's own open file description holds a lock on byte `liveness_byte(host)` (1 TiB
+//!   plus a hash of the host's name), so no descriptor per lease is kept for the record, and
+//!   the lock lives exactly as long as the lease's description (with the keeper's duplicate it
+//!   survives a daemon crash, like the lease). Readers retry a record caught half-written under
+//!   a held liveness lock. Records of older versions (no `liveness` field) are judged by a lock
+//!   on byte 0 of their side file, as they were written.
 //! - block devices get no record (their locks are host-local anyway).
 //!
 //! When a record is believed: only while (1) its liveness lock is held, so a crashed or
@@ -27,8 +31,10 @@
 //!
 //! What is written (docs/hardening.md): lockwardend writes to or truncates a side file or a lock
 //! file only when it is a regular file with exactly one name, owned by lockwardend's user and no
-//! larger than a record ([`crate::untrusted::check_writable`]), checked after opening and again
-//! right before every write and truncate (a hard link can be added at any time). A lock file is
+//! larger than a record ([`crate::untrusted::check_writable`]): a side file on the `fstat` of the
+//! open that comes right before each of its writes (it is opened afresh for every one), a lock
+//! file after opening and again right before every write and truncate (a hard link can be added
+//! at any time). A lock file is
 //! written only when it is empty or holds a lockwarden record (a lockd lock file is empty, and is
 //! emptied again when the record is withdrawn). Side files are opened without any device open
 //! (`crate::untrusted::open_regular_at`) and only in a `.lockwarden` directory that, like the
@@ -43,15 +49,12 @@ use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-// publish: writing and withdrawing; idle: side files kept open between leases; place: where
-// side files live (cached for publishing). The record format, reading and judging records, the
+// publish: writing and withdrawing; place: where side files live (cached for publishing). The record format, reading and judging records, the
 // refusal message and other hosts' heartbeats are `crate::holder_record` (below the daemon,
 // shared with the CLI), re-exported here.
-mod idle;
 mod place;
 mod publish;
 
-pub use idle::{expire_idle, idle_deadline};
 use place::side_files_for_publish;
 pub(crate) use publish::open_publish_dir;
 pub use publish::{
@@ -60,11 +63,12 @@ pub use publish::{
 };
 
 pub use crate::holder_record::{
-    FORMAT, Found, Ignored, KernelLock, LastSeen, MAX_RECORD, RECORD_DIR, Record, Refusal, Seen,
-    SideFiles, Target, Vm, ago, boot_id, describe_refusal, holder_of, host_label, kernel_lock,
-    parse_record, read, read_for_refusal, side_files, stem,
+    FORMAT, Found, Ignored, KernelLock, LIVENESS_BASE, LIVENESS_LOCKED_FILE, LastSeen, MAX_RECORD,
+    RECORD_DIR, Record, Refusal, Seen, SideFiles, Target, Vm, ago, boot_id, describe_refusal,
+    holder_of, host_label, kernel_lock, liveness_byte, parse_record, read, read_for_refusal,
+    side_files, stem,
 };
-use crate::holder_record::{LIVENESS_BYTE, flock, is_regular, side_files_of};
+use crate::holder_record::{LIVENESS_BYTE, flock, is_regular, ofd_held, side_files_of};
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 

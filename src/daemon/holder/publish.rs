@@ -1,24 +1,26 @@
 //! Publishing, rewriting and withdrawing records.
 
-use super::idle::{park, reuse, unpark};
 use super::*;
 use crate::daemon::lock;
+use crate::protocol::LeaseMode;
 use crate::untrusted::{self, Access, OpenFailure};
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, openat};
-use nix::sys::stat::{Mode, fstat, mkdirat};
+use nix::fcntl::{AtFlags, OFlag, openat};
+use nix::sys::stat::{Mode, fstat, fstatat, mkdirat};
 use nix::sys::statfs::fstatfs;
 use nix::sys::uio::pwrite;
 use nix::unistd::{fdatasync, ftruncate};
-use std::collections::HashMap;
-use std::fs::File;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
-/// A published record; keep it as long as the lease, hand it to [`withdraw`] when the lease
-/// goes. Dropping it (daemon exit) closes the side file, which drops its liveness lock, which
-/// makes the record stale everywhere at once.
+/// A published record; keep it as long as the lease, hand it to [`withdraw`] (with the lease's
+/// descriptor) when the lease goes. It holds no descriptor of its own but the shared
+/// `.lockwarden` directory: a side-file record is alive while the lease's open file description
+/// holds the liveness byte of this host in the locked file (docs/holders.md, section 3), so it
+/// lives and dies with the lease itself (and survives a daemon crash with the keeper's
+/// duplicate of that description, like the lease).
 #[derive(Debug)]
 pub struct Published {
     pub(super) place: PublishedPlace,
@@ -40,7 +42,7 @@ pub type Slot = Arc<Mutex<Published>>;
 pub(super) struct RecordDir {
     pub(super) fd: OwnedFd,
     pub(super) flush: bool,
-    /// Its path (the key of [`RECORD_DIRS`] and of idle side files).
+    /// Its path (the key of [`RECORD_DIRS`]).
     pub(super) path: String,
 }
 
@@ -48,13 +50,13 @@ pub(super) struct RecordDir {
 pub(super) enum PublishedPlace {
     InFile,
     Side {
+        /// The directory (one descriptor per directory, shared by its records).
         dir: Arc<RecordDir>,
+        /// The side file's name in it; the file itself is open only while being written.
         name: String,
-        /// The side file, open for the lease's lifetime: it carries the liveness lock and is
-        /// rewritten in place.
-        file: File,
-        /// Length of the record written last (a shorter rewrite truncates the rest).
-        len: u64,
+        /// The byte of the locked file whose lock (held through the lease's descriptor) keeps
+        /// the record alive.
+        live: libc::off_t,
     },
     /// Nothing written (block device, or not published yet / publishing failed).
     Nowhere,
@@ -148,8 +150,7 @@ fn forget_record_dir(path: &str) {
 }
 
 /// Publish `record` for the lease open as `target.fd` (which must hold the lease's lock on byte
-/// 0), opening (or reusing) the side file. To change a published record, use [`republish`] on
-/// it: a second publish of the same side file is refused while the first one holds it.
+/// 0). To change a published record, use [`republish`] on it.
 pub fn publish(target: Target<'_>, record: Record) -> Result<Published, String> {
     let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
     publish_known(target, record, Ident::of(&st))
@@ -174,18 +175,26 @@ impl Ident {
     }
 }
 
+/// The record as bytes, for where it goes: side-file records name the liveness rule they are
+/// judged by (the `locked-file` rule), in-file records keep the lock file's byte 1 and name
+/// none.
+fn prepare(record: &mut Record, id: Ident, side: bool) -> Result<Vec<u8>, String> {
+    record.lock_ino = id.ino;
+    if record.generation == 0 {
+        record.generation = next_generation();
+    }
+    record.liveness = side.then(|| LIVENESS_LOCKED_FILE.to_string());
+    encode(record)
+}
+
 /// [`publish`] for a target the caller took `fstat` of right after opening it.
 pub fn publish_known(
     target: Target<'_>,
     mut record: Record,
     id: Ident,
 ) -> Result<Published, String> {
-    record.lock_ino = id.ino;
-    if record.generation == 0 {
-        record.generation = next_generation();
-    }
-    let bytes = encode(&record)?;
     if target.in_file(record.mode) {
+        let bytes = prepare(&mut record, id, false)?;
         publish_in_file(target.fd, target.lock_path, &bytes, true)?;
         return Ok(Published {
             place: PublishedPlace::InFile,
@@ -195,6 +204,9 @@ pub fn publish_known(
         });
     }
     let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
+        if record.generation == 0 {
+            record.generation = next_generation();
+        }
         return Ok(Published {
             place: PublishedPlace::Nowhere,
             generation: record.generation,
@@ -202,21 +214,57 @@ pub fn publish_known(
             pending: None,
         });
     };
-    let place = publish_side(&side, &record.host, &bytes)?;
+    let bytes = prepare(&mut record, id, true)?;
+    let mut dir = record_dir(&side.dir)?;
+    let name = side_name(&side, &record.host);
+    // Written now: no longer a blank file to claim.
+    take_blanked(&side.dir, &name);
+    let live = take_liveness(target, &record.host, record.mode)?;
+    if let Err(e) = write_side(&mut dir, &name, &bytes) {
+        // Without its record the lock would keep alive whatever the file held before.
+        drop_liveness(target.fd, live);
+        return Err(e);
+    }
     Ok(Published {
-        place,
+        place: PublishedPlace::Side { dir, name, live },
         generation: record.generation,
         withdrawn: false,
         pending: None,
     })
 }
 
-/// [`publish_known`], but when the record goes into an idle side file (host-local, see
-/// [`Idle`]) only *claim* it: take its liveness lock now and leave the record in the result for
-/// [`write_pending`], which the daemon calls right after answering. A reader that comes in
-/// between finds the liveness lock held over a blank file and reads again 5 ms later (see
-/// `read_side_file`), so a refusal still names the VM; the acquire's answer no longer waits for
-/// a write per disk. Anything else is published at once.
+/// Side files this process blanked itself (withdrawn records), by (directory, name): only over
+/// one of these may a record be claimed before it is written ([`claim_known`]) — a file left
+/// with an old record of this host in it (a crash) would otherwise be believed, naming the old
+/// VM, between the claim and the write. Memory only, no descriptors; bounded by
+/// [`BLANKED_MAX`] (when full it starts over: those leases are then published before the
+/// answer).
+static BLANKED: LazyLock<Mutex<HashSet<(String, String)>>> =
+    LazyLock::new(|| Mutex::new(HashSet::new()));
+const BLANKED_MAX: usize = 1024;
+
+fn note_blanked(dir: &str, name: &str) {
+    if let Ok(mut set) = BLANKED.lock() {
+        if set.len() >= BLANKED_MAX {
+            set.clear();
+        }
+        set.insert((dir.to_string(), name.to_string()));
+    }
+}
+
+/// Was side file `name` of `dir` blanked by this process (and not written since)? Forgets it.
+fn take_blanked(dir: &str, name: &str) -> bool {
+    BLANKED
+        .lock()
+        .is_ok_and(|mut set| set.remove(&(dir.to_string(), name.to_string())))
+}
+
+/// [`publish_known`], but when the record goes into a side file this process blanked itself
+/// (withdrawing an earlier lease of the file) only *claim* it: take its liveness lock now and
+/// leave the record in the result for [`write_pending`], which the daemon calls right after
+/// answering. A reader that comes in between finds the liveness lock held over a blank
+/// file and reads again 5 ms later (see `read_side_file`), so a refusal still names the VM; the
+/// acquire's answer does not wait for a write per disk. Anything else is published at once.
 pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<Published, String> {
     if target.in_file(record.mode) {
         return publish_known(target, record, id);
@@ -224,28 +272,24 @@ pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<
     let Some(side) = side_files_for_publish(target.fd, id, target.lock_path)? else {
         return publish_known(target, record, id);
     };
-    let name = format!("{}@{}.json", side.stem, host_label(&record.host));
-    let Some(idle) = unpark(&side.dir, &name) else {
+    let name = side_name(&side, &record.host);
+    if !take_blanked(&side.dir, &name) {
+        return publish_known(target, record, id);
+    }
+    let Ok(dir) = record_dir(&side.dir) else {
         return publish_known(target, record, id);
     };
-    if writable_now(idle.file.as_fd()).is_err()
-        || ofd_set(idle.file.as_fd(), libc::F_WRLCK, 0).is_err()
-    {
-        drop(idle);
+    // Only over a file still there: a reader must find the file (blank, held) until the record
+    // is in it.
+    let exists = fstatat(&dir.fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| is_regular(&st));
+    if !exists {
         return publish_known(target, record, id);
     }
-    record.lock_ino = id.ino;
-    if record.generation == 0 {
-        record.generation = next_generation();
-    }
-    let bytes = encode(&record)?;
+    let bytes = prepare(&mut record, id, true)?;
+    let live = take_liveness(target, &record.host, record.mode)?;
     Ok(Published {
-        place: PublishedPlace::Side {
-            dir: idle.dir,
-            name,
-            file: idle.file,
-            len: idle.len,
-        },
+        place: PublishedPlace::Side { dir, name, live },
         generation: record.generation,
         withdrawn: false,
         pending: Some(bytes.into_boxed_slice()),
@@ -253,46 +297,28 @@ pub fn claim_known(target: Target<'_>, mut record: Record, id: Ident) -> Result<
 }
 
 /// Write the record [`claim_known`] left pending (nothing when there is none, or the record was
-/// withdrawn or rewritten meanwhile). A side file removed while it was idle is replaced by a
-/// new one.
-pub fn write_pending(p: &mut Published) -> Result<(), String> {
+/// withdrawn or rewritten meanwhile). `fd` is the lease's descriptor: when the record cannot be
+/// written, the liveness lock taken for it is dropped again.
+pub fn write_pending(fd: BorrowedFd<'_>, p: &mut Published) -> Result<(), String> {
     let Some(bytes) = p.pending.take() else {
         return Ok(());
     };
     if p.withdrawn {
         return Ok(());
     }
-    let PublishedPlace::Side {
-        dir,
-        name,
-        file,
-        len,
-    } = &mut p.place
-    else {
+    let PublishedPlace::Side { dir, name, live } = &mut p.place else {
         return Ok(());
     };
-    let linked = fstat(file.as_fd()).is_ok_and(|st| st.st_nlink > 0);
-    if linked {
-        match write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush) {
-            Ok(n) => *len = n,
-            Err(e) => {
-                let e = format!("writing side file {name:?}: {e}");
-                // Not ours to write any more (a link was added): let it go, with its lock.
-                p.place = PublishedPlace::Nowhere;
-                return Err(e);
-            }
-        }
-        return Ok(());
+    if let Err(e) = write_side(dir, name, &bytes) {
+        drop_liveness(fd, *live);
+        p.place = PublishedPlace::Nowhere;
+        return Err(e);
     }
-    let (path, name) = (dir.path.clone(), name.clone());
-    // Its liveness lock goes with it; the new file gets its own.
-    p.place = PublishedPlace::Nowhere;
-    p.place = publish_side_named(&path, name, &bytes)?;
     Ok(())
 }
 
-/// Rewrite the record `p` in place (same side file, same liveness lock) with `record`, unless
-/// `p` was withdrawn or already carries a newer generation (rewrites of one lease may finish on
+/// Rewrite the record `p` (same side file, same liveness lock) with `record`, unless `p` was
+/// withdrawn or already carries a newer generation (rewrites of one lease may finish on
 /// different storage threads in any order). A `p` with no record yet is published afresh.
 /// `record.generation` 0 means "now".
 pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> Result<(), String> {
@@ -311,27 +337,141 @@ pub fn republish(p: &mut Published, target: Target<'_>, mut record: Record) -> R
         }
         PublishedPlace::InFile => {
             let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
-            record.lock_ino = st.st_ino;
-            publish_in_file(target.fd, target.lock_path, &encode(&record)?, false)?;
+            let bytes = prepare(&mut record, Ident::of(&st), false)?;
+            publish_in_file(target.fd, target.lock_path, &bytes, false)?;
             p.generation = record.generation;
             Ok(())
         }
-        PublishedPlace::Side {
-            dir,
-            name,
-            file,
-            len,
-            ..
-        } => {
+        PublishedPlace::Side { dir, name, .. } => {
             let st = fstat(target.fd).map_err(|e| format!("fstat failed: {}", e.desc()))?;
-            record.lock_ino = st.st_ino;
-            let bytes = encode(&record)?;
-            *len = write_record(file.as_fd(), &bytes, *len, Tail::Pad, dir.flush)
-                .map_err(|e| format!("rewriting side file {name:?} failed: {e}"))?;
+            let bytes = prepare(&mut record, Ident::of(&st), true)?;
+            write_side(dir, name, &bytes)?;
             p.generation = record.generation;
             Ok(())
         }
     }
+}
+
+/// `<stem>@<host label>.json`.
+fn side_name(side: &SideFiles, host: &str) -> String {
+    format!("{}@{}.json", side.stem, host_label(host))
+}
+
+/// Take this host's liveness lock on the locked file, through the lease's own descriptor (the
+/// open file description that carries the lease's lock on byte 0): a write lock for an
+/// exclusive lease, a read lock for a shared one (whose descriptor may be read-only). Refused
+/// when another open file description holds a lock on that byte — another lockwardend with the
+/// same host name, or a host whose name hashes to the same byte: a record kept alive by a lock
+/// that is not only ours would outlive its lease, so none is written (docs/holders.md, §3).
+fn take_liveness(target: Target<'_>, host: &str, mode: LeaseMode) -> Result<libc::off_t, String> {
+    let byte = liveness_byte(host);
+    let collision = || {
+        format!(
+            "the liveness byte {byte} of {:?} for host {:?} is locked by another open file \
+             (another lockwardend with the same host name, or a host whose name hashes to the \
+             same byte); no holder record is written (the lease is held); give every host its \
+             own name",
+            untrusted::escape(target.lock_path),
+            untrusted::escape(host)
+        )
+    };
+    // Read locks do not conflict with each other: look first for a shared lease.
+    if mode == LeaseMode::Shared && ofd_held(target.fd, byte) {
+        return Err(collision());
+    }
+    let l_type = match mode {
+        LeaseMode::Exclusive => libc::F_WRLCK,
+        LeaseMode::Shared => libc::F_RDLCK,
+    };
+    ofd_set(target.fd, l_type, byte).map_err(|e| {
+        if lock::is_conflict(e) {
+            collision()
+        } else {
+            format!(
+                "cannot take the record's liveness lock on byte {byte} of {:?}: {}; no holder \
+                 record is written (the lease is held)",
+                untrusted::escape(target.lock_path),
+                e.desc()
+            )
+        }
+    })?;
+    Ok(byte)
+}
+
+/// Release the liveness lock on `byte` of the lease open as `fd`.
+fn drop_liveness(fd: BorrowedFd<'_>, byte: libc::off_t) {
+    let _ = ofd_set(fd, libc::F_UNLCK, byte);
+}
+
+/// Open (or create) this host's side file `name` in `dir`, write `bytes` in place (padded with
+/// spaces over a longer old record), close it. No temporary name and no rename: a reader that
+/// catches the file empty or half-written sees invalid JSON under a held liveness lock and
+/// reads again (see `read_side_file`). A cached directory removed meanwhile is opened afresh.
+fn write_side(dir: &mut Arc<RecordDir>, name: &str, bytes: &[u8]) -> Result<(), String> {
+    let (fd, st) = match open_side(dir, name, true) {
+        // The cached directory was removed (by hand): open or create it again.
+        Err(OpenFailure::Sys(Errno::ENOENT)) => {
+            let path = dir.path.clone();
+            forget_record_dir(&path);
+            *dir = record_dir(&path)?;
+            open_side(dir, name, true)
+        }
+        r => r,
+    }
+    .map_err(|e| {
+        format!(
+            "side file {name:?} in {:?}: {}; it was not opened for I/O and no record is \
+             published there (the lease is held); remove it",
+            dir.path,
+            e.describe()
+        )
+    })?;
+    untrusted::check_writable(&st, MAX_RECORD as u64).map_err(|why| {
+        format!(
+            "side file {name:?} in {:?} is not written: {why}; the holder record is \
+             published nowhere (the lease is held); remove that file so lockwardend can create \
+             its own",
+            dir.path
+        )
+    })?;
+    // Checked on the `fstat` of the open that came right before (no second `fstat`); a file
+    // that passed is at most a record long, so padding to its length never needs a truncate.
+    // Padding with spaces (which readers skip) rather than truncating: on ext4 a truncate frees
+    // the block through the orphan list and the journal, and the next record allocates a block
+    // again; an overwrite of the same bytes does neither.
+    let old_len = usize::try_from(st.st_size).unwrap_or(0).min(MAX_RECORD);
+    let padded;
+    let bytes = if old_len > bytes.len() {
+        let mut v = Vec::with_capacity(old_len);
+        v.extend_from_slice(bytes);
+        v.resize(old_len, b' ');
+        padded = v;
+        &padded[..]
+    } else {
+        bytes
+    };
+    let written = write_all_at0(fd.as_fd(), bytes).and_then(|()| {
+        if dir.flush {
+            fdatasync(fd.as_fd()).map_err(|e| format!("flushing failed: {}", e.desc()))
+        } else {
+            Ok(())
+        }
+    });
+    written.map_err(|e| format!("writing {name:?} in {:?}: {e}", dir.path))
+}
+
+/// Overwrite this host's side file `name` in `dir` with spaces (it stays, blank, for this
+/// host's next lease of the file) and close it. A file that is gone needs nothing.
+fn blank_side(dir: &RecordDir, name: &str) -> Result<(), String> {
+    let (fd, st) = match open_side(dir, name, false) {
+        Err(OpenFailure::Sys(Errno::ENOENT)) => return Ok(()),
+        r => r.map_err(|e| format!("side file {name:?} is not blanked: {}", e.describe()))?,
+    };
+    untrusted::check_writable(&st, MAX_RECORD as u64)
+        .map_err(|why| format!("side file {name:?} is not blanked: {why}"))?;
+    let len = usize::try_from(st.st_size).unwrap_or(0).min(MAX_RECORD);
+    let blank = vec![b' '; len];
+    write_all_at0(fd.as_fd(), &blank).map_err(|e| format!("cannot blank side file {name:?}: {e}"))
 }
 
 fn encode(record: &Record) -> Result<Vec<u8>, String> {
@@ -362,38 +502,11 @@ fn host_local(fd: BorrowedFd<'_>) -> bool {
     })
 }
 
-/// What a rewrite does with the rest of a longer earlier record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Tail {
-    /// `ftruncate` it away (records inside lock files).
-    Cut,
-    /// Overwrite it with spaces, which readers skip (side files). Cheaper than truncating: on
-    /// ext4 a truncate frees the block and goes through the orphan list and the journal, and
-    /// the next record allocates a block again; an overwrite of the same bytes does neither.
-    Pad,
-}
-
-/// Write `bytes` at offset 0 of `fd`, cut or blank what is left of a longer earlier record
-/// (`old_len`), and flush when asked (NFS: other clients see it now, not at close). Returns
-/// the length of the file's content now.
-pub(super) fn write_record(
-    fd: BorrowedFd<'_>,
-    bytes: &[u8],
-    old_len: u64,
-    tail: Tail,
-    flush: bool,
-) -> Result<u64, String> {
-    let padded;
-    let bytes = match usize::try_from(old_len) {
-        Ok(old) if tail == Tail::Pad && old > bytes.len() && old <= MAX_RECORD => {
-            let mut v = Vec::with_capacity(old);
-            v.extend_from_slice(bytes);
-            v.resize(old, b' ');
-            padded = v;
-            &padded[..]
-        }
-        _ => bytes,
-    };
+/// Write `bytes` at offset 0 of a lock file open as `fd` (an in-file record), cut what is left
+/// of a longer earlier record (`old_len`), and flush when asked (NFS: other clients see it now,
+/// not at close). Each write and the truncate only while the file may be written
+/// ([`writable_now`]).
+fn write_record(fd: BorrowedFd<'_>, bytes: &[u8], old_len: u64, flush: bool) -> Result<(), String> {
     writable_now(fd).map_err(|why| format!("not written: {why}"))?;
     write_all_at0(fd, bytes)?;
     if old_len > bytes.len() as u64 {
@@ -404,7 +517,7 @@ pub(super) fn write_record(
     if flush {
         fdatasync(fd).map_err(|e| format!("flushing failed: {}", e.desc()))?;
     }
-    Ok(bytes.len() as u64)
+    Ok(())
 }
 
 /// `pwrite` all of `bytes` at offset 0.
@@ -455,8 +568,7 @@ fn publish_in_file(
         )
     })?;
     // The lock file may hold an older, longer record (ours or a previous holder's): always cut.
-    write_record(fd, bytes, u64::MAX, Tail::Cut, !host_local(fd))
-        .map(drop)
+    write_record(fd, bytes, u64::MAX, !host_local(fd))
         .map_err(|e| format!("the lock file {lock_path:?}: {e}"))
 }
 
@@ -538,97 +650,40 @@ pub(super) fn writable_now(fd: BorrowedFd<'_>) -> Result<(), String> {
     untrusted::check_writable(&st, MAX_RECORD as u64)
 }
 
-/// Open this host's side file, creating it only when missing: withdrawn records leave their
-/// (empty) file behind, so the next lease of the same file reuses it without touching the
-/// directory (creating and deleting a file per lease serialises on the directory's lock and,
-/// on ext4, costs an inode allocation that scans for recently deleted inodes).
+/// Open this host's side file, creating it (when `create`) only when missing: withdrawn records
+/// leave their (blank) file behind, so the next lease of the same file reuses it without
+/// touching the directory (creating and deleting a file per lease serialises on the
+/// directory's lock and, on ext4, costs an inode allocation that scans for recently deleted
+/// inodes).
 fn open_side(
     dir: &RecordDir,
     name: &str,
+    create: bool,
 ) -> Result<(OwnedFd, nix::sys::stat::FileStat), OpenFailure> {
     // Never a device open, a FIFO wait or a symbolic link: O_PATH first, reopen if regular.
-    untrusted::open_regular_at(Some(dir.fd.as_fd()), name, Access::ReadWrite, Some(0o600))
-        .map(|(fd, st, _)| (fd, st))
-}
-
-/// Open (or create) this host's side file, take its liveness lock, write the record in place.
-/// No temporary name and no rename: a reader that catches the file empty or half-written sees
-/// invalid JSON under a held liveness lock and reads again (see `read_side`).
-fn publish_side(side: &SideFiles, host: &str, bytes: &[u8]) -> Result<PublishedPlace, String> {
-    let name = format!("{}@{}.json", side.stem, host_label(host));
-    if let Some(idle) = unpark(&side.dir, &name) {
-        if let Ok(place) = reuse(idle, name.clone(), bytes) {
-            return Ok(place);
-        }
-    }
-    publish_side_named(&side.dir, name, bytes)
-}
-
-/// [`publish_side`] into side file `name` of record directory `dir_path`, opened afresh.
-fn publish_side_named(
-    dir_path: &str,
-    name: String,
-    bytes: &[u8],
-) -> Result<PublishedPlace, String> {
-    let mut dir = record_dir(dir_path)?;
-    let (fd, st) = match open_side(&dir, &name) {
-        // The cached directory was removed (by hand): open or create it again.
-        Err(OpenFailure::Sys(Errno::ENOENT)) => {
-            forget_record_dir(dir_path);
-            dir = record_dir(dir_path)?;
-            open_side(&dir, &name)
-        }
-        r => r,
-    }
-    .map_err(|e| {
-        format!(
-            "side file {name:?} in {dir_path:?}: {}; it was not opened for I/O and no record is \
-             published there (the lease is held); remove it",
-            e.describe()
-        )
-    })?;
-    untrusted::check_writable(&st, MAX_RECORD as u64).map_err(|why| {
-        format!(
-            "side file {name:?} in {dir_path:?} is not written: {why}; the holder record is \
-             published nowhere (the lease is held); remove that file so lockwardend can create \
-             its own"
-        )
-    })?;
-    ofd_set(fd.as_fd(), libc::F_WRLCK, 0).map_err(|e| {
-        if lock::is_conflict(e) {
-            format!(
-                "side file {name:?} in {:?} is held by another publisher on this host (two \
-                 lockwardend instances with one host name?)",
-                dir_path
-            )
-        } else {
-            format!("cannot lock {name:?} in {:?}: {}", dir_path, e.desc())
-        }
-    })?;
-    let old_len = u64::try_from(st.st_size).unwrap_or(u64::MAX);
-    let len = write_record(fd.as_fd(), bytes, old_len, Tail::Pad, dir.flush)
-        .map_err(|e| format!("writing {name:?} in {:?}: {e}", dir_path))?;
-    Ok(PublishedPlace::Side {
-        dir,
+    untrusted::open_regular_at(
+        Some(dir.fd.as_fd()),
         name,
-        file: File::from(fd),
-        len,
-    })
+        Access::ReadWrite,
+        create.then_some(0o600),
+    )
+    .map(|(fd, st, _)| (fd, st))
 }
 
-/// Take the record back (before the lease's lock is dropped): empty the lock file's content and
-/// release the liveness byte, or blank the side file (spaces) and close it (which drops its
-/// liveness lock). The blank side file stays for the next lease of that file on this host;
-/// readers skip blank side files nobody holds.
+/// Take the record back (before the lease's lock is dropped), `fd` being the lease's
+/// descriptor: empty the lock file's content and release its byte 1, or blank the side file
+/// (spaces; open, write, close) and then release this host's liveness byte of the locked file.
+/// The blank side file stays for the next lease of that file on this host; readers skip blank
+/// side files nobody holds.
 pub fn withdraw(fd: BorrowedFd<'_>, mut published: Published) -> Result<(), String> {
     withdraw_in_place(fd, &mut published)
 }
 
 /// [`withdraw`] through a shared handle: the record stays withdrawn (later rewrites of it are
-/// ignored) and its side file is closed.
+/// ignored).
 pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Result<(), String> {
     published.withdrawn = true;
-    published.pending = None;
+    let unwritten = published.pending.take().is_some();
     match std::mem::replace(&mut published.place, PublishedPlace::Nowhere) {
         PublishedPlace::InFile => {
             // Emptied only while still a single-name file of record size (a link added since
@@ -642,30 +697,20 @@ pub fn withdraw_in_place(fd: BorrowedFd<'_>, published: &mut Published) -> Resul
             let _ = ofd_set(fd, libc::F_UNLCK, LIVENESS_BYTE);
             r
         }
-        PublishedPlace::Side {
-            dir,
-            name,
-            file,
-            len,
-        } => {
-            // Blank it before closing (which drops the liveness lock): a reader then finds
-            // either our record, or only spaces (read as empty), or a file whose publisher
-            // is gone. Spaces rather than a truncate: see `Tail::Pad`.
-            let blank = vec![b' '; usize::try_from(len).unwrap_or(0).min(MAX_RECORD)];
-            let r = writable_now(file.as_fd())
-                .map_err(|why| format!("side file {name:?} is not blanked: {why}"))
-                .and_then(|()| {
-                    write_all_at0(file.as_fd(), &blank)
-                        .map_err(|e| format!("cannot blank side file {name:?}: {e}"))
-                });
-            // On a host-local file system, keep it open for the next lease (see `Idle`); its
-            // liveness lock goes now either way.
-            if r.is_ok() && !dir.flush && ofd_set(file.as_fd(), libc::F_UNLCK, 0).is_ok() {
-                park(dir, name, file, len);
-                return r;
+        PublishedPlace::Side { dir, name, live } => {
+            // Blank first, then drop the liveness lock: a reader finds either our record, or
+            // only spaces (read as empty), or a record whose liveness byte is free. Spaces
+            // rather than a truncate: see `write_side`. A claim never written left the file as
+            // it was (blank).
+            let r = if unwritten {
+                Ok(())
+            } else {
+                blank_side(&dir, &name)
+            };
+            if r.is_ok() {
+                note_blanked(&dir.path, &name);
             }
-            drop(file);
-            drop(dir);
+            drop_liveness(fd, live);
             r
         }
         PublishedPlace::Nowhere => Ok(()),
@@ -719,6 +764,204 @@ impl Records {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::protocol::ResourceKind;
+    use std::fs::{self, File};
+
+    /// Another open file description's view of byte `start` of `path`.
+    fn held_by_others(path: &std::path::Path, start: libc::off_t) -> Option<libc::c_int> {
+        let probe = File::open(path).unwrap();
+        crate::holder_record::ofd_getlk(probe.as_fd(), start).map(|(t, _)| t)
+    }
+
+    fn image() -> (tempfile::TempDir, std::path::PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("pub.img");
+        fs::write(&img, b"").unwrap();
+        let p = img.to_str().unwrap().to_string();
+        (dir, img, p)
+    }
+
+    fn rec(host: &str, path: &str, mode: LeaseMode) -> Record {
+        let vm = Vm {
+            name: "pub-vm".into(),
+            uuid: "u".into(),
+            pid: 1,
+            since: 1,
+        };
+        Record::new(host, ResourceKind::Disk, path, mode, path, 1, vec![vm])
+    }
+
+    fn target<'a>(f: &'a File, path: &'a str) -> Target<'a> {
+        Target {
+            fd: f.as_fd(),
+            kind: ResourceKind::Disk,
+            lock_path: path,
+            lockspace: false,
+        }
+    }
+
+    #[test]
+    fn a_side_file_record_lives_on_a_byte_of_the_locked_file_and_keeps_no_descriptor() {
+        let (dir, img, p) = image();
+        let lease = File::options().read(true).write(true).open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_WRLCK, 0).unwrap();
+        let published =
+            publish(target(&lease, &p), rec("node-a", &p, LeaseMode::Exclusive)).unwrap();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let text = fs::read_to_string(&side).unwrap();
+        assert!(text.contains("\"liveness\":\"locked-file\""), "{text}");
+        let byte = liveness_byte("node-a");
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_WRLCK));
+        assert_eq!(
+            held_by_others(&side, 0),
+            None,
+            "the side file is not locked"
+        );
+        // No descriptor of this process is on the side file.
+        let canon = fs::canonicalize(&side).unwrap();
+        let open_on_side = fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| fs::read_link(e.path()).is_ok_and(|t| t == canon))
+            .count();
+        assert_eq!(open_on_side, 0);
+        let reader = File::open(&img).unwrap();
+        assert_eq!(read(target(&reader, &p)).believed.len(), 1);
+        // Another host's byte is another byte.
+        assert_eq!(held_by_others(&img, liveness_byte("node-b")), None);
+        withdraw(lease.as_fd(), published).unwrap();
+        assert!(fs::read(&side).unwrap().iter().all(|b| *b == b' '));
+        assert_eq!(
+            held_by_others(&img, byte),
+            None,
+            "withdraw drops the liveness byte"
+        );
+        assert_eq!(
+            held_by_others(&img, 0),
+            Some(libc::F_WRLCK),
+            "not the lease"
+        );
+        // A shared lease's descriptor may be read-only: its liveness lock is a read lock.
+        let ro = File::open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_UNLCK, 0).unwrap();
+        ofd_set(ro.as_fd(), libc::F_RDLCK, 0).unwrap();
+        let shared = publish(target(&ro, &p), rec("node-a", &p, LeaseMode::Shared)).unwrap();
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_RDLCK));
+        assert_eq!(read(target(&reader, &p)).believed.len(), 1);
+        withdraw(ro.as_fd(), shared).unwrap();
+        assert_eq!(held_by_others(&img, byte), None);
+    }
+
+    #[test]
+    fn a_liveness_byte_held_by_another_open_file_means_no_record() {
+        let (dir, img, p) = image();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let byte = liveness_byte("node-a");
+        // Somebody else (a colliding host, a twin daemon) holds node-a's byte.
+        let other = File::open(&img).unwrap();
+        ofd_set(other.as_fd(), libc::F_RDLCK, byte).unwrap();
+        for mode in [LeaseMode::Exclusive, LeaseMode::Shared] {
+            let lease = File::options().read(true).write(true).open(&img).unwrap();
+            let t = if mode == LeaseMode::Exclusive {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            ofd_set(lease.as_fd(), t, 0).unwrap();
+            let e = publish(target(&lease, &p), rec("node-a", &p, mode)).unwrap_err();
+            assert!(e.contains(&format!("liveness byte {byte}")), "{e}");
+            assert!(e.contains(&p) && e.contains("\"node-a\""), "{e}");
+            assert!(
+                e.contains("no holder record is written (the lease is held)"),
+                "{e}"
+            );
+            let written = fs::read(&side).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&written).contains("pub-vm"),
+                "{mode:?}"
+            );
+            // The lease took no lock on the byte: with `other` unlocked, nobody holds it.
+            ofd_set(other.as_fd(), libc::F_UNLCK, byte).unwrap();
+            assert_eq!(held_by_others(&img, byte), None, "{mode:?}");
+            ofd_set(other.as_fd(), libc::F_RDLCK, byte).unwrap();
+            ofd_set(lease.as_fd(), libc::F_UNLCK, 0).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_claim_takes_the_liveness_byte_now_and_writes_after() {
+        let (dir, img, p) = image();
+        let lease = File::options().read(true).write(true).open(&img).unwrap();
+        ofd_set(lease.as_fd(), libc::F_WRLCK, 0).unwrap();
+        let side = dir.path().join(".lockwarden/pub.img@node-a.json");
+        let id = || Ident::of(&fstat(&lease).unwrap());
+        let byte = liveness_byte("node-a");
+        // No side file yet: published at once (a reader must find a file to wait on).
+        let p0 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(!p0.is_pending());
+        assert!(fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p0).unwrap();
+        // Its blank file exists now: claimed (byte held over the blank file), written after.
+        let mut p1 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(p1.is_pending());
+        assert_eq!(held_by_others(&img, byte), Some(libc::F_WRLCK));
+        assert!(fs::read(&side).unwrap().iter().all(|b| *b == b' '));
+        write_pending(lease.as_fd(), &mut p1).unwrap();
+        assert!(!p1.is_pending());
+        assert!(fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p1).unwrap();
+        assert_eq!(held_by_others(&img, byte), None);
+        // Claimed, then the side file becomes a hard link before the write: nothing is
+        // written into it and the liveness byte goes again.
+        let mut p2 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(p2.is_pending());
+        let link = dir.path().join("other-name");
+        fs::hard_link(&side, &link).unwrap();
+        let e = write_pending(lease.as_fd(), &mut p2).unwrap_err();
+        assert!(e.contains("hard links"), "{e}");
+        assert_eq!(held_by_others(&img, byte), None);
+        assert!(!fs::read_to_string(&side).unwrap().contains("pub-vm"));
+        withdraw(lease.as_fd(), p2).unwrap();
+        // A side file this process did not blank (an old record of this host left by a crash)
+        // is never claimed: the old record would be believed until the write.
+        fs::remove_file(&link).unwrap();
+        fs::write(
+            &side,
+            rec("node-a", &p, LeaseMode::Exclusive).vms[0]
+                .name
+                .repeat(3),
+        )
+        .unwrap();
+        let p3 = claim_known(
+            target(&lease, &p),
+            rec("node-a", &p, LeaseMode::Exclusive),
+            id(),
+        )
+        .unwrap();
+        assert!(!p3.is_pending(), "published at once");
+        assert!(
+            fs::read_to_string(&side)
+                .unwrap()
+                .contains("lockwarden_holder")
+        );
+        withdraw(lease.as_fd(), p3).unwrap();
+    }
 
     #[test]
     fn only_blank_or_record_lock_files_are_written() {
