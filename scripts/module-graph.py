@@ -121,7 +121,7 @@ UPPER = {"plugin", "daemon", "cli"}
 # The daemon's levels, bottom up (docs/architecture.md section 5): a module imports only
 # modules of its own level or below. A new daemon module must be placed here.
 DAEMON_LEVELS = [
-    "sys lock pidfd lease lockfile holder beat storage error metrics logging args",
+    "sys lock pidfd lease lockfile holder beat storage error metrics logging args clocks",
     "owner kill record keeper keptmeta liveness health watchdog ledger limits settings",
     "state",
     "release acquire lost fence heartbeat thaw keepalive recover",

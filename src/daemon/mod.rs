@@ -20,6 +20,7 @@
 mod acquire;
 mod args;
 mod beat;
+mod clocks;
 mod conn;
 mod dispatch;
 mod error;

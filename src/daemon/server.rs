@@ -13,6 +13,7 @@
 //! sequence of deadlines, and nothing waits on storage: file system calls on network, FUSE
 //! or unknown mounts run on that mount's worker threads (storage.rs, docs/storage.md).
 
+use super::clocks::Clocks;
 use super::conn::{Conn, Fill, Next};
 use super::dispatch::{self, Session};
 use super::listen::{Listener, Role};
@@ -36,6 +37,10 @@ use std::time::{Duration, Instant};
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Beyond `max_clients`, this many more are accepted only to be told why they are refused.
 const REFUSAL_SLACK: usize = 64;
+/// Every connection's clock is recorded again this often, whether or not it was touched: a
+/// safety net under [`Server::clocks`] for a change no path marked (O(connections) once a
+/// second instead of every round).
+const CLOCK_SWEEP: Duration = Duration::from_secs(1);
 /// Pause accepting this long when the process is out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// A live re-exec waits this long for requests waiting on storage before failing them.
@@ -178,6 +183,10 @@ pub struct Server {
     /// Connections with buffered frames to serve next round (limits.rs), kept up to date with
     /// the registrations.
     backlog: HashSet<ConnId>,
+    /// Each connection's next timer deadline (clocks.rs), recorded when it is touched.
+    clocks: Clocks<ConnId>,
+    /// When every connection's clock is recorded again ([`CLOCK_SWEEP`]).
+    next_sweep: Instant,
     scratch: Vec<u8>,
     exit: Option<Exit>,
     /// Poll rounds so far (each connection gets one budget per round, limits.rs).
@@ -219,6 +228,8 @@ impl Server {
             owner_serial: 0,
             touched: Vec::new(),
             backlog: HashSet::new(),
+            clocks: Clocks::default(),
+            next_sweep: Instant::now(),
             scratch: vec![0u8; SCRATCH],
             exit: None,
             round: 0,
@@ -484,6 +495,7 @@ impl Server {
         } else {
             self.backlog.remove(&id);
         }
+        self.clocks.set(id, c.next_deadline(super::limits::get()));
     }
 
     /// The keeper died (or was killed): our own descriptors still hold every lock, so start a
@@ -588,9 +600,7 @@ impl Server {
     }
 
     /// Milliseconds until the next deadline (rounded up), or -1 for none.
-    fn timeout_ms(&self, now: Instant) -> libc::c_int {
-        let limits = super::limits::get();
-        let conn_deadlines = self.conns.values().filter_map(|c| c.next_deadline(limits));
+    fn timeout_ms(&mut self, now: Instant) -> libc::c_int {
         let reexec = self.reexec.deadline();
         let next = self
             .state
@@ -598,7 +608,8 @@ impl Server {
             .into_iter()
             .chain(reexec)
             .chain(self.keeper_retry_at)
-            .chain(conn_deadlines)
+            .chain(self.clocks.next())
+            .chain((!self.conns.is_empty()).then_some(self.next_sweep))
             .chain(self.accept_paused_until)
             .min();
         match next {
@@ -616,6 +627,8 @@ impl Server {
         for id in super::release::owner_exited(&mut self.state, pid) {
             if let Some(c) = self.conns.get_mut(&id) {
                 c.session.handle_of = None;
+                // No longer a lifetime handle: its idle clock runs from now on.
+                self.touched.push(id);
             }
         }
     }
@@ -669,10 +682,20 @@ impl Server {
         // Refused, stalled (half a frame), deaf (answers unread) and idle connections
         // (limits.rs, conn.rs); never a lifetime handle.
         let limits = super::limits::get();
+        if now >= self.next_sweep {
+            self.next_sweep = now + CLOCK_SWEEP;
+            for (id, c) in &self.conns {
+                self.clocks.set(*id, c.next_deadline(limits));
+            }
+        }
         let mut expired = Vec::new();
-        for (id, c) in &mut self.conns {
-            if let Some(why) = c.expired(now, limits) {
-                expired.push((*id, c.session.peer_pid, why));
+        for id in self.clocks.due(now) {
+            let Some(c) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            match c.expired(now, limits) {
+                Some(why) => expired.push((id, c.session.peer_pid, why)),
+                None => self.clocks.set(id, c.next_deadline(limits)),
             }
         }
         for (id, pid, why) in expired {
@@ -870,6 +893,7 @@ impl Server {
             return;
         };
         self.backlog.remove(&id);
+        self.clocks.set(id, None);
         if conn.interest.is_some() {
             // Before the descriptor closes (a forked child may share it for a moment).
             if let Err(e) = self.poller.remove(conn.stream.as_raw_fd()) {
