@@ -402,9 +402,16 @@ fn bench_acquire_latency(
     iters: usize,
 ) -> Result<Vec<Stats>, String> {
     let mut s = vec![Vec::new(); beds.len()];
+    let pids: Vec<Vec<u32>> = beds.iter().map(|b| b.daemon.pids()).collect();
     for i in 0..iters + 10 {
         for k in 0..beds.len() {
             let j = if i % 2 == 0 { k } else { beds.len() - 1 - k };
+            // The other sides' daemons quiet first (procs.rs `settle`).
+            for (o, p) in pids.iter().enumerate() {
+                if o != j {
+                    procs::settle(p);
+                }
+            }
             let (vm, pid, toks) = &probes[j];
             let h = &mut beds[j].host;
             let t = Instant::now();

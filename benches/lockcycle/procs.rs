@@ -339,6 +339,13 @@ impl Daemon {
         Ok(total)
     }
 
+    /// The daemon and its helpers: the processes whose CPU time [`settle`] watches.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v = vec![self.pid()];
+        v.extend(self.helpers());
+        v
+    }
+
     /// The processes lockwardend started that stay with it: its keeper, which it starts as
     /// `lockwardend --internal-keeper ...` (the same binary, exec'd; re-parented to init).
     pub fn helpers(&self) -> Vec<u32> {
@@ -611,3 +618,51 @@ impl Drop for Host {
         let _ = self.child.wait();
     }
 }
+
+/// CPU time so far, in nanoseconds, of every thread of `pids` (`/proc/PID/task/TID/schedstat`,
+/// first field: time spent on a CPU).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(text) = fs::read_to_string(t.path().join("schedstat")) else {
+                continue;
+            };
+            total += text
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// Wait until the processes `pids` have used no CPU for 300 us in a row, at most 20 ms.
+///
+/// Why: the latency rows interleave the two sides sample by sample, and a daemon may go on
+/// working after it answered (virtlockd re-scans its handles, lockwardend's keeper files the
+/// descriptors it was sent). On two cores that work competes with the other side's next sample
+/// and made it slower by an amount that grew with the *other* daemon's load (docs/benchmarks.md,
+/// issue 17). Each sample therefore starts once the other side is quiet; a side's own
+/// after-work still counts against it (it is never waited for).
+pub fn settle(pids: &[u32]) {
+    let end = Instant::now() + Duration::from_millis(20);
+    let mut last = cpu_ns(pids);
+    while Instant::now() < end {
+        thread::sleep(Duration::from_micros(300));
+        let now = cpu_ns(pids);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    UNSETTLED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// How many times [`settle`] gave up (the other side stayed busy for 20 ms): printed with the
+/// latency rows, since such a sample ran next to a busy daemon.
+pub static UNSETTLED: AtomicU32 = AtomicU32::new(0);

@@ -94,12 +94,14 @@ fn latency(
     prog: &mut [Progress],
 ) -> [Option<Stats>; 2] {
     let mut s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let pids: Vec<Vec<u32>> = beds.iter().map(|b| b.daemon.pids()).collect();
     for i in 0..iters + 10 {
         for k in 0..2 {
             let j = if i % 2 == 0 { k } else { 1 - k };
             if prog[j].failed.is_some() {
                 continue;
             }
+            crate::procs::settle(&pids[1 - j]);
             let (vm, pid, toks) = &probes[j];
             let h = &mut beds[j].host;
             let t = Instant::now();
@@ -113,6 +115,13 @@ fn latency(
                 s[j].push(dt);
             }
         }
+    }
+    let unsettled = crate::procs::UNSETTLED.swap(0, std::sync::atomic::Ordering::Relaxed);
+    if unsettled > 0 {
+        eprintln!(
+            "lockcycle: scale: {unsettled} sample(s) started while the other daemon was still busy \
+             after 20 ms"
+        );
     }
     [0, 1].map(|j| (prog[j].failed.is_none() && !s[j].is_empty()).then(|| Stats::of(&s[j])))
 }

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 /// Detections kept for `Request::Lost`.
 const RECENT: usize = 256;
+/// Probes a round sends per loop round: a round over every lease is spread over loop rounds
+/// so that no client's request waits behind thousands of probes (docs/storage.md, "Lost
+/// locks"; on a host-local mount each probe runs inline on the loop).
+pub const PROBES_PER_TURN: usize = 256;
 
 /// What a probe's answer means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +48,8 @@ pub struct Health {
     /// `lease_check_interval_ms` (None: lost-lock checks disabled).
     interval: Option<Duration>,
     next_round: Option<Instant>,
+    /// Leases of the current round not yet probed (sent [`PROBES_PER_TURN`] per loop round).
+    pending: Vec<LeaseKey>,
     /// Leases whose probe is in flight (a stuck probe is not sent again).
     probing: HashSet<LeaseKey>,
     tracks: HashMap<LeaseKey, Track>,
@@ -72,7 +78,26 @@ impl Health {
     }
 
     pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.pending.is_empty() {
+            // The rest of the round goes out next loop round, after what is ready.
+            return Some(Instant::now());
+        }
         self.next_round
+    }
+
+    /// Start a round over `keys` (those not already being probed are taken).
+    pub fn begin_round(&mut self, keys: impl Iterator<Item = LeaseKey>) {
+        self.pending = keys.filter(|k| !self.probing.contains(k)).collect();
+        // Taken from the end: probe in table order.
+        self.pending.reverse();
+    }
+
+    /// The next leases of the round to probe now (at most [`PROBES_PER_TURN`]).
+    pub fn next_turn(&mut self) -> Vec<LeaseKey> {
+        let n = self.pending.len().saturating_sub(PROBES_PER_TURN);
+        let mut turn = self.pending.split_off(n);
+        turn.reverse();
+        turn
     }
 
     /// Mark a probe of `key` in flight; false when one already is.
@@ -132,6 +157,26 @@ pub(super) struct Track {
 mod tests {
     use super::*;
     use crate::protocol::{LeaseMode, ResourceKind};
+
+    #[test]
+    fn a_round_goes_out_a_turn_per_loop_round_and_skips_probes_in_flight() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        h.configure(Some(Duration::from_secs(10)), t0);
+        let key = |i: u64| LeaseKey { dev: 1, ino: i };
+        assert!(h.start_probe(key(3)));
+        h.begin_round((0..600).map(key));
+        assert!(h.next_deadline().is_some_and(|t| t <= Instant::now()));
+        let first = h.next_turn();
+        assert_eq!(first.len(), PROBES_PER_TURN);
+        assert_eq!(&first[..3], &[key(0), key(1), key(2)]);
+        assert!(!first.contains(&key(3)), "already in flight");
+        let (second, third) = (h.next_turn(), h.next_turn());
+        assert_eq!(first.len() + second.len() + third.len(), 599);
+        assert!(h.next_turn().is_empty());
+        // Done: the next deadline is the next round again.
+        assert_eq!(h.next_deadline(), Some(t0 + Duration::from_secs(10)));
+    }
 
     #[test]
     fn rounds_come_every_interval_and_never_when_disabled() {

@@ -56,20 +56,20 @@ pub const STILL_LOST_EVERY: u32 = 30;
 
 /// Start a round of probes when it is time.
 pub fn tick(state: &mut State, now: Instant) {
-    if !state.health.round_due(now) {
-        return;
+    if state.health.round_due(now) {
+        state.mounts.refresh();
+        let leases = &state.leases;
+        state.health.retain(|k| leases.get(k).is_some());
+        // Lost leases too: a paused (or ignoring) VM's lock is re-checked and taken back.
+        state
+            .health
+            .begin_round(state.leases.iter().map(|(k, _)| *k));
     }
-    state.mounts.refresh();
-    let leases = &state.leases;
-    state.health.retain(|k| leases.get(k).is_some());
-    // Lost leases too: a paused (or ignoring) VM's lock is re-checked and taken back.
-    let todo: Vec<LeaseKey> = state
-        .leases
-        .iter()
-        .map(|(k, _)| *k)
-        .filter(|k| !state.health.is_probing(k))
-        .collect();
-    for key in todo {
+    // A turn of the round per loop round (health.rs `PROBES_PER_TURN`).
+    for key in state.health.next_turn() {
+        if state.health.is_probing(&key) {
+            continue;
+        }
         if probe(state, key, JobFor::Probe).is_some() {
             state.health.start_probe(key);
         }
