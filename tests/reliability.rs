@@ -887,7 +887,7 @@ fn fd_targets(pid: u32) -> Vec<String> {
 
 /// 600 leases: the keeper holds a reference to each lock (every image stays locked through a
 /// daemon SIGKILL) but no descriptor of any image, and only a handful of sockets — its vault
-/// slots of 253 — so lockwardend + keeper use about one descriptor per lease (issue 17).
+/// slots of 64 — so lockwardend + keeper use about one descriptor per lease (issue 17).
 #[test]
 fn the_keeper_holds_600_leases_in_a_few_sockets_and_still_keeps_them_through_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -916,15 +916,16 @@ fn the_keeper_holds_600_leases_in_a_few_sockets_and_still_keeps_them_through_a_c
             .count()
     };
     // Quiet batches: the keeper takes them within a few milliseconds. Then it holds no image
-    // descriptor, and its sockets are its listener, its link and three slots of 253 (two sockets each).
+    // descriptor, and its sockets are its listener, its link and ten slots of 64 (two sockets
+    // each).
     let sockets = || {
         fd_targets(keeper)
             .iter()
             .filter(|t| t.starts_with("socket:"))
             .count()
     };
-    d.wait_for("the keeper has moved 600 leases into 3 vault slots", || {
-        of_images(keeper) == 0 && sockets() == 2 + 2 * 3
+    d.wait_for("the keeper has moved 600 leases into 10 vault slots", || {
+        of_images(keeper) == 0 && sockets() == 2 + 2 * 10
     });
     // lockwardend's own descriptor of each image.
     assert_eq!(of_images(d.proc.pid()), 600);
