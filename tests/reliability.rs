@@ -924,9 +924,10 @@ fn the_keeper_holds_600_leases_in_a_few_sockets_and_still_keeps_them_through_a_c
             .filter(|t| t.starts_with("socket:"))
             .count()
     };
-    d.wait_for("the keeper has moved 600 leases into 10 vault slots", || {
-        of_images(keeper) == 0 && sockets() == 2 + 2 * 10
-    });
+    d.wait_for(
+        "the keeper has moved 600 leases into 10 vault slots",
+        || of_images(keeper) == 0 && sockets() == 2 + 2 * 10,
+    );
     // lockwardend's own descriptor of each image.
     assert_eq!(of_images(d.proc.pid()), 600);
     d.stop(libc::SIGKILL);

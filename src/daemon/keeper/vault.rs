@@ -365,7 +365,11 @@ mod tests {
         // Our own descriptors go: only the vault's references keep the locks.
         let paths: Vec<_> = files.into_iter().map(|(p, _)| p).collect();
         assert!(v.put(entries).is_empty());
-        assert_eq!(v.slots(), 600_usize.div_ceil(SLOT_FDS), "slots of {SLOT_FDS}");
+        assert_eq!(
+            v.slots(),
+            600_usize.div_ceil(SLOT_FDS),
+            "slots of {SLOT_FDS}"
+        );
         assert!(paths.iter().all(|p| is_locked(p)));
         // Taking some back: exactly those, with their own descriptors (same inode).
         let gone: Vec<Id> = (0..600).step_by(2).map(|i| [1, i]).collect();
