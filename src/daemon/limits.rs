@@ -164,7 +164,7 @@ pub fn check_fd_limit(max_clients: usize, max_owners: usize) -> Option<(u64, u64
         warn!(
             "the open-file limit (RLIMIT_NOFILE) is {soft}, below the {need} descriptors that \
              max_clients = {max_clients} and max_owners = {max_owners} may need (one per \
-             connection, per VM one pidfd plus about {} per disk lease); raise LimitNOFILE= in \
+             connection, per VM at most one pidfd, and up to {} per disk lease); raise LimitNOFILE= in \
              the service unit (or ulimit -n), or lower max_clients / max_owners in {}",
             FD_ESTIMATE_PER_LEASE,
             get().config_file
