@@ -290,8 +290,17 @@ impl Vault {
     /// descriptors are queued again afterwards.
     pub(super) fn visit(&mut self, mut f: impl FnMut(Id, &[OwnedFd]) -> bool) {
         for slot in self.slots.iter_mut().flatten() {
-            let Ok(fds) = slot.open() else {
-                continue;
+            let fds = match slot.open() {
+                Ok(fds) => fds,
+                Err(e) => {
+                    // Those leases stay held here, but the daemon does not hear of them.
+                    log::error!(
+                        "keeper (pid {}): vault slot of {} lease(s) left out of the hand-back:                          {e}",
+                        std::process::id(),
+                        slot.ids.len()
+                    );
+                    continue;
+                }
             };
             let mut at = 0;
             let mut go = true;
