@@ -420,9 +420,8 @@ mod tests {
         assert_eq!((messages, held), (3, 1));
     }
 
-    #[test]
-    fn a_dead_owner_frees_its_leases_and_watches_are_counted() {
-        let files: Vec<fs::File> = (0..2).map(|_| tempfile::tempfile().unwrap()).collect();
+    /// A keeper in this process and the daemon's end of its link.
+    fn linked_keeper() -> (OwnedFd, KeeperProc) {
         let (a, b) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -430,7 +429,13 @@ mod tests {
             SockFlag::SOCK_CLOEXEC,
         )
         .unwrap();
-        let mut k = test_keeper(b);
+        (a, test_keeper(b))
+    }
+
+    #[test]
+    fn a_dead_owner_frees_its_leases_and_watches_are_counted() {
+        let files: Vec<fs::File> = (0..2).map(|_| tempfile::tempfile().unwrap()).collect();
+        let (a, mut k) = linked_keeper();
         drop(a);
         let me = Watch {
             pid: std::process::id(),
@@ -477,14 +482,7 @@ mod tests {
     #[test]
     fn a_connected_daemon_parks_the_watches_and_its_loss_resumes_them() {
         let files: Vec<fs::File> = (0..2).map(|_| tempfile::tempfile().unwrap()).collect();
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
-        let mut k = test_keeper(b);
+        let (a, mut k) = linked_keeper();
         let spawn = || {
             std::process::Command::new("sleep")
                 .arg("100")
