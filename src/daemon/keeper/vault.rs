@@ -420,4 +420,35 @@ mod tests {
         drop(old);
         assert!(paths.iter().all(|p| !is_locked(p)));
     }
+
+    #[test]
+    fn descriptors_the_kernel_will_not_queue_stay_open_and_keep_their_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = locked(dir.path(), 10);
+        let mut v = Vault::default();
+        // A slot whose receiving end is gone: every send to it fails (ECONNREFUSED).
+        let s = v.room();
+        let slot = v.slots[s].as_mut().unwrap();
+        let (tx, rx) = slot.pair.take().unwrap();
+        drop(rx);
+        let (_, stand_in) = datagram_pair().unwrap();
+        slot.pair = Some((tx, stand_in));
+        let entries: Vec<(Id, Vec<OwnedFd>)> = files
+            .iter()
+            .enumerate()
+            .map(|(i, (_, fd))| ([2, i as u64], vec![fd.try_clone().unwrap()]))
+            .collect();
+        let paths: Vec<_> = files.into_iter().map(|(p, _)| p).collect();
+        assert!(v.put(entries).is_empty());
+        assert!(v.slots[s].as_ref().unwrap().table.is_some(), "kept open");
+        assert!(paths.iter().all(|p| is_locked(p)));
+        // The next change of that slot tries again (and keeps them open again).
+        let back = v.take(&[[2, 3]]);
+        assert_eq!(back.len(), 1);
+        drop(back);
+        assert!(!is_locked(&paths[3]));
+        assert!(v.slots[s].as_ref().unwrap().table.is_some());
+        let locked_now = paths.iter().filter(|p| is_locked(p)).count();
+        assert_eq!(locked_now, 9);
+    }
 }
