@@ -361,6 +361,20 @@ mod tests {
         crate::holder_record::kernel_lock(f.as_fd()).is_some()
     }
 
+    /// Is byte 0 of `p` unlocked within a second? Other tests of this process fork children,
+    /// and a child holds a copy of every descriptor (ours too) until its exec closes them: a
+    /// lock whose last descriptor we closed may outlive the close by that long.
+    fn unlocked_soon(p: &std::path::Path) -> bool {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while is_locked(p) {
+            if std::time::Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
     #[test]
     fn the_vault_holds_locks_without_descriptors_and_gives_back_the_right_ones() {
         let dir = tempfile::tempdir().unwrap();
@@ -392,7 +406,11 @@ mod tests {
         }
         drop(back);
         for (i, p) in paths.iter().enumerate() {
-            assert_eq!(is_locked(p), i % 2 == 1, "{p:?}");
+            if i % 2 == 1 {
+                assert!(is_locked(p), "{p:?}");
+            } else {
+                assert!(unlocked_soon(p), "{p:?}");
+            }
         }
         // A dump sees every remaining lease once, with its own file.
         let mut seen = 0;
@@ -407,8 +425,10 @@ mod tests {
         let more: Vec<Id> = (1..560).step_by(2).map(|i| [1, i]).collect();
         drop(v.take(&more));
         assert!(v.slots() <= 2, "{} slots for 20 leases", v.slots());
-        let left: Vec<usize> = (0..600).filter(|i| is_locked(&paths[*i])).collect();
-        assert_eq!(left, (561..600).step_by(2).collect::<Vec<_>>());
+        for (i, p) in paths.iter().enumerate() {
+            let held = i >= 561 && i % 2 == 1;
+            assert!(if held { is_locked(p) } else { unlocked_soon(p) }, "{i}");
+        }
         // Replacing a lease returns its old descriptor.
         let f = std::fs::File::open(&paths[0]).unwrap();
         let old = v.put(vec![([1, 561], vec![OwnedFd::from(f)])]);
@@ -418,7 +438,7 @@ mod tests {
         drop(v.take(&rest));
         assert_eq!(v.slots(), 0);
         drop(old);
-        assert!(paths.iter().all(|p| !is_locked(p)));
+        assert!(paths.iter().all(|p| unlocked_soon(p)));
     }
 
     #[test]
@@ -446,9 +466,10 @@ mod tests {
         let back = v.take(&[[2, 3]]);
         assert_eq!(back.len(), 1);
         drop(back);
-        assert!(!is_locked(&paths[3]));
+        assert!(unlocked_soon(&paths[3]));
         assert!(v.slots[s].as_ref().unwrap().table.is_some());
-        let locked_now = paths.iter().filter(|p| is_locked(p)).count();
-        assert_eq!(locked_now, 9);
+        for (i, p) in paths.iter().enumerate() {
+            assert!(i == 3 || is_locked(p), "{p:?}");
+        }
     }
 }
