@@ -49,7 +49,7 @@ pub struct Health {
     interval: Option<Duration>,
     next_round: Option<Instant>,
     /// Leases of the current round not yet probed (sent [`PROBES_PER_TURN`] per loop round).
-    pending: Vec<LeaseKey>,
+    pending: VecDeque<LeaseKey>,
     /// Leases whose probe is in flight (a stuck probe is not sent again).
     probing: HashSet<LeaseKey>,
     tracks: HashMap<LeaseKey, Track>,
@@ -88,16 +88,12 @@ impl Health {
     /// Start a round over `keys` (those not already being probed are taken).
     pub fn begin_round(&mut self, keys: impl Iterator<Item = LeaseKey>) {
         self.pending = keys.filter(|k| !self.probing.contains(k)).collect();
-        // Taken from the end: probe in table order.
-        self.pending.reverse();
     }
 
     /// The next leases of the round to probe now (at most [`PROBES_PER_TURN`]).
     pub fn next_turn(&mut self) -> Vec<LeaseKey> {
-        let n = self.pending.len().saturating_sub(PROBES_PER_TURN);
-        let mut turn = self.pending.split_off(n);
-        turn.reverse();
-        turn
+        let n = self.pending.len().min(PROBES_PER_TURN);
+        self.pending.drain(..n).collect()
     }
 
     /// Mark a probe of `key` in flight; false when one already is.

@@ -76,6 +76,20 @@ impl Slot {
         Ok(fds)
     }
 
+    /// [`Slot::open`], or None with an error logged (its leases stay queued, held; `doing`
+    /// says what was given up).
+    fn open_or_log(&mut self, doing: &str) -> Option<Vec<OwnedFd>> {
+        self.open()
+            .map_err(|e| {
+                log::error!(
+                    "keeper (pid {}): vault slot of {} lease(s): {e}; {doing}",
+                    std::process::id(),
+                    self.ids.len()
+                )
+            })
+            .ok()
+    }
+
     /// Put `fds` (the descriptors of `self.ids`, in order) back in the queue; when the kernel
     /// refuses, keep them in the table.
     fn close(&mut self, fds: Vec<OwnedFd>) {
@@ -131,14 +145,9 @@ impl Vault {
             let Some(slot) = self.slots.get_mut(s).and_then(Option::as_mut) else {
                 break;
             };
-            let mut fds = match slot.open() {
-                Ok(f) => f,
-                Err(e) => {
-                    // This slot's datagram is out of reach: start another for the rest.
-                    log::error!("keeper (pid {}): vault: {e}", std::process::id());
-                    self.current = None;
-                    continue;
-                }
+            let Some(mut fds) = slot.open_or_log("new leases go to another slot") else {
+                self.current = None;
+                continue;
             };
             while let Some((id, new)) = rest.next_if(|(_, f)| fds.len() + f.len() <= SLOT_FDS) {
                 slot.ids.push((id, new.len() as u8));
@@ -203,16 +212,8 @@ impl Vault {
             let Some(slot) = self.slots.get_mut(s).and_then(Option::as_mut) else {
                 continue;
             };
-            let fds = match slot.open() {
-                Ok(f) => f,
-                Err(e) => {
-                    log::error!(
-                        "keeper (pid {}): vault slot of {} lease(s): {e}",
-                        std::process::id(),
-                        slot.ids.len()
-                    );
-                    continue;
-                }
+            let Some(fds) = slot.open_or_log("its leases stay held until the next change") else {
+                continue;
             };
             let mut fds = fds.into_iter();
             let mut keep_ids = Vec::with_capacity(slot.ids.len());
@@ -290,17 +291,9 @@ impl Vault {
     /// descriptors are queued again afterwards.
     pub(super) fn visit(&mut self, mut f: impl FnMut(Id, &[OwnedFd]) -> bool) {
         for slot in self.slots.iter_mut().flatten() {
-            let fds = match slot.open() {
-                Ok(fds) => fds,
-                Err(e) => {
-                    // Those leases stay held here, but the daemon does not hear of them.
-                    log::error!(
-                        "keeper (pid {}): vault slot of {} lease(s) left out of the hand-back:                          {e}",
-                        std::process::id(),
-                        slot.ids.len()
-                    );
-                    continue;
-                }
+            // Those leases stay held here, but the daemon does not hear of them.
+            let Some(fds) = slot.open_or_log("left out of the hand-back") else {
+                continue;
             };
             let mut at = 0;
             let mut go = true;
