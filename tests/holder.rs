@@ -1199,6 +1199,39 @@ fn track_keeper(d: &mut TestDaemon) -> u32 {
     k
 }
 
+/// docs/holders.md §2: the `.lockwarden` directory is one descriptor per directory, shared by
+/// its records, and closed when its last record is withdrawn.
+#[test]
+fn the_record_directory_is_one_descriptor_shared_by_its_records_and_closed_after_the_last() {
+    let images = tempfile::tempdir().unwrap();
+    let imgs: Vec<PathBuf> = (0..3)
+        .map(|i| image(images.path(), &format!("d{i}.qcow2")))
+        .collect();
+    let records = images.path().join(".lockwarden");
+    let a = host_daemon("dir-a");
+    let q = sleeper();
+    let vm = owner_for(q.pid(), "dir-vm");
+    let specs = || {
+        imgs.iter()
+            .map(|i| direct(i, LeaseMode::Exclusive))
+            .collect::<Vec<_>>()
+    };
+    ok(a.acquire(&vm, specs()));
+    for i in &imgs {
+        let name = format!("{}@dir-a.json", i.file_name().unwrap().to_string_lossy());
+        assert!(records.join(name).exists());
+    }
+    assert_eq!(
+        a.fds_on(&records).len(),
+        1,
+        "one descriptor for three records"
+    );
+    ok(a.release(&vm, specs()));
+    a.wait_for("the record directory is closed", || {
+        a.fds_on(&records).is_empty()
+    });
+}
+
 #[test]
 fn a_held_direct_mode_lease_keeps_no_side_file_open_and_survives_a_daemon_kill() {
     let images = tempfile::tempdir().unwrap();
